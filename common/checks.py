@@ -1,0 +1,142 @@
+"""Input checks and tensor layouts shared by every generation's public function.
+
+Every public ``sageattn``-style function calls :func:`check_attention_inputs` first, so that bad
+input gets a ``ValueError``/``TypeError`` naming the argument and what is allowed, never a crash
+inside a kernel or a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+LAYOUTS = ("HND", "NHD")
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    layout: str
+
+    @property
+    def gqa_group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """View a ``layout`` tensor as ``[B, H, N, D]`` (no copy)."""
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def from_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """View a ``[B, H, N, D]`` tensor in ``layout`` (no copy)."""
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def check_attention_inputs(q, k, v, tensor_layout: str = "HND", *, max_head_dim: int = MAX_HEAD_DIM) -> AttentionShape:
+    """Validate q, k, v for attention and return their shape.
+
+    Rules: tensors of rank 4 in ``tensor_layout`` (``HND`` = [B, H, N, D], ``NHD`` = [B, N, H, D]);
+    dtype float16 or bfloat16, the same for all three; one device; equal batch; k and v of the same
+    shape; ``Hq % Hkv == 0`` (GQA/MQA); equal head_dim, at most ``max_head_dim``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_choice("tensor_layout", tensor_layout, LAYOUTS)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            want = "[B, H, N, D]" if tensor_layout == "HND" else "[B, N, H, D]"
+            raise ValueError(f"{name} must have rank 4 ({want} for tensor_layout={tensor_layout!r}), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype must be torch.float16 or torch.bfloat16, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    B, Hq, Nq, D = qh.shape
+    _, Hkv, Nk, Dk = kh.shape
+    if kh.shape != vh.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if kh.shape[0] != B:
+        raise ValueError(f"q and k must have the same batch size, got {B} and {kh.shape[0]}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head_dim, got {D} and {Dk}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})")
+    if not 1 <= D <= max_head_dim:
+        raise ValueError(f"head_dim must be between 1 and {max_head_dim}, got {D}")
+    return AttentionShape(B, Hq, Hkv, Nq, Nk, D, tensor_layout)
+
+
+def resolve_sm_scale(sm_scale, head_dim: int) -> float:
+    """``sm_scale`` or its default ``1/sqrt(head_dim)``; must be a finite positive number."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
+    if not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a finite positive number, got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def check_no_grad(q, k, v, training_hint: str) -> None:
+    """Inference kernels cut gradients: refuse inputs that require grad while grad mode is on."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "this attention is inference-only and would silently cut gradients, but an input requires grad; "
+            f"use {training_hint} for training, or call it under torch.no_grad() / torch.inference_mode()"
+        )
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, allowed=("auto", "triton", "torch")) -> str:
+    """Turn ``backend`` into the one that will run for tensors on ``device``.
+
+    ``auto``: the Triton kernel for CUDA tensors, the PyTorch emulation for CPU tensors.
+    ``triton`` on CPU tensors runs only under Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
+    check_choice("backend", backend, allowed)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if device.type == "cuda":
+            if interpreter_enabled():
+                return "triton"
+            major, _ = torch.cuda.get_device_capability(device)
+            if major < 8:
+                raise ValueError(f"backend='triton' needs a GPU of compute capability 8.0 or newer, got {major}.x; use backend='torch'")
+            return "triton"
+        if device.type == "cpu" and interpreter_enabled():
+            return "triton"
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got tensors on {device}; use backend='torch' (the emulation) "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernel in Triton's CPU interpreter"
+        )
+    return backend

@@ -1,0 +1,63 @@
+"""Smoothing: subtract a mean that the softmax (or the output) cannot see, and the exact corrections.
+
+* K smoothing (SageAttention 1/2/3): K <- K - mean_tokens(K). Every key of a row is shifted by
+  the same q.mean_k, which the softmax cancels; only the LSE moves, by sm_scale * q.mean_k.
+* Q smoothing (SageAttention 2/3): each block of queries loses its token mean q_bar; the part
+  q_bar . K^T (one row per block, shared by the block's rows) is added back to S before the
+  softmax, computed in FP32 from unquantized values.
+* V smoothing (SageAttention2, optional): V <- V - mean_tokens(V); since each row of P sums to 1,
+  the output gets mean_tokens(V) added back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def k_mean(k: torch.Tensor) -> torch.Tensor:
+    """Token mean of K ``[..., N, D]`` in fp32: ``[..., 1, D]``."""
+    return k.float().mean(dim=-2, keepdim=True)
+
+
+def v_channel_mean(v: torch.Tensor) -> torch.Tensor:
+    """Token mean of each channel of V ``[..., N, D]`` in fp32: ``[..., 1, D]``."""
+    return v.float().mean(dim=-2, keepdim=True)
+
+
+def q_block_means(q: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each block of ``block`` consecutive query tokens, fp32 ``[..., ceil(N/block), D]``.
+
+    The last block may be shorter; its mean is over its own tokens only.
+    """
+    n = q.shape[-2]
+    nb = -(-n // block)
+    pad = nb * block - n
+    qf = q.float()
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+    sums = qf.reshape(*q.shape[:-2], nb, block, q.shape[-1]).sum(dim=-2)
+    counts = torch.full((nb,), float(block), device=q.device)
+    counts[-1] = block - pad
+    return sums / counts[:, None]
+
+
+def expand_block_rows(x: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """Repeat per-block rows ``[..., nb, C]`` to per-token rows ``[..., n, C]``."""
+    return x.repeat_interleave(block, dim=-2)[..., :n, :]
+
+
+def lse_shift_from_k_mean(q: torch.Tensor, km: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """``sm_scale * q . mean_k`` per query row, fp32 ``[..., Nq]``: add it to an LSE computed with
+    smoothed K to get the LSE of the original K. ``km`` is ``[..., 1, D]`` with K's head count;
+    q may have a multiple of its heads (GQA) on dim -3."""
+    group = q.shape[-3] // km.shape[-3]
+    km = km.repeat_interleave(group, dim=-3)
+    return sm_scale * (q.float() @ km.transpose(-1, -2)).squeeze(-1)
+
+
+def q_smoothing_delta_s(q_means: torch.Tensor, k_smoothed: torch.Tensor) -> torch.Tensor:
+    """``delta_s[.., i, j] = q_bar_i . k_j`` (fp32 ``[..., ceil(Nq/b), Nk]``), the bias that Q
+    smoothing removes from every row of query block i and that is added back to S."""
+    group = q_means.shape[-3] // k_smoothed.shape[-3]
+    kf = k_smoothed.float().repeat_interleave(group, dim=-3)
+    return q_means @ kf.transpose(-1, -2)

@@ -1,0 +1,86 @@
+"""Public API of SageAttention v1 (the pattern every generation follows)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, from_hnd,
+                           resolve_backend, resolve_sm_scale, to_hnd)
+from common.int_qk import quantize_qk
+from common.smoothing import lse_shift_from_k_mean
+
+PV_ACCUM = ("fp16", "fp32")
+QK_GRANULARITY = ("per_block", "per_token", "per_tensor")
+Q_BLOCK, K_BLOCK = 128, 64  # quantization blocks of the paper's SAGEAttn-B (= the kernel's tiles)
+
+
+def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
+             is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
+             backend: str = "auto", smooth_k: bool = True, pv_accum: str = "fp16",
+             qk_granularity: str = "per_block"):
+    """SageAttention v1: INT8 Q K^T with K smoothing, FP16 P V.
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` (HND) or ``[B, Nq, Hq, D]`` (NHD), float16 or bfloat16.
+        k, v: ``[B, Hkv, Nk, D]`` / ``[B, Nk, Hkv, D]``; ``Hq % Hkv == 0`` (GQA/MQA).
+        tensor_layout: ``"HND"`` or ``"NHD"``.
+        is_causal: causal mask, bottom-right aligned when Nq != Nk (query i sees keys
+            ``j <= i + Nk - Nq``); rows that see no key return 0.
+        sm_scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the natural-log log-sum-exp of ``sm_scale * Q K^T``, ``[B, Hq, Nq]``
+            fp32 (the K-smoothing shift is added back, so it matches exact attention).
+        backend: ``"triton"`` (GPU kernel; on CPU only under ``TRITON_INTERPRET=1``), ``"torch"``
+            (the PyTorch emulation of the same algorithm), ``"auto"`` (Triton on CUDA tensors,
+            the emulation on CPU tensors).
+        smooth_k: subtract K's token mean before quantizing (exact for the output).
+        pv_accum: ``"fp16"``: each KV tile's P V product accumulates in fp16 and is added to an
+            fp32 buffer (the paper); ``"fp32"``: fp32 accumulation throughout.
+        qk_granularity: ``"per_block"`` (Q per 128 tokens, K per 64: the paper's SAGEAttn-B),
+            ``"per_token"`` or ``"per_tensor"`` (the paper's ablations).
+
+    P and V are fp16 for both input dtypes: bf16 V is converted to fp16 (as in the paper), and
+    the output is returned in the input dtype and layout. Inputs are never modified.
+    """
+    shape = check_attention_inputs(q, k, v, tensor_layout)
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k)):
+        check_flag(name, flag)
+    check_choice("pv_accum", pv_accum, PV_ACCUM)
+    check_choice("qk_granularity", qk_granularity, QK_GRANULARITY)
+    scale = resolve_sm_scale(sm_scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    check_no_grad(q, k, v, "sage3.sageattn_train")
+
+    with torch.no_grad():
+        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        B, Hq, Nq, D = qh.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out_hnd = to_hnd(out, tensor_layout)
+        if out.numel() == 0 or shape.seqlen_k == 0:
+            out.zero_()
+            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
+            return (out, lse) if return_lse else out
+
+        qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
+                         q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)
+        v16 = vh if vh.dtype == torch.float16 else vh.to(torch.float16)
+        if be == "triton":
+            from .kernel import launch
+
+            if v16.stride(-1) != 1:
+                v16 = v16.contiguous()
+            lse2 = launch(qk, v16, out_hnd, is_causal=is_causal, pv_fp16_acc=pv_accum == "fp16",
+                          return_lse=return_lse)
+        else:
+            from .emulation import attention_emulated
+
+            o, lse2 = attention_emulated(qk, v16, is_causal=is_causal, pv_accum=pv_accum,
+                                         kv_block=K_BLOCK, return_lse=return_lse)
+            out_hnd.copy_(o)
+        if not return_lse:
+            return out
+        lse = lse2 * math.log(2.0)
+        if smooth_k:
+            lse = lse + lse_shift_from_k_mean(qh, qk.k_mean, scale)
+        return out, lse

@@ -1,0 +1,171 @@
+"""SageAttention v1 forward kernel in Triton: INT8 Q K^T, exp2 online softmax, FP16 P V.
+
+One program computes BLOCK_M query rows of one (batch, query head) and walks the KV sequence in
+BLOCK_N-key tiles:
+
+    s   = int32(Q_hat K_hat_j^T) * dq * dk        # already log2-scaled: sm_scale*log2(e) is in dq
+    m'  = max(m, rowmax s);  p = exp2(s - m');  a = exp2(m - m')
+    l   = a*l + rowsum(p)                         # fp32, from the unrounded p
+    acc = a*acc + fp16(p) @ V_j                   # pv_accum="fp16": the tile product accumulates in
+                                                  # fp16, then is added to the fp32 acc
+                                                  # pv_accum="fp32": fp32 accumulation throughout
+    out = acc / l
+
+Masking: keys past Nk and, when causal, keys j > i + Nk - Nq (bottom-right) get -inf. Tiles that
+need no mask run a loop without any; only the tiles on the diagonal or the tail pay for it.
+Rows that see no key (causal with Nq > Nk) give 0 and an LSE of -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, start_n, rows, Nk, q_offset, k_tps,
+          d_mask,
+          BLOCK_N: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+          PV_FP16_ACC: tl.constexpr, LOAD_DMASK: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASK:
+        k = tl.load(K_ptrs, mask=cols[:, None] < Nk, other=0)
+    else:
+        k = tl.load(K_ptrs)
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    if K_SCALAR:
+        s = s * (qs * tl.load(ks_ptr + start_n // k_tps))
+    else:
+        ks = tl.load(ks_ptr + cols // k_tps, mask=cols < Nk, other=0.0)
+        s = s * (qs[:, None] * ks[None, :])
+    if MASK:
+        keep = cols[None, :] < Nk
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row with no visible key so far keeps m = -inf: shift by 0 so p is 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if MASK or LOAD_DMASK:
+        v = tl.load(V_ptrs, mask=(cols[:, None] < Nk) & d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(V_ptrs)
+    if PV_FP16_ACC:
+        acc += tl.dot(p.to(tl.float16), v, out_dtype=tl.float16).to(tl.float32)
+    else:
+        acc = tl.dot(p.to(tl.float16), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_ob, stride_oh, stride_on,
+                   Hq, Hkv, Nq, Nk, D, q_groups, k_groups, q_tps, k_tps,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
+                   Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr):
+    n_m = tl.num_programs(0)
+    # causal: longest rows first, for load balance
+    start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kv_bh = b * Hkv + h // (Hq // Hkv)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, DP)
+    d_mask = dcols < D
+    q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rows[:, None] < Nq, other=0)
+    if Q_SCALAR:
+        qs = tl.load(QS + bh * q_groups + (start_m * BLOCK_M) // q_tps)
+    else:
+        qs = tl.load(QS + bh * q_groups + rows // q_tps, mask=rows < Nq, other=0.0)
+    offs_n = tl.arange(0, BLOCK_N)
+    K_ptrs = K + (kv_bh * Nk + offs_n[:, None]) * DP + dcols[None, :]
+    V_ptrs = V + b * stride_vb + (h // (Hq // Hkv)) * stride_vh + offs_n[:, None] * stride_vn + dcols[None, :]
+    ks_ptr = KS + kv_bh * k_groups
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+
+    q_offset = Nk - Nq  # bottom-right alignment: row i sees keys j <= i + q_offset
+    if IS_CAUSAL:
+        hi = tl.minimum(Nk, (start_m + 1) * BLOCK_M + q_offset)
+        full_end = tl.minimum(Nk, start_m * BLOCK_M + q_offset + 1)
+    else:
+        hi = Nk
+        full_end = Nk
+    hi = tl.maximum(hi, 0)
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
+                              start_n, rows, Nk, q_offset, k_tps, d_mask,
+                              BLOCK_N, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
+                              start_n, rows, Nk, q_offset, k_tps, d_mask,
+                              BLOCK_N, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
+    if RETURN_LSE:
+        # log2-domain LSE; the host converts to natural log and adds the K-smoothing shift
+        tl.store(LSE + bh * Nq + rows, m_i + tl.math.log2(l_i), mask=rows < Nq)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, causal): chosen by the sweep
+# recorded in sage1/NOTES.md. BLOCK_N stays 64: it is the K quantization block of the paper
+# (one scalar scale per tile pair) and the span of each fp16-accumulated PV product.
+CONFIGS = {
+    (16, False): (128, 64, 4, 3), (16, True): (128, 64, 4, 3),
+    (32, False): (128, 64, 4, 3), (32, True): (128, 64, 4, 3),
+    (64, False): (128, 64, 4, 3), (64, True): (128, 64, 4, 4),
+    (128, False): (128, 64, 4, 3), (128, True): (128, 64, 4, 3),
+    (256, False): (64, 64, 4, 2), (256, True): (64, 64, 4, 2),
+}
+
+
+def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, pv_fp16_acc: bool,
+           return_lse: bool, config=None):
+    """Run the kernel on quantized Q,K (:class:`common.int_qk.QuantizedQK`) and fp16 V.
+
+    ``v_hnd``/``out_hnd`` are [B, H, N, D] views (any strides with a contiguous last dim).
+    Returns the log2-domain LSE [B, Hq, Nq] (or None).
+    """
+    B, Hq, Nq, DP = qk.q_codes.shape
+    Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
+    D = v_hnd.shape[-1]
+    BLOCK_M, BLOCK_N, warps, stages = config or CONFIGS[(DP, is_causal)]
+    q_tps = qk.q_tokens_per_scale or 1
+    k_tps = qk.k_tokens_per_scale or 1
+    q_scalar = qk.q_tokens_per_scale > 0 and qk.q_tokens_per_scale % BLOCK_M == 0
+    k_scalar = qk.k_tokens_per_scale > 0 and qk.k_tokens_per_scale % BLOCK_N == 0
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=v_hnd.device) if return_lse else out_hnd
+    final_out = None
+    if out_hnd.dtype == torch.bfloat16 and out_hnd.device.type == "cpu":
+        # Triton's CPU interpreter converts fp32 -> bf16 by truncation (numpy has no bf16), the GPU
+        # rounds to nearest even: write fp32 and round on the host so both round the same way.
+        final_out, out_hnd = out_hnd, torch.empty(out_hnd.shape, dtype=torch.float32)
+    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
+    sage1_attn_fwd[grid](
+        qk.q_codes, qk.k_codes, v_hnd, qk.q_scale, qk.k_scale, out_hnd, lse,
+        v_hnd.stride(0), v_hnd.stride(1), v_hnd.stride(2),
+        out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
+        Hq, Hkv, Nq, Nk, D, qk.q_scale.shape[-1], qk.k_scale.shape[-1], q_tps, k_tps,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, Q_SCALAR=q_scalar, K_SCALAR=k_scalar,
+        IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse,
+        num_warps=warps, num_stages=stages)
+    if final_out is not None:
+        final_out.copy_(out_hnd)
+    return lse if return_lse else None

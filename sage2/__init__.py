@@ -1,0 +1,1 @@
+"""Placeholder: this generation lands in its own issue."""

@@ -1,0 +1,54 @@
+"""Input checking shared by every generation: each bad input gets the documented error."""
+
+import pytest
+import torch
+
+from common.checks import check_attention_inputs, resolve_backend, resolve_sm_scale
+
+
+def qkv(shape_q=(1, 2, 8, 64), shape_k=(1, 2, 8, 64), dtype=torch.float16):
+    return torch.randn(shape_q).to(dtype), torch.randn(shape_k).to(dtype), torch.randn(shape_k).to(dtype)
+
+
+def test_valid_shapes_hnd_and_nhd():
+    s = check_attention_inputs(*qkv((2, 8, 5, 64), (2, 2, 7, 64)))
+    assert (s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, s.head_dim, s.gqa_group) == (2, 8, 2, 5, 7, 64, 4)
+    s = check_attention_inputs(*qkv((2, 5, 8, 64), (2, 7, 2, 64)), tensor_layout="NHD")
+    assert (s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k) == (8, 2, 5, 7)
+
+
+@pytest.mark.parametrize("args,match", [
+    (qkv((1, 8, 64), (1, 2, 8, 64)), r"q must have rank 4 \(\[B, H, N, D\] for tensor_layout='HND'\)"),
+    (qkv(dtype=torch.float32), r"q.dtype must be torch.float16 or torch.bfloat16, got torch.float32"),
+    ((torch.zeros(1, 2, 8, 64, dtype=torch.int8),) + qkv()[1:], "q.dtype must be torch.float16 or torch.bfloat16"),
+    (qkv((2, 2, 8, 64), (1, 2, 8, 64)), "q and k must have the same batch size, got 2 and 1"),
+    (qkv((1, 3, 8, 64), (1, 2, 8, 64)), r"number of query heads \(3\) must be a multiple of the number of key/value heads \(2\)"),
+    (qkv((1, 2, 8, 64), (1, 2, 8, 128)), "q and k must have the same head_dim, got 64 and 128"),
+    ((qkv()[0], qkv()[1], torch.randn(1, 2, 9, 64).half()), "k and v must have the same shape"),
+    ((qkv()[0], qkv()[1].bfloat16(), qkv()[2]), "q, k and v must have the same dtype"),
+    ((qkv()[0].numpy(),) + qkv()[1:], "q must be a torch.Tensor, got ndarray"),
+])
+def test_bad_inputs(args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        check_attention_inputs(*args)
+
+
+def test_bad_layout_and_sm_scale_and_backend():
+    with pytest.raises(ValueError, match=r"tensor_layout must be one of \['HND', 'NHD'\], got 'hnd'"):
+        check_attention_inputs(*qkv(), tensor_layout="hnd")
+    assert resolve_sm_scale(None, 64) == 0.125
+    for bad in (0.0, float("inf"), float("nan"), -1):
+        with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
+            resolve_sm_scale(bad, 64)
+    with pytest.raises(TypeError, match="sm_scale must be a float or None, got str"):
+        resolve_sm_scale("0.1", 64)
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'triton', 'torch'\]"):
+        resolve_backend("xla", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.skipif(not hasattr(torch, "device") or torch.device("meta").type != "meta", reason="no meta device")
+def test_tensors_on_different_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="q, k and v must be on the same device"):
+        check_attention_inputs(q, k.to("meta"), v)
