@@ -24,20 +24,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, start_n, rows, Nk, q_offset, k_tps,
-          d_mask,
-          BLOCK_N: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-          PV_FP16_ACC: tl.constexpr, LOAD_DMASK: tl.constexpr):
+def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b, hk,
+          start_n, rows, Nk, q_offset, k_tps, d_mask,
+          BLOCK_N: tl.constexpr, DP: tl.constexpr, Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr,
+          IS_CAUSAL: tl.constexpr, PV_FP16_ACC: tl.constexpr, LOAD_DMASK: tl.constexpr,
+          USE_DESC: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
-    if MASK:
+    if USE_DESC:  # TMA: out-of-range rows/channels arrive as zeros
+        k = K_desc.load([kv_bh, start_n, 0]).reshape(BLOCK_N, DP)
+    elif MASK:
         k = tl.load(K_ptrs, mask=cols[:, None] < Nk, other=0)
     else:
         k = tl.load(K_ptrs)
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    # s * (dq * dk): the same fp32 product per element whichever of the scales are per tile
     if K_SCALAR:
-        s = s * (qs * tl.load(ks_ptr + start_n // k_tps))
+        ks = tl.load(ks_ptr + start_n // k_tps)
     else:
         ks = tl.load(ks_ptr + cols // k_tps, mask=cols < Nk, other=0.0)
+    if Q_SCALAR and K_SCALAR:
+        s = s * (qs * ks)
+    elif Q_SCALAR:
+        s = s * (qs * ks)[None, :]
+    elif K_SCALAR:
+        s = s * (qs * ks)[:, None]
+    else:
         s = s * (qs[:, None] * ks[None, :])
     if MASK:
         keep = cols[None, :] < Nk
@@ -54,7 +65,9 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, start_n, rows, Nk, q_off
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    if MASK or LOAD_DMASK:
+    if USE_DESC:
+        v = V_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, DP)
+    elif MASK or LOAD_DMASK:
         v = tl.load(V_ptrs, mask=(cols[:, None] < Nk) & d_mask[None, :], other=0.0)
     else:
         v = tl.load(V_ptrs)
@@ -66,31 +79,35 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, start_n, rows, Nk, q_off
 
 
 @triton.jit
-def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE,
+def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
                    stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, D, q_groups, k_groups, q_tps, k_tps,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
                    Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr):
+                   PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr, USE_DESC: tl.constexpr):
     n_m = tl.num_programs(0)
     # causal: longest rows first, for load balance
     start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
-    kv_bh = b * Hkv + h // (Hq // Hkv)
+    hk = h // (Hq // Hkv)
+    kv_bh = b * Hkv + hk
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
     d_mask = dcols < D
-    q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rows[:, None] < Nq, other=0)
+    if USE_DESC:
+        q = Q_desc.load([bh, start_m * BLOCK_M, 0]).reshape(BLOCK_M, DP)
+    else:
+        q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rows[:, None] < Nq, other=0)
     if Q_SCALAR:
         qs = tl.load(QS + bh * q_groups + (start_m * BLOCK_M) // q_tps)
     else:
         qs = tl.load(QS + bh * q_groups + rows // q_tps, mask=rows < Nq, other=0.0)
     offs_n = tl.arange(0, BLOCK_N)
     K_ptrs = K + (kv_bh * Nk + offs_n[:, None]) * DP + dcols[None, :]
-    V_ptrs = V + b * stride_vb + (h // (Hq // Hkv)) * stride_vh + offs_n[:, None] * stride_vn + dcols[None, :]
+    V_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + dcols[None, :]
     ks_ptr = KS + kv_bh * k_groups
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -109,12 +126,12 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE,
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
-                              start_n, rows, Nk, q_offset, k_tps, d_mask,
-                              BLOCK_N, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D)
+                              K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nk, q_offset, k_tps, d_mask,
+                              BLOCK_N, DP, Q_SCALAR, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
-                              start_n, rows, Nk, q_offset, k_tps, d_mask,
-                              BLOCK_N, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D)
+                              K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nk, q_offset, k_tps, d_mask,
+                              BLOCK_N, DP, Q_SCALAR, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
@@ -136,8 +153,42 @@ CONFIGS = {
 }
 
 
+def tma_compatible(*tensors) -> bool:
+    """TMA needs 16-byte aligned base pointers and strides (all but the last, contiguous dim)."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and
+               all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def use_descriptors(*tensors) -> bool:
+    """Tensor-descriptor (TMA) loads on Hopper and newer; pointer loads elsewhere. The CPU
+    interpreter runs the descriptor path too (it zero-fills out-of-range boxes like TMA)."""
+    dev = tensors[0].device
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
+        return False
+    return _has_descriptors() and tma_compatible(*tensors)
+
+
+def _has_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _descriptors(qk, v_hnd, block_m, block_n, dp):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, Hq, Nq, _ = qk.q_codes.shape
+    q3 = qk.q_codes.view(B * Hq, Nq, dp)
+    k3 = qk.k_codes.view(-1, qk.k_codes.shape[2], dp)
+    return (TensorDescriptor(q3, list(q3.shape), list(q3.stride()), [1, block_m, dp]),
+            TensorDescriptor(k3, list(k3.shape), list(k3.stride()), [1, block_n, dp]),
+            TensorDescriptor(v_hnd, list(v_hnd.shape), list(v_hnd.stride()), [1, 1, block_n, dp]))
+
+
 def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, pv_fp16_acc: bool,
-           return_lse: bool, config=None):
+           return_lse: bool, config=None, use_desc=None):
     """Run the kernel on quantized Q,K (:class:`common.int_qk.QuantizedQK`) and fp16 V.
 
     ``v_hnd``/``out_hnd`` are [B, H, N, D] views (any strides with a contiguous last dim).
@@ -157,14 +208,17 @@ def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, p
         # Triton's CPU interpreter converts fp32 -> bf16 by truncation (numpy has no bf16), the GPU
         # rounds to nearest even: write fp32 and round on the host so both round the same way.
         final_out, out_hnd = out_hnd, torch.empty(out_hnd.shape, dtype=torch.float32)
+    if use_desc is None:
+        use_desc = use_descriptors(qk.q_codes, qk.k_codes, v_hnd)
+    descs = _descriptors(qk, v_hnd, BLOCK_M, BLOCK_N, DP) if use_desc else (None, None, None)
     grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
     sage1_attn_fwd[grid](
-        qk.q_codes, qk.k_codes, v_hnd, qk.q_scale, qk.k_scale, out_hnd, lse,
+        qk.q_codes, qk.k_codes, v_hnd, qk.q_scale, qk.k_scale, out_hnd, lse, *descs,
         v_hnd.stride(0), v_hnd.stride(1), v_hnd.stride(2),
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, qk.q_scale.shape[-1], qk.k_scale.shape[-1], q_tps, k_tps,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, Q_SCALAR=q_scalar, K_SCALAR=k_scalar,
-        IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse,
+        IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse, USE_DESC=use_desc,
         num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)

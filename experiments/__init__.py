@@ -1,0 +1,1 @@
+"""Experiments: benchmarks and (with Hydra) the papers' figures, tables and ablations."""

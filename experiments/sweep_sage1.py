@@ -1,0 +1,79 @@
+"""Sweep sage1 kernel configurations on the GPU (kernel only, quantized inputs prepared once),
+next to cuDNN and FA2 in the same run, plus the quantization pass against the copy bandwidth.
+
+    python -m experiments.sweep_sage1 --seqlen 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import torch
+
+from common.inputs import make_qkv
+from common.int_qk import quantize_qk
+from common.timing import attention_flops, bench_ms, tops
+from experiments.baselines import sdpa
+from sage1.kernel import launch
+
+DEFAULT_CONFIGS = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3),
+                   (128, 128, 8, 2), (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqlen", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    ap.add_argument("--pv", nargs="+", default=["fp16", "fp32"])
+    ap.add_argument("--desc", nargs="+", default=["1", "0"])
+    ap.add_argument("--configs", default=None, help="semicolon-separated BM,BN,W,S tuples")
+    args = ap.parse_args(argv)
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs else DEFAULT_CONFIGS
+    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    B, H, N = args.batch, args.heads, args.seqlen
+    results = []
+    for d in args.dims:
+        q, k, v = make_qkv(B, H, N, d, dtype=torch.float16, device="cuda", seed=0)
+        scale = 1 / math.sqrt(d)
+        qk = quantize_qk(q, k, sm_scale=scale, backend="triton")
+        qms = bench_ms(lambda: quantize_qk(q, k, sm_scale=scale, backend="triton"))
+        nbytes = 2 * q.numel() * 2 + 2 * q.numel() + k.numel() * 2  # read q,k; write int8 q,k; k-mean read of k
+        print(f"D={d}: quantization pass {qms:.3f} ms = {nbytes / qms / 1e9:.0f} GB/s effective", flush=True)
+        for causal in causals:
+            flops = attention_flops(B, H, N, N, d, causal)
+            for name in ("sdpa_cudnn", "sdpa_flash"):
+                f = sdpa(name)
+                ms = bench_ms(lambda: f(q, k, v, is_causal=causal))
+                results.append((d, causal, name, "", ms, tops(flops, ms)))
+                print(f"  D={d} causal={causal} {name}: {tops(flops, ms):.0f} TOPS", flush=True)
+            out = torch.empty_like(q)
+            for cfg, pv, desc in itertools.product(configs, args.pv, args.desc):
+                tag = f"{cfg} pv={pv} desc={desc}"
+                try:
+                    run = lambda: launch(qk, v, out, is_causal=causal, pv_fp16_acc=pv == "fp16", return_lse=False,
+                                         config=cfg, use_desc=desc == "1")
+                    ms = bench_ms(run)
+                except Exception as e:
+                    print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    continue
+                results.append((d, causal, "sage1-kernel", tag, ms, tops(flops, ms)))
+                print(f"  D={d} causal={causal} {tag}: {tops(flops, ms):.0f} TOPS", flush=True)
+        del q, k, v, qk
+    print("\nbest per (D, causal), kernel only, with cuDNN in the same run:")
+    for d in args.dims:
+        for causal in causals:
+            rs = [r for r in results if r[0] == d and r[1] == causal]
+            cud = next(r[5] for r in rs if r[2] == "sdpa_cudnn")
+            fa2 = next(r[5] for r in rs if r[2] == "sdpa_flash")
+            best = sorted([r for r in rs if r[2] == "sage1-kernel"], key=lambda r: -r[5])[:4]
+            for r in best:
+                print(f"D={d} causal={causal} {r[3]:40s} {r[5]:6.0f} TOPS  {r[5] / cud:.3f}x cuDNN ({cud:.0f})  {r[5] / fa2:.2f}x FA2 ({fa2:.0f})")
+
+
+if __name__ == "__main__":
+    main()
