@@ -43,6 +43,12 @@ def _qmax(bits: int) -> int:
     return INT_QMAX[bits]
 
 
+def _div_by_qmax(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    # A tensor divisor: PyTorch on CUDA turns division by a Python scalar into a multiplication by
+    # its reciprocal, which is not the correctly rounded division the kernels do.
+    return absmax / torch.full_like(absmax, float(qmax))
+
+
 def _safe_div(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # All-zero groups have scale 0: divide by 1 there (x is 0, so the code is 0).
     return x / torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -113,7 +119,7 @@ def quantize_int_grouped(x: torch.Tensor, bits: int, group_of_token: torch.Tenso
     idx = group_of_token.to(x.device).expand_as(tok_absmax)
     absmax = torch.zeros(*tok_absmax.shape[:-1], n_groups, device=x.device, dtype=torch.float32)
     absmax = absmax.scatter_reduce(-1, idx, tok_absmax, reduce="amax", include_self=True)
-    scale = absmax / qmax
+    scale = _div_by_qmax(absmax, qmax)
     codes = _encode_int(xf, token_scales(scale, group_of_token)[..., None], qmax)
     return codes, scale
 
@@ -173,7 +179,7 @@ def int_per_tensor(x: torch.Tensor, bits: int = 8):
     """
     qmax = _qmax(bits)
     xf = x.float()
-    scale = (xf.abs().amax() / qmax).reshape(*([1] * (x.dim() - 1)))
+    scale = _div_by_qmax(xf.abs().amax(), qmax).reshape(*([1] * (x.dim() - 1)))
     scale = scale.expand(*x.shape[:-2], 1).contiguous()
     codes = _encode_int(xf, scale[..., None], qmax)
     return codes, scale

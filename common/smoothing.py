@@ -15,13 +15,13 @@ import torch
 
 
 def k_mean(k: torch.Tensor) -> torch.Tensor:
-    """Token mean of K ``[..., N, D]`` in fp32: ``[..., 1, D]``."""
-    return k.float().mean(dim=-2, keepdim=True)
+    """Token mean of K ``[..., N, D]`` in fp32: ``[..., 1, D]`` (accumulated in fp32, no fp32 copy of K)."""
+    return torch.mean(k, dim=-2, keepdim=True, dtype=torch.float32)
 
 
 def v_channel_mean(v: torch.Tensor) -> torch.Tensor:
     """Token mean of each channel of V ``[..., N, D]`` in fp32: ``[..., 1, D]``."""
-    return v.float().mean(dim=-2, keepdim=True)
+    return torch.mean(v, dim=-2, keepdim=True, dtype=torch.float32)
 
 
 def q_block_means(q: torch.Tensor, block: int) -> torch.Tensor:
