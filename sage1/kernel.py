@@ -36,36 +36,40 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
         k = tl.load(K_ptrs, mask=cols[:, None] < Nk, other=0)
     else:
         k = tl.load(K_ptrs)
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    # int32 -> fp32 without the quarter-rate I2F conversion (it shares the pipe with exp2): for
-    # |x| < 2^22 (here |x| <= 127^2 * 256) the fp32 with bits 0x4B400000 + x is exactly 1.5*2^23 + x,
-    # and subtracting 1.5*2^23 is exact.
-    s = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    # s * (dq * dk): the same fp32 product per element whichever of the scales are per tile
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     if K_SCALAR:
         ks = tl.load(ks_ptr + start_n // k_tps)
     else:
         ks = tl.load(ks_ptr + cols // k_tps, mask=cols < Nk, other=0.0)
-    if Q_SCALAR and K_SCALAR:
-        s = s * (qs * ks)
-    elif Q_SCALAR:
-        s = s * (qs * ks)[None, :]
-    elif K_SCALAR:
-        s = s * (qs * ks)[:, None]
-    else:
-        s = s * (qs[:, None] * ks[None, :])
-    if MASK:
-        keep = cols[None, :] < Nk
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row with no visible key so far keeps m = -inf: shift by 0 so p is 0, not NaN
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if Q_SCALAR and K_SCALAR and not MASK:
+        # One scale for the whole tile (per-block, the default): since dq*dk >= 0 the row max can
+        # be taken on the raw scores, and scaling and the max-shift fuse into one FMA per score.
+        sc = qs * ks
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * sc)
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(s * sc - m_use[:, None])
+    else:
+        # s * (dq * dk): the same fp32 product per element whichever of the scales are per tile
+        if Q_SCALAR and K_SCALAR:
+            s = s * (qs * ks)
+        elif Q_SCALAR:
+            s = s * (qs * ks)[None, :]
+        elif K_SCALAR:
+            s = s * (qs * ks)[:, None]
+        else:
+            s = s * (qs[:, None] * ks[None, :])
+        if MASK:
+            keep = cols[None, :] < Nk
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # a row with no visible key so far keeps m = -inf: shift by 0 so p is 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
