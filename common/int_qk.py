@@ -3,21 +3,26 @@
 ``quantize_qk`` turns fp16/bf16 Q and K (HND views) into integer codes plus fp32 scales:
 
 * K smoothing: K <- K - mean_tokens(K) (fp32), fused into the quantization pass.
+* Q smoothing (SageAttention2): each block of ``q_block`` query tokens loses its token mean; the
+  means (times the folded constant) are returned so that the attention can add back
+  ``delta_s = q_mean . (K - k_mean)^T`` before the softmax (:func:`q_smoothing_delta_s`).
 * Q is multiplied by ``sm_scale * log2(e)`` in fp32 before quantizing, so that
   ``S = int32(Q_hat K_hat^T) * dq * dk`` is already in the log2 domain of an exp2 softmax.
+* INT8 (``bits=8``, codes in [-127, 127]) or INT4 (``bits=4``, codes in [-7, 7], one per int8:
+  multiplied on INT8 tensor cores, the result is exactly that of an INT4 matmul).
 * Granularities: ``per_block`` (Q blocks of ``q_block`` tokens, K blocks of ``k_block``),
-  ``per_token``, ``per_tensor``, and the SageAttention2 ``per_warp`` / ``per_thread`` groupings.
+  ``per_token``, ``per_tensor``, ``per_warp`` (Q groups of ``warp_rows`` rows, K per block) and
+  ``per_thread`` (the MMA-fragment groupings of :func:`common.quant.groups_per_thread_q` and
+  ``groups_per_thread_k`` over Q tiles of ``q_block`` and K tiles of ``k_block``).
 
-Codes are stored contiguous ``[B, H, N, DP]`` (DP = the kernel's padded head dim, padding = 0)
-with INT4 codes one per int8. Scales are stored per *group*; ``q_group``/``k_group`` say how a
-token maps to its scale for the kernels:
+Codes are stored contiguous ``[B, H, N, DP]`` (DP = the kernel's padded head dim, padding = 0).
+Scales are stored per *group*; ``tokens_per_scale = t > 0`` means token n uses scale ``n // t``
+(per-block, per-token, per-tensor with t >= N); ``t = 0`` means one scale per token already
+(per-warp, per-thread).
 
-* ``tokens_per_scale = t > 0``: token n uses scale ``n // t`` (per-block, per-token, per-warp,
-  per-tensor with t >= N);
-* ``tokens_per_scale = 0``: the scale tensor is already expanded to one scale per token.
-
-``backend="triton"`` runs the Triton pass (:mod:`common.triton_quant`) for per-block and
-per-token, ``"torch"`` the PyTorch quantizers; both give identical codes and scales.
+``backend="triton"`` runs the Triton pass (:mod:`common.triton_quant`) for every granularity but
+per-tensor; ``"torch"`` runs the PyTorch quantizers. Codes and scales are identical (tested);
+with Q smoothing the block means are summed in a different order, so a code may differ by one.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
-from .smoothing import k_mean
+from .reference import exact_fp32_matmul
+from .smoothing import expand_block_rows, k_mean, q_block_means
 
 LOG2E = 1.4426950408889634
 GRANULARITIES = ("per_block", "per_token", "per_tensor", "per_warp", "per_thread")
@@ -43,6 +49,8 @@ class QuantizedQK:
     k_tokens_per_scale: int
     k_mean: torch.Tensor | None  # fp32 [B, Hkv, 1, D] subtracted from K, or None
     q_multiplier: float        # sm_scale * log2(e)
+    q_block_mean: torch.Tensor | None = None  # fp32 [B, Hq, ceil(Nq/q_block), D], times q_multiplier
+    q_block: int = 0           # token block of the Q means
 
     def q_scale_per_token(self) -> torch.Tensor:
         return _per_token(self.q_scale, self.q_tokens_per_scale, self.q_codes.shape[-2])
@@ -68,10 +76,15 @@ def _pad_codes(codes: torch.Tensor, dp: int) -> torch.Tensor:
     return codes if d == dp else torch.nn.functional.pad(codes, (0, dp - d))
 
 
-def _quantize_torch(x, mean, mult, bits, gran, block, dp, warp_rows, k_side):
+def _quantize_torch(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side):
     xf = x.float()
+    block_mean = None
     if mean is not None:
         xf = xf - mean
+    if smooth_block:
+        bm = q_block_means(xf, block)
+        xf = xf - expand_block_rows(bm, block, x.shape[-2])
+        block_mean = bm * torch.tensor(mult, dtype=torch.float32, device=x.device)
     if mult != 1.0:
         xf = xf * torch.tensor(mult, dtype=torch.float32, device=x.device)
     n = x.shape[-2]
@@ -79,8 +92,8 @@ def _quantize_torch(x, mean, mult, bits, gran, block, dp, warp_rows, k_side):
         codes, scale = quant.int_per_block(xf, bits, block)
         tps = block
     elif gran == "per_warp":
-        codes, scale = quant.int_per_warp(xf, bits, warp_rows)
-        tps = warp_rows
+        codes, grouped = quant.int_per_warp(xf, bits, warp_rows)
+        scale, tps = quant.token_scales(grouped, quant.groups_per_block(n, warp_rows, x.device)), 0
     elif gran == "per_token":
         codes, scale = quant.int_per_token(xf, bits)
         tps = 1
@@ -95,41 +108,42 @@ def _quantize_torch(x, mean, mult, bits, gran, block, dp, warp_rows, k_side):
             codes, grouped = quant.int_per_thread_q(xf, bits, block, warp_rows)
             scale = quant.token_scales(grouped, quant.groups_per_thread_q(n, block, warp_rows, x.device))
         tps = 0
-    return _pad_codes(codes, dp).contiguous(), scale.contiguous(), tps
+    return _pad_codes(codes, dp).contiguous(), scale.contiguous(), tps, block_mean
 
 
-def _quantize_triton(x, mean, mult, bits, gran, block, dp):
-    from .triton_quant import GRAN_BLOCK, GRAN_TOKEN, quantize_int_kernel
+_TRITON_GRAN = {"per_block": 0, "per_token": 1, "per_warp": 2, "per_thread": 3}
+
+
+def _quantize_triton(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side):
+    from .triton_quant import quantize_int_kernel
 
     B, H, N, D = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     codes = torch.empty(B, H, N, dp, dtype=torch.int8, device=x.device)
-    nblk = triton_cdiv(N, block)
-    if gran == "per_block":
-        scale = torch.empty(B, H, nblk, dtype=torch.float32, device=x.device)
-        g, tps = GRAN_BLOCK, block
-    else:
-        scale = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
-        g, tps = GRAN_TOKEN, 1
+    nblk = -(-N // block)
+    g = _TRITON_GRAN[gran]
+    if k_side and gran == "per_warp":
+        g = 0  # SageAttention2's per-warp mode quantizes K per block
+    if k_side and gran == "per_thread":
+        g = 4
+    scale = torch.empty(B, H, nblk if g == 0 else N, dtype=torch.float32, device=x.device)
+    tps = block if g == 0 else (1 if g == 1 else 0)
+    block_mean = torch.empty(B, H, nblk, D, dtype=torch.float32, device=x.device) if smooth_block else scale
     mean_arg = mean.reshape(B * H, D).contiguous() if mean is not None else scale
     quantize_int_kernel[(nblk, B * H)](
-        x, mean_arg, codes, scale, x.stride(0), x.stride(1), x.stride(2), H, N, D, float(mult),
-        BLOCK=block, DP=dp, QMAX=quant.INT_QMAX[bits], GRAN=g, HAS_MEAN=mean is not None,
-        num_warps=4 if dp <= 64 else 8)
-    return codes, scale, tps
+        x, mean_arg, codes, scale, block_mean, x.stride(0), x.stride(1), x.stride(2), H, N, D, float(mult),
+        BLOCK=block, DP=dp, QMAX=quant.INT_QMAX[bits], GRAN=g, WARP=warp_rows, HAS_MEAN=mean is not None,
+        SMOOTH_BLOCK=smooth_block, num_warps=4 if dp * block <= 8192 else 8)
+    return codes, scale, tps, (block_mean if smooth_block else None)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, granularity: str = "per_block",
-                bits: int = 8, q_block: int = 128, k_block: int = 64, warp_rows: int = 32,
-                backend: str = "torch", k_mean_override: torch.Tensor | None = None) -> QuantizedQK:
+def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool = False,
+                granularity: str = "per_block", bits: int = 8, q_block: int = 128, k_block: int = 64,
+                warp_rows: int = 32, backend: str = "torch",
+                k_mean_override: torch.Tensor | None = None) -> QuantizedQK:
     """Quantize HND views of Q ``[B, Hq, Nq, D]`` and K ``[B, Hkv, Nk, D]`` to integer codes.
 
-    ``warp_rows`` is used by ``per_warp``/``per_thread`` (rows of a Q tile owned by one warp).
     ``k_mean_override`` lets a caller supply the mean to subtract (e.g. one mean over a packed
     varlen batch); by default it is the token mean of each (batch, kv head).
     """
@@ -140,12 +154,19 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, granularity: st
     if smooth_k:
         km = k_mean_override if k_mean_override is not None else k_mean(k)
     mult = sm_scale * LOG2E
-    use_triton = backend == "triton" and granularity in ("per_block", "per_token")
-    out = []
-    for x, mean, m, block, k_side in ((q, None, mult, q_block, False), (k, km, 1.0, k_block, True)):
-        if use_triton:
-            out.append(_quantize_triton(x, mean, m, bits, granularity, block, dp))
-        else:
-            out.append(_quantize_torch(x, mean, m, bits, granularity, block, dp, warp_rows, k_side))
-    (qc, qs, qt), (kc, ks, kt) = out
-    return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult)
+    fn = _quantize_triton if backend == "triton" and granularity != "per_tensor" else _quantize_torch
+    qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False)
+    kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True)
+    return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult, qbm, q_block if smooth_q else 0)
+
+
+def q_smoothing_delta_s(qk: QuantizedQK, k: torch.Tensor) -> torch.Tensor:
+    """``delta_s[b, h, i, j] = (q_mean_i * sm_scale*log2e) . (k_j - k_mean)`` in fp32 (TF32 off):
+    the part of S that Q smoothing took out of block i, from unquantized values.
+    Shape ``[B, Hq, ceil(Nq / q_block), Nk]``."""
+    kf = k.float()
+    if qk.k_mean is not None:
+        kf = kf - qk.k_mean
+    group = qk.q_codes.shape[1] // k.shape[1]
+    with exact_fp32_matmul():
+        return torch.matmul(qk.q_block_mean, kf.repeat_interleave(group, dim=1).transpose(-1, -2))

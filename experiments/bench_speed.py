@@ -1,8 +1,8 @@
-"""Speed and accuracy of sage1 against SDPA (FLASH, CUDNN, EFFICIENT) and, where installed,
+"""Speed and accuracy of our kernels against SDPA (FLASH, CUDNN, EFFICIENT) and, where installed,
 the released sageattention 1.0.6, in the same run.
 
-    python -m experiments.bench_sage1                       # the full table (H100: ~5 min)
-    python -m experiments.bench_sage1 --seqlens 16384 --dims 128 --causal no
+    python -m experiments.bench_speed                              # every kernel, full table
+    python -m experiments.bench_speed --kernels sage1 sdpa_cudnn --seqlens 16384 --dims 128 --causal no
 
 TOPS = 4*B*H*N*N*D / time (halved for causal), timing the whole call including quantization.
 Inputs: fp16, q, v ~ randn, k ~ randn + 3*randn(1, H, 1, D) (per-channel bias). Accuracy: the
@@ -20,6 +20,7 @@ import time
 import torch
 
 import sage1
+import sage2
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
@@ -44,12 +45,16 @@ def main(argv=None):
     ap.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     ap.add_argument("--kernels", nargs="*", default=None, help="subset of kernel names to run")
     ap.add_argument("--rep-ms", type=float, default=300)
-    ap.add_argument("--out", default="bench_sage1_out")
+    ap.add_argument("--out", default="bench_speed_out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench_sage1 needs a CUDA GPU (the CPU path is the emulation: see `python -m experiments`)")
+        sys.exit("bench_speed needs a CUDA GPU (the CPU path is the emulation: see `python -m experiments`)")
 
-    kernels = {"sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c)}
+    kernels = {
+        "sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c),
+        "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),
+        "sage2_4b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, qk_dtype="int4"),
+    }
     kernels.update({n: (lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c))(f) for n, f in available_baselines().items()})
     if args.kernels:
         kernels = {n: f for n, f in kernels.items() if n in args.kernels}

@@ -1,0 +1,115 @@
+"""``backend="torch"``: the SageAttention2 algorithm in plain PyTorch, tile by tile.
+
+Same quantized inputs as the kernel, same KV tiling (``kv_block`` keys per tile, the two-level
+flush interval), same fp32 online-softmax arithmetic:
+
+    s   = (int(Q_hat K_hat_j^T) * dk_j) * dq_i  [+ delta_s]      # log2 domain
+    m'  = max(m, rowmax s);  p = exp2(s - m' + log2(P_SCALE))    # p in (0, P_SCALE]: FP8 range
+    l   = exp2(m - m') l + rowsum p                              # fp32, unquantized p
+    acc = exp2(m - m') acc + FP8MMA(fp8(p), V_hat_j)
+    out = acc * dV / l  [+ mean_V]                               # P_SCALE cancels in acc / l
+
+The Hopper FP8 MMA keeps its accumulator in about 13 mantissa bits ("FP22"): each k32 MMA
+instruction truncates the incoming accumulator to 13 mantissa bits (the low 10 of fp32's 23 come
+back zeroed) and adds its 32 products. ``hopper_fp8_accumulator=True`` models that:
+
+* ``pv_accum="two_level"``: each tile's product starts from a fresh accumulator (truncated only
+  within the tile's 128/32 = 4 instructions) and is added to the fp32 ``acc`` in real fp32;
+* ``pv_accum="single"``: one running accumulator across all tiles, truncated at every
+  instruction, so error grows with the sequence.
+
+With ``hopper_fp8_accumulator=False`` the products accumulate in fp32 (what Triton's CPU
+interpreter does), for comparing the kernel under the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.int_qk import QuantizedQK
+from common.reference import exact_fp32_matmul
+from common.smoothing import expand_block_rows
+
+from .quant_v import P_SCALE, QuantizedV
+
+FP8_MMA_K = 32  # keys reduced per FP8 wgmma instruction
+FP22_DROP_MASK = ~((1 << 10) - 1)
+
+
+def truncate_to_fp22(x: torch.Tensor) -> torch.Tensor:
+    """Zero the low 10 mantissa bits of fp32 values (keep 13), as the Hopper FP8 MMA does to its
+    accumulator input."""
+    return (x.contiguous().view(torch.int32) & FP22_DROP_MASK).view(torch.float32)
+
+
+def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_fp22: bool) -> torch.Tensor:
+    """``acc + p8 @ v8`` as a sequence of k32 FP8 MMA instructions (fp32 result)."""
+    pf, vf = p8.float(), v8.float()
+    if not model_fp22:
+        prod = pf @ vf
+        return prod if acc is None else acc + prod
+    for k0 in range(0, pf.shape[-1], FP8_MMA_K):
+        part = pf[..., k0:k0 + FP8_MMA_K] @ vf[..., k0:k0 + FP8_MMA_K, :]
+        acc = part if acc is None else truncate_to_fp22(acc) + part
+    return acc
+
+
+def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor | None, is_causal: bool,
+                       pv_dtype: str, pv_accum: str, kv_block: int = 128, return_lse: bool = False,
+                       hopper_fp8_accumulator: bool = True):
+    """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None)."""
+    B, Hq, Nq, _ = qk.q_codes.shape
+    Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
+    group = Hq // Hkv
+    dev = qk.q_codes.device
+    int_dt = torch.float64 if dev.type == "cpu" else torch.float32
+    qc = qk.q_codes.to(int_dt)
+    kc = qk.k_codes.to(int_dt).repeat_interleave(group, dim=1)
+    qs = qk.q_scale_per_token()
+    ks = qk.k_scale_per_token().repeat_interleave(group, dim=1)
+    vc = qv.codes.repeat_interleave(group, dim=1)
+    D = vc.shape[-1]
+    if delta_s is not None:
+        delta_s = expand_block_rows(delta_s, qk.q_block, Nq)  # [B, Hq, Nq, Nk]
+    log2_pscale = math.log2(P_SCALE[pv_dtype])
+
+    m = torch.full((B, Hq, Nq), float("-inf"), device=dev)
+    l = torch.zeros(B, Hq, Nq, device=dev)
+    acc = torch.zeros(B, Hq, Nq, D, device=dev)
+    rows = torch.arange(Nq, device=dev)[:, None]
+    offset = Nk - Nq
+    last_key = Nk if not is_causal else max(0, min(Nk, Nq + offset))
+    with exact_fp32_matmul():
+        for j0 in range(0, last_key, kv_block):
+            j1 = min(Nk, j0 + kv_block)
+            s = (qc @ kc[:, :, j0:j1].transpose(-1, -2)).float()
+            s = (s * ks[..., None, j0:j1]) * qs[..., :, None]
+            if delta_s is not None:
+                s = s + delta_s[..., j0:j1]
+            if is_causal:
+                cols = torch.arange(j0, j1, device=dev)[None, :]
+                s = s.masked_fill(cols > rows + offset, float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp2(s - (m_use - log2_pscale)[..., None])
+            alpha = torch.exp2(m - m_use)
+            l = l * alpha + p.sum(dim=-1)
+            if pv_dtype == "fp16":
+                acc = acc * alpha[..., None] + p.half().float() @ vc[:, :, j0:j1].float()
+            else:
+                p8 = p.to(vc.dtype)  # round to nearest even; p <= P_SCALE, the format's max
+                v8 = vc[:, :, j0:j1]
+                if pv_accum == "two_level":
+                    acc = acc * alpha[..., None] + fp8_mma(p8, v8, None, hopper_fp8_accumulator)
+                else:
+                    acc = fp8_mma(p8, v8, acc * alpha[..., None], hopper_fp8_accumulator)
+            m = m_new
+    if qv.scale is not None:
+        acc = acc * qv.scale.repeat_interleave(group, dim=1)[..., None, :]
+    out = acc / torch.where(l == 0, 1.0, l)[..., None]
+    if qv.mean is not None:
+        out = torch.where(l[..., None] == 0, 0.0, out + qv.mean.repeat_interleave(group, dim=1))
+    lse2 = (m + torch.log2(l) - log2_pscale) if return_lse else None
+    return out, lse2

@@ -1,0 +1,101 @@
+"""Public API of SageAttention2."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
+                           resolve_sm_scale, to_hnd)
+from common.int_qk import padded_head_dim, q_smoothing_delta_s, quantize_qk
+from common.smoothing import lse_shift_from_k_mean
+
+from .quant_v import P_SCALE, quantize_v
+
+QK_DTYPES = ("int8", "int4")
+QK_GRANULARITY = ("per_thread", "per_warp", "per_block", "per_token", "per_tensor")
+PV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "fp16")
+PV_ACCUM = ("two_level", "single")
+# Hopper (sm90) tiles of the official kernel, which the per-thread/per-warp/per-block groupings follow:
+Q_BLOCK, WARP_Q, K_BLOCK = 64, 16, 128
+
+
+def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
+             is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
+             backend: str = "auto", qk_dtype: str = "int8", qk_granularity: str = "per_thread",
+             smooth_q: bool | None = None, smooth_k: bool = True, smooth_v: bool = False,
+             pv_dtype: str = "fp8_e4m3", pv_accum: str = "two_level"):
+    """SageAttention2: INT8/INT4 Q K^T with per-thread scales and smoothing, FP8 P V.
+
+    Args beyond :func:`sage1.sageattn`'s (layouts, causal, sm_scale, return_lse, backend):
+        qk_dtype: ``"int8"`` (SageAttn2-8b, the Hopper default) or ``"int4"`` (SageAttn2-4b:
+            codes in [-7, 7]). The H100 has no fast INT4 tensor cores, so INT4 codes are
+            multiplied on INT8 tensor cores: exactly an INT4 matmul's result, at INT8 speed.
+        qk_granularity: ``per_thread`` (scales follow the MMA accumulator fragment: Q rows
+            {g, g+8} of each 16-row warp slice of a 64-row block, K tokens {8m+2t, 8m+2t+1} of
+            each 128-key block), ``per_warp`` (Q per 16 rows, K per 128), ``per_block`` (Q per
+            64, K per 128), ``per_token``, ``per_tensor``.
+        smooth_q: subtract each 64-query block's mean and add ``mean_q . K^T`` (fp32, from
+            unquantized values) back to S. Default: on for int4, off for int8 (as in the paper).
+        smooth_k: subtract K's token mean (exact for the output; the LSE is corrected).
+        smooth_v: subtract V's channel mean and add it back to the output.
+        pv_dtype: ``fp8_e4m3`` (P with the static scale 448, V per channel), ``fp8_e5m2``
+            (scale 57344), ``fp16``.
+        pv_accum: ``two_level`` (each 128-key tile's FP8 product in a fresh accumulator, added to
+            an fp32 buffer) or ``single`` (one running FP8-MMA accumulator, ~13 mantissa bits on
+            Hopper, to show what two-level accumulation fixes). fp16 P V always accumulates in fp32.
+    """
+    shape = check_attention_inputs(q, k, v, tensor_layout)
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k),
+                       ("smooth_v", smooth_v)):
+        check_flag(name, flag)
+    if smooth_q is not None:
+        check_flag("smooth_q", smooth_q)
+    check_choice("qk_dtype", qk_dtype, QK_DTYPES)
+    check_choice("qk_granularity", qk_granularity, QK_GRANULARITY)
+    check_choice("pv_dtype", pv_dtype, PV_DTYPES)
+    check_choice("pv_accum", pv_accum, PV_ACCUM)
+    scale = resolve_sm_scale(sm_scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise ValueError("pv_dtype='fp8_*' with backend='triton' needs FP8 tensor cores (compute capability 8.9+); "
+                         "use pv_dtype='fp16' or backend='torch'")
+    check_no_grad(q, k, v, "sage3.sageattn_train")
+    if smooth_q is None:
+        smooth_q = qk_dtype == "int4"
+
+    with torch.no_grad():
+        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        B, Hq, Nq, D = qh.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out_hnd = to_hnd(out, tensor_layout)
+        if out.numel() == 0 or shape.seqlen_k == 0:
+            out.zero_()
+            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
+            return (out, lse) if return_lse else out
+
+        qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
+                         bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
+                         backend=be)
+        delta_s = q_smoothing_delta_s(qk, kh) if smooth_q else None
+        qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D))
+        log2_pscale = math.log2(P_SCALE[pv_dtype])
+        if be == "triton":
+            from .kernel import PV_SINGLE, PV_TWO_LEVEL, launch
+
+            lse2 = launch(qk, qv, out_hnd, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
+                          pv_mode=PV_TWO_LEVEL if pv_accum == "two_level" else PV_SINGLE,
+                          log2_pscale=log2_pscale, return_lse=return_lse)
+        else:
+            from .emulation import attention_emulated
+
+            o, lse2 = attention_emulated(qk, qv, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
+                                         pv_accum=pv_accum, return_lse=return_lse)
+            out_hnd.copy_(o)
+        if not return_lse:
+            return out
+        lse = lse2 * math.log(2.0)
+        if smooth_k:
+            lse = lse + lse_shift_from_k_mean(qh, qk.k_mean, scale)
+        return out, lse

@@ -1,0 +1,69 @@
+"""P and V precision for SageAttention2: FP8 V with one scale per channel, optionally smoothed.
+
+V is quantized per channel over all tokens (``scale = absmax / fmax``; fmax = 448 for E4M3,
+57344 for E5M2): only outer-axis scales factor out of ``P V``, and a channel scale is what
+handles V's channel outliers. The Triton kernel reads V transposed, ``[D, N]`` with tokens
+contiguous, because an FP8 tensor-core MMA needs both operands contiguous along the reduction
+dimension (the keys); the quantization pass writes that layout for free.
+
+``smooth_v``: V <- V - mean_tokens(V) first; the kernel adds the mean back to the output
+(rows of P sum to 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common import quant
+from common.checks import interpreter_enabled
+from common.smoothing import v_channel_mean
+
+P_SCALE = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp16": 1.0}
+FP8_FMT = {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2"}
+
+
+@dataclass
+class QuantizedV:
+    codes: torch.Tensor          # fp8 [B, H, N, D] (torch) or [B, H, DP, NPAD] transposed (triton); fp16 V for pv_dtype="fp16"
+    scale: torch.Tensor | None   # fp32 [B, H, D] (None for fp16)
+    mean: torch.Tensor | None    # fp32 [B, H, 1, D] (smooth_v) or None
+    transposed: bool
+
+
+def v_scale(v: torch.Tensor, fmax: float, mean: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel scale ``max_tokens |V - mean| / fmax`` (fp32 [B, H, D])."""
+    x = v if mean is None else v.float() - mean
+    absmax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-2, dtype=torch.float32)
+    return absmax / torch.full_like(absmax, fmax)
+
+
+def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, dp: int = 0,
+               npad_multiple: int = 16) -> QuantizedV:
+    """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16)."""
+    mean = v_channel_mean(v) if smooth_v else None
+    if pv_dtype == "fp16":
+        x = v if mean is None else v.float() - mean
+        return QuantizedV(x.to(torch.float16), None, mean, False)
+    fmt = FP8_FMT[pv_dtype]
+    fmax = quant.FP8_FORMATS[fmt][1]
+    scale = v_scale(v, fmax, mean)
+    if backend != "triton":
+        x = v.float() if mean is None else v.float() - mean
+        return QuantizedV(quant.fp8_static(x, fmt, scale[..., None, :]), scale, mean, False)
+    from common.triton_quant import quantize_v_fp8_kernel
+
+    B, H, N, D = v.shape
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    npad = -(-N // npad_multiple) * npad_multiple
+    dtype = quant.FP8_FORMATS[fmt][0]
+    out = torch.empty(B, H, dp, npad, dtype=dtype, device=v.device)
+    block = 64
+    quantize_v_fp8_kernel[(-(-npad // block), B * H)](
+        v, mean.reshape(B * H, D).contiguous() if mean is not None else scale, scale.contiguous(), out,
+        v.stride(0), v.stride(1), v.stride(2), H, N, npad, D,
+        BLOCK=block, DP=dp, HAS_MEAN=mean is not None, FP8_E5M2=fmt == "e5m2", FMAX=fmax,
+        INTERPRET=interpreter_enabled(), num_warps=4)
+    return QuantizedV(out, scale, mean, True)
