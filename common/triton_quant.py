@@ -115,7 +115,7 @@ def to_fp8(x, FP8_E5M2: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def quantize_v_fp8_kernel(V, MEAN, SCALE, OUT,
+def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
                           stride_vb, stride_vh, stride_vn,
                           H, N, NPAD, D,
                           BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr,
@@ -132,7 +132,10 @@ def quantize_v_fp8_kernel(V, MEAN, SCALE, OUT,
     if HAS_MEAN:
         mean = tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)
         x = x - mean[None, :]
-    scale = tl.load(SCALE + pid_bh * D + cols, mask=cols < D, other=1.0)
+    # scale = absmax / fmax per channel; the first program of each head stores it
+    scale = tl.math.div_rn(tl.load(ABSMAX + pid_bh * D + cols, mask=cols < D, other=0.0), FMAX)
+    if pid_n == 0:
+        tl.store(SCALE + pid_bh * D + cols, scale, mask=cols < D)
     y = tl.math.div_rn(x, tl.where(scale == 0.0, 1.0, scale)[None, :])
     y = tl.where(in_bounds, y, 0.0)
     # transposed store: [DP, NPAD] per head, tokens contiguous (coalesced); padding tokens get zeros

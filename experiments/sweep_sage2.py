@@ -63,7 +63,8 @@ def main(argv=None):
                     tag = f"{cfg} {MODES[mode]} {gran}"
                     try:
                         run = lambda: launch(qk, qv, out, delta_s=None, is_causal=causal, pv_dtype="fp8_e4m3",
-                                             pv_mode=mode, log2_pscale=math.log2(448.0), return_lse=False, config=cfg)
+                                             pv_mode=mode, log2_pscale=math.log2(448.0), return_lse=False, config=cfg,
+                                             k_per_thread=gran == "per_thread")
                         ms = bench_ms(run)
                     except Exception as e:
                         print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

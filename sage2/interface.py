@@ -86,7 +86,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
             lse2 = launch(qk, qv, out_hnd, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
                           pv_mode=PV_TWO_LEVEL if pv_accum == "two_level" else PV_SINGLE,
-                          log2_pscale=log2_pscale, return_lse=return_lse)
+                          log2_pscale=log2_pscale, return_lse=return_lse,
+                          k_per_thread=qk_granularity == "per_thread")
         else:
             from .emulation import attention_emulated
 

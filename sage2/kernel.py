@@ -40,12 +40,25 @@ def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, s
           q_offset, log2_pscale,
           BLOCK_N: tl.constexpr, DP: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
           PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr, PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr,
-          INTERPRET: tl.constexpr):
+          K_SCALE_MODE: tl.constexpr, INTERPRET: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     k = K_desc.load([kv_bh, start_n, 0]).reshape(BLOCK_N, DP)
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    ks = tl.load(ks_ptr + cols, mask=cols < Nk, other=0.0)
-    s = s * ks[None, :]
+    # K scales (per token in memory). Loading a [BLOCK_N] vector would need a layout conversion
+    # through shared memory on every tile; per-tile and per-thread scales are a few scalars.
+    if K_SCALE_MODE == 0:  # one scale per tile (per-block, per-warp, per-tensor)
+        s = s * tl.load(ks_ptr + start_n)
+    elif K_SCALE_MODE == 1:  # per-thread: token 8m+2t+j of a 128-key block uses scale t
+        t = (cols % 8) // 2
+        k0 = tl.load(ks_ptr + start_n)
+        k1 = tl.load(ks_ptr + start_n + 2, mask=start_n + 2 < Nk, other=0.0)
+        k2 = tl.load(ks_ptr + start_n + 4, mask=start_n + 4 < Nk, other=0.0)
+        k3 = tl.load(ks_ptr + start_n + 6, mask=start_n + 6 < Nk, other=0.0)
+        ks = tl.where(t == 0, k0, tl.where(t == 1, k1, tl.where(t == 2, k2, k3)))
+        s = s * ks[None, :]
+    else:
+        ks = tl.load(ks_ptr + cols, mask=cols < Nk, other=0.0)
+        s = s * ks[None, :]
     if SMOOTH_Q or MASK:
         s = s * qs[:, None]
         if SMOOTH_Q:
@@ -88,7 +101,7 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, DS_BLOCK: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr,
                    PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr,
-                   RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr):
+                   K_SCALE_MODE: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr):
     n_m = tl.num_programs(0)
     start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
@@ -121,11 +134,11 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, start_n, rows,
                               Nq, Nk, q_offset, log2_pscale, BLOCK_N, DP, False, IS_CAUSAL, PV_FP8, FP8_E5M2,
-                              PV_MODE, SMOOTH_Q, INTERPRET)
+                              PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, start_n, rows,
                               Nq, Nk, q_offset, log2_pscale, BLOCK_N, DP, True, IS_CAUSAL, PV_FP8, FP8_E5M2,
-                              PV_MODE, SMOOTH_Q, INTERPRET)
+                              PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET)
 
     if PV_FP8:
         acc = acc * tl.load(VS + kv_bh * D + dcols, mask=d_mask, other=0.0)[None, :]
@@ -143,7 +156,7 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
 # BLOCK_N = 128 is the two-level flush interval of the official sm90 kernel.
 CONFIGS = {
     (16, False, True): (128, 128, 8, 3), (32, False, True): (128, 128, 8, 3),
-    (64, False, True): (128, 128, 8, 3), (128, False, True): (128, 128, 8, 3),
+    (64, False, True): (128, 128, 4, 3), (128, False, True): (128, 128, 8, 4),
     (256, False, True): (64, 64, 4, 2),
     (16, False, False): (128, 64, 4, 3), (32, False, False): (128, 64, 4, 3),
     (64, False, False): (128, 64, 4, 3), (128, False, False): (128, 64, 4, 3),
@@ -161,14 +174,23 @@ def _desc(t, block):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
+def smooth_q_config(delta_s, config) -> bool:
+    return delta_s is not None and config is None
+
+
 def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype: str, pv_mode: int,
-           log2_pscale: float, return_lse: bool, config=None):
-    """Run the kernel; returns the log2-domain LSE [B, Hq, Nq] (or None)."""
+           log2_pscale: float, return_lse: bool, config=None, k_per_thread: bool = False):
+    """Run the kernel; ``k_per_thread`` says K's scales follow the per-thread grouping over
+    128-key blocks (four scales per block), which the kernel reads as four scalars."""
     B, Hq, Nq, DP = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     D = out_hnd.shape[-1]
     pv_fp8 = pv_dtype != "fp16"
     BLOCK_M, BLOCK_N, warps, stages = config or config_for(DP, is_causal, pv_fp8)
+    if smooth_q_config(delta_s, config):
+        # the fp32 delta_s tiles are pipelined through shared memory too: a smaller Q tile and two
+        # stages keep them in (the 128-key tile, and so the algorithm, stay the same)
+        BLOCK_M, warps, stages = 64, 4, 2
     dev = out_hnd.device
     q_desc = _desc(qk.q_codes.view(B * Hq, Nq, DP), [1, BLOCK_M, DP])
     k_desc = _desc(qk.k_codes.view(B * Hkv, Nk, DP), [1, BLOCK_N, DP])
@@ -182,6 +204,13 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         if not tma_compatible(v):
             v = v.contiguous()
         v_desc = _desc(v, [1, 1, BLOCK_N, DP])
+    tps = qk.k_tokens_per_scale
+    if tps > 0 and tps % BLOCK_N == 0:
+        k_scale_mode = 0
+    elif tps == 0 and k_per_thread and 128 % BLOCK_N == 0:
+        k_scale_mode = 1
+    else:
+        k_scale_mode = 2
     q_scale = qk.q_scale_per_token().contiguous()
     k_scale = qk.k_scale_per_token().contiguous()
     dummy = q_scale
@@ -200,7 +229,7 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         Hq, Hkv, Nq, Nk, D, delta_s.shape[2] if delta_s is not None else 1, log2_pscale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, DS_BLOCK=max(qk.q_block, 1), IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, FP8_E5M2=pv_dtype == "fp8_e5m2", PV_MODE=pv_mode, SMOOTH_Q=delta_s is not None,
-        SMOOTH_V=qv.mean is not None, RETURN_LSE=return_lse, INTERPRET=interpreter_enabled(),
+        SMOOTH_V=qv.mean is not None, K_SCALE_MODE=k_scale_mode, RETURN_LSE=return_lse, INTERPRET=interpreter_enabled(),
         num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)

@@ -32,11 +32,10 @@ class QuantizedV:
     transposed: bool
 
 
-def v_scale(v: torch.Tensor, fmax: float, mean: torch.Tensor | None) -> torch.Tensor:
-    """Per-channel scale ``max_tokens |V - mean| / fmax`` (fp32 [B, H, D])."""
+def v_absmax(v: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel ``max_tokens |V - mean|`` (fp32 [B, H, D]), one read of V when not smoothed."""
     x = v if mean is None else v.float() - mean
-    absmax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-2, dtype=torch.float32)
-    return absmax / torch.full_like(absmax, fmax)
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=-2, dtype=torch.float32)
 
 
 def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, dp: int = 0,
@@ -48,8 +47,9 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
         return QuantizedV(x.to(torch.float16), None, mean, False)
     fmt = FP8_FMT[pv_dtype]
     fmax = quant.FP8_FORMATS[fmt][1]
-    scale = v_scale(v, fmax, mean)
+    absmax = v_absmax(v, mean)
     if backend != "triton":
+        scale = absmax / torch.full_like(absmax, fmax)
         x = v.float() if mean is None else v.float() - mean
         return QuantizedV(quant.fp8_static(x, fmt, scale[..., None, :]), scale, mean, False)
     from common.triton_quant import quantize_v_fp8_kernel
@@ -60,9 +60,10 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
     npad = -(-N // npad_multiple) * npad_multiple
     dtype = quant.FP8_FORMATS[fmt][0]
     out = torch.empty(B, H, dp, npad, dtype=dtype, device=v.device)
+    scale = torch.empty(B, H, D, dtype=torch.float32, device=v.device)
     block = 64
     quantize_v_fp8_kernel[(-(-npad // block), B * H)](
-        v, mean.reshape(B * H, D).contiguous() if mean is not None else scale, scale.contiguous(), out,
+        v, mean.reshape(B * H, D).contiguous() if mean is not None else scale, absmax, scale, out,
         v.stride(0), v.stride(1), v.stride(2), H, N, npad, D,
         BLOCK=block, DP=dp, HAS_MEAN=mean is not None, FP8_E5M2=fmt == "e5m2", FMAX=fmax,
         INTERPRET=interpreter_enabled(), num_warps=4)

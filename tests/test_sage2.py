@@ -247,7 +247,7 @@ def test_gpu_kernel_matches_the_fp22_accumulator_model(pv_accum):
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     launch(qk, quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=64), out, delta_s=None, is_causal=False,
            pv_dtype="fp8_e4m3", pv_mode=PV_SINGLE if pv_accum == "single" else PV_TWO_LEVEL, log2_pscale=8.807354922057604,
-           return_lse=False, config=(128, 128, 8, 3))
+           return_lse=False, config=(128, 128, 8, 3), k_per_thread=True)
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="torch")
     model = attention_emulated(qk, qv, delta_s=None, is_causal=False, pv_dtype="fp8_e4m3", pv_accum=pv_accum)[0]
     exact = attention_emulated(qk, qv, delta_s=None, is_causal=False, pv_dtype="fp8_e4m3", pv_accum=pv_accum,
