@@ -72,7 +72,8 @@ def nvfp4_quantize(x: torch.Tensor, *, divide_by_rounded_scale: bool = True):
     Returns (codes uint8 ``[..., D]``, scales float8_e4m3fn ``[..., D/16]``).
     """
     xb = _blocks(x, NVFP4_BLOCK)
-    s = xb.abs().amax(dim=-1) / E2M1_MAX
+    amax = xb.abs().amax(dim=-1)
+    s = amax / torch.full_like(amax, E2M1_MAX)  # a tensor divisor: correctly rounded on CUDA too
     s8 = e4m3_round_scale(s)
     div = s8.float() if divide_by_rounded_scale else s
     div = torch.where(s8.float() == 0, torch.full_like(div, float("inf")), div)
@@ -84,13 +85,14 @@ def mxfp4_quantize(x: torch.Tensor):
     """MXFP4: 1x32 blocks along dim -1, E8M0 scale ``2**(floor(log2 absmax) - 2)`` per block.
 
     Returns (codes uint8 ``[..., D]``, biased exponents uint8 ``[..., D/32]``: scale = 2**(e-127)).
-    An all-zero block gets the smallest exponent (code 0 values dequantize to 0 anyway).
+    An all-zero (or below 2**-125) block gets exponent byte 0 and zero codes.
     """
     xb = _blocks(x, MXFP4_BLOCK)
     amax = xb.abs().amax(dim=-1)
     exp = torch.floor(torch.log2(amax)) - 2
     exp = torch.where(amax > 0, exp, torch.full_like(exp, -127.0)).clamp(-127, 127)
-    codes = e2m1_encode(xb / torch.exp2(exp)[..., None])
+    div = torch.where(exp > -127, torch.exp2(exp), torch.full_like(exp, float("inf")))  # exponent byte 0: block is 0
+    codes = e2m1_encode(xb / div[..., None])
     return codes.reshape(x.shape), (exp + 127).to(torch.uint8)
 
 

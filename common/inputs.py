@@ -11,6 +11,9 @@ everywhere. Distributions (``kind``):
 * ``heavy_tail``: Student-t (3 d.o.f.) q, k, v plus the K bias.
 * ``sharp``:      k_bias with q scaled by 4: peaked attention rows, small P values matter less.
 * ``v_bias``:     k_bias plus a per-channel bias in V of 8*randn (what V smoothing targets).
+* ``sink``:       k_bias plus an attention sink: queries share a direction u and key 0 is 8/sqrt(D)*u,
+                  so every row puts most of its weight on key 0 and the rest is spread thin (the
+                  pattern of real LLM layers; small P values then decide the output).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from .checks import from_hnd
 
-KINDS = ("randn", "k_bias", "qk_bias", "outliers", "heavy_tail", "sharp", "v_bias")
+KINDS = ("randn", "k_bias", "qk_bias", "outliers", "heavy_tail", "sharp", "v_bias", "sink")
 
 
 def make_qkv(batch=1, heads=2, seqlen=128, head_dim=64, *, kind="k_bias", heads_kv=None, seqlen_k=None,
@@ -44,6 +47,11 @@ def make_qkv(batch=1, heads=2, seqlen=128, head_dim=64, *, kind="k_bias", heads_
         q, k, v = student_t(*qs), student_t(*ks), student_t(*ks)
     else:
         q, k, v = randn(*qs), randn(*ks), randn(*ks)
+    if kind == "sink":  # before the K bias, which shifts every key alike
+        u = randn(1, heads_kv, 1, head_dim)
+        u = u / u.norm(dim=-1, keepdim=True) * head_dim ** 0.5
+        q = q + u.repeat_interleave(heads // heads_kv, dim=1)
+        k[:, :, 0, :] = 8.0 / head_dim ** 0.5 * u[:, :, 0, :]
     if kind != "randn":
         k = k + 3.0 * randn(1, heads_kv, 1, head_dim)
     if kind == "qk_bias":

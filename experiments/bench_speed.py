@@ -21,6 +21,7 @@ import torch
 
 import sage1
 import sage2
+import sage3
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
@@ -54,6 +55,7 @@ def main(argv=None):
         "sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c),
         "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),
         "sage2_4b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, qk_dtype="int4"),
+        "sage3_fp4_emulated": lambda q, k, v, c: sage3.sageattn(q, k, v, is_causal=c),
     }
     kernels.update({n: (lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c))(f) for n, f in available_baselines().items()})
     if args.kernels:

@@ -1,0 +1,50 @@
+"""Sweep sage3 (FP4 emulation) kernel configurations on the GPU, kernel only, next to cuDNN.
+
+    python -m experiments.sweep_sage3 --dims 128 64 --configs "64,8,2;128,8,2;64,4,3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from common.inputs import make_qkv
+from common.timing import attention_flops, bench_ms, tops
+from experiments.baselines import sdpa
+from sage3.kernel import launch
+from sage3.quant import delta_s, quantize_qkv_fp4
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqlen", type=int, default=16384)
+    ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--configs", default="64,8,2;128,8,2;64,4,2;64,8,3")
+    args = ap.parse_args(argv)
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
+    B, H, N = 4, 32, args.seqlen
+    for d in args.dims:
+        q, k, v = make_qkv(B, H, N, d, device="cuda", seed=0)
+        flops = attention_flops(B, H, N, N, d)
+        cud = tops(flops, bench_ms(lambda: sdpa("sdpa_cudnn")(q, k, v)))
+        qms = bench_ms(lambda: quantize_qkv_fp4(q, k, v, fmt="nvfp4", smooth_q=True, smooth_k=True, backend="triton"))
+        qf = quantize_qkv_fp4(q, k, v, fmt="nvfp4", smooth_q=True, smooth_k=True, backend="triton")
+        dms = bench_ms(lambda: delta_s(qf, k))
+        ds = delta_s(qf, k)
+        print(f"D={d}: cuDNN {cud:.0f} TOPS; FP4 quantization {qms:.3f} ms, delta_s {dms:.3f} ms", flush=True)
+        out = torch.empty_like(q)
+        for cfg in configs:
+            try:
+                ms = bench_ms(lambda: launch(qf, out, sm_scale=1 / math.sqrt(d), delta_s=ds, is_causal=False,
+                                             two_level_p=True, op_dtype=q.dtype, return_lse=False, config=cfg))
+                print(f"  D={d} (BLOCK_N, warps, stages)={cfg}: {tops(flops, ms):.0f} TOPS = {tops(flops, ms) / cud:.3f}x cuDNN",
+                      flush=True)
+            except Exception as e:
+                print(f"  D={d} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        del q, k, v, qf, ds
+
+
+if __name__ == "__main__":
+    main()

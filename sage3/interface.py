@@ -1,0 +1,84 @@
+"""Public API of SageAttention3 (inference): FP4 microscaling attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
+                           resolve_sm_scale, to_hnd)
+from common.smoothing import lse_shift_from_k_mean
+
+from .quant import delta_s as compute_delta_s
+from .quant import quantize_qkv_fp4
+
+SCALE_FORMATS = ("nvfp4", "mxfp4")
+
+
+def fp4_hardware(device=None) -> bool:
+    """Whether the GPU has native FP4 tensor cores (Blackwell: compute capability 10.0 and newer).
+
+    False on Hopper (H100/H200) and older: there sage3 is an exact emulation (FP4 values and
+    scales dequantized into 16-bit tensor-core operands), with the speed of that emulation.
+    """
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
+             is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
+             backend: str = "auto", scale_format: str = "nvfp4", two_level_p: bool = True,
+             smooth_q: bool = True, smooth_k: bool = True):
+    """SageAttention3: Q, K, P, V in FP4 (E2M1) with block scales, exactly as the paper quantizes.
+
+    Args beyond :func:`sage1.sageattn`'s (layouts, causal, sm_scale, return_lse, backend):
+        scale_format: ``"nvfp4"`` (an E4M3 scale per 16 elements) or ``"mxfp4"`` (an E8M0,
+            power-of-two, scale per 32), along each matmul's reduction dimension.
+        two_level_p: first spread each row of P over (0, 448*6] (the range FP4 x E4M3 can
+            represent), then quantize per block; ``False`` quantizes P in [0, 1] directly.
+        smooth_q: subtract each 128-query block's mean, add ``mean_q . K^T`` back to S (fp32).
+        smooth_k: subtract K's token mean (exact; the LSE is corrected).
+
+    On GPUs without FP4 tensor cores (``fp4_hardware()`` is False, e.g. the H100) the Triton
+    kernel reads the packed FP4 codes, dequantizes them exactly into 16-bit operands and
+    multiplies on 16-bit tensor cores: the paper's numerics, not its speed.
+    """
+    shape = check_attention_inputs(q, k, v, tensor_layout)
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("two_level_p", two_level_p),
+                       ("smooth_q", smooth_q), ("smooth_k", smooth_k)):
+        check_flag(name, flag)
+    check_choice("scale_format", scale_format, SCALE_FORMATS)
+    scale = resolve_sm_scale(sm_scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    check_no_grad(q, k, v, "sage3.sageattn_train")
+
+    with torch.no_grad():
+        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        B, Hq, Nq, D = qh.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out_hnd = to_hnd(out, tensor_layout)
+        if out.numel() == 0 or shape.seqlen_k == 0:
+            out.zero_()
+            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
+            return (out, lse) if return_lse else out
+        qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
+        ds = compute_delta_s(qf, kh) if smooth_q else None
+        if be == "triton":
+            from .kernel import launch
+
+            lse2 = launch(qf, out_hnd, sm_scale=scale, delta_s=ds, is_causal=is_causal, two_level_p=two_level_p,
+                          op_dtype=q.dtype, return_lse=return_lse)
+        else:
+            from .emulation import attention_emulated
+
+            o, lse2 = attention_emulated(qf, sm_scale=scale, delta_s=ds, is_causal=is_causal, two_level_p=two_level_p,
+                                         op_dtype=q.dtype, return_lse=return_lse)
+            out_hnd.copy_(o[..., :D])
+        if not return_lse:
+            return out
+        lse = lse2 * math.log(2.0)
+        if smooth_k:
+            lse = lse + lse_shift_from_k_mean(qh, qf.k_mean, scale)
+        return out, lse

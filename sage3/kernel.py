@@ -1,0 +1,178 @@
+"""SageAttention3 inference kernel in Triton, exact FP4 emulation for GPUs without FP4 tensor cores.
+
+The kernel reads packed FP4 codes (two per byte) and block scales of Q, K and V^T, unpacks and
+scales them in registers into fp16/bf16 operands (exact: an E2M1 value times an E4M3 or
+in-range E8M0 scale has at most 6 significant bits), multiplies on 16-bit tensor cores with fp32
+accumulation, and quantizes P to FP4 per 16 (32) keys in registers before the P V product.
+On Hopper this is an emulation: its speed is that of a 16-bit attention plus the unpacking and
+the in-register quantization, not of FP4 tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from common.checks import interpreter_enabled
+from common.triton_quant import to_fp8
+
+from .fp4_triton import apply_block_scales, e2m1_round, mx_scale_f32, unpack_fp4
+
+
+@triton.jit
+def _dequant(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr):
+    vals = unpack_fp4(packed, ROWS, COLS, OP)
+    if MX:  # power-of-two scales may leave the 16-bit range on their own: multiply in fp32
+        sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
+        sc = tl.where(scales.to(tl.int32) == 0, 0.0, sc)
+        return apply_block_scales(vals.to(tl.float32), sc, ROWS, COLS, 32).to(OP)
+    if OP == tl.bfloat16:  # exact either way; bf16 arithmetic is not exact in Triton's CPU interpreter
+        return apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), ROWS, COLS, 16).to(OP)
+    return apply_block_scales(vals, scales.to(OP), ROWS, COLS, 16)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    if INTERPRET and a.dtype == tl.bfloat16:
+        # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): use fp32,
+        # which is exact for these operands' products as well
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_scales(ptrs, mask, MX: tl.constexpr):
+    if MX:
+        return tl.load(ptrs, mask=mask, other=0)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr, INTERPRET: tl.constexpr):
+    """P (fp32, >= 0) -> FP4 per block of keys, dequantized into OP (exact)."""
+    if MX:
+        pb = tl.reshape(p, (BM, BN // 32, 32))
+        bmax = tl.max(pb, axis=2)
+        e = ((bmax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 2  # floor(log2 max) - 2, biased
+        ok = (bmax > 0) & (e > 0)
+        sc = mx_scale_f32(tl.minimum(tl.maximum(e, 1), 253))
+        inv = mx_scale_f32(254 - tl.minimum(tl.maximum(e, 1), 253))  # 1/sc, exact (powers of two)
+        r = e2m1_round(pb * tl.where(ok, inv, 0.0)[:, :, None])
+        deq = r * tl.where(ok, sc, 0.0)[:, :, None]
+        return tl.reshape(deq, (BM, BN)).to(OP)
+    pb = tl.reshape(p, (BM, BN // 16, 16))
+    bmax = tl.max(pb, axis=2)
+    s = tl.math.div_rn(bmax, 6.0)
+    inv = tl.where(bmax > 0, tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
+    r = e2m1_round(pb * inv[:, :, None])
+    if OP == tl.bfloat16:
+        s8 = to_fp8(s, False, INTERPRET).to(tl.float32)
+        return tl.reshape(r * s8[:, :, None], (BM, BN)).to(OP)
+    s8 = to_fp8(s, False, INTERPRET).to(OP)
+    return tl.reshape(r.to(OP) * s8[:, :, None], (BM, BN))
+
+
+@triton.jit
+def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
+                   stride_ob, stride_oh, stride_on,
+                   Hq, Hkv, Nq, Nk, NPAD, D, n_ds_blocks, mult, log2_c,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr,
+                   SMOOTH_Q: tl.constexpr, IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
+                   OP: tl.constexpr, INTERPRET: tl.constexpr):
+    SB: tl.constexpr = 32 if MX else 16
+    n_m = tl.num_programs(0)
+    start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kv_bh = b * Hkv + h // (Hq // Hkv)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    half = tl.arange(0, DP // 2)
+    sblk = tl.arange(0, DP // SB)
+    q = _dequant(tl.load(QP + (bh * Nq + rows[:, None]) * (DP // 2) + half[None, :], mask=rows[:, None] < Nq, other=0),
+                 _load_scales(QSC + (bh * Nq + rows[:, None]) * (DP // SB) + sblk[None, :], rows[:, None] < Nq, MX),
+                 BLOCK_M, DP, MX, OP)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    dcols = tl.arange(0, DP)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    q_offset = Nk - Nq
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Nk, (start_m + 1) * BLOCK_M + q_offset), 0)
+    else:
+        hi = Nk
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kmask = cols[:, None] < Nk
+        k = _dequant(tl.load(KP + (kv_bh * Nk + cols[:, None]) * (DP // 2) + half[None, :], mask=kmask, other=0),
+                     _load_scales(KSC + (kv_bh * Nk + cols[:, None]) * (DP // SB) + sblk[None, :], kmask, MX),
+                     BLOCK_N, DP, MX, OP)
+        s = _dot(q, tl.trans(k), None, INTERPRET)
+        if SMOOTH_Q:  # one Q-smoothing block per BLOCK_M tile: delta_s is one row per tile
+            s += tl.load(DS + (bh * n_ds_blocks + start_m) * Nk + cols, mask=cols < Nk, other=0.0)[None, :]
+        s = s * mult
+        keep = cols[None, :] < Nk
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - (m_use - log2_c)[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pq = _quantize_p(p, BLOCK_M, BLOCK_N, MX, OP, INTERPRET)
+        vhalf = start_n // 2 + tl.arange(0, BLOCK_N // 2)
+        vsb = start_n // SB + tl.arange(0, BLOCK_N // SB)
+        vt = _dequant(tl.load(VP + (kv_bh * DP + dcols[:, None]) * (NPAD // 2) + vhalf[None, :]),
+                      tl.load(VSC + (kv_bh * DP + dcols[:, None]) * (NPAD // SB) + vsb[None, :]),
+                      DP, BLOCK_N, MX, OP)
+        acc = _dot(pq, tl.trans(vt), acc * alpha[:, None], INTERPRET)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & (dcols[None, :] < D))
+    if RETURN_LSE:
+        tl.store(LSE + bh * Nq + rows, m_i + tl.math.log2(l_i) - log2_c, mask=rows < Nq)
+
+
+# (BLOCK_N, num_warps, num_stages) by padded head dim; BLOCK_M = 128 is the Q-smoothing block.
+CONFIGS = {32: (64, 4, 2), 64: (64, 8, 2), 128: (64, 8, 2), 256: (32, 8, 1)}
+
+
+def kv_tile_for(dp: int) -> int:
+    return CONFIGS[dp][0]
+
+
+def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bool, two_level_p: bool,
+           op_dtype: torch.dtype, return_lse: bool, config=None):
+    B, Hq, Nq, half = qf.q_packed.shape
+    DP = half * 2
+    Hkv, Nk, NPAD = qf.k_packed.shape[1], qf.seqlen_k, qf.v_packed.shape[-1] * 2
+    D = out_hnd.shape[-1]
+    BLOCK_N, warps, stages = config or CONFIGS[DP]
+    dev = out_hnd.device
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev) if return_lse else out_hnd
+    final_out = None
+    if out_hnd.dtype == torch.bfloat16 and dev.type == "cpu":
+        # the CPU interpreter truncates fp32 -> bf16; write fp32 and round on the host (see sage1)
+        final_out, out_hnd = out_hnd, torch.empty(out_hnd.shape, dtype=torch.float32)
+    grid = (triton.cdiv(Nq, 128), B * Hq)
+    sage3_attn_fwd[grid](
+        qf.q_packed, qf.q_scales, qf.k_packed, qf.k_scales, qf.v_packed, qf.v_scales,
+        delta_s if delta_s is not None else lse, out_hnd, lse,
+        out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
+        Hq, Hkv, Nq, Nk, NPAD, D, delta_s.shape[2] if delta_s is not None else 1,
+        sm_scale * 1.4426950408889634, math.log2(2688.0) if two_level_p else 0.0,
+        BLOCK_M=128, BLOCK_N=BLOCK_N, DP=DP, MX=qf.fmt == "mxfp4", SMOOTH_Q=delta_s is not None,
+        IS_CAUSAL=is_causal, RETURN_LSE=return_lse,
+        OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16, INTERPRET=interpreter_enabled(),
+        num_warps=warps, num_stages=stages)
+    if final_out is not None:
+        final_out.copy_(out_hnd)
+    return lse if return_lse else None
