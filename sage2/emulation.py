@@ -44,6 +44,21 @@ def truncate_to_fp22(x: torch.Tensor) -> torch.Tensor:
     return (x.contiguous().view(torch.int32) & FP22_DROP_MASK).view(torch.float32)
 
 
+def aligned_truncation_sum(terms: torch.Tensor, mant_bits: int = 13) -> torch.Tensor:
+    """Sum over dim -2 the way a fixed-point MMA adder does: every term is aligned to the
+    largest exponent among them and truncated (toward zero) to ``mant_bits`` bits below it."""
+    amax = terms.abs().amax(dim=-2, keepdim=True)
+    e = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
+    quantum = torch.exp2(e - mant_bits)
+    return (torch.trunc(terms / quantum) * quantum).sum(dim=-2)
+
+
+# How the Hopper FP8 MMA accumulates, as modelled: "addend": the incoming accumulator loses its
+# low 10 mantissa bits (the probe of sage2.md) and the 32 products add exactly; "aligned": the
+# accumulator and the products are aligned to the largest and truncated to 13 bits below it.
+FP8_ACCUMULATOR_MODEL = "addend"
+
+
 def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_fp22: bool) -> torch.Tensor:
     """``acc + p8 @ v8`` as a sequence of k32 FP8 MMA instructions (fp32 result)."""
     pf, vf = p8.float(), v8.float()
@@ -51,8 +66,14 @@ def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_
         prod = pf @ vf
         return prod if acc is None else acc + prod
     for k0 in range(0, pf.shape[-1], FP8_MMA_K):
-        part = pf[..., k0:k0 + FP8_MMA_K] @ vf[..., k0:k0 + FP8_MMA_K, :]
-        acc = part if acc is None else truncate_to_fp22(acc) + part
+        if FP8_ACCUMULATOR_MODEL == "aligned":
+            terms = pf[..., :, k0:k0 + FP8_MMA_K, None] * vf[..., None, k0:k0 + FP8_MMA_K, :]  # exact products
+            if acc is not None:
+                terms = torch.cat([acc[..., :, None, :], terms], dim=-2)
+            acc = aligned_truncation_sum(terms.double()).float()
+        else:
+            part = pf[..., k0:k0 + FP8_MMA_K] @ vf[..., k0:k0 + FP8_MMA_K, :]
+            acc = part if acc is None else truncate_to_fp22(acc) + part
     return acc
 
 

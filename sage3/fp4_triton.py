@@ -93,7 +93,7 @@ def quantize_fp4_tile(x, ROWS: tl.constexpr, COLS: tl.constexpr, MX: tl.constexp
 def fp4_quantize_rows_kernel(X, MEAN, PACKED, SCALES, BLOCK_MEAN,
                              stride_xb, stride_xh, stride_xn, H, N, D,
                              BLOCK: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr, HAS_MEAN: tl.constexpr,
-                             SMOOTH_BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+                             SMOOTH_BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr):
     """Q or K: one program quantizes BLOCK tokens of one head along the channels (padded to DP).
     HAS_MEAN subtracts K's token mean; SMOOTH_BLOCK subtracts (and stores) this tile's token mean."""
     pid_n = tl.program_id(0)
@@ -112,7 +112,6 @@ def fp4_quantize_rows_kernel(X, MEAN, PACKED, SCALES, BLOCK_MEAN,
         x = tl.where(inb, x - bmean[None, :], 0.0)
         tl.store(BLOCK_MEAN + (pid_bh * tl.num_programs(0) + pid_n) * D + cols, bmean, mask=cols < D)
     packed, scales = quantize_fp4_tile(x, BLOCK, DP, MX, INTERPRET)
-    SB: tl.constexpr = 32 if MX else 16
     tl.store(PACKED + (pid_bh * N + rows[:, None]) * (DP // 2) + tl.arange(0, DP // 2)[None, :], packed,
              mask=rows[:, None] < N)
     tl.store(SCALES + (pid_bh * N + rows[:, None]) * (DP // SB) + tl.arange(0, DP // SB)[None, :], scales,
@@ -121,7 +120,8 @@ def fp4_quantize_rows_kernel(X, MEAN, PACKED, SCALES, BLOCK_MEAN,
 
 @triton.jit
 def fp4_quantize_v_kernel(V, PACKED, SCALES, stride_vb, stride_vh, stride_vn, H, N, NPAD, D,
-                          BLOCK: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr, INTERPRET: tl.constexpr):
+                          BLOCK: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr, INTERPRET: tl.constexpr,
+                          SB: tl.constexpr):
     """V: one program quantizes BLOCK tokens x all channels of one head along the tokens, written
     transposed: packed [DP, NPAD/2] and scales [DP, NPAD/BLOCK_SIZE] per head (padding = zeros)."""
     pid_n = tl.program_id(0)
@@ -134,7 +134,6 @@ def fp4_quantize_v_kernel(V, PACKED, SCALES, stride_vb, stride_vh, stride_vn, H,
     x = tl.load(V + b * stride_vb + h * stride_vh + toks[:, None] * stride_vn + chans[None, :], mask=inb, other=0.0)
     xt = tl.trans(x.to(tl.float32))  # [DP, BLOCK]
     packed, scales = quantize_fp4_tile(xt, DP, BLOCK, MX, INTERPRET)
-    SB: tl.constexpr = 32 if MX else 16
     pc = pid_n * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
     sc = pid_n * (BLOCK // SB) + tl.arange(0, BLOCK // SB)
     tl.store(PACKED + (pid_bh * DP + chans[:, None]) * (NPAD // 2) + pc[None, :], packed)

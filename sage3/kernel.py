@@ -81,8 +81,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
                    Hq, Hkv, Nq, Nk, NPAD, D, n_ds_blocks, mult, log2_c,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr,
                    SMOOTH_Q: tl.constexpr, IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
-                   OP: tl.constexpr, INTERPRET: tl.constexpr):
-    SB: tl.constexpr = 32 if MX else 16
+                   OP: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr):
     n_m = tl.num_programs(0)
     start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
@@ -172,7 +171,7 @@ def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bo
         BLOCK_M=128, BLOCK_N=BLOCK_N, DP=DP, MX=qf.fmt == "mxfp4", SMOOTH_Q=delta_s is not None,
         IS_CAUSAL=is_causal, RETURN_LSE=return_lse,
         OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16, INTERPRET=interpreter_enabled(),
-        num_warps=warps, num_stages=stages)
+        SB=32 if qf.fmt == "mxfp4" else 16, num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)
     return lse if return_lse else None
