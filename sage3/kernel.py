@@ -28,26 +28,33 @@ def _dequant(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr, MX: tl.cons
     if MX:  # power-of-two scales may leave the 16-bit range on their own: multiply in fp32
         sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
         sc = tl.where(scales.to(tl.int32) == 0, 0.0, sc)
-        return apply_block_scales(vals.to(tl.float32), sc, ROWS, COLS, 32).to(OP)
-    if OP == tl.bfloat16:  # exact either way; bf16 arithmetic is not exact in Triton's CPU interpreter
-        return apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), ROWS, COLS, 16).to(OP)
-    return apply_block_scales(vals, scales.to(OP), ROWS, COLS, 16)
+        out = apply_block_scales(vals.to(tl.float32), sc, ROWS, COLS, 32).to(OP)
+    elif OP == tl.bfloat16:  # exact either way; bf16 arithmetic is not exact in Triton's CPU interpreter
+        out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), ROWS, COLS, 16).to(OP)
+    else:
+        out = apply_block_scales(vals, scales.to(OP), ROWS, COLS, 16)
+    return out
 
 
 @triton.jit
 def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): use fp32 there,
+    # which is exact for these operands' products as well. (One return per path: the compiler
+    # does not stop at a return inside a constexpr if.)
     if INTERPRET and a.dtype == tl.bfloat16:
-        # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): use fp32,
-        # which is exact for these operands' products as well
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
 def _load_scales(ptrs, mask, MX: tl.constexpr):
     if MX:
-        return tl.load(ptrs, mask=mask, other=0)
-    return tl.load(ptrs, mask=mask, other=0.0)
+        out = tl.load(ptrs, mask=mask, other=0)
+    else:
+        out = tl.load(ptrs, mask=mask, other=0.0)
+    return out
 
 
 @triton.jit
@@ -61,18 +68,20 @@ def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.
         sc = mx_scale_f32(tl.minimum(tl.maximum(e, 1), 253))
         inv = mx_scale_f32(254 - tl.minimum(tl.maximum(e, 1), 253))  # 1/sc, exact (powers of two)
         r = e2m1_round(pb * tl.where(ok, inv, 0.0)[:, :, None])
-        deq = r * tl.where(ok, sc, 0.0)[:, :, None]
-        return tl.reshape(deq, (BM, BN)).to(OP)
-    pb = tl.reshape(p, (BM, BN // 16, 16))
-    bmax = tl.max(pb, axis=2)
-    s = tl.math.div_rn(bmax, 6.0)
-    inv = tl.where(bmax > 0, tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
-    r = e2m1_round(pb * inv[:, :, None])
-    if OP == tl.bfloat16:
-        s8 = to_fp8(s, False, INTERPRET).to(tl.float32)
-        return tl.reshape(r * s8[:, :, None], (BM, BN)).to(OP)
-    s8 = to_fp8(s, False, INTERPRET).to(OP)
-    return tl.reshape(r.to(OP) * s8[:, :, None], (BM, BN))
+        out = tl.reshape(r * tl.where(ok, sc, 0.0)[:, :, None], (BM, BN)).to(OP)
+    else:
+        pb = tl.reshape(p, (BM, BN // 16, 16))
+        bmax = tl.max(pb, axis=2)
+        s = tl.math.div_rn(bmax, 6.0)
+        inv = tl.where(bmax > 0, tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
+        r = e2m1_round(pb * inv[:, :, None])
+        if OP == tl.bfloat16:
+            s8 = to_fp8(s, False, INTERPRET).to(tl.float32)
+            out = tl.reshape(r * s8[:, :, None], (BM, BN)).to(OP)
+        else:
+            s8 = to_fp8(s, False, INTERPRET).to(OP)
+            out = tl.reshape(r.to(OP) * s8[:, :, None], (BM, BN))
+    return out
 
 
 @triton.jit
