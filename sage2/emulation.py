@@ -48,7 +48,8 @@ def truncate_to_fp22(x: torch.Tensor) -> torch.Tensor:
 
 def aligned_truncation_sum(terms: torch.Tensor, mant_bits: int = 13) -> torch.Tensor:
     """Sum over dim -2 the way a fixed-point MMA adder does: every term is aligned to the
-    largest exponent among them and truncated (toward zero) to ``mant_bits`` bits below it."""
+    largest exponent among them and truncated (toward zero) to ``mant_bits`` bits below it.
+    Exact in fp32: the quantum is a power of two and the sum needs < 24 bits."""
     amax = terms.abs().amax(dim=-2, keepdim=True)
     e = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
     quantum = torch.exp2(e - mant_bits)
@@ -75,7 +76,7 @@ def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_
             terms = pf[..., :, k0:k0 + FP8_MMA_K, None] * vf[..., None, k0:k0 + FP8_MMA_K, :]  # exact products
             if acc is not None:
                 terms = torch.cat([acc[..., :, None, :], terms], dim=-2)
-            acc = aligned_truncation_sum(terms.double()).float()
+            acc = aligned_truncation_sum(terms)
         else:
             part = pf[..., k0:k0 + FP8_MMA_K] @ vf[..., k0:k0 + FP8_MMA_K, :]
             acc = part if acc is None else truncate_to_fp22(acc) + part
