@@ -45,24 +45,32 @@ def _group_absmax(absmax, BLOCK: tl.constexpr, GRAN: tl.constexpr, WARP: tl.cons
 
 
 @triton.jit
+def load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
+                    BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr):
+    """The tile this program quantizes: BLOCK tokens (program id 0) x DP channels of head
+    program id 1, as fp32, zero outside [N, D), minus the per-head token mean if HAS_MEAN.
+    Returns (x, rows, cols, in_bounds, pid_n, pid_bh)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, DP)
+    in_bounds = (rows[:, None] < N) & (cols[None, :] < D)
+    x = tl.load(X + (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh + rows[:, None] * stride_xn + cols[None, :],
+                mask=in_bounds, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x = tl.where(in_bounds, x - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)[None, :], 0.0)
+    return x, rows, cols, in_bounds, pid_n, pid_bh
+
+
+@triton.jit
 def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN,
                         stride_xb, stride_xh, stride_xn,
                         H, N, D, mult,
                         BLOCK: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
                         GRAN: tl.constexpr, WARP: tl.constexpr, HAS_MEAN: tl.constexpr,
                         SMOOTH_BLOCK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, DP)
-    in_bounds = (rows[:, None] < N) & (cols[None, :] < D)
-    x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :],
-                mask=in_bounds, other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        mean = tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)
-        x = tl.where(in_bounds, x - mean[None, :], 0.0)
+    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
+                                                               BLOCK, DP, HAS_MEAN)
     if SMOOTH_BLOCK:
         # Q smoothing: subtract this tile's token mean (tail rows excluded) and keep it
         count = tl.minimum(N - pid_n * BLOCK, BLOCK).to(tl.float32)
@@ -120,18 +128,8 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
                           H, N, NPAD, D,
                           BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr,
                           FP8_E5M2: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, DP)
-    in_bounds = (rows[:, None] < N) & (cols[None, :] < D)
-    x = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + cols[None, :],
-                mask=in_bounds, other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        mean = tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)
-        x = x - mean[None, :]
+    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
+                                                               BLOCK, DP, HAS_MEAN)
     # scale = absmax / fmax per channel; the first program of each head stores it
     scale = tl.math.div_rn(tl.load(ABSMAX + pid_bh * D + cols, mask=cols < D, other=0.0), FMAX)
     if pid_n == 0:

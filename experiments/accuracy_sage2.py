@@ -20,6 +20,7 @@ import sage2
 from common.inputs import KINDS, make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
+from experiments.tables import average_and_worst, synthetic_layers
 
 # Paper (CogVideoX, all layers): (cos %, relL1, rmse) average | worst layer.
 PAPER = {
@@ -69,19 +70,16 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    layers = []
-    for i, kind in enumerate(KINDS):
-        q, k, v = make_qkv(1, args.heads, args.seqlen, args.dim, kind=kind, device=args.device, seed=100 + i)
-        layers.append((kind, q, k, v, attention_reference(q, k, v)))
+    layers = synthetic_layers(args.heads, args.seqlen, args.dim, args.device, seed0=100)
     lines = [f"SageAttention2 accuracy, emulation on {args.device}, N={args.seqlen}, H={args.heads}, D={args.dim}, "
              f"synthetic inputs {', '.join(KINDS)} (average / worst).", "",
              "| setting | QK | cos % avg | relL1 avg | RMSE avg | cos % worst | relL1 worst | RMSE worst | paper (CogVideoX) avg / worst |",
              "|---|---|---|---|---|---|---|---|---|"]
     t0 = time.time()
     for n, (label, qk_dtype, opts) in enumerate(ROWS):
-        accs = [accuracy(ref, sage2.sageattn(q, k, v, backend="torch", qk_dtype=qk_dtype, **opts)) for _, q, k, v, ref in layers]
-        avg = [sum(getattr(a, f) for a in accs) / len(accs) for f in ("cos_sim", "rel_l1", "rmse")]
-        worst = min(accs, key=lambda a: a.cos_sim)
+        accs = [(kind, accuracy(ref, sage2.sageattn(q, k, v, backend="torch", qk_dtype=qk_dtype, **opts)))
+                for kind, q, k, v, ref in layers]
+        avg, (_, worst) = average_and_worst(accs)
         lines.append(f"| {label} | {qk_dtype} | {avg[0] * 100:.2f} | {avg[1]:.4f} | {avg[2]:.4f} | {worst.cos_sim * 100:.2f} | "
                      f"{worst.rel_l1:.4f} | {worst.rmse:.4f} | {PAPER.get(label, '')} |")
         print(f"[{n + 1}/{len(ROWS)}] {label} ({time.time() - t0:.0f}s)", flush=True)

@@ -15,9 +15,9 @@ import time
 import torch
 
 import sage3
-from common.inputs import KINDS, make_qkv
+from common.inputs import KINDS
 from common.metrics import accuracy
-from common.reference import attention_reference
+from experiments.tables import average_and_worst, synthetic_layers
 
 PAPER = {  # cos / relL1 / RMSE on CogVideoX (Table 1 and the smoothing ablation of sage3.md)
     "direct FP4 (no smoothing, direct P)": "",
@@ -49,10 +49,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    layers = []
-    for i, kind in enumerate(KINDS):
-        q, k, v = make_qkv(1, args.heads, args.seqlen, args.dim, kind=kind, device=args.device, seed=200 + i)
-        layers.append((kind, q, k, v, attention_reference(q, k, v)))
+    layers = synthetic_layers(args.heads, args.seqlen, args.dim, args.device, seed0=200)
     lines = [f"SageAttention3 (FP4) accuracy, emulation on {args.device}, N={args.seqlen}, H={args.heads}, D={args.dim}, "
              f"synthetic inputs {', '.join(KINDS)} (average / worst by cosine).", "",
              "| setting | cos % avg | relL1 avg | RMSE avg | cos % worst | relL1 worst | RMSE worst | worst input | paper (CogVideoX) |",
@@ -60,8 +57,7 @@ def main(argv=None):
     t0 = time.time()
     for n, (label, opts) in enumerate(ROWS):
         accs = [(kind, accuracy(ref, sage3.sageattn(q, k, v, backend="torch", **opts))) for kind, q, k, v, ref in layers]
-        avg = [sum(getattr(a, f) for _, a in accs) / len(accs) for f in ("cos_sim", "rel_l1", "rmse")]
-        wk, worst = min(accs, key=lambda x: x[1].cos_sim)
+        avg, (wk, worst) = average_and_worst(accs)
         lines.append(f"| {label} | {avg[0] * 100:.2f} | {avg[1]:.4f} | {avg[2]:.4f} | {worst.cos_sim * 100:.2f} | "
                      f"{worst.rel_l1:.4f} | {worst.rmse:.4f} | {wk} | {PAPER.get(label, '')} |")
         print(f"[{n + 1}/{len(ROWS)}] {label} ({time.time() - t0:.0f}s)", flush=True)

@@ -47,3 +47,32 @@ def available_baselines(device: str = "cuda") -> dict:
         if s106 is not None:
             out["sageattention_1.0.6"] = s106
     return out
+
+
+class SweepLog:
+    """Rows of a kernel sweep, with cuDNN and FA2 timed on the same inputs, and the best configs."""
+
+    def __init__(self):
+        self.rows = []  # (head_dim, causal, name, tag, ms, tops)
+
+    def add(self, d, causal, name, tag, ms, tops_):
+        self.rows.append((d, causal, name, tag, ms, tops_))
+        print(f"  D={d} causal={causal} {name} {tag}: {tops_:.0f} TOPS", flush=True)
+
+    def time_baselines(self, q, k, v, d, causal, flops):
+        from common.timing import bench_ms, tops
+
+        for name in ("sdpa_cudnn", "sdpa_flash"):
+            f = sdpa(name)
+            ms = bench_ms(lambda: f(q, k, v, is_causal=causal))
+            self.add(d, causal, name, "", ms, tops(flops, ms))
+
+    def print_best(self, kernel_name, top=5):
+        print("\nbest per (D, causal), kernel only, with cuDNN and FA2 in the same run:")
+        for d, causal in dict.fromkeys((r[0], r[1]) for r in self.rows):
+            rs = [r for r in self.rows if (r[0], r[1]) == (d, causal)]
+            cud = next(r[5] for r in rs if r[2] == "sdpa_cudnn")
+            fa2 = next(r[5] for r in rs if r[2] == "sdpa_flash")
+            for r in sorted([r for r in rs if r[2] == kernel_name], key=lambda r: -r[5])[:top]:
+                print(f"D={d} causal={causal} {r[3]:50s} {r[5]:6.0f} TOPS  {r[5] / cud:.3f}x cuDNN ({cud:.0f})  "
+                      f"{r[5] / fa2:.2f}x FA2 ({fa2:.0f})")

@@ -84,7 +84,6 @@ def main(argv=None):
                 print(f"[{done}/{total}] D={d} causal={causal} N={n}: " + "  ".join(
                     f"{r['kernel']} {r['tops']:.0f}" for r in rows if (r['head_dim'], r['causal'], r['seqlen']) == (d, causal, n)),
                     f"({time.time() - t0:.0f}s)", flush=True)
-                del q, k, v
     write_outputs(rows, args.out)
     print_table(rows)
 

@@ -16,7 +16,7 @@ from common.inputs import make_qkv
 from common.int_qk import quantize_qk
 from common.smoothing import k_mean
 from common.timing import attention_flops, bench_ms, tops
-from experiments.baselines import sdpa
+from experiments.baselines import SweepLog
 from sage1.kernel import launch
 
 DEFAULT_CONFIGS = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3),
@@ -37,7 +37,7 @@ def main(argv=None):
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs else DEFAULT_CONFIGS
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     B, H, N = args.batch, args.heads, args.seqlen
-    results = []
+    log = SweepLog()
     for d in args.dims:
         q, k, v = make_qkv(B, H, N, d, dtype=torch.float16, device="cuda", seed=0)
         scale = 1 / math.sqrt(d)
@@ -51,11 +51,7 @@ def main(argv=None):
               f"of a 620-TOPS attention", flush=True)
         for causal in causals:
             flops = attention_flops(B, H, N, N, d, causal)
-            for name in ("sdpa_cudnn", "sdpa_flash"):
-                f = sdpa(name)
-                ms = bench_ms(lambda: f(q, k, v, is_causal=causal))
-                results.append((d, causal, name, "", ms, tops(flops, ms)))
-                print(f"  D={d} causal={causal} {name}: {tops(flops, ms):.0f} TOPS", flush=True)
+            log.time_baselines(q, k, v, d, causal, flops)
             out = torch.empty_like(q)
             for cfg, pv, desc in itertools.product(configs, args.pv, args.desc):
                 tag = f"{cfg} pv={pv} desc={desc}"
@@ -66,18 +62,8 @@ def main(argv=None):
                 except Exception as e:
                     print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:100]}", flush=True)
                     continue
-                results.append((d, causal, "sage1-kernel", tag, ms, tops(flops, ms)))
-                print(f"  D={d} causal={causal} {tag}: {tops(flops, ms):.0f} TOPS", flush=True)
-        del q, k, v, qk
-    print("\nbest per (D, causal), kernel only, with cuDNN in the same run:")
-    for d in args.dims:
-        for causal in causals:
-            rs = [r for r in results if r[0] == d and r[1] == causal]
-            cud = next(r[5] for r in rs if r[2] == "sdpa_cudnn")
-            fa2 = next(r[5] for r in rs if r[2] == "sdpa_flash")
-            best = sorted([r for r in rs if r[2] == "sage1-kernel"], key=lambda r: -r[5])[:4]
-            for r in best:
-                print(f"D={d} causal={causal} {r[3]:40s} {r[5]:6.0f} TOPS  {r[5] / cud:.3f}x cuDNN ({cud:.0f})  {r[5] / fa2:.2f}x FA2 ({fa2:.0f})")
+                log.add(d, causal, "sage1-kernel", tag, ms, tops(flops, ms))
+    log.print_best("sage1-kernel")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from common.inputs import make_qkv
 from common.int_qk import padded_head_dim, quantize_qk
 from common.timing import attention_flops, bench_ms, tops
-from experiments.baselines import sdpa
+from experiments.baselines import SweepLog
 from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 from sage2.kernel import launch
 from sage2.quant_v import quantize_v
@@ -37,7 +37,7 @@ def main(argv=None):
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     B, H, N = args.batch, args.heads, args.seqlen
-    results = []
+    log = SweepLog()
     for d in args.dims:
         q, k, v = make_qkv(B, H, N, d, dtype=torch.float16, device="cuda", seed=0)
         scale, dp = 1 / math.sqrt(d), padded_head_dim(d)
@@ -51,11 +51,7 @@ def main(argv=None):
               flush=True)
         for causal in causals:
             flops = attention_flops(B, H, N, N, d, causal)
-            for name in ("sdpa_cudnn", "sdpa_flash"):
-                f = sdpa(name)
-                ms = bench_ms(lambda: f(q, k, v, is_causal=causal))
-                results.append((d, causal, name, "", ms, tops(flops, ms)))
-                print(f"  D={d} causal={causal} {name}: {tops(flops, ms):.0f} TOPS", flush=True)
+            log.time_baselines(q, k, v, d, causal, flops)
             out = torch.empty_like(q)
             for gran in args.gran:
                 qk = quantize_qk(q, k, granularity=gran, **qkw)
@@ -69,17 +65,8 @@ def main(argv=None):
                     except Exception as e:
                         print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
-                    results.append((d, causal, "sage2-kernel", tag, ms, tops(flops, ms)))
-                    print(f"  D={d} causal={causal} {tag}: {tops(flops, ms):.0f} TOPS", flush=True)
-        del q, k, v
-    print("\nbest per (D, causal), kernel only, with cuDNN in the same run:")
-    for d in args.dims:
-        for causal in causals:
-            rs = [r for r in results if r[0] == d and r[1] == causal]
-            cud = next(r[5] for r in rs if r[2] == "sdpa_cudnn")
-            fa2 = next(r[5] for r in rs if r[2] == "sdpa_flash")
-            for r in sorted([r for r in rs if r[2] == "sage2-kernel"], key=lambda r: -r[5])[:5]:
-                print(f"D={d} causal={causal} {r[3]:50s} {r[5]:6.0f} TOPS  {r[5] / cud:.3f}x cuDNN ({cud:.0f})  {r[5] / fa2:.2f}x FA2")
+                    log.add(d, causal, "sage2-kernel", tag, ms, tops(flops, ms))
+    log.print_best("sage2-kernel")
 
 
 if __name__ == "__main__":

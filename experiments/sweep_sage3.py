@@ -43,7 +43,6 @@ def main(argv=None):
                       flush=True)
             except Exception as e:
                 print(f"  D={d} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-        del q, k, v, qf, ds
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from common.int_qk import QuantizedQK
+from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.reference import exact_fp32_matmul
 
 MMA_K = 16  # keys reduced per fp16-accumulating MMA instruction
@@ -47,32 +48,17 @@ def attention_emulated(qk: QuantizedQK, v_hnd: torch.Tensor, *, is_causal: bool,
     v16 = v_hnd.to(torch.float16).repeat_interleave(group, dim=1)
     D = v16.shape[-1]
 
-    m = torch.full((B, Hq, Nq), float("-inf"), device=dev)
-    l = torch.zeros(B, Hq, Nq, device=dev)
+    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal)
     acc = torch.zeros(B, Hq, Nq, D, device=dev)
-    rows = torch.arange(Nq, device=dev)[:, None]
-    offset = Nk - Nq
-    last_key = Nk if not is_causal else max(0, min(Nk, Nq + offset))
     with exact_fp32_matmul():
-        for j0 in range(0, last_key, kv_block):
-            j1 = min(Nk, j0 + kv_block)
+        for j0, j1 in kv_tiles(Nk, kv_block):
             s = (qc @ kc[:, :, j0:j1].transpose(-1, -2)).float()
             s = s * (qs[..., :, None] * ks[..., None, j0:j1])
-            if is_causal:
-                cols = torch.arange(j0, j1, device=dev)[None, :]
-                s = s.masked_fill(cols > rows + offset, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp2(s - m_use[..., None])
-            alpha = torch.exp2(m - m_use)
-            l = l * alpha + p.sum(dim=-1)
+            p, alpha = sm.update(sm.mask(s, j0, j1))
             p16 = p.half()
             if pv_accum == "fp16":
                 pv = fp16_accumulated_matmul(p16, v16[:, :, j0:j1])
             else:
                 pv = p16.float() @ v16[:, :, j0:j1].float()
             acc = acc * alpha[..., None] + pv
-            m = m_new
-    out = acc / torch.where(l == 0, 1.0, l)[..., None]
-    lse2 = (m + torch.log2(l)) if return_lse else None
-    return out, lse2
+    return sm.normalize(acc), (sm.lse2() if return_lse else None)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, from_hnd,
+from common.api import natural_lse, new_output, trivial_result
+from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad,
                            resolve_backend, resolve_sm_scale, to_hnd)
 from common.int_qk import quantize_qk
-from common.smoothing import lse_shift_from_k_mean
 
 PV_ACCUM = ("fp16", "fp32")
 QK_GRANULARITY = ("per_block", "per_token", "per_tensor")
@@ -54,13 +53,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
     with torch.no_grad():
         qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        B, Hq, Nq, D = qh.shape
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        out_hnd = to_hnd(out, tensor_layout)
-        if out.numel() == 0 or shape.seqlen_k == 0:
-            out.zero_()
-            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
-            return (out, lse) if return_lse else out
+        out, out_hnd = new_output(q, tensor_layout)
+        trivial = trivial_result(out, shape, return_lse)
+        if trivial is not None:
+            return trivial
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
                          q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)
@@ -80,7 +76,4 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             out_hnd.copy_(o)
         if not return_lse:
             return out
-        lse = lse2 * math.log(2.0)
-        if smooth_k:
-            lse = lse + lse_shift_from_k_mean(qh, qk.k_mean, scale)
-        return out, lse
+        return out, natural_lse(lse2, qh, qk.k_mean, scale)

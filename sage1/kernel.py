@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from common.triton_attention import kv_bounds, masked_row_max, program_tile
+
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b, hk,
@@ -59,13 +61,7 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
         else:
             s = s * (qs[:, None] * ks[None, :])
         if MASK:
-            keep = cols[None, :] < Nk
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # a row with no visible key so far keeps m = -inf: shift by 0 so p is 0, not NaN
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL)
         else:
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = m_new
@@ -94,14 +90,7 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
                    Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr, USE_DESC: tl.constexpr):
-    n_m = tl.num_programs(0)
-    # causal: longest rows first, for load balance
-    start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // (Hq // Hkv)
-    kv_bh = b * Hkv + hk
+    start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
     d_mask = dcols < D
@@ -123,14 +112,7 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
     q_offset = Nk - Nq  # bottom-right alignment: row i sees keys j <= i + q_offset
-    if IS_CAUSAL:
-        hi = tl.minimum(Nk, (start_m + 1) * BLOCK_M + q_offset)
-        full_end = tl.minimum(Nk, start_m * BLOCK_M + q_offset + 1)
-    else:
-        hi = Nk
-        full_end = Nk
-    hi = tl.maximum(hi, 0)
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    full_end, hi = kv_bounds(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,

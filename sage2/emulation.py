@@ -31,6 +31,7 @@ import math
 import torch
 
 from common.int_qk import QuantizedQK
+from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.reference import exact_fp32_matmul
 from common.smoothing import expand_block_rows
 
@@ -102,27 +103,15 @@ def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor
         delta_s = expand_block_rows(delta_s, qk.q_block, Nq)  # [B, Hq, Nq, Nk]
     log2_pscale = math.log2(P_SCALE[pv_dtype])
 
-    m = torch.full((B, Hq, Nq), float("-inf"), device=dev)
-    l = torch.zeros(B, Hq, Nq, device=dev)
+    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=log2_pscale)
     acc = torch.zeros(B, Hq, Nq, D, device=dev)
-    rows = torch.arange(Nq, device=dev)[:, None]
-    offset = Nk - Nq
-    last_key = Nk if not is_causal else max(0, min(Nk, Nq + offset))
     with exact_fp32_matmul():
-        for j0 in range(0, last_key, kv_block):
-            j1 = min(Nk, j0 + kv_block)
+        for j0, j1 in kv_tiles(Nk, kv_block):
             s = (qc @ kc[:, :, j0:j1].transpose(-1, -2)).float()
             s = (s * ks[..., None, j0:j1]) * qs[..., :, None]
             if delta_s is not None:
                 s = s + delta_s[..., j0:j1]
-            if is_causal:
-                cols = torch.arange(j0, j1, device=dev)[None, :]
-                s = s.masked_fill(cols > rows + offset, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp2(s - (m_use - log2_pscale)[..., None])
-            alpha = torch.exp2(m - m_use)
-            l = l * alpha + p.sum(dim=-1)
+            p, alpha = sm.update(sm.mask(s, j0, j1))
             if pv_dtype == "fp16":
                 acc = acc * alpha[..., None] + p.half().float() @ vc[:, :, j0:j1].float()
             else:
@@ -132,11 +121,9 @@ def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor
                     acc = acc * alpha[..., None] + fp8_mma(p8, v8, None, hopper_fp8_accumulator)
                 else:
                     acc = fp8_mma(p8, v8, acc * alpha[..., None], hopper_fp8_accumulator)
-            m = m_new
     if qv.scale is not None:
         acc = acc * qv.scale.repeat_interleave(group, dim=1)[..., None, :]
-    out = acc / torch.where(l == 0, 1.0, l)[..., None]
+    out = sm.normalize(acc)
     if qv.mean is not None:
-        out = torch.where(l[..., None] == 0, 0.0, out + qv.mean.repeat_interleave(group, dim=1))
-    lse2 = (m + torch.log2(l) - log2_pscale) if return_lse else None
-    return out, lse2
+        out = torch.where(sm.l[..., None] == 0, 0.0, out + qv.mean.repeat_interleave(group, dim=1))
+    return out, (sm.lse2() if return_lse else None)

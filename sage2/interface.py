@@ -6,10 +6,10 @@ import math
 
 import torch
 
+from common.api import natural_lse, new_output, trivial_result
 from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
                            resolve_sm_scale, to_hnd)
 from common.int_qk import padded_head_dim, q_smoothing_delta_s, quantize_qk
-from common.smoothing import lse_shift_from_k_mean
 
 from .quant_v import P_SCALE, quantize_v
 
@@ -67,13 +67,11 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
     with torch.no_grad():
         qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        B, Hq, Nq, D = qh.shape
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        out_hnd = to_hnd(out, tensor_layout)
-        if out.numel() == 0 or shape.seqlen_k == 0:
-            out.zero_()
-            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
-            return (out, lse) if return_lse else out
+        D = qh.shape[-1]
+        out, out_hnd = new_output(q, tensor_layout)
+        trivial = trivial_result(out, shape, return_lse)
+        if trivial is not None:
+            return trivial
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
@@ -96,7 +94,4 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             out_hnd.copy_(o)
         if not return_lse:
             return out
-        lse = lse2 * math.log(2.0)
-        if smooth_k:
-            lse = lse + lse_shift_from_k_mean(qh, qk.k_mean, scale)
-        return out, lse
+        return out, natural_lse(lse2, qh, qk.k_mean, scale)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
+from common.triton_attention import kv_bounds, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
 PV_SINGLE, PV_TWO_LEVEL, PV_TWO_LEVEL_PROMOTE = 0, 1, 2
@@ -63,14 +64,8 @@ def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, s
         s = s * qs[:, None]
         if SMOOTH_Q:
             s += tl.load(DS_ptrs + start_n, mask=(rows[:, None] < Nq) & (cols[None, :] < Nk), other=0.0)
-        if MASK:
-            keep = cols[None, :] < Nk
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row with no visible key so far keeps m = -inf: shift by 0 so p is 0, not NaN
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # unmasked tiles come here only with Q smoothing: all their keys are in range and visible
+        s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL and MASK)
         p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
     else:
         # dq >= 0: take the row max before scaling by dq, then scale and shift in one FMA
@@ -102,13 +97,7 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr,
                    PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr,
                    K_SCALE_MODE: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr):
-    n_m = tl.num_programs(0)
-    start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // (Hq // Hkv)
-    kv_bh = b * Hkv + hk
+    start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
     d_mask = dcols < D
@@ -122,14 +111,7 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
     q_offset = Nk - Nq  # bottom-right alignment: row i sees keys j <= i + q_offset
-    if IS_CAUSAL:
-        hi = tl.minimum(Nk, (start_m + 1) * BLOCK_M + q_offset)
-        full_end = tl.minimum(Nk, start_m * BLOCK_M + q_offset + 1)
-    else:
-        hi = Nk
-        full_end = Nk
-    hi = tl.maximum(hi, 0)
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    full_end, hi = kv_bounds(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, start_n, rows,

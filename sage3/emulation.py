@@ -23,6 +23,7 @@ import math
 import torch
 
 from common import fp4
+from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.reference import exact_fp32_matmul
 from common.smoothing import expand_block_rows
 
@@ -73,30 +74,14 @@ def attention_emulated(qf: QuantizedFP4, *, sm_scale: float, delta_s, is_causal:
         delta_s = expand_block_rows(delta_s, Q_BLOCK, Nq)
     mult = sm_scale * 1.4426950408889634
     c = math.log2(TWO_LEVEL_RANGE) if two_level_p else 0.0
-    m = torch.full((B, Hq, Nq), float("-inf"), device=dev)
-    l = torch.zeros(B, Hq, Nq, device=dev)
+    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=c)
     acc = torch.zeros(B, Hq, Nq, vd.shape[-1], device=dev)
-    rows = torch.arange(Nq, device=dev)[:, None]
-    offset = Nk - Nq
-    last_key = Nk if not is_causal else max(0, min(Nk, Nq + offset))
     with exact_fp32_matmul():
-        for j0 in range(0, last_key, KV_TILE):
-            j1 = min(Nk, j0 + KV_TILE)
+        for j0, j1 in kv_tiles(Nk, KV_TILE):
             s = qd @ kd[:, :, j0:j1].transpose(-1, -2)
             if delta_s is not None:
                 s = s + delta_s[..., j0:j1]
-            s = s * mult
-            if is_causal:
-                cols = torch.arange(j0, j1, device=dev)[None, :]
-                s = s.masked_fill(cols > rows + offset, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp2(s - (m_use - c)[..., None])
-            alpha = torch.exp2(m - m_use)
-            l = l * alpha + p.sum(dim=-1)
+            p, alpha = sm.update(sm.mask(s * mult, j0, j1))
             pq = quantize_p(p, qf.fmt).to(op_dtype).float()
             acc = acc * alpha[..., None] + pq @ vd[:, :, j0:j1]
-            m = m_new
-    out = acc / torch.where(l == 0, 1.0, l)[..., None]
-    lse2 = (m + torch.log2(l) - c) if return_lse else None
-    return out, lse2
+    return sm.normalize(acc), (sm.lse2() if return_lse else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from common.triton_quant import to_fp8
+from common.triton_quant import load_token_tile, to_fp8
 
 
 @triton.jit
@@ -96,16 +96,8 @@ def fp4_quantize_rows_kernel(X, MEAN, PACKED, SCALES, BLOCK_MEAN,
                              SMOOTH_BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr):
     """Q or K: one program quantizes BLOCK tokens of one head along the channels (padded to DP).
     HAS_MEAN subtracts K's token mean; SMOOTH_BLOCK subtracts (and stores) this tile's token mean."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, DP)
-    inb = (rows[:, None] < N) & (cols[None, :] < D)
-    x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn + cols[None, :], mask=inb, other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        x = tl.where(inb, x - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)[None, :], 0.0)
+    x, rows, cols, inb, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
+                                                         BLOCK, DP, HAS_MEAN)
     if SMOOTH_BLOCK:
         count = tl.minimum(N - pid_n * BLOCK, BLOCK).to(tl.float32)
         bmean = tl.sum(x, axis=0) / count
@@ -124,15 +116,9 @@ def fp4_quantize_v_kernel(V, PACKED, SCALES, stride_vb, stride_vh, stride_vn, H,
                           SB: tl.constexpr):
     """V: one program quantizes BLOCK tokens x all channels of one head along the tokens, written
     transposed: packed [DP, NPAD/2] and scales [DP, NPAD/BLOCK_SIZE] per head (padding = zeros)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    toks = pid_n * BLOCK + tl.arange(0, BLOCK)
-    chans = tl.arange(0, DP)
-    inb = (toks[:, None] < N) & (chans[None, :] < D)
-    x = tl.load(V + b * stride_vb + h * stride_vh + toks[:, None] * stride_vn + chans[None, :], mask=inb, other=0.0)
-    xt = tl.trans(x.to(tl.float32))  # [DP, BLOCK]
+    x, toks, chans, inb, pid_n, pid_bh = load_token_tile(V, V, stride_vb, stride_vh, stride_vn, H, N, D,
+                                                          BLOCK, DP, False)
+    xt = tl.trans(x)  # [DP, BLOCK]
     packed, scales = quantize_fp4_tile(xt, DP, BLOCK, MX, INTERPRET)
     pc = pid_n * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
     sc = pid_n * (BLOCK // SB) + tl.arange(0, BLOCK // SB)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
+from common.api import natural_lse, new_output, trivial_result
 from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
                            resolve_sm_scale, to_hnd)
-from common.smoothing import lse_shift_from_k_mean
 
 from .quant import delta_s as compute_delta_s
 from .quant import quantize_qkv_fp4
@@ -56,13 +55,11 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
     with torch.no_grad():
         qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        B, Hq, Nq, D = qh.shape
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        out_hnd = to_hnd(out, tensor_layout)
-        if out.numel() == 0 or shape.seqlen_k == 0:
-            out.zero_()
-            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
-            return (out, lse) if return_lse else out
+        D = qh.shape[-1]
+        out, out_hnd = new_output(q, tensor_layout)
+        trivial = trivial_result(out, shape, return_lse)
+        if trivial is not None:
+            return trivial
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
         ds = compute_delta_s(qf, kh) if smooth_q else None
         if be == "triton":
@@ -78,7 +75,4 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             out_hnd.copy_(o[..., :D])
         if not return_lse:
             return out
-        lse = lse2 * math.log(2.0)
-        if smooth_k:
-            lse = lse + lse_shift_from_k_mean(qh, qf.k_mean, scale)
-        return out, lse
+        return out, natural_lse(lse2, qh, qf.k_mean, scale)

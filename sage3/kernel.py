@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
+from common.triton_attention import kv_bounds, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
 from .fp4_triton import apply_block_scales, e2m1_round, mx_scale_f32, unpack_fp4
@@ -91,12 +92,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr,
                    SMOOTH_Q: tl.constexpr, IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
                    OP: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr):
-    n_m = tl.num_programs(0)
-    start_m = (n_m - 1 - tl.program_id(0)) if IS_CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    kv_bh = b * Hkv + h // (Hq // Hkv)
+    start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     half = tl.arange(0, DP // 2)
     sblk = tl.arange(0, DP // SB)
@@ -110,10 +106,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     q_offset = Nk - Nq
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(Nk, (start_m + 1) * BLOCK_M + q_offset), 0)
-    else:
-        hi = Nk
+    _, hi = kv_bounds(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)  # every tile is masked here
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = cols[:, None] < Nk
@@ -124,12 +117,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
         if SMOOTH_Q:  # one Q-smoothing block per BLOCK_M tile: delta_s is one row per tile
             s += tl.load(DS + (bh * n_ds_blocks + start_m) * Nk + cols, mask=cols < Nk, other=0.0)[None, :]
         s = s * mult
-        keep = cols[None, :] < Nk
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL)
         p = tl.math.exp2(s - (m_use - log2_c)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)

@@ -64,7 +64,7 @@ def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
 def quantize_qkv_fp4(q, k, v, *, fmt: str, smooth_q: bool, smooth_k: bool, backend: str) -> QuantizedFP4:
     """Quantize HND views of q, k, v (see the module docstring)."""
     B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Nk = k.shape[2]
     dp = padded_head_dim(D)
     npad = -(-Nk // V_PAD) * V_PAD
     km = k_mean(k) if smooth_k else None

@@ -1,0 +1,34 @@
+"""What every generation's public function does around its kernel: the output tensor, the
+trivial cases that run no kernel, and the natural-log LSE with the K-smoothing shift undone."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checks import AttentionShape, to_hnd
+from .smoothing import lse_shift_from_k_mean
+
+
+def new_output(q: torch.Tensor, tensor_layout: str):
+    """A fresh output in q's layout and dtype, and its [B, H, N, D] view."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, to_hnd(out, tensor_layout)
+
+
+def trivial_result(out: torch.Tensor, shape: AttentionShape, return_lse: bool):
+    """Empty batch/heads/queries or no keys: zeros (and an LSE of -inf), no kernel; else None."""
+    if out.numel() and shape.seqlen_k:
+        return None
+    out.zero_()
+    if not return_lse:
+        return out
+    return out, torch.full((shape.batch, shape.heads_q, shape.seqlen_q), float("-inf"), device=out.device)
+
+
+def natural_lse(lse2: torch.Tensor, q_hnd: torch.Tensor, k_mean: torch.Tensor | None, sm_scale: float) -> torch.Tensor:
+    """log2-domain LSE of the kernels -> natural log of the exact attention's LSE: the kernels saw
+    K - mean_k, which moved every score of row i by sm_scale * q_i . mean_k."""
+    lse = lse2 * math.log(2.0)
+    return lse if k_mean is None else lse + lse_shift_from_k_mean(q_hnd, k_mean, sm_scale)
