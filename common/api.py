@@ -7,8 +7,24 @@ import math
 
 import torch
 
-from .checks import AttentionShape, to_hnd
+from .checks import (AttentionShape, check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
+                     resolve_sm_scale, to_hnd)
 from .smoothing import lse_shift_from_k_mean
+
+
+def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags: dict, choices=()):
+    """The checks every public function runs, in this order: the tensors, the bool ``flags``
+    ({name: value}), the ``choices`` ((name, value, allowed) triples), sm_scale, the backend, and
+    that no input requires grad (these kernels are inference-only). Returns (shape, sm_scale, backend)."""
+    shape = check_attention_inputs(q, k, v, tensor_layout)
+    for name, flag in flags.items():
+        check_flag(name, flag)
+    for name, value, allowed in choices:
+        check_choice(name, value, allowed)
+    scale = resolve_sm_scale(sm_scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    check_no_grad(q, k, v, "sage3.sageattn_train")
+    return shape, scale, be
 
 
 def new_output(q: torch.Tensor, tensor_layout: str):

@@ -5,7 +5,7 @@
 * K smoothing: K <- K - mean_tokens(K) (fp32), fused into the quantization pass.
 * Q smoothing (SageAttention2): each block of ``q_block`` query tokens loses its token mean; the
   means (times the folded constant) are returned so that the attention can add back
-  ``delta_s = q_mean . (K - k_mean)^T`` before the softmax (:func:`q_smoothing_delta_s`).
+  ``delta_s = q_mean . (K - k_mean)^T`` before the softmax (:func:`common.smoothing.q_smoothing_delta_s`).
 * Q is multiplied by ``sm_scale * log2(e)`` in fp32 before quantizing, so that
   ``S = int32(Q_hat K_hat^T) * dq * dk`` is already in the log2 domain of an exp2 softmax.
 * INT8 (``bits=8``, codes in [-127, 127]) or INT4 (``bits=4``, codes in [-7, 7], one per int8:
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
-from .reference import exact_fp32_matmul
 from .smoothing import expand_block_rows, k_mean, q_block_means
 
 LOG2E = 1.4426950408889634
@@ -158,15 +157,3 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
     qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False)
     kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True)
     return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult, qbm, q_block if smooth_q else 0)
-
-
-def q_smoothing_delta_s(qk: QuantizedQK, k: torch.Tensor) -> torch.Tensor:
-    """``delta_s[b, h, i, j] = (q_mean_i * sm_scale*log2e) . (k_j - k_mean)`` in fp32 (TF32 off):
-    the part of S that Q smoothing took out of block i, from unquantized values.
-    Shape ``[B, Hq, ceil(Nq / q_block), Nk]``."""
-    kf = k.float()
-    if qk.k_mean is not None:
-        kf = kf - qk.k_mean
-    group = qk.q_codes.shape[1] // k.shape[1]
-    with exact_fp32_matmul():
-        return torch.matmul(qk.q_block_mean, kf.repeat_interleave(group, dim=1).transpose(-1, -2))

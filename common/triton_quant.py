@@ -63,6 +63,15 @@ def load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
 
 
 @triton.jit
+def subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK: tl.constexpr):
+    """Q smoothing: subtract this tile's token mean (tail rows excluded) and store it times mult."""
+    count = tl.minimum(N - pid_n * BLOCK, BLOCK).to(tl.float32)
+    bmean = tl.sum(x, axis=0) / count
+    tl.store(BLOCK_MEAN + (pid_bh * tl.num_programs(0) + pid_n) * D + cols, bmean * mult, mask=cols < D)
+    return tl.where(in_bounds, x - bmean[None, :], 0.0)
+
+
+@triton.jit
 def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN,
                         stride_xb, stride_xh, stride_xn,
                         H, N, D, mult,
@@ -72,11 +81,7 @@ def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN,
     x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
                                                                BLOCK, DP, HAS_MEAN)
     if SMOOTH_BLOCK:
-        # Q smoothing: subtract this tile's token mean (tail rows excluded) and keep it
-        count = tl.minimum(N - pid_n * BLOCK, BLOCK).to(tl.float32)
-        bmean = tl.sum(x, axis=0) / count
-        x = tl.where(in_bounds, x - bmean[None, :], 0.0)
-        tl.store(BLOCK_MEAN + (pid_bh * tl.num_programs(0) + pid_n) * D + cols, bmean * mult, mask=cols < D)
+        x = subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK)
     x = x * mult
     if GRAN == 0:
         absmax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)

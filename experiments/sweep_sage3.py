@@ -14,7 +14,8 @@ from common.inputs import make_qkv
 from common.timing import attention_flops, bench_ms, tops
 from experiments.baselines import sdpa
 from sage3.kernel import launch
-from sage3.quant import delta_s, quantize_qkv_fp4
+from common.smoothing import q_smoothing_delta_s
+from sage3.quant import quantize_qkv_fp4
 
 
 def main(argv=None):
@@ -31,8 +32,8 @@ def main(argv=None):
         cud = tops(flops, bench_ms(lambda: sdpa("sdpa_cudnn")(q, k, v)))
         qms = bench_ms(lambda: quantize_qkv_fp4(q, k, v, fmt="nvfp4", smooth_q=True, smooth_k=True, backend="triton"))
         qf = quantize_qkv_fp4(q, k, v, fmt="nvfp4", smooth_q=True, smooth_k=True, backend="triton")
-        dms = bench_ms(lambda: delta_s(qf, k))
-        ds = delta_s(qf, k)
+        ds = q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True)
+        dms = bench_ms(lambda: q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True))
         print(f"D={d}: cuDNN {cud:.0f} TOPS; FP4 quantization {qms:.3f} ms, delta_s {dms:.3f} ms", flush=True)
         out = torch.empty_like(q)
         for cfg in configs:

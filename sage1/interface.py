@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from common.api import natural_lse, new_output, trivial_result
-from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad,
-                           resolve_backend, resolve_sm_scale, to_hnd)
+from common.api import natural_lse, new_output, trivial_result, validate_call
+from common.checks import to_hnd
 from common.int_qk import quantize_qk
 
 PV_ACCUM = ("fp16", "fp32")
@@ -42,14 +41,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     P and V are fp16 for both input dtypes: bf16 V is converted to fp16 (as in the paper), and
     the output is returned in the input dtype and layout. Inputs are never modified.
     """
-    shape = check_attention_inputs(q, k, v, tensor_layout)
-    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k)):
-        check_flag(name, flag)
-    check_choice("pv_accum", pv_accum, PV_ACCUM)
-    check_choice("qk_granularity", qk_granularity, QK_GRANULARITY)
-    scale = resolve_sm_scale(sm_scale, shape.head_dim)
-    be = resolve_backend(backend, q.device)
-    check_no_grad(q, k, v, "sage3.sageattn_train")
+    shape, scale, be = validate_call(
+        q, k, v, tensor_layout, sm_scale, backend,
+        flags=dict(is_causal=is_causal, return_lse=return_lse, smooth_k=smooth_k),
+        choices=[("pv_accum", pv_accum, PV_ACCUM), ("qk_granularity", qk_granularity, QK_GRANULARITY)])
 
     with torch.no_grad():
         qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))

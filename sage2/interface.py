@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from common.api import natural_lse, new_output, trivial_result
-from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
-                           resolve_sm_scale, to_hnd)
-from common.int_qk import padded_head_dim, q_smoothing_delta_s, quantize_qk
+from common.api import natural_lse, new_output, trivial_result, validate_call
+from common.checks import to_hnd
+from common.int_qk import padded_head_dim, quantize_qk
+from common.smoothing import q_smoothing_delta_s
 
 from .quant_v import P_SCALE, quantize_v
 
@@ -46,22 +46,16 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             an fp32 buffer) or ``single`` (one running FP8-MMA accumulator, ~13 mantissa bits on
             Hopper, to show what two-level accumulation fixes). fp16 P V always accumulates in fp32.
     """
-    shape = check_attention_inputs(q, k, v, tensor_layout)
-    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k),
-                       ("smooth_v", smooth_v)):
-        check_flag(name, flag)
+    flags = dict(is_causal=is_causal, return_lse=return_lse, smooth_k=smooth_k, smooth_v=smooth_v)
     if smooth_q is not None:
-        check_flag("smooth_q", smooth_q)
-    check_choice("qk_dtype", qk_dtype, QK_DTYPES)
-    check_choice("qk_granularity", qk_granularity, QK_GRANULARITY)
-    check_choice("pv_dtype", pv_dtype, PV_DTYPES)
-    check_choice("pv_accum", pv_accum, PV_ACCUM)
-    scale = resolve_sm_scale(sm_scale, shape.head_dim)
-    be = resolve_backend(backend, q.device)
+        flags["smooth_q"] = smooth_q
+    shape, scale, be = validate_call(
+        q, k, v, tensor_layout, sm_scale, backend, flags=flags,
+        choices=[("qk_dtype", qk_dtype, QK_DTYPES), ("qk_granularity", qk_granularity, QK_GRANULARITY),
+                 ("pv_dtype", pv_dtype, PV_DTYPES), ("pv_accum", pv_accum, PV_ACCUM)])
     if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise ValueError("pv_dtype='fp8_*' with backend='triton' needs FP8 tensor cores (compute capability 8.9+); "
                          "use pv_dtype='fp16' or backend='torch'")
-    check_no_grad(q, k, v, "sage3.sageattn_train")
     if smooth_q is None:
         smooth_q = qk_dtype == "int4"
 
@@ -76,7 +70,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
                          backend=be)
-        delta_s = q_smoothing_delta_s(qk, kh) if smooth_q else None
+        delta_s = q_smoothing_delta_s(qk.q_block_mean, kh, qk.k_mean) if smooth_q else None
         qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D))
         log2_pscale = math.log2(P_SCALE[pv_dtype])
         if be == "triton":

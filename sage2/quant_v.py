@@ -32,9 +32,8 @@ class QuantizedV:
     transposed: bool
 
 
-def v_absmax(v: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
-    """Per-channel ``max_tokens |V - mean|`` (fp32 [B, H, D]), one read of V when not smoothed."""
-    x = v if mean is None else v.float() - mean
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``max_tokens |x|`` (fp32 [B, H, D]) in one read, without an fp32 copy."""
     return torch.linalg.vector_norm(x, ord=float("inf"), dim=-2, dtype=torch.float32)
 
 
@@ -42,16 +41,15 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
                npad_multiple: int = 16) -> QuantizedV:
     """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16)."""
     mean = v_channel_mean(v) if smooth_v else None
+    centred = v if mean is None else v.float() - mean
     if pv_dtype == "fp16":
-        x = v if mean is None else v.float() - mean
-        return QuantizedV(x.to(torch.float16), None, mean, False)
+        return QuantizedV(centred.to(torch.float16), None, mean, False)
     fmt = FP8_FMT[pv_dtype]
     fmax = quant.FP8_FORMATS[fmt][1]
-    absmax = v_absmax(v, mean)
+    absmax = channel_absmax(centred)
     if backend != "triton":
         scale = absmax / torch.full_like(absmax, fmax)
-        x = v.float() if mean is None else v.float() - mean
-        return QuantizedV(quant.fp8_static(x, fmt, scale[..., None, :]), scale, mean, False)
+        return QuantizedV(quant.fp8_static(centred, fmt, scale[..., None, :]), scale, mean, False)
     from common.triton_quant import quantize_v_fp8_kernel
 
     B, H, N, D = v.shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from common.triton_quant import load_token_tile, to_fp8
+from common.triton_quant import load_token_tile, subtract_tile_mean, to_fp8
 
 
 @triton.jit
@@ -99,10 +99,7 @@ def fp4_quantize_rows_kernel(X, MEAN, PACKED, SCALES, BLOCK_MEAN,
     x, rows, cols, inb, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
                                                          BLOCK, DP, HAS_MEAN)
     if SMOOTH_BLOCK:
-        count = tl.minimum(N - pid_n * BLOCK, BLOCK).to(tl.float32)
-        bmean = tl.sum(x, axis=0) / count
-        x = tl.where(inb, x - bmean[None, :], 0.0)
-        tl.store(BLOCK_MEAN + (pid_bh * tl.num_programs(0) + pid_n) * D + cols, bmean, mask=cols < D)
+        x = subtract_tile_mean(x, inb, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, 1.0, BLOCK)
     packed, scales = quantize_fp4_tile(x, BLOCK, DP, MX, INTERPRET)
     tl.store(PACKED + (pid_bh * N + rows[:, None]) * (DP // 2) + tl.arange(0, DP // 2)[None, :], packed,
              mask=rows[:, None] < N)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from common.api import natural_lse, new_output, trivial_result
-from common.checks import (check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
-                           resolve_sm_scale, to_hnd)
+from common.api import natural_lse, new_output, trivial_result, validate_call
+from common.smoothing import q_smoothing_delta_s
+from common.checks import to_hnd
 
-from .quant import delta_s as compute_delta_s
 from .quant import quantize_qkv_fp4
 
 SCALE_FORMATS = ("nvfp4", "mxfp4")
@@ -44,14 +43,11 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     kernel reads the packed FP4 codes, dequantizes them exactly into 16-bit operands and
     multiplies on 16-bit tensor cores: the paper's numerics, not its speed.
     """
-    shape = check_attention_inputs(q, k, v, tensor_layout)
-    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("two_level_p", two_level_p),
-                       ("smooth_q", smooth_q), ("smooth_k", smooth_k)):
-        check_flag(name, flag)
-    check_choice("scale_format", scale_format, SCALE_FORMATS)
-    scale = resolve_sm_scale(sm_scale, shape.head_dim)
-    be = resolve_backend(backend, q.device)
-    check_no_grad(q, k, v, "sage3.sageattn_train")
+    shape, scale, be = validate_call(
+        q, k, v, tensor_layout, sm_scale, backend,
+        flags=dict(is_causal=is_causal, return_lse=return_lse, two_level_p=two_level_p, smooth_q=smooth_q,
+                   smooth_k=smooth_k),
+        choices=[("scale_format", scale_format, SCALE_FORMATS)])
 
     with torch.no_grad():
         qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
@@ -61,7 +57,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
-        ds = compute_delta_s(qf, kh) if smooth_q else None
+        ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True) if smooth_q else None
         if be == "triton":
             from .kernel import launch
 

@@ -119,21 +119,3 @@ def _quantize_triton(q, k, v, km, fmt, smooth_q, dp, npad):
         BLOCK=block, DP=dp, MX=mx, INTERPRET=interp, SB=sb, num_warps=4)
     (qp, qs, qbm), (kp, ks, _) = outs[:3], outs[3:]
     return QuantizedFP4(fmt, qp, qs, kp, ks, vp, vs, km, qbm, Nk)
-
-
-def delta_s(qf: QuantizedFP4, k: torch.Tensor) -> torch.Tensor:
-    """``q_mean_i . (k_j - k_mean)`` with an fp32 result, ``[B, Hq, ceil(Nq/128), Nk]``.
-
-    As in the official SageAttention3 code this product runs on tensor cores (TF32 here, a
-    16-bit matmul there): an fp32 matmul without them takes longer than the attention setup
-    should (4 ms at B=4, H=32, N=16k, D=128 on the H100). On CPU it is plain fp32."""
-    kf = k.float()
-    if qf.k_mean is not None:
-        kf = kf - qf.k_mean
-    group = qf.q_packed.shape[1] // k.shape[1]
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        return torch.matmul(qf.q_block_mean, kf.repeat_interleave(group, dim=1).transpose(-1, -2))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
