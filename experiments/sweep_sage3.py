@@ -11,10 +11,10 @@ import math
 import torch
 
 from common.inputs import make_qkv
+from common.smoothing import q_smoothing_delta_s
 from common.timing import attention_flops, bench_ms, tops
 from experiments.baselines import sdpa
-from sage3.kernel import launch
-from common.smoothing import q_smoothing_delta_s
+from sage3.kernel import dequantize_rows, launch
 from sage3.quant import quantize_qkv_fp4
 
 
@@ -23,6 +23,9 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--configs", default="64,8,2;128,8,2;64,4,2;64,8,3")
+    ap.add_argument("--variants", default="packed+compare;packed+magic;pre_unpack+compare;pre_unpack+magic",
+                    help="where K,V are dequantized (packed: in the kernel; pre_unpack: a pass before it) "
+                         "and how P is rounded to E2M1 (compare: 7 compare/selects; magic: fl(a+M)-M)")
     args = ap.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     B, H, N = 4, 32, args.seqlen
@@ -35,15 +38,24 @@ def main(argv=None):
         ds = q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True)
         dms = bench_ms(lambda: q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True))
         print(f"D={d}: cuDNN {cud:.0f} TOPS; FP4 quantization {qms:.3f} ms, delta_s {dms:.3f} ms", flush=True)
+        unpack = lambda: (dequantize_rows(qf.k_packed, qf.k_scales, qf.fmt, q.dtype),  # noqa: E731
+                          dequantize_rows(qf.v_packed, qf.v_scales, qf.fmt, q.dtype))
+        ums = bench_ms(unpack)
+        unpacked = unpack()
+        print(f"  K,V dequantization pass (pre_unpack): {ums:.3f} ms", flush=True)
         out = torch.empty_like(q)
-        for cfg in configs:
-            try:
-                ms = bench_ms(lambda: launch(qf, out, sm_scale=1 / math.sqrt(d), delta_s=ds, is_causal=False,
-                                             two_level_p=True, op_dtype=q.dtype, return_lse=False, config=cfg))
-                print(f"  D={d} (BLOCK_N, warps, stages)={cfg}: {tops(flops, ms):.0f} TOPS = {tops(flops, ms) / cud:.3f}x cuDNN",
-                      flush=True)
-            except Exception as e:
-                print(f"  D={d} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        for variant in args.variants.split(";"):
+            where, rounding = variant.split("+")
+            for cfg in configs:
+                try:
+                    ms = bench_ms(lambda: launch(qf, out, sm_scale=1 / math.sqrt(d), delta_s=ds, is_causal=False,
+                                                 two_level_p=True, op_dtype=q.dtype, return_lse=False, config=cfg,
+                                                 pre_unpack=where == "pre_unpack", magic_round=rounding == "magic",
+                                                 unpacked=unpacked))
+                    print(f"  D={d} {variant:22s} (BLOCK_N, warps, stages)={cfg}: kernel {tops(flops, ms):.0f} TOPS "
+                          f"= {tops(flops, ms) / cud:.3f}x cuDNN", flush=True)
+                except Exception as e:
+                    print(f"  D={d} {variant} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 if __name__ == "__main__":

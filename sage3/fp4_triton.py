@@ -29,6 +29,31 @@ def e2m1_round(a):
 
 
 @triton.jit
+def _add_rn(x, y, INTERPRET: tl.constexpr):
+    # add.rn.f32 cannot be contracted with a preceding multiply into an FMA (which would round
+    # the exact product instead of the fp32 product the emulation rounds)
+    if INTERPRET:
+        out = x + y
+    else:
+        out = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def e2m1_round_magic(a, INTERPRET: tl.constexpr):
+    """The same rounding as :func:`e2m1_round` for fp32 a >= 0, in 6 ops instead of 14.
+
+    Within a binade 2**E (E = max(0, floor(log2 a)), capped at 2) the E2M1 grid is spaced
+    2**(E-1), which is the fp32 spacing at M = 2**(E+22): fl(a + M) - M rounds a to that spacing
+    with ties to an even multiple, i.e. to the even E2M1 code. Then saturate at 6."""
+    e = a.to(tl.int32, bitcast=True) & 0x7F800000
+    e = tl.minimum(tl.maximum(e, 127 << 23), 129 << 23)
+    m = (e + (22 << 23)).to(tl.float32, bitcast=True)
+    return tl.minimum(_add_rn(a, m, INTERPRET) - m, 6.0)
+
+
+@triton.jit
 def e2m1_to_f16_bits(c):
     """4-bit codes (int32 0..15) -> fp16 bit patterns (int32): sign<<15 | exponent | mantissa.
 
@@ -121,3 +146,21 @@ def fp4_quantize_v_kernel(V, PACKED, SCALES, stride_vb, stride_vh, stride_vn, H,
     sc = pid_n * (BLOCK // SB) + tl.arange(0, BLOCK // SB)
     tl.store(PACKED + (pid_bh * DP + chans[:, None]) * (NPAD // 2) + pc[None, :], packed)
     tl.store(SCALES + (pid_bh * DP + chans[:, None]) * (NPAD // SB) + sc[None, :], scales)
+
+
+@triton.jit
+def dequantize_rows_kernel(PACKED, SCALES, OUT, COLS, BLOCK_R: tl.constexpr, CP: tl.constexpr, MX: tl.constexpr,
+                           SB: tl.constexpr, OP: tl.constexpr):
+    """Packed FP4 rows [R, COLS/2] + block scales -> OP [R, COLS] (exact), CP columns per program."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c0 = tl.program_id(1) * CP
+    packed = tl.load(PACKED + r[:, None] * (COLS // 2) + c0 // 2 + tl.arange(0, CP // 2)[None, :])
+    scales = tl.load(SCALES + r[:, None] * (COLS // SB) + c0 // SB + tl.arange(0, CP // SB)[None, :])
+    vals = unpack_fp4(packed, BLOCK_R, CP, OP)
+    if MX:
+        sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
+        sc = tl.where(scales.to(tl.int32) == 0, 0.0, sc)
+        out = apply_block_scales(vals.to(tl.float32), sc, BLOCK_R, CP, 32).to(OP)
+    else:
+        out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), BLOCK_R, CP, 16).to(OP)
+    tl.store(OUT + r[:, None] * COLS + c0 + tl.arange(0, CP)[None, :], out)

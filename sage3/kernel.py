@@ -20,7 +20,14 @@ from common.checks import interpreter_enabled
 from common.triton_attention import kv_bounds, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
-from .fp4_triton import apply_block_scales, e2m1_round, mx_scale_f32, unpack_fp4
+from .fp4_triton import (
+    apply_block_scales,
+    dequantize_rows_kernel,
+    e2m1_round,
+    e2m1_round_magic,
+    mx_scale_f32,
+    unpack_fp4,
+)
 
 
 @triton.jit
@@ -59,7 +66,17 @@ def _load_scales(ptrs, mask, MX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr, INTERPRET: tl.constexpr):
+def _round(a, MAGIC: tl.constexpr, INTERPRET: tl.constexpr):
+    if MAGIC:
+        out = e2m1_round_magic(a, INTERPRET)
+    else:
+        out = e2m1_round(a)
+    return out
+
+
+@triton.jit
+def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr, INTERPRET: tl.constexpr,
+                MAGIC: tl.constexpr):
     """P (fp32, >= 0) -> FP4 per block of keys, dequantized into OP (exact)."""
     if MX:
         pb = tl.reshape(p, (BM, BN // 32, 32))
@@ -68,14 +85,14 @@ def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.
         ok = (bmax > 0) & (e > 0)
         sc = mx_scale_f32(tl.minimum(tl.maximum(e, 1), 253))
         inv = mx_scale_f32(254 - tl.minimum(tl.maximum(e, 1), 253))  # 1/sc, exact (powers of two)
-        r = e2m1_round(pb * tl.where(ok, inv, 0.0)[:, :, None])
+        r = _round(pb * tl.where(ok, inv, 0.0)[:, :, None], MAGIC, INTERPRET)
         out = tl.reshape(r * tl.where(ok, sc, 0.0)[:, :, None], (BM, BN)).to(OP)
     else:
         pb = tl.reshape(p, (BM, BN // 16, 16))
         bmax = tl.max(pb, axis=2)
         s = tl.math.div_rn(bmax, 6.0)
         inv = tl.where(bmax > 0, tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
-        r = e2m1_round(pb * inv[:, :, None])
+        r = _round(pb * inv[:, :, None], MAGIC, INTERPRET)
         if OP == tl.bfloat16:
             s8 = to_fp8(s, False, INTERPRET).to(tl.float32)
             out = tl.reshape(r * s8[:, :, None], (BM, BN)).to(OP)
@@ -86,12 +103,13 @@ def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.
 
 
 @triton.jit
-def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
+def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, NPAD, D, n_ds_blocks, mult, log2_c,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr,
                    SMOOTH_Q: tl.constexpr, IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
-                   OP: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr):
+                   OP: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr, PRE: tl.constexpr,
+                   MAGIC: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     half = tl.arange(0, DP // 2)
@@ -110,9 +128,12 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = cols[:, None] < Nk
-        k = _dequant(tl.load(KP + (kv_bh * Nk + cols[:, None]) * (DP // 2) + half[None, :], mask=kmask, other=0),
-                     _load_scales(KSC + (kv_bh * Nk + cols[:, None]) * (DP // SB) + sblk[None, :], kmask, MX),
-                     BLOCK_N, DP, MX, OP)
+        if PRE:  # K dequantized to 16 bits by a pass before the kernel (the same values)
+            k = tl.load(K16 + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0.0)
+        else:
+            k = _dequant(tl.load(KP + (kv_bh * Nk + cols[:, None]) * (DP // 2) + half[None, :], mask=kmask, other=0),
+                         _load_scales(KSC + (kv_bh * Nk + cols[:, None]) * (DP // SB) + sblk[None, :], kmask, MX),
+                         BLOCK_N, DP, MX, OP)
         s = _dot(q, tl.trans(k), None, INTERPRET)
         if SMOOTH_Q:  # one Q-smoothing block per BLOCK_M tile: delta_s is one row per tile
             s += tl.load(DS + (bh * n_ds_blocks + start_m) * Nk + cols, mask=cols < Nk, other=0.0)[None, :]
@@ -121,12 +142,15 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, DS, O, LSE,
         p = tl.math.exp2(s - (m_use - log2_c)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pq = _quantize_p(p, BLOCK_M, BLOCK_N, MX, OP, INTERPRET)
+        pq = _quantize_p(p, BLOCK_M, BLOCK_N, MX, OP, INTERPRET, MAGIC)
         vhalf = start_n // 2 + tl.arange(0, BLOCK_N // 2)
         vsb = start_n // SB + tl.arange(0, BLOCK_N // SB)
-        vt = _dequant(tl.load(VP + (kv_bh * DP + dcols[:, None]) * (NPAD // 2) + vhalf[None, :]),
-                      tl.load(VSC + (kv_bh * DP + dcols[:, None]) * (NPAD // SB) + vsb[None, :]),
-                      DP, BLOCK_N, MX, OP)
+        if PRE:
+            vt = tl.load(VT16 + (kv_bh * DP + dcols[:, None]) * NPAD + start_n + offs_n[None, :])
+        else:
+            vt = _dequant(tl.load(VP + (kv_bh * DP + dcols[:, None]) * (NPAD // 2) + vhalf[None, :]),
+                          tl.load(VSC + (kv_bh * DP + dcols[:, None]) * (NPAD // SB) + vsb[None, :]),
+                          DP, BLOCK_N, MX, OP)
         acc = _dot(pq, tl.trans(vt), acc * alpha[:, None], INTERPRET)
         m_i = m_new
 
@@ -145,8 +169,23 @@ def kv_tile_for(dp: int) -> int:
     return CONFIGS[dp][0]
 
 
+def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, fmt: str, op_dtype: torch.dtype) -> torch.Tensor:
+    """[..., R, C/2] packed codes + scales -> [..., R, C] in op_dtype (exact), on the GPU."""
+    *lead, R, half = packed.shape
+    C = half * 2
+    out = torch.empty(*lead, R, C, dtype=op_dtype, device=packed.device)
+    rows = packed.numel() // half
+    CP = min(C, 128)
+    block_r = 64 if rows % 64 == 0 else 1
+    dequantize_rows_kernel[(rows // block_r, C // CP)](
+        packed, scales, out, C, BLOCK_R=block_r, CP=CP, MX=fmt == "mxfp4", SB=32 if fmt == "mxfp4" else 16,
+        OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16)
+    return out
+
+
 def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bool, two_level_p: bool,
-           op_dtype: torch.dtype, return_lse: bool, config=None):
+           op_dtype: torch.dtype, return_lse: bool, config=None, pre_unpack: bool = False, magic_round: bool = True,
+           unpacked=None):
     B, Hq, Nq, half = qf.q_packed.shape
     DP = half * 2
     Hkv, Nk, NPAD = qf.k_packed.shape[1], qf.seqlen_k, qf.v_packed.shape[-1] * 2
@@ -158,9 +197,14 @@ def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bo
     if out_hnd.dtype == torch.bfloat16 and dev.type == "cpu":
         # the CPU interpreter truncates fp32 -> bf16; write fp32 and round on the host (see sage1)
         final_out, out_hnd = out_hnd, torch.empty(out_hnd.shape, dtype=torch.float32)
+    k16 = vt16 = None
+    if pre_unpack:
+        k16, vt16 = unpacked or (dequantize_rows(qf.k_packed, qf.k_scales, qf.fmt, op_dtype),
+                                 dequantize_rows(qf.v_packed, qf.v_scales, qf.fmt, op_dtype))
     grid = (triton.cdiv(Nq, 128), B * Hq)
     sage3_attn_fwd[grid](
         qf.q_packed, qf.q_scales, qf.k_packed, qf.k_scales, qf.v_packed, qf.v_scales,
+        k16 if pre_unpack else qf.k_packed, vt16 if pre_unpack else qf.v_packed,
         delta_s if delta_s is not None else lse, out_hnd, lse,
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, NPAD, D, delta_s.shape[2] if delta_s is not None else 1,
@@ -168,7 +212,7 @@ def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bo
         BLOCK_M=128, BLOCK_N=BLOCK_N, DP=DP, MX=qf.fmt == "mxfp4", SMOOTH_Q=delta_s is not None,
         IS_CAUSAL=is_causal, RETURN_LSE=return_lse,
         OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16, INTERPRET=interpreter_enabled(),
-        SB=32 if qf.fmt == "mxfp4" else 16, num_warps=warps, num_stages=stages)
+        SB=32 if qf.fmt == "mxfp4" else 16, PRE=pre_unpack, MAGIC=magic_round, num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)
     return lse if return_lse else None

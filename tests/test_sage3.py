@@ -156,3 +156,24 @@ def test_gpu_kernel_vs_emulation_at_real_size(d):
     b = sage3.sageattn(q, k, v, is_causal=True, backend="torch")
     ref = attention_reference(q, k, v, is_causal=True)
     assert accuracy(b.double(), a).rel_l1 <= 0.1 * accuracy(ref, b).rel_l1
+
+
+@pytest.mark.parametrize("fmt,dtype,causal", [("nvfp4", FP16, False), ("mxfp4", BF16, True), ("nvfp4", BF16, True)])
+def test_kernel_variants_compute_the_same_numbers(fmt, dtype, causal):
+    """The speed variants change where the work is done, not the numbers: K and V dequantized to
+    16 bits by a pass before the kernel instead of in registers, and the 6-op magic-number E2M1
+    rounding of P instead of 7 compare/select pairs."""
+    from common.smoothing import q_smoothing_delta_s
+    from sage3.kernel import launch
+
+    q, k, v = (t.to(KERNEL_DEVICE) for t in make_qkv(1, 2, 150, 64, seqlen_k=200, dtype=dtype, seed=3))
+    qf = quantize_qkv_fp4(q, k, v, fmt=fmt, smooth_q=True, smooth_k=True, backend="triton")
+    ds = q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True)
+    outs = []
+    for pre, magic in [(False, False), (True, False), (False, True), (True, True)]:
+        o = torch.zeros_like(q)
+        lse = launch(qf, o, sm_scale=0.125, delta_s=ds, is_causal=causal, two_level_p=True, op_dtype=dtype,
+                     return_lse=True, pre_unpack=pre, magic_round=magic)
+        outs.append((o, lse))
+    for o, lse in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
