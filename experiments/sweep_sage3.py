@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from common.inputs import make_qkv
 from common.smoothing import q_smoothing_delta_s
 from common.timing import attention_flops, bench_ms, tops
 from experiments.baselines import sdpa
+import sage3.kernel as kernel_mod
 from sage3.kernel import dequantize_rows, launch
 from sage3.quant import quantize_qkv_fp4
 
@@ -23,9 +25,10 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--configs", default="64,8,2;128,8,2;64,4,2;64,8,3")
-    ap.add_argument("--variants", default="packed+compare;packed+magic;pre_unpack+compare;pre_unpack+magic",
+    ap.add_argument("--variants", default="packed+compare;packed+magic;pre_unpack+compare;pre_unpack+magic;pre_unpack+magic+perm",
                     help="where K,V are dequantized (packed: in the kernel; pre_unpack: a pass before it) "
                          "and how P is rounded to E2M1 (compare: 7 compare/selects; magic: fl(a+M)-M)")
+    ap.add_argument("--ir-dir", default=None, help="write each variant's TTGIR here")
     args = ap.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     B, H, N = 4, 32, args.seqlen
@@ -45,15 +48,20 @@ def main(argv=None):
         print(f"  K,V dequantization pass (pre_unpack): {ums:.3f} ms", flush=True)
         out = torch.empty_like(q)
         for variant in args.variants.split(";"):
-            where, rounding = variant.split("+")
+            where, rounding, *perm = variant.split("+")
             for cfg in configs:
                 try:
                     ms = bench_ms(lambda: launch(qf, out, sm_scale=1 / math.sqrt(d), delta_s=ds, is_causal=False,
                                                  two_level_p=True, op_dtype=q.dtype, return_lse=False, config=cfg,
                                                  pre_unpack=where == "pre_unpack", magic_round=rounding == "magic",
-                                                 unpacked=unpacked))
+                                                 permute_keys=bool(perm), unpacked=unpacked))
+                    ir = kernel_mod.LAST_COMPILED.asm["ttgir"]
+                    if args.ir_dir:
+                        name = f"d{d}_{variant.replace('+', '_')}_{'_'.join(map(str, cfg))}.ttgir"
+                        (Path(args.ir_dir) / name).write_text(ir)
                     print(f"  D={d} {variant:22s} (BLOCK_N, warps, stages)={cfg}: kernel {tops(flops, ms):.0f} TOPS "
-                          f"= {tops(flops, ms) / cud:.3f}x cuDNN", flush=True)
+                          f"= {tops(flops, ms) / cud:.3f}x cuDNN; TTGIR: {ir.count('convert_layout')} convert_layout, "
+                          f"{ir.count('local_alloc')} local_alloc", flush=True)
                 except Exception as e:
                     print(f"  D={d} {variant} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
 
