@@ -25,7 +25,7 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--configs", default="64,8,2;128,8,2;64,4,2;64,8,3")
-    ap.add_argument("--variants", default="packed+compare;packed+magic;pre_unpack+compare;pre_unpack+magic;pre_unpack+magic+perm",
+    ap.add_argument("--variants", default="packed+compare;packed+magic;pre_unpack+compare;pre_unpack+magic",
                     help="where K,V are dequantized (packed: in the kernel; pre_unpack: a pass before it) "
                          "and how P is rounded to E2M1 (compare: 7 compare/selects; magic: fl(a+M)-M)")
     ap.add_argument("--ir-dir", default=None, help="write each variant's TTGIR here")
@@ -48,13 +48,13 @@ def main(argv=None):
         print(f"  K,V dequantization pass (pre_unpack): {ums:.3f} ms", flush=True)
         out = torch.empty_like(q)
         for variant in args.variants.split(";"):
-            where, rounding, *perm = variant.split("+")
+            where, rounding = variant.split("+")
             for cfg in configs:
                 try:
                     ms = bench_ms(lambda: launch(qf, out, sm_scale=1 / math.sqrt(d), delta_s=ds, is_causal=False,
                                                  two_level_p=True, op_dtype=q.dtype, return_lse=False, config=cfg,
                                                  pre_unpack=where == "pre_unpack", magic_round=rounding == "magic",
-                                                 permute_keys=bool(perm), unpacked=unpacked))
+                                                 unpacked=unpacked))
                     ir = kernel_mod.LAST_COMPILED.asm["ttgir"]
                     if args.ir_dir:
                         name = f"d{d}_{variant.replace('+', '_')}_{'_'.join(map(str, cfg))}.ttgir"

@@ -149,13 +149,18 @@ def fp4_quantize_v_kernel(V, PACKED, SCALES, stride_vb, stride_vh, stride_vn, H,
 
 
 @triton.jit
-def dequantize_rows_kernel(PACKED, SCALES, OUT, COLS, BLOCK_R: tl.constexpr, CP: tl.constexpr, MX: tl.constexpr,
+def dequantize_rows_kernel(PACKED, SCALES, OUT, R, COLS, BLOCK_R: tl.constexpr, CP: tl.constexpr, MX: tl.constexpr,
                            SB: tl.constexpr, OP: tl.constexpr):
     """Packed FP4 rows [R, COLS/2] + block scales -> OP [R, COLS] (exact), CP columns per program."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c0 = tl.program_id(1) * CP
-    packed = tl.load(PACKED + r[:, None] * (COLS // 2) + c0 // 2 + tl.arange(0, CP // 2)[None, :])
-    scales = tl.load(SCALES + r[:, None] * (COLS // SB) + c0 // SB + tl.arange(0, CP // SB)[None, :])
+    inb = r[:, None] < R
+    packed = tl.load(PACKED + r[:, None] * (COLS // 2) + c0 // 2 + tl.arange(0, CP // 2)[None, :], mask=inb, other=0)
+    sptrs = SCALES + r[:, None] * (COLS // SB) + c0 // SB + tl.arange(0, CP // SB)[None, :]
+    if MX:  # uint8 exponents
+        scales = tl.load(sptrs, mask=inb, other=0)
+    else:  # E4M3
+        scales = tl.load(sptrs, mask=inb, other=0.0)
     vals = unpack_fp4(packed, BLOCK_R, CP, OP)
     if MX:
         sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
@@ -163,4 +168,4 @@ def dequantize_rows_kernel(PACKED, SCALES, OUT, COLS, BLOCK_R: tl.constexpr, CP:
         out = apply_block_scales(vals.to(tl.float32), sc, BLOCK_R, CP, 32).to(OP)
     else:
         out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), BLOCK_R, CP, 16).to(OP)
-    tl.store(OUT + r[:, None] * COLS + c0 + tl.arange(0, CP)[None, :], out)
+    tl.store(OUT + r[:, None] * COLS + c0 + tl.arange(0, CP)[None, :], out, mask=inb)

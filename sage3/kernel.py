@@ -75,49 +75,10 @@ def _round(a, MAGIC: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _block_max_perm(p, BM: tl.constexpr, BN: tl.constexpr, SB: tl.constexpr):
-    """Block max when the tile's columns are permuted by key_of_column (PERM): column 8j + 2t + e
-    holds key (BN/4)t + 2j + e, so a block of SB keys is (t // (SB/16)), over j, t % (SB/16), e.
-    Returns the max [BM, 4 // G] and the 5-d view of p [BM, BN/8, 4 // G, G, 2]."""
-    G: tl.constexpr = SB // 16
-    p5 = tl.reshape(p, (BM, BN // 8, 4 // G, G, 2))
-    return tl.max(tl.max(tl.max(p5, axis=4), axis=3), axis=1), p5
-
-
-@triton.jit
-def key_of_column(c, BN: tl.constexpr, PERM: tl.constexpr):
-    """Which key of the tile sits in column c. PERM puts the 16 keys of one FP4 block into the
-    columns one thread of an MMA accumulator holds (8j + 2t + e for lane t % 4), so the block max
-    needs no data movement between threads; QK^T and PV see the same permutation, so the result
-    is that of the natural order."""
-    if PERM:
-        out = (BN // 4) * ((c % 8) // 2) + 2 * (c // 8) + c % 2
-    else:
-        out = c
-    return out
-
-
-@triton.jit
 def _quantize_p(p, BM: tl.constexpr, BN: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr, INTERPRET: tl.constexpr,
-                MAGIC: tl.constexpr, PERM: tl.constexpr):
+                MAGIC: tl.constexpr):
     """P (fp32, >= 0) -> FP4 per block of keys, dequantized into OP (exact)."""
-    if PERM:
-        SB: tl.constexpr = 32 if MX else 16
-        bmax, p5 = _block_max_perm(p, BM, BN, SB)
-        if MX:
-            e = ((bmax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 2
-            ok = (bmax > 0) & (e > 0)
-            sc = tl.where(ok, mx_scale_f32(tl.minimum(tl.maximum(e, 1), 253)), 0.0)
-            inv = tl.where(ok, mx_scale_f32(254 - tl.minimum(tl.maximum(e, 1), 253)), 0.0)
-            r = _round(p5 * inv[:, None, :, None, None], MAGIC, INTERPRET)
-            out = tl.reshape(r * sc[:, None, :, None, None], (BM, BN)).to(OP)
-        else:
-            s = tl.math.div_rn(bmax, 6.0)
-            inv = tl.where(bmax > 0, tl.math.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
-            r = _round(p5 * inv[:, None, :, None, None], MAGIC, INTERPRET)
-            s8 = to_fp8(s, False, INTERPRET).to(tl.float32)
-            out = tl.reshape(r * s8[:, None, :, None, None], (BM, BN)).to(OP)
-    elif MX:
+    if MX:
         pb = tl.reshape(p, (BM, BN // 32, 32))
         bmax = tl.max(pb, axis=2)
         e = ((bmax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 2  # floor(log2 max) - 2, biased
@@ -148,7 +109,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MX: tl.constexpr,
                    SMOOTH_Q: tl.constexpr, IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
                    OP: tl.constexpr, INTERPRET: tl.constexpr, SB: tl.constexpr, PRE: tl.constexpr,
-                   MAGIC: tl.constexpr, PERM: tl.constexpr):
+                   MAGIC: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     half = tl.arange(0, DP // 2)
@@ -157,7 +118,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
                  _load_scales(QSC + (bh * Nq + rows[:, None]) * (DP // SB) + sblk[None, :], rows[:, None] < Nq, MX),
                  BLOCK_M, DP, MX, OP)
 
-    offs_n = key_of_column(tl.arange(0, BLOCK_N), BLOCK_N, PERM)
+    offs_n = tl.arange(0, BLOCK_N)
     dcols = tl.arange(0, DP)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -181,7 +142,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
         p = tl.math.exp2(s - (m_use - log2_c)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pq = _quantize_p(p, BLOCK_M, BLOCK_N, MX, OP, INTERPRET, MAGIC, PERM)
+        pq = _quantize_p(p, BLOCK_M, BLOCK_N, MX, OP, INTERPRET, MAGIC)
         vhalf = start_n // 2 + tl.arange(0, BLOCK_N // 2)
         vsb = start_n // SB + tl.arange(0, BLOCK_N // SB)
         if PRE:
@@ -201,7 +162,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
 
 
 # (BLOCK_N, num_warps, num_stages) by padded head dim; BLOCK_M = 128 is the Q-smoothing block.
-CONFIGS = {32: (64, 4, 2), 64: (64, 8, 2), 128: (64, 8, 2), 256: (32, 8, 1)}
+CONFIGS = {32: (64, 4, 2), 64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 8, 1)}
 
 
 LAST_COMPILED = None  # the last compiled kernel, for inspecting its IR (experiments/sweep_sage3.py)
@@ -218,16 +179,15 @@ def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, fmt: str, op_dty
     out = torch.empty(*lead, R, C, dtype=op_dtype, device=packed.device)
     rows = packed.numel() // half
     CP = min(C, 128)
-    block_r = 64 if rows % 64 == 0 else 1
-    dequantize_rows_kernel[(rows // block_r, C // CP)](
-        packed, scales, out, C, BLOCK_R=block_r, CP=CP, MX=fmt == "mxfp4", SB=32 if fmt == "mxfp4" else 16,
+    dequantize_rows_kernel[(triton.cdiv(rows, 64), C // CP)](
+        packed, scales, out, rows, C, BLOCK_R=64, CP=CP, MX=fmt == "mxfp4", SB=32 if fmt == "mxfp4" else 16,
         OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16)
     return out
 
 
 def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bool, two_level_p: bool,
-           op_dtype: torch.dtype, return_lse: bool, config=None, pre_unpack: bool = False, magic_round: bool = True,
-           permute_keys: bool = False, unpacked=None):
+           op_dtype: torch.dtype, return_lse: bool, config=None, pre_unpack: bool = True, magic_round: bool = True,
+           unpacked=None):
     B, Hq, Nq, half = qf.q_packed.shape
     DP = half * 2
     Hkv, Nk, NPAD = qf.k_packed.shape[1], qf.seqlen_k, qf.v_packed.shape[-1] * 2
@@ -255,8 +215,7 @@ def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bo
         BLOCK_M=128, BLOCK_N=BLOCK_N, DP=DP, MX=qf.fmt == "mxfp4", SMOOTH_Q=delta_s is not None,
         IS_CAUSAL=is_causal, RETURN_LSE=return_lse,
         OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16, INTERPRET=interpreter_enabled(),
-        SB=32 if qf.fmt == "mxfp4" else 16, PRE=pre_unpack, MAGIC=magic_round,
-        PERM=permute_keys and pre_unpack and BLOCK_N == 64, num_warps=warps, num_stages=stages)
+        SB=32 if qf.fmt == "mxfp4" else 16, PRE=pre_unpack, MAGIC=magic_round, num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)
     return lse if return_lse else None
