@@ -157,3 +157,11 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
     qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False)
     kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True)
     return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult, qbm, q_block if smooth_q else 0)
+
+
+def quantize_token_blocks(x: torch.Tensor, *, block: int, backend: str, bits: int = 8):
+    """INT codes ``[B, H, N, DP]`` and fp32 scales ``[B, H, ceil(N/block)]`` of an HND tensor, one
+    scale per ``block`` tokens (SageBwd's V and dO). Same pass and rules as Q and K above."""
+    fn = _quantize_triton if backend == "triton" else _quantize_torch
+    codes, scale, _, _ = fn(x, None, False, 1.0, bits, "per_block", block, padded_head_dim(x.shape[-1]), 32, False)
+    return codes, scale

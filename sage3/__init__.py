@@ -13,8 +13,12 @@ What is quantized, how, and why (sage3.md):
 The H100 has no FP4 tensor cores (``fp4_hardware()`` says so), so here every FP4 value is
 dequantized exactly into a 16-bit operand and multiplied on 16-bit tensor cores: the paper's
 numerics up to fp32 summation order, at the speed of that emulation, not FP4 speed.
+
+``sageattn_train`` is SageBwd, the paper's 8-bit attention for training (INT8 forward and
+backward, :mod:`sage3.train`); that one runs at real INT8 speed on Hopper.
 """
 
 from .interface import fp4_hardware, sageattn
+from .train import sageattn_train
 
-__all__ = ["fp4_hardware", "sageattn"]
+__all__ = ["fp4_hardware", "sageattn", "sageattn_train"]

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
-from common.triton_attention import kv_bounds, masked_row_max, program_tile
+from common.triton_attention import dot_16bit, kv_bounds, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
 from .fp4_triton import (
@@ -41,18 +41,6 @@ def _dequant(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr, MX: tl.cons
         out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), ROWS, COLS, 16).to(OP)
     else:
         out = apply_block_scales(vals, scales.to(OP), ROWS, COLS, 16)
-    return out
-
-
-@triton.jit
-def _dot(a, b, acc, INTERPRET: tl.constexpr):
-    # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): use fp32 there,
-    # which is exact for these operands' products as well. (One return per path: the compiler
-    # does not stop at a return inside a constexpr if.)
-    if INTERPRET and a.dtype == tl.bfloat16:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
     return out
 
 
@@ -134,7 +122,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
             k = _dequant(tl.load(KP + (kv_bh * Nk + cols[:, None]) * (DP // 2) + half[None, :], mask=kmask, other=0),
                          _load_scales(KSC + (kv_bh * Nk + cols[:, None]) * (DP // SB) + sblk[None, :], kmask, MX),
                          BLOCK_N, DP, MX, OP)
-        s = _dot(q, tl.trans(k), None, INTERPRET)
+        s = dot_16bit(q, tl.trans(k), None, INTERPRET)
         if SMOOTH_Q:  # one Q-smoothing block per BLOCK_M tile: delta_s is one row per tile
             s += tl.load(DS + (bh * n_ds_blocks + start_m) * Nk + cols, mask=cols < Nk, other=0.0)[None, :]
         s = s * mult
@@ -151,7 +139,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
             vt = _dequant(tl.load(VP + (kv_bh * DP + dcols[:, None]) * (NPAD // 2) + vhalf[None, :]),
                           tl.load(VSC + (kv_bh * DP + dcols[:, None]) * (NPAD // SB) + vsb[None, :]),
                           DP, BLOCK_N, MX, OP)
-        acc = _dot(pq, tl.trans(vt), acc * alpha[:, None], INTERPRET)
+        acc = dot_16bit(pq, tl.trans(vt), acc * alpha[:, None], INTERPRET)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

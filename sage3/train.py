@@ -1,0 +1,127 @@
+"""SageBwd: 8-bit attention for training, forward and backward (SageAttention3 paper, section 3).
+
+Six of the seven matmuls of attention training run in INT8: the forward's Q K^T and P V, and the
+backward's recomputed Q K^T, P^T dO, dS K and dS^T Q. Only dP = dO V^T stays in 16 bits: its
+error would flow through dS into dQ and dK and build up along the sequence (the paper's dQ
+cosine falls from 99.77% to 97.47% when it is quantized; ``quantize_dov=True`` reproduces that
+ablation). Granularities (tiles of the kernels; see :mod:`sage3.train_emulation` for the algebra):
+
+* Q per 128 queries (sm_scale*log2 e folded in), K - mean_k per 64 keys, V per 64 keys;
+* P per query row of each 64-key tile in the forward (its scale is the online softmax's own row
+  max, so it costs nothing); P, dO and dS per 64 x 64 tile in the backward;
+* K smoothing, exact in the forward and in dQ (each row of dS sums to 0; see
+  :mod:`sage3.train_emulation` for why the paper's rowsum(dS) mean_k term is left out). No Q smoothing.
+
+On the H100 this is real speed, not an emulation: INT8 tensor cores run at twice the 16-bit rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.checks import check_attention_inputs, check_flag, from_hnd, resolve_backend, resolve_sm_scale, to_hnd
+from common.int_qk import QuantizedQK, quantize_qk, quantize_token_blocks
+
+from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK
+
+MIN_DP = 32  # INT8 tensor-core dots reduce over at least 32 elements
+
+
+@dataclass
+class SageBwdState:
+    """What the forward keeps for the backward: INT8 Q, K (and V), the 16-bit V for dP, never P."""
+    qk: QuantizedQK
+    v_codes: torch.Tensor        # int8 [B, Hkv, Nk, DP], per FWD_KV_TILE keys
+    v_scale: torch.Tensor        # fp32 [B, Hkv, ceil(Nk/64)]
+    v16: torch.Tensor            # V, HND contiguous, padded to DP (dP = dO V^T in 16 bits)
+    sm_scale: float
+    do_codes: torch.Tensor | None = None   # set in the backward: int8 dO per BWD_TILE queries
+    do_scale: torch.Tensor | None = None
+
+    def v_scale_per_token(self) -> torch.Tensor:
+        return self.v_scale.repeat_interleave(FWD_KV_TILE, dim=-1)[..., : self.v_codes.shape[-2]]
+
+    def do_scale_per_token(self) -> torch.Tensor:
+        return self.do_scale.repeat_interleave(BWD_TILE, dim=-1)[..., : self.do_codes.shape[-2]]
+
+
+def _pad_dim(x: torch.Tensor, dp: int) -> torch.Tensor:
+    return x if x.shape[-1] == dp else torch.nn.functional.pad(x, (0, dp - x.shape[-1]))
+
+
+def quantize_for_training(qh, kh, vh, *, sm_scale: float, backend: str) -> SageBwdState:
+    qk = quantize_qk(qh, kh, sm_scale=sm_scale, smooth_k=True, granularity="per_block", bits=8,
+                     q_block=FWD_Q_BLOCK, k_block=FWD_KV_TILE, backend=backend)
+    v_codes, v_scale = quantize_token_blocks(vh, block=FWD_KV_TILE, backend=backend)
+    dp = max(MIN_DP, qk.q_codes.shape[-1])
+    qk.q_codes, qk.k_codes, v_codes = (_pad_dim(t, dp) for t in (qk.q_codes, qk.k_codes, v_codes))
+    return SageBwdState(qk, v_codes, v_scale, _pad_dim(vh.contiguous(), dp), sm_scale)
+
+
+class SageBwdFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
+        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        D = qh.shape[-1]
+        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
+        if backend == "triton":
+            from .train_kernel import forward_triton
+
+            o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=q.dtype)
+        else:
+            from .train_emulation import forward_emulated
+
+            o32, lse2 = forward_emulated(st, is_causal=is_causal)
+            o_pad = o32.to(q.dtype)
+        ctx.st, ctx.lse2, ctx.o_pad = st, lse2, o_pad
+        ctx.opts = (tensor_layout, is_causal, backend, quantize_dov, deterministic, D)
+        ctx.shapes = (q.dtype, k.shape, v.shape)
+        return from_hnd(o_pad[..., :D], tensor_layout).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensor_layout, is_causal, backend, quantize_dov, deterministic, D = ctx.opts
+        st, lse2, o_pad = ctx.st, ctx.lse2, ctx.o_pad
+        dp = o_pad.shape[-1]
+        do = _pad_dim(to_hnd(grad_out, tensor_layout).to(o_pad.dtype).contiguous(), dp)
+        st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
+        if backend == "triton":
+            from .train_kernel import backward_triton
+
+            dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
+                                         deterministic=deterministic)
+        else:
+            from .train_emulation import backward_emulated
+
+            dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
+        dtype = ctx.shapes[0]
+        grads = (from_hnd(g[..., :D].to(dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+        return (*grads, None, None, None, None, None, None)
+
+
+def sageattn_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
+                   is_causal: bool = False, sm_scale: float | None = None, backend: str = "auto",
+                   quantize_dov: bool = False, deterministic: bool = False) -> torch.Tensor:
+    """SageBwd: differentiable 8-bit attention, a drop-in for ``F.scaled_dot_product_attention``
+    in training (fp16/bf16 q, k, v; ``is_causal`` aligned bottom-right; GQA when Hq % Hkv == 0).
+
+    Args:
+        quantize_dov: also quantize dP = dO V^T to INT8 (the paper's ablation; worse dQ).
+        deterministic: compute dQ in its own pass (one program per query tile, no atomics), so
+            repeated backward passes give bit-identical gradients; the default accumulates dQ
+            with fp32 atomic adds from the dK/dV programs (faster; the order of adds varies).
+        backend: ``"auto"`` (Triton on CUDA, the emulation on CPU), ``"triton"``, or ``"torch"``
+            (the same algorithm in PyTorch, for CPUs and checking).
+    """
+    shape = check_attention_inputs(q, k, v, tensor_layout)
+    for name, flag in (("is_causal", is_causal), ("quantize_dov", quantize_dov), ("deterministic", deterministic)):
+        check_flag(name, flag)
+    scale = resolve_sm_scale(sm_scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    if q.numel() == 0 or shape.seqlen_k == 0:
+        # nothing to attend to: zeros, with zero gradients flowing to every input
+        return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())
+    return SageBwdFunction.apply(q, k, v, tensor_layout, is_causal, scale, be, quantize_dov, deterministic)
+

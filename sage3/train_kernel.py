@@ -1,0 +1,280 @@
+"""SageBwd Triton kernels: INT8 forward, and the backward as FlashAttention-2 recomputes it.
+
+Layouts, chosen so that every INT8 matmul reads both operands contiguous along its reduction
+(what Hopper's 8-bit tensor cores want; see ../shared/anchors): Q_hat, K_hat, V_hat, dO_hat are
+``[B, H, N, DP]``; the backward also reads Q_hat^T, K_hat^T, dO_hat^T ``[B, H, DP, N64]`` and the
+forward V_hat^T, made by a transposing copy of the codes (N64 = N rounded up to 64, zeros).
+
+The algorithm, tile sizes and rounding rules are those of :mod:`sage3.train_emulation`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from common.checks import interpreter_enabled
+from common.triton_attention import dot_16bit, kv_bounds, masked_row_max, program_tile
+
+from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK, TINY
+
+assert TINY == 7.888609052210118e-31  # the literal in _inv_scale
+
+
+@triton.jit
+def _int8_codes(y):
+    # round half away from zero (the float->int conversion truncates toward zero)
+    return (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
+
+
+@triton.jit
+def _inv_scale(amax):
+    """(127 / amax or 0, amax / 127) with blocks below TINY set to 0."""
+    amax = tl.where(amax >= 7.888609052210118e-31, amax, 0.0)  # TINY = 2**-100
+    inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.where(amax > 0, amax, 1.0)), 0.0)
+    return inv, tl.math.div_rn(amax, 127.0)
+
+
+@triton.jit
+def _quant_rows(p):
+    """INT8 per row of p [M, N] (>= 0): (codes, scales [M])."""
+    inv, scale = _inv_scale(tl.max(p, axis=1))
+    return _int8_codes(p * inv[:, None]), scale
+
+
+@triton.jit
+def _quant_tile(x):
+    """INT8 with one scale for the whole tile: (codes, scale)."""
+    inv, scale = _inv_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    return _int8_codes(x * inv), scale
+
+
+@triton.jit
+def _fwd_tile(q, sq, K, KS, VT, VS, acc, m_i, l_i, start_n, rows, kv_bh, Nq, Nk, NKP, n_kb,
+              BLOCK_N: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    dcols = tl.arange(0, DP)
+    if MASK:
+        k = tl.load(K + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=cols[:, None] < Nk, other=0)
+    else:
+        k = tl.load(K + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :])
+    sk = tl.load(KS + kv_bh * n_kb + start_n // BLOCK_N)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * (sq * sk)
+    if MASK:
+        s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, Nk - Nq, IS_CAUSAL)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    pc, ps = _quant_rows(p)
+    vt = tl.load(VT + (kv_bh * DP + dcols[:, None]) * NKP + cols[None, :])  # padded with zeros: no mask
+    sv = tl.load(VS + kv_bh * n_kb + start_n // BLOCK_N)
+    pv = tl.dot(pc, tl.trans(vt)).to(tl.float32)
+    acc = acc * alpha[:, None] + pv * (ps * sv)[:, None]
+    return acc, m_new, l_i
+
+
+@triton.jit
+def sagebwd_fwd_kernel(Q, QS, K, KS, VT, VS, O, L, Hq, Hkv, Nq, Nk, NKP, n_qb, n_kb,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, DP)
+    q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rows[:, None] < Nq, other=0)
+    sq = tl.load(QS + bh * n_qb + start_m)  # BLOCK_M is Q's quantization block
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    full_end, hi = kv_bounds(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(q, sq, K, KS, VT, VS, acc, m_i, l_i, start_n, rows, kv_bh, Nq, Nk, NKP, n_kb,
+                                  BLOCK_N, DP, IS_CAUSAL, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(q, sq, K, KS, VT, VS, acc, m_i, l_i, start_n, rows, kv_bh, Nq, Nk, NKP, n_kb,
+                                  BLOCK_N, DP, IS_CAUSAL, True)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + (bh * Nq + rows[:, None]) * DP + dcols[None, :], out, mask=rows[:, None] < Nq)
+    tl.store(L + bh * Nq + rows, m_i + tl.math.log2(l_i), mask=rows < Nq)
+
+
+@triton.jit
+def _visible(rows_q, cols_k, Nq, Nk, IS_CAUSAL: tl.constexpr):
+    """[len(rows_q), len(cols_k)] mask of the (query, key) pairs that exist and are visible."""
+    keep = (rows_q[:, None] < Nq) & (cols_k[None, :] < Nk)
+    if IS_CAUSAL:
+        keep = keep & (cols_k[None, :] <= rows_q[:, None] + (Nk - Nq))
+    return keep
+
+
+@triton.jit
+def sagebwd_dkdv_kernel(Q, QS, QT, K, KS, KT, V16, VC, VS, DO16, DOC, DOT, DOS, L, DI, DK, DV, DQACC,
+                        Hq, Hkv, Nq, Nk, NQP, NKP, n_qb, n_kb, n_db,
+                        BLOCK: tl.constexpr, QB: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        DOV: tl.constexpr, ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr):
+    """One program per (64-key tile, batch, KV head): dK and dV of those keys, summed over every
+    query tile of every query head of the GQA group; with ATOMIC_DQ also dQ's share (fp32 atomics)."""
+    pid_n = tl.program_id(0)
+    kv_bh = tl.program_id(1)
+    b = kv_bh // Hkv
+    hk = kv_bh % Hkv
+    G = Hq // Hkv
+    start_n = pid_n * BLOCK
+    cols = start_n + tl.arange(0, BLOCK)
+    dcols = tl.arange(0, DP)
+    kmask = cols[:, None] < Nk
+    k = tl.load(K + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0)
+    sk = tl.load(KS + kv_bh * n_kb + pid_n)
+    if DOV:
+        vv = tl.load(VC + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0)
+        sv = tl.load(VS + kv_bh * n_kb + pid_n)
+    else:
+        vv = tl.load(V16 + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0.0)
+        sv = 1.0
+    if ATOMIC_DQ:
+        kt = tl.load(KT + (kv_bh * DP + dcols[:, None]) * NKP + cols[None, :])
+    dk = tl.zeros([BLOCK, DP], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, DP], dtype=tl.float32)
+    lo = 0
+    if IS_CAUSAL:  # query row i sees key j iff j <= i + Nk - Nq
+        lo = tl.maximum(start_n - (Nk - Nq), 0) // BLOCK * BLOCK
+    for g in range(0, G):
+        bh = b * Hq + hk * G + g
+        for start_m in range(lo, Nq, BLOCK):
+            rows = start_m + tl.arange(0, BLOCK)
+            rmask = rows[:, None] < Nq
+            q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
+            sq = tl.load(QS + bh * n_qb + start_m // QB)
+            lse = tl.load(L + bh * Nq + rows, mask=rows < Nq, other=0.0)
+            st = tl.dot(k, tl.trans(q)).to(tl.float32) * (sk * sq)                   # S^T [keys, queries]
+            pt = tl.where(tl.trans(_visible(rows, cols, Nq, Nk, IS_CAUSAL)), tl.math.exp2(st - lse[None, :]), 0.0)
+            pc, ps = _quant_tile(pt)
+            dot_t = tl.load(DOT + (bh * DP + dcols[:, None]) * NQP + rows[None, :])   # padded: no mask
+            sdo = tl.load(DOS + bh * n_db + start_m // BLOCK)
+            dv += tl.dot(pc, tl.trans(dot_t)).to(tl.float32) * (ps * sdo)
+            if DOV:
+                doc = tl.load(DOC + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
+                dpt = tl.dot(vv, tl.trans(doc)).to(tl.float32) * (sdo * sv)
+            else:
+                do16 = tl.load(DO16 + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0.0)
+                dpt = dot_16bit(vv, tl.trans(do16), None, INTERPRET)
+            di = tl.load(DI + bh * Nq + rows, mask=rows < Nq, other=0.0)
+            dst = pt * (dpt - di[None, :])
+            dsc, dss = _quant_tile(dst)
+            qt = tl.load(QT + (bh * DP + dcols[:, None]) * NQP + rows[None, :])
+            dk += tl.dot(dsc, tl.trans(qt)).to(tl.float32) * (dss * sq)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dsc), tl.trans(kt)).to(tl.float32) * (dss * sk)
+                tl.atomic_add(DQACC + (bh * Nq + rows[:, None]) * DP + dcols[None, :], dq, mask=rmask, sem="relaxed")
+    tl.store(DK + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], dk * 0.6931471805599453, mask=kmask)
+    tl.store(DV + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], dv, mask=kmask)
+
+
+@triton.jit
+def sagebwd_dq_kernel(Q, QS, K, KS, KT, V16, VC, VS, DO16, DOC, DOS, L, DI, DQ,
+                      Hq, Hkv, Nq, Nk, NKP, n_qb, n_kb, n_db,
+                      BLOCK: tl.constexpr, QB: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                      DOV: tl.constexpr, INTERPRET: tl.constexpr):
+    """Deterministic dQ: one program per (64-query tile, batch, head) loops over the key tiles."""
+    start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
+    start_m = start_m * BLOCK
+    rows = start_m + tl.arange(0, BLOCK)
+    dcols = tl.arange(0, DP)
+    rmask = rows[:, None] < Nq
+    q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
+    sq = tl.load(QS + bh * n_qb + start_m // QB)
+    lse = tl.load(L + bh * Nq + rows, mask=rows < Nq, other=0.0)
+    di = tl.load(DI + bh * Nq + rows, mask=rows < Nq, other=0.0)
+    sdo = tl.load(DOS + bh * n_db + start_m // BLOCK)
+    if DOV:
+        do = tl.load(DOC + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
+    else:
+        do = tl.load(DO16 + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK, DP], dtype=tl.float32)
+    hi = Nk
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Nk, start_m + BLOCK + Nk - Nq), 0)
+    for start_n in range(0, hi, BLOCK):
+        cols = start_n + tl.arange(0, BLOCK)
+        kmask = cols[:, None] < Nk
+        k = tl.load(K + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0)
+        sk = tl.load(KS + kv_bh * n_kb + start_n // BLOCK)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * (sk * sq)
+        p = tl.where(_visible(rows, cols, Nq, Nk, IS_CAUSAL), tl.math.exp2(s - lse[:, None]), 0.0)
+        if DOV:
+            vc = tl.load(VC + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0)
+            sv = tl.load(VS + kv_bh * n_kb + start_n // BLOCK)
+            dp = tl.dot(do, tl.trans(vc)).to(tl.float32) * (sdo * sv)
+        else:
+            v16 = tl.load(V16 + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0.0)
+            dp = dot_16bit(do, tl.trans(v16), None, INTERPRET)
+        ds = p * (dp - di[:, None])
+        dsc, dss = _quant_tile(ds)
+        kt = tl.load(KT + (kv_bh * DP + dcols[:, None]) * NKP + cols[None, :])
+        dq += tl.dot(dsc, tl.trans(kt)).to(tl.float32) * (dss * sk)
+    tl.store(DQ + (bh * Nq + rows[:, None]) * DP + dcols[None, :], dq, mask=rmask)
+
+
+# (num_warps, num_stages) of the forward and of the backward kernels, by padded head dim
+FWD_CONFIGS = {32: (4, 2), 64: (4, 3), 128: (8, 2), 256: (8, 1)}
+BWD_CONFIGS = {32: (4, 2), 64: (4, 2), 128: (4, 2), 256: (8, 1)}
+
+
+def _transposed(codes: torch.Tensor, mult: int) -> torch.Tensor:
+    """[B, H, N, DP] -> [B, H, DP, N rounded up to mult] (padding = 0), contiguous."""
+    n = codes.shape[-2]
+    pad = (-n) % mult
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+    return codes.transpose(-1, -2).contiguous()
+
+
+def forward_triton(st, *, is_causal: bool, out_dtype: torch.dtype, config=None):
+    """Returns (O [B, Hq, Nq, DP] in out_dtype, log2 LSE fp32 [B, Hq, Nq])."""
+    qk = st.qk
+    B, Hq, Nq, DP = qk.q_codes.shape
+    Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
+    vt = _transposed(st.v_codes, FWD_KV_TILE)
+    dev = qk.q_codes.device
+    o32 = torch.empty(B, Hq, Nq, DP, dtype=torch.float32, device=dev)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev)
+    warps, stages = config or FWD_CONFIGS[DP]
+    grid = (triton.cdiv(Nq, FWD_Q_BLOCK), B * Hq)
+    sagebwd_fwd_kernel[grid](qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, vt, st.v_scale, o32, lse,
+                             Hq, Hkv, Nq, Nk, vt.shape[-1], qk.q_scale.shape[-1], qk.k_scale.shape[-1],
+                             BLOCK_M=FWD_Q_BLOCK, BLOCK_N=FWD_KV_TILE, DP=DP, IS_CAUSAL=is_causal,
+                             num_warps=warps, num_stages=stages)
+    return o32.to(out_dtype), lse
+
+
+def backward_triton(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor, *, is_causal: bool,
+                    quantize_dov: bool, deterministic: bool, config=None):
+    """(dQ, dK, dV) fp32 [.., DP]; see :func:`sage3.train_emulation.backward_emulated`."""
+    qk = st.qk
+    B, Hq, Nq, DP = qk.q_codes.shape
+    Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
+    dev = do.device
+    di = (do.float() * o.float()).sum(-1)
+    qt = _transposed(qk.q_codes, BWD_TILE)
+    kt = _transposed(qk.k_codes, BWD_TILE)
+    dot_ = _transposed(st.do_codes, BWD_TILE)
+    dk = torch.empty(B, Hkv, Nk, DP, dtype=torch.float32, device=dev)
+    dv = torch.empty_like(dk)
+    dq = torch.zeros(B, Hq, Nq, DP, dtype=torch.float32, device=dev)
+    warps, stages = config or BWD_CONFIGS[DP]
+    common = dict(BLOCK=BWD_TILE, QB=FWD_Q_BLOCK, DP=DP, IS_CAUSAL=is_causal, DOV=quantize_dov, INTERPRET=interpreter_enabled(),
+                  num_warps=warps, num_stages=stages)
+    n_qb, n_kb, n_db = qk.q_scale.shape[-1], qk.k_scale.shape[-1], st.do_scale.shape[-1]
+    sagebwd_dkdv_kernel[(triton.cdiv(Nk, BWD_TILE), B * Hkv)](
+        qk.q_codes, qk.q_scale, qt, qk.k_codes, qk.k_scale, kt, st.v16, st.v_codes, st.v_scale,
+        do, st.do_codes, dot_, st.do_scale, lse2, di, dk, dv, dq,
+        Hq, Hkv, Nq, Nk, qt.shape[-1], kt.shape[-1], n_qb, n_kb, n_db, ATOMIC_DQ=not deterministic, **common)
+    if deterministic:
+        sagebwd_dq_kernel[(triton.cdiv(Nq, BWD_TILE), B * Hq)](
+            qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, kt, st.v16, st.v_codes, st.v_scale,
+            do, st.do_codes, st.do_scale, lse2, di, dq,
+            Hq, Hkv, Nq, Nk, kt.shape[-1], n_qb, n_kb, n_db, **common)
+    return dq * st.sm_scale, dk, dv
+
