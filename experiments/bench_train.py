@@ -38,8 +38,8 @@ def impls(causal):
         "sdpa_flash (FA2)": lambda q, k, v: sdpa("sdpa_flash")(q, k, v, is_causal=causal),
         "sdpa_cudnn": lambda q, k, v: sdpa("sdpa_cudnn")(q, k, v, is_causal=causal),
         "sageattn_train": lambda q, k, v: sage3.sageattn_train(q, k, v, is_causal=causal),
-        "sageattn_train deterministic": lambda q, k, v: sage3.sageattn_train(q, k, v, is_causal=causal,
-                                                                              deterministic=True),
+        "sageattn_train atomic dQ": lambda q, k, v: sage3.sageattn_train(q, k, v, is_causal=causal,
+                                                                          deterministic=False),
     }
 
 
@@ -52,7 +52,7 @@ def speed(seqlens, causals, d=128, B=4, H=32):
             flops = 3.5 * attention_flops(B, H, n, n, d, is_causal=causal)
             res = {}
             for name, fn in impls(causal).items():
-                if name.endswith("deterministic") and n not in (4096, 16384):
+                if name.endswith("atomic dQ") and n not in (4096, 16384):
                     continue
                 res[name] = bench_ms(fwd_bwd(fn, q, k, v, do))
             fwd_only = bench_ms(lambda: sage3.sageattn_train(q, k, v, is_causal=causal))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
-from common.triton_attention import dot_16bit, kv_bounds, masked_row_max, program_tile
+from common.triton_attention import dot_16bit, kv_bounds, program_tile
 
 from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK, TINY
 
@@ -37,9 +37,9 @@ def _inv_scale(amax):
 
 
 @triton.jit
-def _quant_rows(p):
-    """INT8 per row of p [M, N] (>= 0): (codes, scales [M])."""
-    inv, scale = _inv_scale(tl.max(p, axis=1))
+def _quant_rows(p, pmax):
+    """INT8 per row of p [M, N] (>= 0) whose row maxima are pmax: (codes, scales [M])."""
+    inv, scale = _inv_scale(pmax)
     return _int8_codes(p * inv[:, None]), scale
 
 
@@ -48,6 +48,15 @@ def _quant_tile(x):
     """INT8 with one scale for the whole tile: (codes, scale)."""
     inv, scale = _inv_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
     return _int8_codes(x * inv), scale
+
+
+@triton.jit
+def _visible(rows_q, cols_k, Nq, Nk, IS_CAUSAL: tl.constexpr):
+    """[len(rows_q), len(cols_k)] mask of the (query, key) pairs that exist and are visible."""
+    keep = (rows_q[:, None] < Nq) & (cols_k[None, :] < Nk)
+    if IS_CAUSAL:
+        keep = keep & (cols_k[None, :] <= rows_q[:, None] + (Nk - Nq))
+    return keep
 
 
 @triton.jit
@@ -62,14 +71,15 @@ def _fwd_tile(q, sq, K, KS, VT, VS, acc, m_i, l_i, start_n, rows, kv_bh, Nq, Nk,
     sk = tl.load(KS + kv_bh * n_kb + start_n // BLOCK_N)
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * (sq * sk)
     if MASK:
-        s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, Nk - Nq, IS_CAUSAL)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = m_new
+        s = tl.where(_visible(rows, cols, Nq, Nk, IS_CAUSAL), s, float("-inf"))
+    smax = tl.max(s, axis=1)
+    m_new = tl.maximum(m_i, smax)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    pc, ps = _quant_rows(p)
+    # the row max of p is exp2 of the row max of s (exp2 is monotonic): no second reduction
+    pc, ps = _quant_rows(p, tl.math.exp2(smax - m_use))
     vt = tl.load(VT + (kv_bh * DP + dcols[:, None]) * NKP + cols[None, :])  # padded with zeros: no mask
     sv = tl.load(VS + kv_bh * n_kb + start_n // BLOCK_N)
     pv = tl.dot(pc, tl.trans(vt)).to(tl.float32)
@@ -98,15 +108,6 @@ def sagebwd_fwd_kernel(Q, QS, K, KS, VT, VS, O, L, Hq, Hkv, Nq, Nk, NKP, n_qb, n
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + (bh * Nq + rows[:, None]) * DP + dcols[None, :], out, mask=rows[:, None] < Nq)
     tl.store(L + bh * Nq + rows, m_i + tl.math.log2(l_i), mask=rows < Nq)
-
-
-@triton.jit
-def _visible(rows_q, cols_k, Nq, Nk, IS_CAUSAL: tl.constexpr):
-    """[len(rows_q), len(cols_k)] mask of the (query, key) pairs that exist and are visible."""
-    keep = (rows_q[:, None] < Nq) & (cols_k[None, :] < Nk)
-    if IS_CAUSAL:
-        keep = keep & (cols_k[None, :] <= rows_q[:, None] + (Nk - Nq))
-    return keep
 
 
 @triton.jit
@@ -218,8 +219,8 @@ def sagebwd_dq_kernel(Q, QS, K, KS, KT, V16, VC, VS, DO16, DOC, DOS, L, DI, DQ,
 
 
 # (num_warps, num_stages) of the forward and of the backward kernels, by padded head dim
-FWD_CONFIGS = {32: (4, 2), 64: (4, 3), 128: (8, 2), 256: (8, 1)}
-BWD_CONFIGS = {32: (4, 2), 64: (4, 2), 128: (4, 2), 256: (8, 1)}
+FWD_CONFIGS = {32: (4, 2), 64: (4, 3), 128: (8, 3), 256: (8, 1)}
+BWD_CONFIGS = {32: (4, 1), 64: (4, 1), 128: (4, 1), 256: (8, 1)}
 
 
 def _transposed(codes: torch.Tensor, mult: int) -> torch.Tensor:

@@ -174,7 +174,7 @@ def test_gpu_kernels_at_real_size_and_determinism(causal):
     runs = [run_grads(lambda a, b, c: sage3.sageattn_train(a, b, c, is_causal=causal, deterministic=True), q, k, v, do)
             for _ in range(2)]
     assert all(torch.equal(x, y) for x, y in zip(*runs))
-    fast = run_grads(lambda a, b, c: sage3.sageattn_train(a, b, c, is_causal=causal), q, k, v, do)
+    fast = run_grads(lambda a, b, c: sage3.sageattn_train(a, b, c, is_causal=causal, deterministic=False), q, k, v, do)
     emu = run_grads(lambda a, b, c: sage3.sageattn_train(a, b, c, is_causal=causal, backend="torch"), q, k, v, do)
     ref = run_grads(lambda a, b, c: attention_reference(a, b, c, is_causal=causal), q.float(), k.float(), v.float(),
                     do.float())
