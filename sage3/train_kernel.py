@@ -220,7 +220,7 @@ def sagebwd_dq_kernel(Q, QS, K, KS, KT, V16, VC, VS, DO16, DOC, DOS, L, DI, DQ,
 
 # (num_warps, num_stages) of the forward and of the backward kernels, by padded head dim
 FWD_CONFIGS = {32: (4, 2), 64: (4, 3), 128: (8, 3), 256: (8, 1)}
-BWD_CONFIGS = {32: (4, 1), 64: (4, 1), 128: (4, 1), 256: (8, 1)}
+BWD_CONFIGS = {32: (4, 2), 64: (4, 2), 128: (4, 2), 256: (8, 1)}
 
 
 def _transposed(codes: torch.Tensor, mult: int) -> torch.Tensor:
