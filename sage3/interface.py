@@ -39,9 +39,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         smooth_q: subtract each 128-query block's mean, add ``mean_q . K^T`` back to S (fp32).
         smooth_k: subtract K's token mean (exact; the LSE is corrected).
 
-    On GPUs without FP4 tensor cores (``fp4_hardware()`` is False, e.g. the H100) the Triton
-    kernel reads the packed FP4 codes, dequantizes them exactly into 16-bit operands and
-    multiplies on 16-bit tensor cores: the paper's numerics, not its speed.
+    On GPUs without FP4 tensor cores (``fp4_hardware()`` is False, e.g. the H100) the FP4 codes
+    are dequantized exactly into 16-bit operands (K and V by a pass before the kernel, Q in it)
+    and multiplied on 16-bit tensor cores: the paper's numerics, not its speed.
     """
     shape, scale, be = validate_call(
         q, k, v, tensor_layout, sm_scale, backend,

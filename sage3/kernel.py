@@ -1,11 +1,13 @@
 """SageAttention3 inference kernel in Triton, exact FP4 emulation for GPUs without FP4 tensor cores.
 
-The kernel reads packed FP4 codes (two per byte) and block scales of Q, K and V^T, unpacks and
-scales them in registers into fp16/bf16 operands (exact: an E2M1 value times an E4M3 or
-in-range E8M0 scale has at most 6 significant bits), multiplies on 16-bit tensor cores with fp32
-accumulation, and quantizes P to FP4 per 16 (32) keys in registers before the P V product.
-On Hopper this is an emulation: its speed is that of a 16-bit attention plus the unpacking and
-the in-register quantization, not of FP4 tensor cores.
+Q, K and V^T arrive as packed FP4 codes (two per byte) plus block scales. By default a pass before
+the kernel (:func:`dequantize_rows`) turns K and V^T into fp16/bf16 once per token, and the kernel
+reads those; ``pre_unpack=False`` makes the kernel read the packed codes and unpack them in
+registers instead (the same values: an E2M1 value times an E4M3 or in-range E8M0 scale has at most
+6 significant bits, exact in 16 bits). It multiplies on 16-bit tensor cores with fp32 accumulation
+and quantizes P to FP4 per 16 (32) keys in registers before the P V product.
+On Hopper this is an emulation: its speed is that of a 16-bit attention plus the in-register
+quantization of P, not of FP4 tensor cores (sage3/NOTES.md).
 """
 
 from __future__ import annotations
