@@ -52,13 +52,14 @@ class QuantizedQK:
     q_block: int = 0           # token block of the Q means
 
     def q_scale_per_token(self) -> torch.Tensor:
-        return _per_token(self.q_scale, self.q_tokens_per_scale, self.q_codes.shape[-2])
+        return scale_per_token(self.q_scale, self.q_tokens_per_scale, self.q_codes.shape[-2])
 
     def k_scale_per_token(self) -> torch.Tensor:
-        return _per_token(self.k_scale, self.k_tokens_per_scale, self.k_codes.shape[-2])
+        return scale_per_token(self.k_scale, self.k_tokens_per_scale, self.k_codes.shape[-2])
 
 
-def _per_token(scale, tokens_per_scale, n):
+def scale_per_token(scale, tokens_per_scale, n):
+    """Scales stored per group -> one per token (see the module docstring for ``tokens_per_scale``)."""
     if tokens_per_scale == 0:
         return scale
     idx = torch.arange(n, device=scale.device) // tokens_per_scale

@@ -39,13 +39,19 @@ def kv_bounds(start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_
 
 
 @triton.jit
-def masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL: tl.constexpr):
-    """Mask s (keys past Nk; causal: j > i + q_offset) with -inf and return (s, m_new, m_use):
-    m_use is m_new with -inf replaced by 0, so that a row with no visible key yet gets p = 0."""
+def visible_keys(rows, cols, Nk, q_offset, IS_CAUSAL: tl.constexpr):
+    """[len(rows), len(cols)]: key j exists (j < Nk) and, causal, query i may see it (j <= i + q_offset)."""
     keep = cols[None, :] < Nk
     if IS_CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None] + q_offset)
-    s = tl.where(keep, s, float("-inf"))
+    return keep
+
+
+@triton.jit
+def masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL: tl.constexpr):
+    """Mask s (keys past Nk; causal: j > i + q_offset) with -inf and return (s, m_new, m_use):
+    m_use is m_new with -inf replaced by 0, so that a row with no visible key yet gets p = 0."""
+    s = tl.where(visible_keys(rows, cols, Nk, q_offset, IS_CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     return s, m_new, tl.where(m_new == float("-inf"), 0.0, m_new)
 

@@ -149,6 +149,31 @@ def fp4_quantize_v_kernel(V, PACKED, SCALES, stride_vb, stride_vh, stride_vn, H,
 
 
 @triton.jit
+def dequantize_tile(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr):
+    """Packed FP4 [ROWS, COLS/2] + block scales -> OP [ROWS, COLS], exact."""
+    vals = unpack_fp4(packed, ROWS, COLS, OP)
+    if MX:  # power-of-two scales may leave the 16-bit range on their own: multiply in fp32
+        sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
+        sc = tl.where(scales.to(tl.int32) == 0, 0.0, sc)
+        out = apply_block_scales(vals.to(tl.float32), sc, ROWS, COLS, 32).to(OP)
+    elif OP == tl.bfloat16:  # exact either way; bf16 arithmetic is not exact in Triton's CPU interpreter
+        out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), ROWS, COLS, 16).to(OP)
+    else:
+        out = apply_block_scales(vals, scales.to(OP), ROWS, COLS, 16)
+    return out
+
+
+@triton.jit
+def load_scales(ptrs, mask, MX: tl.constexpr):
+    # MXFP4 scales are uint8 exponents, NVFP4 scales E4M3: the fill value must match the type
+    if MX:
+        out = tl.load(ptrs, mask=mask, other=0)
+    else:
+        out = tl.load(ptrs, mask=mask, other=0.0)
+    return out
+
+
+@triton.jit
 def dequantize_rows_kernel(PACKED, SCALES, OUT, R, COLS, BLOCK_R: tl.constexpr, CP: tl.constexpr, MX: tl.constexpr,
                            SB: tl.constexpr, OP: tl.constexpr):
     """Packed FP4 rows [R, COLS/2] + block scales -> OP [R, COLS] (exact), CP columns per program."""
@@ -156,16 +181,6 @@ def dequantize_rows_kernel(PACKED, SCALES, OUT, R, COLS, BLOCK_R: tl.constexpr, 
     c0 = tl.program_id(1) * CP
     inb = r[:, None] < R
     packed = tl.load(PACKED + r[:, None] * (COLS // 2) + c0 // 2 + tl.arange(0, CP // 2)[None, :], mask=inb, other=0)
-    sptrs = SCALES + r[:, None] * (COLS // SB) + c0 // SB + tl.arange(0, CP // SB)[None, :]
-    if MX:  # uint8 exponents
-        scales = tl.load(sptrs, mask=inb, other=0)
-    else:  # E4M3
-        scales = tl.load(sptrs, mask=inb, other=0.0)
-    vals = unpack_fp4(packed, BLOCK_R, CP, OP)
-    if MX:
-        sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
-        sc = tl.where(scales.to(tl.int32) == 0, 0.0, sc)
-        out = apply_block_scales(vals.to(tl.float32), sc, BLOCK_R, CP, 32).to(OP)
-    else:
-        out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), BLOCK_R, CP, 16).to(OP)
+    scales = load_scales(SCALES + r[:, None] * (COLS // SB) + c0 // SB + tl.arange(0, CP // SB)[None, :], inb, MX)
+    out = dequantize_tile(packed, scales, BLOCK_R, CP, MX, OP)
     tl.store(OUT + r[:, None] * COLS + c0 + tl.arange(0, CP)[None, :], out, mask=inb)

@@ -23,36 +23,13 @@ from common.triton_attention import dot_16bit, kv_bounds, masked_row_max, progra
 from common.triton_quant import to_fp8
 
 from .fp4_triton import (
-    apply_block_scales,
     dequantize_rows_kernel,
+    dequantize_tile,
     e2m1_round,
     e2m1_round_magic,
+    load_scales,
     mx_scale_f32,
-    unpack_fp4,
 )
-
-
-@triton.jit
-def _dequant(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr, MX: tl.constexpr, OP: tl.constexpr):
-    vals = unpack_fp4(packed, ROWS, COLS, OP)
-    if MX:  # power-of-two scales may leave the 16-bit range on their own: multiply in fp32
-        sc = mx_scale_f32(tl.maximum(scales.to(tl.int32), 1))
-        sc = tl.where(scales.to(tl.int32) == 0, 0.0, sc)
-        out = apply_block_scales(vals.to(tl.float32), sc, ROWS, COLS, 32).to(OP)
-    elif OP == tl.bfloat16:  # exact either way; bf16 arithmetic is not exact in Triton's CPU interpreter
-        out = apply_block_scales(vals.to(tl.float32), scales.to(tl.float32), ROWS, COLS, 16).to(OP)
-    else:
-        out = apply_block_scales(vals, scales.to(OP), ROWS, COLS, 16)
-    return out
-
-
-@triton.jit
-def _load_scales(ptrs, mask, MX: tl.constexpr):
-    if MX:
-        out = tl.load(ptrs, mask=mask, other=0)
-    else:
-        out = tl.load(ptrs, mask=mask, other=0.0)
-    return out
 
 
 @triton.jit
@@ -104,8 +81,8 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     half = tl.arange(0, DP // 2)
     sblk = tl.arange(0, DP // SB)
-    q = _dequant(tl.load(QP + (bh * Nq + rows[:, None]) * (DP // 2) + half[None, :], mask=rows[:, None] < Nq, other=0),
-                 _load_scales(QSC + (bh * Nq + rows[:, None]) * (DP // SB) + sblk[None, :], rows[:, None] < Nq, MX),
+    q = dequantize_tile(tl.load(QP + (bh * Nq + rows[:, None]) * (DP // 2) + half[None, :], mask=rows[:, None] < Nq, other=0),
+                 load_scales(QSC + (bh * Nq + rows[:, None]) * (DP // SB) + sblk[None, :], rows[:, None] < Nq, MX),
                  BLOCK_M, DP, MX, OP)
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -121,8 +98,8 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
         if PRE:  # K dequantized to 16 bits by a pass before the kernel (the same values)
             k = tl.load(K16 + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], mask=kmask, other=0.0)
         else:
-            k = _dequant(tl.load(KP + (kv_bh * Nk + cols[:, None]) * (DP // 2) + half[None, :], mask=kmask, other=0),
-                         _load_scales(KSC + (kv_bh * Nk + cols[:, None]) * (DP // SB) + sblk[None, :], kmask, MX),
+            k = dequantize_tile(tl.load(KP + (kv_bh * Nk + cols[:, None]) * (DP // 2) + half[None, :], mask=kmask, other=0),
+                         load_scales(KSC + (kv_bh * Nk + cols[:, None]) * (DP // SB) + sblk[None, :], kmask, MX),
                          BLOCK_N, DP, MX, OP)
         s = dot_16bit(q, tl.trans(k), None, INTERPRET)
         if SMOOTH_Q:  # one Q-smoothing block per BLOCK_M tile: delta_s is one row per tile
@@ -138,7 +115,7 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
         if PRE:
             vt = tl.load(VT16 + (kv_bh * DP + dcols[:, None]) * NPAD + start_n + offs_n[None, :])
         else:
-            vt = _dequant(tl.load(VP + (kv_bh * DP + dcols[:, None]) * (NPAD // 2) + vhalf[None, :]),
+            vt = dequantize_tile(tl.load(VP + (kv_bh * DP + dcols[:, None]) * (NPAD // 2) + vhalf[None, :]),
                           tl.load(VSC + (kv_bh * DP + dcols[:, None]) * (NPAD // SB) + vsb[None, :]),
                           DP, BLOCK_N, MX, OP)
         acc = dot_16bit(pq, tl.trans(vt), acc * alpha[:, None], INTERPRET)

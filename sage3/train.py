@@ -21,8 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from common.checks import check_attention_inputs, check_flag, from_hnd, resolve_backend, resolve_sm_scale, to_hnd
-from common.int_qk import QuantizedQK, quantize_qk, quantize_token_blocks
+from common.checks import (
+    check_attention_inputs,
+    check_flag,
+    from_hnd,
+    resolve_backend,
+    resolve_sm_scale,
+    to_hnd,
+)
+from common.int_qk import (
+    QuantizedQK,
+    quantize_qk,
+    quantize_token_blocks,
+    scale_per_token,
+)
 
 from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK
 
@@ -41,10 +53,10 @@ class SageBwdState:
     do_scale: torch.Tensor | None = None
 
     def v_scale_per_token(self) -> torch.Tensor:
-        return self.v_scale.repeat_interleave(FWD_KV_TILE, dim=-1)[..., : self.v_codes.shape[-2]]
+        return scale_per_token(self.v_scale, FWD_KV_TILE, self.v_codes.shape[-2])
 
     def do_scale_per_token(self) -> torch.Tensor:
-        return self.do_scale.repeat_interleave(BWD_TILE, dim=-1)[..., : self.do_codes.shape[-2]]
+        return scale_per_token(self.do_scale, BWD_TILE, self.do_codes.shape[-2])
 
 
 def _pad_dim(x: torch.Tensor, dp: int) -> torch.Tensor:
@@ -77,7 +89,7 @@ class SageBwdFunction(torch.autograd.Function):
             o_pad = o32.to(q.dtype)
         ctx.st, ctx.lse2, ctx.o_pad = st, lse2, o_pad
         ctx.opts = (tensor_layout, is_causal, backend, quantize_dov, deterministic, D)
-        ctx.shapes = (q.dtype, k.shape, v.shape)
+        ctx.dtype = q.dtype
         return from_hnd(o_pad[..., :D], tensor_layout).contiguous()
 
     @staticmethod
@@ -96,8 +108,7 @@ class SageBwdFunction(torch.autograd.Function):
             from .train_emulation import backward_emulated
 
             dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
-        dtype = ctx.shapes[0]
-        grads = (from_hnd(g[..., :D].to(dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+        grads = (from_hnd(g[..., :D].to(ctx.dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
         return (*grads, None, None, None, None, None, None)
 
 

@@ -43,7 +43,7 @@ import torch
 
 from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.quant import round_half_away
-from common.reference import exact_fp32_matmul
+from common.reference import causal_mask, exact_fp32_matmul
 
 FWD_Q_BLOCK = 128   # Q's quantization block and the forward kernel's query tile
 FWD_KV_TILE = 64    # K's and V's quantization block and the forward's KV tile (P's per-row scales)
@@ -60,32 +60,21 @@ def quantize_tile(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
     return round_half_away(x * inv), amax / torch.full_like(amax, QMAX)
 
 
-def _tiles(x: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
-    """[..., Nq, Nk] (multiples of the tiles) -> [..., Nq/tq, tq, Nk/tk, tk]."""
+def _quantize_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """x [..., Nq, Nk] quantized per tile x tile block (partial tiles at the ends as the kernels
+    see them, padded with zeros); returns the dequantized values (codes * scale), same shape."""
     *lead, nq, nk = x.shape
-    return x.reshape(*lead, nq // tq, tq, nk // tk, tk)
+    padded = torch.nn.functional.pad(x, (0, (-nk) % tile, 0, (-nq) % tile))
+    pq, pk = padded.shape[-2:]
+    codes, scale = quantize_tile(padded.reshape(*lead, pq // tile, tile, pk // tile, tile), (-3, -1))
+    return (codes * scale).reshape(padded.shape)[..., :nq, :nk]
 
 
-def _quantize_tiles(x: torch.Tensor, tile: int):
-    """Per tile x tile block: (codes * scale as fp32, i.e. the dequantized values, [..., Nq, Nk])."""
-    xt = _tiles(x, tile, tile)
-    codes, scale = quantize_tile(xt, (-3, -1))
-    return (codes * scale).reshape(x.shape)
-
-
-def _pad_to(x: torch.Tensor, dim: int, mult: int) -> torch.Tensor:
-    pad = (-x.shape[dim]) % mult
-    if not pad:
-        return x
-    widths = [0, 0] * (x.dim() - dim % x.dim() - 1) + [0, pad]
-    return torch.nn.functional.pad(x, widths)
-
-
-def _visible(nq: int, nk: int, is_causal: bool, device) -> torch.Tensor:
-    rows = torch.arange(nq, device=device)[:, None]
-    cols = torch.arange(nk, device=device)[None, :]
-    keep = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    return keep & (cols <= rows + (nk - nq)) if is_causal else keep
+def _scores(qk, g: int, j0: int = 0, j1: int | None = None) -> torch.Tensor:
+    """S = int(Q_hat K_hat^T) * s_Q * s_K (log2 domain) for keys j0:j1, K expanded to the query heads."""
+    kc = qk.k_codes[:, :, j0:j1].float().repeat_interleave(g, dim=1)
+    sk = qk.k_scale_per_token()[:, :, j0:j1].repeat_interleave(g, dim=1)
+    return (qk.q_codes.float() @ kc.transpose(-1, -2)) * (qk.q_scale_per_token()[..., None] * sk[:, :, None, :])
 
 
 def forward_emulated(st, *, is_causal: bool):
@@ -96,17 +85,13 @@ def forward_emulated(st, *, is_causal: bool):
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     g = Hq // Hkv
     dev = qk.q_codes.device
-    sq = qk.q_scale_per_token()                                  # [B, Hq, Nq]
-    sk = qk.k_scale_per_token().repeat_interleave(g, dim=1)      # [B, Hq, Nk]
-    kc = qk.k_codes.float().repeat_interleave(g, dim=1)
     vc = st.v_codes.float().repeat_interleave(g, dim=1)          # [B, Hq, Nk, DP]
     sv = st.v_scale_per_token().repeat_interleave(g, dim=1)
     sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal)
     acc = torch.zeros(B, Hq, Nq, vc.shape[-1], device=dev)
     with exact_fp32_matmul():
         for j0, j1 in kv_tiles(Nk, FWD_KV_TILE):
-            s = (qk.q_codes.float() @ kc[:, :, j0:j1].transpose(-1, -2)) * (sq[..., None] * sk[:, :, None, j0:j1])
-            p, alpha = sm.update(sm.mask(s, j0, j1))
+            p, alpha = sm.update(sm.mask(_scores(qk, g, j0, j1), j0, j1))
             pc, ps = quantize_tile(p, (-1,))                     # per row of the tile
             pv = pc @ vc[:, :, j0:j1]                            # exact integers
             acc = acc * alpha[..., None] + pv * (ps * sv[:, :, None, j0:j0 + 1])
@@ -126,25 +111,20 @@ def backward_emulated(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor,
     with exact_fp32_matmul():
         qd = qk.q_codes.float() * qk.q_scale_per_token()[..., None]                 # Q * sm_scale*log2e
         kd = (qk.k_codes.float() * qk.k_scale_per_token()[..., None]).repeat_interleave(g, dim=1)
-        s = (qk.q_codes.float() @ qk.k_codes.float().repeat_interleave(g, dim=1).transpose(-1, -2))
-        s = s * (qk.q_scale_per_token()[..., None] * qk.k_scale_per_token().repeat_interleave(g, dim=1)[:, :, None, :])
-        keep = _visible(Nq, Nk, is_causal, dev)
-        p = torch.where(keep, torch.exp2(s - lse2[..., None]), 0.0)
-        p = torch.where(torch.isfinite(lse2)[..., None], p, 0.0)
+        p = torch.exp2(_scores(qk, g) - lse2[..., None])
+        if is_causal:  # rows without a visible key (lse2 = -inf) are all masked here too
+            p = torch.where(causal_mask(Nq, Nk, dev), p, 0.0)
         dof = do.float()
         di = (dof * o.float()).sum(-1)
-        # tiles: pad queries and keys to whole tiles (padding contributes zeros)
-        pp = _pad_to(_pad_to(p, -1, T), -2, T)
         dod = st.do_codes.float() * st.do_scale_per_token()[..., None]              # dO per 64 queries
-        dv = _quantize_tiles(pp, T).transpose(-1, -2) @ _pad_to(dod, -2, T)
-        dv = dv[:, :, :Nk]
+        dv = _quantize_tiles(p, T).transpose(-1, -2) @ dod
         if quantize_dov:
             vd = (st.v_codes.float() * st.v_scale_per_token()[..., None]).repeat_interleave(g, dim=1)
             dp = dod @ vd.transpose(-1, -2)
         else:
             dp = dof @ st.v16.float().repeat_interleave(g, dim=1).transpose(-1, -2)
         ds = p * (dp - di[..., None])
-        dsq = _quantize_tiles(_pad_to(_pad_to(ds, -1, T), -2, T), T)[:, :, :Nq, :Nk]
+        dsq = _quantize_tiles(ds, T)
         dq = dsq @ kd  # K - mean_k: exact, since every row of dS sums to 0 (see the module docstring)
         dk = (dsq.transpose(-1, -2) @ qd) * math.log(2.0)
     dq = dq * st.sm_scale

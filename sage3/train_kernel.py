@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
-from common.triton_attention import dot_16bit, kv_bounds, program_tile
+from common.triton_attention import dot_16bit, kv_bounds, program_tile, visible_keys
 
 from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK, TINY
 
@@ -52,11 +52,8 @@ def _quant_tile(x):
 
 @triton.jit
 def _visible(rows_q, cols_k, Nq, Nk, IS_CAUSAL: tl.constexpr):
-    """[len(rows_q), len(cols_k)] mask of the (query, key) pairs that exist and are visible."""
-    keep = (rows_q[:, None] < Nq) & (cols_k[None, :] < Nk)
-    if IS_CAUSAL:
-        keep = keep & (cols_k[None, :] <= rows_q[:, None] + (Nk - Nq))
-    return keep
+    """visible_keys, and the query exists too: the backward sums over queries, so padding rows count."""
+    return visible_keys(rows_q, cols_k, Nk, Nk - Nq, IS_CAUSAL) & (rows_q[:, None] < Nq)
 
 
 @triton.jit
@@ -71,7 +68,7 @@ def _fwd_tile(q, sq, K, KS, VT, VS, acc, m_i, l_i, start_n, rows, kv_bh, Nq, Nk,
     sk = tl.load(KS + kv_bh * n_kb + start_n // BLOCK_N)
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * (sq * sk)
     if MASK:
-        s = tl.where(_visible(rows, cols, Nq, Nk, IS_CAUSAL), s, float("-inf"))
+        s = tl.where(visible_keys(rows, cols, Nk, Nk - Nq, IS_CAUSAL), s, float("-inf"))
     smax = tl.max(s, axis=1)
     m_new = tl.maximum(m_i, smax)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
