@@ -11,16 +11,16 @@ and magnitudes, not exact values: these are not CogVideoX's tensors.
 
 from __future__ import annotations
 
-import argparse
-import time
-
-import torch
-
 import sage2
 from common.inputs import KINDS, make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from experiments.tables import average_and_worst, synthetic_layers
+from experiments.tables import (
+    ablation_rows,
+    accuracy_args,
+    emit_table,
+    synthetic_layers,
+)
 
 # Paper (CogVideoX, all layers): (cos %, relL1, rmse) average | worst layer.
 PAPER = {
@@ -63,26 +63,19 @@ ROWS = [
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = accuracy_args(argv, "SageAttention2 accuracy tables on synthetic inputs")
     layers = synthetic_layers(args.heads, args.seqlen, args.dim, args.device, seed0=100)
     lines = [f"SageAttention2 accuracy, emulation on {args.device}, N={args.seqlen}, H={args.heads}, D={args.dim}, "
              f"synthetic inputs {', '.join(KINDS)} (average / worst).", "",
              "| setting | QK | cos % avg | relL1 avg | RMSE avg | cos % worst | relL1 worst | RMSE worst | paper (CogVideoX) avg / worst |",
              "|---|---|---|---|---|---|---|---|---|"]
-    t0 = time.time()
-    for n, (label, qk_dtype, opts) in enumerate(ROWS):
-        accs = [(kind, accuracy(ref, sage2.sageattn(q, k, v, backend="torch", qk_dtype=qk_dtype, **opts)))
-                for kind, q, k, v, ref in layers]
-        avg, (_, worst) = average_and_worst(accs)
+
+    def attend(q, k, v, qk_dtype, opts):
+        return sage2.sageattn(q, k, v, backend="torch", qk_dtype=qk_dtype, **opts)
+
+    for (label, qk_dtype, _), avg, _, worst in ablation_rows(ROWS, layers, attend):
         lines.append(f"| {label} | {qk_dtype} | {avg[0] * 100:.2f} | {avg[1]:.4f} | {avg[2]:.4f} | {worst.cos_sim * 100:.2f} | "
                      f"{worst.rel_l1:.4f} | {worst.rmse:.4f} | {PAPER.get(label, '')} |")
-        print(f"[{n + 1}/{len(ROWS)}] {label} ({time.time() - t0:.0f}s)", flush=True)
     # what two-level accumulation fixes shows on long rows with large accumulator values
     q, k, v = make_qkv(1, args.heads, 128, args.dim, seqlen_k=8192, kind="v_bias", device=args.device, seed=7)
     ref = attention_reference(q, k, v)
@@ -93,11 +86,7 @@ def main(argv=None):
         for sv in (False, True):
             a = accuracy(ref, sage2.sageattn(q, k, v, backend="torch", pv_accum=accum, smooth_v=sv))
             lines.append(f"| {accum} | {sv} | {a.cos_sim * 100:.3f} | {a.rel_l1:.4f} | {a.rmse:.4f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ their average and the worst one. The paper's numbers are on CogVideoX-2B tensors
 
 from __future__ import annotations
 
-import argparse
-import time
-
-import torch
-
 import sage3
 from common.inputs import KINDS
-from common.metrics import accuracy
-from experiments.tables import average_and_worst, synthetic_layers
+from experiments.tables import (
+    ablation_rows,
+    accuracy_args,
+    emit_table,
+    synthetic_layers,
+)
 
 PAPER = {  # cos / relL1 / RMSE on CogVideoX (Table 1 and the smoothing ablation of sage3.md)
     "direct FP4 (no smoothing, direct P)": "",
@@ -42,31 +41,20 @@ ROWS = [
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = accuracy_args(argv, "SageAttention3 (FP4) accuracy table on synthetic inputs")
     layers = synthetic_layers(args.heads, args.seqlen, args.dim, args.device, seed0=200)
     lines = [f"SageAttention3 (FP4) accuracy, emulation on {args.device}, N={args.seqlen}, H={args.heads}, D={args.dim}, "
              f"synthetic inputs {', '.join(KINDS)} (average / worst by cosine).", "",
              "| setting | cos % avg | relL1 avg | RMSE avg | cos % worst | relL1 worst | RMSE worst | worst input | paper (CogVideoX) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    t0 = time.time()
-    for n, (label, opts) in enumerate(ROWS):
-        accs = [(kind, accuracy(ref, sage3.sageattn(q, k, v, backend="torch", **opts))) for kind, q, k, v, ref in layers]
-        avg, (wk, worst) = average_and_worst(accs)
+
+    def attend(q, k, v, opts):
+        return sage3.sageattn(q, k, v, backend="torch", **opts)
+
+    for (label, _), avg, wk, worst in ablation_rows(ROWS, layers, attend):
         lines.append(f"| {label} | {avg[0] * 100:.2f} | {avg[1]:.4f} | {avg[2]:.4f} | {worst.cos_sim * 100:.2f} | "
                      f"{worst.rel_l1:.4f} | {worst.rmse:.4f} | {wk} | {PAPER.get(label, '')} |")
-        print(f"[{n + 1}/{len(ROWS)}] {label} ({time.time() - t0:.0f}s)", flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-
+    emit_table(lines, args.out)
 
 if __name__ == "__main__":
     main()

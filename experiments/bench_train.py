@@ -47,26 +47,28 @@ def speed(seqlens, causals, d=128, B=4, H=32):
     rows = []
     for causal in causals:
         for n in seqlens:
-            q, k, v = (t.requires_grad_(True) for t in make_qkv(B, H, n, d, device="cuda", seed=0))
-            do = torch.randn_like(q)
-            flops = 3.5 * attention_flops(B, H, n, n, d, is_causal=causal)
-            res = {}
-            for name, fn in impls(causal).items():
-                if name.endswith("atomic dQ") and n not in (4096, 16384):
-                    continue
-                res[name] = bench_ms(fwd_bwd(fn, q, k, v, do))
-            fwd_only = bench_ms(lambda: sage3.sageattn_train(q, k, v, is_causal=causal))
-            fa2, cud, ours = res["sdpa_flash (FA2)"], res["sdpa_cudnn"], res["sageattn_train"]
-            row = dict(causal=causal, seqlen=n, **{f"{k} ms": round(x, 3) for k, x in res.items()},
-                       **{f"{k} TOPS": round(tops(flops, x), 1) for k, x in res.items()},
-                       sage_fwd_ms=round(fwd_only, 3), vs_fa2=round(fa2 / ours, 3), vs_cudnn=round(cud / ours, 3))
-            rows.append(row)
-            print(f"causal={causal} N={n}: FA2 {tops(flops, fa2):.0f}, cuDNN {tops(flops, cud):.0f}, "
-                  f"sage {tops(flops, ours):.0f} TOPS (fwd {fwd_only:.2f} ms of {ours:.2f}) -> "
-                  f"{fa2 / ours:.2f}x FA2, {cud / ours:.2f}x cuDNN", flush=True)
-            del q, k, v, do
+            rows.append(speed_row(causal, n, d, B, H))
             torch.cuda.empty_cache()
     return rows
+
+
+def speed_row(causal, n, d, B, H):
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(B, H, n, d, device="cuda", seed=0))
+    do = torch.randn_like(q)
+    flops = 3.5 * attention_flops(B, H, n, n, d, is_causal=causal)
+    res = {}
+    for name, fn in impls(causal).items():
+        if name.endswith("atomic dQ") and n not in (4096, 16384):
+            continue
+        res[name] = bench_ms(fwd_bwd(fn, q, k, v, do))
+    fwd_only = bench_ms(lambda: sage3.sageattn_train(q, k, v, is_causal=causal))
+    fa2, cud, ours = res["sdpa_flash (FA2)"], res["sdpa_cudnn"], res["sageattn_train"]
+    print(f"causal={causal} N={n}: FA2 {tops(flops, fa2):.0f}, cuDNN {tops(flops, cud):.0f}, "
+          f"sage {tops(flops, ours):.0f} TOPS (fwd {fwd_only:.2f} ms of {ours:.2f}) -> "
+          f"{fa2 / ours:.2f}x FA2, {cud / ours:.2f}x cuDNN", flush=True)
+    return dict(causal=causal, seqlen=n, **{f"{name} ms": round(ms, 3) for name, ms in res.items()},
+                **{f"{name} TOPS": round(tops(flops, ms), 1) for name, ms in res.items()},
+                sage_fwd_ms=round(fwd_only, 3), vs_fa2=round(fa2 / ours, 3), vs_cudnn=round(cud / ours, 3))
 
 
 def grad_accuracy(n=4096, d=128, H=8, kinds=("randn", "k_bias", "v_bias", "sharp", "outliers", "heavy_tail")):

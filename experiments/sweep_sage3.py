@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+import sage3.kernel as kernel_mod
 from common.inputs import make_qkv
 from common.smoothing import q_smoothing_delta_s
 from common.timing import attention_flops, bench_ms, tops
 from experiments.baselines import sdpa
-import sage3.kernel as kernel_mod
 from sage3.kernel import dequantize_rows, launch
 from sage3.quant import quantize_qkv_fp4
 
