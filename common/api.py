@@ -27,6 +27,15 @@ def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags:
     return shape, scale, be
 
 
+def start_call(q, k, v, tensor_layout: str, shape: AttentionShape, return_lse: bool):
+    """What every public function does before quantizing: HND views of q, k, v, a fresh output in
+    q's layout and its HND view, and the result of a call that needs no kernel (else None).
+    Returns (qh, kh, vh, out, out_hnd, trivial)."""
+    qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    out, out_hnd = new_output(q, tensor_layout)
+    return qh, kh, vh, out, out_hnd, trivial_result(out, shape, return_lse)
+
+
 def new_output(q: torch.Tensor, tensor_layout: str):
     """A fresh output in q's layout and dtype, and its [B, H, N, D] view."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from common.api import natural_lse, new_output, trivial_result, validate_call
-from common.checks import to_hnd
+from common.api import natural_lse, start_call, validate_call
 from common.int_qk import quantize_qk
 
 PV_ACCUM = ("fp16", "fp32")
@@ -47,9 +46,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         choices=[("pv_accum", pv_accum, PV_ACCUM), ("qk_granularity", qk_granularity, QK_GRANULARITY)])
 
     with torch.no_grad():
-        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        out, out_hnd = new_output(q, tensor_layout)
-        trivial = trivial_result(out, shape, return_lse)
+        qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
         if trivial is not None:
             return trivial
 

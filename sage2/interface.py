@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from common.api import natural_lse, new_output, trivial_result, validate_call
-from common.checks import to_hnd
+from common.api import natural_lse, start_call, validate_call
 from common.int_qk import padded_head_dim, quantize_qk
 from common.smoothing import q_smoothing_delta_s
 
@@ -60,10 +59,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         smooth_q = qk_dtype == "int4"
 
     with torch.no_grad():
-        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
         D = qh.shape[-1]
-        out, out_hnd = new_output(q, tensor_layout)
-        trivial = trivial_result(out, shape, return_lse)
         if trivial is not None:
             return trivial
 

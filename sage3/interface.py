@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from common.api import natural_lse, new_output, trivial_result, validate_call
+from common.api import natural_lse, start_call, validate_call
 from common.smoothing import q_smoothing_delta_s
-from common.checks import to_hnd
 
 from .quant import quantize_qkv_fp4
 
@@ -50,10 +49,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         choices=[("scale_format", scale_format, SCALE_FORMATS)])
 
     with torch.no_grad():
-        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
         D = qh.shape[-1]
-        out, out_hnd = new_output(q, tensor_layout)
-        trivial = trivial_result(out, shape, return_lse)
         if trivial is not None:
             return trivial
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
