@@ -59,6 +59,17 @@ class SweepLog:
         self.rows.append((d, causal, name, tag, ms, tops_))
         print(f"  D={d} causal={causal} {name} {tag}: {tops_:.0f} TOPS", flush=True)
 
+    def bench(self, d, causal, name, tag, run, flops):
+        """Time ``run()`` and add its row; a config that fails to compile or run is reported, not fatal."""
+        from common.timing import bench_ms, tops
+
+        try:
+            ms = bench_ms(run)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return
+        self.add(d, causal, name, tag, ms, tops(flops, ms))
+
     def time_baselines(self, q, k, v, d, causal, flops):
         from common.timing import bench_ms, tops
 

@@ -15,7 +15,7 @@ import torch
 from common.inputs import make_qkv
 from common.int_qk import quantize_qk
 from common.smoothing import k_mean
-from common.timing import attention_flops, bench_ms, tops
+from common.timing import attention_flops, bench_ms
 from experiments.baselines import SweepLog
 from sage1.kernel import launch
 
@@ -54,15 +54,9 @@ def main(argv=None):
             log.time_baselines(q, k, v, d, causal, flops)
             out = torch.empty_like(q)
             for cfg, pv, desc in itertools.product(configs, args.pv, args.desc):
-                tag = f"{cfg} pv={pv} desc={desc}"
-                try:
-                    run = lambda: launch(qk, v, out, is_causal=causal, pv_fp16_acc=pv == "fp16", return_lse=False,
-                                         config=cfg, use_desc=desc == "1")
-                    ms = bench_ms(run)
-                except Exception as e:
-                    print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:100]}", flush=True)
-                    continue
-                log.add(d, causal, "sage1-kernel", tag, ms, tops(flops, ms))
+                run = lambda: launch(qk, v, out, is_causal=causal, pv_fp16_acc=pv == "fp16", return_lse=False,
+                                     config=cfg, use_desc=desc == "1")
+                log.bench(d, causal, "sage1-kernel", f"{cfg} pv={pv} desc={desc}", run, flops)
     log.print_best("sage1-kernel")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from common.inputs import make_qkv
 from common.int_qk import padded_head_dim, quantize_qk
-from common.timing import attention_flops, bench_ms, tops
+from common.timing import attention_flops, bench_ms
 from experiments.baselines import SweepLog
 from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 from sage2.kernel import launch
@@ -56,16 +56,10 @@ def main(argv=None):
             for gran in args.gran:
                 qk = quantize_qk(q, k, granularity=gran, **qkw)
                 for cfg, mode in itertools.product(configs, args.modes):
-                    tag = f"{cfg} {MODES[mode]} {gran}"
-                    try:
-                        run = lambda: launch(qk, qv, out, delta_s=None, is_causal=causal, pv_dtype="fp8_e4m3",
-                                             pv_mode=mode, log2_pscale=math.log2(448.0), return_lse=False, config=cfg,
-                                             k_per_thread=gran == "per_thread")
-                        ms = bench_ms(run)
-                    except Exception as e:
-                        print(f"  {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        continue
-                    log.add(d, causal, "sage2-kernel", tag, ms, tops(flops, ms))
+                    run = lambda: launch(qk, qv, out, delta_s=None, is_causal=causal, pv_dtype="fp8_e4m3",
+                                         pv_mode=mode, log2_pscale=math.log2(448.0), return_lse=False, config=cfg,
+                                         k_per_thread=gran == "per_thread")
+                    log.bench(d, causal, "sage2-kernel", f"{cfg} {MODES[mode]} {gran}", run, flops)
     log.print_best("sage2-kernel")
 
 
