@@ -1,0 +1,3 @@
+from experiments.app import main
+
+main()

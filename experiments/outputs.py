@@ -1,0 +1,153 @@
+"""What every run writes into its Hydra output folder: results (CSV and JSONL), a Markdown table,
+plots, and the environment it ran in (metadata.json)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def environment() -> dict:
+    """GPU, driver, CUDA, torch, triton, Python and the git commit this run used."""
+    import triton
+
+    env = {"time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+           "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "cpu": platform.processor() or platform.machine(), "cpu_count": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001 - no nvidia-smi: leave it out
+            pass
+    else:
+        env["gpu"] = None
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except Exception:  # noqa: BLE001 - not a git checkout (e.g. an installed wheel)
+        env["git_commit"] = None
+    if not env.get("git_commit"):  # a copy without .git (e.g. shipped to a GPU machine): the caller may say
+        env["git_commit"] = os.environ.get("SAGE_GIT_COMMIT")
+    return env
+
+
+def _fmt(x):
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.6g}" if abs(x) < 1e5 else f"{x:.0f}"
+    return str(x)
+
+
+def markdown_table(rows: list[dict], keys: list[str] | None = None) -> str:
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out_dir=".", name="results", title: str = "", keys=None) -> None:
+    """results.csv, results.jsonl and results.md (the table, printed too)."""
+    out = Path(out_dir)
+    keys = keys or list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / f"{name}.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=str) + "\n")
+    table = (f"{title}\n\n" if title else "") + markdown_table(rows, keys)
+    (out / f"{name}.md").write_text(table + "\n")
+    print("\n" + table, flush=True)
+
+
+def write_metadata(cfg, out_dir=".", extra: dict | None = None) -> dict:
+    from omegaconf import OmegaConf
+
+    meta = {"env": environment(), "config": OmegaConf.to_container(cfg, resolve=True), **(extra or {})}
+    Path(out_dir, "metadata.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    return meta
+
+
+def pyplot():
+    """matplotlib.pyplot with a file backend, or None (and a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib is not installed: no plot; pip install matplotlib)", flush=True)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_groups(path, groups: dict, ylabel: str, title: str, xlabel: str = "") -> None:
+    """Grouped bars: groups = {x tick label: {series: value}} (the papers' speed-figure style)."""
+    plt = pyplot()
+    if plt is None or not groups:
+        return
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) * max(1, len(series)) ** 0.5 + 2), 4))
+    w = 0.8 / max(1, len(series))
+    for i, s in enumerate(series):
+        xs = [j + i * w for j in range(len(groups))]
+        ys = [g.get(s, float("nan")) for g in groups.values()]
+        bars = ax.bar(xs, ys, w, label=s)
+        if len(groups) * len(series) <= 24:
+            ax.bar_label(bars, fmt="%.0f" if max((y for y in ys if y == y), default=0) > 20 else "%.3g", fontsize=6)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], list(groups), fontsize=8,
+                  rotation=20 if max(len(k) for k in groups) > 8 else 0)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def line_plot(path, curves: dict, xlabel: str, ylabel: str, title: str) -> None:
+    """curves = {label: (xs, ys)} on one plot (loss curves)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, lw=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Progress:
+    """[i/n] label (elapsed) lines for long runs."""
+
+    def __init__(self, total: int, what: str = ""):
+        self.total, self.what, self.i, self.t0 = total, what, 0, time.time()
+
+    def step(self, label: str) -> None:
+        self.i += 1
+        print(f"[{self.i}/{self.total}] {self.what}{': ' if self.what else ''}{label} ({time.time() - self.t0:.0f}s)",
+              flush=True)
