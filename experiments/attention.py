@@ -115,8 +115,9 @@ def build_attention(cfg: DictConfig, device: str = "cpu", check: bool = True) ->
         def fn(q, k, v, is_causal=False, tensor_layout="HND", sm_scale=None):
             if torch.is_grad_enabled() and q.requires_grad:  # differentiable exact attention, in q's dtype
                 return _sdpa("math")(q.float(), k.float(), v.float(), is_causal, tensor_layout, sm_scale).to(q.dtype)
-            return attention_reference(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
-                                       sm_scale=sm_scale).to(q.dtype)
+            with torch.autocast(device_type=q.device.type, enabled=False):  # keep it fp32 inside a bf16 model
+                return attention_reference(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal,
+                                           sm_scale=sm_scale).to(q.dtype)
 
         differentiable = True
     else:

@@ -112,7 +112,9 @@ class GPT(nn.Module):
         dt = q.dtype
         if dt == torch.float32:  # the quantized kernels take fp16/bf16: a CPU fp32 model attends in bf16
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        return self.attention(q, k, v, True).to(dt)
+        # autocast off: it would turn the exact reference's (and the emulations') fp32 matmuls into bf16 ones
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return self.attention(q, k, v, True).to(dt)
 
 
 def model_config(cfg, device):
@@ -158,6 +160,8 @@ def train(model, mc, data, device, *, steps, lr, warmup, seed=0, log_every=10, w
     gen = torch.Generator().manual_seed(seed)
     it = batches(data, mc.batch_size, mc.context, gen, device)
     xs, ys, vals = [], [], []
+    if val is not None and eval_every:  # step 0: what the attention changes before any training
+        vals.append((0, evaluate(model, mc, val, device)))
     model.train()
     t0 = time.time()
     for step in range(1, steps + 1):
