@@ -34,6 +34,9 @@ def environment() -> dict:
             pass
     else:
         env["gpu"] = None
+    if os.environ.get("SAGE_GIT_COMMIT"):  # said by the caller: a copy whose .git (if any) is not what runs
+        env["git_commit"] = os.environ["SAGE_GIT_COMMIT"]
+        return env
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                            timeout=10).stdout.strip() or None
@@ -41,8 +44,6 @@ def environment() -> dict:
                                                capture_output=True, text=True, timeout=10).stdout.strip())
     except Exception:  # noqa: BLE001 - not a git checkout (e.g. an installed wheel)
         env["git_commit"] = None
-    if not env.get("git_commit"):  # a copy without .git (e.g. shipped to a GPU machine): the caller may say
-        env["git_commit"] = os.environ.get("SAGE_GIT_COMMIT")
     return env
 
 

@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 from experiments.outputs import bar_groups, markdown_table
@@ -30,7 +31,10 @@ def _num(x):
 
 def collect(root: Path) -> list[dict]:
     rows = []
-    for csv_path in sorted(root.rglob("results.csv")):
+    def natural(p):  # multirun job folders 0_, 1_, ..., 10_ in job order
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p.relative_to(root)))]
+
+    for csv_path in sorted(root.rglob("results.csv"), key=natural):
         run = csv_path.parent
         meta = {}
         if (run / "metadata.json").exists():
@@ -56,6 +60,9 @@ def speed_figure(rows, path, title):
         if str(r.get("causal")) == "True":
             key += " causal"
         groups.setdefault(key, {})[r["attention"]] = r["tops"]
+    # the generations first, then the baselines (every group in the same series order)
+    names = sorted({a for g in groups.values() for a in g}, key=lambda a: (a.startswith(("sdpa", "exact")), a))
+    groups = {k: {a: g[a] for a in names if a in g} for k, g in groups.items()}
     bar_groups(path, groups, "TOPS", title, "sequence length")
 
 
@@ -74,7 +81,7 @@ def main(argv=None):
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("error",)]
     if "tops" in keys:
         shape_keys = [k for k in ("batch", "heads", "heads_kv", "head_dim", "causal", "seq_len", "dtype") if k in keys]
-        for base in ("sdpa_cudnn", "sdpa_flash"):
+        for base in ("sdpa_cudnn", "sdpa_flash", "exact"):
             ref = {}
             for r in rows:
                 if r.get("attention") == base:
@@ -86,14 +93,14 @@ def main(argv=None):
         seen, kept = set(), []
         for r in rows:
             key = (r.get("attention"),) + tuple(r.get(k) for k in shape_keys)
-            if key in seen and r.get("attention", "").startswith("sdpa"):
+            if key in seen and str(r.get("attention", "")).startswith(("sdpa", "exact")):
                 continue
             seen.add(key)
             kept.append(r)
         rows = kept
-        keys = ["attention", "note", *shape_keys, "tops", "x_sdpa_cudnn", "x_sdpa_flash", "cos_sim", "rel_l1", "gpu",
-                "run"]
-        keys = [k for k in keys if any(k in r for r in rows)]
+        keys = ["attention", "note", *shape_keys, "tops", "x_sdpa_cudnn", "x_sdpa_flash", "x_exact", "cos_sim", "rel_l1",
+                "gpu", "run"]
+        keys = [k for k in keys if any(r.get(k, "") != "" for r in rows)]
         speed_figure(rows, out / "report.png", f"TOPS, {rows[0]['gpu']}")
     elif "rel_l1_avg" in keys:
         bar_groups(out / "report.png", {f"{r['setting']} [{r['run']}]"[:40]: {"relL1 avg": r["rel_l1_avg"],
