@@ -29,8 +29,9 @@ def cfg_of(*overrides, tmp_path=None):
 
 
 def run(tmp_path, monkeypatch, *overrides):
-    """Compose and run one experiment in tmp_path (what `python -m experiments ...` does), return its rows."""
-    cfg = cfg_of(*overrides, tmp_path=tmp_path)
+    """Compose and run one experiment in tmp_path (what `python -m experiments ...` does), return its rows.
+    device=cpu: the same tiny runs on a GPU machine too (the GPU sizes are the benchmarks' job)."""
+    cfg = cfg_of("device=cpu", *overrides, tmp_path=tmp_path)
     out = tmp_path / cfg.experiment.name
     out.mkdir(exist_ok=True)
     monkeypatch.chdir(out)
@@ -178,7 +179,7 @@ def test_minilm_experiments(tmp_path, monkeypatch):
 def test_python_m_experiments_entry_point(tmp_path):
     """The embedded default through the real command line: Hydra output folder, results, plot, metadata."""
     env = {**os.environ, "SAGE_CACHE_DIR": str(tmp_path / "cache")}
-    p = subprocess.run([sys.executable, "-m", "experiments", "experiment.cpu_seq_lens=[64]", "experiment.rep_ms=1",
+    p = subprocess.run([sys.executable, "-m", "experiments", "device=cpu", "experiment.cpu_seq_lens=[64]", "experiment.rep_ms=1",
                         "experiment.attentions=[sage1,sage3_fp4]", f"hydra.run.dir={tmp_path / 'run'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
