@@ -23,14 +23,21 @@ def kv_tiles(n_k: int, tile: int):
 
 
 class OnlineSoftmax:
-    def __init__(self, rows_shape, n_k: int, device, *, is_causal: bool, log2_shift: float = 0.0):
+    def __init__(self, rows_shape, n_k: int, device, *, is_causal: bool, log2_shift: float = 0.0,
+                 bias2: torch.Tensor | None = None):
+        """``bias2``: an optional log2-domain additive mask broadcastable to [..., Nq, Nk]
+        (common.masking.dense_mask: attn_mask, per-sequence lengths and causal in one); when given
+        it replaces the causal mask here."""
         self.m = torch.full(rows_shape, float("-inf"), device=device)
         self.l = torch.zeros(rows_shape, device=device)
         self.n_q, self.n_k, self.is_causal, self.shift = rows_shape[-1], n_k, is_causal, log2_shift
         self.rows = torch.arange(self.n_q, device=device)[:, None]
+        self.bias2 = bias2
 
     def mask(self, s: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
-        """-inf where query i may not see key j (j > i + Nk - Nq) when causal."""
+        """-inf where query i may not see key j (j > i + Nk - Nq) when causal; or the bias2 mask."""
+        if self.bias2 is not None:
+            return s + self.bias2[..., j0:j1]
         if not self.is_causal:
             return s
         cols = torch.arange(j0, j1, device=s.device)[None, :]

@@ -28,7 +28,12 @@ def kv_bounds(start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_
     """(full_end, hi): tiles [0, full_end) need no mask for any row of this Q tile; tiles
     [full_end, hi) need one (the causal diagonal, the tail past Nk). Row i sees keys
     j <= i + Nk - Nq (bottom-right alignment, as FlashAttention)."""
-    q_offset = Nk - Nq
+    return kv_bounds_from(start_m, Nk - Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+
+
+@triton.jit
+def kv_bounds_from(start_m, q_offset, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """kv_bounds with the causal offset given (row i sees keys j <= i + q_offset, j < Nk)."""
     if IS_CAUSAL:
         hi = tl.minimum(Nk, (start_m + 1) * BLOCK_M + q_offset)
         full_end = tl.minimum(Nk, start_m * BLOCK_M + q_offset + 1)
@@ -66,3 +71,34 @@ def dot_16bit(a, b, acc, INTERPRET: tl.constexpr):
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
+    """(nq, nk, q_offset): this sequence's query and key counts (per-sequence lengths, or the
+    tensors' sizes) and the causal offset (row i sees keys j <= i + q_offset): bottom-right per
+    sequence for varlen, from the tensors' sizes for a key-padding mask (as SDPA's masks compose)."""
+    if HAS_LENS:
+        nq = tl.load(QLEN + b)
+        nk = tl.load(KLEN + b)
+    else:
+        nq = Nq
+        nk = Nk
+    if PER_SEQ_CAUSAL:
+        q_offset = nk - nq
+    else:
+        q_offset = Nk - Nq
+    return nq, nk, q_offset
+
+
+@triton.jit
+def apply_tile_mask(s, MASKP, b, h, rows, cols, Nq, Nk, smb, smh, smm, smn, MASK_KIND: tl.constexpr):
+    """attn_mask on a [rows, cols] tile of log2-domain scores, read through its broadcast strides:
+    MASK_KIND 1 keeps where the uint8 mask is nonzero (else -inf), 2 adds the fp32 log2 bias."""
+    ptrs = MASKP + b * smb + h * smh + rows[:, None] * smm + cols[None, :] * smn
+    inb = (rows[:, None] < Nq) & (cols[None, :] < Nk)
+    if MASK_KIND == 1:
+        s = tl.where(tl.load(ptrs, mask=inb, other=0) != 0, s, float("-inf"))
+    else:
+        s = s + tl.load(ptrs, mask=inb, other=0.0)
+    return s

@@ -15,6 +15,6 @@ On Hopper (H100) the INT8 QK^T runs on INT8 tensor cores (wgmma s8); the FP16-ac
 has no speed advantage there over FP32 accumulation (it does on RTX 4090, the paper's GPU).
 """
 
-from .interface import sageattn
+from .interface import sageattn, sageattn_varlen
 
-__all__ = ["sageattn"]
+__all__ = ["sageattn", "sageattn_varlen"]

@@ -34,8 +34,9 @@ def fp16_accumulated_matmul(p16: torch.Tensor, v16: torch.Tensor) -> torch.Tenso
 
 
 def attention_emulated(qk: QuantizedQK, v_hnd: torch.Tensor, *, is_causal: bool, pv_accum: str,
-                       kv_block: int = 64, return_lse: bool = False):
-    """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None)."""
+                       kv_block: int = 64, return_lse: bool = False, bias2: torch.Tensor | None = None):
+    """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None). ``bias2``: the
+    log2-domain mask of common.masking.dense_mask (attn_mask, lengths and causal), if any."""
     B, Hq, Nq, _ = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     group = Hq // Hkv
@@ -48,7 +49,7 @@ def attention_emulated(qk: QuantizedQK, v_hnd: torch.Tensor, *, is_causal: bool,
     v16 = v_hnd.to(torch.float16).repeat_interleave(group, dim=1)
     D = v16.shape[-1]
 
-    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal)
+    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, bias2=bias2)
     acc = torch.zeros(B, Hq, Nq, D, device=dev)
     with exact_fp32_matmul():
         for j0, j1 in kv_tiles(Nk, kv_block):

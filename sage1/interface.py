@@ -7,6 +7,7 @@ import torch
 
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import quantize_qk
+from common.masking import MaskSpec, dense_mask, prepare_mask
 
 PV_ACCUM = ("fp16", "fp32")
 QK_GRANULARITY = ("per_block", "per_token", "per_tensor")
@@ -16,7 +17,7 @@ Q_BLOCK, K_BLOCK = 128, 64  # quantization blocks of the paper's SAGEAttn-B (= t
 def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
              is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
              backend: str = "auto", smooth_k: bool = True, pv_accum: str = "fp16",
-             qk_granularity: str = "per_block"):
+             qk_granularity: str = "per_block", attn_mask: torch.Tensor | None = None):
     """SageAttention v1: INT8 Q K^T with K smoothing, FP16 P V.
 
     Args:
@@ -36,6 +37,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             fp32 buffer (the paper); ``"fp32"``: fp32 accumulation throughout.
         qk_granularity: ``"per_block"`` (Q per 128 tokens, K per 64: the paper's SAGEAttn-B),
             ``"per_token"`` or ``"per_tensor"`` (the paper's ablations).
+        attn_mask: as SDPA's: boolean (True = keep) or additive float, broadcastable to
+            ``[B, Hq, Nq, Nk]``; composes with ``is_causal``. A boolean key-padding mask (broadcast
+            over heads and queries, right padding) runs as per-sequence key lengths. Rows with every
+            key masked give 0 (and an LSE of -inf). See :mod:`common.masking`.
 
     P and V are fp16 for both input dtypes: bf16 V is converted to fp16 (as in the paper), and
     the output is returned in the input dtype and layout. Inputs are never modified.
@@ -49,6 +54,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
         if trivial is not None:
             return trivial
+        mask = attn_mask if isinstance(attn_mask, MaskSpec) else prepare_mask(
+            attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, q.device)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
                          q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)
@@ -59,13 +66,26 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             if v16.stride(-1) != 1:
                 v16 = v16.contiguous()
             lse2 = launch(qk, v16, out_hnd, is_causal=is_causal, pv_fp16_acc=pv_accum == "fp16",
-                          return_lse=return_lse)
+                          return_lse=return_lse, mask=mask)
         else:
             from .emulation import attention_emulated
 
+            bias2 = dense_mask(mask, shape.batch, shape.seqlen_q, shape.seqlen_k, is_causal, q.device)
             o, lse2 = attention_emulated(qk, v16, is_causal=is_causal, pv_accum=pv_accum,
-                                         kv_block=K_BLOCK, return_lse=return_lse)
+                                         kv_block=K_BLOCK, return_lse=return_lse, bias2=bias2)
             out_hnd.copy_(o)
         if not return_lse:
             return out
         return out, natural_lse(lse2, qh, qk.k_mean, scale)
+
+
+def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, **options):
+    """:func:`sageattn` on a packed batch of variable-length sequences (FlashAttention's varlen
+    convention): ``q`` ``[total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``, ``cu_seqlens_*`` int
+    ``[B + 1]`` offsets, ``max_seqlen_*`` the longest sequence. ``is_causal`` is bottom-right aligned
+    per sequence. ``options``: those of :func:`sageattn` (``is_causal``, ``sm_scale``, ``return_lse``
+    (LSE ``[Hq, total_q]``), ``backend`` and the quantization options). See :mod:`common.varlen`."""
+    from common.varlen import attention_varlen
+
+    return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)

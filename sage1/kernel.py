@@ -22,15 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from common.triton_attention import kv_bounds, masked_row_max, program_tile
+from common.masking import MASK_NONE, NO_MASK
+from common.triton_attention import apply_tile_mask, kv_bounds_from, masked_row_max, program_tile, sequence_bounds
 
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b, hk,
-          start_n, rows, Nk, q_offset, k_tps, d_mask,
+          start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask, MASKP, h, smb, smh, smm, smn,
           BLOCK_N: tl.constexpr, DP: tl.constexpr, Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr,
           IS_CAUSAL: tl.constexpr, PV_FP16_ACC: tl.constexpr, LOAD_DMASK: tl.constexpr,
-          USE_DESC: tl.constexpr):
+          USE_DESC: tl.constexpr, MASK_KIND: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     if USE_DESC:  # TMA: out-of-range rows/channels arrive as zeros
         k = K_desc.load([kv_bh, start_n, 0]).reshape(BLOCK_N, DP)
@@ -61,7 +62,9 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
         else:
             s = s * (qs[:, None] * ks[None, :])
         if MASK:
-            s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL)
+            if MASK_KIND != 0:
+                s = apply_tile_mask(s, MASKP, b, h, rows, cols, Nq, Nk, smb, smh, smm, smn, MASK_KIND)
+            s, m_new, m_use = masked_row_max(s, m_i, rows, cols, nk, q_offset, IS_CAUSAL)
         else:
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = m_new
@@ -87,9 +90,11 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
                    stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, D, q_groups, k_groups, q_tps, k_tps,
+                   MASKP, smb, smh, smm, smn, QLEN, KLEN,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
                    Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr, USE_DESC: tl.constexpr):
+                   PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr, USE_DESC: tl.constexpr,
+                   MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
@@ -111,17 +116,27 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
-    q_offset = Nk - Nq  # bottom-right alignment: row i sees keys j <= i + q_offset
-    full_end, hi = kv_bounds(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # this sequence's lengths (varlen / key padding: tiles past them are skipped; rows past nq give 0)
+    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
+    full_end, hi = kv_bounds_from(start_m, q_offset, nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if MASK_KIND != 0:  # an attn_mask tile on every KV tile
+        full_end = 0
+    if HAS_LENS:
+        hi = tl.where(start_m * BLOCK_M < nq, hi, 0)
+        full_end = tl.minimum(full_end, hi)
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
-                              K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nk, q_offset, k_tps, d_mask,
-                              BLOCK_N, DP, Q_SCALAR, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC)
+                              K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
+                              MASKP, h, smb, smh, smm, smn,
+                              BLOCK_N, DP, Q_SCALAR, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
+                              MASK_KIND)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
-                              K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nk, q_offset, k_tps, d_mask,
-                              BLOCK_N, DP, Q_SCALAR, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC)
+                              K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
+                              MASKP, h, smb, smh, smm, smn,
+                              BLOCK_N, DP, Q_SCALAR, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
+                              MASK_KIND)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
@@ -141,6 +156,17 @@ CONFIGS = {
     (128, False): (128, 64, 4, 2), (128, True): (128, 64, 4, 3),
     (256, False): (64, 64, 4, 2), (256, True): (64, 64, 4, 2),
 }
+
+
+def mask_args(mask, batch, n_q, n_k, dummy):
+    """(MASKP, smb, smh, smm, smn, QLEN, KLEN) kernel arguments of a common.masking.MaskSpec."""
+    t = mask.tensor if mask.kind != MASK_NONE else dummy
+    strides = mask.tensor.stride() if mask.kind != MASK_NONE else (0, 0, 0, 0)
+    if mask.has_lens:
+        ql, kl = mask.lens_or_full(batch, n_q, n_k, dummy.device)
+    else:
+        ql = kl = dummy
+    return (t, *strides, ql, kl)
 
 
 def tma_compatible(*tensors) -> bool:
@@ -178,7 +204,7 @@ def _descriptors(qk, v_hnd, block_m, block_n, dp):
 
 
 def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, pv_fp16_acc: bool,
-           return_lse: bool, config=None, use_desc=None):
+           return_lse: bool, config=None, use_desc=None, mask=NO_MASK):
     """Run the kernel on quantized Q,K (:class:`common.int_qk.QuantizedQK`) and fp16 V.
 
     ``v_hnd``/``out_hnd`` are [B, H, N, D] views (any strides with a contiguous last dim).
@@ -207,8 +233,10 @@ def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, p
         v_hnd.stride(0), v_hnd.stride(1), v_hnd.stride(2),
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, qk.q_scale.shape[-1], qk.k_scale.shape[-1], q_tps, k_tps,
+        *mask_args(mask, B, Nq, Nk, qk.q_scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, Q_SCALAR=q_scalar, K_SCALAR=k_scalar,
         IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse, USE_DESC=use_desc,
+        MASK_KIND=mask.kind, HAS_LENS=mask.has_lens, PER_SEQ_CAUSAL=mask.q_lens is not None,
         num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)

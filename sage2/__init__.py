@@ -18,6 +18,6 @@ e4m3). INT4 has no fast tensor-core path on Hopper (52 TOPS measured), so INT4-q
 are multiplied on the INT8 tensor cores: numerically an INT4 matmul, at INT8 speed.
 """
 
-from .interface import sageattn
+from .interface import sageattn, sageattn_varlen
 
-__all__ = ["sageattn"]
+__all__ = ["sageattn", "sageattn_varlen"]

@@ -86,8 +86,9 @@ def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_
 
 def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor | None, is_causal: bool,
                        pv_dtype: str, pv_accum: str, kv_block: int = 128, return_lse: bool = False,
-                       hopper_fp8_accumulator: bool = True):
-    """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None)."""
+                       hopper_fp8_accumulator: bool = True, bias2: torch.Tensor | None = None):
+    """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None). ``bias2``: the
+    log2-domain mask of common.masking.dense_mask (attn_mask, lengths and causal), if any."""
     B, Hq, Nq, _ = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     group = Hq // Hkv
@@ -103,7 +104,7 @@ def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor
         delta_s = expand_block_rows(delta_s, qk.q_block, Nq)  # [B, Hq, Nq, Nk]
     log2_pscale = math.log2(P_SCALE[pv_dtype])
 
-    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=log2_pscale)
+    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=log2_pscale, bias2=bias2)
     acc = torch.zeros(B, Hq, Nq, D, device=dev)
     with exact_fp32_matmul():
         for j0, j1 in kv_tiles(Nk, kv_block):

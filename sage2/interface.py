@@ -8,6 +8,7 @@ import torch
 
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import padded_head_dim, quantize_qk
+from common.masking import MaskSpec, dense_mask, prepare_mask
 from common.smoothing import q_smoothing_delta_s
 
 from .quant_v import P_SCALE, quantize_v
@@ -24,7 +25,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
              is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
              backend: str = "auto", qk_dtype: str = "int8", qk_granularity: str = "per_thread",
              smooth_q: bool | None = None, smooth_k: bool = True, smooth_v: bool = False,
-             pv_dtype: str = "fp8_e4m3", pv_accum: str = "two_level"):
+             pv_dtype: str = "fp8_e4m3", pv_accum: str = "two_level", attn_mask: torch.Tensor | None = None):
     """SageAttention2: INT8/INT4 Q K^T with per-thread scales and smoothing, FP8 P V.
 
     Args beyond :func:`sage1.sageattn`'s (layouts, causal, sm_scale, return_lse, backend):
@@ -63,6 +64,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         D = qh.shape[-1]
         if trivial is not None:
             return trivial
+        mask = attn_mask if isinstance(attn_mask, MaskSpec) else prepare_mask(
+            attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, q.device)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
@@ -76,13 +79,26 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             lse2 = launch(qk, qv, out_hnd, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
                           pv_mode=PV_TWO_LEVEL if pv_accum == "two_level" else PV_SINGLE,
                           log2_pscale=log2_pscale, return_lse=return_lse,
-                          k_per_thread=qk_granularity == "per_thread")
+                          k_per_thread=qk_granularity == "per_thread", mask=mask)
         else:
             from .emulation import attention_emulated
 
+            bias2 = dense_mask(mask, shape.batch, shape.seqlen_q, shape.seqlen_k, is_causal, q.device)
             o, lse2 = attention_emulated(qk, qv, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
-                                         pv_accum=pv_accum, return_lse=return_lse)
+                                         pv_accum=pv_accum, return_lse=return_lse, bias2=bias2)
             out_hnd.copy_(o)
         if not return_lse:
             return out
         return out, natural_lse(lse2, qh, qk.k_mean, scale)
+
+
+def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, **options):
+    """:func:`sageattn` on a packed batch of variable-length sequences (FlashAttention's varlen
+    convention): ``q`` ``[total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``, ``cu_seqlens_*`` int
+    ``[B + 1]`` offsets, ``max_seqlen_*`` the longest sequence. ``is_causal`` is bottom-right aligned
+    per sequence. ``options``: those of :func:`sageattn` (``is_causal``, ``sm_scale``, ``return_lse``
+    (LSE ``[Hq, total_q]``), ``backend`` and the quantization options). See :mod:`common.varlen`."""
+    from common.varlen import attention_varlen
+
+    return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)

@@ -30,18 +30,19 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
-from common.triton_attention import kv_bounds, masked_row_max, program_tile
+from common.masking import NO_MASK
+from common.triton_attention import apply_tile_mask, kv_bounds_from, masked_row_max, program_tile, sequence_bounds
 from common.triton_quant import to_fp8
 
 PV_SINGLE, PV_TWO_LEVEL, PV_TWO_LEVEL_PROMOTE = 0, 1, 2
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk,
-          q_offset, log2_pscale,
+def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, h, hk, start_n, rows, Nq, Nk, nk,
+          q_offset, log2_pscale, MASKP, smb, smh, smm, smn,
           BLOCK_N: tl.constexpr, DP: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
           PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr, PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr,
-          K_SCALE_MODE: tl.constexpr, INTERPRET: tl.constexpr):
+          K_SCALE_MODE: tl.constexpr, INTERPRET: tl.constexpr, MASK_KIND: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     k = K_desc.load([kv_bh, start_n, 0]).reshape(BLOCK_N, DP)
     s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
@@ -64,8 +65,10 @@ def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, s
         s = s * qs[:, None]
         if SMOOTH_Q:
             s += tl.load(DS_ptrs + start_n, mask=(rows[:, None] < Nq) & (cols[None, :] < Nk), other=0.0)
+        if MASK and MASK_KIND != 0:
+            s = apply_tile_mask(s, MASKP, b, h, rows, cols, Nq, Nk, smb, smh, smm, smn, MASK_KIND)
         # unmasked tiles come here only with Q smoothing: all their keys are in range and visible
-        s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL and MASK)
+        s, m_new, m_use = masked_row_max(s, m_i, rows, cols, nk, q_offset, IS_CAUSAL and MASK)
         p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
     else:
         # dq >= 0: take the row max before scaling by dq, then scale and shift in one FMA
@@ -93,10 +96,12 @@ def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, s
 def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, D, n_ds_blocks, log2_pscale,
+                   MASKP, smb, smh, smm, smn, QLEN, KLEN,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, DS_BLOCK: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr,
                    PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr,
-                   K_SCALE_MODE: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr):
+                   K_SCALE_MODE: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+                   MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
@@ -110,17 +115,25 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
-    q_offset = Nk - Nq  # bottom-right alignment: row i sees keys j <= i + q_offset
-    full_end, hi = kv_bounds(start_m, Nq, Nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # this sequence's lengths (varlen / key padding: tiles past them are skipped; rows past nq give 0)
+    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
+    full_end, hi = kv_bounds_from(start_m, q_offset, nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if MASK_KIND != 0:  # an attn_mask tile on every KV tile
+        full_end = 0
+    if HAS_LENS:
+        hi = tl.where(start_m * BLOCK_M < nq, hi, 0)
+        full_end = tl.minimum(full_end, hi)
 
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, start_n, rows,
-                              Nq, Nk, q_offset, log2_pscale, BLOCK_N, DP, False, IS_CAUSAL, PV_FP8, FP8_E5M2,
-                              PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, h, hk, start_n, rows,
+                              Nq, Nk, nk, q_offset, log2_pscale, MASKP, smb, smh, smm, smn,
+                              BLOCK_N, DP, False, IS_CAUSAL, PV_FP8, FP8_E5M2,
+                              PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET, MASK_KIND)
     for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, hk, start_n, rows,
-                              Nq, Nk, q_offset, log2_pscale, BLOCK_N, DP, True, IS_CAUSAL, PV_FP8, FP8_E5M2,
-                              PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, h, hk, start_n, rows,
+                              Nq, Nk, nk, q_offset, log2_pscale, MASKP, smb, smh, smm, smn,
+                              BLOCK_N, DP, True, IS_CAUSAL, PV_FP8, FP8_E5M2,
+                              PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET, MASK_KIND)
 
     if PV_FP8:
         acc = acc * tl.load(VS + kv_bh * D + dcols, mask=d_mask, other=0.0)[None, :]
@@ -161,7 +174,7 @@ def smooth_q_config(delta_s, config) -> bool:
 
 
 def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype: str, pv_mode: int,
-           log2_pscale: float, return_lse: bool, config=None, k_per_thread: bool = False):
+           log2_pscale: float, return_lse: bool, config=None, k_per_thread: bool = False, mask=NO_MASK):
     """Run the kernel; ``k_per_thread`` says K's scales follow the per-thread grouping over
     128-key blocks (four scales per block), which the kernel reads as four scalars."""
     B, Hq, Nq, DP = qk.q_codes.shape
@@ -173,6 +186,8 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         # the fp32 delta_s tiles are pipelined through shared memory too: a smaller Q tile and two
         # stages keep them in (the 128-key tile, and so the algorithm, stay the same)
         BLOCK_M, warps, stages = 64, 4, 2
+    from sage1.kernel import mask_args
+
     dev = out_hnd.device
     q_desc = _desc(qk.q_codes.view(B * Hq, Nq, DP), [1, BLOCK_M, DP])
     k_desc = _desc(qk.k_codes.view(B * Hkv, Nk, DP), [1, BLOCK_N, DP])
@@ -209,9 +224,11 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         qv.mean.reshape(B, Hkv, D) if qv.mean is not None else dummy,
         out_hnd, lse, out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, delta_s.shape[2] if delta_s is not None else 1, log2_pscale,
+        *mask_args(mask, B, Nq, Nk, q_scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, DS_BLOCK=max(qk.q_block, 1), IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, FP8_E5M2=pv_dtype == "fp8_e5m2", PV_MODE=pv_mode, SMOOTH_Q=delta_s is not None,
         SMOOTH_V=qv.mean is not None, K_SCALE_MODE=k_scale_mode, RETURN_LSE=return_lse, INTERPRET=interpreter_enabled(),
+        MASK_KIND=mask.kind, HAS_LENS=mask.has_lens, PER_SEQ_CAUSAL=mask.q_lens is not None,
         num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)

@@ -1,0 +1,111 @@
+"""Attention masks with SDPA's semantics, in the form the kernels and emulations take.
+
+``attn_mask`` (as ``F.scaled_dot_product_attention`` takes it): a boolean mask (True = the key
+takes part) or an additive float mask, broadcastable to ``[B, Hq, Nq, Nk]``. Three forms reach
+the kernels:
+
+* per-sequence lengths (``q_lens``, ``k_lens``, int32 ``[B]``): the varlen path, and the
+  key-padding fast path: a boolean mask broadcast over heads and queries whose kept keys are a
+  prefix of every sequence (right padding) runs as key lengths, so padded key tiles are skipped
+  (detecting it costs one host sync);
+* a keep mask (uint8, 1 = keep) read tile by tile through its broadcast strides (nothing is
+  materialized at ``[B, Hq, Nq, Nk]``);
+* an additive bias, converted once to fp32 and multiplied by log2(e): the kernels' scores are in
+  the log2 domain.
+
+Rows in which every key is masked give an output of 0 and an LSE of -inf (a documented choice:
+SDPA gives NaN there). Causal masking composes with all three (bottom-right aligned per sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MASK_NONE, MASK_KEEP, MASK_BIAS = 0, 1, 2
+
+
+@dataclass
+class MaskSpec:
+    kind: int = MASK_NONE                # MASK_NONE | MASK_KEEP | MASK_BIAS
+    tensor: torch.Tensor | None = None   # [B, Hq, Nq, Nk] view (broadcast strides): uint8 keep or fp32 log2 bias
+    q_lens: torch.Tensor | None = None   # int32 [B] valid queries per sequence (rows beyond give 0)
+    k_lens: torch.Tensor | None = None   # int32 [B] valid keys per sequence
+
+    @property
+    def has_lens(self) -> bool:
+        return self.k_lens is not None or self.q_lens is not None
+
+    def lens_or_full(self, batch: int, n_q: int, n_k: int, device):
+        """(q_lens, k_lens) int32 [B] tensors (the full lengths where not given)."""
+        ql = self.q_lens if self.q_lens is not None else torch.full((batch,), n_q, dtype=torch.int32, device=device)
+        kl = self.k_lens if self.k_lens is not None else torch.full((batch,), n_k, dtype=torch.int32, device=device)
+        return ql, kl
+
+
+NO_MASK = MaskSpec()
+
+
+def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device, *, tensor_layout: str = "HND",
+                 detect_key_padding: bool = True) -> MaskSpec:
+    """Check ``attn_mask`` (SDPA semantics) and turn it into a MaskSpec. The mask is indexed
+    [B, Hq, Nq, Nk] whatever ``tensor_layout`` the inputs use (as in SDPA)."""
+    if attn_mask is None:
+        return NO_MASK
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f"attn_mask must be a boolean mask (True = keep) or a float additive mask, got {attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask must be on the inputs' device ({device}), got {attn_mask.device}")
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dims (broadcastable to [B, Hq, Nq, Nk]), got shape "
+                         f"{tuple(attn_mask.shape)}")
+    full = (batch, heads_q, n_q, n_k)
+    try:
+        m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(full)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Nq, Nk] = "
+                         f"{list(full)}") from None
+    if m.dtype == torch.bool:
+        if detect_key_padding and m.stride(1) == 0 and m.stride(2) == 0:
+            keep = m[:, 0, 0, :]                               # [B, Nk]
+            lens = keep.sum(-1, dtype=torch.int32)
+            prefix = torch.arange(n_k, device=keep.device)[None, :] < lens[:, None]
+            if bool((keep == prefix).all()):                   # one host sync
+                return MaskSpec(k_lens=lens.to(device))
+        return MaskSpec(MASK_KEEP, m.view(torch.uint8))
+    bias = attn_mask.to(torch.float32) * math.log2(math.e)   # -inf stays -inf
+    bias = bias.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(full)
+    return MaskSpec(MASK_BIAS, bias)
+
+
+def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D int tensor [B + 1] of cumulative sequence lengths starting at 0")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
+
+
+def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_k: int, is_causal: bool, device) -> torch.Tensor | None:
+    """The [B, Hq|1, Nq, Nk] log2-domain additive mask (0 / -inf / bias) the emulations apply,
+    causal included (bottom-right per sequence), or None when nothing is masked but causal-free
+    full lengths (then the emulations' own causal mask applies)."""
+    if spec.kind == MASK_NONE and not spec.has_lens and spec.q_lens is None:
+        return None
+    ql, kl = spec.lens_or_full(batch, n_q, n_k, device)
+    i = torch.arange(n_q, device=device)[None, :, None]
+    j = torch.arange(n_k, device=device)[None, None, :]
+    keep = (j < kl[:, None, None]) & (i < ql[:, None, None])
+    if is_causal:  # bottom-right per sequence for varlen (q_lens), else from the tensors' sizes
+        offset = (kl - ql)[:, None, None] if spec.q_lens is not None else n_k - n_q
+        keep = keep & (j <= i + offset)
+    bias = torch.where(keep, 0.0, float("-inf"))[:, None]        # [B, 1, Nq, Nk]
+    if spec.kind == MASK_KEEP:
+        bias = torch.where(spec.tensor.to(device).bool(), bias, float("-inf"))
+    elif spec.kind == MASK_BIAS:
+        bias = bias + spec.tensor.to(device)
+    return bias

@@ -1,0 +1,157 @@
+"""attn_mask (SDPA semantics) and variable-length batches for sage1 and sage2: the Triton kernel
+(interpreter on CPU) agrees with the emulation, the emulation with exact masked attention; fully
+masked rows give 0 and an LSE of -inf; the key-padding fast path and varlen skip padded tiles."""
+
+import pytest
+import torch
+
+import sage1
+import sage2
+from common.inputs import make_qkv
+from common.masking import MASK_BIAS, MASK_KEEP, MASK_NONE, prepare_mask
+from common.metrics import accuracy
+from common.reference import attention_reference
+from conftest import KERNEL_DEVICE, kernel_vs_emulation
+
+DEV = KERNEL_DEVICE  # the GPU when there is one (real kernels), else the CPU (interpreter)
+
+GENERATIONS = {  # module, options, cosine bound vs exact, LSE bound vs exact
+    "sage1": (sage1, {}, 0.9995, 0.05),
+    "sage2_8b": (sage2, {}, 0.998, 0.05),
+    "sage2_4b_smooth_v": (sage2, dict(qk_dtype="int4", smooth_v=True), 0.97, 0.6),  # INT4 scores: LSE off by up to ~0.4
+}
+
+
+def masks(B, H, Nq, Nk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    key_pad = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+    key_pad[-1, ..., Nk // 2:] = False                        # right padding: the fast path
+    keep = torch.rand(B, 1, Nq, Nk, generator=g) > 0.3
+    keep[0, 0, 3, :] = False                                  # a fully masked row
+    bias = torch.randn(1, H, Nq, Nk, generator=g) * 2
+    bias[0, :, :, :5] = float("-inf")
+    band = torch.zeros(Nq, Nk)                                 # 2-D, broadcast over B and H
+    band[(torch.arange(Nq)[:, None] - torch.arange(Nk)[None, :]).abs() > 40] = float("-inf")
+    return {"key_padding": key_pad, "bool": keep, "additive": bias, "additive_2d": band}
+
+
+@pytest.mark.parametrize("gen", GENERATIONS)
+@pytest.mark.parametrize("mask_name", ["key_padding", "bool", "additive", "additive_2d"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_masked_kernel_matches_emulation_and_exact(gen, mask_name, is_causal):
+    mod, opts, bound, lse_bound = GENERATIONS[gen]
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 96, 150, 64
+    q, k, v = make_qkv(B, Hq, Nq, D, heads_kv=Hkv, seqlen_k=Nk, kind="k_bias", seed=3, device=DEV)
+    m = masks(B, Hq, Nq, Nk)[mask_name].to(DEV)
+    copies = [t.clone() for t in (q, k, v, m)]
+    ke, ee = kernel_vs_emulation(mod.sageattn, q, k, v, tensor_layout="HND", is_causal=is_causal, attn_mask=m, **opts)
+    assert ke.cos_sim > 0.99999 and ke.rel_l1 < 2e-3
+    out, lse = mod.sageattn(q, k, v, is_causal=is_causal, attn_mask=m, return_lse=True, backend="torch", **opts)
+    ref, ref_lse = attention_reference(q, k, v, is_causal=is_causal, attn_mask=m, return_lse=True)
+    assert accuracy(ref, out).cos_sim > bound
+    dead = torch.isinf(ref_lse)  # rows that see no key: 0 and -inf, never NaN
+    assert torch.isfinite(out).all()
+    assert torch.equal(torch.isinf(lse), dead) and (out[dead] == 0).all()
+    if mask_name == "bool":
+        assert dead[0, :, 3].all()
+    fin = ~dead
+    assert (lse[fin] - ref_lse[fin].float()).abs().max() < lse_bound
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v, m), copies))  # inputs untouched
+
+
+def test_nhd_layout_with_mask():
+    q, k, v = make_qkv(2, 2, 70, 64, kind="k_bias", layout="NHD", seed=1, device=DEV)
+    m = masks(2, 2, 70, 70)["bool"].to(DEV)
+    ref = attention_reference(q, k, v, tensor_layout="NHD", attn_mask=m)
+    for be in ("torch", "triton"):
+        assert accuracy(ref, sage1.sageattn(q, k, v, tensor_layout="NHD", attn_mask=m, backend=be)).cos_sim > 0.9995
+
+
+def test_prepare_mask_forms():
+    B, H, Nq, Nk = 2, 3, 8, 10
+    pad = torch.ones(B, Nk, dtype=torch.bool)
+    pad[1, 6:] = False
+    spec = prepare_mask(pad[:, None, None, :], B, H, Nq, Nk, torch.device("cpu"))
+    assert spec.kind == MASK_NONE and spec.k_lens.tolist() == [10, 6] and spec.q_lens is None
+    left = pad.flip(-1)[:, None, None, :]                     # left padding: not a prefix -> tile mask
+    assert prepare_mask(left, B, H, Nq, Nk, torch.device("cpu")).kind == MASK_KEEP
+    spec = prepare_mask(torch.zeros(Nk), B, H, Nq, Nk, torch.device("cpu"))
+    assert spec.kind == MASK_BIAS and spec.tensor.shape == (B, H, Nq, Nk) and spec.tensor.stride()[:3] == (0, 0, 0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.ones(2, 3, 8, 10, dtype=torch.int32), "boolean mask"),
+    (torch.ones(2, 3, 8, 11, dtype=torch.bool), "does not broadcast"),
+    (torch.ones(1, 1, 2, 3, 8, 10, dtype=torch.bool), "at most 4 dims"),
+    ("mask", "torch.Tensor"),
+])
+def test_bad_masks(bad, match):
+    q, k, v = make_qkv(2, 3, 8, 64, seqlen_k=10)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sage1.sageattn(q, k, v, attn_mask=bad, backend="torch")
+    with pytest.raises((ValueError, TypeError), match=match):
+        sage2.sageattn(q, k, v, attn_mask=bad, backend="torch")
+
+
+# ---- varlen
+def packed(lq, lk, Hq=4, Hkv=2, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), Hq, D, generator=g).half()
+    k = (torch.randn(sum(lk), Hkv, D, generator=g) + 2 * torch.randn(1, Hkv, D, generator=g)).half()
+    v = torch.randn(sum(lk), Hkv, D, generator=g).half()
+    cq = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    ck = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    return tuple(t.to(DEV) for t in (q, k, v, cq, ck))
+
+
+def per_sequence_reference(q, k, v, cq, ck, is_causal):
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        qi, ki, vi = (t[c[i]:c[i + 1]].transpose(0, 1)[None] for t, c in ((q, cq), (k, ck), (v, ck)))
+        o, lse = attention_reference(qi, ki, vi, is_causal=is_causal, return_lse=True)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+@pytest.mark.parametrize("gen", ["sage1", "sage2_8b"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_matches_per_sequence_attention(gen, is_causal):
+    mod, opts, bound, lse_bound = GENERATIONS[gen]
+    lq, lk = [37, 128, 5, 90], [50, 128, 200, 90]               # Nq < Nk, equal, Nq << Nk, equal
+    q, k, v, cq, ck = packed(lq, lk)
+    ref, ref_lse = per_sequence_reference(q, k, v, cq, ck, is_causal)
+    res = {}
+    for be in ("torch", "triton"):
+        out, lse = mod.sageattn_varlen(q, k, v, cq, ck, max(lq), max(lk), is_causal=is_causal, return_lse=True,
+                                       backend=be, **opts)
+        assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+        assert accuracy(ref, out).cos_sim > bound
+        assert (lse - ref_lse.float()).abs().max() < lse_bound
+        res[be] = out
+    assert accuracy(res["torch"].double(), res["triton"]).cos_sim > 0.99999
+    assert q.shape[0] == sum(lq)
+
+
+def test_varlen_equal_lengths_is_the_dense_call():
+    B, N, H, D = 3, 64, 2, 64
+    q, k, v = make_qkv(B, H, N, D, layout="NHD", seed=5)
+    cu = torch.arange(B + 1, dtype=torch.int32) * N
+    packed_out = sage2.sageattn_varlen(*(t.reshape(B * N, H, D) for t in (q, k, v)), cu, cu, N, N, is_causal=True,
+                                       backend="torch")
+    dense = sage2.sageattn(q, k, v, tensor_layout="NHD", is_causal=True, backend="torch")
+    assert torch.equal(packed_out.view(B, N, H, D), dense)
+
+
+def test_varlen_bad_arguments():
+    q, k, v, cq, ck = packed([4, 6], [4, 6])
+    with pytest.raises(ValueError, match="total_tokens"):
+        sage1.sageattn_varlen(q[None], k, v, cq, ck, 6, 6)
+    with pytest.raises(ValueError, match="same number of sequences"):
+        sage1.sageattn_varlen(q, k, v, cq, ck[:2], 6, 6)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        sage1.sageattn_varlen(q, k, v, cq.float(), ck, 6, 6)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        sage1.sageattn_varlen(q, k, v, cq, ck, 0, 6)
+    with pytest.raises(ValueError, match="no attn_mask"):
+        sage1.sageattn_varlen(q, k, v, cq, ck, 6, 6, attn_mask=torch.ones(1, dtype=torch.bool))
