@@ -45,6 +45,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     P and V are fp16 for both input dtypes: bf16 V is converted to fp16 (as in the paper), and
     the output is returned in the input dtype and layout. Inputs are never modified.
     """
+    if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
+        return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
+                   backend=backend, smooth_k=smooth_k, pv_accum=pv_accum, qk_granularity=qk_granularity, attn_mask=attn_mask)
     shape, scale, be = validate_call(
         q, k, v, tensor_layout, sm_scale, backend,
         flags=dict(is_causal=is_causal, return_lse=return_lse, smooth_k=smooth_k),
@@ -89,3 +92,12 @@ def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     from common.varlen import attention_varlen
 
     return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+
+
+def _register_op():
+    from common.compile_ops import AttentionOp
+
+    return AttentionOp("sageattn_repro::sage1_attn", sageattn, [('smooth_k', 'bool'), ('pv_accum', 'str'), ('qk_granularity', 'str')], has_mask=True)
+
+
+_OP = _register_op()

@@ -46,6 +46,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             an fp32 buffer) or ``single`` (one running FP8-MMA accumulator, ~13 mantissa bits on
             Hopper, to show what two-level accumulation fixes). fp16 P V always accumulates in fp32.
     """
+    if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
+        return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
+                   backend=backend, qk_dtype=qk_dtype, qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_k=smooth_k, smooth_v=smooth_v, pv_dtype=pv_dtype, pv_accum=pv_accum, attn_mask=attn_mask)
     flags = dict(is_causal=is_causal, return_lse=return_lse, smooth_k=smooth_k, smooth_v=smooth_v)
     if smooth_q is not None:
         flags["smooth_q"] = smooth_q
@@ -102,3 +105,12 @@ def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     from common.varlen import attention_varlen
 
     return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+
+
+def _register_op():
+    from common.compile_ops import AttentionOp
+
+    return AttentionOp("sageattn_repro::sage2_attn", sageattn, [('qk_dtype', 'str'), ('qk_granularity', 'str'), ('smooth_q', 'bool?'), ('smooth_k', 'bool'), ('smooth_v', 'bool'), ('pv_dtype', 'str'), ('pv_accum', 'str')], has_mask=True)
+
+
+_OP = _register_op()

@@ -42,6 +42,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     are dequantized exactly into 16-bit operands (K and V by a pass before the kernel, Q in it)
     and multiplied on 16-bit tensor cores: the paper's numerics, not its speed.
     """
+    if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
+        return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
+                   backend=backend, scale_format=scale_format, two_level_p=two_level_p, smooth_q=smooth_q, smooth_k=smooth_k)
     shape, scale, be = validate_call(
         q, k, v, tensor_layout, sm_scale, backend,
         flags=dict(is_causal=is_causal, return_lse=return_lse, two_level_p=two_level_p, smooth_q=smooth_q,
@@ -69,3 +72,12 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if not return_lse:
             return out
         return out, natural_lse(lse2, qh, qf.k_mean, scale)
+
+
+def _register_op():
+    from common.compile_ops import AttentionOp
+
+    return AttentionOp("sageattn_repro::sage3_attn", sageattn, [('scale_format', 'str'), ('two_level_p', 'bool'), ('smooth_q', 'bool'), ('smooth_k', 'bool')], has_mask=False)
+
+
+_OP = _register_op()

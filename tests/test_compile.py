@@ -1,0 +1,99 @@
+"""The public kernels under torch.compile (fullgraph: no graph break) and CUDA-graph capture."""
+
+import pytest
+import torch
+
+import sage1
+import sage2
+import sage3
+from common.inputs import make_qkv
+from conftest import gpu
+
+CALLS = {
+    "sage1": lambda q, k, v: sage1.sageattn(q, k, v, is_causal=True),
+    "sage1_mask": lambda q, k, v: sage1.sageattn(q, k, v, attn_mask=torch.ones(q.shape[2], k.shape[2],
+                                                                               dtype=torch.bool).tril()),
+    "sage2_8b": lambda q, k, v: sage2.sageattn(q, k, v),
+    "sage2_4b": lambda q, k, v: sage2.sageattn(q, k, v, qk_dtype="int4", smooth_v=True),
+    "sage3": lambda q, k, v: sage3.sageattn(q, k, v, is_causal=True),
+}
+
+
+class TinyAttentionBlock(torch.nn.Module):
+    def __init__(self, attend, d=64, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.heads, self.attend = torch.nn.Linear(d, 3 * d), heads, attend
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).to(torch.float16)
+        return self.attend(q, k, v).float().transpose(1, 2).reshape(B, N, D) + x
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_fullgraph_compile_matches_eager(name):
+    torch._dynamo.reset()
+    m = TinyAttentionBlock(CALLS[name])
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x)  # raises on any graph break
+    assert torch.equal(eager, compiled)
+
+
+def test_inductor_compile_matches_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    m = TinyAttentionBlock(CALLS["sage2_8b"])
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x), torch.compile(m, fullgraph=True)(x))
+
+
+def test_compiled_call_checks_inputs_at_compile_time():
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: sage1.sageattn(q, k, v), fullgraph=True, backend="aot_eager")
+    q = torch.randn(1, 4, 8, 64, dtype=torch.float16)
+    k = torch.randn(1, 3, 8, 64, dtype=torch.float16)
+    with pytest.raises(Exception, match="multiple of the number of key/value heads"):
+        f(q, k, k)
+
+
+@pytest.mark.parametrize("name, op_kwargs", [
+    ("sage1", dict(attn_mask=None, smooth_k=True, pv_accum="fp16", qk_granularity="per_block")),
+    ("sage2", dict(attn_mask=None, qk_dtype="int4", qk_granularity="per_thread", smooth_q=None, smooth_k=True,
+                   smooth_v=False, pv_dtype="fp8_e4m3", pv_accum="two_level")),
+    ("sage3", dict(scale_format="nvfp4", two_level_p=True, smooth_q=True, smooth_k=True)),
+])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_custom_op_fake_and_real_agree(name, op_kwargs, return_lse):
+    mod = {"sage1": sage1, "sage2": sage2, "sage3": sage3}[name]
+    q, k, v = make_qkv(1, 4, 48, 64, heads_kv=2, seqlen_k=80, layout="NHD")
+    args = (q, k, v, "NHD", False, None, return_lse, "torch", *op_kwargs.values())
+    torch.library.opcheck(mod.interface._OP.op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@pytest.mark.parametrize("name", CALLS)
+def test_cuda_graph_capture_and_replay(name):
+    q, k, v = make_qkv(2, 4, 300, 128, kind="k_bias", device="cuda", seed=1)
+    fn = CALLS[name]
+    if name == "sage1_mask":
+        mask = torch.ones(300, 300, dtype=torch.bool, device="cuda").tril()
+        fn = lambda q, k, v: sage1.sageattn(q, k, v, attn_mask=mask)  # noqa: E731
+    fn(q, k, v)  # compile the kernels outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(q, k, v)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(q, k, v)
+    q2, k2, v2 = make_qkv(2, 4, 300, 128, kind="k_bias", device="cuda", seed=2)
+    for t, new in ((q, q2), (k, k2), (v, v2)):
+        t.copy_(new)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn(q2, k2, v2))
