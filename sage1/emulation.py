@@ -34,7 +34,8 @@ def fp16_accumulated_matmul(p16: torch.Tensor, v16: torch.Tensor) -> torch.Tenso
 
 
 def attention_emulated(qk: QuantizedQK, v_hnd: torch.Tensor, *, is_causal: bool, pv_accum: str,
-                       kv_block: int = 64, return_lse: bool = False, bias2: torch.Tensor | None = None):
+                       kv_block: int = 64, return_lse: bool = False, bias2: torch.Tensor | None = None,
+                       pv_scales: torch.Tensor | None = None):
     """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None). ``bias2``: the
     log2-domain mask of common.masking.dense_mask (attn_mask, lengths and causal), if any."""
     B, Hq, Nq, _ = qk.q_codes.shape
@@ -50,16 +51,17 @@ def attention_emulated(qk: QuantizedQK, v_hnd: torch.Tensor, *, is_causal: bool,
     D = v16.shape[-1]
 
     sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, bias2=bias2)
+    p_scale, out_scale = (pv_scales[0], pv_scales[1]) if pv_scales is not None else (1.0, 1.0)  # range_guard
     acc = torch.zeros(B, Hq, Nq, D, device=dev)
     with exact_fp32_matmul():
         for j0, j1 in kv_tiles(Nk, kv_block):
             s = (qc @ kc[:, :, j0:j1].transpose(-1, -2)).float()
             s = s * (qs[..., :, None] * ks[..., None, j0:j1])
             p, alpha = sm.update(sm.mask(s, j0, j1))
-            p16 = p.half()
+            p16 = (p * p_scale).half()
             if pv_accum == "fp16":
                 pv = fp16_accumulated_matmul(p16, v16[:, :, j0:j1])
             else:
                 pv = p16.float() @ v16[:, :, j0:j1].float()
             acc = acc * alpha[..., None] + pv
-    return sm.normalize(acc), (sm.lse2() if return_lse else None)
+    return sm.normalize(acc) * out_scale, (sm.lse2() if return_lse else None)

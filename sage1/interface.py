@@ -8,6 +8,7 @@ import torch
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import quantize_qk
 from common.masking import MaskSpec, dense_mask, prepare_mask
+from common.range_guard import fp16_pv_guard
 
 PV_ACCUM = ("fp16", "fp32")
 QK_GRANULARITY = ("per_block", "per_token", "per_tensor")
@@ -62,20 +63,21 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
                          q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)
-        v16 = vh if vh.dtype == torch.float16 else vh.to(torch.float16)
+        # fp16 V and fp16 accumulation: powers of two keep large |V| finite (common.range_guard)
+        v16, pv_scales = fp16_pv_guard(vh, fp16_accumulation=pv_accum == "fp16")
         if be == "triton":
             from .kernel import launch
 
             if v16.stride(-1) != 1:
                 v16 = v16.contiguous()
             lse2 = launch(qk, v16, out_hnd, is_causal=is_causal, pv_fp16_acc=pv_accum == "fp16",
-                          return_lse=return_lse, mask=mask)
+                          return_lse=return_lse, mask=mask, pv_scales=pv_scales)
         else:
             from .emulation import attention_emulated
 
             bias2 = dense_mask(mask, shape.batch, shape.seqlen_q, shape.seqlen_k, is_causal, q.device)
             o, lse2 = attention_emulated(qk, v16, is_causal=is_causal, pv_accum=pv_accum,
-                                         kv_block=K_BLOCK, return_lse=return_lse, bias2=bias2)
+                                         kv_block=K_BLOCK, return_lse=return_lse, bias2=bias2, pv_scales=pv_scales)
             out_hnd.copy_(o)
         if not return_lse:
             return out

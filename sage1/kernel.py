@@ -28,7 +28,7 @@ from common.triton_attention import apply_tile_mask, kv_bounds_from, masked_row_
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b, hk,
-          start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask, MASKP, h, smb, smh, smm, smn,
+          start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask, MASKP, h, smb, smh, smm, smn, p_scale,
           BLOCK_N: tl.constexpr, DP: tl.constexpr, Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr,
           IS_CAUSAL: tl.constexpr, PV_FP16_ACC: tl.constexpr, LOAD_DMASK: tl.constexpr,
           USE_DESC: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -78,10 +78,10 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
         v = tl.load(V_ptrs, mask=(cols[:, None] < Nk) & d_mask[None, :], other=0.0)
     else:
         v = tl.load(V_ptrs)
-    if PV_FP16_ACC:
-        acc += tl.dot(p.to(tl.float16), v, out_dtype=tl.float16).to(tl.float32)
+    if PV_FP16_ACC:  # p_scale (a power of two <= 1) keeps the fp16 tile sums of large V finite
+        acc += tl.dot((p * p_scale).to(tl.float16), v, out_dtype=tl.float16).to(tl.float32)
     else:
-        acc = tl.dot(p.to(tl.float16), v, acc)
+        acc = tl.dot((p * p_scale).to(tl.float16), v, acc)
     return acc, l_i, m_new
 
 
@@ -90,7 +90,7 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
                    stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, D, q_groups, k_groups, q_tps, k_tps,
-                   MASKP, smb, smh, smm, smn, QLEN, KLEN,
+                   MASKP, smb, smh, smm, smn, QLEN, KLEN, PV_SCALES,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
                    Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr, USE_DESC: tl.constexpr,
@@ -124,21 +124,23 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
     if HAS_LENS:
         hi = tl.where(start_m * BLOCK_M < nq, hi, 0)
         full_end = tl.minimum(full_end, hi)
+    p_scale = tl.load(PV_SCALES)        # large-|V| guard (common.range_guard): P's scale before fp16,
+    out_scale = tl.load(PV_SCALES + 1)  # and the output's after normalizing
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
                               K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
-                              MASKP, h, smb, smh, smm, smn,
+                              MASKP, h, smb, smh, smm, smn, p_scale,
                               BLOCK_N, DP, Q_SCALAR, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
                               MASK_KIND)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
                               K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
-                              MASKP, h, smb, smh, smm, smn,
+                              MASKP, h, smb, smh, smm, smn, p_scale,
                               BLOCK_N, DP, Q_SCALAR, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
                               MASK_KIND)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
     if RETURN_LSE:
@@ -204,11 +206,12 @@ def _descriptors(qk, v_hnd, block_m, block_n, dp):
 
 
 def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, pv_fp16_acc: bool,
-           return_lse: bool, config=None, use_desc=None, mask=NO_MASK):
+           return_lse: bool, config=None, use_desc=None, mask=NO_MASK, pv_scales=None):
     """Run the kernel on quantized Q,K (:class:`common.int_qk.QuantizedQK`) and fp16 V.
 
     ``v_hnd``/``out_hnd`` are [B, H, N, D] views (any strides with a contiguous last dim).
-    Returns the log2-domain LSE [B, Hq, Nq] (or None).
+    ``pv_scales``: fp32 [2] device tensor (P's scale, the output's scale) from
+    common.range_guard.fp16_pv_guard; None: (1, 1). Returns the log2-domain LSE [B, Hq, Nq] (or None).
     """
     B, Hq, Nq, DP = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
@@ -234,6 +237,7 @@ def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, p
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, qk.q_scale.shape[-1], qk.k_scale.shape[-1], q_tps, k_tps,
         *mask_args(mask, B, Nq, Nk, qk.q_scale),
+        pv_scales if pv_scales is not None else torch.ones(2, device=v_hnd.device),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, Q_SCALAR=q_scalar, K_SCALAR=k_scalar,
         IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse, USE_DESC=use_desc,
         MASK_KIND=mask.kind, HAS_LENS=mask.has_lens, PER_SEQ_CAUSAL=mask.q_lens is not None,

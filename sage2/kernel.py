@@ -101,7 +101,8 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr,
                    PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr,
                    K_SCALE_MODE: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
-                   MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
+                   MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr,
+                   HAS_VS: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
@@ -135,7 +136,7 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                               BLOCK_N, DP, True, IS_CAUSAL, PV_FP8, FP8_E5M2,
                               PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET, MASK_KIND)
 
-    if PV_FP8:
+    if HAS_VS:  # V's per-channel scales (FP8), or the fp16 range guard's power of two
         acc = acc * tl.load(VS + kv_bh * D + dcols, mask=d_mask, other=0.0)[None, :]
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SMOOTH_V:
@@ -229,7 +230,7 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         PV_FP8=pv_fp8, FP8_E5M2=pv_dtype == "fp8_e5m2", PV_MODE=pv_mode, SMOOTH_Q=delta_s is not None,
         SMOOTH_V=qv.mean is not None, K_SCALE_MODE=k_scale_mode, RETURN_LSE=return_lse, INTERPRET=interpreter_enabled(),
         MASK_KIND=mask.kind, HAS_LENS=mask.has_lens, PER_SEQ_CAUSAL=mask.q_lens is not None,
-        num_warps=warps, num_stages=stages)
+        HAS_VS=qv.scale is not None, num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)
     return lse if return_lse else None

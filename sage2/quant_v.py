@@ -27,7 +27,7 @@ FP8_FMT = {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2"}
 @dataclass
 class QuantizedV:
     codes: torch.Tensor          # fp8 [B, H, N, D] (torch) or [B, H, DP, NPAD] transposed (triton); fp16 V for pv_dtype="fp16"
-    scale: torch.Tensor | None   # fp32 [B, H, D] (None for fp16)
+    scale: torch.Tensor | None   # fp32 [B, H, D] (for fp16: the range guard's power of two, usually 1)
     mean: torch.Tensor | None    # fp32 [B, H, 1, D] (smooth_v) or None
     transposed: bool
 
@@ -42,8 +42,12 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
     """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16)."""
     mean = v_channel_mean(v) if smooth_v else None
     centred = v if mean is None else v.float() - mean
-    if pv_dtype == "fp16":
-        return QuantizedV(centred.to(torch.float16), None, mean, False)
+    if pv_dtype == "fp16":  # bf16 V beyond fp16's range is scaled by a power of two (common.range_guard)
+        from common.range_guard import fp16_pv_guard
+
+        v16, scales = fp16_pv_guard(centred, fp16_accumulation=False)
+        B, H, _, D = v.shape
+        return QuantizedV(v16, scales[1].expand(B, H, D).contiguous(), mean, False)
     fmt = FP8_FMT[pv_dtype]
     fmax = quant.FP8_FORMATS[fmt][1]
     absmax = channel_absmax(centred)
