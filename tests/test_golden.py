@@ -1,0 +1,42 @@
+"""Golden outputs: small fixed inputs whose outputs per generation and option set are stored
+(tests/golden/golden.pt, made by tests/golden/make_golden.py from the emulations). A change that
+moves results fails here: the emulation must reproduce them to rounding, the Triton kernel (the
+CPU interpreter, or the GPU) to its usual agreement with the emulation."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.metrics import accuracy
+from conftest import KERNEL_DEVICE
+
+sys.path.insert(0, str(Path(__file__).parent / "golden"))
+import make_golden  # noqa: E402
+
+GOLDEN = torch.load(Path(__file__).parent / "golden" / "golden.pt")
+
+
+@pytest.mark.parametrize("case", make_golden.CASES)
+def test_emulation_reproduces_golden(case):
+    gold = GOLDEN["outputs"][case]
+    out, lse = make_golden.run_case(case, GOLDEN["inputs"], "torch")
+    torch.testing.assert_close(out, gold["out"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(lse, gold["lse"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", make_golden.CASES)
+def test_kernel_matches_golden(case):
+    gold = GOLDEN["outputs"][case]
+    out, lse = make_golden.run_case(case, GOLDEN["inputs"], "triton", device=KERNEL_DEVICE)
+    a = accuracy(gold["out"].double(), out.cpu())
+    assert a.cos_sim > 0.99999 and a.max_abs <= 5e-3 * float(gold["out"].abs().max()), a
+    fin = torch.isfinite(gold["lse"])
+    assert torch.equal(torch.isfinite(lse.cpu()), fin)
+    assert (lse.cpu() - gold["lse"])[fin].abs().max() < 1e-3
+
+
+def test_golden_file_covers_every_generation():
+    gens = {make_golden.CASES[c][1] for c in GOLDEN["outputs"]}
+    assert gens == {"sage1", "sage2", "sage3"} and set(GOLDEN["outputs"]) == set(make_golden.CASES)
