@@ -1,0 +1,54 @@
+"""Small calls that launch every Triton kernel once (run under compute-sanitizer by sanitize.sh):
+the Q/K/V quantization passes and the attention kernels of sage1, sage2 (8b, 4b, fp16 PV, masks,
+varlen), sage3 (packed and pre-unpacked FP4) and SageBwd (forward, backward, atomic dQ)."""
+
+import torch
+
+import sage1
+import sage2
+import sage3
+from common.inputs import make_qkv
+
+
+def main():
+    dev = "cuda"
+    q, k, v = make_qkv(2, 4, 200, 64, heads_kv=2, seqlen_k=333, kind="k_bias", device=dev, seed=0)
+    q128, k128, v128 = make_qkv(1, 2, 130, 128, kind="k_bias", dtype=torch.bfloat16, device=dev, layout="NHD", seed=1)
+    mask = torch.rand(2, 1, 200, 333, device=dev) > 0.3
+    pad = (torch.arange(333, device=dev)[None, :] < torch.tensor([333, 100], device=dev)[:, None])[:, None, None]
+    n = 0
+    for causal in (False, True):
+        for call in (
+            lambda: sage1.sageattn(q, k, v, is_causal=causal, return_lse=True),
+            lambda: sage1.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, pv_accum="fp32",
+                                   qk_granularity="per_token"),
+            lambda: sage1.sageattn(q, k, v, is_causal=causal, attn_mask=mask),
+            lambda: sage1.sageattn(q, k, v, is_causal=causal, attn_mask=pad),
+            lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True),
+            lambda: sage2.sageattn(q, k, v, is_causal=causal, qk_dtype="int4", smooth_v=True),
+            lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, pv_dtype="fp16"),
+            lambda: sage2.sageattn(q, k, v, is_causal=causal, attn_mask=mask.float()),
+            lambda: sage3.sageattn(q, k, v, is_causal=causal, return_lse=True),
+            lambda: sage3.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, scale_format="mxfp4"),
+        ):
+            call()
+            n += 1
+        # varlen
+        cu_q = torch.tensor([0, 37, 200], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, 150, 333], dtype=torch.int32, device=dev)
+        qp = q[0].transpose(0, 1).reshape(-1, 4, 64)[:200]
+        kp, vp = (t[0].transpose(0, 1).reshape(-1, 2, 64)[:333] for t in (k, v))
+        sage1.sageattn_varlen(qp, kp, vp, cu_q, cu_k, 163, 183, is_causal=causal)
+        sage2.sageattn_varlen(qp, kp, vp, cu_q, cu_k, 163, 183, is_causal=causal)
+        n += 2
+        # SageBwd forward + backward (deterministic dQ and atomic dQ)
+        for det in (True, False):
+            qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            sage3.sageattn_train(qt, kt, vt, is_causal=causal, deterministic=det).sum().backward()
+            n += 1
+    torch.cuda.synchronize()
+    print(f"{n} cases ok")
+
+
+if __name__ == "__main__":
+    main()
