@@ -91,7 +91,10 @@ def test_kernel_emulation_and_exact_agree(gen, data):
     assert torch.isfinite(out_e).all() and torch.isfinite(out_k).all()
     if bool((~dead).any()):
         ke = accuracy(out_e.double(), out_k.cpu())
-        assert ke.cos_sim > 0.9999 or ke.max_abs < 2e-3, (p, opts, ke)
+        # sage3 on a GPU: exp2 within 2 ulp can flip an FP4 rounding of P, so the kernel is held to a
+        # tenth of the method's own error instead (as tests/test_sage3.py does)
+        own = accuracy(ref, out_e).rel_l1 if gen == "sage3" else 0.0
+        assert ke.cos_sim > 0.9999 or ke.max_abs < 2e-3 or ke.rel_l1 <= 0.1 * own, (p, opts, ke)
         assert (lse_k.cpu() - lse_e)[~dead].abs().max() < 2e-3
         if ref.abs().sum() > 0:
             assert accuracy(ref, out_e).cos_sim > bound, (p, opts)
