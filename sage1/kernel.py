@@ -217,6 +217,8 @@ def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, p
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     D = v_hnd.shape[-1]
     BLOCK_M, BLOCK_N, warps, stages = config or CONFIGS[(DP, is_causal)]
+    if mask.kind != MASK_NONE and config is None:
+        stages = min(stages, 2)  # the attn_mask tile is pipelined too: keep shared memory in bounds
     q_tps = qk.q_tokens_per_scale or 1
     k_tps = qk.k_tokens_per_scale or 1
     q_scalar = qk.q_tokens_per_scale > 0 and qk.q_tokens_per_scale % BLOCK_M == 0

@@ -183,6 +183,10 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
     D = out_hnd.shape[-1]
     pv_fp8 = pv_dtype != "fp16"
     BLOCK_M, BLOCK_N, warps, stages = config or config_for(DP, is_causal, pv_fp8)
+    if mask.kind != 0 and config is None:
+        # an attn_mask tile (fp32 bias or uint8 keep) is pipelined beside K and V: a 64-row Q tile and
+        # two stages keep shared memory under Hopper's 227 KB at head_dim 128 (the 128-key tile stays)
+        BLOCK_M, warps, stages = 64, 4, 2
     if smooth_q_config(delta_s, config):
         # the fp32 delta_s tiles are pipelined through shared memory too: a smaller Q tile and two
         # stages keep them in (the 128-key tile, and so the algorithm, stay the same)

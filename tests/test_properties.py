@@ -95,6 +95,7 @@ def test_kernel_emulation_and_exact_agree(gen, data):
         # tenth of the method's own error instead (as tests/test_sage3.py does)
         own = accuracy(ref, out_e).rel_l1 if gen == "sage3" else 0.0
         assert ke.cos_sim > 0.9999 or ke.max_abs < 2e-3 or ke.rel_l1 <= 0.1 * own, (p, opts, ke)
-        assert (lse_k.cpu() - lse_e)[~dead].abs().max() < 2e-3
+        # sage3's GPU path computes Q smoothing's delta_s with TF32 (the CPU emulation in fp32/fp64)
+        assert (lse_k.cpu() - lse_e)[~dead].abs().max() < (1e-2 if gen == "sage3" and dev != "cpu" else 2e-3)
         if ref.abs().sum() > 0:
             assert accuracy(ref, out_e).cos_sim > bound, (p, opts)
