@@ -155,3 +155,14 @@ def test_varlen_bad_arguments():
         sage1.sageattn_varlen(q, k, v, cq, ck, 0, 6)
     with pytest.raises(ValueError, match="no attn_mask"):
         sage1.sageattn_varlen(q, k, v, cq, ck, 6, 6, attn_mask=torch.ones(1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("gen", ["sage1", "sage2_8b", "sage2_4b_smooth_v"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_masks_at_large_head_dims(gen, head_dim):
+    """The mask tile is pipelined beside K and V: the largest tiles must still fit shared memory."""
+    mod, opts, bound, _ = GENERATIONS[gen]
+    q, k, v = make_qkv(1, 2, 130, head_dim, seqlen_k=200, kind="k_bias", seed=9, device=DEV)
+    bias = torch.randn(1, 2, 130, 200, device=DEV)
+    out = mod.sageattn(q, k, v, attn_mask=bias, **opts)
+    assert accuracy(attention_reference(q, k, v, attn_mask=bias), out).cos_sim > bound
