@@ -136,5 +136,95 @@ def sageattn_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_
     if q.numel() == 0 or shape.seqlen_k == 0:
         # nothing to attend to: zeros, with zero gradients flowing to every input
         return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())
+    if torch.compiler.is_compiling():  # opaque custom ops with a registered backward (below)
+        return torch.ops.sageattn_repro.sagebwd_fwd(q, k, v, tensor_layout, is_causal, scale, be, quantize_dov,
+                                                    deterministic)[0]
     return SageBwdFunction.apply(q, k, v, tensor_layout, is_causal, scale, be, quantize_dov, deterministic)
+
+
+# ---- torch.compile: the forward and backward as torch.library custom ops, so that a compiled training
+# step (also fullgraph=True) sees two opaque ops and no graph break. The forward saves q, k, v (not the
+# quantized state, which custom ops cannot return): the backward quantizes them again, which is
+# deterministic, so compiled and eager gradients are the same numbers; it costs one more pass of the
+# (memory-bound) quantization per backward. Eager calls keep SageBwdFunction.
+
+_OPTS = "str tensor_layout, bool is_causal, float sm_scale, str backend, bool quantize_dov, bool deterministic"
+
+
+def _padded(d: int) -> int:
+    from common.int_qk import padded_head_dim
+
+    return max(MIN_DP, padded_head_dim(d))
+
+
+@torch.library.custom_op("sageattn_repro::sagebwd_fwd", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, {_OPTS}) -> (Tensor, Tensor, Tensor)")
+def _sagebwd_fwd(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
+    with torch.no_grad():
+        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        D = qh.shape[-1]
+        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
+        if backend == "triton":
+            from .train_kernel import forward_triton
+
+            o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=q.dtype)
+        else:
+            from .train_emulation import forward_emulated
+
+            o32, lse2 = forward_emulated(st, is_causal=is_causal)
+            o_pad = o32.to(q.dtype)
+        out = from_hnd(o_pad[..., :D], tensor_layout).clone(memory_format=torch.contiguous_format)  # no aliasing
+        return out, o_pad.contiguous(), lse2.contiguous()
+
+
+@_sagebwd_fwd.register_fake
+def _(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
+    shape = check_attention_inputs(q, k, v, tensor_layout)
+    B, H, N, D = shape.batch, shape.heads_q, shape.seqlen_q, shape.head_dim
+    return (q.new_empty(q.shape), q.new_empty((B, H, N, _padded(D))),
+            q.new_empty((B, H, N), dtype=torch.float32))
+
+
+@torch.library.custom_op("sageattn_repro::sagebwd_bwd", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor o_pad, Tensor lse2, "
+                                f"{_OPTS}) -> (Tensor, Tensor, Tensor)")
+def _sagebwd_bwd(grad_out, q, k, v, o_pad, lse2, tensor_layout, is_causal, sm_scale, backend, quantize_dov,
+                 deterministic):
+    with torch.no_grad():
+        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+        D = qh.shape[-1]
+        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
+        do = _pad_dim(to_hnd(grad_out, tensor_layout).to(o_pad.dtype).contiguous(), o_pad.shape[-1])
+        st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
+        if backend == "triton":
+            from .train_kernel import backward_triton
+
+            dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
+                                         deterministic=deterministic)
+        else:
+            from .train_emulation import backward_emulated
+
+            dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
+        return tuple(from_hnd(g[..., :D].to(q.dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+
+
+@_sagebwd_bwd.register_fake
+def _(grad_out, q, k, v, o_pad, lse2, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *opts = inputs
+    _, o_pad, lse2 = output
+    ctx.save_for_backward(q, k, v, o_pad, lse2)
+    ctx.opts = opts
+
+
+def _backward(ctx, grad_out, _grad_o_pad, _grad_lse):
+    q, k, v, o_pad, lse2 = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sageattn_repro.sagebwd_bwd(grad_out.contiguous(), q, k, v, o_pad, lse2, *ctx.opts)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_sagebwd_fwd.register_autograd(_backward, setup_context=_setup_context)
 
