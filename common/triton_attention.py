@@ -74,6 +74,22 @@ def dot_16bit(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def kv_range(start_m, b, Nq, Nk, QLEN, KLEN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+             HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """(nk, q_offset, full_end, hi) of this Q tile with per-sequence lengths (varlen / key padding:
+    tiles past them are skipped, and a tile past nq visits none, so its rows give 0) and an
+    attn_mask (MASK_KIND != 0: every KV tile takes the masked path)."""
+    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
+    full_end, hi = kv_bounds_from(start_m, q_offset, nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if MASK_KIND != 0:
+        full_end = 0
+    if HAS_LENS:
+        hi = tl.where(start_m * BLOCK_M < nq, hi, 0)
+        full_end = tl.minimum(full_end, hi)
+    return nk, q_offset, full_end, hi
+
+
+@triton.jit
 def sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
     """(nq, nk, q_offset): this sequence's query and key counts (per-sequence lengths, or the
     tensors' sizes) and the causal offset (row i sees keys j <= i + q_offset): bottom-right per

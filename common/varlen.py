@@ -74,3 +74,19 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         return res[sq, pq]
     out, lse = res
     return out[sq, pq], lse[sq, :, pq].transpose(0, 1)
+
+
+def varlen_api(sageattn):
+    """The ``sageattn_varlen`` of a generation whose dense function is ``sageattn``."""
+
+    def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, **options):
+        return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+
+    sageattn_varlen.__doc__ = f"""``{sageattn.__module__.split('.')[0]}.sageattn`` on a packed batch of
+    variable-length sequences (FlashAttention's varlen convention): ``q`` ``[total_q, Hq, D]``,
+    ``k``/``v`` ``[total_k, Hkv, D]``, ``cu_seqlens_*`` int ``[B + 1]`` offsets, ``max_seqlen_*`` the
+    longest sequence. ``is_causal`` is bottom-right aligned per sequence. ``options``: those of
+    ``sageattn`` (``is_causal``, ``sm_scale``, ``return_lse`` (LSE ``[Hq, total_q]``), ``backend``
+    and the quantization options). See :mod:`common.varlen`."""
+    return sageattn_varlen

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from common.masking import MASK_NONE, NO_MASK
-from common.triton_attention import apply_tile_mask, kv_bounds_from, masked_row_max, program_tile, sequence_bounds
+from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, program_tile
 
 
 @triton.jit
@@ -116,14 +116,8 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
-    # this sequence's lengths (varlen / key padding: tiles past them are skipped; rows past nq give 0)
-    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
-    full_end, hi = kv_bounds_from(start_m, q_offset, nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    if MASK_KIND != 0:  # an attn_mask tile on every KV tile
-        full_end = 0
-    if HAS_LENS:
-        hi = tl.where(start_m * BLOCK_M < nq, hi, 0)
-        full_end = tl.minimum(full_end, hi)
+    nk, q_offset, full_end, hi = kv_range(start_m, b, Nq, Nk, QLEN, KLEN, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_LENS,
+                                          PER_SEQ_CAUSAL, MASK_KIND)
     p_scale = tl.load(PV_SCALES)        # large-|V| guard (common.range_guard): P's scale before fp16,
     out_scale = tl.load(PV_SCALES + 1)  # and the output's after normalizing
 

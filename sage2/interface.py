@@ -95,17 +95,14 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         return out, natural_lse(lse2, qh, qk.k_mean, scale)
 
 
-def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, **options):
-    """:func:`sageattn` on a packed batch of variable-length sequences (FlashAttention's varlen
-    convention): ``q`` ``[total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``, ``cu_seqlens_*`` int
-    ``[B + 1]`` offsets, ``max_seqlen_*`` the longest sequence. ``is_causal`` is bottom-right aligned
-    per sequence. ``options``: those of :func:`sageattn` (``is_causal``, ``sm_scale``, ``return_lse``
-    (LSE ``[Hq, total_q]``), ``backend`` and the quantization options). See :mod:`common.varlen`."""
-    from common.varlen import attention_varlen
 
-    return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+def _varlen():
+    from common.varlen import varlen_api
 
+    return varlen_api(sageattn)
+
+
+sageattn_varlen = _varlen()
 
 def _register_op():
     from common.compile_ops import AttentionOp

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from common.checks import interpreter_enabled
 from common.masking import NO_MASK
-from common.triton_attention import apply_tile_mask, kv_bounds_from, masked_row_max, program_tile, sequence_bounds
+from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
 PV_SINGLE, PV_TWO_LEVEL, PV_TWO_LEVEL_PROMOTE = 0, 1, 2
@@ -116,14 +116,8 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
-    # this sequence's lengths (varlen / key padding: tiles past them are skipped; rows past nq give 0)
-    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
-    full_end, hi = kv_bounds_from(start_m, q_offset, nk, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    if MASK_KIND != 0:  # an attn_mask tile on every KV tile
-        full_end = 0
-    if HAS_LENS:
-        hi = tl.where(start_m * BLOCK_M < nq, hi, 0)
-        full_end = tl.minimum(full_end, hi)
+    nk, q_offset, full_end, hi = kv_range(start_m, b, Nq, Nk, QLEN, KLEN, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_LENS,
+                                          PER_SEQ_CAUSAL, MASK_KIND)
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, h, hk, start_n, rows,

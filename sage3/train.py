@@ -72,21 +72,43 @@ def quantize_for_training(qh, kh, vh, *, sm_scale: float, backend: str) -> SageB
     return SageBwdState(qk, v_codes, v_scale, _pad_dim(vh.contiguous(), dp), sm_scale)
 
 
+def _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend):
+    """Quantize and run the forward: (SageBwdState, padded HND output, log2-domain LSE)."""
+    qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
+    if backend == "triton":
+        from .train_kernel import forward_triton
+
+        o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=q.dtype)
+    else:
+        from .train_emulation import forward_emulated
+
+        o32, lse2 = forward_emulated(st, is_causal=is_causal)
+        o_pad = o32.to(q.dtype)
+    return st, o_pad, lse2
+
+
+def _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quantize_dov, deterministic, D, dtype):
+    """dQ, dK, dV in the inputs' layout and dtype, from the forward's state and the output gradient."""
+    do = _pad_dim(to_hnd(grad_out, tensor_layout).to(o_pad.dtype).contiguous(), o_pad.shape[-1])
+    st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
+    if backend == "triton":
+        from .train_kernel import backward_triton
+
+        dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
+                                     deterministic=deterministic)
+    else:
+        from .train_emulation import backward_emulated
+
+        dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
+    return tuple(from_hnd(g[..., :D].to(dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+
+
 class SageBwdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
-        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        D = qh.shape[-1]
-        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
-        if backend == "triton":
-            from .train_kernel import forward_triton
-
-            o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=q.dtype)
-        else:
-            from .train_emulation import forward_emulated
-
-            o32, lse2 = forward_emulated(st, is_causal=is_causal)
-            o_pad = o32.to(q.dtype)
+        st, o_pad, lse2 = _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend)
+        D = q.shape[-1]
         ctx.st, ctx.lse2, ctx.o_pad = st, lse2, o_pad
         ctx.opts = (tensor_layout, is_causal, backend, quantize_dov, deterministic, D)
         ctx.dtype = q.dtype
@@ -95,20 +117,8 @@ class SageBwdFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         tensor_layout, is_causal, backend, quantize_dov, deterministic, D = ctx.opts
-        st, lse2, o_pad = ctx.st, ctx.lse2, ctx.o_pad
-        dp = o_pad.shape[-1]
-        do = _pad_dim(to_hnd(grad_out, tensor_layout).to(o_pad.dtype).contiguous(), dp)
-        st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
-        if backend == "triton":
-            from .train_kernel import backward_triton
-
-            dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
-                                         deterministic=deterministic)
-        else:
-            from .train_emulation import backward_emulated
-
-            dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
-        grads = (from_hnd(g[..., :D].to(ctx.dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+        grads = _backward(ctx.st, grad_out, ctx.o_pad, ctx.lse2, tensor_layout, is_causal, backend, quantize_dov,
+                          deterministic, D, ctx.dtype)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -161,19 +171,8 @@ def _padded(d: int) -> int:
                          schema=f"(Tensor q, Tensor k, Tensor v, {_OPTS}) -> (Tensor, Tensor, Tensor)")
 def _sagebwd_fwd(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
     with torch.no_grad():
-        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        D = qh.shape[-1]
-        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
-        if backend == "triton":
-            from .train_kernel import forward_triton
-
-            o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=q.dtype)
-        else:
-            from .train_emulation import forward_emulated
-
-            o32, lse2 = forward_emulated(st, is_causal=is_causal)
-            o_pad = o32.to(q.dtype)
-        out = from_hnd(o_pad[..., :D], tensor_layout).clone(memory_format=torch.contiguous_format)  # no aliasing
+        _, o_pad, lse2 = _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend)
+        out = from_hnd(o_pad[..., :q.shape[-1]], tensor_layout).clone(memory_format=torch.contiguous_format)
         return out, o_pad.contiguous(), lse2.contiguous()
 
 
@@ -191,21 +190,9 @@ def _(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, determ
 def _sagebwd_bwd(grad_out, q, k, v, o_pad, lse2, tensor_layout, is_causal, sm_scale, backend, quantize_dov,
                  deterministic):
     with torch.no_grad():
-        qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-        D = qh.shape[-1]
-        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
-        do = _pad_dim(to_hnd(grad_out, tensor_layout).to(o_pad.dtype).contiguous(), o_pad.shape[-1])
-        st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
-        if backend == "triton":
-            from .train_kernel import backward_triton
-
-            dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
-                                         deterministic=deterministic)
-        else:
-            from .train_emulation import backward_emulated
-
-            dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
-        return tuple(from_hnd(g[..., :D].to(q.dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+        st = quantize_for_training(*(to_hnd(t, tensor_layout) for t in (q, k, v)), sm_scale=sm_scale, backend=backend)
+        return _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quantize_dov, deterministic,
+                         q.shape[-1], q.dtype)
 
 
 @_sagebwd_bwd.register_fake
@@ -220,11 +207,11 @@ def _setup_context(ctx, inputs, output):
     ctx.opts = opts
 
 
-def _backward(ctx, grad_out, _grad_o_pad, _grad_lse):
+def _autograd_backward(ctx, grad_out, _grad_o_pad, _grad_lse):
     q, k, v, o_pad, lse2 = ctx.saved_tensors
     dq, dk, dv = torch.ops.sageattn_repro.sagebwd_bwd(grad_out.contiguous(), q, k, v, o_pad, lse2, *ctx.opts)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_sagebwd_fwd.register_autograd(_backward, setup_context=_setup_context)
+_sagebwd_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
