@@ -290,8 +290,21 @@ def run_train_curve(cfg, device):
                          val_curve=" ".join(f"{s}:{v:.4f}" for s, v in vals)))
     write_results(rows, title=f"{e.name} ({'from the trained ' + mc.name if e.from_pretrained else 'from scratch'}, "
                   f"{corpus} sources) on {device}: loss in nats per byte")
+    gaps = {}  # each run minus the first attention's (exact in the overlays), step by step
+    ref_label = rows[0]["attention"]
+    for kind in ("train", "val"):
+        rx, ry = curves[f"{ref_label} ({kind})"]
+        for r in rows[1:]:
+            xs, ys = curves[f"{r['attention']} ({kind})"]
+            gaps[f"{r['attention']} - {ref_label} ({kind})"] = (xs, [a - b for a, b in zip(ys, ry)])
+    with open("curves.csv", "w") as f:  # the curves themselves, for re-plotting
+        f.write("attention,kind,step,loss\n")
+        for label, (xs, ys) in curves.items():
+            name, kind = label.rsplit(" (", 1)
+            f.writelines(f"{name},{kind.rstrip(')')},{x},{y:.6f}\n" for x, y in zip(xs, ys))
     line_plot("loss.png", curves, "step", "loss (nats per byte)", f"{e.name}: {mc.name}, "
-              f"{'fine-tuning on torch sources' if e.from_pretrained else 'pretraining on stdlib sources'}")
+              f"{'fine-tuning on torch sources' if e.from_pretrained else 'pretraining on stdlib sources'}",
+              gaps=gaps if len(rows) > 1 else None)
     return rows
 
 

@@ -124,19 +124,39 @@ def bar_groups(path, groups: dict, ylabel: str, title: str, xlabel: str = "") ->
     plt.close(fig)
 
 
-def line_plot(path, curves: dict, xlabel: str, ylabel: str, title: str) -> None:
-    """curves = {label: (xs, ys)} on one plot (loss curves)."""
+def line_plot(path, curves: dict, xlabel: str, ylabel: str, title: str, gaps: dict | None = None) -> None:
+    """curves = {label: (xs, ys)} on one plot (loss curves), its y-range cut to the later 80% of the
+    steps so that the start does not flatten the differences; with ``gaps`` ({label: (xs, ys)}, e.g.
+    a run's loss minus the reference's) a second panel shows those."""
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(11 if gaps else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    late = []
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=label, lw=1.2)
+        ax.plot(xs, ys, label=label, lw=1.2, marker="o" if len(xs) < 8 else None, ms=3)
+        if xs:
+            cut = xs[0] + 0.2 * (xs[-1] - xs[0])
+            late += [y for x, y in zip(xs, ys) if x >= cut]
+    if late:
+        lo, hi = min(late), max(late)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if gaps:
+        gx = axes[0][1]
+        for label, (xs, ys) in gaps.items():
+            gx.plot(xs, ys, label=label, lw=1.2, marker="o" if len(xs) < 8 else None, ms=3)
+        gx.axhline(0.0, color="k", lw=0.8)
+        gx.set_xlabel(xlabel)
+        gx.set_ylabel(f"difference in {ylabel}")
+        gx.set_title("each run minus the reference (same steps, same data order)", fontsize=9)
+        gx.legend(fontsize=8)
+        gx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
