@@ -52,3 +52,36 @@ def test_tensors_on_different_devices():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="q, k and v must be on the same device"):
         check_attention_inputs(q, k.to("meta"), v)
+
+
+def test_cpu_tensors_with_the_triton_backend_outside_the_interpreter(monkeypatch):
+    """What a GPU machine says to CPU tensors with backend='triton' (the interpreter is off there)."""
+    import sage1
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu; use backend='torch'"):
+        sage1.sageattn(*qkv(), backend="triton")
+
+
+@pytest.mark.parametrize("gen", ["sage1", "sage2", "sage3"])
+def test_empty_batch_heads_and_sequences(gen):
+    import importlib
+
+    fn = importlib.import_module(gen).sageattn
+    for shape_q, shape_k in [((0, 2, 8, 64), (0, 2, 8, 64)), ((1, 2, 0, 64), (1, 2, 8, 64)),
+                             ((1, 2, 8, 64), (1, 2, 0, 64))]:
+        out, lse = fn(*qkv(shape_q, shape_k), return_lse=True, backend="torch")
+        assert out.shape == shape_q and (out == 0).all() and torch.isinf(lse).all()
+
+
+def test_varlen_with_empty_sequences():
+    import sage1
+
+    q, k, v = (torch.randn(n, 2, 64).half() for n in (7, 9, 9))
+    cu_q = torch.tensor([0, 0, 7], dtype=torch.int32)   # the first sequence has no queries
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = sage1.sageattn_varlen(q, k, v, cu_q, cu_k, 7, 5, backend="torch")
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    cu_k0 = torch.tensor([0, 9, 9], dtype=torch.int32)  # the second sequence has no keys: zeros
+    out = sage1.sageattn_varlen(q, k, v, cu_q, cu_k0, 7, 9, backend="torch")
+    assert (out == 0).all()
