@@ -8,6 +8,7 @@ import torch
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import quantize_qk
 from common.masking import MaskSpec, dense_mask, prepare_mask
+from common.nonfinite import has_nonfinite, rerun_without_nonfinite
 from common.range_guard import fp16_pv_guard
 
 PV_ACCUM = ("fp16", "fp32")
@@ -60,6 +61,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             return trivial
         mask = attn_mask if isinstance(attn_mask, MaskSpec) else prepare_mask(
             attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, q.device)
+        if has_nonfinite(qh, kh, vh):  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
+            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
+                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
+                                           smooth_k=smooth_k, pv_accum=pv_accum, qk_granularity=qk_granularity)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
                          q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)

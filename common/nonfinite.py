@@ -1,0 +1,85 @@
+"""NaN and Inf inputs: SDPA's pattern, not a quantization block's.
+
+A quantized kernel shares one scale among a block of tokens, so a single NaN or Inf would spread
+over its whole block (or vanish: Triton's INT8 conversion of NaN gives 0). Instead, the public
+functions check their inputs (one fp32 sum per tensor and one host sync; skipped while a CUDA graph
+is being captured) and, when anything is non-finite, run again on inputs with the non-finite values
+zeroed and then set to NaN exactly the rows SDPA would make NaN:
+
+* every query row with a non-finite value in q;
+* every row that sees (causal / lengths / attn_mask) a key whose k or v has a non-finite value.
+
+A key a row does not see (causal, lengths, attn_mask) never affects it: SDPA's math backend spreads
+a NaN of V through masked keys as 0 * NaN, its fused backends do not (tile by tile); we follow the
+definition. Inf is treated like NaN (SDPA's backends disagree on Inf: ±Inf or NaN). ``CHECK_NONFINITE = False``
+switches the check off (then non-finite inputs give undefined rows) for the last percent of speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masking import MASK_NONE, MaskSpec
+
+CHECK_NONFINITE = True
+
+
+def has_nonfinite(*tensors: torch.Tensor) -> bool:
+    """True if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that overflows fp32 only
+    sends the call down the slower, still correct path)."""
+    if not CHECK_NONFINITE or any(t.numel() == 0 for t in tensors):
+        return False
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    return not bool(torch.isfinite(sums).all())
+
+
+def zeroed(t: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def nan_rows(qh, kh, vh, *, is_causal: bool, mask: MaskSpec) -> torch.Tensor:
+    """bool [B, Hq, Nq]: the rows SDPA makes NaN (HND views of the original inputs)."""
+    B, Hq, Nq, _ = qh.shape
+    Hkv, Nk = kh.shape[1], kh.shape[2]
+    q_bad = ~torch.isfinite(qh).all(-1)
+    key_bad = (~torch.isfinite(kh).all(-1) | ~torch.isfinite(vh).all(-1)).repeat_interleave(Hq // Hkv, dim=1)
+    ql, kl = mask.lens_or_full(B, Nq, Nk, qh.device)
+    j = torch.arange(Nk, device=qh.device)
+    i = torch.arange(Nq, device=qh.device)
+    key_bad = key_bad & (j[None, None, :] < kl[:, None, None])
+    if mask.kind != MASK_NONE:  # an attn_mask: which keys each row sees, a block of rows at a time
+        reach = torch.zeros(B, Hq, Nq, dtype=torch.bool, device=qh.device)
+        offset = Nk - Nq if mask.q_lens is None else (kl - ql)[:, None, None, None]
+        for r0 in range(0, Nq, 1024):
+            r1 = min(Nq, r0 + 1024)
+            m = mask.tensor[:, :, r0:r1]
+            keep = (m != 0) if m.dtype == torch.uint8 else (m > float("-inf"))
+            if is_causal:
+                keep = keep & (j[None, None, None, :] <= i[r0:r1, None] + offset)
+            reach[:, :, r0:r1] = (keep & key_bad[:, :, None, :]).any(-1)
+    else:
+        if is_causal:
+            first = torch.where(key_bad, j, Nk).amin(-1)                        # [B, Hq]
+            offset = (kl - ql) if mask.q_lens is not None else torch.full_like(kl, Nk - Nq)
+            reach = first[..., None] <= i[None, None, :] + offset[:, None, None]
+        else:
+            reach = key_bad.any(-1)[..., None].expand(B, Hq, Nq)
+    return (q_bad | reach) & (i[None, None, :] < ql[:, None, None])
+
+
+def rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, *, tensor_layout, is_causal, return_lse, mask, **kw):
+    """``sageattn`` on the zeroed inputs, then NaN on the rows SDPA makes NaN (output and LSE)."""
+    from .checks import to_hnd
+
+    if mask.kind != MASK_NONE or mask.has_lens:
+        kw["attn_mask"] = mask
+    res = sageattn(zeroed(q), zeroed(k), zeroed(v), tensor_layout=tensor_layout, is_causal=is_causal,
+                   return_lse=return_lse, **kw)
+    rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=mask)
+    out, lse = res if return_lse else (res, None)
+    to_hnd(out, tensor_layout).masked_fill_(rows[..., None], float("nan"))
+    if lse is not None:
+        lse.masked_fill_(rows, float("nan"))
+    return res
