@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_attention_inputs, to_hnd
+from .checks import check_attention_inputs
 
 _COMMON = "Tensor q, Tensor k, Tensor v, str tensor_layout, bool is_causal, float? sm_scale, bool return_lse, " \
           "str backend"
@@ -64,4 +64,4 @@ class AttentionOp:
         return (out, lse) if return_lse else out
 
 
-__all__ = ["AttentionOp", "to_hnd"]
+__all__ = ["AttentionOp"]

@@ -82,6 +82,23 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
     return MaskSpec(MASK_BIAS, bias)
 
 
+def resolve_mask(attn_mask, shape, device) -> MaskSpec:
+    """A public function's ``attn_mask`` as a MaskSpec: a MaskSpec itself (the varlen path) passes
+    through, anything else goes through :func:`prepare_mask` (``shape``: common.checks.AttentionShape)."""
+    if isinstance(attn_mask, MaskSpec):
+        return attn_mask
+    return prepare_mask(attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, device)
+
+
+def kernel_args(mask: MaskSpec, batch: int, n_q: int, n_k: int, dummy: torch.Tensor):
+    """(MASKP, smb, smh, smm, smn, QLEN, KLEN): the mask arguments of the sage1/sage2 kernels;
+    ``dummy`` stands in for the pointers a kernel does not read."""
+    t = mask.tensor if mask.kind != MASK_NONE else dummy
+    strides = mask.tensor.stride() if mask.kind != MASK_NONE else (0, 0, 0, 0)
+    ql, kl = mask.lens_or_full(batch, n_q, n_k, dummy.device) if mask.has_lens else (dummy, dummy)
+    return (t, *strides, ql, kl)
+
+
 def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be a 1-D int tensor [B + 1] of cumulative sequence lengths starting at 0")
@@ -94,7 +111,7 @@ def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_k: int, is_causal: bool, 
     """The [B, Hq|1, Nq, Nk] log2-domain additive mask (0 / -inf / bias) the emulations apply,
     causal included (bottom-right per sequence), or None when nothing is masked but causal-free
     full lengths (then the emulations' own causal mask applies)."""
-    if spec.kind == MASK_NONE and not spec.has_lens and spec.q_lens is None:
+    if spec.kind == MASK_NONE and not spec.has_lens:
         return None
     ql, kl = spec.lens_or_full(batch, n_q, n_k, device)
     i = torch.arange(n_q, device=device)[None, :, None]

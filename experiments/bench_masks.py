@@ -95,7 +95,7 @@ def main(argv=None):
     for name, mod in (("sage1", sage1), ("sage2_8b", sage2)):
         row(rows, "bool mask [B,1,N,N]", name, bench_ms(lambda mod=mod: mod.sageattn(q, k, v, attn_mask=keep)), flops,
             t_sdpa)
-    del keep, q, k, v
+    keep = q = k = v = None  # free the 8k inputs before the decode shapes
     # decode
     for nk in (4096, 32768):
         qd = torch.randn(B, 32, 1, D, dtype=torch.float16, device=dev)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common.masking import MASK_NONE, NO_MASK
+from common.masking import MASK_NONE, NO_MASK, kernel_args
 from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, program_tile
 
 
@@ -154,17 +154,6 @@ CONFIGS = {
 }
 
 
-def mask_args(mask, batch, n_q, n_k, dummy):
-    """(MASKP, smb, smh, smm, smn, QLEN, KLEN) kernel arguments of a common.masking.MaskSpec."""
-    t = mask.tensor if mask.kind != MASK_NONE else dummy
-    strides = mask.tensor.stride() if mask.kind != MASK_NONE else (0, 0, 0, 0)
-    if mask.has_lens:
-        ql, kl = mask.lens_or_full(batch, n_q, n_k, dummy.device)
-    else:
-        ql = kl = dummy
-    return (t, *strides, ql, kl)
-
-
 def tma_compatible(*tensors) -> bool:
     """TMA needs 16-byte aligned base pointers and strides (all but the last, contiguous dim)."""
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and
@@ -232,7 +221,7 @@ def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, p
         v_hnd.stride(0), v_hnd.stride(1), v_hnd.stride(2),
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, qk.q_scale.shape[-1], qk.k_scale.shape[-1], q_tps, k_tps,
-        *mask_args(mask, B, Nq, Nk, qk.q_scale),
+        *kernel_args(mask, B, Nq, Nk, qk.q_scale),
         pv_scales if pv_scales is not None else torch.ones(2, device=v_hnd.device),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, Q_SCALAR=q_scalar, K_SCALAR=k_scalar,
         IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse, USE_DESC=use_desc,

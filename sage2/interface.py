@@ -8,7 +8,7 @@ import torch
 
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import padded_head_dim, quantize_qk
-from common.masking import MaskSpec, dense_mask, prepare_mask
+from common.masking import dense_mask, resolve_mask
 from common.nonfinite import has_nonfinite, rerun_without_nonfinite
 from common.smoothing import q_smoothing_delta_s
 
@@ -68,8 +68,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         D = qh.shape[-1]
         if trivial is not None:
             return trivial
-        mask = attn_mask if isinstance(attn_mask, MaskSpec) else prepare_mask(
-            attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, q.device)
+        mask = resolve_mask(attn_mask, shape, q.device)
         if has_nonfinite(qh, kh, vh):  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
             return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
                                            return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,

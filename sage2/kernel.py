@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
-from common.masking import NO_MASK
+from common.masking import NO_MASK, kernel_args
 from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
@@ -185,8 +185,6 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         # the fp32 delta_s tiles are pipelined through shared memory too: a smaller Q tile and two
         # stages keep them in (the 128-key tile, and so the algorithm, stay the same)
         BLOCK_M, warps, stages = 64, 4, 2
-    from sage1.kernel import mask_args
-
     dev = out_hnd.device
     q_desc = _desc(qk.q_codes.view(B * Hq, Nq, DP), [1, BLOCK_M, DP])
     k_desc = _desc(qk.k_codes.view(B * Hkv, Nk, DP), [1, BLOCK_N, DP])
@@ -223,7 +221,7 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         qv.mean.reshape(B, Hkv, D) if qv.mean is not None else dummy,
         out_hnd, lse, out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, delta_s.shape[2] if delta_s is not None else 1, log2_pscale,
-        *mask_args(mask, B, Nq, Nk, q_scale),
+        *kernel_args(mask, B, Nq, Nk, q_scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, DS_BLOCK=max(qk.q_block, 1), IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, FP8_E5M2=pv_dtype == "fp8_e5m2", PV_MODE=pv_mode, SMOOTH_Q=delta_s is not None,
         SMOOTH_V=qv.mean is not None, K_SCALE_MODE=k_scale_mode, RETURN_LSE=return_lse, INTERPRET=interpreter_enabled(),
