@@ -4,7 +4,8 @@ A quantized kernel shares one scale among a block of tokens, so a single NaN or 
 over its whole block (or vanish: Triton's INT8 conversion of NaN gives 0). Instead, the public
 functions check their inputs (one fp32 sum per tensor and one host sync; skipped while a CUDA graph
 is being captured) and, when anything is non-finite, run again on inputs with the non-finite values
-zeroed and then set to NaN exactly the rows SDPA would make NaN:
+zeroed and then set to NaN exactly the rows SDPA would make NaN (the first, discarded result was
+computed while the check's sums were being read back):
 
 * every query row with a non-finite value in q;
 * every row that sees (causal / lengths / attn_mask) a key whose k or v has a non-finite value.
@@ -24,15 +25,20 @@ from .masking import MASK_NONE, MaskSpec
 CHECK_NONFINITE = True
 
 
-def has_nonfinite(*tensors: torch.Tensor) -> bool:
-    """True if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that overflows fp32 only
-    sends the call down the slower, still correct path)."""
+def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor | None:
+    """A device bool, True if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that
+    overflows fp32 only sends the call down the slower, still correct path), or None when the check
+    is off or a CUDA graph is being captured. Computed before the kernels and read (one host sync)
+    by :func:`flagged` after they are queued, so the GPU does not wait for the host."""
     if not CHECK_NONFINITE or any(t.numel() == 0 for t in tensors):
-        return False
+        return None
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
-    return not bool(torch.isfinite(sums).all())
+        return None
+    return ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()
+
+
+def flagged(flag: torch.Tensor | None) -> bool:
+    return flag is not None and bool(flag)
 
 
 def zeroed(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import quantize_qk
 from common.masking import dense_mask, resolve_mask
-from common.nonfinite import has_nonfinite, rerun_without_nonfinite
+from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.range_guard import fp16_pv_guard
 
 PV_ACCUM = ("fp16", "fp32")
@@ -60,10 +60,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         mask = resolve_mask(attn_mask, shape, q.device)
-        if has_nonfinite(qh, kh, vh):  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
-            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
-                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
-                                           smooth_k=smooth_k, pv_accum=pv_accum, qk_granularity=qk_granularity)
+        bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
                          q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)
@@ -83,9 +80,12 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             o, lse2 = attention_emulated(qk, v16, is_causal=is_causal, pv_accum=pv_accum,
                                          kv_block=K_BLOCK, return_lse=return_lse, bias2=bias2, pv_scales=pv_scales)
             out_hnd.copy_(o)
-        if not return_lse:
-            return out
-        return out, natural_lse(lse2, qh, qk.k_mean, scale)
+        res = (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
+        if flagged(bad):
+            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
+                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
+                                           smooth_k=smooth_k, pv_accum=pv_accum, qk_granularity=qk_granularity)
+        return res
 
 
 

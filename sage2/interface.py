@@ -9,7 +9,7 @@ import torch
 from common.api import natural_lse, start_call, validate_call
 from common.int_qk import padded_head_dim, quantize_qk
 from common.masking import dense_mask, resolve_mask
-from common.nonfinite import has_nonfinite, rerun_without_nonfinite
+from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.smoothing import q_smoothing_delta_s
 
 from .quant_v import P_SCALE, quantize_v
@@ -69,11 +69,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         mask = resolve_mask(attn_mask, shape, q.device)
-        if has_nonfinite(qh, kh, vh):  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
-            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
-                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
-                                           qk_dtype=qk_dtype, qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_k=smooth_k,
-                                           smooth_v=smooth_v, pv_dtype=pv_dtype, pv_accum=pv_accum)
+        bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
@@ -95,9 +91,13 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             o, lse2 = attention_emulated(qk, qv, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
                                          pv_accum=pv_accum, return_lse=return_lse, bias2=bias2)
             out_hnd.copy_(o)
-        if not return_lse:
-            return out
-        return out, natural_lse(lse2, qh, qk.k_mean, scale)
+        res = (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
+        if flagged(bad):
+            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
+                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
+                                           qk_dtype=qk_dtype, qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_k=smooth_k,
+                                           smooth_v=smooth_v, pv_dtype=pv_dtype, pv_accum=pv_accum)
+        return res
 
 
 

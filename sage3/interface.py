@@ -7,7 +7,7 @@ import torch
 
 from common.api import natural_lse, start_call, validate_call
 from common.masking import NO_MASK
-from common.nonfinite import has_nonfinite, rerun_without_nonfinite
+from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.smoothing import q_smoothing_delta_s
 
 from .quant import quantize_qkv_fp4
@@ -58,11 +58,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         D = qh.shape[-1]
         if trivial is not None:
             return trivial
-        if has_nonfinite(qh, kh, vh):  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
-            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
-                                           return_lse=return_lse, mask=NO_MASK, sm_scale=sm_scale, backend=backend,
-                                           scale_format=scale_format, two_level_p=two_level_p, smooth_q=smooth_q,
-                                           smooth_k=smooth_k)
+        bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
         ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True) if smooth_q else None
         if be == "triton":
@@ -76,9 +72,13 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             o, lse2 = attention_emulated(qf, sm_scale=scale, delta_s=ds, is_causal=is_causal, two_level_p=two_level_p,
                                          op_dtype=q.dtype, return_lse=return_lse)
             out_hnd.copy_(o[..., :D])
-        if not return_lse:
-            return out
-        return out, natural_lse(lse2, qh, qf.k_mean, scale)
+        res = (out, natural_lse(lse2, qh, qf.k_mean, scale)) if return_lse else out
+        if flagged(bad):
+            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
+                                           return_lse=return_lse, mask=NO_MASK, sm_scale=sm_scale, backend=backend,
+                                           scale_format=scale_format, two_level_p=two_level_p, smooth_q=smooth_q,
+                                           smooth_k=smooth_k)
+        return res
 
 
 def _register_op():
