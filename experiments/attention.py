@@ -89,9 +89,7 @@ def build_attention(cfg: DictConfig, device: str = "cpu", check: bool = True) ->
                                 backend=_be, **opts)
 
         on_cpu = device == "cpu" or backend == "torch"
-        note = "emulation" if on_cpu or impl == "sage3" else ""
-        if impl == "sage3" and not on_cpu:
-            note = "FP4 emulated on 16-bit tensor cores"
+        note = "emulation" if on_cpu else ("FP4 emulated on 16-bit tensor cores" if impl == "sage3" else "")
         differentiable = False
     elif impl == "sage3_train":
         import sage3

@@ -15,7 +15,8 @@ from common.metrics import accuracy
 from common.reference import attention_reference
 from common.timing import attention_flops, bench_ms, tops
 from experiments.attention import build_attention, load_attention, options
-from experiments.outputs import Progress, bar_groups, write_results
+from experiments.outputs import Progress, bar_groups, speed_plot, write_results
+from experiments.tables import average_and_worst
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -137,19 +138,10 @@ def run_compare(cfg, device):
     where = torch.cuda.get_device_name() if gpu else "CPU (emulation backends)"
     write_results(rows, title=f"compare on {where}, B={shape['batch']} H={shape['heads']} {shape['dtype']}, "
                   "whole call incl. quantization; accuracy vs exact fp32 on the first queries")
-    _speed_plot(rows, "tops.png", f"TOPS on {where}" + ("" if gpu else " (emulation: not kernel speed)"))
+    speed_plot(rows, "tops.png", f"TOPS on {where}" + ("" if gpu else " (emulation: not kernel speed)"))
     bar_groups("accuracy.png", {r["attention"]: {"relL1": r["rel_l1"]} for r in rows if r["seq_len"] == seq_lens[-1]},
                "relative L1 vs exact (lower is better)", f"accuracy at N={seq_lens[-1]}")
     return rows
-
-
-def _speed_plot(rows, path, title):
-    groups = {}
-    for r in rows:
-        key = f"{r['seq_len'] // 1024}K" if r["seq_len"] >= 1024 else str(r["seq_len"])
-        key += f" D{r['head_dim']}" + (" causal" if r["causal"] else "")
-        groups.setdefault(key, {})[r["attention"]] = r["tops"]
-    bar_groups(path, groups, "TOPS", title, "sequence length")
 
 
 def run_kernel_speed(cfg, device):
@@ -178,7 +170,7 @@ def run_kernel_speed(cfg, device):
     _with_ratios(rows, ("seq_len",))
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (emulation)"
     write_results(rows, title=f"kernel_speed on {where}: {cfg.attention.label} vs {', '.join(e.baselines)}")
-    _speed_plot(rows, "tops.png", f"{cfg.attention.label}, TOPS on {where}")
+    speed_plot(rows, "tops.png", f"{cfg.attention.label}, TOPS on {where}")
     return rows
 
 
@@ -196,12 +188,6 @@ def ablation_settings(cfg):
     return out
 
 
-def _avg_worst(accs, field="cos_sim"):
-    avg = {f: sum(getattr(a, f) for _, a in accs) / len(accs) for f in ("cos_sim", "rel_l1", "rmse")}
-    worst_name, worst = min(accs, key=lambda x: getattr(x[1], field))
-    return avg, worst_name, worst
-
-
 def run_ablation(cfg, device):
     """A paper's accuracy table: each row's cosine similarity, relative L1 and RMSE against exact
     attention, averaged over the input layers, and the worst layer."""
@@ -212,12 +198,12 @@ def run_ablation(cfg, device):
     rows, prog = [], Progress(len(built), cfg.experiment.name)
     for label, att, opts in built:
         accs = [(x.name, accuracy(ref, att.fn(x.q, x.k, x.v, x.causal))) for x, ref in zip(ins, refs)]
-        avg, wname, worst = _avg_worst(accs)
+        avg, (wname, worst) = average_and_worst(accs)
         rows.append(dict(setting=label, options=" ".join(f"{k}={v}" for k, v in opts.items()),
-                         cos_avg=avg["cos_sim"], rel_l1_avg=avg["rel_l1"], rmse_avg=avg["rmse"],
+                         cos_avg=avg[0], rel_l1_avg=avg[1], rmse_avg=avg[2],
                          cos_worst=worst.cos_sim, rel_l1_worst=worst.rel_l1, rmse_worst=worst.rmse,
                          worst_layer=wname, paper=cfg.experiment.paper_numbers.get(label, "")))
-        prog.step(f"{label}: cos {avg['cos_sim']:.5f} relL1 {avg['rel_l1']:.4f} (worst {wname} {worst.cos_sim:.4f})")
+        prog.step(f"{label}: cos {avg[0]:.5f} relL1 {avg[1]:.4f} (worst {wname} {worst.cos_sim:.4f})")
     src = (f"{cfg.inputs.source} inputs ({', '.join(x.name for x in ins[:8])}{', ...' if len(ins) > 8 else ''}), "
            f"{tuple(ins[0].q.shape)}" + (" causal" if ins[0].causal else ""))
     write_results(rows, title=f"{cfg.experiment.name} ({cfg.experiment.paper}): {cfg.attention.label} on {device}, {src}; "
@@ -256,8 +242,8 @@ def run_grads(cfg, device):
         row = dict(setting=label)
         for i, t in enumerate(("O", "dQ", "dK", "dV")):
             accs = [(x.name, accuracy(ref[i], gt[i])) for x, (_, ref), gt in zip(ins, refs, got)]
-            avg, wname, worst = _avg_worst(accs)
-            row.update({f"{t}_cos_avg": avg["cos_sim"], f"{t}_rel_l1_avg": avg["rel_l1"],
+            avg, (_, worst) = average_and_worst(accs)
+            row.update({f"{t}_cos_avg": avg[0], f"{t}_rel_l1_avg": avg[1],
                         f"{t}_cos_worst": worst.cos_sim})
         row["paper"] = cfg.experiment.paper_numbers.get(label, "")
         rows.append(row)
@@ -302,5 +288,5 @@ def run_train_speed(cfg, device):
     _with_ratios(rows, ("causal", "seq_len"))
     write_results(rows, title=f"forward+backward speed on {device}, B={shape['batch']} H={shape['heads']} "
                   "(TOPS counts 3.5x the forward's FLOPs, FlashAttention's convention)")
-    _speed_plot(rows, "tops.png", f"forward+backward TOPS, {cfg.attention.label}")
+    speed_plot(rows, "tops.png", f"forward+backward TOPS, {cfg.attention.label}")
     return rows

@@ -124,6 +124,25 @@ def bar_groups(path, groups: dict, ylabel: str, title: str, xlabel: str = "") ->
     plt.close(fig)
 
 
+def speed_plot(rows, path, title: str) -> None:
+    """TOPS bars by sequence length (and head dim, causal) per attention, like the papers' speed
+    figures; the generations first, then the baselines. Rows without a number are left out."""
+    groups = {}
+    for r in rows:
+        if not isinstance(r.get("tops"), (int, float)) or math.isnan(r["tops"]):
+            continue
+        n = r.get("seq_len", "")
+        key = f"{n // 1024}K" if isinstance(n, int) and n >= 1024 else str(n)
+        if "head_dim" in r:
+            key += f" D{r['head_dim']}"
+        if str(r.get("causal")) == "True":
+            key += " causal"
+        groups.setdefault(key, {})[r["attention"]] = r["tops"]
+    names = sorted({a for g in groups.values() for a in g}, key=lambda a: (str(a).startswith(("sdpa", "exact")), a))
+    groups = {k: {a: g[a] for a in names if a in g} for k, g in groups.items()}
+    bar_groups(path, groups, "TOPS", title, "sequence length")
+
+
 def line_plot(path, curves: dict, xlabel: str, ylabel: str, title: str, gaps: dict | None = None) -> None:
     """curves = {label: (xs, ys)} on one plot (loss curves), its y-range cut to the later 80% of the
     steps so that the start does not flatten the differences; with ``gaps`` ({label: (xs, ys)}, e.g.

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import re
 from pathlib import Path
 
-from experiments.outputs import bar_groups, markdown_table
+from experiments.outputs import bar_groups, markdown_table, speed_plot
 
 
 def _num(x):
@@ -46,24 +45,6 @@ def collect(root: Path) -> list[dict]:
                 rows.append({"run": str(run.relative_to(root)) or ".", "experiment": exp, "gpu": gpu,
                              **{k: _num(v) for k, v in r.items()}})
     return rows
-
-
-def speed_figure(rows, path, title):
-    groups = {}
-    for r in rows:
-        if not isinstance(r.get("tops"), float) or math.isnan(r["tops"]):
-            continue
-        n = r.get("seq_len", "")
-        key = (f"{n // 1024}K" if isinstance(n, int) and n >= 1024 else str(n))
-        if "head_dim" in r:
-            key += f" D{r['head_dim']}"
-        if str(r.get("causal")) == "True":
-            key += " causal"
-        groups.setdefault(key, {})[r["attention"]] = r["tops"]
-    # the generations first, then the baselines (every group in the same series order)
-    names = sorted({a for g in groups.values() for a in g}, key=lambda a: (a.startswith(("sdpa", "exact")), a))
-    groups = {k: {a: g[a] for a in names if a in g} for k, g in groups.items()}
-    bar_groups(path, groups, "TOPS", title, "sequence length")
 
 
 def main(argv=None):
@@ -101,7 +82,7 @@ def main(argv=None):
         keys = ["attention", "note", *shape_keys, "tops", "x_sdpa_cudnn", "x_sdpa_flash", "x_exact", "cos_sim", "rel_l1",
                 "gpu", "run"]
         keys = [k for k in keys if any(r.get(k, "") != "" for r in rows)]
-        speed_figure(rows, out / "report.png", f"TOPS, {rows[0]['gpu']}")
+        speed_plot(rows, out / "report.png", f"TOPS, {rows[0]['gpu']}")
     elif "rel_l1_avg" in keys:
         bar_groups(out / "report.png", {f"{r['setting']} [{r['run']}]"[:40]: {"relL1 avg": r["rel_l1_avg"],
                                                                              "relL1 worst": r["rel_l1_worst"]} for r in rows},
