@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from common.api import natural_lse, start_call, validate_call
+from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import quantize_qk
 from common.masking import dense_mask, resolve_mask
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
@@ -60,6 +61,13 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         mask = resolve_mask(attn_mask, shape, q.device)
+        decode = DecodeSpec(127, k_per_token=False, smooth_k=smooth_k, smooth_q=False,
+                            pv="fp16_acc16" if pv_accum == "fp16" else "fp16_acc32")
+        if use_decode(shape.seqlen_q, mask, decode if qk_granularity == "per_block" else None):
+            # few queries: split-KV, K and V quantized per tile in registers (common.decode)
+            lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
+                                   return_lse=return_lse, backend=be)
+            return (out, lse) if return_lse else out
         bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,

@@ -7,6 +7,7 @@ import math
 import torch
 
 from common.api import natural_lse, start_call, validate_call
+from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
 from common.masking import dense_mask, resolve_mask
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
@@ -69,6 +70,14 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         mask = resolve_mask(attn_mask, shape, q.device)
+        decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
+                            smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
+        has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"
+        if use_decode(shape.seqlen_q, mask, decode if has_decode_form else None):
+            # few queries: split-KV, K and V quantized per tile in registers (common.decode)
+            lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
+                                   return_lse=return_lse, backend=be)
+            return (out, lse) if return_lse else out
         bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
 
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,

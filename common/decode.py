@@ -1,0 +1,245 @@
+"""Decode: a few queries (``Nq <= DECODE_MAX_QUERIES``) against a long KV sequence.
+
+Why a path of its own. The prefill path quantizes K and V in passes over the whole sequence (K's
+mean, K's codes, V's scales and codes, the NaN check) and then runs one program per 128 queries of
+one head. With one query per head that is 3-4 reads of the KV cache for one read's worth of work,
+and only B*Hq programs to spread 32k keys over. Decode is bound by reading K and V once (SDPA's
+fused kernels do exactly that), so here K and V are quantized in registers, tile by tile, by the
+attention kernel itself, the key range is split across programs (split-KV) and the splits are
+merged by their log-sum-exp. Every statistic the quantization needs is therefore local to a tile:
+
+* Q: one INT scale per query row (Nq is tiny; per-block and per-thread groupings of one row are
+  the same thing at Nq = 1). ``smooth_q``: each head's mean over its queries is subtracted first
+  and ``mean_q . (k - m_j)`` is added back in ~fp32 (at Nq = 1 the scores are then exact).
+* K: K smoothing per tile of ``T = 64`` keys: the tile's own token mean ``m_j`` is subtracted
+  (a closer centre than the whole sequence's mean) and ``q . m_j`` is added back to the scores in
+  fp32, so the scores and the LSE need no later correction. INT scale per tile (sage1's
+  per-block) or per token (sage2's per-thread groups, finer at no cost here).
+* P, V: sage1: fp16 P and fp16 V with the tile product accumulated in fp16 (``pv_accum="fp16"``,
+  the paper) or fp32; V is scaled by a power of two per tile when ``T * max|V|`` would overflow
+  the fp16 sum (exact otherwise). sage2: FP8 P with its static scale and FP8 V with one scale per
+  channel *per tile*; the tile's products are exact and summed in fp32 (FP8 values are exact in
+  fp16, so the kernel multiplies them on 16-bit tensor cores: Hopper's FP22 accumulator truncation
+  is not reproduced here, where a tile is only 64 keys).
+* NaN/Inf: checked in the kernel, with the rule of :mod:`common.nonfinite` (no host sync).
+
+Rows of all query heads that share a KV head are one program's rows (GQA packing), so K and V are
+read once per KV head. ``backend="torch"`` runs :func:`decode_emulated`, the same algorithm with
+the same split points. Options that have no decode form (sage1 ``qk_granularity`` other than
+``per_block``, sage2 ``per_tensor``, ``smooth_v``, ``pv_accum="single"``, dense ``attn_mask``) run
+the prefill path, as do calls with more queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .masking import MASK_NONE, MaskSpec, dense_mask
+from .nonfinite import nan_rows
+from .online_softmax import OnlineSoftmax, kv_tiles
+from .quant import round_half_away
+
+DECODE_MAX_QUERIES = 16
+DECODE_TILE = 64
+MAX_ROWS_PER_PROGRAM = 64
+PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
+LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    qmax: int            # 127 (INT8) or 7 (INT4)
+    k_per_token: bool    # K's INT scale per token (else one per tile)
+    smooth_k: bool
+    smooth_q: bool
+    pv: str              # one of PV_KINDS
+
+
+def use_decode(n_q: int, mask: MaskSpec, spec: DecodeSpec | None) -> bool:
+    return spec is not None and n_q <= DECODE_MAX_QUERIES and mask.kind == MASK_NONE
+
+
+def _row_layout(group: int, n_q: int):
+    """(NQP, BLOCK_M, row tiles): rows R = g * NQP + i, NQP = next power of two >= Nq."""
+    nqp = 1 << max(0, (n_q - 1).bit_length())
+    rows = group * nqp
+    block_m = min(MAX_ROWS_PER_PROGRAM, max(16, 1 << max(0, (rows - 1).bit_length())))
+    return nqp, block_m, -(-rows // block_m)
+
+
+def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
+    """Tiles per split: enough programs to fill the GPU about twice (132 SMs assumed off-GPU)."""
+    n_tiles = -(-n_k // DECODE_TILE)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    splits = max(1, min(n_tiles, (2 * sms) // max(1, batch_kv_heads * row_tiles)))
+    return -(-n_tiles // splits)
+
+
+def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, is_causal: bool, mask: MaskSpec,
+                     return_lse: bool, backend: str):
+    """Decode attention into ``out_hnd`` (the caller's output, any layout view); returns the natural
+    LSE [B, Hq, Nq] (or None)."""
+    B, Hq, Nq, D = qh.shape
+    Hkv, Nk = kh.shape[1], kh.shape[2]
+    nqp, block_m, row_tiles = _row_layout(Hq // Hkv, Nq)
+    tps = split_tiles(B * Hkv, row_tiles, Nk, qh.device)
+    if backend != "triton":
+        out, lse = decode_emulated(qh, kh, vh, spec, sm_scale=sm_scale, is_causal=is_causal, mask=mask,
+                                   tiles_per_split=tps)
+        out_hnd.copy_(out)
+        return lse if return_lse else None
+    import triton
+
+    from .checks import interpreter_enabled
+    from .triton_decode import decode_combine_kernel, decode_split_kernel
+
+    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
+    dp = max(16, triton.next_power_of_2(D))
+    splits = -(-(-(-Nk // DECODE_TILE)) // tps)
+    rows_total = row_tiles * block_m
+    part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
+    part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
+    ql, kl = (mask.lens_or_full(B, Nq, Nk, qh.device) if mask.has_lens else (part_l, part_l))
+    pv = PV_KINDS.index(spec.pv)
+    log2_pscale = {2: math.log2(448.0), 3: math.log2(57344.0)}.get(pv, 0.0)
+    warps = 4 if block_m * dp <= 16 * 128 else 8
+    interp = interpreter_enabled()
+    decode_split_kernel[(splits, B * Hkv, row_tiles)](
+        qh, kh, vh, part_o, part_l, ql, kl,
+        qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+        vh.stride(0), vh.stride(1), vh.stride(2),
+        Hkv, Nq, Nk, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
+        BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
+        SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
+        PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, num_warps=warps, num_stages=2)
+    target = out_hnd
+    if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
+        target = torch.empty(out_hnd.shape, dtype=torch.float32)
+    decode_combine_kernel[(B * Hkv, row_tiles)](
+        part_o, part_l, target, lse, splits, target.stride(0), target.stride(1), target.stride(2), Hkv, Nq, D,
+        Hq // Hkv, BLOCK_M=block_m, NQP=nqp, DP=dp, RETURN_LSE=return_lse, num_warps=4)
+    if target is not out_hnd:
+        out_hnd.copy_(target)
+    return lse if return_lse else None
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="torch": the same algorithm in PyTorch
+# ----------------------------------------------------------------------------------------------
+
+def _int_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    return round_half_away(x / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp_(-qmax, qmax)
+
+
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    return x / torch.full_like(x, c)  # correctly rounded division, as the kernels' div_rn
+
+
+def fp16_guard(vmax: torch.Tensor, t_eff: int) -> torch.Tensor:
+    """The power of two g <= 1 with ``t_eff * vmax * g <= 2^15`` (the kernel's _fp16_guard)."""
+    x = vmax * (t_eff / 32768.0)
+    e = ((x.view(torch.int32) + 0x7FFFFF) >> 23) - 127
+    e = torch.where(x > 1.0, e, torch.zeros_like(e))
+    return ((127 - e) << 23).view(torch.float32)
+
+
+def _tile_pv(p: torch.Tensor, v: torch.Tensor, pv: str) -> torch.Tensor:
+    """The tile's P V in fp32 (p [.., Nq, T] fp32; v [.., T, D] fp32, finite)."""
+    if pv in ("fp16_acc16", "fp16_acc32"):
+        from sage1.emulation import fp16_accumulated_matmul
+
+        vmax = v.abs().amax(dim=(-2, -1), keepdim=True)
+        gv = fp16_guard(vmax, v.shape[-2] if pv == "fp16_acc16" else 1)
+        v16, p16 = (v * gv).half(), p.half()
+        prod = fp16_accumulated_matmul(p16, v16) if pv == "fp16_acc16" else p16.float() @ v16.float()
+        return prod / gv
+    fp8, fmax = (torch.float8_e4m3fn, 448.0) if pv == "fp8_e4m3" else (torch.float8_e5m2, 57344.0)
+    sv = _div(v.abs().amax(dim=-2, keepdim=True), fmax)                       # [.., 1, D]
+    v8 = (v / torch.where(sv == 0, torch.ones_like(sv), sv)).to(fp8)
+    return (p.to(fp8).float() @ v8.float()) * sv
+
+
+def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal: bool, mask: MaskSpec,
+                    tiles_per_split: int):
+    """Returns (out fp32 [B, Hq, Nq, D], natural LSE [B, Hq, Nq]): the decode kernel's algorithm,
+    split for split (each split's own online softmax, merged by LSE)."""
+    from .reference import exact_fp32_matmul
+
+    B, Hq, Nq, D = qh.shape
+    Hkv, Nk = kh.shape[1], kh.shape[2]
+    group = Hq // Hkv
+    dev = qh.device
+    int_dt = torch.float64 if dev.type == "cpu" else torch.float32
+    ql, kl = mask.lens_or_full(B, Nq, Nk, dev)
+    row_ok = (torch.arange(Nq, device=dev)[None, :] < ql[:, None])[:, None, :, None]  # [B, 1, Nq, 1]
+    bad = nan_rows(qh, kh, vh, is_causal=is_causal, mask=mask)
+
+    def finite(x):
+        return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+    q = finite(qh) * (sm_scale * LOG2E)
+    q = torch.where(row_ok, q, 0.0)
+    if spec.smooth_q:
+        mu = q.sum(-2, keepdim=True) / ql.clamp(min=1)[:, None, None, None].float()
+        mu = torch.where(row_ok, mu, 0.0)
+        qc = torch.where(row_ok, q - mu, 0.0)
+    else:
+        qc = q
+    sq = _div(qc.abs().amax(-1), float(spec.qmax))                         # [B, Hq, Nq]
+    q8 = _int_codes(qc, sq[..., None], spec.qmax).to(int_dt)
+    k_all, v_all = finite(kh), finite(vh)
+    in_seq = (torch.arange(Nk, device=dev)[None, :] < kl[:, None])[:, None, :, None]  # [B, 1, Nk, 1]
+    k_all, v_all = torch.where(in_seq, k_all, 0.0), torch.where(in_seq, v_all, 0.0)
+    bias2 = dense_mask(mask, B, Nq, Nk, is_causal, dev)
+    shift = {"fp8_e4m3": math.log2(448.0), "fp8_e5m2": math.log2(57344.0)}.get(spec.pv, 0.0)
+
+    def rep(x):  # KV heads -> query heads
+        return x.repeat_interleave(group, dim=1)
+
+    parts = []
+    span = tiles_per_split * DECODE_TILE
+    with exact_fp32_matmul():
+        for s0 in range(0, Nk, span):
+            sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=shift, bias2=bias2)
+            acc = torch.zeros(B, Hq, Nq, D, device=dev)
+            for j0, j1 in kv_tiles(min(Nk, s0 + span), DECODE_TILE):
+                if j0 < s0:
+                    continue
+                k, v = k_all[:, :, j0:j1], v_all[:, :, j0:j1]
+                valid = in_seq[:, :, j0:j1]
+                s = None
+                if spec.smooth_k:
+                    cnt = (kl - j0).clamp(1, j1 - j0).float()[:, None, None, None]
+                    mk = k.sum(-2, keepdim=True) / cnt                       # [B, Hkv, 1, D]
+                    kc = torch.where(valid, k - mk, 0.0)
+                else:
+                    kc = k
+                if spec.k_per_token:
+                    sk = _div(kc.abs().amax(-1), float(spec.qmax))              # [B, Hkv, T]
+                    k8 = _int_codes(kc, sk[..., None], spec.qmax)
+                    sk_b = rep(sk)[:, :, None, :]
+                else:
+                    sk = _div(kc.abs().amax(dim=(-2, -1)), float(spec.qmax))    # [B, Hkv]
+                    k8 = _int_codes(kc, sk[..., None, None], spec.qmax)
+                    sk_b = rep(sk)[:, :, None, None]
+                s = (q8 @ rep(k8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] * sk_b
+                if spec.smooth_k:
+                    s = s + (q * rep(mk)).sum(-1, keepdim=True)
+                if spec.smooth_q:
+                    s = s + mu @ rep(kc).transpose(-1, -2)
+                p, alpha = sm.update(sm.mask(s, j0, j1))
+                acc = acc * alpha[..., None] + _tile_pv(p, rep(v), spec.pv)
+            parts.append((sm.normalize(acc), sm.lse2()))
+    # merge the splits by their LSE (log2 domain)
+    m = torch.stack([lse for _, lse in parts]).amax(0)
+    m_use = torch.where(m == float("-inf"), 0.0, m)
+    w = [torch.exp2(lse - m_use) for _, lse in parts]
+    den = sum(w)
+    out = sum(wi[..., None] * o for wi, (o, _) in zip(w, parts)) / torch.where(den == 0, 1.0, den)[..., None]
+    lse = (m + torch.log2(den)) * math.log(2.0)
+    out = out.masked_fill(bad[..., None], float("nan"))
+    return out, lse.masked_fill(bad, float("nan"))

@@ -1,0 +1,215 @@
+"""Triton kernels of the decode path (:mod:`common.decode`): split-KV attention that quantizes
+K and V in registers, and the combine of the splits.
+
+``decode_split_kernel``: grid (splits, B*Hkv, row tiles). A program owns the rows of every query
+head that shares one KV head (GQA: row R is head ``hk*G + R // NQP``, query ``R % NQP``), and one
+contiguous range of KV tiles. It reads Q, quantizes it (per row, optionally minus its head's mean),
+then for each tile of ``T`` keys reads K and V once in their own dtype and:
+
+    m_j   = mean of the tile's keys (K smoothing, per tile)            fp32
+    k8    = int(round((k - m_j) / sk))  sk per tile or per token
+    s     = int32(q8 . k8) * sq * sk + q . m_j  [+ mean_q . (k - m_j)]  log2 domain, true scores
+    p     = exp2(s - m' [+ log2 P_SCALE]);  l = alpha l + rowsum p
+    acc   = alpha acc + PV(p, v)     fp16 P x fp16 V (fp16 or fp32 tile sum, a power of two on V
+                                     when |V| is large), or FP8 P x FP8 V per channel per tile
+
+and writes its normalized partial output and log2 LSE (NaN for a row that sees a non-finite value).
+``decode_combine_kernel`` merges the splits by their LSE and writes the output in the caller's
+layout and dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_attention import sequence_bounds
+from .triton_quant import to_fp8
+
+PV_FP16_ACC16, PV_FP16_ACC32, PV_FP8_E4M3, PV_FP8_E5M2 = 0, 1, 2, 3
+
+
+@triton.jit
+def _round_int(x, QMAX: tl.constexpr):
+    """Round half away from zero and clamp to [-QMAX, QMAX] (common.quant's rule), as int8."""
+    y = tl.where(x >= 0, x + 0.5, x - 0.5)
+    return tl.minimum(tl.maximum(y, -QMAX * 1.0), QMAX * 1.0).to(tl.int8)
+
+
+@triton.jit
+def _nonfinite_rows(x):
+    """1 for each row of x with a NaN or Inf, else 0 (int32)."""
+    return tl.max(tl.where(x == x, tl.where(tl.abs(x) < float("inf"), 0, 1), 1), axis=1)
+
+
+@triton.jit
+def _finite(x):
+    return tl.where(x == x, tl.where(tl.abs(x) < float("inf"), x, 0.0), 0.0)
+
+
+@triton.jit
+def _fp16_guard(vmax, T_EFF: tl.constexpr):
+    """The power of two g <= 1 with T_EFF * vmax * g <= 2^15 (exact: from the exponent bits)."""
+    x = vmax * (T_EFF / 32768.0)
+    e = ((x.to(tl.int32, bitcast=True) + 0x7FFFFF) >> 23) - 127  # ceil(log2 x) for normal x > 0
+    e = tl.where(x > 1.0, e, 0)
+    return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
+                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                        Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                        BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
+                        QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
+                        SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr):
+    split = tl.program_id(0)
+    kv_bh = tl.program_id(1)
+    b = kv_bh // Hkv
+    hk = kv_bh % Hkv
+    R = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = R // NQP
+    i = R % NQP
+    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
+    row_ok = (g < G) & (i < nq)
+    dcols = tl.arange(0, DP)
+    dm = dcols < D
+
+    # Q: log2-scaled fp32, non-finite values zeroed (their rows are NaN at the end), then INT codes
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
+                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
+    bad = _nonfinite_rows(q)
+    q = _finite(q)
+    if SMOOTH_Q:  # each head's mean over its queries; mean_q . (k - m_j) is added back in fp32
+        q3 = tl.reshape(q, (BLOCK_M // NQP, NQP, DP))
+        mu = tl.sum(q3, axis=1) / tl.maximum(nq, 1).to(tl.float32)
+        mu_rows = tl.reshape(tl.broadcast_to(mu[:, None, :], (BLOCK_M // NQP, NQP, DP)), (BLOCK_M, DP))
+        mu_rows = tl.where(row_ok[:, None], mu_rows, 0.0)
+        qc = tl.where(row_ok[:, None], q - mu_rows, 0.0)
+    else:
+        qc = q
+    sq = tl.math.div_rn(tl.max(tl.abs(qc), axis=1), QMAX * 1.0)
+    q8 = _round_int(tl.math.div_rn(qc, tl.where(sq == 0.0, 1.0, sq)[:, None]), QMAX)
+
+    # the keys this program's rows may see: [0, hi) (causal: up to the last valid row's diagonal)
+    hi = nk
+    if IS_CAUSAL:
+        hi = tl.minimum(nk, nq + q_offset)
+    hi = tl.maximum(hi, 0)
+    t_begin = split * tiles_per_split * T
+    t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    offs_t = tl.arange(0, T)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for start in range(t_begin, t_end, T):
+        cols = start + offs_t
+        inb = (cols < nk)[:, None] & dm[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
+        v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
+        key_bad = _nonfinite_rows(k) | _nonfinite_rows(v)
+        k = _finite(k)
+        v = _finite(v)
+        if SMOOTH_K:
+            mk = tl.sum(k, axis=0) / tl.minimum(nk - start, T).to(tl.float32)
+            kc = tl.where(inb, k - mk[None, :], 0.0)
+            qm = tl.sum(q * mk[None, :], axis=1)
+        else:
+            kc = k
+        if K_PER_TOKEN:
+            sk = tl.math.div_rn(tl.max(tl.abs(kc), axis=1), QMAX * 1.0)
+            k8 = _round_int(tl.math.div_rn(kc, tl.where(sk == 0.0, 1.0, sk)[:, None]), QMAX)
+        else:
+            sk = tl.math.div_rn(tl.max(tl.max(tl.abs(kc), axis=1), axis=0), QMAX * 1.0)
+            k8 = _round_int(tl.math.div_rn(kc, tl.where(sk == 0.0, 1.0, sk)), QMAX)
+        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
+        if K_PER_TOKEN:
+            s = s * sq[:, None] * sk[None, :]
+        else:
+            s = s * sq[:, None] * sk
+        if SMOOTH_K:
+            s = s + qm[:, None]
+        if SMOOTH_Q:
+            s = s + tl.dot(mu_rows, tl.trans(kc), input_precision="tf32x3")  # ~fp32, as SageAttention2
+        visible = row_ok[:, None] & (cols < nk)[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= i[:, None] + q_offset)
+        bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if PV == 0 or PV == 1:  # fp16 P and V; a power of two keeps large |V| (and bf16 V) in range
+            if PV == 0:
+                gv = _fp16_guard(tl.max(tl.max(tl.abs(v), axis=1), axis=0), T)
+                v16 = (v * gv).to(tl.float16)
+                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float16).to(tl.float32) / gv
+            else:
+                gv = _fp16_guard(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1)
+                v16 = (v * gv).to(tl.float16)
+                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float32) / gv
+        else:  # FP8 P (static scale) x FP8 V (per channel over this tile); exact products, fp32 sum
+            if PV == 2:
+                fmax = 448.0
+            else:
+                fmax = 57344.0
+            sv = tl.math.div_rn(tl.max(tl.abs(v), axis=0), fmax)
+            v8 = to_fp8(tl.math.div_rn(v, tl.where(sv == 0.0, 1.0, sv)[None, :]), PV == 3, INTERPRET)
+            p8 = to_fp8(p, PV == 3, INTERPRET)
+            pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse2 = m_i + tl.math.log2(l_i) - log2_pscale
+    lse2 = tl.where(bad != 0, float("nan"), lse2)
+    base = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) * BLOCK_M + R
+    tl.store(PO + base[:, None] * DP + dcols[None, :], out)
+    tl.store(PL + base, lse2)
+
+
+@triton.jit
+def decode_combine_kernel(PO, PL, O, LSE, n_splits,
+                          sob, soh, son, Hkv, Nq, D, G,
+                          BLOCK_M: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr):
+    kv_bh = tl.program_id(0)
+    b = kv_bh // Hkv
+    hk = kv_bh % Hkv
+    R = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = R // NQP
+    i = R % NQP
+    dcols = tl.arange(0, DP)
+    stride_split = tl.num_programs(0) * tl.num_programs(1) * BLOCK_M
+    base = kv_bh * tl.num_programs(1) * BLOCK_M + R
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for s in range(0, n_splits):
+        lse = tl.load(PL + s * stride_split + base)
+        bad = bad | tl.where(lse != lse, 1, 0)
+        lse = tl.where(lse != lse, float("-inf"), lse)
+        o = tl.load(PO + (s * stride_split + base)[:, None] * DP + dcols[None, :])
+        m_new = tl.maximum(m, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        w = tl.math.exp2(lse - m_use)
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    out = tl.where(bad[:, None] != 0, float("nan"), out)
+    row_ok = (g < G) & (i < Nq)
+    h = hk * G + g
+    tl.store(O + b * sob + h[:, None] * soh + i[:, None] * son + dcols[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dcols < D)[None, :])
+    if RETURN_LSE:
+        lse_out = (m + tl.math.log2(den)) * 0.6931471805599453
+        lse_out = tl.where(bad != 0, float("nan"), lse_out)
+        tl.store(LSE + (b * Hkv * G + h) * Nq + i, lse_out, mask=row_ok)

@@ -1,0 +1,162 @@
+"""The decode path (common.decode): few queries, split-KV, K and V quantized per tile in the kernel.
+
+Kernel (GPU, or Triton's interpreter) against the emulation of the same algorithm (same split
+points), the emulation against exact attention, and the edge cases every path must handle:
+GQA, causal with Nq > 1, key lengths (padding mask, varlen), both layouts, bf16, odd head dims,
+NaN/Inf, large |V|, empty sequences, and that the prefill path still serves the options that have
+no decode form."""
+
+import pytest
+import torch
+
+import sage1
+import sage2
+from common import decode
+from common.inputs import make_qkv
+from common.masking import MaskSpec
+from common.metrics import accuracy
+from common.nonfinite import nan_rows
+from common.reference import attention_reference
+from conftest import KERNEL_DEVICE, kernel_vs_emulation
+
+OPTIONS = {  # (function, options, bound on cosine vs exact, bound on kernel-vs-emulation relative L1)
+    "sage1": (sage1.sageattn, {}, 0.9995, 2e-3),
+    "sage1_fp32acc": (sage1.sageattn, dict(pv_accum="fp32"), 0.9995, 2e-3),
+    "sage1_nosmooth": (sage1.sageattn, dict(smooth_k=False), 0.999, 2e-3),
+    "sage2_8b": (sage2.sageattn, {}, 0.998, 2e-3),
+    "sage2_4b": (sage2.sageattn, dict(qk_dtype="int4"), 0.98, 2e-3),
+    "sage2_per_block": (sage2.sageattn, dict(qk_granularity="per_block"), 0.998, 2e-3),
+    "sage2_fp16pv": (sage2.sageattn, dict(pv_dtype="fp16"), 0.999, 2e-3),
+    "sage2_e5m2": (sage2.sageattn, dict(pv_dtype="fp8_e5m2"), 0.99, 2e-3),
+    "sage2_smooth_q_int8": (sage2.sageattn, dict(smooth_q=True), 0.998, 2e-3),
+}
+
+
+def _to(dev, *ts):
+    return tuple(t.to(dev) for t in ts)
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("n_q,heads,heads_kv,n_k,causal", [
+    (1, 8, 2, 333, False), (1, 8, 2, 333, True), (5, 4, 4, 200, True), (16, 8, 1, 130, False), (3, 32, 1, 97, True)])
+def test_decode_kernel_matches_emulation_and_exact(name, n_q, heads, heads_kv, n_k, causal, monkeypatch):
+    fn, opts, cos_bound, kernel_bound = OPTIONS[name]
+    q, k, v = make_qkv(2, heads, n_q, 64, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=n_q + n_k)
+    k_vs_e, e_vs_ref = kernel_vs_emulation(fn, *_to(KERNEL_DEVICE, q, k, v), tensor_layout="HND", is_causal=causal,
+                                           **opts)
+    assert k_vs_e.rel_l1 < kernel_bound, k_vs_e
+    assert e_vs_ref.cos_sim > cos_bound, e_vs_ref
+    # per-tile statistics are at least as accurate as the prefill path's on the same inputs
+    monkeypatch.setattr(decode, "DECODE_MAX_QUERIES", 0)
+    prefill = accuracy(attention_reference(q, k, v, is_causal=causal), fn(q, k, v, is_causal=causal, backend="torch",
+                                                                           **opts))
+    assert e_vs_ref.cos_sim > prefill.cos_sim - 1e-4, (e_vs_ref, prefill)
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [80, 128])
+def test_decode_layouts_dtypes_head_dims(layout, dtype, head_dim):
+    q, k, v = make_qkv(1, 4, 2, head_dim, heads_kv=2, seqlen_k=150, kind="outliers", dtype=dtype, layout=layout, seed=3)
+    for fn in (sage1.sageattn, sage2.sageattn):
+        k_vs_e, e_vs_ref = kernel_vs_emulation(fn, *_to(KERNEL_DEVICE, q, k, v), tensor_layout=layout, is_causal=True)
+        assert k_vs_e.rel_l1 < 3e-3 and e_vs_ref.cos_sim > 0.998, (k_vs_e, e_vs_ref)
+
+
+def test_decode_emulation_is_the_dispatched_algorithm():
+    """Nq <= 16 runs common.decode (the prefill path would give other numbers); Nq = 17 does not."""
+    q, k, v = make_qkv(1, 4, 16, 64, heads_kv=2, seqlen_k=300, kind="k_bias", seed=5)
+    spec = decode.DecodeSpec(127, k_per_token=False, smooth_k=True, smooth_q=False, pv="fp16_acc16")
+    tps = decode.split_tiles(2, 1, 300, q.device)
+    want, want_lse = decode.decode_emulated(q, k, v, spec, sm_scale=64 ** -0.5, is_causal=False, mask=MaskSpec(),
+                                            tiles_per_split=tps)
+    out, lse = sage1.sageattn(q, k, v, backend="torch", return_lse=True)
+    assert torch.equal(out, want.half()) and torch.equal(lse, want_lse)
+    q17 = make_qkv(1, 4, 17, 64, heads_kv=2, seqlen_k=300, seed=5)[0]
+    out17 = sage1.sageattn(q17, k, v, backend="torch")
+    assert not torch.equal(out17[:, :, :16], out)
+
+
+def test_decode_key_lengths_and_varlen():
+    q, k, v = make_qkv(3, 8, 1, 64, heads_kv=2, seqlen_k=260, kind="k_bias", seed=7)
+    keep = torch.ones(3, 1, 1, 260, dtype=torch.bool)
+    keep[0, ..., 100:] = False
+    keep[2, ..., 1:] = False
+    ref = attention_reference(q, k, v, attn_mask=keep)
+    for fn in (sage1.sageattn, sage2.sageattn):
+        for backend in ("torch", "triton"):
+            out = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=keep.to(KERNEL_DEVICE), backend=backend).cpu()
+            assert accuracy(ref, out).cos_sim > 0.998
+    # varlen decode: one query per sequence against 50, 260, 7 keys (bottom-right causal)
+    lens = [50, 260, 7]
+    ks = torch.cat([k[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)])
+    vs = torch.cat([v[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)])
+    qs = q[:, :, 0].contiguous()                                           # [3, Hq, D]
+    cu_q = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    cu_k = torch.tensor([0, 50, 310, 317], dtype=torch.int32)
+    for fn in (sage1.sageattn_varlen, sage2.sageattn_varlen):
+        out = fn(*_to(KERNEL_DEVICE, qs, ks, vs, cu_q, cu_k), 1, 260, is_causal=True).cpu()
+        for i, n in enumerate(lens):
+            r = attention_reference(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], is_causal=True)
+            assert accuracy(r[0, :, 0], out[i]).cos_sim > 0.998
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where,causal", [("q", False), ("k", True), ("v", False), ("v", True)])
+def test_decode_nonfinite_rows_follow_the_rule(backend, where, causal):
+    q, k, v = make_qkv(1, 4, 4, 64, heads_kv=2, seqlen_k=200, kind="k_bias", seed=11)
+    t = {"q": q, "k": k, "v": v}[where]
+    t[0, 1, 2 if where == "q" else 198, 5] = float("nan") if where != "v" else float("inf")
+    from common.masking import NO_MASK
+
+    want = nan_rows(q, k, v, is_causal=causal, mask=NO_MASK)
+    assert want.any() and not want.all()
+    copies = [x.clone() for x in (q, k, v)]
+    for fn in (sage1.sageattn, sage2.sageattn):
+        out, lse = fn(*_to(KERNEL_DEVICE, q, k, v), is_causal=causal, return_lse=True, backend=backend)
+        out, lse = out.cpu(), lse.cpu()
+        assert torch.equal(torch.isnan(out).any(-1), want) and torch.equal(torch.isnan(lse), want)
+        assert torch.isfinite(out[~want]).all()
+        clean = [torch.nan_to_num(x, nan=0.0, posinf=0.0) for x in (q, k, v)]
+        ref = attention_reference(*clean, is_causal=causal)
+        assert accuracy(ref[~want], out[~want]).cos_sim > 0.998
+    assert all(torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) for a, b in zip((q, k, v), copies))
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 6e4), (torch.bfloat16, 1e30)])
+def test_decode_large_values_stay_finite_and_accurate(dtype, scale):
+    q, k, v = make_qkv(1, 4, 1, 64, heads_kv=1, seqlen_k=300, kind="k_bias", dtype=torch.float32, seed=13)
+    v = (v / v.abs().amax() * scale).to(dtype)
+    q, k = q.to(dtype), k.to(dtype)
+    ref = attention_reference(q, k, v)
+    for fn, opts in ((sage1.sageattn, {}), (sage1.sageattn, dict(pv_accum="fp32")), (sage2.sageattn, {}),
+                     (sage2.sageattn, dict(pv_dtype="fp16"))):
+        for backend in ("torch", "triton"):
+            out = fn(*_to(KERNEL_DEVICE, q, k, v), backend=backend, **opts).cpu()
+            assert torch.isfinite(out).all()
+            assert accuracy(ref.double(), out.double()).cos_sim > 0.998
+
+
+def test_decode_empty_key_sequences_give_zeros():
+    q, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=70, seed=17)
+    keep = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+    keep[1] = False
+    for fn in (sage1.sageattn, sage2.sageattn):
+        for backend in ("torch", "triton"):
+            out, lse = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=keep.to(KERNEL_DEVICE), return_lse=True,
+                          backend=backend)
+            assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+            assert (lse[1] == float("-inf")).all() and torch.isfinite(lse[0]).all()
+
+
+def test_options_without_a_decode_form_use_the_prefill_path():
+    q, k, v = make_qkv(1, 4, 1, 64, heads_kv=2, seqlen_k=300, kind="k_bias", seed=19)
+    ref = attention_reference(q, k, v)
+    for fn, opts in ((sage1.sageattn, dict(qk_granularity="per_token")), (sage2.sageattn, dict(smooth_v=True)),
+                     (sage2.sageattn, dict(pv_accum="single")), (sage2.sageattn, dict(qk_granularity="per_tensor"))):
+        out = fn(q, k, v, backend="torch", **opts)
+        assert accuracy(ref, out).cos_sim > 0.99
+    bias = torch.zeros(1, 1, 1, 300)
+    bias[..., 5] = float("-inf")
+    out = sage1.sageattn(q, k, v, attn_mask=bias, backend="torch")   # a dense mask: the prefill path
+    assert accuracy(attention_reference(q, k, v, attn_mask=bias), out).cos_sim > 0.999
