@@ -1,0 +1,91 @@
+"""Decode on the GPU: a few queries against a long KV sequence, ours against SDPA in the same run.
+
+    python -m experiments.bench_decode [--out DIR]
+
+Decode reads the whole KV cache for very little arithmetic, so the columns that matter are the
+time and the bandwidth reached (bytes of K and V in their fp16 form / time; the H100's copy
+ceiling measured 3.0 TB/s). ``x best SDPA`` is the best of SDPA's flash, cuDNN and efficient
+backends on the same inputs (GQA through ``enable_gqa``, no copies). Our calls include every
+step: the quantization of Q, K and V happens inside the split-KV kernel (common.decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import sage1
+import sage2
+from common.timing import bench_ms
+
+# (B, Hq, Hkv, Nq, Nk, causal)
+SHAPES = [
+    (4, 32, 8, 1, 1024, False), (4, 32, 8, 1, 4096, False), (4, 32, 8, 1, 16384, False),
+    (4, 32, 8, 1, 32768, False), (1, 32, 8, 1, 131072, False), (16, 32, 32, 1, 4096, False),
+    (4, 32, 8, 4, 16384, True), (8, 32, 8, 16, 8192, True), (4, 64, 8, 1, 16384, False),
+]
+OURS = {"sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c),
+        "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),
+        "sage2_4b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, qk_dtype="int4")}
+
+
+def sdpa_fn(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+          "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+    def fn(q, k, v, c):
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=c, enable_gqa=k.shape[1] != q.shape[1])
+    return fn
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None, help="write decode.csv/.md (and decode.png) here")
+    ap.add_argument("--d", type=int, default=128)
+    args = ap.parse_args(argv)
+    dev, D = "cuda", args.d
+    rows = []
+    for n, (B, Hq, Hkv, Nq, Nk, causal) in enumerate(SHAPES):
+        torch.manual_seed(n)
+        q = torch.randn(B, Hq, Nq, D, dtype=torch.float16, device=dev)
+        k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device=dev) for _ in range(2))
+        kv_bytes = 2 * k.numel() * 2
+        case = f"B={B} Hq/Hkv={Hq}/{Hkv} Nq={Nq} Nk={Nk // 1024}k" + (" causal" if causal else "")
+        print(f"[{n + 1}/{len(SHAPES)}] {case}", flush=True)
+        times = {}
+        for name in ("flash", "cudnn", "efficient"):
+            try:
+                times[f"SDPA {name}"] = bench_ms(lambda f=sdpa_fn(name): f(q, k, v, causal))
+            except RuntimeError as e:  # a backend that does not take this shape
+                print(f"  SDPA {name}: {str(e).splitlines()[0][:80]}", flush=True)
+        best = min(times.values())
+        for name, f in OURS.items():
+            times[name] = bench_ms(lambda f=f: f(q, k, v, causal))
+        for name, ms in times.items():
+            r = dict(case=case, impl=name, ms=round(ms, 4), kv_gbps=round(kv_bytes / (ms * 1e-3) / 1e9, 1),
+                     x_best_sdpa=round(best / ms, 3))
+            rows.append(r)
+            print(f"  {name:16s} {ms:8.4f} ms {r['kv_gbps']:8.1f} GB/s  {r['x_best_sdpa']:.2f}x best SDPA", flush=True)
+        del q, k, v
+    print("\n| case | impl | ms | K+V GB/s | x best SDPA |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['impl']} | {r['ms']} | {r['kv_gbps']} | {r['x_best_sdpa']} |")
+    if args.out:
+        from experiments.outputs import bar_groups, write_results
+
+        os.makedirs(args.out, exist_ok=True)
+        write_results(rows, args.out, name="decode", title="Decode: ours vs SDPA (same run)")
+        groups = {}
+        for r in rows:
+            groups.setdefault(r["case"], {})[r["impl"]] = r["x_best_sdpa"]
+        bar_groups(os.path.join(args.out, "decode.png"), groups, "speed / best SDPA backend", "Decode on the H100")
+
+
+if __name__ == "__main__":
+    main()
