@@ -45,6 +45,9 @@ from .quant import round_half_away
 DECODE_MAX_QUERIES = 16
 DECODE_TILE = 64
 MAX_ROWS_PER_PROGRAM = 64
+DECODE_WARPS = None      # None: 4 for head dims <= 64, else 8 (experiments/bench_decode.py --sweep)
+DECODE_STAGES = 2
+DELTA_PRECISION = "tf32x3"  # smooth_q's mean_q . (k - m_j) on tensor cores: ~fp32 ("tf32": one pass)
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
 LOG2E = math.log2(math.e)
 
@@ -106,7 +109,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     ql, kl = (mask.lens_or_full(B, Nq, Nk, qh.device) if mask.has_lens else (part_l, part_l))
     pv = PV_KINDS.index(spec.pv)
     log2_pscale = {2: math.log2(448.0), 3: math.log2(57344.0)}.get(pv, 0.0)
-    warps = 4 if block_m * dp <= 16 * 128 else 8
+    warps = DECODE_WARPS or (4 if dp <= 64 else 8)
     interp = interpreter_enabled()
     decode_split_kernel[(splits, B * Hkv, row_tiles)](
         qh, kh, vh, part_o, part_l, ql, kl,
@@ -115,7 +118,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         Hkv, Nq, Nk, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
         BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
         SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
-        PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, num_warps=warps, num_stages=2)
+        PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
+        num_warps=warps, num_stages=DECODE_STAGES)
     target = out_hnd
     if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)
@@ -131,8 +135,13 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
 # backend="torch": the same algorithm in PyTorch
 # ----------------------------------------------------------------------------------------------
 
+def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """RN(1 / scale) (1 where scale is 0): the kernel multiplies by it instead of dividing."""
+    return torch.ones_like(scale) / torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def _int_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    return round_half_away(x / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp_(-qmax, qmax)
+    return round_half_away(x * _reciprocal(scale)).clamp_(-qmax, qmax)
 
 
 def _div(x: torch.Tensor, c: float) -> torch.Tensor:
@@ -159,7 +168,7 @@ def _tile_pv(p: torch.Tensor, v: torch.Tensor, pv: str) -> torch.Tensor:
         return prod / gv
     fp8, fmax = (torch.float8_e4m3fn, 448.0) if pv == "fp8_e4m3" else (torch.float8_e5m2, 57344.0)
     sv = _div(v.abs().amax(dim=-2, keepdim=True), fmax)                       # [.., 1, D]
-    v8 = (v / torch.where(sv == 0, torch.ones_like(sv), sv)).to(fp8)
+    v8 = (v * _reciprocal(sv)).to(fp8)
     return (p.to(fp8).float() @ v8.float()) * sv
 
 
@@ -214,7 +223,7 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
                 s = None
                 if spec.smooth_k:
                     cnt = (kl - j0).clamp(1, j1 - j0).float()[:, None, None, None]
-                    mk = k.sum(-2, keepdim=True) / cnt                       # [B, Hkv, 1, D]
+                    mk = k.sum(-2, keepdim=True) * _reciprocal(cnt)          # [B, Hkv, 1, D]
                     kc = torch.where(valid, k - mk, 0.0)
                 else:
                     kc = k

@@ -30,10 +30,10 @@ PV_FP16_ACC16, PV_FP16_ACC32, PV_FP8_E4M3, PV_FP8_E5M2 = 0, 1, 2, 3
 
 
 @triton.jit
-def _round_int(x, QMAX: tl.constexpr):
-    """Round half away from zero and clamp to [-QMAX, QMAX] (common.quant's rule), as int8."""
-    y = tl.where(x >= 0, x + 0.5, x - 0.5)
-    return tl.minimum(tl.maximum(y, -QMAX * 1.0), QMAX * 1.0).to(tl.int8)
+def _round_int(x):
+    """Round half away from zero to int8. x = value * RN(1 / RN(absmax / QMAX)) is within a few
+    ulp of QMAX at most, so no clamp is needed (the emulation's clamp never acts)."""
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
 
 
 @triton.jit
@@ -63,7 +63,8 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
                         BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
                         QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                         SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                        HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr):
+                        HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                        DELTA_PRECISION: tl.constexpr):
     split = tl.program_id(0)
     kv_bh = tl.program_id(1)
     b = kv_bh // Hkv
@@ -90,7 +91,7 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
     else:
         qc = q
     sq = tl.math.div_rn(tl.max(tl.abs(qc), axis=1), QMAX * 1.0)
-    q8 = _round_int(tl.math.div_rn(qc, tl.where(sq == 0.0, 1.0, sq)[:, None]), QMAX)
+    q8 = _round_int(qc * tl.math.div_rn(1.0, tl.where(sq == 0.0, 1.0, sq))[:, None])
 
     # the keys this program's rows may see: [0, hi) (causal: up to the last valid row's diagonal)
     hi = nk
@@ -109,23 +110,33 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
     for start in range(t_begin, t_end, T):
         cols = start + offs_t
         inb = (cols < nk)[:, None] & dm[None, :]
+        visible = row_ok[:, None] & (cols < nk)[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= i[:, None] + q_offset)
         k = tl.load(k_base + cols[:, None] * skn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
         v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
-        key_bad = _nonfinite_rows(k) | _nonfinite_rows(v)
-        k = _finite(k)
-        v = _finite(v)
+        # NaN/Inf: one sum over the tile finds them (the token sums of K are needed anyway); only a
+        # tile that has one pays for the per-key check (a huge bf16 tile may land here too: harmless)
+        ksum = tl.sum(k, axis=0)
+        chk = tl.sum(ksum + tl.sum(v, axis=0), axis=0)
+        if chk - chk != 0.0:
+            key_bad = _nonfinite_rows(k) | _nonfinite_rows(v)
+            bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
+            k = _finite(k)
+            v = _finite(v)
+            ksum = tl.sum(k, axis=0)
         if SMOOTH_K:
-            mk = tl.sum(k, axis=0) / tl.minimum(nk - start, T).to(tl.float32)
+            mk = ksum * tl.math.div_rn(1.0, tl.minimum(nk - start, T).to(tl.float32))
             kc = tl.where(inb, k - mk[None, :], 0.0)
             qm = tl.sum(q * mk[None, :], axis=1)
         else:
             kc = k
         if K_PER_TOKEN:
             sk = tl.math.div_rn(tl.max(tl.abs(kc), axis=1), QMAX * 1.0)
-            k8 = _round_int(tl.math.div_rn(kc, tl.where(sk == 0.0, 1.0, sk)[:, None]), QMAX)
+            k8 = _round_int(kc * tl.math.div_rn(1.0, tl.where(sk == 0.0, 1.0, sk))[:, None])
         else:
             sk = tl.math.div_rn(tl.max(tl.max(tl.abs(kc), axis=1), axis=0), QMAX * 1.0)
-            k8 = _round_int(tl.math.div_rn(kc, tl.where(sk == 0.0, 1.0, sk)), QMAX)
+            k8 = _round_int(kc * tl.math.div_rn(1.0, tl.where(sk == 0.0, 1.0, sk)))
         s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
         if K_PER_TOKEN:
             s = s * sq[:, None] * sk[None, :]
@@ -134,11 +145,7 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
         if SMOOTH_K:
             s = s + qm[:, None]
         if SMOOTH_Q:
-            s = s + tl.dot(mu_rows, tl.trans(kc), input_precision="tf32x3")  # ~fp32, as SageAttention2
-        visible = row_ok[:, None] & (cols < nk)[None, :]
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= i[:, None] + q_offset)
-        bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
+            s = s + tl.dot(mu_rows, tl.trans(kc), input_precision=DELTA_PRECISION)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,7 +167,7 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
             else:
                 fmax = 57344.0
             sv = tl.math.div_rn(tl.max(tl.abs(v), axis=0), fmax)
-            v8 = to_fp8(tl.math.div_rn(v, tl.where(sv == 0.0, 1.0, sv)[None, :]), PV == 3, INTERPRET)
+            v8 = to_fp8(v * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
             p8 = to_fp8(p, PV == 3, INTERPRET)
             pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
         acc = acc * alpha[:, None] + pv

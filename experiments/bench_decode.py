@@ -7,6 +7,10 @@ time and the bandwidth reached (bytes of K and V in their fp16 form / time; the 
 ceiling measured 3.0 TB/s). ``x best SDPA`` is the best of SDPA's flash, cuDNN and efficient
 backends on the same inputs (GQA through ``enable_gqa``, no copies). Our calls include every
 step: the quantization of Q, K and V happens inside the split-KV kernel (common.decode).
+Causal rows with Nq > 1: ours is bottom-right aligned (query i of Nq sees keys up to
+Nk - Nq + i, what speculative decoding needs); SDPA's ``is_causal`` is top-left aligned (query i
+sees i + 1 keys, not a decode), so SDPA runs non-causal there, the same work to within Nq keys.
+``--sweep`` times the kernel's launch settings on one shape first.
 """
 
 from __future__ import annotations
@@ -40,16 +44,42 @@ def sdpa_fn(name):
 
     def fn(q, k, v, c):
         with sdpa_kernel([be]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=c, enable_gqa=k.shape[1] != q.shape[1])
+            # bottom-right causal over Nq << Nk keys is (to Nq keys) the non-causal work; SDPA's
+            # is_causal would be top-left aligned
+            causal = c and q.shape[2] == k.shape[2]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
     return fn
+
+
+def sweep(D: int) -> None:
+    from common import decode
+
+    B, Hq, Hkv, Nk = 4, 32, 8, 16384
+    q = torch.randn(B, Hq, 1, D, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device="cuda") for _ in range(2))
+    base = min(bench_ms(lambda f=sdpa_fn(n): f(q, k, v, False)) for n in ("flash", "cudnn"))
+    print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA {base:.4f} ms", flush=True)
+    for warps in (4, 8):
+        for stages in (1, 2, 3):
+            decode.DECODE_WARPS, decode.DECODE_STAGES = warps, stages
+            line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
+            print(f"  warps={warps} stages={stages}: " + ", ".join(line) + " ms", flush=True)
+    decode.DECODE_WARPS, decode.DECODE_STAGES = None, 2
+    for prec in ("tf32", "tf32x3"):
+        decode.DELTA_PRECISION = prec
+        print(f"  sage2_4b delta {prec}: {bench_ms(lambda: OURS['sage2_4b'](q, k, v, False)):.4f} ms", flush=True)
+    decode.DELTA_PRECISION = "tf32x3"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write decode.csv/.md (and decode.png) here")
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--sweep", action="store_true", help="time warps/stages/delta precision on one shape first")
     args = ap.parse_args(argv)
     dev, D = "cuda", args.d
+    if args.sweep:
+        sweep(D)
     rows = []
     for n, (B, Hq, Hkv, Nq, Nk, causal) in enumerate(SHAPES):
         torch.manual_seed(n)
