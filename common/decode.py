@@ -47,6 +47,7 @@ DECODE_TILE = 64
 MAX_ROWS_PER_PROGRAM = 64
 DECODE_WARPS = None      # None: 4 for head dims <= 64, else 8 (experiments/bench_decode.py --sweep)
 DECODE_STAGES = 2
+DECODE_MAXNREG = 128     # registers per thread: two 8-warp programs per SM (ptxas takes ~175 unbounded)
 DELTA_PRECISION = "tf32x3"  # smooth_q's mean_q . (k - m_j) on tensor cores: ~fp32 ("tf32": one pass)
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
 LOG2E = math.log2(math.e)
@@ -111,15 +112,18 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     log2_pscale = {2: math.log2(448.0), 3: math.log2(57344.0)}.get(pv, 0.0)
     warps = DECODE_WARPS or (4 if dp <= 64 else 8)
     interp = interpreter_enabled()
-    decode_split_kernel[(splits, B * Hkv, row_tiles)](
-        qh, kh, vh, part_o, part_l, ql, kl,
-        qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
-        vh.stride(0), vh.stride(1), vh.stride(2),
-        Hkv, Nq, Nk, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
-        BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
-        SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
-        PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
-        num_warps=warps, num_stages=DECODE_STAGES)
+    limits = {"maxnreg": DECODE_MAXNREG} if DECODE_MAXNREG and not interp else {}
+    flags = torch.empty(splits * B * Hkv * row_tiles, dtype=torch.int32, device=qh.device)
+    for careful in (False, True):  # the careful launch redoes only the programs the fast one flagged
+        decode_split_kernel[(splits, B * Hkv, row_tiles)](
+            qh, kh, vh, part_o, part_l, flags, ql, kl,
+            qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+            vh.stride(0), vh.stride(1), vh.stride(2),
+            Hkv, Nq, Nk, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
+            BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
+            SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
+            PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
+            CAREFUL=careful, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     target = out_hnd
     if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)

@@ -57,56 +57,18 @@ def _fp16_guard(vmax, T_EFF: tl.constexpr):
 
 
 @triton.jit
-def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
-                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                        Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
-                        BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
-                        QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
-                        SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                        HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                        DELTA_PRECISION: tl.constexpr):
-    split = tl.program_id(0)
-    kv_bh = tl.program_id(1)
-    b = kv_bh // Hkv
-    hk = kv_bh % Hkv
-    R = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    g = R // NQP
-    i = R % NQP
-    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
-    row_ok = (g < G) & (i < nq)
-    dcols = tl.arange(0, DP)
-    dm = dcols < D
-
-    # Q: log2-scaled fp32, non-finite values zeroed (their rows are NaN at the end), then INT codes
-    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
-    bad = _nonfinite_rows(q)
-    q = _finite(q)
-    if SMOOTH_Q:  # each head's mean over its queries; mean_q . (k - m_j) is added back in fp32
-        q3 = tl.reshape(q, (BLOCK_M // NQP, NQP, DP))
-        mu = tl.sum(q3, axis=1) / tl.maximum(nq, 1).to(tl.float32)
-        mu_rows = tl.reshape(tl.broadcast_to(mu[:, None, :], (BLOCK_M // NQP, NQP, DP)), (BLOCK_M, DP))
-        mu_rows = tl.where(row_ok[:, None], mu_rows, 0.0)
-        qc = tl.where(row_ok[:, None], q - mu_rows, 0.0)
-    else:
-        qc = q
-    sq = tl.math.div_rn(tl.max(tl.abs(qc), axis=1), QMAX * 1.0)
-    q8 = _round_int(qc * tl.math.div_rn(1.0, tl.where(sq == 0.0, 1.0, sq))[:, None])
-
-    # the keys this program's rows may see: [0, hi) (causal: up to the last valid row's diagonal)
-    hi = nk
-    if IS_CAUSAL:
-        hi = tl.minimum(nk, nq + q_offset)
-    hi = tl.maximum(hi, 0)
-    t_begin = split * tiles_per_split * T
-    t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
-
+def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, t_begin, t_end,
+           log2_pscale, dcols, dm, BLOCK_M: tl.constexpr, T: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
+           K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr,
+           IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr):
+    """One program's KV tiles [t_begin, t_end): (acc, l, m, bad rows, check). CAREFUL: zero
+    non-finite K/V values, mark the rows that see them, and scale V by the fp16 guard; else
+    ``check`` is non-finite when any of that was needed."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    kacc = tl.zeros([DP], dtype=tl.float32)
     offs_t = tl.arange(0, T)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
     for start in range(t_begin, t_end, T):
         cols = start + offs_t
         inb = (cols < nk)[:, None] & dm[None, :]
@@ -114,17 +76,13 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= i[:, None] + q_offset)
         k = tl.load(k_base + cols[:, None] * skn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
-        v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
-        # NaN/Inf: one sum over the tile finds them (the token sums of K are needed anyway); only a
-        # tile that has one pays for the per-key check (a huge bf16 tile may land here too: harmless)
-        ksum = tl.sum(k, axis=0)
-        chk = tl.sum(ksum + tl.sum(v, axis=0), axis=0)
-        if chk - chk != 0.0:
-            key_bad = _nonfinite_rows(k) | _nonfinite_rows(v)
-            bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
+        if CAREFUL:
+            k_bad = _nonfinite_rows(k)
             k = _finite(k)
-            v = _finite(v)
+        if SMOOTH_K or not CAREFUL:
             ksum = tl.sum(k, axis=0)
+        if not CAREFUL:
+            kacc += ksum
         if SMOOTH_K:
             mk = ksum * tl.math.div_rn(1.0, tl.minimum(nk - start, T).to(tl.float32))
             kc = tl.where(inb, k - mk[None, :], 0.0)
@@ -152,26 +110,124 @@ def decode_split_kernel(Q, K, V, PO, PL, QLEN, KLEN,
         p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if PV == 0 or PV == 1:  # fp16 P and V; a power of two keeps large |V| (and bf16 V) in range
-            if PV == 0:
-                gv = _fp16_guard(tl.max(tl.max(tl.abs(v), axis=1), axis=0), T)
-                v16 = (v * gv).to(tl.float16)
-                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float16).to(tl.float32) / gv
+        v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0)
+        if CAREFUL:
+            vf = v.to(tl.float32)
+            key_bad = k_bad | _nonfinite_rows(vf)
+            bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
+            vf = _finite(vf)
+        if PV == 0 or PV == 1:  # fp16 P and V (the careful sweep scales V by a power of two)
+            if CAREFUL:
+                gv = _fp16_guard(tl.max(tl.max(tl.abs(vf), axis=1), axis=0), T if PV == 0 else 1)
+                v16 = (vf * gv).to(tl.float16)
             else:
-                gv = _fp16_guard(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1)
-                v16 = (v * gv).to(tl.float16)
-                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float32) / gv
+                v16 = v.to(tl.float16)
+            if PV == 0:
+                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float16).to(tl.float32)
+            else:
+                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float32)
+            if CAREFUL:
+                pv = pv / gv
         else:  # FP8 P (static scale) x FP8 V (per channel over this tile); exact products, fp32 sum
+            if not CAREFUL:
+                vf = v.to(tl.float32)
             if PV == 2:
                 fmax = 448.0
             else:
                 fmax = 57344.0
-            sv = tl.math.div_rn(tl.max(tl.abs(v), axis=0), fmax)
-            v8 = to_fp8(v * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
+            sv = tl.math.div_rn(tl.max(tl.abs(vf), axis=0), fmax)
+            v8 = to_fp8(vf * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
             p8 = to_fp8(p, PV == 3, INTERPRET)
             pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    chk = tl.sum(kacc, axis=0) + tl.sum(l_i, axis=0) + tl.sum(tl.sum(acc, axis=1), axis=0)
+    return acc, l_i, m_i, bad, chk
+
+
+@triton.jit
+def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
+                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                        Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                        BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
+                        QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
+                        SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                        DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr):
+    """Launched twice: the fast sweep (CAREFUL=False: no NaN/Inf checks, no fp16 range guard) for
+    every program, then the careful one, whose programs return at once unless the fast sweep
+    flagged them. A non-finite input or an fp16 overflow cannot vanish (it reaches K's running
+    token sum, the scores, l or acc), so the flag is one check at the end of the fast sweep. Two
+    launches rather than one branch: the careful sweep's registers would otherwise be allocated
+    (and occupancy lost) for every program."""
+    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    if CAREFUL:
+        if tl.load(FLAG + pid) != 0:
+            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                            Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale, BLOCK_M, NQP, T, DP, QMAX,
+                            K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, INTERPRET,
+                            DELTA_PRECISION, True)
+    else:
+        _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                        Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale, BLOCK_M, NQP, T, DP, QMAX,
+                        K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, INTERPRET,
+                        DELTA_PRECISION, False)
+
+
+@triton.jit
+def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                    Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                    BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
+                    QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
+                    SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                    DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr):
+    split = tl.program_id(0)
+    kv_bh = tl.program_id(1)
+    b = kv_bh // Hkv
+    hk = kv_bh % Hkv
+    R = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = R // NQP
+    i = R % NQP
+    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
+    row_ok = (g < G) & (i < nq)
+    dcols = tl.arange(0, DP)
+    dm = dcols < D
+
+    # Q: log2-scaled fp32, non-finite values zeroed (their rows are NaN at the end), then INT codes
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
+                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
+    bad = _nonfinite_rows(q)
+    q = _finite(q)
+    if SMOOTH_Q:  # each head's mean over its queries; mean_q . (k - m_j) is added back in fp32
+        q3 = tl.reshape(q, (BLOCK_M // NQP, NQP, DP))
+        mu = tl.sum(q3, axis=1) / tl.maximum(nq, 1).to(tl.float32)
+        mu_rows = tl.reshape(tl.broadcast_to(mu[:, None, :], (BLOCK_M // NQP, NQP, DP)), (BLOCK_M, DP))
+        mu_rows = tl.where(row_ok[:, None], mu_rows, 0.0)
+        qc = tl.where(row_ok[:, None], q - mu_rows, 0.0)
+    else:
+        qc = q
+        mu_rows = q  # unused
+    sq = tl.math.div_rn(tl.max(tl.abs(qc), axis=1), QMAX * 1.0)
+    q8 = _round_int(qc * tl.math.div_rn(1.0, tl.where(sq == 0.0, 1.0, sq))[:, None])
+
+    # the keys this program's rows may see: [0, hi) (causal: up to the last valid row's diagonal)
+    hi = nk
+    if IS_CAUSAL:
+        hi = tl.minimum(nk, nq + q_offset)
+    hi = tl.maximum(hi, 0)
+    t_begin = split * tiles_per_split * T
+    t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
+
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset,
+                                     t_begin, t_end, log2_pscale, dcols, dm, BLOCK_M, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K,
+                                     SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL)
+    if not CAREFUL:
+        pid = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) + tl.program_id(2)
+        tl.store(FLAG + pid, (chk - chk != 0.0).to(tl.int32))
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = m_i + tl.math.log2(l_i) - log2_pscale

@@ -59,12 +59,12 @@ def sweep(D: int) -> None:
     k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device="cuda") for _ in range(2))
     base = min(bench_ms(lambda f=sdpa_fn(n): f(q, k, v, False)) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA {base:.4f} ms", flush=True)
-    for warps in (4, 8):
-        for stages in (1, 2, 3):
-            decode.DECODE_WARPS, decode.DECODE_STAGES = warps, stages
-            line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
-            print(f"  warps={warps} stages={stages}: " + ", ".join(line) + " ms", flush=True)
-    decode.DECODE_WARPS, decode.DECODE_STAGES = None, 2
+    for tile, warps, maxnreg, stages in ((64, 8, 128, 2), (64, 8, None, 2), (64, 8, 128, 3), (64, 4, 168, 2),
+                                         (32, 4, 128, 2), (32, 4, 128, 3), (32, 8, 96, 2), (128, 8, 168, 2)):
+        decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = tile, warps, maxnreg, stages
+        line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
+        print(f"  tile={tile} warps={warps} maxnreg={maxnreg} stages={stages}: " + ", ".join(line) + " ms", flush=True)
+    decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = 64, None, 128, 2
     for prec in ("tf32", "tf32x3"):
         decode.DELTA_PRECISION = prec
         print(f"  sage2_4b delta {prec}: {bench_ms(lambda: OURS['sage2_4b'](q, k, v, False)):.4f} ms", flush=True)
