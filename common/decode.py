@@ -45,10 +45,14 @@ from .quant import round_half_away
 DECODE_MAX_QUERIES = 16
 DECODE_TILE = 64
 MAX_ROWS_PER_PROGRAM = 64
-DECODE_WARPS = None      # None: 4 for head dims <= 64, else 8 (experiments/bench_decode.py --sweep)
+# Launch settings (experiments/bench_decode.py --sweep; sage1/NOTES.md): 4 warps capped at 168
+# registers (three programs per SM; unbounded, ptxas takes 255) for head dims <= 128.
+DECODE_WARPS = None      # None: 4 for head dims <= 128, else 8
 DECODE_STAGES = 2
-DECODE_MAXNREG = 128     # registers per thread: two 8-warp programs per SM (ptxas takes ~175 unbounded)
-DELTA_PRECISION = "tf32x3"  # smooth_q's mean_q . (k - m_j) on tensor cores: ~fp32 ("tf32": one pass)
+DECODE_MAXNREG = 168
+# smooth_q's mean_q . (k - m_j) on tensor cores: "tf32" (one pass, 2x faster than "tf32x3" at 16k
+# keys; the emulation rounds its operands to TF32 alike on the GPU) or "tf32x3" (~fp32)
+DELTA_PRECISION = "tf32"
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
 LOG2E = math.log2(math.e)
 
@@ -102,7 +106,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
 
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     dp = max(16, triton.next_power_of_2(D))
-    splits = -(-(-(-Nk // DECODE_TILE)) // tps)
+    n_tiles = -(-Nk // DECODE_TILE)
+    splits = -(-n_tiles // tps)
     rows_total = row_tiles * block_m
     part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
     part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
@@ -110,9 +115,9 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     ql, kl = (mask.lens_or_full(B, Nq, Nk, qh.device) if mask.has_lens else (part_l, part_l))
     pv = PV_KINDS.index(spec.pv)
     log2_pscale = {2: math.log2(448.0), 3: math.log2(57344.0)}.get(pv, 0.0)
-    warps = DECODE_WARPS or (4 if dp <= 64 else 8)
+    warps = DECODE_WARPS or (4 if dp <= 128 else 8)
     interp = interpreter_enabled()
-    limits = {"maxnreg": DECODE_MAXNREG} if DECODE_MAXNREG and not interp else {}
+    limits = {"maxnreg": DECODE_MAXNREG} if DECODE_MAXNREG and dp <= 128 and not interp else {}
     flags = torch.empty(splits * B * Hkv * row_tiles, dtype=torch.int32, device=qh.device)
     for careful in (False, True):  # the careful launch redoes only the programs the fast one flagged
         decode_split_kernel[(splits, B * Hkv, row_tiles)](
@@ -215,6 +220,7 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
 
     parts = []
     span = tiles_per_split * DECODE_TILE
+    tf32_delta = DELTA_PRECISION == "tf32" and dev.type == "cuda"
     with exact_fp32_matmul():
         for s0 in range(0, Nk, span):
             sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=shift, bias2=bias2)
@@ -242,8 +248,10 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
                 s = (q8 @ rep(k8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] * sk_b
                 if spec.smooth_k:
                     s = s + (q * rep(mk)).sum(-1, keepdim=True)
-                if spec.smooth_q:
+                if spec.smooth_q:  # the kernel's tensor-core product: TF32 operands on the GPU
+                    torch.backends.cuda.matmul.allow_tf32 = tf32_delta
                     s = s + mu @ rep(kc).transpose(-1, -2)
+                    torch.backends.cuda.matmul.allow_tf32 = False
                 p, alpha = sm.update(sm.mask(s, j0, j1))
                 acc = acc * alpha[..., None] + _tile_pv(p, rep(v), spec.pv)
             parts.append((sm.normalize(acc), sm.lse2()))

@@ -59,16 +59,60 @@ def sweep(D: int) -> None:
     k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device="cuda") for _ in range(2))
     base = min(bench_ms(lambda f=sdpa_fn(n): f(q, k, v, False)) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA {base:.4f} ms", flush=True)
-    for tile, warps, maxnreg, stages in ((64, 8, 128, 2), (64, 8, None, 2), (64, 8, 128, 3), (64, 4, 168, 2),
-                                         (32, 4, 128, 2), (32, 4, 128, 3), (32, 8, 96, 2), (128, 8, 168, 2)):
+    print(f"  sage1 smooth_k=False: {bench_ms(lambda: sage1.sageattn(q, k, v, smooth_k=False)):.4f} ms", flush=True)
+    for tile, warps, maxnreg, stages in ((64, 4, 168, 2), (64, 4, 168, 3), (64, 4, 168, 1), (128, 4, 255, 2),
+                                         (128, 8, 168, 2), (128, 8, 128, 2)):
         decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = tile, warps, maxnreg, stages
         line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
         print(f"  tile={tile} warps={warps} maxnreg={maxnreg} stages={stages}: " + ", ".join(line) + " ms", flush=True)
-    decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = 64, None, 128, 2
-    for prec in ("tf32", "tf32x3"):
-        decode.DELTA_PRECISION = prec
-        print(f"  sage2_4b delta {prec}: {bench_ms(lambda: OURS['sage2_4b'](q, k, v, False)):.4f} ms", flush=True)
-    decode.DELTA_PRECISION = "tf32x3"
+    decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = 64, None, 168, 2
+
+
+def overhead() -> None:
+    """Host time per call (no GPU wait) against the GPU time, at a size where launches dominate."""
+    import time
+
+    from common import decode
+    from common.masking import NO_MASK
+
+    B, Hq, Hkv, Nk, D = 4, 32, 8, 1024, 128
+    q = torch.randn(B, Hq, 1, D, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device="cuda") for _ in range(2))
+    out = torch.empty_like(q)
+    spec = decode.DecodeSpec(127, k_per_token=False, smooth_k=True, smooth_q=False, pv="fp16_acc16")
+
+    def host_us(fn, n=300):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return dt / n * 1e6
+
+    cases = {"SDPA cudnn": lambda: sdpa_fn("cudnn")(q, k, v, False),
+             "sage1.sageattn": lambda: sage1.sageattn(q, k, v),
+             "sage2.sageattn": lambda: sage2.sageattn(q, k, v),
+             "decode_attention only": lambda: decode.decode_attention(q, k, v, out, spec, sm_scale=0.088, is_causal=False,
+                                                                       mask=NO_MASK, return_lse=False, backend="triton"),
+             "torch.empty x4": lambda: [torch.empty(8, 32, 16, 128, device="cuda") for _ in range(4)]}
+    print(f"host overhead, B={B} {Hq}/{Hkv} Nk={Nk}: us per call on the host | GPU ms (do_bench)", flush=True)
+    for name, fn in cases.items():
+        print(f"  {name:24s} {host_us(fn):8.1f} us | {bench_ms(fn):.4f} ms", flush=True)
+
+
+def graph_ms(fn) -> float:
+    """GPU time of fn replayed from a CUDA graph (no host launch cost): decode loops are captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench_ms(g.replay)
 
 
 def main(argv=None):
@@ -76,8 +120,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write decode.csv/.md (and decode.png) here")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--sweep", action="store_true", help="time warps/stages/delta precision on one shape first")
+    ap.add_argument("--overhead", action="store_true", help="host time per call first")
+    ap.add_argument("--graphs", action="store_true", help="also time every call replayed from a CUDA graph")
     args = ap.parse_args(argv)
     dev, D = "cuda", args.d
+    if args.overhead:
+        overhead()
     if args.sweep:
         sweep(D)
     rows = []
@@ -97,12 +145,22 @@ def main(argv=None):
         best = min(times.values())
         for name, f in OURS.items():
             times[name] = bench_ms(lambda f=f: f(q, k, v, causal))
+        if args.graphs:  # both sides without host launch costs, as a serving loop runs them
+            g_sdpa = {n: graph_ms(lambda f=sdpa_fn(n.split()[1]): f(q, k, v, causal)) for n in times if n.startswith("SDPA")}
+            best_graph = min(g_sdpa.values())
+            for name, f in list(OURS.items())[:2]:
+                ms = graph_ms(lambda f=f: f(q, k, v, causal))
+                r = dict(case=case, impl=f"{name} (CUDA graph)", ms=round(ms, 4),
+                         kv_gbps=round(kv_bytes / (ms * 1e-3) / 1e9, 1), x_best_sdpa=round(best_graph / ms, 3))
+                rows.append(r)
+                print(f"  {r['impl']:16s} {ms:8.4f} ms  {r['x_best_sdpa']:.2f}x best SDPA (graph {best_graph:.4f} ms)",
+                      flush=True)
         for name, ms in times.items():
             r = dict(case=case, impl=name, ms=round(ms, 4), kv_gbps=round(kv_bytes / (ms * 1e-3) / 1e9, 1),
                      x_best_sdpa=round(best / ms, 3))
             rows.append(r)
             print(f"  {name:16s} {ms:8.4f} ms {r['kv_gbps']:8.1f} GB/s  {r['x_best_sdpa']:.2f}x best SDPA", flush=True)
-        del q, k, v
+        q = k = v = None  # free before the next shape
     print("\n| case | impl | ms | K+V GB/s | x best SDPA |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['impl']} | {r['ms']} | {r['kv_gbps']} | {r['x_best_sdpa']} |")
