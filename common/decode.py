@@ -40,7 +40,6 @@ import torch
 from .masking import MASK_NONE, MaskSpec, dense_mask
 from .nonfinite import nan_rows
 from .online_softmax import OnlineSoftmax, kv_tiles
-from .quant import round_half_away
 
 DECODE_MAX_QUERIES = 16
 DECODE_TILE = 64
@@ -50,9 +49,9 @@ MAX_ROWS_PER_PROGRAM = 64
 DECODE_WARPS = None      # None: 4 for head dims <= 128, else 8
 DECODE_STAGES = 2
 DECODE_MAXNREG = 168
-# smooth_q's mean_q . (k - m_j) on tensor cores: "tf32" (one pass, 2x faster than "tf32x3" at 16k
-# keys; the emulation rounds its operands to TF32 alike on the GPU) or "tf32x3" (~fp32)
-DELTA_PRECISION = "tf32"
+# smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
+# "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
+DELTA_PRECISION = "tf32x3"
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
 LOG2E = math.log2(math.e)
 
@@ -128,7 +127,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
             BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
             SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
             PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
-            CAREFUL=careful, num_warps=warps, num_stages=DECODE_STAGES, **limits)
+            CAREFUL=careful, EVEN_D=D == dp, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     target = out_hnd
     if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)
@@ -150,7 +149,7 @@ def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _int_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    return round_half_away(x * _reciprocal(scale)).clamp_(-qmax, qmax)
+    return torch.round(x * _reciprocal(scale)).clamp_(-qmax, qmax)  # half to even, as the kernel
 
 
 def _div(x: torch.Tensor, c: float) -> torch.Tensor:

@@ -31,9 +31,10 @@ PV_FP16_ACC16, PV_FP16_ACC32, PV_FP8_E4M3, PV_FP8_E5M2 = 0, 1, 2, 3
 
 @triton.jit
 def _round_int(x):
-    """Round half away from zero to int8. x = value * RN(1 / RN(absmax / QMAX)) is within a few
-    ulp of QMAX at most, so no clamp is needed (the emulation's clamp never acts)."""
-    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+    """Round to nearest even, to int8, in two integer-exact steps: adding 1.5 * 2^23 leaves
+    round(x) in the low mantissa bits (fp32 addition rounds to nearest even). x = value *
+    RN(1 / RN(absmax / QMAX)) is within a few ulp of QMAX at most, so no clamp is needed."""
+    return ((x + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
 
 
 @triton.jit
@@ -57,90 +58,132 @@ def _fp16_guard(vmax, T_EFF: tl.constexpr):
 
 
 @triton.jit
-def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, t_begin, t_end,
-           log2_pscale, dcols, dm, BLOCK_M: tl.constexpr, T: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
-           K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr,
-           IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr):
-    """One program's KV tiles [t_begin, t_end): (acc, l, m, bad rows, check). CAREFUL: zero
-    non-finite K/V values, mark the rows that see them, and scale V by the fp16 guard; else
-    ``check`` is non-finite when any of that was needed."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
-    kacc = tl.zeros([DP], dtype=tl.float32)
-    offs_t = tl.arange(0, T)
-    for start in range(t_begin, t_end, T):
-        cols = start + offs_t
+def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, start,
+          log2_pscale, dcols, dm, T: tl.constexpr, QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr,
+          SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+          INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, MASKED: tl.constexpr,
+          EVEN_D: tl.constexpr):
+    """One KV tile. MASKED: the tile may hold keys past nk or, causal, keys some row may not see
+    (else no bounds or visibility masks at all)."""
+    cols = start + tl.arange(0, T)
+    if MASKED:
         inb = (cols < nk)[:, None] & dm[None, :]
         visible = row_ok[:, None] & (cols < nk)[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= i[:, None] + q_offset)
+    else:
+        inb = dm[None, :]
+        visible = row_ok[:, None]
+    if MASKED or not EVEN_D:
         k = tl.load(k_base + cols[:, None] * skn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
-        if CAREFUL:
-            k_bad = _nonfinite_rows(k)
-            k = _finite(k)
-        if SMOOTH_K or not CAREFUL:
-            ksum = tl.sum(k, axis=0)
-        if not CAREFUL:
-            kacc += ksum
-        if SMOOTH_K:
+    else:
+        k = tl.load(k_base + cols[:, None] * skn + dcols[None, :]).to(tl.float32)
+    if CAREFUL:
+        k_bad = _nonfinite_rows(k)
+        k = _finite(k)
+    if SMOOTH_K or not CAREFUL:
+        ksum = tl.sum(k, axis=0)
+    if not CAREFUL:
+        kacc += ksum
+    if SMOOTH_K:
+        if MASKED:
             mk = ksum * tl.math.div_rn(1.0, tl.minimum(nk - start, T).to(tl.float32))
             kc = tl.where(inb, k - mk[None, :], 0.0)
-            qm = tl.sum(q * mk[None, :], axis=1)
         else:
-            kc = k
-        if K_PER_TOKEN:
-            sk = tl.math.div_rn(tl.max(tl.abs(kc), axis=1), QMAX * 1.0)
-            k8 = _round_int(kc * tl.math.div_rn(1.0, tl.where(sk == 0.0, 1.0, sk))[:, None])
-        else:
-            sk = tl.math.div_rn(tl.max(tl.max(tl.abs(kc), axis=1), axis=0), QMAX * 1.0)
-            k8 = _round_int(kc * tl.math.div_rn(1.0, tl.where(sk == 0.0, 1.0, sk)))
-        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
-        if K_PER_TOKEN:
-            s = s * sq[:, None] * sk[None, :]
-        else:
-            s = s * sq[:, None] * sk
-        if SMOOTH_K:
-            s = s + qm[:, None]
-        if SMOOTH_Q:
-            s = s + tl.dot(mu_rows, tl.trans(kc), input_precision=DELTA_PRECISION)
+            mk = ksum * (1.0 / T)  # exact: T is a power of two
+            kc = k - mk[None, :]
+        qm = tl.sum(q * mk[None, :], axis=1)
+    else:
+        kc = k
+    if K_PER_TOKEN:
+        sk = tl.math.div_rn(tl.max(tl.abs(kc), axis=1), QMAX * 1.0)
+        k8 = _round_int(kc * tl.math.div_rn(1.0, tl.where(sk == 0.0, 1.0, sk))[:, None])
+    else:
+        sk = tl.math.div_rn(tl.max(tl.max(tl.abs(kc), axis=1), axis=0), QMAX * 1.0)
+        k8 = _round_int(kc * tl.math.div_rn(1.0, tl.where(sk == 0.0, 1.0, sk)))
+    s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
+    if K_PER_TOKEN:
+        s = s * sq[:, None] * sk[None, :]
+    else:
+        s = s * sq[:, None] * sk
+    if SMOOTH_K:
+        s = s + qm[:, None]
+    if SMOOTH_Q:
+        s = s + tl.dot(mu_rows, tl.trans(kc), input_precision=DELTA_PRECISION)
+    if MASKED:
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+    else:
+        m_use = m_new  # every row saw a key: finite
+    p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED or not EVEN_D:
         v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * svn + dcols[None, :])
+    if CAREFUL:
+        vf = v.to(tl.float32)
+        key_bad = k_bad | _nonfinite_rows(vf)
+        bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
+        vf = _finite(vf)
+    if PV == 0 or PV == 1:  # fp16 P and V (the careful sweep scales V by a power of two)
         if CAREFUL:
+            gv = _fp16_guard(tl.max(tl.max(tl.abs(vf), axis=1), axis=0), T if PV == 0 else 1)
+            v16 = (vf * gv).to(tl.float16)
+        else:
+            v16 = v.to(tl.float16)
+        if PV == 0:
+            pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float16).to(tl.float32)
+        else:
+            pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float32)
+        if CAREFUL:
+            pv = pv / gv
+    else:  # FP8 P (static scale) x FP8 V (per channel over this tile); exact products, fp32 sum
+        if not CAREFUL:
             vf = v.to(tl.float32)
-            key_bad = k_bad | _nonfinite_rows(vf)
-            bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
-            vf = _finite(vf)
-        if PV == 0 or PV == 1:  # fp16 P and V (the careful sweep scales V by a power of two)
-            if CAREFUL:
-                gv = _fp16_guard(tl.max(tl.max(tl.abs(vf), axis=1), axis=0), T if PV == 0 else 1)
-                v16 = (vf * gv).to(tl.float16)
-            else:
-                v16 = v.to(tl.float16)
-            if PV == 0:
-                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float16).to(tl.float32)
-            else:
-                pv = tl.dot(p.to(tl.float16), v16, out_dtype=tl.float32)
-            if CAREFUL:
-                pv = pv / gv
-        else:  # FP8 P (static scale) x FP8 V (per channel over this tile); exact products, fp32 sum
-            if not CAREFUL:
-                vf = v.to(tl.float32)
-            if PV == 2:
-                fmax = 448.0
-            else:
-                fmax = 57344.0
-            sv = tl.math.div_rn(tl.max(tl.abs(vf), axis=0), fmax)
-            v8 = to_fp8(vf * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
-            p8 = to_fp8(p, PV == 3, INTERPRET)
-            pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        if PV == 2:
+            fmax = 448.0
+        else:
+            fmax = 57344.0
+        sv = tl.math.div_rn(tl.max(tl.abs(vf), axis=0), fmax)
+        v8 = to_fp8(vf * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
+        p8 = to_fp8(p, PV == 3, INTERPRET)
+        pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new, kacc, bad
+
+
+@triton.jit
+def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nq, nk, q_offset, t_begin, t_end,
+           log2_pscale, dcols, dm, BLOCK_M: tl.constexpr, T: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
+           K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr,
+           IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr,
+           EVEN_D: tl.constexpr):
+    """One program's KV tiles [t_begin, t_end): (acc, l, m, bad rows, check). Tiles that every valid
+    row sees in full run without masks, the rest (the tail past nk, the causal diagonal) with them.
+    CAREFUL: zero non-finite K/V values, mark the rows that see them, and scale V by the fp16 guard;
+    else ``check`` is non-finite when any of that was needed."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    kacc = tl.zeros([DP], dtype=tl.float32)
+    full = nk // T * T  # keys before this are in bounds; causal: row 0 sees keys <= q_offset
+    if IS_CAUSAL:
+        full = tl.minimum(full, tl.maximum(q_offset + 1, 0) // T * T)
+    full_end = tl.maximum(tl.minimum(full, t_end), t_begin)
+    for start in range(t_begin, full_end, T):
+        acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base,
+                                         skn, svn, nk, q_offset, start, log2_pscale, dcols, dm, T, QMAX, K_PER_TOKEN,
+                                         SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL,
+                                         False, EVEN_D)
+    for start in range(full_end, t_end, T):
+        acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base,
+                                         skn, svn, nk, q_offset, start, log2_pscale, dcols, dm, T, QMAX, K_PER_TOKEN,
+                                         SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL,
+                                         True, EVEN_D)
     chk = tl.sum(kacc, axis=0) + tl.sum(l_i, axis=0) + tl.sum(tl.sum(acc, axis=1), axis=0)
     return acc, l_i, m_i, bad, chk
 
@@ -153,7 +196,7 @@ def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                         QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                         SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                        DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr):
+                        DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr):
     """Launched twice: the fast sweep (CAREFUL=False: no NaN/Inf checks, no fp16 range guard) for
     every program, then the careful one, whose programs return at once unless the fast sweep
     flagged them. A non-finite input or an fp16 overflow cannot vanish (it reaches K's running
@@ -166,12 +209,12 @@ def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
             _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                             Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale, BLOCK_M, NQP, T, DP, QMAX,
                             K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, INTERPRET,
-                            DELTA_PRECISION, True)
+                            DELTA_PRECISION, True, EVEN_D)
     else:
         _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                         Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale, BLOCK_M, NQP, T, DP, QMAX,
                         K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, INTERPRET,
-                        DELTA_PRECISION, False)
+                        DELTA_PRECISION, False, EVEN_D)
 
 
 @triton.jit
@@ -182,7 +225,7 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                     QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                     SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                    DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr):
+                    DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr):
     split = tl.program_id(0)
     kv_bh = tl.program_id(1)
     b = kv_bh // Hkv
@@ -222,9 +265,9 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
 
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset,
+    acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nq, nk, q_offset,
                                      t_begin, t_end, log2_pscale, dcols, dm, BLOCK_M, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K,
-                                     SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL)
+                                     SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL, EVEN_D)
     if not CAREFUL:
         pid = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) + tl.program_id(2)
         tl.store(FLAG + pid, (chk - chk != 0.0).to(tl.int32))

@@ -60,8 +60,8 @@ def sweep(D: int) -> None:
     base = min(bench_ms(lambda f=sdpa_fn(n): f(q, k, v, False)) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA {base:.4f} ms", flush=True)
     print(f"  sage1 smooth_k=False: {bench_ms(lambda: sage1.sageattn(q, k, v, smooth_k=False)):.4f} ms", flush=True)
-    for tile, warps, maxnreg, stages in ((64, 4, 168, 2), (64, 4, 168, 3), (64, 4, 168, 1), (128, 4, 255, 2),
-                                         (128, 8, 168, 2), (128, 8, 128, 2)):
+    for tile, warps, maxnreg, stages in ((64, 4, 168, 2), (64, 4, 128, 2), (64, 8, 128, 2), (128, 4, 255, 2),
+                                         (128, 4, 168, 2), (128, 8, 128, 2), (128, 4, 255, 3)):
         decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = tile, warps, maxnreg, stages
         line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
         print(f"  tile={tile} warps={warps} maxnreg={maxnreg} stages={stages}: " + ", ".join(line) + " ms", flush=True)
@@ -100,6 +100,16 @@ def overhead() -> None:
     print(f"host overhead, B={B} {Hq}/{Hkv} Nk={Nk}: us per call on the host | GPU ms (do_bench)", flush=True)
     for name, fn in cases.items():
         print(f"  {name:24s} {host_us(fn):8.1f} us | {bench_ms(fn):.4f} ms", flush=True)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        sage1.sageattn(q, k, v)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 def graph_ms(fn) -> float:
