@@ -118,22 +118,21 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     interp = interpreter_enabled()
     limits = {"maxnreg": DECODE_MAXNREG} if DECODE_MAXNREG and dp <= 128 and not interp else {}
     flags = torch.empty(splits * B * Hkv * row_tiles, dtype=torch.int32, device=qh.device)
-    for careful in (False, True):  # the careful launch redoes only the programs the fast one flagged
-        decode_split_kernel[(splits, B * Hkv, row_tiles)](
-            qh, kh, vh, part_o, part_l, flags, ql, kl,
-            qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
-            vh.stride(0), vh.stride(1), vh.stride(2),
-            Hkv, Nq, Nk, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
-            BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
-            SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
-            PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
-            CAREFUL=careful, EVEN_D=D == dp, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     target = out_hnd
     if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)
+    strides = (qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+               vh.stride(0), vh.stride(1), vh.stride(2))
+    sizes = (Hkv, Nq, Nk, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale)
+    meta = dict(BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
+                SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
+                PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
+                EVEN_D=D == dp)
+    decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *strides, *sizes,
+                                                      **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     decode_combine_kernel[(B * Hkv, row_tiles)](
-        part_o, part_l, target, lse, splits, target.stride(0), target.stride(1), target.stride(2), Hkv, Nq, D,
-        Hq // Hkv, BLOCK_M=block_m, NQP=nqp, DP=dp, RETURN_LSE=return_lse, num_warps=4)
+        qh, kh, vh, part_o, part_l, flags, ql, kl, target, lse, splits, *strides,
+        target.stride(0), target.stride(1), target.stride(2), *sizes, **meta, RETURN_LSE=return_lse, num_warps=4)
     if target is not out_hnd:
         out_hnd.copy_(target)
     return lse if return_lse else None

@@ -196,41 +196,32 @@ def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                         QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                         SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                        DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr):
-    """Launched twice: the fast sweep (CAREFUL=False: no NaN/Inf checks, no fp16 range guard) for
-    every program, then the careful one, whose programs return at once unless the fast sweep
-    flagged them. A non-finite input or an fp16 overflow cannot vanish (it reaches K's running
-    token sum, the scores, l or acc), so the flag is one check at the end of the fast sweep. Two
-    launches rather than one branch: the careful sweep's registers would otherwise be allocated
-    (and occupancy lost) for every program."""
-    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    if CAREFUL:
-        if tl.load(FLAG + pid) != 0:
-            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                            Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale, BLOCK_M, NQP, T, DP, QMAX,
-                            K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, INTERPRET,
-                            DELTA_PRECISION, True, EVEN_D)
-    else:
-        _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                        Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale, BLOCK_M, NQP, T, DP, QMAX,
-                        K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, INTERPRET,
-                        DELTA_PRECISION, False, EVEN_D)
+                        DELTA_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+    """The fast sweep of every (split, KV head, row tile): no NaN/Inf checks, no fp16 range guard.
+    A non-finite input or an fp16 overflow cannot vanish (it reaches K's running token sum, the
+    scores, l or acc), so one check at the end sets the program's FLAG, and the combine kernel
+    redoes the flagged programs with the careful sweep. (In the combine kernel rather than here:
+    the careful sweep's registers would otherwise be allocated, and occupancy lost, everywhere.)"""
+    _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                    Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                    tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
+                    BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
+                    PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, False, EVEN_D)
 
 
 @triton.jit
 def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                    split, kv_bh, row_tile, n_kv_bh, n_row_tiles,
                     BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
                     QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                     SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
                     DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr):
-    split = tl.program_id(0)
-    kv_bh = tl.program_id(1)
     b = kv_bh // Hkv
     hk = kv_bh % Hkv
-    R = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    R = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     g = R // NQP
     i = R % NQP
     nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
@@ -269,22 +260,37 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                                      t_begin, t_end, log2_pscale, dcols, dm, BLOCK_M, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K,
                                      SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL, EVEN_D)
     if not CAREFUL:
-        pid = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) + tl.program_id(2)
+        pid = (split * n_kv_bh + kv_bh) * n_row_tiles + row_tile
         tl.store(FLAG + pid, (chk - chk != 0.0).to(tl.int32))
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = m_i + tl.math.log2(l_i) - log2_pscale
     lse2 = tl.where(bad != 0, float("nan"), lse2)
-    base = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) * BLOCK_M + R
+    base = (split * n_kv_bh + kv_bh) * n_row_tiles * BLOCK_M + R
     tl.store(PO + base[:, None] * DP + dcols[None, :], out)
     tl.store(PL + base, lse2)
 
 
 @triton.jit
-def decode_combine_kernel(PO, PL, O, LSE, n_splits,
-                          sob, soh, son, Hkv, Nq, D, G,
-                          BLOCK_M: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr):
+def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, O, LSE, n_splits,
+                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                          Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                          BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
+                          QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
+                          SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                          HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                          DELTA_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """Merge the splits of one (KV head, row tile) by their LSE, after redoing (careful sweep) the
+    splits the fast sweep flagged; writes the output in the caller's layout and dtype."""
     kv_bh = tl.program_id(0)
+    for s in range(0, n_splits):
+        if tl.load(FLAG + (s * tl.num_programs(0) + kv_bh) * tl.num_programs(1) + tl.program_id(1)) != 0:
+            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                            Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
+                            s, kv_bh, tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                            BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
+                            PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, True, EVEN_D)
+    tl.debug_barrier()  # the redone partials were written by other threads of this program
     b = kv_bh // Hkv
     hk = kv_bh % Hkv
     R = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
