@@ -117,6 +117,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     warps = DECODE_WARPS or (4 if dp <= 128 else 8)
     interp = interpreter_enabled()
     limits = {"maxnreg": DECODE_MAXNREG} if DECODE_MAXNREG and dp <= 128 and not interp else {}
+    if not interp:  # no FMA contraction: x * (1/scale) must round before the rounding add, as in the
+        limits["enable_fp_fusion"] = False  # emulation (fp16 inputs make exact .5 ties common)
     flags = torch.empty(splits * B * Hkv * row_tiles, dtype=torch.int32, device=qh.device)
     target = out_hnd
     if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
@@ -132,7 +134,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
                                                       **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     decode_combine_kernel[(B * Hkv, row_tiles)](
         qh, kh, vh, part_o, part_l, flags, ql, kl, target, lse, splits, *strides,
-        target.stride(0), target.stride(1), target.stride(2), *sizes, **meta, RETURN_LSE=return_lse, num_warps=4)
+        target.stride(0), target.stride(1), target.stride(2), *sizes, **meta, RETURN_LSE=return_lse, num_warps=4,
+        **({"enable_fp_fusion": False} if not interp else {}))
     if target is not out_hnd:
         out_hnd.copy_(target)
     return lse if return_lse else None

@@ -19,18 +19,17 @@ from common.nonfinite import nan_rows
 from common.reference import attention_reference
 from conftest import KERNEL_DEVICE, kernel_vs_emulation
 
-# (function, options, bound on cosine vs exact, bound on kernel-vs-emulation relative L1: on the GPU the
-# kernel fuses x * (1/scale) + 1.5 * 2^23 into one FMA, which moves a rare code by one)
+# (function, options, bound on cosine vs exact, bound on kernel-vs-emulation relative L1)
 OPTIONS = {
-    "sage1": (sage1.sageattn, {}, 0.9995, 3e-3),
-    "sage1_fp32acc": (sage1.sageattn, dict(pv_accum="fp32"), 0.9995, 3e-3),
-    "sage1_nosmooth": (sage1.sageattn, dict(smooth_k=False), 0.999, 3e-3),
-    "sage2_8b": (sage2.sageattn, {}, 0.998, 3e-3),
-    "sage2_4b": (sage2.sageattn, dict(qk_dtype="int4"), 0.98, 3e-3),
-    "sage2_per_block": (sage2.sageattn, dict(qk_granularity="per_block"), 0.998, 3e-3),
-    "sage2_fp16pv": (sage2.sageattn, dict(pv_dtype="fp16"), 0.999, 3e-3),
-    "sage2_e5m2": (sage2.sageattn, dict(pv_dtype="fp8_e5m2"), 0.99, 3e-3),
-    "sage2_smooth_q_int8": (sage2.sageattn, dict(smooth_q=True), 0.998, 3e-3),
+    "sage1": (sage1.sageattn, {}, 0.9995, 2e-3),
+    "sage1_fp32acc": (sage1.sageattn, dict(pv_accum="fp32"), 0.9995, 2e-3),
+    "sage1_nosmooth": (sage1.sageattn, dict(smooth_k=False), 0.999, 2e-3),
+    "sage2_8b": (sage2.sageattn, {}, 0.998, 2e-3),
+    "sage2_4b": (sage2.sageattn, dict(qk_dtype="int4"), 0.98, 2e-3),
+    "sage2_per_block": (sage2.sageattn, dict(qk_granularity="per_block"), 0.998, 2e-3),
+    "sage2_fp16pv": (sage2.sageattn, dict(pv_dtype="fp16"), 0.999, 2e-3),
+    "sage2_e5m2": (sage2.sageattn, dict(pv_dtype="fp8_e5m2"), 0.99, 2e-3),
+    "sage2_smooth_q_int8": (sage2.sageattn, dict(smooth_q=True), 0.998, 2e-3),
 }
 
 
