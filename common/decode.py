@@ -49,6 +49,7 @@ MAX_ROWS_PER_PROGRAM = 64
 DECODE_WARPS = None      # None: 4 for head dims <= 128, else 8
 DECODE_STAGES = 2
 DECODE_MAXNREG = 168
+PROGRAMS_PER_SM = 2
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
@@ -78,10 +79,10 @@ def _row_layout(group: int, n_q: int):
 
 
 def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
-    """Tiles per split: enough programs to fill the GPU about twice (132 SMs assumed off-GPU)."""
+    """Tiles per split: about PROGRAMS_PER_SM programs per SM (132 SMs assumed off-GPU)."""
     n_tiles = -(-n_k // DECODE_TILE)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    splits = max(1, min(n_tiles, (2 * sms) // max(1, batch_kv_heads * row_tiles)))
+    splits = max(1, min(n_tiles, (PROGRAMS_PER_SM * sms) // max(1, batch_kv_heads * row_tiles)))
     return -(-n_tiles // splits)
 
 

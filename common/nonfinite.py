@@ -2,8 +2,8 @@
 
 A quantized kernel shares one scale among a block of tokens, so a single NaN or Inf would spread
 over its whole block (or vanish: Triton's INT8 conversion of NaN gives 0). Instead, the public
-functions check their inputs (one fp32 sum per tensor and one host sync; skipped while a CUDA graph
-is being captured) and, when anything is non-finite, run again on inputs with the non-finite values
+functions check their inputs (one fp32 sum per tensor, read back by the host once the sums are
+done, while the attention kernels run; skipped while a CUDA graph is being captured) and, when anything is non-finite, run again on inputs with the non-finite values
 zeroed and then set to NaN exactly the rows SDPA would make NaN (the first, discarded result was
 computed while the check's sums were being read back):
 
@@ -25,19 +25,36 @@ from .masking import MASK_NONE, MaskSpec
 CHECK_NONFINITE = True
 
 
-def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor | None:
-    """A device bool, True if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that
+class _PendingFlag:
+    """A device flag on its way to the host: copied (non-blocking, pinned memory) right after the
+    sums, so that reading it waits for the sums only, not for the attention kernels queued after."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.host.copy_(flag, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def __bool__(self) -> bool:
+        self.ready.synchronize()
+        return bool(self.host)
+
+
+def nonfinite_flag(*tensors: torch.Tensor):
+    """True (when read) if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that
     overflows fp32 only sends the call down the slower, still correct path), or None when the check
-    is off or a CUDA graph is being captured. Computed before the kernels and read (one host sync)
-    by :func:`flagged` after they are queued, so the GPU does not wait for the host."""
+    is off or a CUDA graph is being captured. Queued before the kernels and read by :func:`flagged`
+    after they are queued: the host waits for the sums (a read of the inputs), the GPU never waits
+    for the host, and the attention kernels run while the host goes on."""
     if not CHECK_NONFINITE or any(t.numel() == 0 for t in tensors):
         return None
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    return ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()
+    flag = ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()
+    return _PendingFlag(flag) if flag.is_cuda else flag
 
 
-def flagged(flag: torch.Tensor | None) -> bool:
+def flagged(flag) -> bool:
     return flag is not None and bool(flag)
 
 

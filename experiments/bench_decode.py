@@ -60,12 +60,14 @@ def sweep(D: int) -> None:
     base = min(bench_ms(lambda f=sdpa_fn(n): f(q, k, v, False)) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA {base:.4f} ms", flush=True)
     print(f"  sage1 smooth_k=False: {bench_ms(lambda: sage1.sageattn(q, k, v, smooth_k=False)):.4f} ms", flush=True)
-    for tile, warps, maxnreg, stages in ((64, 4, 168, 2), (64, 4, 128, 2), (64, 8, 128, 2), (128, 4, 255, 2),
-                                         (128, 4, 168, 2), (128, 8, 128, 2), (128, 4, 255, 3)):
-        decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = tile, warps, maxnreg, stages
+    for tile, warps, maxnreg, per_sm in ((64, 4, 168, 2), (64, 4, 168, 3), (64, 4, 168, 4), (64, 4, 168, 6),
+                                         (128, 8, 128, 2), (128, 8, 128, 4)):
+        decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG = tile, warps, maxnreg
+        decode.PROGRAMS_PER_SM = per_sm
         line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
-        print(f"  tile={tile} warps={warps} maxnreg={maxnreg} stages={stages}: " + ", ".join(line) + " ms", flush=True)
-    decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.DECODE_STAGES = 64, None, 168, 2
+        print(f"  tile={tile} warps={warps} maxnreg={maxnreg} programs/SM={per_sm}: " + ", ".join(line) + " ms",
+              flush=True)
+    decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.PROGRAMS_PER_SM = 64, None, 168, 2
 
 
 def overhead() -> None:
