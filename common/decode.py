@@ -10,7 +10,11 @@ merged by their log-sum-exp. Every statistic the quantization needs is therefore
 
 * Q: one INT scale per query row (Nq is tiny; per-block and per-thread groupings of one row are
   the same thing at Nq = 1). ``smooth_q``: each head's mean over its queries is subtracted first
-  and ``mean_q . (k - m_j)`` is added back in ~fp32 (at Nq = 1 the scores are then exact).
+  and ``mean_q . (k - m_j)`` is added back from a tensor-core product in 3xTF32 (~fp32; at
+  Nq = 1 the scores are then nearly exact).
+* Rounding: to nearest even (one fp32 add of 1.5 * 2^23 on the GPU), not the prefill
+  quantizers' half away from zero; codes are ``round(x * RN(1 / scale))``. The kernels are built
+  without FMA contraction so that the product rounds first, as in the emulation.
 * K: K smoothing per tile of ``T = 64`` keys: the tile's own token mean ``m_j`` is subtracted
   (a closer centre than the whole sequence's mean) and ``q . m_j`` is added back to the scores in
   fp32, so the scores and the LSE need no later correction. INT scale per tile (sage1's
@@ -21,7 +25,10 @@ merged by their log-sum-exp. Every statistic the quantization needs is therefore
   channel *per tile*; the tile's products are exact and summed in fp32 (FP8 values are exact in
   fp16, so the kernel multiplies them on 16-bit tensor cores: Hopper's FP22 accumulator truncation
   is not reproduced here, where a tile is only 64 keys).
-* NaN/Inf: checked in the kernel, with the rule of :mod:`common.nonfinite` (no host sync).
+* NaN/Inf: the rule of :mod:`common.nonfinite`, on the GPU and with no host sync. The fast sweep
+  has no checks (nor the fp16 range guard): a NaN, an Inf or an fp16 overflow cannot vanish from
+  K's running token sum, the scores, l or acc, so one test per program flags it, and the combine
+  kernel redoes the flagged splits with the careful sweep (per-key checks, guarded V).
 
 Rows of all query heads that share a KV head are one program's rows (GQA packing), so K and V are
 read once per KV head. ``backend="torch"`` runs :func:`decode_emulated`, the same algorithm with
