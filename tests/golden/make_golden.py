@@ -19,6 +19,8 @@ INPUTS = {  # name: make_qkv arguments (stored with the outputs: the test does n
     "gqa_fp16": dict(batch=1, heads=4, heads_kv=2, seqlen=77, seqlen_k=130, head_dim=64, kind="k_bias", seed=11),
     "nhd_bf16": dict(batch=2, heads=2, seqlen=96, head_dim=128, kind="outliers", dtype=torch.bfloat16, layout="NHD",
                      seed=12),
+    # decode shapes (Nq <= 16: common.decode's split-KV path), GQA 8/2, odd key count
+    "decode_gqa": dict(batch=2, heads=8, heads_kv=2, seqlen=3, seqlen_k=300, head_dim=64, kind="k_bias", seed=13),
 }
 
 CASES = {  # name: (inputs, generation, layout, options)
@@ -32,6 +34,10 @@ CASES = {  # name: (inputs, generation, layout, options)
     "sage2_additive_mask": ("gqa_fp16", "sage2", "HND", dict(attn_mask="bias")),
     "sage3_nvfp4": ("gqa_fp16", "sage3", "HND", dict(is_causal=True)),
     "sage3_mxfp4_direct_p": ("nhd_bf16", "sage3", "NHD", dict(scale_format="mxfp4", two_level_p=False)),
+    "sage1_decode_causal": ("decode_gqa", "sage1", "HND", dict(is_causal=True)),
+    "sage2_8b_decode": ("decode_gqa", "sage2", "HND", dict()),
+    "sage2_4b_decode_causal": ("decode_gqa", "sage2", "HND", dict(qk_dtype="int4", is_causal=True)),
+    "sage2_fp16pv_decode": ("decode_gqa", "sage2", "HND", dict(pv_dtype="fp16")),
 }
 MODULES = {"sage1": sage1, "sage2": sage2, "sage3": sage3}
 
