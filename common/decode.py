@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .int_qk import padded_head_dim
 from .masking import MASK_NONE, MaskSpec, dense_mask
 from .nonfinite import nan_rows
 from .online_softmax import OnlineSoftmax, kv_tiles
@@ -112,7 +113,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     from .triton_decode import decode_combine_kernel, decode_split_kernel
 
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
-    dp = max(16, triton.next_power_of_2(D))
+    dp = padded_head_dim(D)
     n_tiles = -(-Nk // DECODE_TILE)
     splits = -(-n_tiles // tps)
     rows_total = row_tiles * block_m

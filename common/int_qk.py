@@ -67,8 +67,9 @@ def scale_per_token(scale, tokens_per_scale, n):
 
 
 def padded_head_dim(d: int) -> int:
-    """The kernels' head dim: the next power of two >= max(16, d) (tl.dot needs >= 16)."""
-    return max(16, 1 << (d - 1).bit_length())
+    """The kernels' head dim: the next power of two >= max(32, d) (an INT8 tl.dot needs a
+    reduction of at least 32; the padding channels are zeros)."""
+    return max(32, 1 << (d - 1).bit_length())
 
 
 def _pad_codes(codes: torch.Tensor, dp: int) -> torch.Tensor:

@@ -146,7 +146,6 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
 # recorded in sage1/NOTES.md. BLOCK_N stays 64: it is the K quantization block of the paper
 # (one scalar scale per tile pair) and the span of each fp16-accumulated PV product.
 CONFIGS = {
-    (16, False): (128, 64, 4, 3), (16, True): (128, 64, 4, 3),
     (32, False): (128, 64, 4, 3), (32, True): (128, 64, 4, 3),
     (64, False): (128, 64, 4, 4), (64, True): (128, 64, 4, 3),
     (128, False): (128, 64, 4, 2), (128, True): (128, 64, 4, 3),

@@ -145,10 +145,10 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, causal, fp8 PV).
 # BLOCK_N = 128 is the two-level flush interval of the official sm90 kernel.
 CONFIGS = {
-    (16, False, True): (128, 128, 8, 3), (32, False, True): (128, 128, 8, 3),
+    (32, False, True): (128, 128, 8, 3),
     (64, False, True): (128, 128, 4, 3), (128, False, True): (128, 128, 8, 4),
     (256, False, True): (64, 64, 4, 2),
-    (16, False, False): (128, 64, 4, 3), (32, False, False): (128, 64, 4, 3),
+    (32, False, False): (128, 64, 4, 3),
     (64, False, False): (128, 64, 4, 3), (128, False, False): (128, 64, 4, 3),
     (256, False, False): (64, 64, 4, 2),
 }

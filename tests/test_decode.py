@@ -161,3 +161,39 @@ def test_options_without_a_decode_form_use_the_prefill_path():
     bias[..., 5] = float("-inf")
     out = sage1.sageattn(q, k, v, attn_mask=bias, backend="torch")   # a dense mask: the prefill path
     assert accuracy(attention_reference(q, k, v, attn_mask=bias), out).cos_sim > 0.999
+
+
+@pytest.mark.parametrize("head_dim", [8, 16])
+@pytest.mark.parametrize("n_q", [1, 40])
+def test_small_head_dims_pad_to_an_int8_dot(head_dim, n_q):
+    """Head dims <= 16 pad to 32 channels (an INT8 tl.dot needs a reduction of >= 32 on the GPU),
+    on both the decode (n_q=1) and the prefill path."""
+    q, k, v = make_qkv(1, 4, n_q, head_dim, heads_kv=2, seqlen_k=150, kind="k_bias", seed=head_dim)
+    for fn in (sage1.sageattn, sage2.sageattn):
+        k_vs_e, e_vs_ref = kernel_vs_emulation(fn, *_to(KERNEL_DEVICE, q, k, v), tensor_layout="HND", is_causal=True)
+        assert k_vs_e.rel_l1 < 3e-3 and e_vs_ref.cos_sim > 0.995, (k_vs_e, e_vs_ref)
+
+
+# Compile the decode kernels for Hopper (sm_90) without a GPU: Triton's front end and ptxas catch
+# what the CPU interpreter does not (dot shape limits, layouts, register pressure).
+HOPPER_CASES = [  # DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP
+    (32, 0, False, False, False, False, True, 127, 1), (64, 3, True, True, True, True, False, 7, 2),
+    (128, 2, True, False, True, True, True, 127, 16), (256, 1, False, False, False, False, True, 127, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", HOPPER_CASES)
+def test_decode_kernels_compile_for_hopper(case):
+    # in a fresh interpreter: under TRITON_INTERPRET=1 (the CPU tests) kernels are not compilable objects
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).parent / "compile_for_hopper.py"
+    r = subprocess.run([sys.executable, str(script), json.dumps(case)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
