@@ -35,6 +35,8 @@ from common.int_qk import (
     quantize_token_blocks,
     scale_per_token,
 )
+from common.masking import NO_MASK
+from common.nonfinite import flagged, nan_rows, nonfinite_flag, zeroed
 
 from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK
 
@@ -51,6 +53,7 @@ class SageBwdState:
     sm_scale: float
     do_codes: torch.Tensor | None = None   # set in the backward: int8 dO per BWD_TILE queries
     do_scale: torch.Tensor | None = None
+    nan_rows: torch.Tensor | None = None   # bool [B, Hq, Nq] when an input held NaN/Inf (see _sanitized)
 
     def v_scale_per_token(self) -> torch.Tensor:
         return scale_per_token(self.v_scale, FWD_KV_TILE, self.v_codes.shape[-2])
@@ -72,10 +75,47 @@ def quantize_for_training(qh, kh, vh, *, sm_scale: float, backend: str) -> SageB
     return SageBwdState(qk, v_codes, v_scale, _pad_dim(vh.contiguous(), dp), sm_scale)
 
 
+def _sanitized(qh, kh, vh, is_causal: bool):
+    """The NaN/Inf rule of common.nonfinite, for training: (q, k, v with non-finite values zeroed,
+    bool [B, Hq, Nq] rows that SDPA makes NaN) when an input holds one, else (q, k, v, None). The
+    forward and backward then run on finite values (a quantization block never spreads a NaN) and
+    only what SDPA's own arithmetic makes NaN is set to NaN: the output rows, dQ on those rows, and
+    dK, dV on every key such a row sees (:func:`_nan_gradients`)."""
+    if not flagged(nonfinite_flag(qh, kh, vh)):
+        return qh, kh, vh, None
+    rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=NO_MASK)
+    return zeroed(qh), zeroed(kh), zeroed(vh), rows
+
+
+def _keys_seen_by(rows: torch.Tensor, n_k: int, heads_kv: int, is_causal: bool) -> torch.Tensor:
+    """bool [B, Hkv, Nk]: keys that some flagged row sees (over the query heads sharing a KV head)."""
+    B, Hq, Nq = rows.shape
+    i = torch.arange(Nq, device=rows.device)
+    if is_causal:  # row i sees keys j <= i + Nk - Nq
+        last = torch.where(rows, i, -1).amax(-1)
+        reach = torch.where(last >= 0, last + (n_k - Nq), -1)
+    else:
+        reach = torch.where(rows.any(-1), n_k - 1, -1)
+    reach = reach.view(B, heads_kv, Hq // heads_kv).amax(-1)
+    return torch.arange(n_k, device=rows.device)[None, None, :] <= reach[..., None]
+
+
+def _nan_gradients(dq, dk, dv, rows, is_causal):
+    """SDPA's NaN pattern on HND gradients: a NaN output row has a NaN dS row, hence NaN dQ on that
+    row and NaN dK, dV on every key it sees."""
+    dq.masked_fill_(rows[..., None], float("nan"))
+    keys = _keys_seen_by(rows, dk.shape[2], dk.shape[1], is_causal)[..., None]
+    dk.masked_fill_(keys, float("nan"))
+    dv.masked_fill_(keys, float("nan"))
+
+
 def _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend):
-    """Quantize and run the forward: (SageBwdState, padded HND output, log2-domain LSE)."""
+    """Quantize and run the forward: (SageBwdState, padded HND output, log2-domain LSE), all finite
+    (``st.nan_rows`` says which output rows the caller gets as NaN)."""
     qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    qh, kh, vh, rows = _sanitized(qh, kh, vh, is_causal)
     st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
+    st.nan_rows = rows
     if backend == "triton":
         from .train_kernel import forward_triton
 
@@ -101,7 +141,18 @@ def _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quan
         from .train_emulation import backward_emulated
 
         dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
+    if st.nan_rows is not None:
+        _nan_gradients(dq, dk, dv, st.nan_rows, is_causal)
     return tuple(from_hnd(g[..., :D].to(dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
+
+
+def _output(o_pad, rows, tensor_layout: str, D: int) -> torch.Tensor:
+    """The caller's output: a fresh tensor in its layout, NaN on the flagged rows (o_pad, which the
+    backward reads, stays finite)."""
+    out = from_hnd(o_pad[..., :D], tensor_layout).clone(memory_format=torch.contiguous_format)
+    if rows is not None:
+        to_hnd(out, tensor_layout).masked_fill_(rows[..., None], float("nan"))
+    return out
 
 
 class SageBwdFunction(torch.autograd.Function):
@@ -112,7 +163,7 @@ class SageBwdFunction(torch.autograd.Function):
         ctx.st, ctx.lse2, ctx.o_pad = st, lse2, o_pad
         ctx.opts = (tensor_layout, is_causal, backend, quantize_dov, deterministic, D)
         ctx.dtype = q.dtype
-        return from_hnd(o_pad[..., :D], tensor_layout).contiguous()
+        return _output(o_pad, st.nan_rows, tensor_layout, D)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -171,9 +222,8 @@ def _padded(d: int) -> int:
                          schema=f"(Tensor q, Tensor k, Tensor v, {_OPTS}) -> (Tensor, Tensor, Tensor)")
 def _sagebwd_fwd(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, deterministic):
     with torch.no_grad():
-        _, o_pad, lse2 = _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend)
-        out = from_hnd(o_pad[..., :q.shape[-1]], tensor_layout).clone(memory_format=torch.contiguous_format)
-        return out, o_pad.contiguous(), lse2.contiguous()
+        st, o_pad, lse2 = _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend)
+        return _output(o_pad, st.nan_rows, tensor_layout, q.shape[-1]), o_pad.contiguous(), lse2.contiguous()
 
 
 @_sagebwd_fwd.register_fake
@@ -190,7 +240,9 @@ def _(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, determ
 def _sagebwd_bwd(grad_out, q, k, v, o_pad, lse2, tensor_layout, is_causal, sm_scale, backend, quantize_dov,
                  deterministic):
     with torch.no_grad():
-        st = quantize_for_training(*(to_hnd(t, tensor_layout) for t in (q, k, v)), sm_scale=sm_scale, backend=backend)
+        qh, kh, vh, rows = _sanitized(*(to_hnd(t, tensor_layout) for t in (q, k, v)), is_causal)
+        st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
+        st.nan_rows = rows
         return _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quantize_dov, deterministic,
                          q.shape[-1], q.dtype)
 

@@ -70,3 +70,37 @@ def test_varlen_nan_stays_in_its_sequence():
     out = sage1.sageattn_varlen(q, k, v, cu_q, cu_k, 6, 7, backend="torch")
     assert torch.isfinite(out[:4]).all()                      # the first sequence is untouched
     assert torch.isnan(out[4:, 0]).all() and torch.isfinite(out[4:, 1]).all()  # head 0 only (no GQA here)
+
+
+@pytest.mark.parametrize("where,causal", [("q", True), ("k", True), ("v", False), ("k", False)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_follows_the_rule_forward_and_backward(where, causal, backend):
+    """sage3.sageattn_train: NaN output rows as in inference; dQ NaN on those rows, dK and dV NaN on
+    the keys they see (SDPA's arithmetic: a NaN row of dS), finite and accurate everywhere else."""
+    from common.masking import NO_MASK
+    from common.nonfinite import nan_rows
+    from sage3.train import _keys_seen_by
+
+    q, k, v = make_qkv(1, 4, 96, 64, heads_kv=2, seqlen_k=96, kind="k_bias", seed=7)
+    {"q": q, "k": k, "v": v}[where][0, 1, 60, 3] = float("nan")
+    rows = nan_rows(q, k, v, is_causal=causal, mask=NO_MASK)
+    keys = _keys_seen_by(rows, 96, 2, causal)
+    assert rows.any() and (~rows).any() and keys.any() and (~keys).any()
+    dev = KERNEL_DEVICE
+    leaves = [t.detach().clone().to(dev).requires_grad_() for t in (q, k, v)]
+    out = sage3.sageattn_train(*leaves, is_causal=causal, backend=backend)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(dev, out.dtype)
+    out.backward(w)
+    dq, dk, dv = (t.grad.cpu() for t in leaves)
+    assert torch.equal(torch.isnan(out.detach().cpu()).any(-1), rows)
+    assert torch.equal(torch.isnan(dq).any(-1), rows) and torch.isfinite(dq[~rows]).all()
+    for g in (dk, dv):
+        assert torch.equal(torch.isnan(g).any(-1), keys) and torch.isfinite(g[~keys]).all()
+    # the finite parts are those of exact attention on the zeroed inputs
+    ref_in = [torch.nan_to_num(t.detach()).double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=causal, enable_gqa=True)
+    ref.backward(w.cpu().double())
+    assert accuracy(ref.detach()[~rows], out.detach().cpu()[~rows]).cos_sim > 0.998
+    assert accuracy(ref_in[0].grad[~rows], dq[~rows]).cos_sim > 0.99
+    for r, g in ((ref_in[1].grad, dk), (ref_in[2].grad, dv)):
+        assert accuracy(r[~keys], g[~keys]).cos_sim > 0.99
