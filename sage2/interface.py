@@ -47,6 +47,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         pv_accum: ``two_level`` (each 128-key tile's FP8 product in a fresh accumulator, added to
             an fp32 buffer) or ``single`` (one running FP8-MMA accumulator, ~13 mantissa bits on
             Hopper, to show what two-level accumulation fixes). fp16 P V always accumulates in fp32.
+
+    Decode: with ``Nq <= 16`` (no dense ``attn_mask``, not ``per_tensor``, ``smooth_v`` or
+    ``pv_accum="single"``) the call runs :mod:`common.decode`'s split-KV kernel: K and V quantized
+    per 64-key tile in registers (K per token, V per channel within the tile), read once.
     """
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
         return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,

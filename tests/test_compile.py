@@ -133,3 +133,40 @@ def test_sagebwd_custom_ops_fake_and_real_agree():
     out, o_pad, lse2 = torch.ops.sageattn_repro.sagebwd_fwd(q, k, v, *opts)
     torch.library.opcheck(torch.ops.sageattn_repro.sagebwd_bwd, (torch.randn_like(out), q, k, v, o_pad, lse2, *opts),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+DECODE_CALLS = {"sage1": lambda q, k, v: sage1.sageattn(q, k, v, is_causal=True),
+                "sage2_8b": lambda q, k, v: sage2.sageattn(q, k, v, return_lse=True)[0]}
+
+
+@pytest.mark.parametrize("name", DECODE_CALLS)
+def test_decode_compiles_fullgraph(name):
+    """The decode path (Nq <= 16, common.decode) behind the same custom ops."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 8, 1, 64, heads_kv=2, seqlen_k=200, kind="k_bias", seed=3)
+    fn = DECODE_CALLS[name]
+    eager = fn(q, k, v)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert torch.equal(eager, compiled)
+
+
+@gpu
+@pytest.mark.parametrize("name", DECODE_CALLS)
+def test_decode_cuda_graph_capture_and_replay(name):
+    q, k, v = make_qkv(2, 32, 1, 128, heads_kv=8, seqlen_k=3000, kind="k_bias", device="cuda", seed=1)
+    fn = DECODE_CALLS[name]
+    fn(q, k, v)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(q, k, v)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(q, k, v)
+    q2, k2, v2 = make_qkv(2, 32, 1, 128, heads_kv=8, seqlen_k=3000, kind="k_bias", device="cuda", seed=2)
+    for t, new in ((q, q2), (k, k2), (v, v2)):
+        t.copy_(new)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn(q2, k2, v2))
