@@ -7,15 +7,16 @@ contiguous range of KV tiles. It reads Q, quantizes it (per row, optionally minu
 then for each tile of ``T`` keys reads K and V once in their own dtype and:
 
     m_j   = mean of the tile's keys (K smoothing, per tile)            fp32
-    k8    = int(round((k - m_j) / sk))  sk per tile or per token
+    k8    = rne((k - m_j) * RN(1 / sk))  sk per tile or per token      round to nearest even
     s     = int32(q8 . k8) * sq * sk + q . m_j  [+ mean_q . (k - m_j)]  log2 domain, true scores
     p     = exp2(s - m' [+ log2 P_SCALE]);  l = alpha l + rowsum p
     acc   = alpha acc + PV(p, v)     fp16 P x fp16 V (fp16 or fp32 tile sum, a power of two on V
                                      when |V| is large), or FP8 P x FP8 V per channel per tile
 
-and writes its normalized partial output and log2 LSE (NaN for a row that sees a non-finite value).
-``decode_combine_kernel`` merges the splits by their LSE and writes the output in the caller's
-layout and dtype.
+and writes its normalized partial output and log2 LSE. That sweep is the fast one (no NaN/Inf checks,
+no fp16 range guard; a flag per program says whether either was needed). ``decode_combine_kernel``
+redoes the flagged programs with the careful sweep (NaN for a row that sees a non-finite value),
+merges the splits by their LSE and writes the output in the caller's layout and dtype.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import triton.language as tl
 from .triton_attention import sequence_bounds
 from .triton_quant import to_fp8
 
-PV_FP16_ACC16, PV_FP16_ACC32, PV_FP8_E4M3, PV_FP8_E5M2 = 0, 1, 2, 3
+# PV (constexpr), common.decode.PV_KINDS: 0 fp16 P x fp16 V with fp16 tile sums, 1 the same with fp32
+# sums, 2 FP8 E4M3 P x V, 3 FP8 E5M2 P x V
 
 
 @triton.jit
@@ -45,6 +47,7 @@ def _nonfinite_rows(x):
 
 @triton.jit
 def _finite(x):
+    """x with NaN and Inf replaced by 0."""
     return tl.where(x == x, tl.where(tl.abs(x) < float("inf"), x, 0.0), 0.0)
 
 
@@ -157,7 +160,7 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
 
 
 @triton.jit
-def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nq, nk, q_offset, t_begin, t_end,
+def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, t_begin, t_end,
            log2_pscale, dcols, dm, BLOCK_M: tl.constexpr, T: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
            K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr,
            IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr,
@@ -256,7 +259,7 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
 
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nq, nk, q_offset,
+    acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset,
                                      t_begin, t_end, log2_pscale, dcols, dm, BLOCK_M, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K,
                                      SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL, EVEN_D)
     if not CAREFUL:
