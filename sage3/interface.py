@@ -26,10 +26,22 @@ def fp4_hardware(device=None) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 10
 
 
+GLOBAL_RANGE = 1344.0  # 448 (E4M3 max) * 6 (E2M1 max) / 2: smoothing can double a value's magnitude
+
+
+def global_scales(qh, kh, vh):
+    """((s_q, s_k, s_v), (q / s_q, k / s_k, v / s_v) in fp32): one scale per tensor, amax /
+    GLOBAL_RANGE (1 for an all-zero or non-finite tensor; the NaN/Inf rule handles the latter).
+    The three maxima are read on the host (one sync): they scale the softmax and the output."""
+    amax = torch.stack([t.abs().amax().float() for t in (qh, kh, vh)]).tolist()
+    scales = [a / GLOBAL_RANGE if a > 0 and a != float("inf") and a == a else 1.0 for a in amax]
+    return scales, tuple(t.float() / sc for t, sc in zip((qh, kh, vh), scales))
+
+
 def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
              is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
              backend: str = "auto", scale_format: str = "nvfp4", two_level_p: bool = True,
-             smooth_q: bool = True, smooth_k: bool = True):
+             smooth_q: bool = True, smooth_k: bool = True, global_scale: bool = False):
     """SageAttention3: Q, K, P, V in FP4 (E2M1) with block scales, exactly as the paper quantizes.
 
     Args beyond :func:`sage1.sageattn`'s (layouts, causal, sm_scale, return_lse, backend):
@@ -39,6 +51,12 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             represent), then quantize per block; ``False`` quantizes P in [0, 1] directly.
         smooth_q: subtract each 128-query block's mean, add ``mean_q . K^T`` back to S (fp32).
         smooth_k: subtract K's token mean (exact; the LSE is corrected).
+        global_scale: divide Q, K and V by one fp32 scale each before the block quantization
+            (``amax / GLOBAL_RANGE``: NVFP4's second-level, per-tensor scale, with 2x headroom for
+            the smoothing) and fold it back into the softmax scale and the output. The paper has
+            none, so the default is off; then block scales saturate at 448 (|x| beyond ~2.7e3 is
+            clipped) and underflow below 2^-9 (blocks with |x| below ~1e-2 vanish). On, both are
+            handled, for one host read of the three maxima and fp32 copies of the scaled inputs.
 
     On GPUs without FP4 tensor cores (``fp4_hardware()`` is False, e.g. the H100) the FP4 codes
     are dequantized exactly into 16-bit operands (K and V by a pass before the kernel, Q in it)
@@ -46,11 +64,12 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     """
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
         return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
-                   backend=backend, scale_format=scale_format, two_level_p=two_level_p, smooth_q=smooth_q, smooth_k=smooth_k)
+                   backend=backend, scale_format=scale_format, two_level_p=two_level_p, smooth_q=smooth_q, smooth_k=smooth_k,
+                   global_scale=global_scale)
     shape, scale, be = validate_call(
         q, k, v, tensor_layout, sm_scale, backend,
         flags=dict(is_causal=is_causal, return_lse=return_lse, two_level_p=two_level_p, smooth_q=smooth_q,
-                   smooth_k=smooth_k),
+                   smooth_k=smooth_k, global_scale=global_scale),
         choices=[("scale_format", scale_format, SCALE_FORMATS)])
 
     with torch.no_grad():
@@ -59,6 +78,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
+        v_scale = 1.0
+        if global_scale:  # quantize q/s_q, k/s_k, v/s_v; S and the output get the scales back
+            (s_q, s_k, v_scale), (qh, kh, vh) = global_scales(qh, kh, vh)
+            scale = scale * s_q * s_k
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
         ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True) if smooth_q else None
         if be == "triton":
@@ -72,19 +95,21 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             o, lse2 = attention_emulated(qf, sm_scale=scale, delta_s=ds, is_causal=is_causal, two_level_p=two_level_p,
                                          op_dtype=q.dtype, return_lse=return_lse)
             out_hnd.copy_(o[..., :D])
+        if v_scale != 1.0:
+            out_hnd.mul_(v_scale)
         res = (out, natural_lse(lse2, qh, qf.k_mean, scale)) if return_lse else out
         if flagged(bad):
             return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
                                            return_lse=return_lse, mask=NO_MASK, sm_scale=sm_scale, backend=backend,
                                            scale_format=scale_format, two_level_p=two_level_p, smooth_q=smooth_q,
-                                           smooth_k=smooth_k)
+                                           smooth_k=smooth_k, global_scale=global_scale)
         return res
 
 
 def _register_op():
     from common.compile_ops import AttentionOp
 
-    return AttentionOp("sageattn_repro::sage3_attn", sageattn, [('scale_format', 'str'), ('two_level_p', 'bool'), ('smooth_q', 'bool'), ('smooth_k', 'bool')], has_mask=False)
+    return AttentionOp("sageattn_repro::sage3_attn", sageattn, [('scale_format', 'str'), ('two_level_p', 'bool'), ('smooth_q', 'bool'), ('smooth_k', 'bool'), ('global_scale', 'bool')], has_mask=False)
 
 
 _OP = _register_op()

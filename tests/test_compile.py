@@ -64,7 +64,7 @@ def test_compiled_call_checks_inputs_at_compile_time():
     ("sage1", dict(attn_mask=None, smooth_k=True, pv_accum="fp16", qk_granularity="per_block")),
     ("sage2", dict(attn_mask=None, qk_dtype="int4", qk_granularity="per_thread", smooth_q=None, smooth_k=True,
                    smooth_v=False, pv_dtype="fp8_e4m3", pv_accum="two_level")),
-    ("sage3", dict(scale_format="nvfp4", two_level_p=True, smooth_q=True, smooth_k=True)),
+    ("sage3", dict(scale_format="nvfp4", two_level_p=True, smooth_q=True, smooth_k=True, global_scale=True)),
 ])
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_custom_op_fake_and_real_agree(name, op_kwargs, return_lse):

@@ -170,3 +170,35 @@ def test_kernel_variants_compute_the_same_numbers(fmt, dtype, causal):
         outs.append((o, lse))
     for o, lse in outs[1:]:
         assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.parametrize("case", ["large_v", "large_q_small_k", "tiny"])
+def test_global_scale_keeps_out_of_range_inputs_accurate(case):
+    """Without a per-tensor scale (the paper) E4M3 block scales saturate at 448 (|x| > ~2.7e3 is
+    clipped) and underflow below 2^-9; global_scale=True fixes both and leaves ordinary inputs alone."""
+    q, k, v = make_qkv(1, 2, 160, 64, kind="k_bias", dtype=torch.float32, seed=21)
+    base_in = [t.to(torch.bfloat16) for t in (q, k, v)]
+    base = accuracy(attention_reference(*base_in), sage3.sageattn(*base_in, backend="torch"))
+    if case == "large_v":
+        v = v * 1e4
+    elif case == "large_q_small_k":
+        q, k = q * 3e3, k / 3e3
+    else:
+        q, k, v = q * 1e-3, k * 1e3, v * 1e-4
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    ref = attention_reference(q, k, v)
+    plain = accuracy(ref, sage3.sageattn(q, k, v, backend="torch"))
+    scaled = accuracy(ref, sage3.sageattn(q, k, v, backend="torch", global_scale=True))
+    # the same accuracy as on the in-range inputs (same scores and weights), where the plain call loses it
+    assert scaled.cos_sim > base.cos_sim - 0.003 and plain.cos_sim < base.cos_sim - 0.1, (base, plain, scaled)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_scale_kernel_matches_emulation_and_ordinary_inputs_keep_their_accuracy(causal):
+    q, k, v = make_qkv(1, 4, 150, 64, heads_kv=2, kind="k_bias", dtype=torch.bfloat16, seed=22)
+    k_vs_e, e_vs_ref = kernel_vs_emulation(sage3.sageattn, *(t.to(KERNEL_DEVICE) for t in (q, k, v)),
+                                           tensor_layout="HND", is_causal=causal, global_scale=True)
+    assert k_vs_e.cos_sim > 0.999, k_vs_e
+    plain = accuracy(attention_reference(q, k, v, is_causal=causal), sage3.sageattn(q, k, v, is_causal=causal,
+                                                                                    backend="torch"))
+    assert e_vs_ref.cos_sim > plain.cos_sim - 0.002, (e_vs_ref, plain)
