@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from common.api import natural_lse, start_call, validate_call
+from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import quantize_qk
 from common.masking import dense_mask, resolve_mask
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.range_guard import fp16_pv_guard
+from common.varlen import varlen_api
 
 PV_ACCUM = ("fp16", "fp32")
 QK_GRANULARITY = ("per_block", "per_token", "per_tensor")
@@ -100,19 +101,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         return res
 
 
+sageattn_varlen = varlen_api(sageattn)
 
-def _varlen():
-    from common.varlen import varlen_api
-
-    return varlen_api(sageattn)
-
-
-sageattn_varlen = _varlen()
-
-def _register_op():
-    from common.compile_ops import AttentionOp
-
-    return AttentionOp("sageattn_repro::sage1_attn", sageattn, [('smooth_k', 'bool'), ('pv_accum', 'str'), ('qk_granularity', 'str')], has_mask=True)
-
-
-_OP = _register_op()
+# one opaque custom op for torch.compile (common.compile_ops)
+_OP = AttentionOp("sageattn_repro::sage1_attn", sageattn, [('smooth_k', 'bool'), ('pv_accum', 'str'), ('qk_granularity', 'str')], has_mask=True)

@@ -7,11 +7,13 @@ import math
 import torch
 
 from common.api import natural_lse, start_call, validate_call
+from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
 from common.masking import dense_mask, resolve_mask
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.smoothing import q_smoothing_delta_s
+from common.varlen import varlen_api
 
 from .quant_v import P_SCALE, quantize_v
 
@@ -113,19 +115,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         return res
 
 
+sageattn_varlen = varlen_api(sageattn)
 
-def _varlen():
-    from common.varlen import varlen_api
-
-    return varlen_api(sageattn)
-
-
-sageattn_varlen = _varlen()
-
-def _register_op():
-    from common.compile_ops import AttentionOp
-
-    return AttentionOp("sageattn_repro::sage2_attn", sageattn, [('qk_dtype', 'str'), ('qk_granularity', 'str'), ('smooth_q', 'bool?'), ('smooth_k', 'bool'), ('smooth_v', 'bool'), ('pv_dtype', 'str'), ('pv_accum', 'str')], has_mask=True)
-
-
-_OP = _register_op()
+# one opaque custom op for torch.compile (common.compile_ops)
+_OP = AttentionOp("sageattn_repro::sage2_attn", sageattn, [('qk_dtype', 'str'), ('qk_granularity', 'str'), ('smooth_q', 'bool?'), ('smooth_k', 'bool'), ('smooth_v', 'bool'), ('pv_dtype', 'str'), ('pv_accum', 'str')], has_mask=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from common.api import natural_lse, start_call, validate_call
+from common.compile_ops import AttentionOp
 from common.masking import NO_MASK
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.smoothing import q_smoothing_delta_s
@@ -106,10 +106,5 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         return res
 
 
-def _register_op():
-    from common.compile_ops import AttentionOp
-
-    return AttentionOp("sageattn_repro::sage3_attn", sageattn, [('scale_format', 'str'), ('two_level_p', 'bool'), ('smooth_q', 'bool'), ('smooth_k', 'bool'), ('global_scale', 'bool')], has_mask=False)
-
-
-_OP = _register_op()
+# one opaque custom op for torch.compile (common.compile_ops)
+_OP = AttentionOp("sageattn_repro::sage3_attn", sageattn, [('scale_format', 'str'), ('two_level_p', 'bool'), ('smooth_q', 'bool'), ('smooth_k', 'bool'), ('global_scale', 'bool')], has_mask=False)
