@@ -82,21 +82,26 @@ def test_cuda_graph_capture_and_replay(name):
     if name == "sage1_mask":
         mask = torch.ones(300, 300, dtype=torch.bool, device="cuda").tril()
         fn = lambda q, k, v: sage1.sageattn(q, k, v, attn_mask=mask)  # noqa: E731
-    fn(q, k, v)  # compile the kernels outside the capture
+    assert_graph_replay_matches_eager(fn, (q, k, v), make_qkv(2, 4, 300, 128, kind="k_bias", device="cuda", seed=2))
+
+
+def assert_graph_replay_matches_eager(fn, inputs, new_inputs):
+    """Capture fn(*inputs) in a CUDA graph, copy new_inputs into the captured tensors, replay, and
+    compare with an eager call on the new inputs."""
+    fn(*inputs)  # compile the kernels outside the capture
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn(q, k, v)
+        fn(*inputs)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = fn(q, k, v)
-    q2, k2, v2 = make_qkv(2, 4, 300, 128, kind="k_bias", device="cuda", seed=2)
-    for t, new in ((q, q2), (k, k2), (v, v2)):
+        out = fn(*inputs)
+    for t, new in zip(inputs, new_inputs):
         t.copy_(new)
     g.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, fn(q2, k2, v2))
+    assert torch.equal(out, fn(*new_inputs))
 
 
 def test_sageattn_train_compiles_fullgraph_with_the_same_gradients():
@@ -153,20 +158,6 @@ def test_decode_compiles_fullgraph(name):
 @gpu
 @pytest.mark.parametrize("name", DECODE_CALLS)
 def test_decode_cuda_graph_capture_and_replay(name):
-    q, k, v = make_qkv(2, 32, 1, 128, heads_kv=8, seqlen_k=3000, kind="k_bias", device="cuda", seed=1)
-    fn = DECODE_CALLS[name]
-    fn(q, k, v)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(q, k, v)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn(q, k, v)
-    q2, k2, v2 = make_qkv(2, 32, 1, 128, heads_kv=8, seqlen_k=3000, kind="k_bias", device="cuda", seed=2)
-    for t, new in ((q, q2), (k, k2), (v, v2)):
-        t.copy_(new)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, fn(q2, k2, v2))
+    shape = dict(heads_kv=8, seqlen_k=3000, kind="k_bias", device="cuda")
+    assert_graph_replay_matches_eager(DECODE_CALLS[name], make_qkv(2, 32, 1, 128, seed=1, **shape),
+                                      make_qkv(2, 32, 1, 128, seed=2, **shape))
