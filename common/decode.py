@@ -46,6 +46,7 @@ import torch
 
 from .int_qk import padded_head_dim
 from .masking import MASK_NONE, MaskSpec, dense_mask
+from .mma import fp16_accumulated_matmul
 from .nonfinite import nan_rows
 from .online_softmax import OnlineSoftmax, kv_tiles
 
@@ -107,7 +108,6 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
                                    tiles_per_split=tps)
         out_hnd.copy_(out)
         return lse if return_lse else None
-    import triton
 
     from .checks import interpreter_enabled
     from .triton_decode import decode_combine_kernel, decode_split_kernel
@@ -178,8 +178,6 @@ def fp16_guard(vmax: torch.Tensor, t_eff: int) -> torch.Tensor:
 def _tile_pv(p: torch.Tensor, v: torch.Tensor, pv: str) -> torch.Tensor:
     """The tile's P V in fp32 (p [.., Nq, T] fp32; v [.., T, D] fp32, finite)."""
     if pv in ("fp16_acc16", "fp16_acc32"):
-        from sage1.emulation import fp16_accumulated_matmul
-
         vmax = v.abs().amax(dim=(-2, -1), keepdim=True)
         gv = fp16_guard(vmax, v.shape[-2] if pv == "fp16_acc16" else 1)
         v16, p16 = (v * gv).half(), p.half()

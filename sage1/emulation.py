@@ -18,19 +18,9 @@ from __future__ import annotations
 import torch
 
 from common.int_qk import QuantizedQK
+from common.mma import fp16_accumulated_matmul
 from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.reference import exact_fp32_matmul
-
-MMA_K = 16  # keys reduced per fp16-accumulating MMA instruction
-
-
-def fp16_accumulated_matmul(p16: torch.Tensor, v16: torch.Tensor) -> torch.Tensor:
-    """``p16 @ v16`` with an fp16 accumulator rounded after every 16-key MMA step (fp32 result)."""
-    acc = None
-    for k0 in range(0, p16.shape[-1], MMA_K):
-        part = p16[..., k0:k0 + MMA_K].float() @ v16[..., k0:k0 + MMA_K, :].float()
-        acc = part.half() if acc is None else (acc.float() + part).half()
-    return acc.float()
 
 
 def attention_emulated(qk: QuantizedQK, v_hnd: torch.Tensor, *, is_causal: bool, pv_accum: str,
