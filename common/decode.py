@@ -45,10 +45,11 @@ from dataclasses import dataclass
 import torch
 
 from .int_qk import padded_head_dim
-from .masking import MASK_NONE, MaskSpec, dense_mask
+from .masking import MASK_NONE, MaskSpec, dense_mask, kernel_args
 from .mma import fp16_accumulated_matmul
 from .nonfinite import nan_rows
 from .online_softmax import OnlineSoftmax, kv_tiles
+from .quant import div_rn, safe_div
 
 DECODE_MAX_QUERIES = 16
 DECODE_TILE = 64
@@ -120,7 +121,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
     part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
-    ql, kl = (mask.lens_or_full(B, Nq, Nk, qh.device) if mask.has_lens else (part_l, part_l))
+    ql, kl = kernel_args(mask, B, Nq, Nk, part_l)[-2:]  # per-sequence lengths, or a stand-in pointer
     pv = PV_KINDS.index(spec.pv)
     log2_pscale = {2: math.log2(448.0), 3: math.log2(57344.0)}.get(pv, 0.0)
     warps = DECODE_WARPS or (4 if dp <= 128 else 8)
@@ -156,15 +157,11 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
 
 def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
     """RN(1 / scale) (1 where scale is 0): the kernel multiplies by it instead of dividing."""
-    return torch.ones_like(scale) / torch.where(scale == 0, torch.ones_like(scale), scale)
+    return safe_div(torch.ones_like(scale), scale)
 
 
 def _int_codes(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.round(x * _reciprocal(scale)).clamp_(-qmax, qmax)  # half to even, as the kernel
-
-
-def _div(x: torch.Tensor, c: float) -> torch.Tensor:
-    return x / torch.full_like(x, c)  # correctly rounded division, as the kernels' div_rn
 
 
 def fp16_guard(vmax: torch.Tensor, t_eff: int) -> torch.Tensor:
@@ -184,7 +181,7 @@ def _tile_pv(p: torch.Tensor, v: torch.Tensor, pv: str) -> torch.Tensor:
         prod = fp16_accumulated_matmul(p16, v16) if pv == "fp16_acc16" else p16.float() @ v16.float()
         return prod / gv
     fp8, fmax = (torch.float8_e4m3fn, 448.0) if pv == "fp8_e4m3" else (torch.float8_e5m2, 57344.0)
-    sv = _div(v.abs().amax(dim=-2, keepdim=True), fmax)                       # [.., 1, D]
+    sv = div_rn(v.abs().amax(dim=-2, keepdim=True), fmax)                      # [.., 1, D]
     v8 = (v * _reciprocal(sv)).to(fp8)
     return (p.to(fp8).float() @ v8.float()) * sv
 
@@ -215,7 +212,7 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
         qc = torch.where(row_ok, q - mu, 0.0)
     else:
         qc = q
-    sq = _div(qc.abs().amax(-1), float(spec.qmax))                         # [B, Hq, Nq]
+    sq = div_rn(qc.abs().amax(-1), spec.qmax)                               # [B, Hq, Nq]
     q8 = _int_codes(qc, sq[..., None], spec.qmax).to(int_dt)
     k_all, v_all = finite(kh), finite(vh)
     in_seq = (torch.arange(Nk, device=dev)[None, :] < kl[:, None])[:, None, :, None]  # [B, 1, Nk, 1]
@@ -246,11 +243,11 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
                 else:
                     kc = k
                 if spec.k_per_token:
-                    sk = _div(kc.abs().amax(-1), float(spec.qmax))              # [B, Hkv, T]
+                    sk = div_rn(kc.abs().amax(-1), spec.qmax)                       # [B, Hkv, T]
                     k8 = _int_codes(kc, sk[..., None], spec.qmax)
                     sk_b = rep(sk)[:, :, None, :]
                 else:
-                    sk = _div(kc.abs().amax(dim=(-2, -1)), float(spec.qmax))    # [B, Hkv]
+                    sk = div_rn(kc.abs().amax(dim=(-2, -1)), spec.qmax)             # [B, Hkv]
                     k8 = _int_codes(kc, sk[..., None, None], spec.qmax)
                     sk_b = rep(sk)[:, :, None, None]
                 s = (q8 @ rep(k8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] * sk_b

@@ -43,19 +43,19 @@ def _qmax(bits: int) -> int:
     return INT_QMAX[bits]
 
 
-def _div_by_qmax(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
-    # A tensor divisor: PyTorch on CUDA turns division by a Python scalar into a multiplication by
-    # its reciprocal, which is not the correctly rounded division the kernels do.
-    return absmax / torch.full_like(absmax, float(qmax))
+def div_rn(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` correctly rounded, as the kernels' ``div_rn``. A tensor divisor: PyTorch on CUDA
+    turns division by a Python scalar into a multiplication by its reciprocal."""
+    return x / torch.full_like(x, float(c))
 
 
-def _safe_div(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # All-zero groups have scale 0: divide by 1 there (x is 0, so the code is 0).
+def safe_div(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale``, dividing by 1 where the scale is 0 (all-zero groups: x is 0, the code is 0)."""
     return x / torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def _encode_int(x: torch.Tensor, scale_per_elem: torch.Tensor, qmax: int) -> torch.Tensor:
-    codes = round_half_away(_safe_div(x, scale_per_elem))
+    codes = round_half_away(safe_div(x, scale_per_elem))
     return codes.clamp_(-qmax, qmax).to(torch.int8)
 
 
@@ -119,7 +119,7 @@ def quantize_int_grouped(x: torch.Tensor, bits: int, group_of_token: torch.Tenso
     idx = group_of_token.to(x.device).expand_as(tok_absmax)
     absmax = torch.zeros(*tok_absmax.shape[:-1], n_groups, device=x.device, dtype=torch.float32)
     absmax = absmax.scatter_reduce(-1, idx, tok_absmax, reduce="amax", include_self=True)
-    scale = _div_by_qmax(absmax, qmax)
+    scale = div_rn(absmax, qmax)
     codes = _encode_int(xf, token_scales(scale, group_of_token)[..., None], qmax)
     return codes, scale
 
@@ -179,7 +179,7 @@ def int_per_tensor(x: torch.Tensor, bits: int = 8):
     """
     qmax = _qmax(bits)
     xf = x.float()
-    scale = _div_by_qmax(xf.abs().amax(), qmax).reshape(*([1] * (x.dim() - 1)))
+    scale = div_rn(xf.abs().amax(), qmax).reshape(*([1] * (x.dim() - 1)))
     scale = scale.expand(*x.shape[:-2], 1).contiguous()
     codes = _encode_int(xf, scale[..., None], qmax)
     return codes, scale
@@ -203,7 +203,7 @@ def _fp8_format(fmt: str):
 def fp8_static(x: torch.Tensor, fmt: str, scale: float | torch.Tensor) -> torch.Tensor:
     """FP8 codes of ``x / scale`` (round to nearest even, saturating at the format's max)."""
     dtype, fmax = _fp8_format(fmt)
-    y = _safe_div(x.float(), torch.as_tensor(scale, dtype=torch.float32, device=x.device))
+    y = safe_div(x.float(), torch.as_tensor(scale, dtype=torch.float32, device=x.device))
     return y.clamp(-fmax, fmax).to(dtype)
 
 

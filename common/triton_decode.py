@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_attention import sequence_bounds
+from .triton_attention import kv_bounds_from, sequence_bounds
 from .triton_quant import to_fp8
 
 # PV (constexpr), common.decode.PV_KINDS: 0 fp16 P x fp16 V with fp16 tile sums, 1 the same with fp32
@@ -173,9 +173,8 @@ def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_o
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     kacc = tl.zeros([DP], dtype=tl.float32)
-    full = nk // T * T  # keys before this are in bounds; causal: row 0 sees keys <= q_offset
-    if IS_CAUSAL:
-        full = tl.minimum(full, tl.maximum(q_offset + 1, 0) // T * T)
+    # tiles [0, full) are in bounds and, causal, seen in full by row 0 and so by every row
+    full, _ = kv_bounds_from(0, q_offset, nk, 1, T, IS_CAUSAL)
     full_end = tl.maximum(tl.minimum(full, t_end), t_begin)
     for start in range(t_begin, full_end, T):
         acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base,
