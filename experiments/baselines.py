@@ -9,14 +9,14 @@ SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION
 
 
 def sdpa(backend: str):
-    """``fn(q, k, v, is_causal)`` running SDPA (HND) pinned to one backend."""
+    """``fn(q, k, v, is_causal, **sdpa_kwargs)`` running SDPA (HND) pinned to one backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     be = getattr(SDPBackend, SDPA_BACKENDS[backend])
 
-    def fn(q, k, v, is_causal=False):
+    def fn(q, k, v, is_causal=False, **kw):
         with sdpa_kernel([be]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **kw)
 
     return fn
 

@@ -19,11 +19,11 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 import sage1
 import sage2
 from common.timing import bench_ms
+from experiments.baselines import sdpa
 
 # (B, Hq, Hkv, Nq, Nk, causal)
 SHAPES = [
@@ -37,17 +37,12 @@ OURS = {"sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c),
 
 
 def sdpa_fn(name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-          "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    """``fn(q, k, v, causal)``: SDPA pinned to one backend, GQA without copies. Bottom-right causal
+    over Nq << Nk keys is (to Nq keys) the non-causal work; SDPA's is_causal would be top-left."""
+    run = sdpa(f"sdpa_{name}")
 
     def fn(q, k, v, c):
-        with sdpa_kernel([be]):
-            # bottom-right causal over Nq << Nk keys is (to Nq keys) the non-causal work; SDPA's
-            # is_causal would be top-left aligned
-            causal = c and q.shape[2] == k.shape[2]
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+        return run(q, k, v, c and q.shape[2] == k.shape[2], enable_gqa=k.shape[1] != q.shape[1])
     return fn
 
 
