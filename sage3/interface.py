@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from common import nonfinite
 from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.masking import NO_MASK
@@ -30,12 +33,14 @@ GLOBAL_RANGE = 1344.0  # 448 (E4M3 max) * 6 (E2M1 max) / 2: smoothing can double
 
 
 def global_scales(qh, kh, vh):
-    """((s_q, s_k, s_v), (q / s_q, k / s_k, v / s_v) in fp32): one scale per tensor, amax /
-    GLOBAL_RANGE (1 for an all-zero or non-finite tensor; the NaN/Inf rule handles the latter).
-    The three maxima are read on the host (one sync): they scale the softmax and the output."""
+    """((s_q, s_k, s_v), (q / s_q, k / s_k, v / s_v) in fp32, all finite): one scale per tensor,
+    amax / GLOBAL_RANGE (1 for an all-zero or non-finite tensor; the NaN/Inf rule handles the
+    latter). The three maxima are read on the host (one sync): they scale the softmax and the
+    output, and a NaN or Inf input shows in them, so no separate check is needed."""
     amax = torch.stack([t.abs().amax().float() for t in (qh, kh, vh)]).tolist()
-    scales = [a / GLOBAL_RANGE if a > 0 and a != float("inf") and a == a else 1.0 for a in amax]
-    return scales, tuple(t.float() / sc for t, sc in zip((qh, kh, vh), scales))
+    finite = all(math.isfinite(a) for a in amax)
+    scales = [a / GLOBAL_RANGE if math.isfinite(a) and a > 0 else 1.0 for a in amax]
+    return scales, tuple(t.float() / sc for t, sc in zip((qh, kh, vh), scales)), finite
 
 
 def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
@@ -77,11 +82,13 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         D = qh.shape[-1]
         if trivial is not None:
             return trivial
-        bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
         v_scale = 1.0
         if global_scale:  # quantize q/s_q, k/s_k, v/s_v; S and the output get the scales back
-            (s_q, s_k, v_scale), (qh, kh, vh) = global_scales(qh, kh, vh)
+            (s_q, s_k, v_scale), (qh, kh, vh), finite = global_scales(qh, kh, vh)
             scale = scale * s_q * s_k
+            bad = nonfinite.CHECK_NONFINITE and not finite
+        else:
+            bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
         ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True) if smooth_q else None
         if be == "triton":

@@ -202,3 +202,13 @@ def test_global_scale_kernel_matches_emulation_and_ordinary_inputs_keep_their_ac
     plain = accuracy(attention_reference(q, k, v, is_causal=causal), sage3.sageattn(q, k, v, is_causal=causal,
                                                                                     backend="torch"))
     assert e_vs_ref.cos_sim > plain.cos_sim - 0.002, (e_vs_ref, plain)
+
+
+def test_global_scale_keeps_the_nan_rule():
+    """With global_scale the NaN/Inf check comes from the same maxima: NaN only on the rows SDPA makes NaN."""
+    q, k, v = make_qkv(1, 2, 100, 64, kind="k_bias", seed=23)
+    k[0, 0, 50, 3] = float("nan")
+    out = sage3.sageattn(q, k, v, global_scale=True, backend="torch")
+    assert torch.isnan(out[0, 0]).all() and torch.isfinite(out[0, 1]).all()
+    ref = attention_reference(q[:, 1:], k[:, 1:], v[:, 1:])
+    assert accuracy(ref, out[:, 1:]).cos_sim > 0.97
