@@ -64,6 +64,8 @@ PROGRAMS_PER_SM = 2
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
+# FP8 P is spread over (0, fmax] by this shift of the running max (fp16 P stays in (0, 1])
+LOG2_P_SCALE = {"fp8_e4m3": math.log2(448.0), "fp8_e5m2": math.log2(57344.0)}
 LOG2E = math.log2(math.e)
 
 
@@ -123,7 +125,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     ql, kl = kernel_args(mask, B, Nq, Nk, part_l)[-2:]  # per-sequence lengths, or a stand-in pointer
     pv = PV_KINDS.index(spec.pv)
-    log2_pscale = {2: math.log2(448.0), 3: math.log2(57344.0)}.get(pv, 0.0)
+    log2_pscale = LOG2_P_SCALE.get(spec.pv, 0.0)
     warps = DECODE_WARPS or (4 if dp <= 128 else 8)
     interp = interpreter_enabled()
     limits = {"maxnreg": DECODE_MAXNREG} if DECODE_MAXNREG and dp <= 128 and not interp else {}
@@ -218,7 +220,7 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
     in_seq = (torch.arange(Nk, device=dev)[None, :] < kl[:, None])[:, None, :, None]  # [B, 1, Nk, 1]
     k_all, v_all = torch.where(in_seq, k_all, 0.0), torch.where(in_seq, v_all, 0.0)
     bias2 = dense_mask(mask, B, Nq, Nk, is_causal, dev)
-    shift = {"fp8_e4m3": math.log2(448.0), "fp8_e5m2": math.log2(57344.0)}.get(spec.pv, 0.0)
+    shift = LOG2_P_SCALE.get(spec.pv, 0.0)
 
     def rep(x):  # KV heads -> query heads
         return x.repeat_interleave(group, dim=1)
