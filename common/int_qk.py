@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
+from .nonfinite import NO_BAD_KEY, NonfiniteFlags, finite_mean, zeroed
 from .smoothing import expand_block_rows, k_mean, q_block_means
 
 LOG2E = 1.4426950408889634
@@ -77,8 +78,21 @@ def _pad_codes(codes: torch.Tensor, dp: int) -> torch.Tensor:
     return codes if d == dp else torch.nn.functional.pad(codes, (0, dp - d))
 
 
-def _quantize_torch(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side):
-    xf = x.float()
+def _record_nonfinite_torch(x, flags: NonfiniteFlags, k_side: bool):
+    """What the Triton pass records (common.triton_quant.zero_nonfinite), with tensor ops."""
+    bad = ~torch.isfinite(x).all(-1)                                      # [B, H, N]
+    if not k_side:
+        flags.q_bad.copy_(bad)
+        return
+    n = x.shape[-2]
+    first = torch.where(bad, torch.arange(n, device=x.device, dtype=torch.int32), NO_BAD_KEY).amin(-1).flatten()
+    torch.maximum(flags.first_bad, NO_BAD_KEY - first, out=flags.first_bad)
+
+
+def _quantize_torch(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side, zero, flags):
+    if flags is not None:
+        _record_nonfinite_torch(x, flags, k_side)
+    xf = zeroed(x.float()) if zero else x.float()
     block_mean = None
     if mean is not None:
         xf = xf - mean
@@ -115,7 +129,7 @@ def _quantize_torch(x, mean, smooth_block, mult, bits, gran, block, dp, warp_row
 _TRITON_GRAN = {"per_block": 0, "per_token": 1, "per_warp": 2, "per_thread": 3}
 
 
-def _quantize_triton(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side):
+def _quantize_triton(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side, zero, flags):
     from .triton_quant import quantize_int_kernel
 
     B, H, N, D = x.shape
@@ -133,20 +147,26 @@ def _quantize_triton(x, mean, smooth_block, mult, bits, gran, block, dp, warp_ro
     block_mean = torch.empty(B, H, nblk, D, dtype=torch.float32, device=x.device) if smooth_block else scale
     mean_arg = mean.reshape(B * H, D).contiguous() if mean is not None else scale
     quantize_int_kernel[(nblk, B * H)](
-        x, mean_arg, codes, scale, block_mean, x.stride(0), x.stride(1), x.stride(2), H, N, D, float(mult),
+        x, mean_arg, codes, scale, block_mean,
+        flags.q_bad if flags is not None else codes, flags.first_bad if flags is not None else codes,
+        x.stride(0), x.stride(1), x.stride(2), H, N, D, float(mult),
         BLOCK=block, DP=dp, QMAX=quant.INT_QMAX[bits], GRAN=g, WARP=warp_rows, HAS_MEAN=mean is not None,
-        SMOOTH_BLOCK=smooth_block, num_warps=4 if dp * block <= 8192 else 8)
+        SMOOTH_BLOCK=smooth_block, ZERO=zero, FLAGS=0 if flags is None else (2 if k_side else 1),
+        num_warps=4 if dp * block <= 8192 else 8)
     return codes, scale, tps, (block_mean if smooth_block else None)
 
 
 def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool = False,
                 granularity: str = "per_block", bits: int = 8, q_block: int = 128, k_block: int = 64,
                 warp_rows: int = 32, backend: str = "torch",
-                k_mean_override: torch.Tensor | None = None) -> QuantizedQK:
+                k_mean_override: torch.Tensor | None = None, zero_nonfinite: bool = False,
+                flags: NonfiniteFlags | None = None) -> QuantizedQK:
     """Quantize HND views of Q ``[B, Hq, Nq, D]`` and K ``[B, Hkv, Nk, D]`` to integer codes.
 
     ``k_mean_override`` lets a caller supply the mean to subtract (e.g. one mean over a packed
     varlen batch); by default it is the token mean of each (batch, kv head).
+    ``zero_nonfinite``: NaN/Inf values count as 0 (and a non-finite channel of K's mean as 0);
+    ``flags``: where to record them (common.nonfinite).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
@@ -154,10 +174,13 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
     km = None
     if smooth_k:
         km = k_mean_override if k_mean_override is not None else k_mean(k)
+        if zero_nonfinite:
+            km = finite_mean(km)
     mult = sm_scale * LOG2E
     fn = _quantize_triton if backend == "triton" and granularity != "per_tensor" else _quantize_torch
-    qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False)
-    kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True)
+    z = zero_nonfinite
+    qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False, z, flags)
+    kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True, z, flags)
     return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult, qbm, q_block if smooth_q else 0)
 
 
@@ -165,5 +188,6 @@ def quantize_token_blocks(x: torch.Tensor, *, block: int, backend: str, bits: in
     """INT codes ``[B, H, N, DP]`` and fp32 scales ``[B, H, ceil(N/block)]`` of an HND tensor, one
     scale per ``block`` tokens (SageBwd's V and dO). Same pass and rules as Q and K above."""
     fn = _quantize_triton if backend == "triton" else _quantize_torch
-    codes, scale, _, _ = fn(x, None, False, 1.0, bits, "per_block", block, padded_head_dim(x.shape[-1]), 32, False)
+    codes, scale, _, _ = fn(x, None, False, 1.0, bits, "per_block", block, padded_head_dim(x.shape[-1]), 32, False,
+                            False, None)
     return codes, scale

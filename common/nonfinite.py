@@ -1,28 +1,76 @@
 """NaN and Inf inputs: SDPA's pattern, not a quantization block's.
 
 A quantized kernel shares one scale among a block of tokens, so a single NaN or Inf would spread
-over its whole block (or vanish: Triton's INT8 conversion of NaN gives 0). Instead, the public
-functions check their inputs (one fp32 sum per tensor, read back by the host once the sums are
-done, while the attention kernels run; skipped while a CUDA graph is being captured) and, when anything is non-finite, run again on inputs with the non-finite values
-zeroed and then set to NaN exactly the rows SDPA would make NaN (the first, discarded result was
-computed while the check's sums were being read back):
+over its whole block (or vanish: Triton's INT8 conversion of NaN gives 0). The rule, for every
+public function: the output (and LSE) is NaN exactly on the rows SDPA would make NaN, and every
+other row is what the same call gives on the inputs with the non-finite values replaced by 0:
 
 * every query row with a non-finite value in q;
 * every row that sees (causal / lengths / attn_mask) a key whose k or v has a non-finite value.
 
 A key a row does not see (causal, lengths, attn_mask) never affects it: SDPA's math backend spreads
 a NaN of V through masked keys as 0 * NaN, its fused backends do not (tile by tile); we follow the
-definition. Inf is treated like NaN (SDPA's backends disagree on Inf: ±Inf or NaN). ``CHECK_NONFINITE = False``
-switches the check off (then non-finite inputs give undefined rows) for the last percent of speed.
+definition. Inf is treated like NaN (SDPA's backends disagree on Inf: ±Inf or NaN).
+
+How, without the host ever waiting (sage1, sage2):
+
+* the quantization passes replace NaN/Inf by 0 as they load (common.triton_quant), so scales and
+  means stay finite; a channel whose K token mean is not finite is smoothed by 0 instead (any
+  vector subtracted from every key is exact, :func:`finite_mean`);
+* on the way they record the query tokens with a bad value and, per (batch, kv head), the first
+  key with one in k or v (:class:`NonfiniteFlags`);
+* the attention kernel's epilogue sets the rows from those flags; tiles that mask keys (causal
+  diagonal, lengths) zero V's non-finite values so that 0 * NaN cannot reach a row that does not
+  see the key. With a dense ``attn_mask`` the rows come from :func:`nan_rows` (tensor ops, still
+  no host wait). The emulations zero the inputs and use :func:`nan_rows`: the same numbers.
+
+sage3 (FP4 inference, SageBwd) checks with one sum per tensor read back by the host, and reruns
+on the zeroed inputs when needed (:func:`nonfinite_flag`, :func:`rerun_without_nonfinite`).
+``CHECK_NONFINITE = False`` switches all of it off (then non-finite inputs give undefined rows).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .masking import MASK_NONE, MaskSpec
 
 CHECK_NONFINITE = True
+NO_BAD_KEY = 2 ** 31 - 1   # FIRST_BAD holds NO_BAD_KEY - (first bad key); 0: none (an atomic max)
+
+
+@dataclass
+class NonfiniteFlags:
+    """What the quantization passes record for the attention kernels' epilogue."""
+    q_bad: torch.Tensor        # uint8 [B, Hq, Nq]: the query token has a NaN/Inf
+    first_bad: torch.Tensor    # int32 [B * Hkv]: NO_BAD_KEY - first key with a NaN/Inf in k or v (0: none)
+
+
+def kernel_buffers(shape, device, *, rows_in_kernel: bool, amax_entries: int):
+    """(NonfiniteFlags for the passes to fill, or None unless ``rows_in_kernel``; a zeroed int32
+    [amax_entries] buffer for V's atomic max): one allocation and one fill for both (the Q pass
+    writes every q_bad entry). ``shape``: common.checks.AttentionShape."""
+    n_keys = shape.batch * shape.heads_kv if rows_in_kernel else 0
+    buf = torch.zeros(n_keys + amax_entries, dtype=torch.int32, device=device)
+    if not rows_in_kernel:
+        return None, buf
+    q_bad = torch.empty(shape.batch, shape.heads_q, shape.seqlen_q, dtype=torch.uint8, device=device)
+    return NonfiniteFlags(q_bad, buf[:n_keys]), buf[n_keys:]
+
+
+def finite_mean(mean: torch.Tensor) -> torch.Tensor:
+    """A smoothing mean with its non-finite channels set to 0 (from a NaN/Inf in the tensor)."""
+    return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def set_nan_rows(out_hnd: torch.Tensor, lse: torch.Tensor | None, qh, kh, vh, *, is_causal: bool, mask: MaskSpec):
+    """NaN on the rows :func:`nan_rows` gives, in the output (HND view) and the LSE, in place."""
+    rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=mask)
+    out_hnd.masked_fill_(rows[..., None], float("nan"))
+    if lse is not None:
+        lse.masked_fill_(rows, float("nan"))
 
 
 class _PendingFlag:
@@ -41,7 +89,7 @@ class _PendingFlag:
 
 
 def nonfinite_flag(*tensors: torch.Tensor):
-    """True (when read) if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that
+    """(sage3) True (when read) if any tensor holds NaN or ±Inf (an fp32 sum per tensor; a sum that
     overflows fp32 only sends the call down the slower, still correct path), or None when the check
     is off or a CUDA graph is being captured. Queued before the kernels and read by :func:`flagged`
     after they are queued: the host waits for the sums (a read of the inputs), the GPU never waits

@@ -6,6 +6,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .nonfinite import NO_BAD_KEY
+
+_NO_BAD_KEY = tl.constexpr(NO_BAD_KEY)
+
 
 @triton.jit
 def program_tile(Hq, Hkv, IS_CAUSAL: tl.constexpr):
@@ -118,3 +122,26 @@ def apply_tile_mask(s, MASKP, b, h, rows, cols, Nq, Nk, smb, smh, smm, smn, MASK
     else:
         s = s + tl.load(ptrs, mask=inb, other=0.0)
     return s
+
+
+@triton.jit
+def nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL: tl.constexpr,
+                   HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
+    """SDPA's NaN rows (common.nonfinite) on this program's output tile and LSE: rows whose query
+    had a NaN/Inf, and rows that see the first key with one (as the quantization passes recorded)."""
+    nq, nk, q_offset = sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS, PER_SEQ_CAUSAL)
+    first = -tl.load(FIRST_BAD + kv_bh) + _NO_BAD_KEY
+    bad = tl.load(QBAD + bh * Nq + rows, mask=rows < Nq, other=0) != 0
+    if IS_CAUSAL:
+        bad = bad | ((first < nk) & (first <= rows + q_offset))
+    else:
+        bad = bad | (first < nk)
+    bad = bad & (rows < nq)
+    return tl.where(bad[:, None], float("nan"), out), tl.where(bad, float("nan"), lse)
+
+
+@triton.jit
+def zero_nonfinite_tile(v):
+    """NaN/Inf -> 0 in a V tile of a masked KV tile: p = 0 for a key a row does not see, and
+    0 * NaN must not reach that row (the rows that see the key are set to NaN at the end)."""
+    return tl.where(tl.abs(v) < float("inf"), v, 0.0).to(v.dtype)

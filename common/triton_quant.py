@@ -18,6 +18,14 @@ See :func:`common.quant.groups_per_thread_q` / ``groups_per_thread_k`` for why.
 ``quantize_v_fp8_kernel``: V - mean (optional) divided by its per-channel scale, rounded to FP8
 and written transposed, ``[D, N]`` with tokens contiguous, the layout an FP8 tensor-core MMA
 needs for P V (the reduction runs over tokens).
+
+``scan_v_kernel``: max |V - mean| over the finite values, per channel (sage2's FP8 scales) or of
+the whole tensor (sage1's fp16 range guard), in the same read that flags V's non-finite keys.
+
+NaN/Inf (``ZERO``, see :mod:`common.nonfinite`): the passes replace non-finite input values by 0
+before anything else, so one bad value cannot spoil its block's scale or mean, and record where
+they were (``FLAGS``): per query token, or the first bad key of each (batch, kv head), which the
+attention kernels read to set SDPA's NaN rows themselves. No host ever waits for a check.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .nonfinite import NO_BAD_KEY
+
+_NO_BAD_KEY = tl.constexpr(NO_BAD_KEY)
 GRAN_BLOCK, GRAN_TOKEN, GRAN_WARP, GRAN_THREAD_Q, GRAN_THREAD_K = 0, 1, 2, 3, 4
 
 
@@ -50,6 +61,16 @@ def load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
     """The tile this program quantizes: BLOCK tokens (program id 0) x DP channels of head
     program id 1, as fp32, zero outside [N, D), minus the per-head token mean if HAS_MEAN.
     Returns (x, rows, cols, in_bounds, pid_n, pid_bh)."""
+    return load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, X, X,
+                                     BLOCK, DP, HAS_MEAN, False, 0)
+
+
+@triton.jit
+def load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BAD_ROWS, FIRST_BAD,
+                              BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr,
+                              ZERO: tl.constexpr, FLAGS: tl.constexpr):
+    """:func:`load_token_tile` with NaN/Inf replaced by 0 before the mean is subtracted (``ZERO``),
+    recorded as :func:`zero_nonfinite` says (``FLAGS``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -57,9 +78,27 @@ def load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
     in_bounds = (rows[:, None] < N) & (cols[None, :] < D)
     x = tl.load(X + (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh + rows[:, None] * stride_xn + cols[None, :],
                 mask=in_bounds, other=0.0).to(tl.float32)
+    if ZERO:
+        x = zero_nonfinite(x, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
     if HAS_MEAN:
         x = tl.where(in_bounds, x - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)[None, :], 0.0)
     return x, rows, cols, in_bounds, pid_n, pid_bh
+
+
+@triton.jit
+def zero_nonfinite(x, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.constexpr):
+    """NaN/±Inf -> 0. FLAGS 1: store which tokens had one (uint8 per token: Q's rows);
+    2: fold the tile's first such token into FIRST_BAD[pid_bh] (int32, NO_BAD_KEY - token, by
+    atomic max: the keys of K and V)."""
+    finite = tl.abs(x) < float("inf")
+    if FLAGS != 0:
+        bad = tl.max(tl.where(finite, 0, 1), axis=1)
+        if FLAGS == 1:
+            tl.store(BAD_ROWS + pid_bh * N + rows, bad.to(tl.uint8), mask=rows < N)
+        else:
+            first = tl.min(tl.where(bad != 0, rows, _NO_BAD_KEY), axis=0)
+            tl.atomic_max(FIRST_BAD + pid_bh, -first + _NO_BAD_KEY, mask=first < _NO_BAD_KEY)
+    return tl.where(finite, x, 0.0)
 
 
 @triton.jit
@@ -72,14 +111,14 @@ def subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult
 
 
 @triton.jit
-def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN,
+def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN, BAD_ROWS, FIRST_BAD,
                         stride_xb, stride_xh, stride_xn,
                         H, N, D, mult,
                         BLOCK: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
                         GRAN: tl.constexpr, WARP: tl.constexpr, HAS_MEAN: tl.constexpr,
-                        SMOOTH_BLOCK: tl.constexpr):
-    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
-                                                               BLOCK, DP, HAS_MEAN)
+                        SMOOTH_BLOCK: tl.constexpr, ZERO: tl.constexpr, FLAGS: tl.constexpr):
+    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
+        X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BAD_ROWS, FIRST_BAD, BLOCK, DP, HAS_MEAN, ZERO, FLAGS)
     if SMOOTH_BLOCK:
         x = subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK)
     x = x * mult
@@ -132,9 +171,10 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
                           stride_vb, stride_vh, stride_vn,
                           H, N, NPAD, D,
                           BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr,
-                          FP8_E5M2: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr):
-    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
-                                                               BLOCK, DP, HAS_MEAN)
+                          FP8_E5M2: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr,
+                          ZERO: tl.constexpr):
+    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
+        V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, V, V, BLOCK, DP, HAS_MEAN, ZERO, 0)
     # scale = absmax / fmax per channel; the first program of each head stores it
     scale = tl.math.div_rn(tl.load(ABSMAX + pid_bh * D + cols, mask=cols < D, other=0.0), FMAX)
     if pid_n == 0:
@@ -144,3 +184,19 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
     # transposed store: [DP, NPAD] per head, tokens contiguous (coalesced); padding tokens get zeros
     yt = to_fp8(tl.trans(y), FP8_E5M2, INTERPRET)
     tl.store(OUT + (pid_bh * DP + cols[:, None]) * NPAD + rows[None, :], yt, mask=rows[None, :] < NPAD)
+
+
+@triton.jit
+def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, N, D,
+                  BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                  FLAGS: tl.constexpr):
+    """AMAX (int32 bits of fp32, zero-initialized): max |V - mean| over finite values, per
+    (batch, head, channel) or of the whole tensor. Non-negative floats order as their bits, so an
+    integer atomic max gives the exact maximum in any order (deterministic)."""
+    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
+        V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, V, FIRST_BAD, BLOCK, DP, HAS_MEAN, True, FLAGS)
+    a = tl.abs(x)
+    if PER_CHANNEL:
+        tl.atomic_max(AMAX + pid_bh * D + cols, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=cols < D)
+    else:
+        tl.atomic_max(AMAX, tl.max(tl.max(a, axis=1), axis=0).to(tl.int32, bitcast=True))

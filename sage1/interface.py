@@ -8,9 +8,10 @@ from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import quantize_qk
-from common.masking import dense_mask, resolve_mask
-from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
-from common.range_guard import fp16_pv_guard
+from common import nonfinite
+from common.masking import MASK_NONE, dense_mask, resolve_mask
+from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
+from common.range_guard import finite_absmax, fp16_pv_guard, to_fp16_for_pv
 from common.varlen import varlen_api
 
 PV_ACCUM = ("fp16", "fp32")
@@ -73,33 +74,37 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
                                    return_lse=return_lse, backend=be)
             return (out, lse) if return_lse else out
-        bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
-
-        qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8,
-                         q_block=Q_BLOCK, k_block=K_BLOCK, backend=be)
-        # fp16 V and fp16 accumulation: powers of two keep large |V| finite (common.range_guard)
-        v16, pv_scales = fp16_pv_guard(vh, fp16_accumulation=pv_accum == "fp16")
+        # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
+        check = nonfinite.CHECK_NONFINITE
+        rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE
+        qk_args = dict(sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8, q_block=Q_BLOCK,
+                       k_block=K_BLOCK, backend=be, zero_nonfinite=check)
         if be == "triton":
             from .kernel import launch
 
+            flags, amax_bits = kernel_buffers(shape, q.device, rows_in_kernel=rows_in_kernel, amax_entries=1)
+            qk = quantize_qk(qh, kh, **qk_args, flags=flags)
+            # fp16 V and fp16 accumulation: powers of two keep large |V| finite (common.range_guard);
+            # the kernel derives them from max|V|, read here with V's NaN/Inf keys
+            vmax = finite_absmax(vh, amax_bits, per_channel=False, flags=flags)
+            v16 = to_fp16_for_pv(vh, vmax)
             if v16.stride(-1) != 1:
                 v16 = v16.contiguous()
             lse2 = launch(qk, v16, out_hnd, is_causal=is_causal, pv_fp16_acc=pv_accum == "fp16",
-                          return_lse=return_lse, mask=mask, pv_scales=pv_scales)
+                          return_lse=return_lse, mask=mask, vmax=vmax, v_rescaled=vh.dtype != torch.float16, zero_v=check,
+                          flags=flags)
         else:
             from .emulation import attention_emulated
 
+            qk = quantize_qk(qh, kh, **qk_args)
+            v16, pv_scales = fp16_pv_guard(zeroed(vh) if check else vh, fp16_accumulation=pv_accum == "fp16")
             bias2 = dense_mask(mask, shape.batch, shape.seqlen_q, shape.seqlen_k, is_causal, q.device)
             o, lse2 = attention_emulated(qk, v16, is_causal=is_causal, pv_accum=pv_accum,
                                          kv_block=K_BLOCK, return_lse=return_lse, bias2=bias2, pv_scales=pv_scales)
             out_hnd.copy_(o)
-        res = (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
-        if flagged(bad):
-            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
-                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
-                                           smooth_k=smooth_k, pv_accum=pv_accum, qk_granularity=qk_granularity)
-        return res
-
+        if check and not rows_in_kernel:
+            set_nan_rows(out_hnd, lse2, qh, kh, vh, is_causal=is_causal, mask=mask)
+        return (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
 
 sageattn_varlen = varlen_api(sageattn)
 

@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from common.masking import MASK_NONE, NO_MASK, kernel_args
-from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, program_tile
+from common.range_guard import guard_scales_tl
+from common.triton_attention import (apply_tile_mask, kv_range, masked_row_max, nonfinite_rows, program_tile,
+                                     zero_nonfinite_tile)
 
 
 @triton.jit
@@ -31,7 +33,7 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
           start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask, MASKP, h, smb, smh, smm, smn, p_scale,
           BLOCK_N: tl.constexpr, DP: tl.constexpr, Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr,
           IS_CAUSAL: tl.constexpr, PV_FP16_ACC: tl.constexpr, LOAD_DMASK: tl.constexpr,
-          USE_DESC: tl.constexpr, MASK_KIND: tl.constexpr):
+          USE_DESC: tl.constexpr, MASK_KIND: tl.constexpr, ZERO_V: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     if USE_DESC:  # TMA: out-of-range rows/channels arrive as zeros
         k = K_desc.load([kv_bh, start_n, 0]).reshape(BLOCK_N, DP)
@@ -78,6 +80,8 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
         v = tl.load(V_ptrs, mask=(cols[:, None] < Nk) & d_mask[None, :], other=0.0)
     else:
         v = tl.load(V_ptrs)
+    if MASK and ZERO_V:
+        v = zero_nonfinite_tile(v)
     if PV_FP16_ACC:  # p_scale (a power of two <= 1) keeps the fp16 tile sums of large V finite
         acc += tl.dot((p * p_scale).to(tl.float16), v, out_dtype=tl.float16).to(tl.float32)
     else:
@@ -90,11 +94,12 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
                    stride_vb, stride_vh, stride_vn,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, D, q_groups, k_groups, q_tps, k_tps,
-                   MASKP, smb, smh, smm, smn, QLEN, KLEN, PV_SCALES,
+                   MASKP, smb, smh, smm, smn, QLEN, KLEN, VMAX, QBAD, FIRST_BAD,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
                    Q_SCALAR: tl.constexpr, K_SCALAR: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    PV_FP16_ACC: tl.constexpr, RETURN_LSE: tl.constexpr, USE_DESC: tl.constexpr,
-                   MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
+                   MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr,
+                   V_RESCALED: tl.constexpr, ZERO_V: tl.constexpr, NAN_ROWS: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
@@ -118,28 +123,32 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
 
     nk, q_offset, full_end, hi = kv_range(start_m, b, Nq, Nk, QLEN, KLEN, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_LENS,
                                           PER_SEQ_CAUSAL, MASK_KIND)
-    p_scale = tl.load(PV_SCALES)        # large-|V| guard (common.range_guard): P's scale before fp16,
-    out_scale = tl.load(PV_SCALES + 1)  # and the output's after normalizing
+    # large-|V| guard (common.range_guard): P's scale before fp16, and the output's after normalizing
+    s_v, p_scale = guard_scales_tl(tl.load(VMAX), V_RESCALED, PV_FP16_ACC)
+    out_scale = 1.0 / (s_v * p_scale)
 
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
                               K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
                               MASKP, h, smb, smh, smm, smn, p_scale,
                               BLOCK_N, DP, Q_SCALAR, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
-                              MASK_KIND)
+                              MASK_KIND, ZERO_V)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
                               K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
                               MASKP, h, smb, smh, smm, smn, p_scale,
                               BLOCK_N, DP, Q_SCALAR, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
-                              MASK_KIND)
+                              MASK_KIND, ZERO_V)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
+    lse = m_i + tl.math.log2(l_i)  # log2 domain; the host converts to natural log and adds the K-smoothing shift
+    if NAN_ROWS:  # NaN/Inf inputs: SDPA's rows (common.nonfinite)
+        out, lse = nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL,
+                                  HAS_LENS, PER_SEQ_CAUSAL)
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
     if RETURN_LSE:
-        # log2-domain LSE; the host converts to natural log and adds the K-smoothing shift
-        tl.store(LSE + bh * Nq + rows, m_i + tl.math.log2(l_i), mask=rows < Nq)
+        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, causal): chosen by the sweep
@@ -188,12 +197,16 @@ def _descriptors(qk, v_hnd, block_m, block_n, dp):
 
 
 def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, pv_fp16_acc: bool,
-           return_lse: bool, config=None, use_desc=None, mask=NO_MASK, pv_scales=None):
+           return_lse: bool, config=None, use_desc=None, mask=NO_MASK, vmax=None, v_rescaled=False,
+           zero_v=False, flags=None):
     """Run the kernel on quantized Q,K (:class:`common.int_qk.QuantizedQK`) and fp16 V.
 
     ``v_hnd``/``out_hnd`` are [B, H, N, D] views (any strides with a contiguous last dim).
-    ``pv_scales``: fp32 [2] device tensor (P's scale, the output's scale) from
-    common.range_guard.fp16_pv_guard; None: (1, 1). Returns the log2-domain LSE [B, Hq, Nq] (or None).
+    ``vmax``: fp32 0-dim device tensor, max |V| over its finite values, from which the kernel
+    derives the range guard's scales (common.range_guard; ``v_rescaled``: V was converted to fp16
+    with s_v); None: no guard. ``zero_v``: masked tiles zero V's NaN/Inf; ``flags``
+    (common.nonfinite.NonfiniteFlags): set SDPA's NaN rows from them.
+    Returns the log2-domain LSE [B, Hq, Nq] (or None).
     """
     B, Hq, Nq, DP = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
@@ -221,11 +234,12 @@ def launch(qk, v_hnd: torch.Tensor, out_hnd: torch.Tensor, *, is_causal: bool, p
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, qk.q_scale.shape[-1], qk.k_scale.shape[-1], q_tps, k_tps,
         *kernel_args(mask, B, Nq, Nk, qk.q_scale),
-        pv_scales if pv_scales is not None else torch.ones(2, device=v_hnd.device),
+        vmax if vmax is not None else torch.zeros((), device=v_hnd.device),
+        flags.q_bad if flags is not None else qk.q_scale, flags.first_bad if flags is not None else qk.q_scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, Q_SCALAR=q_scalar, K_SCALAR=k_scalar,
         IS_CAUSAL=is_causal, PV_FP16_ACC=pv_fp16_acc, RETURN_LSE=return_lse, USE_DESC=use_desc,
         MASK_KIND=mask.kind, HAS_LENS=mask.has_lens, PER_SEQ_CAUSAL=mask.q_lens is not None,
-        num_warps=warps, num_stages=stages)
+        V_RESCALED=v_rescaled, ZERO_V=zero_v, NAN_ROWS=flags is not None, num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)
     return lse if return_lse else None

@@ -10,8 +10,9 @@ from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
-from common.masking import dense_mask, resolve_mask
-from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
+from common import nonfinite
+from common.masking import MASK_NONE, dense_mask, resolve_mask
+from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
 from common.smoothing import q_smoothing_delta_s
 from common.varlen import varlen_api
 
@@ -84,13 +85,20 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
                                    return_lse=return_lse, backend=be)
             return (out, lse) if return_lse else out
-        bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
-
+        # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
+        check = nonfinite.CHECK_NONFINITE
+        rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE
+        flags, amax_bits = None, None
+        if be == "triton":
+            amax = shape.batch * shape.heads_kv * D if pv_dtype != "fp16" else 0
+            flags, amax_bits = kernel_buffers(shape, q.device, rows_in_kernel=rows_in_kernel, amax_entries=amax)
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
-                         backend=be)
-        delta_s = q_smoothing_delta_s(qk.q_block_mean, kh, qk.k_mean) if smooth_q else None
-        qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D))
+                         backend=be, zero_nonfinite=check, flags=flags)
+        # (zeroed K: a NaN/Inf of a key nobody sees must not reach delta_s, which masks add to)
+        delta_s = q_smoothing_delta_s(qk.q_block_mean, zeroed(kh) if check else kh, qk.k_mean) if smooth_q else None
+        qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
+                        flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None)
         log2_pscale = math.log2(P_SCALE[pv_dtype])
         if be == "triton":
             from .kernel import PV_SINGLE, PV_TWO_LEVEL, launch
@@ -98,7 +106,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             lse2 = launch(qk, qv, out_hnd, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
                           pv_mode=PV_TWO_LEVEL if pv_accum == "two_level" else PV_SINGLE,
                           log2_pscale=log2_pscale, return_lse=return_lse,
-                          k_per_thread=qk_granularity == "per_thread", mask=mask)
+                          k_per_thread=qk_granularity == "per_thread", mask=mask, flags=flags)
         else:
             from .emulation import attention_emulated
 
@@ -106,14 +114,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             o, lse2 = attention_emulated(qk, qv, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,
                                          pv_accum=pv_accum, return_lse=return_lse, bias2=bias2)
             out_hnd.copy_(o)
-        res = (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
-        if flagged(bad):
-            return rerun_without_nonfinite(sageattn, q, k, v, qh, kh, vh, tensor_layout=tensor_layout, is_causal=is_causal,
-                                           return_lse=return_lse, mask=mask, sm_scale=sm_scale, backend=backend,
-                                           qk_dtype=qk_dtype, qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_k=smooth_k,
-                                           smooth_v=smooth_v, pv_dtype=pv_dtype, pv_accum=pv_accum)
-        return res
-
+        if check and not rows_in_kernel:
+            set_nan_rows(out_hnd, lse2, qh, kh, vh, is_causal=is_causal, mask=mask)
+        return (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
 
 sageattn_varlen = varlen_api(sageattn)
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from common.checks import interpreter_enabled
 from common.masking import NO_MASK, kernel_args
-from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, program_tile
+from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, nonfinite_rows, program_tile
 from common.triton_quant import to_fp8
 
 PV_SINGLE, PV_TWO_LEVEL, PV_TWO_LEVEL_PROMOTE = 0, 1, 2
@@ -96,13 +96,13 @@ def _tile(acc, l_i, m_i, q, qs, ks_ptr, DS_ptrs, K_desc, V_desc, kv_bh, b, h, hk
 def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                    stride_ob, stride_oh, stride_on,
                    Hq, Hkv, Nq, Nk, D, n_ds_blocks, log2_pscale,
-                   MASKP, smb, smh, smm, smn, QLEN, KLEN,
+                   MASKP, smb, smh, smm, smn, QLEN, KLEN, QBAD, FIRST_BAD,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, DS_BLOCK: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr,
                    PV_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr,
                    K_SCALE_MODE: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
                    MASK_KIND: tl.constexpr, HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr,
-                   HAS_VS: tl.constexpr):
+                   HAS_VS: tl.constexpr, NAN_ROWS: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
@@ -136,10 +136,14 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
     if SMOOTH_V:
         vmean = tl.load(VM + kv_bh * D + dcols, mask=d_mask, other=0.0)
         out = tl.where(l_i[:, None] == 0.0, 0.0, out + vmean[None, :])
+    lse = m_i + tl.math.log2(l_i) - log2_pscale
+    if NAN_ROWS:  # NaN/Inf inputs: SDPA's rows (common.nonfinite)
+        out, lse = nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL,
+                                  HAS_LENS, PER_SEQ_CAUSAL)
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
     if RETURN_LSE:
-        tl.store(LSE + bh * Nq + rows, m_i + tl.math.log2(l_i) - log2_pscale, mask=rows < Nq)
+        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, causal, fp8 PV).
@@ -169,9 +173,11 @@ def smooth_q_config(delta_s, config) -> bool:
 
 
 def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype: str, pv_mode: int,
-           log2_pscale: float, return_lse: bool, config=None, k_per_thread: bool = False, mask=NO_MASK):
+           log2_pscale: float, return_lse: bool, config=None, k_per_thread: bool = False, mask=NO_MASK,
+           flags=None):
     """Run the kernel; ``k_per_thread`` says K's scales follow the per-thread grouping over
-    128-key blocks (four scales per block), which the kernel reads as four scalars."""
+    128-key blocks (four scales per block), which the kernel reads as four scalars. ``flags``
+    (common.nonfinite.NonfiniteFlags): set SDPA's NaN rows from them (the passes zeroed the values)."""
     B, Hq, Nq, DP = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     D = out_hnd.shape[-1]
@@ -222,11 +228,12 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, delta_s, is_causal: bool, pv_dtype:
         out_hnd, lse, out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, D, delta_s.shape[2] if delta_s is not None else 1, log2_pscale,
         *kernel_args(mask, B, Nq, Nk, q_scale),
+        flags.q_bad if flags is not None else dummy, flags.first_bad if flags is not None else dummy,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DP=DP, DS_BLOCK=max(qk.q_block, 1), IS_CAUSAL=is_causal,
         PV_FP8=pv_fp8, FP8_E5M2=pv_dtype == "fp8_e5m2", PV_MODE=pv_mode, SMOOTH_Q=delta_s is not None,
         SMOOTH_V=qv.mean is not None, K_SCALE_MODE=k_scale_mode, RETURN_LSE=return_lse, INTERPRET=interpreter_enabled(),
         MASK_KIND=mask.kind, HAS_LENS=mask.has_lens, PER_SEQ_CAUSAL=mask.q_lens is not None,
-        HAS_VS=qv.scale is not None, num_warps=warps, num_stages=stages)
+        HAS_VS=qv.scale is not None, NAN_ROWS=flags is not None, num_warps=warps, num_stages=stages)
     if final_out is not None:
         final_out.copy_(out_hnd)
     return lse if return_lse else None

@@ -8,6 +8,9 @@ dimension (the keys); the quantization pass writes that layout for free.
 
 ``smooth_v``: V <- V - mean_tokens(V) first; the kernel adds the mean back to the output
 (rows of P sum to 1).
+
+NaN/Inf (``zero_nonfinite``, common.nonfinite): they count as 0 in the scales and the codes, and
+the Triton scan records V's first bad key per head in ``flags``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 
 from common import quant
 from common.checks import interpreter_enabled
+from common.nonfinite import finite_mean, zeroed
+from common.range_guard import finite_absmax
 from common.smoothing import v_channel_mean
 
 P_SCALE = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp16": 1.0}
@@ -38,25 +43,34 @@ def channel_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, dp: int = 0,
-               npad_multiple: int = 16) -> QuantizedV:
-    """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16)."""
+               npad_multiple: int = 16, zero_nonfinite: bool = False, flags=None,
+               amax_bits: torch.Tensor | None = None) -> QuantizedV:
+    """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16).
+    ``amax_bits``: a zeroed int32 buffer of B*H*D entries for the Triton scan (allocated if None)."""
+    B, H, N, D = v.shape
     mean = v_channel_mean(v) if smooth_v else None
-    centred = v if mean is None else v.float() - mean
+    if mean is not None and zero_nonfinite:
+        mean = finite_mean(mean)
+    if backend == "triton" and (flags is not None or pv_dtype != "fp16"):
+        if amax_bits is None:
+            amax_bits = torch.zeros(B * H * D, dtype=torch.int32, device=v.device)
+        absmax = finite_absmax(v, amax_bits, per_channel=True, mean=mean, flags=flags)  # |V - mean|, finite values
     if pv_dtype == "fp16":  # bf16 V beyond fp16's range is scaled by a power of two (common.range_guard)
         from common.range_guard import fp16_pv_guard
 
-        v16, scales = fp16_pv_guard(centred, fp16_accumulation=False)
-        B, H, _, D = v.shape
+        centred = zeroed(v) if zero_nonfinite else v
+        v16, scales = fp16_pv_guard(centred if mean is None else centred.float() - mean, fp16_accumulation=False)
         return QuantizedV(v16, scales[1].expand(B, H, D).contiguous(), mean, False)
     fmt = FP8_FMT[pv_dtype]
     fmax = quant.FP8_FORMATS[fmt][1]
-    absmax = channel_absmax(centred)
     if backend != "triton":
+        centred = zeroed(v) if zero_nonfinite else v
+        centred = centred if mean is None else centred.float() - mean
+        absmax = channel_absmax(centred)
         scale = absmax / torch.full_like(absmax, fmax)
         return QuantizedV(quant.fp8_static(centred, fmt, scale[..., None, :]), scale, mean, False)
     from common.triton_quant import quantize_v_fp8_kernel
 
-    B, H, N, D = v.shape
     if v.stride(-1) != 1:
         v = v.contiguous()
     npad = -(-N // npad_multiple) * npad_multiple
@@ -68,5 +82,5 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
         v, mean.reshape(B * H, D).contiguous() if mean is not None else scale, absmax, scale, out,
         v.stride(0), v.stride(1), v.stride(2), H, N, npad, D,
         BLOCK=block, DP=dp, HAS_MEAN=mean is not None, FP8_E5M2=fmt == "e5m2", FMAX=fmax,
-        INTERPRET=interpreter_enabled(), num_warps=4)
+        INTERPRET=interpreter_enabled(), ZERO=zero_nonfinite, num_warps=4)
     return QuantizedV(out, scale, mean, True)

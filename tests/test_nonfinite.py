@@ -10,7 +10,7 @@ import sage3
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import KERNEL_DEVICE
+from conftest import KERNEL_DEVICE, gpu
 
 GENS = {"sage1": (sage1.sageattn, 0.999), "sage2": (sage2.sageattn, 0.995), "sage3": (sage3.sageattn, 0.95)}
 
@@ -104,3 +104,108 @@ def test_training_follows_the_rule_forward_and_backward(where, causal, backend):
     assert accuracy(ref_in[0].grad[~rows], dq[~rows]).cos_sim > 0.99
     for r, g in ((ref_in[1].grad, dk), (ref_in[2].grad, dv)):
         assert accuracy(r[~keys], g[~keys]).cos_sim > 0.99
+
+
+# --- The kernels' own rule (no host wait): the passes zero and record, the epilogue sets rows ---
+
+OPTION_CASES = [
+    ("sage1", dict()),
+    ("sage1", dict(pv_accum="fp32", qk_granularity="per_token")),
+    ("sage2", dict()),
+    ("sage2", dict(qk_dtype="int4")),                              # Q smoothing: delta_s from raw K
+    ("sage2", dict(smooth_v=True, qk_granularity="per_block")),
+    ("sage2", dict(pv_dtype="fp16")),
+    ("sage2", dict(qk_granularity="per_tensor")),                  # the PyTorch quantizer records the flags
+]
+MASK_CASES = ["none", "causal", "key_padding", "key_padding_causal", "dense"]
+
+
+def _masked_call(fn, q, k, v, mask_case, backend, **opts):
+    causal = mask_case in ("causal", "key_padding_causal", "dense")
+    if mask_case.startswith("key_padding"):
+        keep = torch.ones(2, 1, 1, k.shape[2], dtype=torch.bool)
+        keep[0, ..., 150:] = False                                # batch 0: keys >= 150 are padding
+        opts["attn_mask"] = keep.to(q.device)
+    elif mask_case == "dense":
+        bias = torch.zeros(q.shape[2], k.shape[2])
+        bias[:120, 60:90] = float("-inf")                         # rows < 120 do not see keys 60..89
+        opts["attn_mask"] = bias.to(q.device)
+    return fn(q, k, v, is_causal=causal, return_lse=True, backend=backend, **opts), causal, opts.get("attn_mask")
+
+
+@pytest.mark.parametrize("gen,opts", OPTION_CASES)
+@pytest.mark.parametrize("mask_case", MASK_CASES)
+def test_kernel_and_emulation_agree_on_nonfinite_inputs(gen, opts, mask_case):
+    """NaN and Inf in q, k and v at once, one of them in a padding key (seen by nobody) and one in a
+    key some rows do not see: both backends give NaN on exactly SDPA's rows, and the same finite
+    numbers elsewhere (kernel vs emulation as close as on finite inputs)."""
+    from common.masking import prepare_mask
+    from common.nonfinite import nan_rows
+
+    fn = GENS[gen][0]
+    q, k, v = make_qkv(2, 4, 200, 64, heads_kv=2, kind="k_bias", seed=11)
+    q[1, 3, 7, 5] = float("nan")
+    k[0, 1, 170, 2] = float("inf")        # batch 0: a padding key in the key-padding cases
+    v[1, 0, 75, 9] = float("-inf")        # batch 1: causal rows < 75 and dense-masked rows < 120 do not see it
+    k[1, 1, 180, 0] = float("nan")
+    res = {}
+    for backend in ("torch", "triton"):
+        (out, lse), causal, mask = _masked_call(fn, *(t.to(KERNEL_DEVICE) for t in (q, k, v)), mask_case, backend, **opts)
+        res[backend] = out.cpu(), lse.cpu()
+    spec = prepare_mask(mask.cpu() if mask is not None else None, 2, 4, 200, 200, torch.device("cpu"))
+    rows = nan_rows(q, k, v, is_causal=causal, mask=spec)
+    assert rows.any() and (~rows).any()
+    for out, lse in res.values():
+        assert torch.equal(torch.isnan(out).any(-1), rows) and torch.equal(torch.isnan(lse), rows)
+        assert torch.isfinite(out[~rows]).all()
+    (ok, lk), (oe, le) = res["triton"], res["torch"]
+    fin = torch.isfinite(le)
+    assert (lk - le)[fin].abs().max() < 1e-3
+    assert accuracy(oe[~rows].double(), ok[~rows]).rel_l1 <= 3e-3
+
+
+@pytest.mark.parametrize("gen", ["sage1", "sage2"])
+def test_finite_inputs_give_the_same_numbers_with_the_check_on_or_off(gen, monkeypatch):
+    """The rule costs nothing in numbers: on finite inputs the output is bit-identical with the check off."""
+    import common.nonfinite as nf
+
+    fn = GENS[gen][0]
+    q, k, v = (t.to(KERNEL_DEVICE) for t in make_qkv(1, 2, 150, 64, kind="k_bias", seed=3))
+    on = fn(q, k, v, is_causal=True, backend="triton")
+    monkeypatch.setattr(nf, "CHECK_NONFINITE", False)
+    off = fn(q, k, v, is_causal=True, backend="triton")
+    assert torch.equal(on, off)
+
+
+@gpu
+@pytest.mark.parametrize("gen", ["sage1", "sage2"])
+def test_the_check_never_waits_for_the_gpu_and_holds_inside_a_cuda_graph(gen):
+    """No host synchronization in a call without a dense mask (torch's sync debug mode raises on
+    one), so calls queue ahead of the GPU; and the rule works in a captured CUDA graph, whose
+    inputs are poisoned only before a replay."""
+    fn = GENS[gen][0]
+    q, k, v = (t.cuda() for t in make_qkv(2, 4, 256, 64, heads_kv=2, kind="k_bias", seed=4))
+    fn(q, k, v, is_causal=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(q, k, v, is_causal=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(q, k, v, is_causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(q, k, v, is_causal=True)
+    clean = fn(q, k, v, is_causal=True)
+    graph.replay()
+    assert torch.equal(out, clean)
+    v[1, 0, 100, 3] = float("nan")
+    graph.replay()
+    want = torch.zeros(2, 4, 256, dtype=torch.bool, device="cuda")
+    want[1, :2, 100:] = True                                      # query heads 0, 1 share kv head 0
+    assert torch.equal(torch.isnan(out).any(-1), want)
+    assert torch.equal(out[~want], fn(q, k, v, is_causal=True)[~want])
