@@ -193,7 +193,7 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
     """AMAX (int32 bits of fp32, zero-initialized): max |V - mean| over finite values, per
     (batch, head, channel) or of the whole tensor. Non-negative floats order as their bits, so an
     integer atomic max gives the exact maximum in any order (deterministic)."""
-    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
+    x, _, cols, _, _, pid_bh = load_token_tile_nonfinite(
         V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, V, FIRST_BAD, BLOCK, DP, HAS_MEAN, True, FLAGS)
     a = tl.abs(x)
     if PER_CHANNEL:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from common import nonfinite
 from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import quantize_qk
-from common import nonfinite
 from common.masking import MASK_NONE, dense_mask, resolve_mask
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
 from common.range_guard import finite_absmax, fp16_pv_guard, to_fp16_for_pv

@@ -24,8 +24,14 @@ import triton.language as tl
 
 from common.masking import MASK_NONE, NO_MASK, kernel_args
 from common.range_guard import guard_scales_tl
-from common.triton_attention import (apply_tile_mask, kv_range, masked_row_max, nonfinite_rows, program_tile,
-                                     zero_nonfinite_tile)
+from common.triton_attention import (
+    apply_tile_mask,
+    kv_range,
+    masked_row_max,
+    nonfinite_rows,
+    program_tile,
+    zero_nonfinite_tile,
+)
 
 
 @triton.jit

@@ -6,11 +6,11 @@ import math
 
 import torch
 
+from common import nonfinite
 from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
-from common import nonfinite
 from common.masking import MASK_NONE, dense_mask, resolve_mask
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
 from common.smoothing import q_smoothing_delta_s

@@ -31,7 +31,13 @@ import triton.language as tl
 
 from common.checks import interpreter_enabled
 from common.masking import NO_MASK, kernel_args
-from common.triton_attention import apply_tile_mask, kv_range, masked_row_max, nonfinite_rows, program_tile
+from common.triton_attention import (
+    apply_tile_mask,
+    kv_range,
+    masked_row_max,
+    nonfinite_rows,
+    program_tile,
+)
 from common.triton_quant import to_fp8
 
 PV_SINGLE, PV_TWO_LEVEL, PV_TWO_LEVEL_PROMOTE = 0, 1, 2
