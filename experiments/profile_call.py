@@ -35,7 +35,7 @@ def loop_times(fn, n=50):
     return host, (time.perf_counter() - t0) / n * 1e3
 
 
-def kernel_times(fn, cpu_ops: bool):
+def kernel_times(fn, cpu_ops: bool, per_kernel: bool = False):
     acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu_ops else [])
     with torch.profiler.profile(activities=acts) as prof:
         fn()
@@ -44,6 +44,10 @@ def kernel_times(fn, cpu_ops: bool):
     dev = sum(e.device_time_total for e in ev if e.device_time_total > 0) / 1e3
     top_cpu = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in ev if e.self_cpu_time_total > 0),
                      key=lambda x: -x[1])[:12] if cpu_ops else []
+    if per_kernel:
+        for e in sorted(ev, key=lambda e: -e.device_time_total):
+            if e.device_time_total > 0 and e.self_cpu_time_total == 0:  # kernels, not the operators around them
+                print(f"      gpu {e.device_time_total / 1e3:8.3f} ms x{e.count:<3d} {e.key[:80]}")
     return dev, top_cpu
 
 
@@ -52,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 8192])
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--cpu-ops", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="device time of each kernel of one call")
     args = ap.parse_args(argv)
     cudnn = sdpa("sdpa_cudnn")
     rows = []
@@ -66,7 +71,7 @@ def main(argv=None):
             nonfinite.CHECK_NONFINITE = check
             host, wall = loop_times(fn)
             ms = bench_ms(fn)
-            dev, top_cpu = kernel_times(fn, args.cpu_ops)
+            dev, top_cpu = kernel_times(fn, args.cpu_ops, args.kernels)
             base = base or ms
             rows.append((n, name, "on" if check else "off", host, wall, ms, dev, tops(flops, ms), base / ms))
             print(f"N={n} {name} check={'on' if check else 'off'}: host {host:.3f} wall {wall:.3f} bench {ms:.3f} "
