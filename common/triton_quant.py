@@ -87,18 +87,39 @@ def load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
 
 @triton.jit
 def zero_nonfinite(x, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.constexpr):
-    """NaN/±Inf -> 0. FLAGS 1: store which tokens had one (uint8 per token: Q's rows);
+    """NaN/±Inf -> 0, recorded as :func:`record_nonfinite` says."""
+    finite = tl.abs(x) < float("inf")
+    record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
+    return tl.where(finite, x, 0.0)
+
+
+@triton.jit
+def zero_nonfinite_scaled(x, rows, cols, N, D, pid_bh, MEAN, mult, BAD_ROWS, FIRST_BAD,
+                          HAS_MEAN: tl.constexpr, FLAGS: tl.constexpr):
+    """x = (raw - mean) * mult still holding raw's NaN/Inf: the same numbers as zeroing raw
+    first, i.e. (0 - mean) * mult in their place; recorded as :func:`record_nonfinite` says."""
+    finite = tl.abs(x) < float("inf")
+    record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
+    if HAS_MEAN:
+        fill = (0.0 - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)) * mult
+        x = tl.where(finite, x, fill[None, :])
+    else:
+        x = tl.where(finite, x, 0.0)
+    return x
+
+
+@triton.jit
+def record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.constexpr):
+    """FLAGS 1: mark the tokens with a NaN/Inf (BAD_ROWS: zeroed uint8 per token, Q's rows);
     2: fold the tile's first such token into FIRST_BAD[pid_bh] (int32, NO_BAD_KEY - token, by
     atomic max: the keys of K and V)."""
-    finite = tl.abs(x) < float("inf")
     if FLAGS != 0:
         bad = tl.max(tl.where(finite, 0, 1), axis=1)
         if FLAGS == 1:
-            tl.store(BAD_ROWS + pid_bh * N + rows, bad.to(tl.uint8), mask=rows < N)
+            tl.store(BAD_ROWS + pid_bh * N + rows, bad.to(tl.uint8), mask=(rows < N) & (bad != 0))
         else:
             first = tl.min(tl.where(bad != 0, rows, _NO_BAD_KEY), axis=0)
             tl.atomic_max(FIRST_BAD + pid_bh, -first + _NO_BAD_KEY, mask=first < _NO_BAD_KEY)
-    return tl.where(finite, x, 0.0)
 
 
 @triton.jit
@@ -117,18 +138,30 @@ def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN, BAD_ROWS, FIRST_BAD,
                         BLOCK: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
                         GRAN: tl.constexpr, WARP: tl.constexpr, HAS_MEAN: tl.constexpr,
                         SMOOTH_BLOCK: tl.constexpr, ZERO: tl.constexpr, FLAGS: tl.constexpr):
-    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
-        X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BAD_ROWS, FIRST_BAD, BLOCK, DP, HAS_MEAN, ZERO, FLAGS)
-    if SMOOTH_BLOCK:
+    if SMOOTH_BLOCK:  # the tile's mean needs finite values: NaN/Inf are zeroed as they load
+        x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
+            X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BAD_ROWS, FIRST_BAD, BLOCK, DP, HAS_MEAN, ZERO, FLAGS)
         x = subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK)
+    else:
+        x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
+                                                                   BLOCK, DP, HAS_MEAN)
     x = x * mult
+    if ZERO and not SMOOTH_BLOCK:
+        # a NaN/Inf counts as +inf in the rows' absmax (one select on the common path); only a tile
+        # that holds one pays for zeroing and recording them
+        row_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
+        if tl.max(row_absmax, axis=0) == float("inf"):
+            x = zero_nonfinite_scaled(x, rows, cols, N, D, pid_bh, MEAN, mult, BAD_ROWS, FIRST_BAD, HAS_MEAN, FLAGS)
+            row_absmax = tl.max(tl.abs(x), axis=1)
+    else:
+        row_absmax = tl.max(tl.abs(x), axis=1)
     if GRAN == 0:
-        absmax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        absmax = tl.max(row_absmax, axis=0)
         scale = tl.math.div_rn(absmax, QMAX * 1.0)
         tl.store(SCALE + pid_bh * tl.num_programs(0) + pid_n, scale)
         y = tl.math.div_rn(x, tl.where(scale == 0.0, 1.0, scale))
     else:
-        absmax = _group_absmax(tl.max(tl.abs(x), axis=1), BLOCK, GRAN, WARP)
+        absmax = _group_absmax(row_absmax, BLOCK, GRAN, WARP)
         scale = tl.math.div_rn(absmax, QMAX * 1.0)
         tl.store(SCALE + pid_bh * N + rows, scale, mask=rows < N)
         y = tl.math.div_rn(x, tl.where(scale == 0.0, 1.0, scale)[:, None])
@@ -193,10 +226,13 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
     """AMAX (int32 bits of fp32, zero-initialized): max |V - mean| over finite values, per
     (batch, head, channel) or of the whole tensor. Non-negative floats order as their bits, so an
     integer atomic max gives the exact maximum in any order (deterministic)."""
-    x, _, cols, _, _, pid_bh = load_token_tile_nonfinite(
-        V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, V, FIRST_BAD, BLOCK, DP, HAS_MEAN, True, FLAGS)
-    a = tl.abs(x)
+    x, rows, cols, _, _, pid_bh = load_token_tile(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
+                                                  BLOCK, DP, HAS_MEAN)
+    col_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=0)  # NaN/Inf count as +inf
+    if tl.max(col_absmax, axis=0) == float("inf"):  # rare: zero and record them
+        x = zero_nonfinite_scaled(x, rows, cols, N, D, pid_bh, MEAN, 1.0, V, FIRST_BAD, HAS_MEAN, FLAGS)
+        col_absmax = tl.max(tl.abs(x), axis=0)
     if PER_CHANNEL:
-        tl.atomic_max(AMAX + pid_bh * D + cols, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=cols < D)
+        tl.atomic_max(AMAX + pid_bh * D + cols, col_absmax.to(tl.int32, bitcast=True), mask=cols < D)
     else:
-        tl.atomic_max(AMAX, tl.max(tl.max(a, axis=1), axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(AMAX, tl.max(col_absmax, axis=0).to(tl.int32, bitcast=True))
