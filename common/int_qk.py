@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
-from .nonfinite import NO_BAD_KEY, NonfiniteFlags, finite_mean, zeroed
+from .nonfinite import NO_BAD_KEY, NonfiniteFlags, finite_mean
 from .smoothing import expand_block_rows, k_mean, q_block_means
 
 LOG2E = 1.4426950408889634
@@ -92,7 +92,11 @@ def _record_nonfinite_torch(x, flags: NonfiniteFlags, k_side: bool):
 def _quantize_torch(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side, zero, flags):
     if flags is not None:
         _record_nonfinite_torch(x, flags, k_side)
-    xf = zeroed(x.float()) if zero else x.float()
+    xf = x.float()
+    bad = None
+    if zero:  # a token with a NaN/Inf becomes a zero row, before and after smoothing (as the Triton pass)
+        bad = ~torch.isfinite(xf).all(-1, keepdim=True)
+        xf = xf.masked_fill(bad, 0.0)
     block_mean = None
     if mean is not None:
         xf = xf - mean
@@ -102,6 +106,8 @@ def _quantize_torch(x, mean, smooth_block, mult, bits, gran, block, dp, warp_row
         block_mean = bm * torch.tensor(mult, dtype=torch.float32, device=x.device)
     if mult != 1.0:
         xf = xf * torch.tensor(mult, dtype=torch.float32, device=x.device)
+    if bad is not None:
+        xf = xf.masked_fill(bad, 0.0)
     n = x.shape[-2]
     if gran == "per_block" or (gran == "per_warp" and k_side):
         codes, scale = quant.int_per_block(xf, bits, block)
@@ -165,8 +171,8 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
 
     ``k_mean_override`` lets a caller supply the mean to subtract (e.g. one mean over a packed
     varlen batch); by default it is the token mean of each (batch, kv head).
-    ``zero_nonfinite``: NaN/Inf values count as 0 (and a non-finite channel of K's mean as 0);
-    ``flags``: where to record them (common.nonfinite).
+    ``zero_nonfinite``: a token holding a NaN/Inf is quantized as a zero row (a non-finite channel
+    of K's mean counts as 0); ``flags``: where to record them (common.nonfinite).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")

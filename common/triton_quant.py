@@ -123,6 +123,21 @@ def record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.con
 
 
 @triton.jit
+def zero_bad_tokens(x, row_absmax, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.constexpr):
+    """Q and K: a token whose row absmax is +inf (a NaN/Inf in it, NaN counted as +inf) becomes a
+    zero row (its rows of the output are set to NaN later, so its codes never matter). Recorded
+    with predicated stores, no reduction: FLAGS 1 marks the token (BAD_ROWS, zeroed uint8 per
+    token: Q's rows), 2 folds it into FIRST_BAD[pid_bh] (int32 NO_BAD_KEY - token, atomic max:
+    K's keys). Returns (x, bad)."""
+    bad = (row_absmax == float("inf")) & (rows < N)
+    if FLAGS == 1:
+        tl.store(BAD_ROWS + pid_bh * N + rows, tl.full(rows.shape, 1, tl.uint8), mask=bad)
+    elif FLAGS == 2:
+        tl.atomic_max(FIRST_BAD + pid_bh + rows * 0, -rows + _NO_BAD_KEY, mask=bad)
+    return tl.where(bad[:, None], 0.0, x), bad
+
+
+@triton.jit
 def subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK: tl.constexpr):
     """Q smoothing: subtract this tile's token mean (tail rows excluded) and store it times mult."""
     count = tl.minimum(N - pid_n * BLOCK, BLOCK).to(tl.float32)
@@ -138,23 +153,25 @@ def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN, BAD_ROWS, FIRST_BAD,
                         BLOCK: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
                         GRAN: tl.constexpr, WARP: tl.constexpr, HAS_MEAN: tl.constexpr,
                         SMOOTH_BLOCK: tl.constexpr, ZERO: tl.constexpr, FLAGS: tl.constexpr):
-    if SMOOTH_BLOCK:  # the tile's mean needs finite values: NaN/Inf are zeroed as they load
-        x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
-            X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BAD_ROWS, FIRST_BAD, BLOCK, DP, HAS_MEAN, ZERO, FLAGS)
+    x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
+                                                               BLOCK, DP, HAS_MEAN)
+    if SMOOTH_BLOCK:
+        if ZERO:  # the tile's mean needs finite rows
+            x, bad = zero_bad_tokens(x, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1), rows, N, pid_bh,
+                                     BAD_ROWS, FIRST_BAD, FLAGS)
         x = subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK)
-    else:
-        x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
-                                                                   BLOCK, DP, HAS_MEAN)
-    x = x * mult
-    if ZERO and not SMOOTH_BLOCK:
-        # a NaN/Inf counts as +inf in the rows' absmax (one select on the common path); only a tile
-        # that holds one pays for zeroing and recording them
-        row_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
-        if tl.max(row_absmax, axis=0) == float("inf"):
-            x = zero_nonfinite_scaled(x, rows, cols, N, D, pid_bh, MEAN, mult, BAD_ROWS, FIRST_BAD, HAS_MEAN, FLAGS)
-            row_absmax = tl.max(tl.abs(x), axis=1)
-    else:
+        x = x * mult
+        if ZERO:
+            x = tl.where(bad[:, None], 0.0, x)
         row_absmax = tl.max(tl.abs(x), axis=1)
+    else:
+        x = x * mult
+        if ZERO:  # a NaN counts as +inf in the rows' absmax: no reduction beyond the one the scales need
+            row_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
+            x, bad = zero_bad_tokens(x, row_absmax, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
+            row_absmax = tl.where(bad, 0.0, row_absmax)
+        else:
+            row_absmax = tl.max(tl.abs(x), axis=1)
     if GRAN == 0:
         absmax = tl.max(row_absmax, axis=0)
         scale = tl.math.div_rn(absmax, QMAX * 1.0)
