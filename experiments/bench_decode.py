@@ -55,14 +55,17 @@ def sweep(D: int) -> None:
     base = min(bench_ms(lambda f=sdpa_fn(n): f(q, k, v, False)) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA {base:.4f} ms", flush=True)
     print(f"  sage1 smooth_k=False: {bench_ms(lambda: sage1.sageattn(q, k, v, smooth_k=False)):.4f} ms", flush=True)
-    for tile, warps, maxnreg, per_sm in ((64, 4, 168, 2), (64, 4, 168, 3), (64, 4, 168, 4), (64, 4, 168, 6),
-                                         (128, 8, 128, 2), (128, 8, 128, 4)):
+    default = decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.PROGRAMS_PER_SM, decode.DECODE_STAGES
+    for tile, warps, maxnreg, per_sm, stages in (
+            (64, 4, 168, 2, 2), (64, 4, 168, 3, 2), (64, 4, 168, 3, 3), (64, 4, 168, 6, 2), (64, 4, 128, 4, 2),
+            (64, 4, 128, 4, 3), (32, 4, 128, 4, 3), (32, 4, 128, 6, 4), (128, 8, 128, 2, 2)):
         decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG = tile, warps, maxnreg
-        decode.PROGRAMS_PER_SM = per_sm
-        line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items()]
-        print(f"  tile={tile} warps={warps} maxnreg={maxnreg} programs/SM={per_sm}: " + ", ".join(line) + " ms",
-              flush=True)
-    decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.PROGRAMS_PER_SM = 64, None, 168, 2
+        decode.PROGRAMS_PER_SM, decode.DECODE_STAGES = per_sm, stages
+        line = [f"{n} {bench_ms(lambda f=f: f(q, k, v, False)):.4f}" for n, f in OURS.items() if n != "sage2_4b"]
+        print(f"  tile={tile} warps={warps} maxnreg={maxnreg} programs/SM={per_sm} stages={stages}: "
+              + ", ".join(line) + " ms", flush=True)
+    (decode.DECODE_TILE, decode.DECODE_WARPS, decode.DECODE_MAXNREG, decode.PROGRAMS_PER_SM,
+     decode.DECODE_STAGES) = default
 
 
 def overhead() -> None:
