@@ -35,6 +35,19 @@ def loop_times(fn, n=50):
     return host, (time.perf_counter() - t0) / n * 1e3
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def kernel_times(fn, cpu_ops: bool, per_kernel: bool = False):
     acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu_ops else [])
     with torch.profiler.profile(activities=acts) as prof:
@@ -57,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--cpu-ops", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="device time of each kernel of one call")
+    ap.add_argument("--graphs", action="store_true", help="also time each call replayed from a CUDA graph")
     args = ap.parse_args(argv)
     cudnn = sdpa("sdpa_cudnn")
     rows = []
@@ -66,13 +80,18 @@ def main(argv=None):
         cases = [("sdpa_cudnn", True, lambda: cudnn(q, k, v))]
         for check in (True, False):
             cases += [("sage1", check, lambda: sage1.sageattn(q, k, v)), ("sage2", check, lambda: sage2.sageattn(q, k, v))]
-        base = None
+        base = g_base = None
         for name, check, fn in cases:
             nonfinite.CHECK_NONFINITE = check
             host, wall = loop_times(fn)
             ms = bench_ms(fn)
             dev, top_cpu = kernel_times(fn, args.cpu_ops, args.kernels)
             base = base or ms
+            if args.graphs:  # the host's share removed: how serving loops and torch.compile(mode="reduce-overhead") run
+                g_ms = bench_ms(graphed(fn))
+                g_base = g_base if name != "sdpa_cudnn" else g_ms
+                print(f"N={n} {name} check={'on' if check else 'off'}: CUDA graph {g_ms:.3f} ms = "
+                      f"{g_base / g_ms:.2f}x cuDNN (graph)", flush=True)
             rows.append((n, name, "on" if check else "off", host, wall, ms, dev, tops(flops, ms), base / ms))
             print(f"N={n} {name} check={'on' if check else 'off'}: host {host:.3f} wall {wall:.3f} bench {ms:.3f} "
                   f"kernels {dev:.3f} ms  {tops(flops, ms):.0f} TOPS = {base / ms:.2f}x cuDNN", flush=True)
