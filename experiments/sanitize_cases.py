@@ -1,6 +1,8 @@
 """Small calls that launch every Triton kernel once (run under compute-sanitizer by sanitize.sh):
-the Q/K/V quantization passes and the attention kernels of sage1, sage2 (8b, 4b, fp16 PV, masks,
-varlen), sage3 (packed and pre-unpacked FP4) and SageBwd (forward, backward, atomic dQ)."""
+the Q/K/V quantization passes and V's scan, the attention kernels of sage1, sage2 (8b, 4b, fp16 PV,
+masks, varlen), sage3 (packed and pre-unpacked FP4) and SageBwd (forward, backward, atomic dQ),
+the decode kernels (split and combine), and all of them again on inputs with NaN/Inf, so that the
+passes' recording stores and atomics, the epilogue's NaN rows and decode's careful sweep run too."""
 
 import torch
 
@@ -45,6 +47,35 @@ def main():
         for det in (True, False):
             qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             sage3.sageattn_train(qt, kt, vt, is_causal=causal, deterministic=det).sum().backward()
+            n += 1
+    # decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2
+    qd, kd, vd = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=700, kind="k_bias", device=dev, seed=2)
+    q4 = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=700, device=dev, seed=3)[0]
+    for fn in (sage1.sageattn, sage2.sageattn):
+        fn(qd, kd, vd, return_lse=True)
+        fn(q4, kd, vd, is_causal=True)
+        n += 2
+    # NaN/Inf inputs: the rule's slow paths
+    qn, kn, vn = (t.clone() for t in (q, k, v))
+    qn[1, 3, 7, 5] = float("nan")
+    kn[0, 1, 170, 2] = float("inf")
+    vn[1, 0, 75, 9] = float("-inf")
+    kdn, vdn = kd.clone(), vd.clone()
+    kdn[1, 0, 300, 1] = float("nan")
+    vdn[0, 1, 650, 4] = float("inf")
+    for causal in (False, True):
+        for call in (
+            lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, return_lse=True),
+            lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, attn_mask=pad),
+            lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, attn_mask=mask),
+            lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, return_lse=True),
+            lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_dtype="int4", smooth_v=True),
+            lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_granularity="per_tensor", pv_dtype="fp16"),
+            lambda: sage3.sageattn(qn, kn, vn, is_causal=causal),
+            lambda: sage1.sageattn(qd, kdn, vdn, is_causal=causal),
+            lambda: sage2.sageattn(q4, kdn, vdn, is_causal=causal),
+        ):
+            call()
             n += 1
     torch.cuda.synchronize()
     print(f"{n} cases ok")
