@@ -50,16 +50,14 @@ class NonfiniteFlags:
 
 def kernel_buffers(shape, device, *, rows_in_kernel: bool, amax_entries: int):
     """(NonfiniteFlags for the passes to fill, or None unless ``rows_in_kernel``; a zeroed int32
-    [amax_entries] buffer for V's atomic max): all of it carved from one zeroed allocation (the
-    passes write only where they find a NaN/Inf). ``shape``: common.checks.AttentionShape."""
+    [amax_entries] buffer for V's atomic max). All zeroed: the passes write only where they find a
+    NaN/Inf. ``shape``: common.checks.AttentionShape."""
     n_keys = shape.batch * shape.heads_kv if rows_in_kernel else 0
-    n_rows = shape.batch * shape.heads_q * shape.seqlen_q if rows_in_kernel else 0
-    buf = torch.zeros(n_keys + amax_entries + -(-n_rows // 4), dtype=torch.int32, device=device)
-    amax = buf[n_keys:n_keys + amax_entries]
+    buf = torch.zeros(n_keys + amax_entries, dtype=torch.int32, device=device)
     if not rows_in_kernel:
-        return None, amax
-    q_bad = buf[n_keys + amax_entries:].view(torch.uint8)[:n_rows].view(shape.batch, shape.heads_q, shape.seqlen_q)
-    return NonfiniteFlags(q_bad, buf[:n_keys]), amax
+        return None, buf
+    q_bad = torch.zeros((shape.batch, shape.heads_q, shape.seqlen_q), dtype=torch.uint8, device=device)
+    return NonfiniteFlags(q_bad, buf[:n_keys]), buf[n_keys:]
 
 
 def finite_mean(mean: torch.Tensor) -> torch.Tensor:
