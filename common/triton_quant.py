@@ -61,16 +61,13 @@ def load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
     """The tile this program quantizes: BLOCK tokens (program id 0) x DP channels of head
     program id 1, as fp32, zero outside [N, D), minus the per-head token mean if HAS_MEAN.
     Returns (x, rows, cols, in_bounds, pid_n, pid_bh)."""
-    return load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, X, X,
-                                     BLOCK, DP, HAS_MEAN, False, 0)
+    return load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BLOCK, DP, HAS_MEAN, False)
 
 
 @triton.jit
-def load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, BAD_ROWS, FIRST_BAD,
-                              BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr,
-                              ZERO: tl.constexpr, FLAGS: tl.constexpr):
-    """:func:`load_token_tile` with NaN/Inf replaced by 0 before the mean is subtracted (``ZERO``),
-    recorded as :func:`zero_nonfinite` says (``FLAGS``)."""
+def load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
+                              BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr, ZERO: tl.constexpr):
+    """:func:`load_token_tile`, with NaN/Inf values replaced by 0 before the mean is subtracted (``ZERO``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -79,47 +76,27 @@ def load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
     x = tl.load(X + (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh + rows[:, None] * stride_xn + cols[None, :],
                 mask=in_bounds, other=0.0).to(tl.float32)
     if ZERO:
-        x = zero_nonfinite(x, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
+        x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
     if HAS_MEAN:
         x = tl.where(in_bounds, x - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)[None, :], 0.0)
     return x, rows, cols, in_bounds, pid_n, pid_bh
 
 
 @triton.jit
-def zero_nonfinite(x, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.constexpr):
-    """NaN/±Inf -> 0, recorded as :func:`record_nonfinite` says."""
+def zero_nonfinite_centred(x, rows, cols, D, pid_bh, MEAN, FIRST_BAD, HAS_MEAN: tl.constexpr, FLAG: tl.constexpr):
+    """x = raw - mean still holding raw's NaN/Inf: the same numbers as zeroing raw first, i.e.
+    0 - mean in their place. FLAG: fold the tile's first token with one into FIRST_BAD[pid_bh]
+    (int32, NO_BAD_KEY - token, atomic max: V's keys)."""
     finite = tl.abs(x) < float("inf")
-    record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
-    return tl.where(finite, x, 0.0)
-
-
-@triton.jit
-def zero_nonfinite_scaled(x, rows, cols, N, D, pid_bh, MEAN, mult, BAD_ROWS, FIRST_BAD,
-                          HAS_MEAN: tl.constexpr, FLAGS: tl.constexpr):
-    """x = (raw - mean) * mult still holding raw's NaN/Inf: the same numbers as zeroing raw
-    first, i.e. (0 - mean) * mult in their place; recorded as :func:`record_nonfinite` says."""
-    finite = tl.abs(x) < float("inf")
-    record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
+    if FLAG:
+        bad = tl.max(tl.where(finite, 0, 1), axis=1)
+        first = tl.min(tl.where(bad != 0, rows, _NO_BAD_KEY), axis=0)
+        tl.atomic_max(FIRST_BAD + pid_bh, -first + _NO_BAD_KEY, mask=first < _NO_BAD_KEY)
     if HAS_MEAN:
-        fill = (0.0 - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)) * mult
-        x = tl.where(finite, x, fill[None, :])
+        x = tl.where(finite, x, (0.0 - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0))[None, :])
     else:
         x = tl.where(finite, x, 0.0)
     return x
-
-
-@triton.jit
-def record_nonfinite(finite, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS: tl.constexpr):
-    """FLAGS 1: mark the tokens with a NaN/Inf (BAD_ROWS: zeroed uint8 per token, Q's rows);
-    2: fold the tile's first such token into FIRST_BAD[pid_bh] (int32, NO_BAD_KEY - token, by
-    atomic max: the keys of K and V)."""
-    if FLAGS != 0:
-        bad = tl.max(tl.where(finite, 0, 1), axis=1)
-        if FLAGS == 1:
-            tl.store(BAD_ROWS + pid_bh * N + rows, bad.to(tl.uint8), mask=(rows < N) & (bad != 0))
-        else:
-            first = tl.min(tl.where(bad != 0, rows, _NO_BAD_KEY), axis=0)
-            tl.atomic_max(FIRST_BAD + pid_bh, -first + _NO_BAD_KEY, mask=first < _NO_BAD_KEY)
 
 
 @triton.jit
@@ -224,7 +201,7 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
                           FP8_E5M2: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr,
                           ZERO: tl.constexpr):
     x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
-        V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, V, V, BLOCK, DP, HAS_MEAN, ZERO, 0)
+        V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, BLOCK, DP, HAS_MEAN, ZERO)
     # scale = absmax / fmax per channel; the first program of each head stores it
     scale = tl.math.div_rn(tl.load(ABSMAX + pid_bh * D + cols, mask=cols < D, other=0.0), FMAX)
     if pid_n == 0:
@@ -239,7 +216,7 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
 @triton.jit
 def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, N, D,
                   BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                  FLAGS: tl.constexpr):
+                  FLAG: tl.constexpr):
     """AMAX (int32 bits of fp32, zero-initialized): max |V - mean| over finite values, per
     (batch, head, channel) or of the whole tensor. Non-negative floats order as their bits, so an
     integer atomic max gives the exact maximum in any order (deterministic)."""
@@ -247,7 +224,7 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
                                                   BLOCK, DP, HAS_MEAN)
     col_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=0)  # NaN/Inf count as +inf
     if tl.max(col_absmax, axis=0) == float("inf"):  # rare: zero and record them
-        x = zero_nonfinite_scaled(x, rows, cols, N, D, pid_bh, MEAN, 1.0, V, FIRST_BAD, HAS_MEAN, FLAGS)
+        x = zero_nonfinite_centred(x, rows, cols, D, pid_bh, MEAN, FIRST_BAD, HAS_MEAN, FLAG)
         col_absmax = tl.max(tl.abs(x), axis=0)
     if PER_CHANNEL:
         tl.atomic_max(AMAX + pid_bh * D + cols, col_absmax.to(tl.int32, bitcast=True), mask=cols < D)
