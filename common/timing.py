@@ -37,3 +37,17 @@ def bench_ms(fn, *, warmup_ms: float = 100, rep_ms: float = 500) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_replay(fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first, as capture requires);
+    returns the graph's replay, which runs fn's kernels with no host launch cost."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay

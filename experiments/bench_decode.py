@@ -22,7 +22,7 @@ import torch
 
 import sage1
 import sage2
-from common.timing import bench_ms
+from common.timing import bench_ms, graph_replay
 from experiments.baselines import sdpa
 
 # (B, Hq, Hkv, Nq, Nk, causal)
@@ -114,15 +114,7 @@ def overhead() -> None:
 
 def graph_ms(fn) -> float:
     """GPU time of fn replayed from a CUDA graph (no host launch cost): decode loops are captured."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench_ms(g.replay)
+    return bench_ms(graph_replay(fn))
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ import common.nonfinite as nonfinite
 import sage1
 import sage2
 from common.inputs import make_qkv
-from common.timing import attention_flops, bench_ms, tops
+from common.timing import attention_flops, bench_ms, graph_replay, tops
 from experiments.baselines import sdpa
 
 
@@ -33,19 +33,6 @@ def loop_times(fn, n=50):
     host = (time.perf_counter() - t0) / n * 1e3  # enqueue rate
     torch.cuda.synchronize()
     return host, (time.perf_counter() - t0) / n * 1e3
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def kernel_times(fn, cpu_ops: bool, per_kernel: bool = False):
@@ -88,7 +75,7 @@ def main(argv=None):
             dev, top_cpu = kernel_times(fn, args.cpu_ops, args.kernels)
             base = base or ms
             if args.graphs:  # the host's share removed: how serving loops and torch.compile(mode="reduce-overhead") run
-                g_ms = bench_ms(graphed(fn))
+                g_ms = bench_ms(graph_replay(fn))
                 g_base = g_base if name != "sdpa_cudnn" else g_ms
                 print(f"N={n} {name} check={'on' if check else 'off'}: CUDA graph {g_ms:.3f} ms = "
                       f"{g_base / g_ms:.2f}x cuDNN (graph)", flush=True)
