@@ -3,12 +3,14 @@ finite, accurate outputs (common.range_guard), in the kernel and the emulation a
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import sage1
 import sage2
 from common.inputs import make_qkv
 from common.metrics import accuracy
-from common.range_guard import fp16_pv_guard
+from common.range_guard import fp16_pv_guard, guard_scales, guard_scales_tl
 from common.reference import attention_reference
 from conftest import KERNEL_DEVICE
 
@@ -48,3 +50,31 @@ def test_guard_leaves_ordinary_inputs_alone():
     big = torch.full((1, 1, 4, 4), 3e4, dtype=torch.float16)
     _, scales = fp16_pv_guard(big, fp16_accumulation=True)
     assert scales[0].item() == 2.0 ** -5 and scales[1].item() == 2.0 ** 5  # 3e4 * 2^-5 < 2^10
+
+
+@triton.jit
+def _guard_scales_kernel(M, OUT, N, RESCALE_V: tl.constexpr, FP16_ACC: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.load(M + i, mask=i < N, other=0.0)
+    s_v, s_p = guard_scales_tl(m, RESCALE_V, FP16_ACC)
+    tl.store(OUT + i, s_v, mask=i < N)
+    tl.store(OUT + N + i, s_p, mask=i < N)
+
+
+def test_kernel_guard_scales_equal_the_emulations_bit_for_bit():
+    """The kernels derive the guard's powers of two from max|V| themselves (range_guard.guard_scales_tl);
+    they must equal the emulation's (guard_scales) exactly, at and around every power of two and at
+    the ends of the range (0, fp32 subnormals, 3e38)."""
+    pow2 = torch.tensor([2.0 ** e for e in range(-20, 120)], dtype=torch.float32)
+    m = torch.cat([pow2, torch.nextafter(pow2, torch.zeros(())), torch.nextafter(pow2, torch.full((), float("inf"))),
+                   torch.tensor([0.0, 1e-45, 1e-40, 1.0, 1023.9, 1024.0, 1024.1, 32767.0, 32768.0, 65504.0, 3.0e38,
+                                 3.4028235e38]),
+                   torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 1e6]).to(KERNEL_DEVICE)
+    for rescale_v in (False, True):
+        for fp16_acc in (False, True):
+            out = torch.empty(2 * m.numel(), device=KERNEL_DEVICE)
+            _guard_scales_kernel[(triton.cdiv(m.numel(), 256),)](m, out, m.numel(), RESCALE_V=rescale_v, FP16_ACC=fp16_acc,
+                                                           BLOCK=256)
+            want = [torch.stack([guard_scales(x, rescale_v=rescale_v, fp16_accumulation=fp16_acc)[i]
+                                 for x in m.cpu()]) for i in (0, 1)]
+            assert torch.equal(out[:m.numel()].cpu(), want[0]) and torch.equal(out[m.numel():].cpu(), want[1])
