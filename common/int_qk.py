@@ -79,7 +79,7 @@ def _pad_codes(codes: torch.Tensor, dp: int) -> torch.Tensor:
 
 
 def _record_nonfinite_torch(x, flags: NonfiniteFlags, k_side: bool):
-    """What the Triton pass records (common.triton_quant.zero_nonfinite), with tensor ops."""
+    """What the Triton pass records (common.triton_quant.zero_bad_tokens), with tensor ops."""
     bad = ~torch.isfinite(x).all(-1)                                      # [B, H, N]
     if not k_side:
         flags.q_bad.copy_(bad)

@@ -3,7 +3,7 @@
 A quantized kernel shares one scale among a block of tokens, so a single NaN or Inf would spread
 over its whole block (or vanish: Triton's INT8 conversion of NaN gives 0). The rule, for every
 public function: the output (and LSE) is NaN exactly on the rows SDPA would make NaN, and every
-other row is what the same call gives on the inputs with the non-finite values replaced by 0:
+other row is finite and as accurate as on finite inputs (the bad values counted as zeros):
 
 * every query row with a non-finite value in q;
 * every row that sees (causal / lengths / attn_mask) a key whose k or v has a non-finite value.
@@ -14,15 +14,16 @@ definition. Inf is treated like NaN (SDPA's backends disagree on Inf: ±Inf or N
 
 How, without the host ever waiting (sage1, sage2):
 
-* the quantization passes replace NaN/Inf by 0 as they load (common.triton_quant), so scales and
-  means stay finite; a channel whose K token mean is not finite is smoothed by 0 instead (any
-  vector subtracted from every key is exact, :func:`finite_mean`);
+* the quantization passes (common.triton_quant) keep scales and means finite: a Q or K token with
+  a NaN/Inf is quantized as a zero row (found in the row absmax the scales need anyway), V's
+  NaN/Inf values count as 0, and a channel whose K token mean is not finite is smoothed by 0
+  instead (any vector subtracted from every key is exact, :func:`finite_mean`);
 * on the way they record the query tokens with a bad value and, per (batch, kv head), the first
   key with one in k or v (:class:`NonfiniteFlags`);
 * the attention kernel's epilogue sets the rows from those flags; tiles that mask keys (causal
   diagonal, lengths) zero V's non-finite values so that 0 * NaN cannot reach a row that does not
   see the key. With a dense ``attn_mask`` the rows come from :func:`nan_rows` (tensor ops, still
-  no host wait). The emulations zero the inputs and use :func:`nan_rows`: the same numbers.
+  no host wait). The emulations zero the same values and use :func:`nan_rows`: the same numbers.
 
 sage3 (FP4 inference, SageBwd) checks with one sum per tensor read back by the host, and reruns
 on the zeroed inputs when needed (:func:`nonfinite_flag`, :func:`rerun_without_nonfinite`).
