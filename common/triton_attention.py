@@ -125,6 +125,21 @@ def apply_tile_mask(s, MASKP, b, h, rows, cols, Nq, Nk, smb, smh, smm, smn, MASK
 
 
 @triton.jit
+def write_output(out, lse, O, LSE, rows, dcols, d_mask, b, h, bh, kv_bh, Nq, Nk, stride_ob, stride_oh, stride_on,
+                 QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr,
+                 PER_SEQ_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, NAN_ROWS: tl.constexpr):
+    """The attention kernels' epilogue: SDPA's NaN rows if asked (NAN_ROWS), then this program's
+    output rows in O's layout and dtype and, if asked, the log2-domain LSE."""
+    if NAN_ROWS:
+        out, lse = nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL,
+                                  HAS_LENS, PER_SEQ_CAUSAL)
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
+    if RETURN_LSE:
+        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
+
+
+@triton.jit
 def nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL: tl.constexpr,
                    HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr):
     """SDPA's NaN rows (common.nonfinite) on this program's output tile and LSE: rows whose query

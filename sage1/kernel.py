@@ -28,8 +28,8 @@ from common.triton_attention import (
     apply_tile_mask,
     kv_range,
     masked_row_max,
-    nonfinite_rows,
     program_tile,
+    write_output,
     zero_nonfinite_tile,
 )
 
@@ -148,13 +148,9 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     lse = m_i + tl.math.log2(l_i)  # log2 domain; the host converts to natural log and adds the K-smoothing shift
-    if NAN_ROWS:  # NaN/Inf inputs: SDPA's rows (common.nonfinite)
-        out, lse = nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL,
-                                  HAS_LENS, PER_SEQ_CAUSAL)
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
-    if RETURN_LSE:
-        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
+    # NaN/Inf inputs: SDPA's rows (common.nonfinite), then the output
+    write_output(out, lse, O, LSE, rows, dcols, d_mask, b, h, bh, kv_bh, Nq, Nk, stride_ob, stride_oh, stride_on,
+                 QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, RETURN_LSE, NAN_ROWS)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, causal): chosen by the sweep

@@ -35,8 +35,8 @@ from common.triton_attention import (
     apply_tile_mask,
     kv_range,
     masked_row_max,
-    nonfinite_rows,
     program_tile,
+    write_output,
 )
 from common.triton_quant import to_fp8
 
@@ -143,13 +143,9 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
         vmean = tl.load(VM + kv_bh * D + dcols, mask=d_mask, other=0.0)
         out = tl.where(l_i[:, None] == 0.0, 0.0, out + vmean[None, :])
     lse = m_i + tl.math.log2(l_i) - log2_pscale
-    if NAN_ROWS:  # NaN/Inf inputs: SDPA's rows (common.nonfinite)
-        out, lse = nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL,
-                                  HAS_LENS, PER_SEQ_CAUSAL)
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dcols[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Nq) & d_mask[None, :])
-    if RETURN_LSE:
-        tl.store(LSE + bh * Nq + rows, lse, mask=rows < Nq)
+    # NaN/Inf inputs: SDPA's rows (common.nonfinite), then the output
+    write_output(out, lse, O, LSE, rows, dcols, d_mask, b, h, bh, kv_bh, Nq, Nk, stride_ob, stride_oh, stride_on,
+                 QLEN, KLEN, QBAD, FIRST_BAD, IS_CAUSAL, HAS_LENS, PER_SEQ_CAUSAL, RETURN_LSE, NAN_ROWS)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, causal, fp8 PV).

@@ -1,6 +1,7 @@
-"""Compile the decode kernels for Hopper (sm_90) without a GPU (used by tests/test_decode.py).
+"""Compile kernels for Hopper (sm_90) without a GPU (used by tests/test_decode.py, tests/test_sage1.py).
 
     python tests/compile_for_hopper.py '[DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP]'
+    python tests/compile_for_hopper.py prefill    # sage1, sage2 and the quantization passes
 
 Triton's front end and its ptxas catch what the CPU interpreter does not: dot shape limits (an
 INT8 dot needs a reduction of >= 32), layout and type errors, resource limits."""
@@ -18,6 +19,61 @@ from common.triton_decode import decode_combine_kernel, decode_split_kernel
 
 POINTERS = dict(Q="*fp16", K="*fp16", V="*fp16", PO="*fp32", PL="*fp32", FLAG="*i32", QLEN="*i32", KLEN="*i32",
                 O="*bf16", LSE="*fp32")
+
+
+def compile_sm90(kernel, types: dict, const: dict, none=(), warps=4, stages=2, **options):
+    """``kernel`` compiled for sm_90: ``types`` of the non-constexpr arguments (default i32; pointers
+    get 16-byte divisibility), ``const`` the constexprs, ``none`` arguments passed as None."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {n: types.get(n) or ("constexpr" if n in const or n in none else "i32") for n in names}
+    constexprs = {(names.index(n),): v for n, v in const.items()}
+    constexprs.update({(names.index(n),): None for n in none})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if types.get(n, "").startswith("*")}
+    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages, **options))
+
+
+def prefill():
+    """The prefill attention kernels (with the NaN/Inf rule's epilogue and masked-tile zeroing) and
+    the quantization passes (with its zeroing and recording), in the variants the calls launch."""
+    from common.triton_quant import quantize_int_kernel, quantize_v_fp8_kernel, scan_v_kernel
+    from sage1.kernel import sage1_attn_fwd
+    from sage2.kernel import sage2_attn_fwd
+
+    f32, i32, u8 = "*fp32", "*i32", "*u8"
+    for causal in (False, True):
+        for rule in (False, True):
+            k = compile_sm90(sage1_attn_fwd, dict(Q="*i8", K="*i8", V="*fp16", QS=f32, KS=f32, O="*fp16", LSE=f32,
+                                                  MASKP=u8, QLEN=i32, KLEN=i32, VMAX=f32, QBAD=u8, FIRST_BAD=i32),
+                             dict(BLOCK_M=128, BLOCK_N=64, DP=128, Q_SCALAR=True, K_SCALAR=True, IS_CAUSAL=causal,
+                                  PV_FP16_ACC=True, RETURN_LSE=True, USE_DESC=False, MASK_KIND=0, HAS_LENS=rule,
+                                  PER_SEQ_CAUSAL=False, V_RESCALED=rule, ZERO_V=rule, NAN_ROWS=rule),
+                             none=("Q_desc", "K_desc", "V_desc"))
+            assert "mma" in k.asm["ptx"]
+            desc = "tensordesc<{}[1,128,128]>"
+            k = compile_sm90(sage2_attn_fwd, dict(Q_desc=desc.format("i8"), K_desc=desc.format("i8"),
+                                                  V_desc=desc.format("fp8e4nv"), QS=f32, KS=f32, DS=f32, VS=f32, VM=f32,
+                                                  O="*bf16", LSE=f32, MASKP=u8, QLEN=i32, KLEN=i32, QBAD=u8,
+                                                  FIRST_BAD=i32, log2_pscale="fp32"),
+                             dict(BLOCK_M=128, BLOCK_N=128, DP=128, DS_BLOCK=64, IS_CAUSAL=causal, PV_FP8=True,
+                                  FP8_E5M2=False, PV_MODE=1, SMOOTH_Q=False, SMOOTH_V=rule, K_SCALE_MODE=1,
+                                  RETURN_LSE=True, INTERPRET=False, MASK_KIND=0, HAS_LENS=rule, PER_SEQ_CAUSAL=rule,
+                                  HAS_VS=True, NAN_ROWS=rule), warps=8, stages=3)
+            assert "mma" in k.asm["ptx"]
+    quant_types = dict(X="*fp16", MEAN=f32, OUT="*i8", SCALE=f32, BLOCK_MEAN=f32, BAD_ROWS=u8, FIRST_BAD=i32,
+                       mult="fp32")
+    for block, gran, mean, smooth, flags in ((128, 0, False, False, 1), (64, 0, True, False, 2), (64, 3, False, True, 1),
+                                             (128, 4, True, False, 2), (64, 1, False, False, 0)):
+        compile_sm90(quantize_int_kernel, quant_types,
+                     dict(BLOCK=block, DP=128, QMAX=127, GRAN=gran, WARP=16, HAS_MEAN=mean, SMOOTH_BLOCK=smooth,
+                          ZERO=flags != 0, FLAGS=flags), warps=4 if block * 128 <= 8192 else 8)
+    for per_channel in (False, True):
+        compile_sm90(scan_v_kernel, dict(V="*fp16", MEAN=f32, AMAX=i32, FIRST_BAD=i32),
+                     dict(BLOCK=64, DP=128, HAS_MEAN=per_channel, PER_CHANNEL=per_channel, FLAG=True))
+    compile_sm90(quantize_v_fp8_kernel, dict(V="*fp16", MEAN=f32, ABSMAX=f32, SCALE=f32, OUT="*fp8e4nv"),
+                 dict(BLOCK=64, DP=128, HAS_MEAN=True, FP8_E5M2=False, FMAX=448.0, INTERPRET=False, ZERO=True))
+    print("ok")
 
 
 def main(case):
@@ -38,4 +94,4 @@ def main(case):
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    prefill() if sys.argv[1] == "prefill" else main(json.loads(sys.argv[1]))
