@@ -151,7 +151,9 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
             fmax = 448.0
         else:
             fmax = 57344.0
-        sv = tl.math.div_rn(tl.max(tl.abs(vf), axis=0), fmax)
+        # a NaN counts as +inf in the channel max: then pv = 0 * inf = NaN, so the fast sweep's check
+        # sees it whatever the FP8 conversion does with a NaN (Triton's CPU interpreter makes it 0)
+        sv = tl.math.div_rn(tl.max(tl.where(vf == vf, tl.abs(vf), float("inf")), axis=0), fmax)
         v8 = to_fp8(vf * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
         p8 = to_fp8(p, PV == 3, INTERPRET)
         pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]

@@ -99,3 +99,48 @@ def test_kernel_emulation_and_exact_agree(gen, data):
         assert (lse_k.cpu() - lse_e)[~dead].abs().max() < (1e-2 if gen == "sage3" and dev != "cpu" else 2e-3)
         if ref.abs().sum() > 0:
             assert accuracy(ref, out_e).cos_sim > bound, (p, opts)
+
+
+@pytest.mark.parametrize("gen", sorted(MASKABLE))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_nonfinite_inputs_follow_the_rule_in_kernel_and_emulation(gen, data):
+    """NaN/±Inf at random places of q, k and v, under every shape, mask and option drawn above:
+    both backends give NaN on exactly SDPA's rows (common.nonfinite.nan_rows), are finite
+    elsewhere, and agree there as closely as on finite inputs."""
+    from common.masking import prepare_mask
+    from common.nonfinite import nan_rows
+    from common.checks import to_hnd
+
+    fn, opt_strategy, _ = GENERATIONS[gen]
+    p = data.draw(problems(gen))
+    opts = data.draw(opt_strategy)
+    q, k, v = make_qkv(p["batch"], p["heads"], p["seqlen"], p["head_dim"], heads_kv=p["heads_kv"],
+                       seqlen_k=p["seqlen_k"], kind=p["kind"], dtype=p["dtype"], layout=p["layout"], seed=p["seed"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        t = data.draw(st.sampled_from([q, k, v]))
+        idx = tuple(data.draw(st.integers(0, n - 1)) for n in t.shape)
+        t[idx] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    g = torch.Generator().manual_seed(p["seed"])
+    mask = None if p["mask"] == "none" else make_mask(p["mask"], p, g)
+    if mask is not None:
+        opts["attn_mask"] = mask
+    kw = dict(tensor_layout=p["layout"], is_causal=p["causal"], return_lse=True, **opts)
+    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
+    dev = KERNEL_DEVICE
+    if dev != "cpu" and mask is not None:
+        kw["attn_mask"] = mask.to(dev)
+    out_k, lse_k = fn(*(t.to(dev) for t in (q, k, v)), backend="triton", **kw)
+    out_k, lse_k = out_k.cpu(), lse_k.cpu()
+    spec = prepare_mask(mask, p["batch"], p["heads"], p["seqlen"], p["seqlen_k"], torch.device("cpu"))
+    rows = nan_rows(*(to_hnd(t, p["layout"]) for t in (q, k, v)), is_causal=p["causal"], mask=spec)
+    for out, lse in ((out_e, lse_e), (out_k, lse_k)):
+        o = to_hnd(out, p["layout"])
+        assert torch.equal(torch.isnan(o).any(-1), rows) and torch.equal(torch.isnan(lse), rows), (p, opts)
+        assert torch.isfinite(o[~rows]).all(), (p, opts)
+    live = ~rows & torch.isfinite(lse_e)
+    if bool(live.any()):
+        oe, ok = to_hnd(out_e, p["layout"])[live], to_hnd(out_k, p["layout"])[live]
+        ke = accuracy(oe.double(), ok)
+        assert ke.cos_sim > 0.9999 or ke.max_abs < 2e-3, (p, opts, ke)
+        assert (lse_k - lse_e)[live].abs().max() < 2e-3
