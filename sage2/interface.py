@@ -118,6 +118,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             set_nan_rows(out_hnd, lse2, qh, kh, vh, is_causal=is_causal, mask=mask)
         return (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
 
+
 sageattn_varlen = varlen_api(sageattn)
 
 # one opaque custom op for torch.compile (common.compile_ops)
