@@ -141,6 +141,46 @@ def test_triton_quantization_pass_matches_pytorch_quantizers_bit_for_bit(gran, s
     assert a.q_codes.shape[-1] == 128 and (a.q_codes[..., 96:] == 0).all()
 
 
+@pytest.mark.parametrize("gran,smooth_q", [("per_block", False), ("per_thread", False), ("per_thread", True),
+                                            ("per_token", False)])
+def test_triton_pass_zeroes_and_records_nonfinite_tokens_as_the_pytorch_quantizers_do(gran, smooth_q):
+    """NaN/Inf in Q and K: the Triton pass's codes, scales and Q block means equal the PyTorch
+    quantizers' (a token holding one is a zero row), and the flags it records equal theirs
+    (common.nonfinite: the query tokens, and the first bad key of each (batch, kv head))."""
+    from types import SimpleNamespace
+
+    from common.nonfinite import NO_BAD_KEY, kernel_buffers
+
+    q, k, _ = make_qkv(2, 4, 300, 64, seqlen_k=200, heads_kv=2, kind="k_bias", seed=5)
+    q[0, 1, 7, 3] = float("nan")
+    q[1, 3, 299, 0] = float("-inf")
+    k[0, 1, 150, 5] = float("inf")
+    k[0, 1, 40, 2] = float("nan")                                 # the first bad key of (0, 1): 40
+    k[1, 0, 199, 63] = float("nan")
+    shape = SimpleNamespace(batch=2, heads_q=4, heads_kv=2, seqlen_q=300)
+    res = {}
+    for be in ("triton", "torch"):
+        flags, _ = kernel_buffers(shape, KERNEL_DEVICE, rows_in_kernel=True, amax_entries=0)
+        qk = quantize_qk(*_to_dev(q, k), sm_scale=0.1, granularity=gran, smooth_q=smooth_q, backend=be,
+                         q_block=64, k_block=128, warp_rows=16, zero_nonfinite=True, flags=flags)
+        res[be] = qk, flags
+    (a, fa), (b, fb) = res["triton"], res["torch"]
+    for x, y in ((a.k_codes, b.k_codes), (a.k_scale, b.k_scale)):
+        assert torch.equal(x.cpu(), y.cpu())
+    if smooth_q:  # Q's block means are summed in another order: a code may move by one
+        torch.testing.assert_close(a.q_block_mean.cpu(), b.q_block_mean.cpu(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.q_scale.cpu(), b.q_scale.cpu(), rtol=1e-5, atol=0)
+        assert (a.q_codes.cpu().int() - b.q_codes.cpu().int()).abs().max() <= 1
+    else:
+        assert torch.equal(a.q_codes.cpu(), b.q_codes.cpu()) and torch.equal(a.q_scale.cpu(), b.q_scale.cpu())
+    assert torch.isfinite(a.q_scale).all() and torch.isfinite(a.k_scale).all() and torch.isfinite(a.k_mean).all()
+    want_q = torch.zeros(2, 4, 300, dtype=torch.uint8)
+    want_q[0, 1, 7] = want_q[1, 3, 299] = 1
+    assert torch.equal(fa.q_bad.cpu(), want_q) and torch.equal(fb.q_bad.cpu(), want_q)
+    want_k = torch.tensor([0, NO_BAD_KEY - 40, NO_BAD_KEY - 199, 0], dtype=torch.int32)
+    assert torch.equal(fa.first_bad.cpu(), want_k) and torch.equal(fb.first_bad.cpu(), want_k)
+
+
 KERNEL_CASES = [
     # (dtype, causal, (hq, hkv), layout, (nq, nk), d, granularity, pv_accum)
     (FP16, False, (4, 4), "HND", (128, 128), 64, "per_block", "fp16"),
