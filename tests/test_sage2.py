@@ -291,3 +291,36 @@ def test_gpu_probe_how_triton_accumulates_fp8_dots():
         pytest.skip("the FP22 accumulator is Hopper's")
     r = probe_fp8_accumulator()
     assert r["default (imprecise)"] == 10 and r["max_num_imprecise_acc=K (promoted)"] == 0, r
+
+
+@pytest.mark.parametrize("smooth_v", [False, True])
+def test_v_scan_and_fp8_pass_with_nonfinite_values_match_pytorch(smooth_v):
+    """V's Triton scan: max |V - mean| over finite values per channel (and of the whole tensor) and
+    V's first bad key per (batch, head); then the FP8 pass's codes and scales equal the PyTorch
+    quantizer's on the zeroed values."""
+    from common.nonfinite import NO_BAD_KEY, NonfiniteFlags, finite_mean, zeroed
+    from common.range_guard import finite_absmax
+    from common.smoothing import v_channel_mean
+    from sage2.quant_v import channel_absmax, quantize_v
+
+    v = make_qkv(2, 2, 150, 64, kind="v_bias", seed=9)[2]
+    v[0, 1, 90, 7] = float("nan")
+    v[0, 1, 30, 2] = float("-inf")                                # first bad key of (0, 1): 30
+    v[1, 0, 149, 63] = float("inf")
+    dv = v.to(KERNEL_DEVICE)
+    mean = finite_mean(v_channel_mean(dv)) if smooth_v else None
+    want = channel_absmax(zeroed(v) - (mean.cpu() if smooth_v else 0))
+    flags = NonfiniteFlags(torch.zeros(1, dtype=torch.uint8, device=KERNEL_DEVICE),
+                           torch.zeros(4, dtype=torch.int32, device=KERNEL_DEVICE))
+    got = finite_absmax(dv, torch.zeros(2 * 2 * 64, dtype=torch.int32, device=KERNEL_DEVICE), per_channel=True,
+                        mean=mean, flags=flags)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(flags.first_bad.cpu(), torch.tensor([0, NO_BAD_KEY - 30, NO_BAD_KEY - 149, 0], dtype=torch.int32))
+    whole = finite_absmax(dv, torch.zeros(1, dtype=torch.int32, device=KERNEL_DEVICE), per_channel=False)
+    assert whole.item() == channel_absmax(zeroed(v)).max().item()      # sage1's fp16 guard: no mean
+    a = quantize_v(dv, "fp8_e4m3", smooth_v=smooth_v, backend="triton", dp=64, zero_nonfinite=True)
+    b = quantize_v(v, "fp8_e4m3", smooth_v=smooth_v, backend="torch", zero_nonfinite=True)
+    assert torch.equal(a.scale.cpu(), b.scale)
+    n = v.shape[2]
+    codes = a.codes.cpu()[..., :n].transpose(-1, -2)              # the pass writes V^T
+    assert torch.equal(codes.float(), b.codes.float())
