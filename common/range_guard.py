@@ -85,7 +85,7 @@ def finite_absmax(v: torch.Tensor, amax_bits: torch.Tensor, *, per_channel: bool
                   flags=None) -> torch.Tensor:
     """max |v - mean| over v's finite values (Triton, one read of an HND view ``[B, H, N, D]``):
     fp32 ``[B, H, D]`` per channel, or ``[]`` for the whole tensor. ``amax_bits``: a zeroed int32
-    buffer of that many entries (common.nonfinite.new_flags), returned as its fp32 view. With
+    buffer of that many entries (common.nonfinite.kernel_buffers), returned as its fp32 view. With
     ``flags`` the same read records V's first non-finite key per (batch, head)."""
     from .triton_quant import scan_v_kernel
 

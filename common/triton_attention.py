@@ -154,9 +154,3 @@ def nonfinite_rows(out, lse, rows, bh, kv_bh, b, Nq, Nk, QLEN, KLEN, QBAD, FIRST
     bad = bad & (rows < nq)
     return tl.where(bad[:, None], float("nan"), out), tl.where(bad, float("nan"), lse)
 
-
-@triton.jit
-def zero_nonfinite_tile(v):
-    """NaN/Inf -> 0 in a V tile of a masked KV tile: p = 0 for a key a row does not see, and
-    0 * NaN must not reach that row (the rows that see the key are set to NaN at the end)."""
-    return tl.where(tl.abs(v) < float("inf"), v, 0.0).to(v.dtype)

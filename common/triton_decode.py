@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .triton_attention import kv_bounds_from, sequence_bounds
-from .triton_quant import to_fp8
+from .triton_quant import abs_nan_as_inf, to_fp8, zero_nonfinite
 
 # PV (constexpr), common.decode.PV_KINDS: 0 fp16 P x fp16 V with fp16 tile sums, 1 the same with fp32
 # sums, 2 FP8 E4M3 P x V, 3 FP8 E5M2 P x V
@@ -43,12 +43,6 @@ def _round_int(x):
 def _nonfinite_rows(x):
     """1 for each row of x with a NaN or Inf, else 0 (int32)."""
     return tl.max(tl.where(x == x, tl.where(tl.abs(x) < float("inf"), 0, 1), 1), axis=1)
-
-
-@triton.jit
-def _finite(x):
-    """x with NaN and Inf replaced by 0."""
-    return tl.where(x == x, tl.where(tl.abs(x) < float("inf"), x, 0.0), 0.0)
 
 
 @triton.jit
@@ -83,7 +77,7 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         k = tl.load(k_base + cols[:, None] * skn + dcols[None, :]).to(tl.float32)
     if CAREFUL:
         k_bad = _nonfinite_rows(k)
-        k = _finite(k)
+        k = zero_nonfinite(k)
     if SMOOTH_K or not CAREFUL:
         ksum = tl.sum(k, axis=0)
     if not CAREFUL:
@@ -131,7 +125,7 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         vf = v.to(tl.float32)
         key_bad = k_bad | _nonfinite_rows(vf)
         bad = bad | tl.max(tl.where(visible & (key_bad[None, :] != 0), 1, 0), axis=1)
-        vf = _finite(vf)
+        vf = zero_nonfinite(vf)
     if PV == 0 or PV == 1:  # fp16 P and V (the careful sweep scales V by a power of two)
         if CAREFUL:
             gv = _fp16_guard(tl.max(tl.max(tl.abs(vf), axis=1), axis=0), T if PV == 0 else 1)
@@ -153,7 +147,7 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
             fmax = 57344.0
         # a NaN counts as +inf in the channel max: then pv = 0 * inf = NaN, so the fast sweep's check
         # sees it whatever the FP8 conversion does with a NaN (Triton's CPU interpreter makes it 0)
-        sv = tl.math.div_rn(tl.max(tl.where(vf == vf, tl.abs(vf), float("inf")), axis=0), fmax)
+        sv = tl.math.div_rn(tl.max(abs_nan_as_inf(vf), axis=0), fmax)
         v8 = to_fp8(vf * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
         p8 = to_fp8(p, PV == 3, INTERPRET)
         pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
@@ -237,7 +231,7 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
     q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
                 mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
     bad = _nonfinite_rows(q)
-    q = _finite(q)
+    q = zero_nonfinite(q)
     if SMOOTH_Q:  # each head's mean over its queries; mean_q . (k - m_j) is added back in fp32
         q3 = tl.reshape(q, (BLOCK_M // NQP, NQP, DP))
         mu = tl.sum(q3, axis=1) / tl.maximum(nq, 1).to(tl.float32)

@@ -22,10 +22,11 @@ needs for P V (the reduction runs over tokens).
 ``scan_v_kernel``: max |V - mean| over the finite values, per channel (sage2's FP8 scales) or of
 the whole tensor (sage1's fp16 range guard), in the same read that flags V's non-finite keys.
 
-NaN/Inf (``ZERO``, see :mod:`common.nonfinite`): the passes replace non-finite input values by 0
-before anything else, so one bad value cannot spoil its block's scale or mean, and record where
-they were (``FLAGS``): per query token, or the first bad key of each (batch, kv head), which the
-attention kernels read to set SDPA's NaN rows themselves. No host ever waits for a check.
+NaN/Inf (``ZERO``, see :mod:`common.nonfinite`), so that one bad value cannot spoil its block's
+scale or mean: the Q/K pass finds them in the row absmax the scales need anyway (a NaN counts as
++inf) and quantizes such a token as a zero row; the V passes count non-finite values as 0. Where
+they were is recorded (``FLAGS``): per query token, or the first bad key of each (batch, kv head),
+which the attention kernels read to set SDPA's NaN rows themselves. No host ever waits for a check.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def _group_absmax(absmax, BLOCK: tl.constexpr, GRAN: tl.constexpr, WARP: tl.cons
 
 
 @triton.jit
+def zero_nonfinite(x):
+    """NaN/Inf -> 0, in x's dtype."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0).to(x.dtype)
+
+
+@triton.jit
+def abs_nan_as_inf(x):
+    """|x| with NaN counted as +inf: a max over it is +inf exactly when a NaN/Inf is there."""
+    return tl.where(x == x, tl.abs(x), float("inf"))
+
+
+@triton.jit
 def load_token_tile(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
                     BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr):
     """The tile this program quantizes: BLOCK tokens (program id 0) x DP channels of head
@@ -76,7 +89,7 @@ def load_token_tile_nonfinite(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D,
     x = tl.load(X + (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh + rows[:, None] * stride_xn + cols[None, :],
                 mask=in_bounds, other=0.0).to(tl.float32)
     if ZERO:
-        x = tl.where(tl.abs(x) < float("inf"), x, 0.0)
+        x = zero_nonfinite(x)
     if HAS_MEAN:
         x = tl.where(in_bounds, x - tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)[None, :], 0.0)
     return x, rows, cols, in_bounds, pid_n, pid_bh
@@ -134,8 +147,8 @@ def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN, BAD_ROWS, FIRST_BAD,
                                                                BLOCK, DP, HAS_MEAN)
     if SMOOTH_BLOCK:
         if ZERO:  # the tile's mean needs finite rows
-            x, bad = zero_bad_tokens(x, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1), rows, N, pid_bh,
-                                     BAD_ROWS, FIRST_BAD, FLAGS)
+            x, bad = zero_bad_tokens(x, tl.max(abs_nan_as_inf(x), axis=1), rows, N, pid_bh, BAD_ROWS, FIRST_BAD,
+                                     FLAGS)
         x = subtract_tile_mean(x, in_bounds, cols, BLOCK_MEAN, pid_n, pid_bh, N, D, mult, BLOCK)
         x = x * mult
         if ZERO:
@@ -144,7 +157,7 @@ def quantize_int_kernel(X, MEAN, OUT, SCALE, BLOCK_MEAN, BAD_ROWS, FIRST_BAD,
     else:
         x = x * mult
         if ZERO:  # a NaN counts as +inf in the rows' absmax: no reduction beyond the one the scales need
-            row_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
+            row_absmax = tl.max(abs_nan_as_inf(x), axis=1)
             x, bad = zero_bad_tokens(x, row_absmax, rows, N, pid_bh, BAD_ROWS, FIRST_BAD, FLAGS)
             row_absmax = tl.where(bad, 0.0, row_absmax)
         else:
@@ -222,7 +235,7 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
     integer atomic max gives the exact maximum in any order (deterministic)."""
     x, rows, cols, _, _, pid_bh = load_token_tile(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
                                                   BLOCK, DP, HAS_MEAN)
-    col_absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=0)  # NaN/Inf count as +inf
+    col_absmax = tl.max(abs_nan_as_inf(x), axis=0)
     if tl.max(col_absmax, axis=0) == float("inf"):  # rare: zero and record them
         x = zero_nonfinite_centred(x, rows, cols, D, pid_bh, MEAN, FIRST_BAD, HAS_MEAN, FLAG)
         col_absmax = tl.max(tl.abs(x), axis=0)

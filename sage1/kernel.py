@@ -30,8 +30,8 @@ from common.triton_attention import (
     masked_row_max,
     program_tile,
     write_output,
-    zero_nonfinite_tile,
 )
+from common.triton_quant import zero_nonfinite
 
 
 @triton.jit
@@ -86,8 +86,8 @@ def _tile(acc, l_i, m_i, q, qs, K_ptrs, ks_ptr, V_ptrs, K_desc, V_desc, kv_bh, b
         v = tl.load(V_ptrs, mask=(cols[:, None] < Nk) & d_mask[None, :], other=0.0)
     else:
         v = tl.load(V_ptrs)
-    if MASK and ZERO_V:
-        v = zero_nonfinite_tile(v)
+    if MASK and ZERO_V:  # p = 0 for a key a row does not see: 0 * NaN must not reach that row
+        v = zero_nonfinite(v)
     if PV_FP16_ACC:  # p_scale (a power of two <= 1) keeps the fp16 tile sums of large V finite
         acc += tl.dot((p * p_scale).to(tl.float16), v, out_dtype=tl.float16).to(tl.float32)
     else:

@@ -46,15 +46,17 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
                npad_multiple: int = 16, zero_nonfinite: bool = False, flags=None,
                amax_bits: torch.Tensor | None = None) -> QuantizedV:
     """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16).
-    ``amax_bits``: a zeroed int32 buffer of B*H*D entries for the Triton scan (allocated if None)."""
+    ``amax_bits``: a zeroed int32 buffer of B*H*D entries for the Triton scan of FP8 V (allocated if None)."""
     B, H, N, D = v.shape
     mean = v_channel_mean(v) if smooth_v else None
     if mean is not None and zero_nonfinite:
         mean = finite_mean(mean)
-    if backend == "triton" and (flags is not None or pv_dtype != "fp16"):
+    fp8 = pv_dtype != "fp16"
+    if backend == "triton" and (flags is not None or fp8):
+        # |V - mean| over finite values per channel (FP8's scales); for fp16 P V only V's flags are wanted
         if amax_bits is None:
-            amax_bits = torch.zeros(B * H * D, dtype=torch.int32, device=v.device)
-        absmax = finite_absmax(v, amax_bits, per_channel=True, mean=mean, flags=flags)  # |V - mean|, finite values
+            amax_bits = torch.zeros(B * H * D if fp8 else 1, dtype=torch.int32, device=v.device)
+        absmax = finite_absmax(v, amax_bits, per_channel=fp8, mean=mean, flags=flags)
     if pv_dtype == "fp16":  # bf16 V beyond fp16's range is scaled by a power of two (common.range_guard)
         from common.range_guard import fp16_pv_guard
 
