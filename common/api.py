@@ -12,7 +12,8 @@ from .checks import (AttentionShape, check_attention_inputs, check_choice, check
 from .smoothing import lse_shift_from_k_mean
 
 
-def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags: dict, choices=()):
+def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags: dict, choices=(),
+                  backends=("auto", "triton", "torch")):
     """The checks every public function runs, in this order: the tensors, the bool ``flags``
     ({name: value}), the ``choices`` ((name, value, allowed) triples), sm_scale, the backend, and
     that no input requires grad (these kernels are inference-only). Returns (shape, sm_scale, backend)."""
@@ -22,7 +23,7 @@ def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags:
     for name, value, allowed in choices:
         check_choice(name, value, allowed)
     scale = resolve_sm_scale(sm_scale, shape.head_dim)
-    be = resolve_backend(backend, q.device)
+    be = resolve_backend(backend, q.device, backends)
     check_no_grad(q, k, v, "sage3.sageattn_train")
     return shape, scale, be
 

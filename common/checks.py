@@ -121,6 +121,7 @@ def resolve_backend(backend: str, device: torch.device, allowed=("auto", "triton
 
     ``auto``: the Triton kernel for CUDA tensors, the PyTorch emulation for CPU tensors.
     ``triton`` on CPU tensors runs only under Triton's interpreter (``TRITON_INTERPRET=1``).
+    Other allowed values (``cuda`` for sage2) are returned as they are, for the caller to check.
     """
     check_choice("backend", backend, allowed)
     if backend == "auto":

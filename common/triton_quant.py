@@ -212,7 +212,7 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
                           H, N, NPAD, D,
                           BLOCK: tl.constexpr, DP: tl.constexpr, HAS_MEAN: tl.constexpr,
                           FP8_E5M2: tl.constexpr, FMAX: tl.constexpr, INTERPRET: tl.constexpr,
-                          ZERO: tl.constexpr):
+                          ZERO: tl.constexpr, WGMMA_KEY_ORDER: tl.constexpr = False):
     x, rows, cols, in_bounds, pid_n, pid_bh = load_token_tile_nonfinite(
         V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D, BLOCK, DP, HAS_MEAN, ZERO)
     # scale = absmax / fmax per channel; the first program of each head stores it
@@ -223,7 +223,11 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
     y = tl.where(in_bounds, y, 0.0)
     # transposed store: [DP, NPAD] per head, tokens contiguous (coalesced); padding tokens get zeros
     yt = to_fp8(tl.trans(y), FP8_E5M2, INTERPRET)
-    tl.store(OUT + (pid_bh * DP + cols[:, None]) * NPAD + rows[None, :], yt, mask=rows[None, :] < NPAD)
+    pos = rows
+    if WGMMA_KEY_ORDER:  # csrc/sage2_sm90: key 16h + r of each 32 goes where the S fragment puts its P
+        r = rows % 32
+        pos = rows - r + (r // 16) * 16 + ((r % 8) // 2) * 4 + ((r % 16) // 8) * 2 + r % 2
+    tl.store(OUT + (pid_bh * DP + cols[:, None]) * NPAD + pos[None, :], yt, mask=rows[None, :] < NPAD)
 
 
 @triton.jit

@@ -16,12 +16,14 @@ from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
 from common.smoothing import q_smoothing_delta_s
 from common.varlen import varlen_api
 
+from . import cuda as cuda_kernel
 from .quant_v import P_SCALE, quantize_v
 
 QK_DTYPES = ("int8", "int4")
 QK_GRANULARITY = ("per_thread", "per_warp", "per_block", "per_token", "per_tensor")
 PV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "fp16")
 PV_ACCUM = ("two_level", "single")
+BACKENDS = ("auto", "cuda", "triton", "torch")
 # Hopper (sm90) tiles of the official kernel, which the per-thread/per-warp/per-block groupings follow:
 Q_BLOCK, WARP_Q, K_BLOCK = 64, 16, 128
 
@@ -51,6 +53,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             an fp32 buffer) or ``single`` (one running FP8-MMA accumulator, ~13 mantissa bits on
             Hopper, to show what two-level accumulation fixes). fp16 P V always accumulates in fp32.
 
+    backend: ``"cuda"`` is the Hopper (sm_90a) wgmma kernel of csrc/sage2_sm90 (see
+        :mod:`sage2.cuda` for the options it covers); ``"auto"`` picks it on an sm_90 GPU when the
+        options allow and it builds, else the Triton kernel (on CPU tensors, the emulation).
+
     Decode: with ``Nq <= 16`` (no dense ``attn_mask``, not ``per_tensor``, ``smooth_v`` or
     ``pv_accum="single"``) the call runs :mod:`common.decode`'s split-KV kernel: K and V quantized
     per 64-key tile in registers (K per token, V per channel within the tile), read once.
@@ -64,7 +70,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     shape, scale, be = validate_call(
         q, k, v, tensor_layout, sm_scale, backend, flags=flags,
         choices=[("qk_dtype", qk_dtype, QK_DTYPES), ("qk_granularity", qk_granularity, QK_GRANULARITY),
-                 ("pv_dtype", pv_dtype, PV_DTYPES), ("pv_accum", pv_accum, PV_ACCUM)])
+                 ("pv_dtype", pv_dtype, PV_DTYPES), ("pv_accum", pv_accum, PV_ACCUM)],
+        backends=BACKENDS)
+    if be == "cuda":
+        cuda_kernel.check_cuda_device(q.device)
     if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise ValueError("pv_dtype='fp8_*' with backend='triton' needs FP8 tensor cores (compute capability 8.9+); "
                          "use pv_dtype='fp16' or backend='torch'")
@@ -77,6 +86,14 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         mask = resolve_mask(attn_mask, shape, q.device)
+        if be == "cuda" or (backend == "auto" and be == "triton"):
+            reason = cuda_kernel.unsupported(qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_v=smooth_v,
+                                             pv_dtype=pv_dtype, pv_accum=pv_accum, mask=mask, head_dim=D)
+            if be == "cuda" and reason is not None:
+                raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
+            if be == "triton" and cuda_kernel.auto_picks_cuda(q.device, reason):
+                be = "cuda"
+        kernel_be, be = be, "triton" if be == "cuda" else be  # the CUDA kernel takes the Triton passes' output
         decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
                             smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
         has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"
@@ -98,9 +115,12 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         # (zeroed K: a NaN/Inf of a key nobody sees must not reach delta_s, which masks add to)
         delta_s = q_smoothing_delta_s(qk.q_block_mean, zeroed(kh) if check else kh, qk.k_mean) if smooth_q else None
         qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
-                        flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None)
+                        flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None,
+                        wgmma_key_order=kernel_be == "cuda", npad_multiple=128 if kernel_be == "cuda" else 16)
         log2_pscale = math.log2(P_SCALE[pv_dtype])
-        if be == "triton":
+        if kernel_be == "cuda":
+            lse2 = cuda_kernel.launch(qk, qv, out_hnd, is_causal=is_causal, return_lse=return_lse, flags=flags)
+        elif be == "triton":
             from .kernel import PV_SINGLE, PV_TWO_LEVEL, launch
 
             lse2 = launch(qk, qv, out_hnd, delta_s=delta_s, is_causal=is_causal, pv_dtype=pv_dtype,

@@ -44,8 +44,10 @@ def channel_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, dp: int = 0,
                npad_multiple: int = 16, zero_nonfinite: bool = False, flags=None,
-               amax_bits: torch.Tensor | None = None) -> QuantizedV:
+               amax_bits: torch.Tensor | None = None, wgmma_key_order: bool = False) -> QuantizedV:
     """Quantize an HND view of V for P V in ``pv_dtype`` (fp8_e4m3, fp8_e5m2, fp16).
+    ``wgmma_key_order`` (Triton FP8 pass only): store each 32 keys of V^T in the order the CUDA
+    Hopper kernel holds P in registers (see csrc/sage2_sm90/attention.cu; :func:`wgmma_key_position`).
     ``amax_bits``: a zeroed int32 buffer of B*H*D entries for the Triton scan of FP8 V (allocated if None)."""
     B, H, N, D = v.shape
     mean = v_channel_mean(v) if smooth_v else None
@@ -84,5 +86,13 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
         v, mean.reshape(B * H, D).contiguous() if mean is not None else scale, absmax, scale, out,
         v.stride(0), v.stride(1), v.stride(2), H, N, npad, D,
         BLOCK=block, DP=dp, HAS_MEAN=mean is not None, FP8_E5M2=fmt == "e5m2", FMAX=fmax,
-        INTERPRET=interpreter_enabled(), ZERO=zero_nonfinite, num_warps=4)
+        INTERPRET=interpreter_enabled(), ZERO=zero_nonfinite, WGMMA_KEY_ORDER=wgmma_key_order, num_warps=4)
     return QuantizedV(out, scale, mean, True)
+
+
+def wgmma_key_position(n: torch.Tensor) -> torch.Tensor:
+    """Where key ``n`` sits in V^T stored with ``wgmma_key_order``: within each 32 keys, slot
+    ``4t + j`` (and ``16 + 4t + j``) holds the key that lane ``t`` of the S accumulator owns
+    ``j``-th: keys ``2t, 2t+1, 2t+8, 2t+9`` (and 16 more)."""
+    r = n % 32
+    return n - r + (r // 16) * 16 + ((r % 8) // 2) * 4 + ((r % 16) // 8) * 2 + r % 2

@@ -1,0 +1,220 @@
+"""The CUDA build: csrc/ -> one pybind11 extension, ``_sage_cuda``, compiled with nvcc through ninja.
+
+Built on first use (JIT, as FlashInfer does) into a cache keyed by the sources, the flags and the
+Python version: ``$SAGE_CACHE_DIR/cuda-<hash>/`` (default ``~/.cache/sageattention_repro``). A
+second use, or another process, loads the cached module; ninja rebuilds only what changed.
+
+* ``python -m common.build``           build (or find) the extension and print where it is;
+* ``python -m common.build --check``   compile every CUDA/C++ source for sm_90a into object
+  files and link them, without a GPU; non-zero exit on any error (CI runs it).
+
+The extension does not link against torch (raw pointers and a stream handle cross the boundary;
+see csrc/bindings.cpp), so one build serves any torch version. Without nvcc or ninja,
+:func:`load` raises :class:`CudaBuildUnavailable` with what is missing, and the Triton backend
+keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+MODULE = "_sage_cuda"
+# every compile unit; the kernels carry no torch headers, the binding carries no CUDA device code
+CUDA_SOURCES = ["sage2_sm90/attention.cu"]
+CXX_SOURCES = ["bindings.cpp"]
+ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]  # wgmma and setmaxnreg need sm_90a
+NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler=-fPIC", "-lineinfo", *ARCH_FLAGS]
+
+_loaded = None
+
+
+class CudaBuildUnavailable(RuntimeError):
+    """This machine cannot build the CUDA extension (no nvcc, no ninja, or the build failed)."""
+
+
+def find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or (str(Path("/usr/local/cuda/bin/nvcc")) if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+def find_ninja() -> str | None:
+    found = shutil.which("ninja")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import ninja  # the PyPI package ships the binary
+
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    return None
+
+
+def _includes() -> list[str]:
+    import pybind11
+
+    return [f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+
+
+def _sources() -> list[Path]:
+    return [CSRC / s for s in CUDA_SOURCES + CXX_SOURCES]
+
+
+def _fingerprint(nvcc: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(CSRC.rglob("*")):
+        if f.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            h.update(str(f.relative_to(CSRC)).encode())
+            h.update(f.read_bytes())
+    h.update(" ".join(NVCC_FLAGS + [nvcc, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SAGE_CACHE_DIR") or Path.home() / ".cache" / "sageattention_repro"
+    return Path(base)
+
+
+def _write_ninja(build_dir: Path, nvcc: str) -> Path:
+    """build.ninja: one object per source (dependency files from nvcc -MD), one link."""
+    ext = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    flags = " ".join(NVCC_FLAGS + _includes())
+    lines = [
+        f"nvcc = {nvcc}",
+        f"flags = {flags}",
+        "rule cu",
+        "  command = $nvcc $flags -MD -MF $out.d -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = nvcc $in",
+        "rule cxx",  # host code through nvcc too: one compiler, one set of include paths
+        "  command = $nvcc $flags -x cu -MD -MF $out.d -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = c++ $in",
+        "rule link",
+        "  command = $nvcc -shared $in -o $out",
+        "  description = link $out",
+    ]
+    objs = []
+    for src in CUDA_SOURCES + CXX_SOURCES:
+        obj = src.replace("/", "_") + ".o"
+        objs.append(obj)
+        rule = "cu" if src.endswith(".cu") else "cxx"
+        lines.append(f"build {obj}: {rule} {CSRC / src}")
+    lines.append(f"build {MODULE}{ext}: link {' '.join(objs)}")
+    lines.append(f"build objects: phony {' '.join(objs)}")
+    lines.append(f"default {MODULE}{ext}")
+    path = build_dir / "build.ninja"
+    path.write_text("\n".join(lines) + "\n")
+    return build_dir / f"{MODULE}{ext}"
+
+
+def _run_ninja(build_dir: Path, target: str | None, verbose: bool) -> None:
+    ninja = find_ninja()
+    cmd = [ninja, "-C", str(build_dir)] + ([target] if target else [])
+    proc = subprocess.run(cmd, capture_output=not verbose, text=True)
+    if proc.returncode != 0:
+        log = (proc.stdout or "") + (proc.stderr or "")
+        raise CudaBuildUnavailable(f"the CUDA build failed in {build_dir}:\n{log[-6000:]}")
+
+
+def missing_tools() -> list[str]:
+    """What the build needs and this machine lacks (empty: it can build)."""
+    missing = []
+    if find_nvcc() is None:
+        missing.append("nvcc (install the CUDA toolkit, or set CUDA_HOME)")
+    if find_ninja() is None:
+        missing.append("ninja (pip install ninja)")
+    with contextlib.suppress(ImportError):
+        import pybind11  # noqa: F401
+
+        return missing
+    return missing + ["pybind11 (pip install pybind11)"]
+
+
+def build(verbose: bool = False) -> Path:
+    """Build the extension (or find it in the cache); returns the module file."""
+    missing = missing_tools()
+    if missing:
+        raise CudaBuildUnavailable("cannot build the CUDA kernels, missing: " + "; ".join(missing)
+                                   + ". The Triton backend does not need them.")
+    nvcc = find_nvcc()
+    build_dir = cache_dir() / f"cuda-{_fingerprint(nvcc)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".lock", "w") as lock:  # one builder at a time per cache entry
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        module = _write_ninja(build_dir, nvcc)
+        if not module.exists():
+            print(f"[sage] compiling the CUDA kernels into {build_dir} (first use; about a minute)...",
+                  file=sys.stderr, flush=True)
+            start = time.time()
+            _run_ninja(build_dir, None, verbose)
+            print(f"[sage] built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        return module
+
+
+def load():
+    """The ``_sage_cuda`` module, built on first use. Raises CudaBuildUnavailable."""
+    global _loaded
+    if _loaded is None:
+        path = build()
+        loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+        spec = importlib.util.spec_from_file_location(MODULE, str(path), loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        _loaded = module
+    return _loaded
+
+
+def check(verbose: bool = True) -> int:
+    """Compile every source for sm_90a and link, in a fresh directory, with no GPU. Returns the
+    exit status (0: all compiled)."""
+    missing = missing_tools()
+    if missing:
+        print("common.build --check: missing " + "; ".join(missing), file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="sage-cuda-check-") as tmp:
+        start = time.time()
+        _write_ninja(Path(tmp), find_nvcc())
+        try:
+            _run_ninja(Path(tmp), None, verbose)
+        except CudaBuildUnavailable as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(f"common.build --check: {len(_sources())} sources compiled for sm_90a and linked "
+              f"in {time.time() - start:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compile every source for sm_90a (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.check:
+        return check()
+    try:
+        print(build(verbose=True))
+    except CudaBuildUnavailable as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

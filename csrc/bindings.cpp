@@ -1,0 +1,61 @@
+// pybind11 module `_sage_cuda`: the CUDA kernels' entry points, on raw device pointers and a CUDA
+// stream handle. Tensors, checks and torch.library registration live on the Python side
+// (sage2/cuda.py), so this module does not depend on torch's C++ ABI.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "sage2_sm90/attention.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void sage2_sm90_forward(uintptr_t q_codes, uintptr_t k_codes, uintptr_t v_codes, uintptr_t q_scale,
+                        uintptr_t k_scale, uintptr_t v_scale, uintptr_t out, int64_t out_stride_b,
+                        int64_t out_stride_h, int64_t out_stride_n, uintptr_t lse, uintptr_t q_bad,
+                        uintptr_t first_bad, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_k,
+                        int npad, int head_dim, int padded_head_dim, bool causal, bool out_bf16, uintptr_t stream) {
+  sage_cuda::Sage2ForwardArgs a{};
+  a.q_codes = ptr<const void>(q_codes);
+  a.k_codes = ptr<const void>(k_codes);
+  a.v_codes = ptr<const void>(v_codes);
+  a.q_scale = ptr<const float>(q_scale);
+  a.k_scale = ptr<const float>(k_scale);
+  a.v_scale = ptr<const float>(v_scale);
+  a.out = ptr<void>(out);
+  a.out_stride_b = out_stride_b;
+  a.out_stride_h = out_stride_h;
+  a.out_stride_n = out_stride_n;
+  a.lse = ptr<float>(lse);
+  a.q_bad = ptr<const uint8_t>(q_bad);
+  a.first_bad = ptr<const int32_t>(first_bad);
+  a.batch = batch;
+  a.heads_q = heads_q;
+  a.heads_kv = heads_kv;
+  a.seqlen_q = seqlen_q;
+  a.seqlen_k = seqlen_k;
+  a.npad = npad;
+  a.head_dim = head_dim;
+  a.padded_head_dim = padded_head_dim;
+  a.causal = causal;
+  a.out_bf16 = out_bf16;
+  sage_cuda::sage2_sm90_forward(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_sage_cuda, m) {
+  m.doc() = "SageAttention CUDA kernels (see csrc/README.md); called through sage2.cuda";
+  m.def("sage2_sm90_forward", &sage2_sm90_forward, "SageAttention2 forward, Hopper wgmma kernel (pointers: 0 = none)",
+        py::arg("q_codes"), py::arg("k_codes"), py::arg("v_codes"), py::arg("q_scale"), py::arg("k_scale"),
+        py::arg("v_scale"), py::arg("out"), py::arg("out_stride_b"), py::arg("out_stride_h"), py::arg("out_stride_n"),
+        py::arg("lse"), py::arg("q_bad"), py::arg("first_bad"), py::arg("batch"), py::arg("heads_q"),
+        py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
+        py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
+}

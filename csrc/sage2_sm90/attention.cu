@@ -1,0 +1,367 @@
+// SageAttention2 forward for Hopper (sm_90a): INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma
+// (QGMMA) with two-level accumulation, TMA loads, one producer and two consumer warpgroups.
+//
+// One CTA = 128 query rows of one (batch, query head) = two consumer warpgroups of 64 rows (each
+// is one of sage2's 64-row Q blocks, 16 rows per warp). Warpgroup 0 only issues TMA copies of the
+// K and V^T tiles into a ring of shared-memory stages; it gives its registers to the consumers.
+//
+// Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
+// folded into Q's scales by the quantization pass):
+//   S_int = Q_hat K_hat_j^T                        int32, wgmma s8 (k32 steps over the head dim)
+//   s     = S_int * (dq * dk)                      per-thread quantization: every value a thread
+//                                                  holds shares one Q scale and one K scale
+//   m'    = max(m, rowmax s);  p = exp2(s - m' + log2(448))       p in (0, 448]: E4M3's range
+//   l     = exp2(m - m') l + rowsum p              fp32, from the unquantized p
+//   O     = exp2(m - m') O + (fp8(p) . V_hat_j)    the tile's product in a fresh accumulator
+//                                                  (two-level: the FP8 MMA's ~13-bit accumulator
+//                                                  only ever sums one tile), added in fp32
+//   out   = O * dv / l
+//
+// P goes to the PV wgmma straight from registers. The S accumulator gives lane t (t = lane % 4)
+// columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} of each 32 keys, while the A operand
+// of a k32 step wants slots {4t..4t+3, 4t+16..4t+19}. Rather than shuffle P between threads, the
+// V pass stores each 32-key group of V^T in the same permuted order (slot s holds key
+// 16*(s/16) + 2*((s%16)/4) + 8*((s%4)/2) + s%2; sage2.quant_v, key_order="wgmma"): the sum over
+// keys does not care about their order.
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include "../common/hopper.cuh"
+#include "../common/wgmma.cuh"
+#include "attention.h"
+
+namespace sage_cuda {
+namespace {
+
+constexpr int BLOCK_M = 128;  // query rows per CTA (two consumer warpgroups)
+constexpr int WG_ROWS = 64;   // query rows per consumer warpgroup = sage2's Q block
+constexpr int BLOCK_N = 128;  // keys per tile = sage2's K block (per-thread K scales, two-level flush)
+constexpr int STAGES = 2;
+constexpr int THREADS = 384;
+constexpr int CONSUMER_WARPS = 8;
+constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
+constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
+
+template <int DP>
+struct Shared {
+  alignas(1024) int8_t q[BLOCK_M * DP];
+  alignas(1024) int8_t k[STAGES][BLOCK_N * DP];
+  alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N];
+  uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
+};
+
+struct KernelParams {
+  const float* q_scale;
+  const float* k_scale;
+  const float* v_scale;
+  void* out;
+  int64_t out_sb, out_sh, out_sn;
+  float* lse;
+  const uint8_t* q_bad;
+  const int32_t* first_bad;
+  int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
+};
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float x);
+template <>
+__device__ __forceinline__ __half to_out<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The consumer side of one 128-key tile: S, the online softmax, P V. MASKED: keys past the end
+// and (causal) keys after the diagonal get -inf.
+template <int DP, bool CAUSAL, bool MASKED>
+__device__ __forceinline__ void attend_tile(Shared<DP>& sm, int j, uint64_t desc_q, float (&o)[DP / 2], float (&m)[2],
+                                            float (&l)[2], const float (&qs)[2], const int (&row)[2],
+                                            const float* ks_row, int seqlen_k, int q_offset, int lane) {
+  const int stage = j % STAGES;
+  const uint32_t phase = (j / STAGES) & 1;
+  const int t = lane % 4;
+  const int start_n = j * BLOCK_N;
+
+  int s_int[64];
+  mbar_wait(&sm.k_full[stage], phase);
+  const uint64_t desc_k = smem_desc_kmajor(sm.k[stage], DP);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < DP / 32; ++kk) wgmma_s8_m64n128k32(s_int, desc_q + 2 * kk, desc_k + 2 * kk, kk);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_registers(s_int);
+  if (lane == 0) mbar_arrive(&sm.k_empty[stage]);
+
+  // lane t's keys all share one K scale: the per-thread group {8m + 2t, 8m + 2t + 1}
+  const int k_first = start_n + 2 * t;
+  const float ks = k_first < seqlen_k ? ks_row[k_first] : 0.f;
+  const float sc[2] = {qs[0] * ks, qs[1] * ks};
+
+  float s[64];
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    const int r = (i / 2) % 2;
+    s[i] = float(s_int[i]) * sc[r];
+    if (MASKED) {
+      const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
+      const bool keep = col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset);
+      s[i] = keep ? s[i] : -INFINITY;
+    }
+    tile_max[r] = fmaxf(tile_max[r], s[i]);
+  }
+  float alpha[2], shift[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: p = 0
+    alpha[r] = fast_exp2(m[r] - m_use);
+    shift[r] = m_use - LOG2_P_SCALE;
+    m[r] = m_new;
+  }
+  float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    const int r = (i / 2) % 2;
+    s[i] = fast_exp2(s[i] - shift[r]);
+    row_sum[r] += s[i];
+  }
+  l[0] = l[0] * alpha[0] + row_sum[0];  // this lane's columns; the quad is summed at the end
+  l[1] = l[1] * alpha[1] + row_sum[1];
+
+  // P as the A operand of four k32 steps (see the key order above)
+  uint32_t pa[4][4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int b = 16 * c;
+    pa[c][0] = pack_e4m3x4(s[b + 0], s[b + 1], s[b + 4], s[b + 5]);
+    pa[c][1] = pack_e4m3x4(s[b + 2], s[b + 3], s[b + 6], s[b + 7]);
+    pa[c][2] = pack_e4m3x4(s[b + 8], s[b + 9], s[b + 12], s[b + 13]);
+    pa[c][3] = pack_e4m3x4(s[b + 10], s[b + 11], s[b + 14], s[b + 15]);
+  }
+
+  float o_tile[DP / 2];
+  mbar_wait(&sm.v_full[stage], phase);
+  const uint64_t desc_v = smem_desc_kmajor(sm.vt[stage], BLOCK_N);
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if constexpr (DP == 128) {
+      wgmma_e4m3_m64n128k32_rs(o_tile, pa[c], desc_v + 2 * c, c);
+    } else {
+      wgmma_e4m3_m64n64k32_rs(o_tile, pa[c], desc_v + 2 * c, c);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_registers(o_tile);
+  if (lane == 0) mbar_arrive(&sm.v_empty[stage]);
+#pragma unroll
+  for (int i = 0; i < DP / 2; ++i) o[i] = o[i] * alpha[(i / 2) % 2] + o_tile[i];
+}
+
+template <int DP, bool CAUSAL, typename OutT>
+__global__ void __launch_bounds__(THREADS, 1)
+    sage2_fwd_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                     const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  Shared<DP>& sm = *reinterpret_cast<Shared<DP>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const int warpgroup = threadIdx.x / 128;
+  const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
+  const int bh = blockIdx.y;
+  const int b = bh / p.heads_q, h = bh % p.heads_q;
+  const int kv_bh = b * p.heads_kv + h / (p.heads_q / p.heads_kv);
+  const int q_offset = p.seqlen_k - p.seqlen_q;  // bottom-right causal: row i sees keys j <= i + q_offset
+  const int hi = CAUSAL ? min(p.seqlen_k, (m_block + 1) * BLOCK_M + q_offset) : p.seqlen_k;
+  const int n_tiles = hi > 0 ? (hi + BLOCK_N - 1) / BLOCK_N : 0;
+  const int full_end = CAUSAL ? min(p.seqlen_k, m_block * BLOCK_M + q_offset + 1) : p.seqlen_k;
+  const int n_unmasked = max(full_end, 0) / BLOCK_N;  // tiles no row of this CTA needs masked
+
+  if (threadIdx.x == 0) {
+    mbar_init(&sm.q_full, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&sm.k_full[s], 1);
+      mbar_init(&sm.v_full[s], 1);
+      mbar_init(&sm.k_empty[s], CONSUMER_WARPS);
+      mbar_init(&sm.v_empty[s], CONSUMER_WARPS);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // producer
+    regs_dec<40>();
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(&map_q);
+      prefetch_tensor_map(&map_k);
+      prefetch_tensor_map(&map_v);
+      mbar_arrive_expect_tx(&sm.q_full, BLOCK_M * DP);
+      tma_load_3d(sm.q, &map_q, &sm.q_full, 0, m_block * BLOCK_M, bh);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int stage = j % STAGES;
+        const uint32_t phase = (j / STAGES) & 1;
+        mbar_wait(&sm.k_empty[stage], phase ^ 1);
+        mbar_arrive_expect_tx(&sm.k_full[stage], BLOCK_N * DP);
+        tma_load_3d(sm.k[stage], &map_k, &sm.k_full[stage], 0, j * BLOCK_N, kv_bh);
+        mbar_wait(&sm.v_empty[stage], phase ^ 1);
+        mbar_arrive_expect_tx(&sm.v_full[stage], DP * BLOCK_N);
+        tma_load_3d(sm.vt[stage], &map_v, &sm.v_full[stage], j * BLOCK_N, 0, kv_bh);
+      }
+    }
+    return;
+  }
+
+  regs_inc<232>();
+  const int consumer = warpgroup - 1;
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
+  const int row[2] = {row0, row0 + 8};
+  const float* qs_row = p.q_scale + int64_t(bh) * p.seqlen_q;
+  const float qs[2] = {row[0] < p.seqlen_q ? qs_row[row[0]] : 0.f, row[1] < p.seqlen_q ? qs_row[row[1]] : 0.f};
+  const float* ks_row = p.k_scale + int64_t(kv_bh) * p.seqlen_k;
+
+  float o[DP / 2];
+#pragma unroll
+  for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  mbar_wait(&sm.q_full, 0);
+  const uint64_t desc_q = smem_desc_kmajor(sm.q + consumer * WG_ROWS * DP, DP);
+  for (int j = 0; j < n_unmasked; ++j)
+    attend_tile<DP, CAUSAL, false>(sm, j, desc_q, o, m, l, qs, row, ks_row, p.seqlen_k, q_offset, lane);
+  for (int j = n_unmasked; j < n_tiles; ++j)
+    attend_tile<DP, CAUSAL, true>(sm, j, desc_q, o, m, l, qs, row, ks_row, p.seqlen_k, q_offset, lane);
+
+  // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
+  int first_bad = NO_BAD_KEY;
+  if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
+  const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
+  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l_row = quad_sum(l[r]);
+    if (row[r] >= p.seqlen_q) continue;
+    bool bad = false;
+    if (p.first_bad != nullptr) {
+      bad = p.q_bad[int64_t(bh) * p.seqlen_q + row[r]] != 0 ||
+            (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
+    }
+    const float inv_l = bad ? NAN : 1.f / (l_row == 0.f ? 1.f : l_row);
+    OutT* out_row = out + int64_t(row[r]) * p.out_sn;
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * nt + 2 * t + e;
+        if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * vs[col] * inv_l);
+      }
+    }
+    if (p.lse != nullptr && t == 0)
+      p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
+  }
+}
+
+// ---- host ----
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (fn == nullptr) {
+    cudaDriverEntryPointQueryResult found;
+    void* ptr = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      throw std::runtime_error("sage2 cuda: the driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }
+  return fn;
+}
+
+// A 3-D byte tensor [d2][d1][d0] (d0 contiguous) read in boxes of box0 x box1 x 1, swizzled so that
+// each box0-byte row lands as wgmma's K-major layout wants it.
+CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t d2, uint32_t box0, uint32_t box1,
+                            const char* what) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {d0, d1, d2};
+  const cuuint64_t strides[2] = {d0, d0 * d1};
+  const cuuint32_t box[3] = {box0, box1, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUtensorMapSwizzle swizzle = box0 == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  const CUresult rc = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims,
+                                           strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                                           CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (rc != CUDA_SUCCESS)
+    throw std::runtime_error(std::string("sage2 cuda: cuTensorMapEncodeTiled failed for ") + what + " (error " +
+                             std::to_string(int(rc)) + "); are the codes contiguous and 16-byte aligned?");
+  return map;
+}
+
+template <int DP, bool CAUSAL, typename OutT>
+void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
+  const CUtensorMap map_q =
+      byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, BLOCK_M, "q_codes");
+  const CUtensorMap map_k =
+      byte_tensor_map(a.k_codes, DP, a.seqlen_k, uint64_t(a.batch) * a.heads_kv, DP, BLOCK_N, "k_codes");
+  const CUtensorMap map_v =
+      byte_tensor_map(a.v_codes, a.npad, DP, uint64_t(a.batch) * a.heads_kv, BLOCK_N, DP, "v_codes");
+  const KernelParams p{a.q_scale,    a.k_scale,      a.v_scale,      a.out,      a.out_stride_b,
+                       a.out_stride_h, a.out_stride_n, a.lse,        a.q_bad,    a.first_bad,
+                       a.heads_q,    a.heads_kv,     a.seqlen_q,     a.seqlen_k, a.head_dim};
+  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
+  const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
+  static bool configured = false;
+  if (!configured) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+      throw std::runtime_error("sage2 cuda: cannot reserve " + std::to_string(smem) + " bytes of shared memory");
+    configured = true;
+  }
+  const dim3 grid((a.seqlen_q + BLOCK_M - 1) / BLOCK_M, a.batch * a.heads_q);
+  kernel<<<grid, THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("sage2 cuda: launch failed: ") + cudaGetErrorString(err));
+}
+
+template <int DP>
+void dispatch_causal_dtype(const Sage2ForwardArgs& a, cudaStream_t stream) {
+  if (a.causal) {
+    a.out_bf16 ? launch<DP, true, __nv_bfloat16>(a, stream) : launch<DP, true, __half>(a, stream);
+  } else {
+    a.out_bf16 ? launch<DP, false, __nv_bfloat16>(a, stream) : launch<DP, false, __half>(a, stream);
+  }
+}
+
+}  // namespace
+
+void sage2_sm90_forward(const Sage2ForwardArgs& a, cudaStream_t stream) {
+  if (a.heads_kv <= 0 || a.heads_q % a.heads_kv != 0)
+    throw std::invalid_argument("sage2 cuda: heads_q must be a multiple of heads_kv");
+  if (a.npad % BLOCK_N != 0) throw std::invalid_argument("sage2 cuda: v_codes' key dim must be padded to 128");
+  if (a.seqlen_q <= 0 || a.seqlen_k <= 0) throw std::invalid_argument("sage2 cuda: empty sequences run no kernel");
+  switch (a.padded_head_dim) {
+    case 64: return dispatch_causal_dtype<64>(a, stream);
+    case 128: return dispatch_causal_dtype<128>(a, stream);
+    default:
+      throw std::invalid_argument("sage2 cuda: padded head dim must be 64 or 128, got " +
+                                  std::to_string(a.padded_head_dim));
+  }
+}
+
+}  // namespace sage_cuda

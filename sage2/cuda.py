@@ -1,0 +1,126 @@
+"""``backend="cuda"``: SageAttention2 on Hopper's own instructions (csrc/sage2_sm90/attention.cu).
+
+INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma (QGMMA) with P straight from registers, TMA loads
+and a producer warpgroup feeding two consumer warpgroups. The quantization passes are the Triton
+ones of the Triton backend (same codes, same scales); only V^T's key order differs (see
+``quant_v.wgmma_key_position``). Built on first use by :mod:`common.build`.
+
+What the kernel covers (others: ``backend="triton"``, which ``"auto"`` then picks): sm_90 GPUs;
+INT8, or INT4 codes without Q smoothing; every Q/K granularity but ``per_token``; ``fp8_e4m3``
+with two-level accumulation; no ``smooth_v``; no ``attn_mask``; padded head dim 64 or 128 (head
+dims 33..128); causal or not, GQA, both layouts, ``return_lse``, any length, fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from common.int_qk import padded_head_dim
+from common.masking import MASK_NONE
+
+HEAD_DIMS = (64, 128)
+_build_failed: str | None = None
+
+
+def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype: str, pv_accum: str, mask,
+                head_dim: int) -> str | None:
+    """Why the CUDA kernel cannot run these options (None: it can)."""
+    if qk_granularity == "per_token":
+        return "qk_granularity='per_token' (its K scales differ within a lane's keys)"
+    if smooth_q:
+        return "smooth_q=True (the kernel does not add delta_s)"
+    if smooth_v:
+        return "smooth_v=True"
+    if pv_dtype != "fp8_e4m3":
+        return f"pv_dtype={pv_dtype!r} (only 'fp8_e4m3')"
+    if pv_accum != "two_level":
+        return f"pv_accum={pv_accum!r} (only 'two_level')"
+    if mask.kind != MASK_NONE or mask.has_lens:
+        return "attn_mask / sequence lengths"
+    if padded_head_dim(head_dim) not in HEAD_DIMS:
+        return f"head_dim={head_dim} (the kernel takes padded head dims {HEAD_DIMS}: 33..128)"
+    return None
+
+
+def device_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def extension():
+    """The built module, or raise common.build.CudaBuildUnavailable."""
+    from common import build
+
+    return build.load()
+
+
+def auto_picks_cuda(device: torch.device, reason: str | None) -> bool:
+    """``backend="auto"``: the CUDA kernel on sm_90 when the options allow it and it builds
+    (``SAGE_DISABLE_CUDA=1`` turns this off). A failed build warns once, then Triton runs."""
+    global _build_failed
+    if reason is not None or os.environ.get("SAGE_DISABLE_CUDA") == "1" or not device_supported(device):
+        return False
+    if _build_failed is not None:
+        return False
+    try:
+        extension()
+    except Exception as err:  # noqa: BLE001 - any build failure means: use Triton
+        _build_failed = str(err)
+        warnings.warn(f"sage2: the CUDA kernel is unavailable, backend='auto' uses Triton: {err}", stacklevel=3)
+        return False
+    return True
+
+
+def check_cuda_device(device: torch.device) -> None:
+    """``backend="cuda"`` asked for explicitly: a clear error unless the tensors are on an sm_90
+    GPU and the kernel builds (common.build.CudaBuildUnavailable says what is missing)."""
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}; use backend='torch'")
+    if not device_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"backend='cuda' needs a Hopper GPU (compute capability 9.0), got {major}.{minor}; "
+                         "use backend='triton'")
+    extension()
+
+
+@torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out",))
+def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, q_scale: torch.Tensor,
+                   k_scale: torch.Tensor, v_scale: torch.Tensor, out: torch.Tensor, q_bad: torch.Tensor | None,
+                   first_bad: torch.Tensor | None, causal: bool, return_lse: bool) -> torch.Tensor:
+    """The kernel on quantized inputs; writes ``out`` ([B, Hq, Nq, D] view, any strides with a
+    contiguous last dim) and returns the log2-domain LSE ([B, Hq, Nq], or empty)."""
+    B, Hq, Nq, DP = q_codes.shape
+    Hkv, Nk = k_codes.shape[1], k_codes.shape[2]
+    D = out.shape[-1]
+    lse = torch.empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32, device=out.device)
+    extension().sage2_sm90_forward(
+        q_codes=q_codes.data_ptr(), k_codes=k_codes.data_ptr(), v_codes=v_codes.data_ptr(),
+        q_scale=q_scale.data_ptr(), k_scale=k_scale.data_ptr(), v_scale=v_scale.data_ptr(),
+        out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1), out_stride_n=out.stride(2),
+        lse=lse.data_ptr() if return_lse else 0,
+        q_bad=q_bad.data_ptr() if q_bad is not None else 0, first_bad=first_bad.data_ptr() if first_bad is not None else 0,
+        batch=B, heads_q=Hq, heads_kv=Hkv, seqlen_q=Nq, seqlen_k=Nk, npad=v_codes.shape[-1], head_dim=D,
+        padded_head_dim=DP, causal=causal, out_bf16=out.dtype == torch.bfloat16,
+        stream=torch.cuda.current_stream(out.device).cuda_stream)
+    return lse
+
+
+@sage2_sm90_fwd.register_fake
+def _(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out, q_bad, first_bad, causal, return_lse):
+    B, Hq, Nq, _ = q_codes.shape
+    return q_codes.new_empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32)
+
+
+def launch(qk, qv, out_hnd: torch.Tensor, *, is_causal: bool, return_lse: bool, flags=None):
+    """Run the kernel on sage2's quantized Q, K (common.int_qk) and V (quant_v, wgmma key order).
+    Returns the log2-domain LSE or None."""
+    if out_hnd.stride(-1) != 1:
+        raise ValueError("sage2 cuda: the output's last dim must be contiguous")
+    q_scale = qk.q_scale_per_token().contiguous()
+    k_scale = qk.k_scale_per_token().contiguous()
+    lse = sage2_sm90_fwd(qk.q_codes, qk.k_codes, qv.codes, q_scale, k_scale, qv.scale, out_hnd,
+                         flags.q_bad if flags is not None else None, flags.first_bad if flags is not None else None,
+                         is_causal, return_lse)
+    return lse if return_lse else None

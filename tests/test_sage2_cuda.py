@@ -1,0 +1,200 @@
+"""sage2 backend="cuda": the Hopper wgmma kernel (csrc/sage2_sm90) and its build.
+
+CPU (CI): every CUDA source compiles for sm_90a (``python -m common.build --check``); V's wgmma key
+order is a permutation within each 32 keys that puts key n where lane t's P lands; bad requests get
+clear errors. GPU (H100): the kernel against the emulation and the Triton kernel on the same
+inputs, against exact attention, the NaN rule, torch.compile and CUDA graphs.
+"""
+
+import pytest
+import torch
+
+import sage2
+from common import build
+from common.inputs import make_qkv
+from common.metrics import accuracy
+from common.reference import attention_reference
+from conftest import HAS_CUDA, KERNEL_DEVICE, gpu
+from sage2.quant_v import quantize_v, wgmma_key_position
+
+FP16, BF16 = torch.float16, torch.bfloat16
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
+
+
+@pytest.mark.skipif(build.missing_tools() != [], reason="needs nvcc, ninja and pybind11")
+def test_every_cuda_source_compiles_for_sm90a(capsys):
+    assert build.check(verbose=False) == 0
+
+
+def test_wgmma_key_position_is_the_lane_order_of_the_s_fragment():
+    n = torch.arange(64)
+    pos = wgmma_key_position(n)
+    assert sorted(pos.tolist()) == list(range(64)) and (pos // 32 == n // 32).all()
+    # slot 4t + j (and 16 + 4t + j) of each 32 holds lane t's j-th key: 2t, 2t+1, 2t+8, 2t+9
+    for t in range(4):
+        for j, key in enumerate((2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)):
+            assert pos[key] == 4 * t + j and pos[16 + key] == 16 + 4 * t + j
+
+
+def test_v_pass_in_wgmma_key_order_is_the_natural_pass_permuted():
+    v = make_qkv(2, 3, 1, 64, seqlen_k=200, kind="v_bias", seed=3)[2].to(KERNEL_DEVICE)
+    natural = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=64, npad_multiple=128)
+    permuted = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=64, npad_multiple=128,
+                          wgmma_key_order=True)
+    assert torch.equal(natural.scale, permuted.scale)
+    npad = natural.codes.shape[-1]
+    expect = torch.empty_like(natural.codes.view(torch.uint8))
+    expect[..., wgmma_key_position(torch.arange(npad)).to(v.device)] = natural.codes.view(torch.uint8)
+    assert torch.equal(permuted.codes.view(torch.uint8), expect)
+
+
+def test_cuda_backend_errors():
+    q, k, v = make_qkv(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got tensors on cpu"):
+        sage2.sageattn(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cuda', 'triton', 'torch'\]"):
+        sage2.sageattn(q, k, v, backend="cutlass")
+
+
+def test_unsupported_options_are_named():
+    from common.masking import NO_MASK
+    from sage2.cuda import unsupported
+
+    ok = dict(qk_granularity="per_thread", smooth_q=False, smooth_v=False, pv_dtype="fp8_e4m3",
+              pv_accum="two_level", mask=NO_MASK, head_dim=128)
+    assert unsupported(**ok) is None and unsupported(**{**ok, "head_dim": 40}) is None
+    for change, words in [({"qk_granularity": "per_token"}, "per_token"), ({"smooth_q": True}, "smooth_q"),
+                          ({"pv_dtype": "fp16"}, "pv_dtype='fp16'"), ({"pv_accum": "single"}, "pv_accum"),
+                          ({"head_dim": 256}, "head_dim=256"), ({"head_dim": 32}, "head_dim=32")]:
+        assert words in unsupported(**{**ok, **change})
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run on the device)
+# ---------------------------------------------------------------------------------------------
+
+CASES = [
+    # (dtype, causal, (hq, hkv), layout, (nq, nk), d, options)
+    (FP16, False, (4, 4), "HND", (128, 128), 64, {}),
+    (FP16, False, (4, 2), "HND", (1000, 1000), 128, {}),
+    (FP16, True, (4, 2), "NHD", (300, 300), 128, {}),
+    (BF16, False, (4, 1), "HND", (77, 300), 96, {}),
+    (FP16, True, (4, 2), "HND", (300, 77), 64, dict(qk_dtype="int4", smooth_q=False)),
+    (FP16, True, (2, 2), "HND", (77, 300), 128, {}),
+    (BF16, True, (2, 1), "NHD", (129, 129), 64, dict(qk_granularity="per_block")),
+    (FP16, False, (2, 2), "NHD", (200, 260), 40, dict(qk_granularity="per_warp")),
+    (FP16, False, (2, 2), "HND", (100, 300), 128, dict(qk_granularity="per_tensor")),
+    (FP16, True, (2, 2), "HND", (17, 2000), 128, {}),
+]
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("dtype,causal,heads,layout,lens,d,opts", CASES)
+def test_cuda_kernel_agrees_with_emulation_and_triton(dtype, causal, heads, layout, lens, d, opts):
+    (hq, hkv), (nq, nk) = heads, lens
+    q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, dtype=dtype, layout=layout, seed=d + nq,
+                       device="cuda")
+    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=True, **opts)
+    out_c, lse_c = sage2.sageattn(q, k, v, backend="cuda", **kw)
+    out_t, lse_t = sage2.sageattn(q, k, v, backend="triton", **kw)
+    out_e, lse_e = sage2.sageattn(q, k, v, backend="torch", **kw)
+    fin = torch.isfinite(lse_e)
+    assert torch.equal(torch.isfinite(lse_c), fin)
+    assert (lse_c - lse_e)[fin].abs().max() < 1e-3
+    ref = attention_reference(q, k, v, tensor_layout=layout, is_causal=causal)
+    c_vs_e, e_vs_ref, t_vs_e = accuracy(out_e.double(), out_c), accuracy(ref, out_e), accuracy(out_e.double(), out_t)
+    assert c_vs_e.rel_l1 <= max(0.1 * e_vs_ref.rel_l1, 1e-6) and c_vs_e.rel_l1 <= 3e-3, (c_vs_e, e_vs_ref)
+    assert c_vs_e.rel_l1 <= 2 * t_vs_e.rel_l1 + 1e-4, (c_vs_e, t_vs_e)  # as close as the Triton kernel is
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_accuracy_at_real_size(d, causal):
+    q, k, v = make_qkv(2, 8, 4096, d, device="cuda", seed=1)
+    ref = attention_reference(q, k, v, is_causal=causal)
+    a = accuracy(ref, sage2.sageattn(q, k, v, is_causal=causal, backend="cuda"))
+    t = accuracy(ref, sage2.sageattn(q, k, v, is_causal=causal, backend="triton"))
+    assert a.cos_sim >= 0.9992 and a.rel_l1 <= 0.04, a
+    assert a.rel_l1 <= 1.05 * t.rel_l1, (a, t)
+
+
+@gpu
+@hopper
+def test_auto_picks_cuda_on_hopper_and_triton_where_it_cannot(monkeypatch):
+    from sage2 import cuda as cuda_kernel
+
+    calls = []
+    real = cuda_kernel.launch
+    monkeypatch.setattr(cuda_kernel, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(1, 2, 256, 64, device="cuda")
+    sage2.sageattn(q, k, v)
+    assert calls == [1]
+    sage2.sageattn(q, k, v, pv_dtype="fp16")  # not covered: Triton
+    assert calls == [1]
+    monkeypatch.setenv("SAGE_DISABLE_CUDA", "1")
+    sage2.sageattn(q, k, v)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="backend='cuda' does not support pv_dtype='fp16'"):
+        sage2.sageattn(q, k, v, pv_dtype="fp16", backend="cuda")
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_nan_rows_follow_sdpa(causal):
+    q, k, v = make_qkv(1, 4, 300, 128, heads_kv=2, device="cuda", seed=5)
+    q[0, 1, 7, 3] = float("nan")
+    k[0, 0, 200, 5] = float("inf")
+    v[0, 1, 10, 0] = float("-inf")
+    out = sage2.sageattn(q, k, v, is_causal=causal, backend="cuda")
+    exp = sage2.sageattn(q, k, v, is_causal=causal, backend="torch")
+    assert torch.equal(out.isnan().any(-1), exp.isnan().any(-1))
+    fin = ~exp.isnan().any(-1)
+    assert accuracy(exp[fin].double(), out[fin]).rel_l1 < 3e-3
+    copies = [t.clone() for t in (q, k, v)]
+    sage2.sageattn(q, k, v, is_causal=causal, backend="cuda")
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(copies, (q, k, v)))  # unchanged
+
+
+@gpu
+@hopper
+def test_cuda_under_torch_compile_and_cuda_graphs():
+    q, k, v = make_qkv(2, 4, 512, 128, device="cuda", seed=2)
+    eager = sage2.sageattn(q, k, v, backend="cuda")
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v):
+        return sage2.sageattn(q, k, v, backend="cuda") * 2
+
+    assert torch.equal(f(q, k, v), eager * 2)
+    from common.timing import graph_replay
+
+    held = {}
+    replay = graph_replay(lambda: held.update(out=sage2.sageattn(q, k, v, backend="cuda")))
+    q.copy_(make_qkv(2, 4, 512, 128, device="cuda", seed=3)[0])
+    replay()
+    assert torch.equal(held["out"], sage2.sageattn(q, k, v, backend="cuda"))
+
+
+@gpu
+@hopper
+def test_the_kernel_op_has_a_fake_for_compile():
+    from sage2.cuda import sage2_sm90_fwd
+
+    torch.library.opcheck(sage2_sm90_fwd, _op_args(), test_utils=("test_schema", "test_faketensor"))
+
+
+def _op_args():
+    from common.int_qk import quantize_qk
+
+    q, k, v = make_qkv(1, 2, 256, 128, device="cuda")
+    qk = quantize_qk(q, k, sm_scale=128 ** -0.5, granularity="per_thread", q_block=64, k_block=128, warp_rows=16,
+                     backend="triton")
+    qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128, npad_multiple=128, wgmma_key_order=True)
+    out = torch.empty_like(q)
+    return (qk.q_codes, qk.k_codes, qv.codes, qk.q_scale_per_token().contiguous(), qk.k_scale_per_token().contiguous(),
+            qv.scale, out, None, None, False, True)
