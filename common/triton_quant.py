@@ -223,11 +223,11 @@ def quantize_v_fp8_kernel(V, MEAN, ABSMAX, SCALE, OUT,
     y = tl.where(in_bounds, y, 0.0)
     # transposed store: [DP, NPAD] per head, tokens contiguous (coalesced); padding tokens get zeros
     yt = to_fp8(tl.trans(y), FP8_E5M2, INTERPRET)
-    pos = rows
-    if WGMMA_KEY_ORDER:  # csrc/sage2_sm90: key 16h + r of each 32 goes where the S fragment puts its P
-        r = rows % 32
-        pos = rows - r + (r // 16) * 16 + ((r % 8) // 2) * 4 + ((r % 16) // 8) * 2 + r % 2
-    tl.store(OUT + (pid_bh * DP + cols[:, None]) * NPAD + pos[None, :], yt, mask=rows[None, :] < NPAD)
+    if WGMMA_KEY_ORDER:
+        # csrc/sage2_sm90: key 16h + 8e + 2t + b of each 32 goes to slot 16h + 4t + 2e + b, where
+        # the S fragment puts lane t's P. Permuted in registers, so the store stays contiguous.
+        yt = tl.reshape(tl.permute(tl.reshape(yt, (DP, BLOCK // 32, 2, 2, 4, 2)), (0, 1, 2, 4, 3, 5)), (DP, BLOCK))
+    tl.store(OUT + (pid_bh * DP + cols[:, None]) * NPAD + rows[None, :], yt, mask=rows[None, :] < NPAD)
 
 
 @triton.jit

@@ -54,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 16384])
     ap.add_argument("--causal", choices=["no", "yes", "both"], default="no")
     ap.add_argument("--rep-ms", type=float, default=200)
+    ap.add_argument("--kernels", action="store_true", help="device time of each kernel of one CUDA-backend call")
     args = ap.parse_args(argv)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     whole = {
@@ -79,6 +80,11 @@ def main(argv=None):
                         a = accuracy(ref, whole[be](q, k, v, causal)[:, :, :nq])
                         r[be + "_acc"] = f"{a.cos_sim:.5f}/{a.rel_l1:.4f}"
                 rows.append(r)
+                if args.kernels:
+                    from experiments.profile_call import kernel_times
+
+                    print(f"  kernels of one backend='cuda' call, D={d} causal={causal} N={n}:")
+                    kernel_times(lambda: whole["cuda"](q, k, v, causal), False, per_kernel=True)
                 print(f"D={d} causal={causal} N={n}: " + " ".join(
                     f"{k}={v:.0f}" for k, v in r.items() if isinstance(v, float)), f"({time.time() - t0:.0f}s)", flush=True)
                 del q, k, v

@@ -89,7 +89,7 @@ def check_cuda_device(device: torch.device) -> None:
 def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, q_scale: torch.Tensor,
                    k_scale: torch.Tensor, v_scale: torch.Tensor, out: torch.Tensor, q_bad: torch.Tensor | None,
                    first_bad: torch.Tensor | None, causal: bool, return_lse: bool) -> torch.Tensor:
-    """The kernel on quantized inputs; writes ``out`` ([B, Hq, Nq, D] view, any strides with a
+    """The kernel on quantized inputs (``v_codes``: V^T's E4M3 bytes as uint8); writes ``out`` ([B, Hq, Nq, D] view, any strides with a
     contiguous last dim) and returns the log2-domain LSE ([B, Hq, Nq], or empty)."""
     B, Hq, Nq, DP = q_codes.shape
     Hkv, Nk = k_codes.shape[1], k_codes.shape[2]
@@ -120,7 +120,7 @@ def launch(qk, qv, out_hnd: torch.Tensor, *, is_causal: bool, return_lse: bool, 
         raise ValueError("sage2 cuda: the output's last dim must be contiguous")
     q_scale = qk.q_scale_per_token().contiguous()
     k_scale = qk.k_scale_per_token().contiguous()
-    lse = sage2_sm90_fwd(qk.q_codes, qk.k_codes, qv.codes, q_scale, k_scale, qv.scale, out_hnd,
+    lse = sage2_sm90_fwd(qk.q_codes, qk.k_codes, qv.codes.view(torch.uint8), q_scale, k_scale, qv.scale, out_hnd,
                          flags.q_bad if flags is not None else None, flags.first_bad if flags is not None else None,
                          is_causal, return_lse)
     return lse if return_lse else None

@@ -196,5 +196,5 @@ def _op_args():
                      backend="triton")
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128, npad_multiple=128, wgmma_key_order=True)
     out = torch.empty_like(q)
-    return (qk.q_codes, qk.k_codes, qv.codes, qk.q_scale_per_token().contiguous(), qk.k_scale_per_token().contiguous(),
+    return (qk.q_codes, qk.k_codes, qv.codes.view(torch.uint8), qk.q_scale_per_token().contiguous(), qk.k_scale_per_token().contiguous(),
             qv.scale, out, None, None, False, True)

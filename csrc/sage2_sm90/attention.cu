@@ -45,7 +45,7 @@ namespace {
 constexpr int BLOCK_M = 128;  // query rows per CTA (two consumer warpgroups)
 constexpr int WG_ROWS = 64;   // query rows per consumer warpgroup = sage2's Q block
 constexpr int BLOCK_N = 128;  // keys per tile = sage2's K block (per-thread K scales, two-level flush)
-constexpr int STAGES = 2;
+constexpr int STAGES = 3;
 constexpr int THREADS = 384;
 constexpr int CONSUMER_WARPS = 8;
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
@@ -87,78 +87,34 @@ __device__ __forceinline__ __half to_out<__half>(float x) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// The consumer side of one 128-key tile: S, the online softmax, P V. MASKED: keys past the end
-// and (causal) keys after the diagonal get -inf.
-template <int DP, bool CAUSAL, bool MASKED>
-__device__ __forceinline__ void attend_tile(Shared<DP>& sm, int j, uint64_t desc_q, float (&o)[DP / 2], float (&m)[2],
-                                            float (&l)[2], const float (&qs)[2], const int (&row)[2],
-                                            const float* ks_row, int seqlen_k, int q_offset, int lane) {
-  const int stage = j % STAGES;
-  const uint32_t phase = (j / STAGES) & 1;
-  const int t = lane % 4;
-  const int start_n = j * BLOCK_N;
+// Named barriers 1 and 2 (0 is __syncthreads): the two consumer warpgroups take turns on the
+// tensor cores (FlashAttention-3's ping-pong), so that one's softmax runs under the other's MMAs.
+__device__ __forceinline__ void turn_wait(int consumer) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(1 + consumer) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int consumer) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - consumer) : "memory");
+}
 
-  int s_int[64];
-  mbar_wait(&sm.k_full[stage], phase);
+// S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
+template <int DP>
+__device__ __forceinline__ void issue_qk(Shared<DP>& sm, int j, uint64_t desc_q, int (&s_int)[64]) {
+  const int stage = j % STAGES;
+  mbar_wait(&sm.k_full[stage], (j / STAGES) & 1);
   const uint64_t desc_k = smem_desc_kmajor(sm.k[stage], DP);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < DP / 32; ++kk) wgmma_s8_m64n128k32(s_int, desc_q + 2 * kk, desc_k + 2 * kk, kk);
   wgmma_commit();
-  wgmma_wait<0>();
-  fence_registers(s_int);
-  if (lane == 0) mbar_arrive(&sm.k_empty[stage]);
+}
 
-  // lane t's keys all share one K scale: the per-thread group {8m + 2t, 8m + 2t + 1}
-  const int k_first = start_n + 2 * t;
-  const float ks = k_first < seqlen_k ? ks_row[k_first] : 0.f;
-  const float sc[2] = {qs[0] * ks, qs[1] * ks};
-
-  float s[64];
-  float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int i = 0; i < 64; ++i) {
-    const int r = (i / 2) % 2;
-    s[i] = float(s_int[i]) * sc[r];
-    if (MASKED) {
-      const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
-      const bool keep = col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset);
-      s[i] = keep ? s[i] : -INFINITY;
-    }
-    tile_max[r] = fmaxf(tile_max[r], s[i]);
-  }
-  float alpha[2], shift[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: p = 0
-    alpha[r] = fast_exp2(m[r] - m_use);
-    shift[r] = m_use - LOG2_P_SCALE;
-    m[r] = m_new;
-  }
-  float row_sum[2] = {0.f, 0.f};
-#pragma unroll
-  for (int i = 0; i < 64; ++i) {
-    const int r = (i / 2) % 2;
-    s[i] = fast_exp2(s[i] - shift[r]);
-    row_sum[r] += s[i];
-  }
-  l[0] = l[0] * alpha[0] + row_sum[0];  // this lane's columns; the quad is summed at the end
-  l[1] = l[1] * alpha[1] + row_sum[1];
-
-  // P as the A operand of four k32 steps (see the key order above)
-  uint32_t pa[4][4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int b = 16 * c;
-    pa[c][0] = pack_e4m3x4(s[b + 0], s[b + 1], s[b + 4], s[b + 5]);
-    pa[c][1] = pack_e4m3x4(s[b + 2], s[b + 3], s[b + 6], s[b + 7]);
-    pa[c][2] = pack_e4m3x4(s[b + 8], s[b + 9], s[b + 12], s[b + 13]);
-    pa[c][3] = pack_e4m3x4(s[b + 10], s[b + 11], s[b + 14], s[b + 15]);
-  }
-
+// O = alpha * O + fp8(P_j) V_j: the tile's product in a fresh accumulator (two-level), then fp32.
+template <int DP>
+__device__ __forceinline__ void pv_and_rescale(Shared<DP>& sm, int j, const uint32_t (&pa)[4][4],
+                                               const float (&alpha)[2], float (&o)[DP / 2], int lane) {
+  const int stage = j % STAGES;
   float o_tile[DP / 2];
-  mbar_wait(&sm.v_full[stage], phase);
+  mbar_wait(&sm.v_full[stage], (j / STAGES) & 1);
   const uint64_t desc_v = smem_desc_kmajor(sm.vt[stage], BLOCK_N);
   wgmma_fence();
 #pragma unroll
@@ -175,6 +131,68 @@ __device__ __forceinline__ void attend_tile(Shared<DP>& sm, int j, uint64_t desc
   if (lane == 0) mbar_arrive(&sm.v_empty[stage]);
 #pragma unroll
   for (int i = 0; i < DP / 2; ++i) o[i] = o[i] * alpha[(i / 2) % 2] + o_tile[i];
+}
+
+// The online softmax of tile j on S_int: updates m and l (this lane's columns), returns P_j as the
+// PV wgmma's A operand (see the key order above) and the factor alpha that O must be scaled by.
+// MASKED: keys past the end and (causal) keys after the diagonal get -inf.
+template <bool CAUSAL, bool MASKED>
+__device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, float (&m)[2], float (&l)[2],
+                                             const float (&qs)[2], const int (&row)[2], const float* ks_row,
+                                             int seqlen_k, int q_offset, int t, uint32_t (&pa)[4][4],
+                                             float (&alpha)[2]) {
+  const int start_n = j * BLOCK_N;
+  // lane t's keys all share one K scale: the per-thread group {8m + 2t, 8m + 2t + 1}
+  const int k_first = start_n + 2 * t;
+  const float ks = k_first < seqlen_k ? ks_row[k_first] : 0.f;
+  const float sc[2] = {qs[0] * ks, qs[1] * ks};
+
+  float tile_max[2];
+  if (MASKED) {
+    tile_max[0] = tile_max[1] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i / 2) % 2;
+      const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
+      if (col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset)) tile_max[r] = fmaxf(tile_max[r], float(s_int[i]) * sc[r]);
+    }
+  } else {  // scales are >= 0: the max of the integers, scaled once
+    int imax[2] = {INT_MIN, INT_MIN};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) imax[(i / 2) % 2] = max(imax[(i / 2) % 2], s_int[i]);
+    tile_max[0] = float(imax[0]) * sc[0];
+    tile_max[1] = float(imax[1]) * sc[1];
+  }
+  float shift[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: p = 0
+    alpha[r] = fast_exp2(m[r] - m_use);
+    shift[r] = m_use - LOG2_P_SCALE;
+    m[r] = m_new;
+  }
+  float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {  // 32 keys at a time: P is packed to FP8 as it is made
+    float p[16];
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      const int i = 16 * c + e, r = (i / 2) % 2;
+      p[e] = fast_exp2(fmaf(float(s_int[i]), sc[r], -shift[r]));
+      if (MASKED) {
+        const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
+        if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[e] = 0.f;
+      }
+      row_sum[r] += p[e];
+    }
+    pa[c][0] = pack_e4m3x4(p[0], p[1], p[4], p[5]);
+    pa[c][1] = pack_e4m3x4(p[2], p[3], p[6], p[7]);
+    pa[c][2] = pack_e4m3x4(p[8], p[9], p[12], p[13]);
+    pa[c][3] = pack_e4m3x4(p[10], p[11], p[14], p[15]);
+  }
+  l[0] = l[0] * alpha[0] + row_sum[0];  // this lane's columns; the quad is summed at the end
+  l[1] = l[1] * alpha[1] + row_sum[1];
 }
 
 template <int DP, bool CAUSAL, typename OutT>
@@ -208,7 +226,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    regs_dec<40>();
+    regs_dec<24>();  // 128 x 24 + 256 x 240 <= 64K registers
     if (threadIdx.x == 0) {
       prefetch_tensor_map(&map_q);
       prefetch_tensor_map(&map_k);
@@ -229,7 +247,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     return;
   }
 
-  regs_inc<232>();
+  regs_inc<240>();
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
@@ -245,10 +263,27 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   mbar_wait(&sm.q_full, 0);
   const uint64_t desc_q = smem_desc_kmajor(sm.q + consumer * WG_ROWS * DP, DP);
-  for (int j = 0; j < n_unmasked; ++j)
-    attend_tile<DP, CAUSAL, false>(sm, j, desc_q, o, m, l, qs, row, ks_row, p.seqlen_k, q_offset, lane);
-  for (int j = n_unmasked; j < n_tiles; ++j)
-    attend_tile<DP, CAUSAL, true>(sm, j, desc_q, o, m, l, qs, row, ks_row, p.seqlen_k, q_offset, lane);
+  // Section j (one turn on the tensor cores): P_{j-1} V_{j-1}, then issue S_j = Q K_j^T and pass
+  // the turn; the softmax of S_j then runs while the other warpgroup has its turn.
+  uint32_t pa[4][4];
+  float alpha[2] = {1.f, 1.f};
+  if (consumer == 1) turn_pass(consumer);  // consumer 0 goes first
+  for (int j = 0; j <= n_tiles; ++j) {
+    turn_wait(consumer);
+    if (j > 0) pv_and_rescale(sm, j - 1, pa, alpha, o, lane);
+    int s_int[64];
+    if (j < n_tiles) issue_qk(sm, j, desc_q, s_int);
+    if (consumer == 0 || j < n_tiles) turn_pass(consumer);  // (balanced: consumer 1 passed once up front)
+    if (j == n_tiles) break;
+    wgmma_wait<0>();
+    fence_registers(s_int);
+    if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
+    if (j < n_unmasked) {
+      softmax_tile<CAUSAL, false>(s_int, j, m, l, qs, row, ks_row, p.seqlen_k, q_offset, t, pa, alpha);
+    } else {
+      softmax_tile<CAUSAL, true>(s_int, j, m, l, qs, row, ks_row, p.seqlen_k, q_offset, t, pa, alpha);
+    }
+  }
 
   // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
   int first_bad = NO_BAD_KEY;
