@@ -147,6 +147,11 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
   const float ks = k_first < seqlen_k ? ks_row[k_first] : 0.f;
   const float sc[2] = {qs[0] * ks, qs[1] * ks};
 
+  // int32 -> fp32 without I2F, which shares the quarter-rate pipe with ex2 and the FP8 packing:
+  // |S| <= 128 * 127 * 127 < 2^22, so the bits of 1.5 * 2^23 + S are the float 1.5 * 2^23 + S,
+  // and subtracting 1.5 * 2^23 gives S exactly (an integer add and a float add, both full rate).
+  constexpr int MAGIC_BITS = 0x4B400000;
+  constexpr float MAGIC = 12582912.f;
   float tile_max[2];
   if (MASKED) {
     tile_max[0] = tile_max[1] = -INFINITY;
@@ -154,7 +159,8 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
     for (int i = 0; i < 64; ++i) {
       const int r = (i / 2) % 2;
       const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
-      if (col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset)) tile_max[r] = fmaxf(tile_max[r], float(s_int[i]) * sc[r]);
+      if (col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))
+        tile_max[r] = fmaxf(tile_max[r], (__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC) * sc[r]);
     }
   } else {  // scales are >= 0: the max of the integers, scaled once
     int imax[2] = {INT_MIN, INT_MIN};
@@ -179,7 +185,7 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
       const int i = 16 * c + e, r = (i / 2) % 2;
-      p[e] = fast_exp2(fmaf(float(s_int[i]), sc[r], -shift[r]));
+      p[e] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC, sc[r], -shift[r]));
       if (MASKED) {
         const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
         if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[e] = 0.f;
