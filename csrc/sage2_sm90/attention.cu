@@ -208,7 +208,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   extern __shared__ uint8_t smem_raw[];
   Shared<DP>& sm = *reinterpret_cast<Shared<DP>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-  const int warpgroup = threadIdx.x / 128;
+  // broadcast from lane 0 so that the compiler knows it is warp-uniform: wgmma in a branch it
+  // thinks divergent gets serialized (ptxas C7518)
+  const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
   const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
   const int bh = blockIdx.y;
   const int b = bh / p.heads_q, h = bh % p.heads_q;
