@@ -108,12 +108,11 @@ __device__ __forceinline__ void issue_qk(Shared<DP>& sm, int j, uint64_t desc_q,
   wgmma_commit();
 }
 
-// O = alpha * O + fp8(P_j) V_j: the tile's product in a fresh accumulator (two-level), then fp32.
+// Issue P_j V_j into a fresh accumulator (two-level: the FP8 MMA's ~13-bit accumulator only ever
+// sums one tile); the caller waits, then adds it to O in fp32 (finish_pv).
 template <int DP>
-__device__ __forceinline__ void pv_and_rescale(Shared<DP>& sm, int j, const uint32_t (&pa)[4][4],
-                                               const float (&alpha)[2], float (&o)[DP / 2], int lane) {
+__device__ __forceinline__ void issue_pv(Shared<DP>& sm, int j, const uint32_t (&pa)[4][4], float (&o_tile)[DP / 2]) {
   const int stage = j % STAGES;
-  float o_tile[DP / 2];
   mbar_wait(&sm.v_full[stage], (j / STAGES) & 1);
   const uint64_t desc_v = smem_desc_kmajor(sm.vt[stage], BLOCK_N);
   wgmma_fence();
@@ -126,20 +125,25 @@ __device__ __forceinline__ void pv_and_rescale(Shared<DP>& sm, int j, const uint
     }
   }
   wgmma_commit();
-  wgmma_wait<0>();
+}
+
+// After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j.
+template <int DP>
+__device__ __forceinline__ void finish_pv(Shared<DP>& sm, int j, const float (&alpha)[2], float (&o_tile)[DP / 2],
+                                          float (&o)[DP / 2], int lane) {
   fence_registers(o_tile);
-  if (lane == 0) mbar_arrive(&sm.v_empty[stage]);
+  if (lane == 0) mbar_arrive(&sm.v_empty[j % STAGES]);
 #pragma unroll
   for (int i = 0; i < DP / 2; ++i) o[i] = o[i] * alpha[(i / 2) % 2] + o_tile[i];
 }
 
-// The online softmax of tile j on S_int: updates m and l (this lane's columns), returns P_j as the
-// PV wgmma's A operand (see the key order above) and the factor alpha that O must be scaled by.
-// MASKED: keys past the end and (causal) keys after the diagonal get -inf.
+// The online softmax of tile j on S_int: updates m and l (this lane's columns), returns P_j (fp32,
+// in (0, 448]) and the factor alpha that O must be scaled by. MASKED: keys past the end and
+// (causal) keys after the diagonal get -inf.
 template <bool CAUSAL, bool MASKED>
 __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, float (&m)[2], float (&l)[2],
                                              const float (&qs)[2], const int (&row)[2], const float* ks_row,
-                                             int seqlen_k, int q_offset, int t, uint32_t (&pa)[4][4],
+                                             int seqlen_k, int q_offset, int t, float (&p)[64],
                                              float (&alpha)[2]) {
   const int start_n = j * BLOCK_N;
   // lane t's keys all share one K scale: the per-thread group {8m + 2t, 8m + 2t + 1}
@@ -180,25 +184,61 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
   }
   float row_sum[2] = {0.f, 0.f};
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {  // 32 keys at a time: P is packed to FP8 as it is made
-    float p[16];
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-      const int i = 16 * c + e, r = (i / 2) % 2;
-      p[e] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC, sc[r], -shift[r]));
-      if (MASKED) {
-        const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
-        if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[e] = 0.f;
-      }
-      row_sum[r] += p[e];
+  for (int i = 0; i < 64; ++i) {
+    const int r = (i / 2) % 2;
+    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC, sc[r], -shift[r]));
+    if (MASKED) {
+      const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
+      if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[i] = 0.f;
     }
-    pa[c][0] = pack_e4m3x4(p[0], p[1], p[4], p[5]);
-    pa[c][1] = pack_e4m3x4(p[2], p[3], p[6], p[7]);
-    pa[c][2] = pack_e4m3x4(p[8], p[9], p[12], p[13]);
-    pa[c][3] = pack_e4m3x4(p[10], p[11], p[14], p[15]);
+    row_sum[r] += p[i];
   }
   l[0] = l[0] * alpha[0] + row_sum[0];  // this lane's columns; the quad is summed at the end
   l[1] = l[1] * alpha[1] + row_sum[1];
+}
+
+// P_j as the A operand of the PV wgmma's four k32 steps (see the key order above).
+__device__ __forceinline__ void pack_p(const float (&p)[64], uint32_t (&pa)[4][4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int b = 16 * c;
+    pa[c][0] = pack_e4m3x4(p[b + 0], p[b + 1], p[b + 4], p[b + 5]);
+    pa[c][1] = pack_e4m3x4(p[b + 2], p[b + 3], p[b + 6], p[b + 7]);
+    pa[c][2] = pack_e4m3x4(p[b + 8], p[b + 9], p[b + 12], p[b + 13]);
+    pa[c][3] = pack_e4m3x4(p[b + 10], p[b + 11], p[b + 14], p[b + 15]);
+  }
+}
+
+// What the softmax of every tile needs from the thread's position.
+struct Softmax {
+  const float (&qs)[2];
+  const int (&row)[2];
+  const float* ks_row;
+  int seqlen_k, q_offset, t;
+};
+
+// After S_j's wgmma completed: K_j's stage goes back to the producer; the softmax, masked on the
+// tiles that need it.
+template <bool CAUSAL, int DP>
+__device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, int n_unmasked,
+                                                 float (&m)[2], float (&l)[2], const Softmax& a, int lane,
+                                                 float (&p)[64], float (&alpha)[2]) {
+  fence_registers(s_int);
+  if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
+  if (j < n_unmasked) {
+    softmax_tile<CAUSAL, false>(s_int, j, m, l, a.qs, a.row, a.ks_row, a.seqlen_k, a.q_offset, a.t, p, alpha);
+  } else {
+    softmax_tile<CAUSAL, true>(s_int, j, m, l, a.qs, a.row, a.ks_row, a.seqlen_k, a.q_offset, a.t, p, alpha);
+  }
+}
+
+template <bool CAUSAL, int DP>
+__device__ __forceinline__ void release_k_and_softmax(Shared<DP>& sm, int (&s_int)[64], int j, int n_unmasked,
+                                                      float (&m)[2], float (&l)[2], const Softmax& a, int lane,
+                                                      uint32_t (&pa)[4][4], float (&alpha)[2]) {
+  float p[64];
+  softmax_after_qk<CAUSAL>(sm, s_int, j, n_unmasked, m, l, a, lane, p, alpha);
+  pack_p(p, pa);
 }
 
 template <int DP, bool CAUSAL, typename OutT>
@@ -271,26 +311,49 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   mbar_wait(&sm.q_full, 0);
   const uint64_t desc_q = smem_desc_kmajor(sm.q + consumer * WG_ROWS * DP, DP);
-  // Section j (one turn on the tensor cores): P_{j-1} V_{j-1}, then issue S_j = Q K_j^T and pass
-  // the turn; the softmax of S_j then runs while the other warpgroup has its turn.
+  // Section j (one turn on the tensor cores): issue S_j = Q K_j^T and P_{j-1} V_{j-1}, pass the
+  // turn. Then, while both run (and the other warpgroup takes its turn), the softmax of S_j; then
+  // P_{j-1} V_{j-1} joins O and P_j is packed for the next section (FlashAttention-3's ping-pong and
+  // intra-warpgroup overlap). The first and last sections are peeled off, so that ptxas sees
+  // straight-line wgmma code in the loop (else it serializes them: C7514).
   uint32_t pa[4][4];
-  float alpha[2] = {1.f, 1.f};
+  float alpha_prev[2];
+  const Softmax sm_args{qs, row, ks_row, p.seqlen_k, q_offset, t};
   if (consumer == 1) turn_pass(consumer);  // consumer 0 goes first
-  for (int j = 0; j <= n_tiles; ++j) {
-    turn_wait(consumer);
-    if (j > 0) pv_and_rescale(sm, j - 1, pa, alpha, o, lane);
-    int s_int[64];
-    if (j < n_tiles) issue_qk(sm, j, desc_q, s_int);
-    if (consumer == 0 || j < n_tiles) turn_pass(consumer);  // (balanced: consumer 1 passed once up front)
-    if (j == n_tiles) break;
-    wgmma_wait<0>();
-    fence_registers(s_int);
-    if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
-    if (j < n_unmasked) {
-      softmax_tile<CAUSAL, false>(s_int, j, m, l, qs, row, ks_row, p.seqlen_k, q_offset, t, pa, alpha);
-    } else {
-      softmax_tile<CAUSAL, true>(s_int, j, m, l, qs, row, ks_row, p.seqlen_k, q_offset, t, pa, alpha);
+  if (n_tiles > 0) {
+    {
+      int s_int[64];
+      turn_wait(consumer);
+      issue_qk(sm, 0, desc_q, s_int);
+      turn_pass(consumer);
+      wgmma_wait<0>();
+      release_k_and_softmax<CAUSAL>(sm, s_int, 0, n_unmasked, m, l, sm_args, lane, pa, alpha_prev);
     }
+    for (int j = 1; j < n_tiles; ++j) {
+      int s_int[64];
+      float o_tile[DP / 2];
+      turn_wait(consumer);
+      issue_qk(sm, j, desc_q, s_int);
+      issue_pv(sm, j - 1, pa, o_tile);
+      turn_pass(consumer);
+      wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+      float p_tile[64], alpha[2];
+      softmax_after_qk<CAUSAL>(sm, s_int, j, n_unmasked, m, l, sm_args, lane, p_tile, alpha);
+      wgmma_wait<0>();
+      finish_pv(sm, j - 1, alpha_prev, o_tile, o, lane);
+      pack_p(p_tile, pa);
+      alpha_prev[0] = alpha[0];
+      alpha_prev[1] = alpha[1];
+    }
+    float o_tile[DP / 2];
+    turn_wait(consumer);
+    issue_pv(sm, n_tiles - 1, pa, o_tile);
+    if (consumer == 0) turn_pass(consumer);  // (balanced: consumer 1 passed once up front)
+    wgmma_wait<0>();
+    finish_pv(sm, n_tiles - 1, alpha_prev, o_tile, o, lane);
+  } else {
+    turn_wait(consumer);
+    if (consumer == 0) turn_pass(consumer);
   }
 
   // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
