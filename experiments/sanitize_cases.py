@@ -1,4 +1,4 @@
-"""Small calls that launch every Triton kernel once (run under compute-sanitizer by sanitize.sh):
+"""Small calls that launch every Triton and CUDA kernel once (run under compute-sanitizer by sanitize.sh):
 the Q/K/V quantization passes and V's scan, the attention kernels of sage1, sage2 (8b, 4b, fp16 PV,
 masks, varlen), sage3 (packed and pre-unpacked FP4) and SageBwd (forward, backward, atomic dQ),
 the decode kernels (split and combine), and all of them again on inputs with NaN/Inf, so that the
@@ -26,7 +26,9 @@ def main():
                                    qk_granularity="per_token"),
             lambda: sage1.sageattn(q, k, v, is_causal=causal, attn_mask=mask),
             lambda: sage1.sageattn(q, k, v, is_causal=causal, attn_mask=pad),
-            lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True),
+            lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="triton"),
+            lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="cuda"),  # csrc/sage2_sm90
+            lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda"),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, pv_dtype="fp16"),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, attn_mask=mask.float()),
@@ -68,7 +70,8 @@ def main():
             lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, return_lse=True),
             lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, attn_mask=pad),
             lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, attn_mask=mask),
-            lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, return_lse=True),
+            lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, return_lse=True, backend="triton"),
+            lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, return_lse=True, backend="cuda"),
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_granularity="per_tensor", pv_dtype="fp16"),
             lambda: sage3.sageattn(qn, kn, vn, is_causal=causal),

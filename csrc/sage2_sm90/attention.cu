@@ -151,9 +151,11 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
   const float ks = k_first < seqlen_k ? ks_row[k_first] : 0.f;
   const float sc[2] = {qs[0] * ks, qs[1] * ks};
 
-  // int32 -> fp32 without I2F, which shares the quarter-rate pipe with ex2 and the FP8 packing:
-  // |S| <= 128 * 127 * 127 < 2^22, so the bits of 1.5 * 2^23 + S are the float 1.5 * 2^23 + S,
-  // and subtracting 1.5 * 2^23 gives S exactly (an integer add and a float add, both full rate).
+  // int32 -> fp32 without I2F, which shares the quarter-rate pipe with ex2: |S| <= 128*127*127 <
+  // 2^22, so the bits of MAGIC_BITS + S are the float MAGIC + S (MAGIC = 1.5 * 2^23), exactly. The
+  // exponent's argument S sc - shift is then one FMA, (MAGIC + S) sc - (MAGIC sc + shift): its only
+  // extra rounding is that of MAGIC sc + shift, at most 0.75 units of S (times sc), one constant per
+  // row and lane, against INT8 rounding noise of hundreds of units in S.
   constexpr int MAGIC_BITS = 0x4B400000;
   constexpr float MAGIC = 12582912.f;
   float tile_max[2];
@@ -179,14 +181,14 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
     const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
     const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: p = 0
     alpha[r] = fast_exp2(m[r] - m_use);
-    shift[r] = m_use - LOG2_P_SCALE;
+    shift[r] = fmaf(MAGIC, sc[r], m_use - LOG2_P_SCALE);
     m[r] = m_new;
   }
   float row_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     const int r = (i / 2) % 2;
-    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC, sc[r], -shift[r]));
+    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS), sc[r], -shift[r]));
     if (MASKED) {
       const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
       if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[i] = 0.f;
