@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -138,24 +139,18 @@ __device__ __forceinline__ void finish_pv(Shared<DP>& sm, int j, const float (&a
 }
 
 // The online softmax of tile j on S_int: updates m and l (this lane's columns), returns P_j (fp32,
-// in (0, 448]) and the factor alpha that O must be scaled by. MASKED: keys past the end and
-// (causal) keys after the diagonal get -inf.
+// in (0, 448]) and the factor alpha that O must be scaled by. ks: the lane's K scale of the tile
+// (loaded a tile ahead). MASKED: keys past the end and (causal) keys after the diagonal get -inf.
 template <bool CAUSAL, bool MASKED>
 __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, float (&m)[2], float (&l)[2],
-                                             const float (&qs)[2], const int (&row)[2], const float* ks_row,
-                                             int seqlen_k, int q_offset, int t, float (&p)[64],
-                                             float (&alpha)[2]) {
+                                             const float (&qs)[2], const int (&row)[2], float ks, int seqlen_k,
+                                             int q_offset, int t, float (&p)[64], float (&alpha)[2]) {
   const int start_n = j * BLOCK_N;
-  // lane t's keys all share one K scale: the per-thread group {8m + 2t, 8m + 2t + 1}
-  const int k_first = start_n + 2 * t;
-  const float ks = k_first < seqlen_k ? ks_row[k_first] : 0.f;
   const float sc[2] = {qs[0] * ks, qs[1] * ks};
 
   // int32 -> fp32 without I2F, which shares the quarter-rate pipe with ex2: |S| <= 128*127*127 <
-  // 2^22, so the bits of MAGIC_BITS + S are the float MAGIC + S (MAGIC = 1.5 * 2^23), exactly. The
-  // exponent's argument S sc - shift is then one FMA, (MAGIC + S) sc - (MAGIC sc + shift): its only
-  // extra rounding is that of MAGIC sc + shift, at most 0.75 units of S (times sc), one constant per
-  // row and lane, against INT8 rounding noise of hundreds of units in S.
+  // 2^22, so the bits of MAGIC_BITS + S are the float MAGIC + S (MAGIC = 1.5 * 2^23), and
+  // subtracting MAGIC gives S exactly (an integer add and a float add, both full rate).
   constexpr int MAGIC_BITS = 0x4B400000;
   constexpr float MAGIC = 12582912.f;
   float tile_max[2];
@@ -181,14 +176,14 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
     const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
     const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: p = 0
     alpha[r] = fast_exp2(m[r] - m_use);
-    shift[r] = fmaf(MAGIC, sc[r], m_use - LOG2_P_SCALE);
+    shift[r] = m_use - LOG2_P_SCALE;
     m[r] = m_new;
   }
   float row_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     const int r = (i / 2) % 2;
-    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS), sc[r], -shift[r]));
+    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC, sc[r], -shift[r]));
     if (MASKED) {
       const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
       if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[i] = 0.f;
@@ -212,35 +207,26 @@ __device__ __forceinline__ void pack_p(const float (&p)[64], uint32_t (&pa)[4][4
 }
 
 // What the softmax of every tile needs from the thread's position.
-struct Softmax {
-  const float (&qs)[2];
-  const int (&row)[2];
+struct Softmax {  // (values, not references: a referenced local array would live in local memory)
+  float qs[2];
+  int row[2];
   const float* ks_row;
   int seqlen_k, q_offset, t;
+  // lane t's keys of tile j all share one K scale: the per-thread group {8m + 2t, 8m + 2t + 1}
+  __device__ __forceinline__ float k_scale(int j) const {
+    const int k_first = j * BLOCK_N + 2 * t;
+    return k_first < seqlen_k ? ks_row[k_first] : 0.f;
+  }
 };
 
-// After S_j's wgmma completed: K_j's stage goes back to the producer; the softmax, masked on the
-// tiles that need it.
-template <bool CAUSAL, int DP>
-__device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, int n_unmasked,
-                                                 float (&m)[2], float (&l)[2], const Softmax& a, int lane,
-                                                 float (&p)[64], float (&alpha)[2]) {
+// After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax.
+template <bool CAUSAL, bool MASKED, int DP>
+__device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, float ks, float (&m)[2],
+                                                 float (&l)[2], const Softmax& a, int lane, float (&p)[64],
+                                                 float (&alpha)[2]) {
   fence_registers(s_int);
   if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
-  if (j < n_unmasked) {
-    softmax_tile<CAUSAL, false>(s_int, j, m, l, a.qs, a.row, a.ks_row, a.seqlen_k, a.q_offset, a.t, p, alpha);
-  } else {
-    softmax_tile<CAUSAL, true>(s_int, j, m, l, a.qs, a.row, a.ks_row, a.seqlen_k, a.q_offset, a.t, p, alpha);
-  }
-}
-
-template <bool CAUSAL, int DP>
-__device__ __forceinline__ void release_k_and_softmax(Shared<DP>& sm, int (&s_int)[64], int j, int n_unmasked,
-                                                      float (&m)[2], float (&l)[2], const Softmax& a, int lane,
-                                                      uint32_t (&pa)[4][4], float (&alpha)[2]) {
-  float p[64];
-  softmax_after_qk<CAUSAL>(sm, s_int, j, n_unmasked, m, l, a, lane, p, alpha);
-  pack_p(p, pa);
+  softmax_tile<CAUSAL, MASKED>(s_int, j, m, l, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
 }
 
 template <int DP, bool CAUSAL, typename OutT>
@@ -320,33 +306,48 @@ __global__ void __launch_bounds__(THREADS, 1)
   // straight-line wgmma code in the loop (else it serializes them: C7514).
   uint32_t pa[4][4];
   float alpha_prev[2];
-  const Softmax sm_args{qs, row, ks_row, p.seqlen_k, q_offset, t};
+  const Softmax sm_args{{qs[0], qs[1]}, {row[0], row[1]}, ks_row, p.seqlen_k, q_offset, t};
+  // one steady-state section; the unmasked and masked tiles run in separate loops, each straight-line
+  auto section = [&](int j, float& ks, auto masked) {
+    int s_int[64];
+    float o_tile[DP / 2];
+    turn_wait(consumer);
+    issue_qk(sm, j, desc_q, s_int);
+    issue_pv(sm, j - 1, pa, o_tile);
+    turn_pass(consumer);
+    const float ks_next = sm_args.k_scale(j + 1);  // in flight during the wait and the softmax
+    wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+    float p_tile[64], alpha[2];
+    softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, ks, m, l, sm_args, lane, p_tile, alpha);
+    wgmma_wait<0>();
+    finish_pv(sm, j - 1, alpha_prev, o_tile, o, lane);
+    pack_p(p_tile, pa);
+    alpha_prev[0] = alpha[0];
+    alpha_prev[1] = alpha[1];
+    ks = ks_next;
+  };
   if (consumer == 1) turn_pass(consumer);  // consumer 0 goes first
   if (n_tiles > 0) {
+    float ks = sm_args.k_scale(0);
     {
       int s_int[64];
+      float p_tile[64];
       turn_wait(consumer);
       issue_qk(sm, 0, desc_q, s_int);
       turn_pass(consumer);
+      const float ks_next = sm_args.k_scale(1);
       wgmma_wait<0>();
-      release_k_and_softmax<CAUSAL>(sm, s_int, 0, n_unmasked, m, l, sm_args, lane, pa, alpha_prev);
-    }
-    for (int j = 1; j < n_tiles; ++j) {
-      int s_int[64];
-      float o_tile[DP / 2];
-      turn_wait(consumer);
-      issue_qk(sm, j, desc_q, s_int);
-      issue_pv(sm, j - 1, pa, o_tile);
-      turn_pass(consumer);
-      wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
-      float p_tile[64], alpha[2];
-      softmax_after_qk<CAUSAL>(sm, s_int, j, n_unmasked, m, l, sm_args, lane, p_tile, alpha);
-      wgmma_wait<0>();
-      finish_pv(sm, j - 1, alpha_prev, o_tile, o, lane);
+      if (n_unmasked > 0) {
+        softmax_after_qk<CAUSAL, false>(sm, s_int, 0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+      } else {
+        softmax_after_qk<CAUSAL, true>(sm, s_int, 0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+      }
       pack_p(p_tile, pa);
-      alpha_prev[0] = alpha[0];
-      alpha_prev[1] = alpha[1];
+      ks = ks_next;
     }
+    const int unmasked_end = min(n_unmasked, n_tiles);
+    for (int j = 1; j < unmasked_end; ++j) section(j, ks, std::false_type{});
+    for (int j = max(1, unmasked_end); j < n_tiles; ++j) section(j, ks, std::true_type{});
     float o_tile[DP / 2];
     turn_wait(consumer);
     issue_pv(sm, n_tiles - 1, pa, o_tile);
