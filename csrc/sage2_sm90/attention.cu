@@ -1,8 +1,8 @@
 // SageAttention2 forward for Hopper (sm_90a): INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma
-// (QGMMA) with two-level accumulation, TMA loads, one producer and two consumer warpgroups.
+// (QGMMA) with two-level accumulation, TMA loads, one producer and two or three consumer warpgroups.
 //
-// One CTA = 128 query rows of one (batch, query head) = two consumer warpgroups of 64 rows (each
-// is one of sage2's 64-row Q blocks, 16 rows per warp). Warpgroup 0 only issues TMA copies of the
+// One CTA = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
+// consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp). Warpgroup 0 only issues TMA copies of the
 // K and V^T tiles into a ring of shared-memory stages; it gives its registers to the consumers.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
@@ -43,18 +43,26 @@
 namespace sage_cuda {
 namespace {
 
-constexpr int BLOCK_M = 128;  // query rows per CTA (two consumer warpgroups)
 constexpr int WG_ROWS = 64;   // query rows per consumer warpgroup = sage2's Q block
 constexpr int BLOCK_N = 128;  // keys per tile = sage2's K block (per-thread K scales, two-level flush)
 constexpr int STAGES = 3;
-constexpr int THREADS = 384;
-constexpr int CONSUMER_WARPS = 8;
+
+// Consumer warpgroups per CTA: two at head dim 128; three at 64, where the softmax (the same work
+// per tile at either head dim) dominates more and a third warpgroup's scores hide more of its
+// latency. Registers: the producer keeps 24, the consumers share the rest of the 64K.
+template <int DP>
+struct Config {
+  static constexpr int CONSUMERS = DP == 64 ? 3 : 2;
+  static constexpr int BLOCK_M = WG_ROWS * CONSUMERS;  // query rows per CTA
+  static constexpr int THREADS = 128 * (CONSUMERS + 1);
+  static constexpr int CONSUMER_REGS = CONSUMERS == 3 ? 160 : 240;  // 128 x 24 + 128 x C x regs <= 64K
+};
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
 constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
 
 template <int DP>
 struct Shared {
-  alignas(1024) int8_t q[BLOCK_M * DP];
+  alignas(1024) int8_t q[Config<DP>::BLOCK_M * DP];
   alignas(1024) int8_t k[STAGES][BLOCK_N * DP];
   alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N];
   uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
@@ -88,13 +96,13 @@ __device__ __forceinline__ __half to_out<__half>(float x) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Named barriers 1 and 2 (0 is __syncthreads): the two consumer warpgroups take turns on the
+// Named barriers 1, 2, 3 (0 is __syncthreads): the consumer warpgroups take turns on the
 // tensor cores (FlashAttention-3's ping-pong), so that one's softmax runs under the other's MMAs.
-__device__ __forceinline__ void turn_wait(int consumer) {
+__device__ __forceinline__ void turn_wait(int consumer) {  // (bar.sync on mine: me + the one before me)
   asm volatile("bar.sync %0, 256;\n" ::"r"(1 + consumer) : "memory");
 }
-__device__ __forceinline__ void turn_pass(int consumer) {
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - consumer) : "memory");
+__device__ __forceinline__ void turn_pass(int consumer, int consumers) {  // to the next one, in a ring
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (consumer + 1) % consumers) : "memory");
 }
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
@@ -230,10 +238,11 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64
 }
 
 template <int DP, bool CAUSAL, typename OutT>
-__global__ void __launch_bounds__(THREADS, 1)
+__global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     sage2_fwd_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
   extern __shared__ uint8_t smem_raw[];
+  constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
   Shared<DP>& sm = *reinterpret_cast<Shared<DP>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   // broadcast from lane 0 so that the compiler knows it is warp-uniform: wgmma in a branch it
@@ -254,15 +263,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&sm.k_full[s], 1);
       mbar_init(&sm.v_full[s], 1);
-      mbar_init(&sm.k_empty[s], CONSUMER_WARPS);
-      mbar_init(&sm.v_empty[s], CONSUMER_WARPS);
+      mbar_init(&sm.k_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
+      mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
     }
     fence_barrier_init();
   }
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    regs_dec<24>();  // 128 x 24 + 256 x 240 <= 64K registers
+    regs_dec<24>();
     if (threadIdx.x == 0) {
       prefetch_tensor_map(&map_q);
       prefetch_tensor_map(&map_k);
@@ -283,7 +292,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     return;
   }
 
-  regs_inc<240>();
+  regs_inc<Config<DP>::CONSUMER_REGS>();
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
@@ -314,7 +323,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     turn_wait(consumer);
     issue_qk(sm, j, desc_q, s_int);
     issue_pv(sm, j - 1, pa, o_tile);
-    turn_pass(consumer);
+    turn_pass(consumer, CONSUMERS);
     const float ks_next = sm_args.k_scale(j + 1);  // in flight during the wait and the softmax
     wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
     float p_tile[64], alpha[2];
@@ -326,7 +335,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     alpha_prev[1] = alpha[1];
     ks = ks_next;
   };
-  if (consumer == 1) turn_pass(consumer);  // consumer 0 goes first
+  const bool last = consumer == CONSUMERS - 1;
+  if (last) turn_pass(consumer, CONSUMERS);  // consumer 0 goes first
   if (n_tiles > 0) {
     float ks = sm_args.k_scale(0);
     {
@@ -334,7 +344,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       float p_tile[64];
       turn_wait(consumer);
       issue_qk(sm, 0, desc_q, s_int);
-      turn_pass(consumer);
+      turn_pass(consumer, CONSUMERS);
       const float ks_next = sm_args.k_scale(1);
       wgmma_wait<0>();
       if (n_unmasked > 0) {
@@ -351,12 +361,12 @@ __global__ void __launch_bounds__(THREADS, 1)
     float o_tile[DP / 2];
     turn_wait(consumer);
     issue_pv(sm, n_tiles - 1, pa, o_tile);
-    if (consumer == 0) turn_pass(consumer);  // (balanced: consumer 1 passed once up front)
+    if (!last) turn_pass(consumer, CONSUMERS);  // (balanced: the last consumer passed once up front)
     wgmma_wait<0>();
     finish_pv(sm, n_tiles - 1, alpha_prev, o_tile, o, lane);
   } else {
     turn_wait(consumer);
-    if (consumer == 0) turn_pass(consumer);
+    if (!last) turn_pass(consumer, CONSUMERS);
   }
 
   // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
@@ -426,7 +436,7 @@ CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t
 template <int DP, bool CAUSAL, typename OutT>
 void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const CUtensorMap map_q =
-      byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, BLOCK_M, "q_codes");
+      byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, Config<DP>::BLOCK_M, "q_codes");
   const CUtensorMap map_k =
       byte_tensor_map(a.k_codes, DP, a.seqlen_k, uint64_t(a.batch) * a.heads_kv, DP, BLOCK_N, "k_codes");
   const CUtensorMap map_v =
@@ -442,8 +452,8 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
       throw std::runtime_error("sage2 cuda: cannot reserve " + std::to_string(smem) + " bytes of shared memory");
     configured = true;
   }
-  const dim3 grid((a.seqlen_q + BLOCK_M - 1) / BLOCK_M, a.batch * a.heads_q);
-  kernel<<<grid, THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+  const dim3 grid((a.seqlen_q + Config<DP>::BLOCK_M - 1) / Config<DP>::BLOCK_M, a.batch * a.heads_q);
+  kernel<<<grid, Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("sage2 cuda: launch failed: ") + cudaGetErrorString(err));
 }
