@@ -26,6 +26,7 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -161,22 +162,32 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
   // subtracting MAGIC gives S exactly (an integer add and a float add, both full rate).
   constexpr int MAGIC_BITS = 0x4B400000;
   constexpr float MAGIC = 12582912.f;
+  // Row reductions in 4 independent chains per row (8 steps each, not 32): a serial chain of
+  // dependent max/add instructions stalls the warp for their latency (ncu: "wait" stalls).
+  constexpr int CHAINS = 4;
+  auto chain = [](int i) { return i % 2 + 2 * ((i / 4) % 2); };
   float tile_max[2];
   if (MASKED) {
-    tile_max[0] = tile_max[1] = -INFINITY;
+    float part[2][CHAINS];
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) part[0][c] = part[1][c] = -INFINITY;
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
       const int r = (i / 2) % 2;
       const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
       if (col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))
-        tile_max[r] = fmaxf(tile_max[r], (__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC) * sc[r]);
+        part[r][chain(i)] = fmaxf(part[r][chain(i)], (__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC) * sc[r]);
     }
-  } else {  // scales are >= 0: the max of the integers, scaled once
-    int imax[2] = {INT_MIN, INT_MIN};
 #pragma unroll
-    for (int i = 0; i < 64; ++i) imax[(i / 2) % 2] = max(imax[(i / 2) % 2], s_int[i]);
-    tile_max[0] = float(imax[0]) * sc[0];
-    tile_max[1] = float(imax[1]) * sc[1];
+    for (int r = 0; r < 2; ++r) tile_max[r] = fmaxf(fmaxf(part[r][0], part[r][1]), fmaxf(part[r][2], part[r][3]));
+  } else {  // scales are >= 0: the max of the integers, scaled once
+    int part[2][CHAINS];
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) part[0][c] = part[1][c] = INT_MIN;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) part[(i / 2) % 2][chain(i)] = max(part[(i / 2) % 2][chain(i)], s_int[i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) tile_max[r] = float(max(max(part[r][0], part[r][1]), max(part[r][2], part[r][3]))) * sc[r];
   }
   float shift[2];
 #pragma unroll
@@ -187,7 +198,7 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
     shift[r] = m_use - LOG2_P_SCALE;
     m[r] = m_new;
   }
-  float row_sum[2] = {0.f, 0.f};
+  float sum[2][CHAINS] = {};
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     const int r = (i / 2) % 2;
@@ -196,10 +207,11 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
       const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
       if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[i] = 0.f;
     }
-    row_sum[r] += p[i];
+    sum[r][chain(i)] += p[i];
   }
-  l[0] = l[0] * alpha[0] + row_sum[0];  // this lane's columns; the quad is summed at the end
-  l[1] = l[1] * alpha[1] + row_sum[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)  // this lane's columns; the quad is summed at the end
+    l[r] = l[r] * alpha[r] + ((sum[r][0] + sum[r][1]) + (sum[r][2] + sum[r][3]));
 }
 
 // P_j as the A operand of the PV wgmma's four k32 steps (see the key order above).
@@ -237,7 +249,7 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64
   softmax_tile<CAUSAL, MASKED>(s_int, j, m, l, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
 }
 
-template <int DP, bool CAUSAL, typename OutT>
+template <int DP, bool CAUSAL, bool OVERLAP, typename OutT>
 __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     sage2_fwd_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
@@ -320,6 +332,21 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   auto section = [&](int j, float& ks, auto masked) {
     int s_int[64];
     float o_tile[DP / 2];
+    if constexpr (!OVERLAP) {  // fewer live registers: P_{j-1} V_{j-1} done before S_j is issued
+      turn_wait(consumer);
+      issue_pv(sm, j - 1, pa, o_tile);
+      wgmma_wait<0>();
+      finish_pv(sm, j - 1, alpha_prev, o_tile, o, lane);
+      issue_qk(sm, j, desc_q, s_int);
+      turn_pass(consumer, CONSUMERS);
+      const float ks_next = sm_args.k_scale(j + 1);
+      wgmma_wait<0>();
+      float p_tile[64];
+      softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+      pack_p(p_tile, pa);
+      ks = ks_next;
+      return;
+    }
     turn_wait(consumer);
     issue_qk(sm, j, desc_q, s_int);
     issue_pv(sm, j - 1, pa, o_tile);
@@ -433,7 +460,7 @@ CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t
   return map;
 }
 
-template <int DP, bool CAUSAL, typename OutT>
+template <int DP, bool CAUSAL, bool OVERLAP, typename OutT>
 void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const CUtensorMap map_q =
       byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, Config<DP>::BLOCK_M, "q_codes");
@@ -444,7 +471,7 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const KernelParams p{a.q_scale,    a.k_scale,      a.v_scale,      a.out,      a.out_stride_b,
                        a.out_stride_h, a.out_stride_n, a.lse,        a.q_bad,    a.first_bad,
                        a.heads_q,    a.heads_kv,     a.seqlen_q,     a.seqlen_k, a.head_dim};
-  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
+  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OVERLAP, OutT>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
   static bool configured = false;
   if (!configured) {
@@ -458,12 +485,12 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("sage2 cuda: launch failed: ") + cudaGetErrorString(err));
 }
 
-template <int DP>
+template <int DP, bool OVERLAP>
 void dispatch_causal_dtype(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (a.causal) {
-    a.out_bf16 ? launch<DP, true, __nv_bfloat16>(a, stream) : launch<DP, true, __half>(a, stream);
+    a.out_bf16 ? launch<DP, true, OVERLAP, __nv_bfloat16>(a, stream) : launch<DP, true, OVERLAP, __half>(a, stream);
   } else {
-    a.out_bf16 ? launch<DP, false, __nv_bfloat16>(a, stream) : launch<DP, false, __half>(a, stream);
+    a.out_bf16 ? launch<DP, false, OVERLAP, __nv_bfloat16>(a, stream) : launch<DP, false, OVERLAP, __half>(a, stream);
   }
 }
 
@@ -475,8 +502,11 @@ void sage2_sm90_forward(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (a.npad % BLOCK_N != 0) throw std::invalid_argument("sage2 cuda: v_codes' key dim must be padded to 128");
   if (a.seqlen_q <= 0 || a.seqlen_k <= 0) throw std::invalid_argument("sage2 cuda: empty sequences run no kernel");
   switch (a.padded_head_dim) {
-    case 64: return dispatch_causal_dtype<64>(a, stream);
-    case 128: return dispatch_causal_dtype<128>(a, stream);
+    case 64: {
+      const char* e = getenv("SAGE_CUDA_OVERLAP64");  // EXPERIMENT
+      return e && e[0] == '0' ? dispatch_causal_dtype<64, false>(a, stream) : dispatch_causal_dtype<64, true>(a, stream);
+    }
+    case 128: return dispatch_causal_dtype<128, true>(a, stream);
     default:
       throw std::invalid_argument("sage2 cuda: padded head dim must be 64 or 128, got " +
                                   std::to_string(a.padded_head_dim));
