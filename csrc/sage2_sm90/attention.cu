@@ -26,7 +26,6 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -50,10 +49,13 @@ constexpr int STAGES = 3;
 
 // Consumer warpgroups per CTA: two at head dim 128; three at 64, where the softmax (the same work
 // per tile at either head dim) dominates more and a third warpgroup's scores hide more of its
-// latency. Registers: the producer keeps 24, the consumers share the rest of the 64K.
+// latency. Registers: the producer keeps 24, the consumers share the rest of the 64K. OVERLAP
+// (intra-warpgroup: S_j's softmax under P_{j-1} V_{j-1}) needs the PV accumulator, S and P live at
+// once: at 160 registers (head dim 64) it spilled and was slower (csrc/NOTES.md, v9).
 template <int DP>
 struct Config {
   static constexpr int CONSUMERS = DP == 64 ? 3 : 2;
+  static constexpr bool OVERLAP = CONSUMERS == 2;
   static constexpr int BLOCK_M = WG_ROWS * CONSUMERS;  // query rows per CTA
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
   static constexpr int CONSUMER_REGS = CONSUMERS == 3 ? 160 : 240;  // 128 x 24 + 128 x C x regs <= 64K
@@ -249,7 +251,7 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64
   softmax_tile<CAUSAL, MASKED>(s_int, j, m, l, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
 }
 
-template <int DP, bool CAUSAL, bool OVERLAP, typename OutT>
+template <int DP, bool CAUSAL, typename OutT>
 __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     sage2_fwd_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
@@ -323,8 +325,8 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   // Section j (one turn on the tensor cores): issue S_j = Q K_j^T and P_{j-1} V_{j-1}, pass the
   // turn. Then, while both run (and the other warpgroup takes its turn), the softmax of S_j; then
   // P_{j-1} V_{j-1} joins O and P_j is packed for the next section (FlashAttention-3's ping-pong and
-  // intra-warpgroup overlap). The first and last sections are peeled off, so that ptxas sees
-  // straight-line wgmma code in the loop (else it serializes them: C7514).
+  // intra-warpgroup overlap; without OVERLAP, only ping-pong). The first and last sections are
+  // peeled off, so that ptxas sees straight-line wgmma code in the loop (else it serializes them: C7514).
   uint32_t pa[4][4];
   float alpha_prev[2];
   const Softmax sm_args{{qs[0], qs[1]}, {row[0], row[1]}, ks_row, p.seqlen_k, q_offset, t};
@@ -332,7 +334,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   auto section = [&](int j, float& ks, auto masked) {
     int s_int[64];
     float o_tile[DP / 2];
-    if constexpr (!OVERLAP) {  // fewer live registers: P_{j-1} V_{j-1} done before S_j is issued
+    if constexpr (!Config<DP>::OVERLAP) {  // fewer live registers: P_{j-1} V_{j-1} done before S_j is issued
       turn_wait(consumer);
       issue_pv(sm, j - 1, pa, o_tile);
       wgmma_wait<0>();
@@ -460,7 +462,7 @@ CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t
   return map;
 }
 
-template <int DP, bool CAUSAL, bool OVERLAP, typename OutT>
+template <int DP, bool CAUSAL, typename OutT>
 void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const CUtensorMap map_q =
       byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, Config<DP>::BLOCK_M, "q_codes");
@@ -471,7 +473,7 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const KernelParams p{a.q_scale,    a.k_scale,      a.v_scale,      a.out,      a.out_stride_b,
                        a.out_stride_h, a.out_stride_n, a.lse,        a.q_bad,    a.first_bad,
                        a.heads_q,    a.heads_kv,     a.seqlen_q,     a.seqlen_k, a.head_dim};
-  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OVERLAP, OutT>;
+  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
   static bool configured = false;
   if (!configured) {
@@ -485,12 +487,12 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("sage2 cuda: launch failed: ") + cudaGetErrorString(err));
 }
 
-template <int DP, bool OVERLAP>
+template <int DP>
 void dispatch_causal_dtype(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (a.causal) {
-    a.out_bf16 ? launch<DP, true, OVERLAP, __nv_bfloat16>(a, stream) : launch<DP, true, OVERLAP, __half>(a, stream);
+    a.out_bf16 ? launch<DP, true, __nv_bfloat16>(a, stream) : launch<DP, true, __half>(a, stream);
   } else {
-    a.out_bf16 ? launch<DP, false, OVERLAP, __nv_bfloat16>(a, stream) : launch<DP, false, OVERLAP, __half>(a, stream);
+    a.out_bf16 ? launch<DP, false, __nv_bfloat16>(a, stream) : launch<DP, false, __half>(a, stream);
   }
 }
 
@@ -502,11 +504,8 @@ void sage2_sm90_forward(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (a.npad % BLOCK_N != 0) throw std::invalid_argument("sage2 cuda: v_codes' key dim must be padded to 128");
   if (a.seqlen_q <= 0 || a.seqlen_k <= 0) throw std::invalid_argument("sage2 cuda: empty sequences run no kernel");
   switch (a.padded_head_dim) {
-    case 64: {
-      const char* e = getenv("SAGE_CUDA_OVERLAP64");  // EXPERIMENT
-      return e && e[0] == '0' ? dispatch_causal_dtype<64, false>(a, stream) : dispatch_causal_dtype<64, true>(a, stream);
-    }
-    case 128: return dispatch_causal_dtype<128, true>(a, stream);
+    case 64: return dispatch_causal_dtype<64>(a, stream);
+    case 128: return dispatch_causal_dtype<128>(a, stream);
     default:
       throw std::invalid_argument("sage2 cuda: padded head dim must be 64 or 128, got " +
                                   std::to_string(a.padded_head_dim));
