@@ -1,14 +1,17 @@
 """``backend="cuda"``: SageAttention2 on Hopper's own instructions (csrc/sage2_sm90/attention.cu).
 
 INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma (QGMMA) with P straight from registers, TMA loads
-and a producer warpgroup feeding two consumer warpgroups. The quantization passes are the Triton
+and a producer warpgroup feeding two (head dim 128) or three (64) consumer warpgroups that take
+turns on the tensor cores. The quantization passes are the Triton
 ones of the Triton backend (same codes, same scales); only V^T's key order differs (see
 ``quant_v.wgmma_key_position``). Built on first use by :mod:`common.build`.
 
 What the kernel covers (others: ``backend="triton"``, which ``"auto"`` then picks): sm_90 GPUs;
 INT8, or INT4 codes without Q smoothing; every Q/K granularity but ``per_token``; ``fp8_e4m3``
 with two-level accumulation; no ``smooth_v``; no ``attn_mask``; padded head dim 64 or 128 (head
-dims 33..128); causal or not, GQA, both layouts, ``return_lse``, any length, fp16/bf16.
+dims 33..128); causal or not, GQA, both layouts, ``return_lse``, any length, fp16/bf16. Few
+queries (``Nq <= 16``) take the Triton split-KV decode kernel (common.decode) on either backend.
+Speed and version history: csrc/NOTES.md.
 """
 
 from __future__ import annotations

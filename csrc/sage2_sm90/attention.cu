@@ -2,8 +2,9 @@
 // (QGMMA) with two-level accumulation, TMA loads, one producer and two or three consumer warpgroups.
 //
 // One CTA = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
-// consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp). Warpgroup 0 only issues TMA copies of the
-// K and V^T tiles into a ring of shared-memory stages; it gives its registers to the consumers.
+// consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp).
+// Warpgroup 0 only issues TMA copies of the K and V^T tiles into a ring of shared-memory stages;
+// it gives its registers to the consumers.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
 // folded into Q's scales by the quantization pass):
@@ -21,7 +22,7 @@
 // columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} of each 32 keys, while the A operand
 // of a k32 step wants slots {4t..4t+3, 4t+16..4t+19}. Rather than shuffle P between threads, the
 // V pass stores each 32-key group of V^T in the same permuted order (slot s holds key
-// 16*(s/16) + 2*((s%16)/4) + 8*((s%4)/2) + s%2; sage2.quant_v, key_order="wgmma"): the sum over
+// 16*(s/16) + 2*((s%16)/4) + 8*((s%4)/2) + s%2; sage2.quant_v, wgmma_key_order=True): the sum over
 // keys does not care about their order.
 #include <cfloat>
 #include <climits>
