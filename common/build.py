@@ -137,6 +137,8 @@ def _run_ninja(build_dir: Path, target: str | None, verbose: bool) -> None:
 def missing_tools() -> list[str]:
     """What the build needs and this machine lacks (empty: it can build)."""
     missing = []
+    if not all(src.exists() for src in _sources()):
+        missing.append(f"the CUDA sources under {CSRC} (install from a checkout: pip install -e .)")
     if find_nvcc() is None:
         missing.append("nvcc (install the CUDA toolkit, or set CUDA_HOME)")
     if find_ninja() is None:

@@ -27,6 +27,15 @@ def test_every_cuda_source_compiles_for_sm90a(capsys):
     assert build.check(verbose=False) == 0
 
 
+def test_a_machine_without_nvcc_gets_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setenv("SAGE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(build.CudaBuildUnavailable, match=r"missing: nvcc \(install the CUDA toolkit, or set CUDA_HOME\)"):
+        build.load()
+    assert build.check(verbose=False) == 2
+
+
 def test_wgmma_key_position_is_the_lane_order_of_the_s_fragment():
     n = torch.arange(64)
     pos = wgmma_key_position(n)
