@@ -86,8 +86,7 @@ def main(argv=None):
                     print(f"  kernels of one backend='cuda' call, D={d} causal={causal} N={n}:")
                     kernel_times(lambda: whole["cuda"](q, k, v, causal), False, per_kernel=True)
                 print(f"D={d} causal={causal} N={n}: " + " ".join(
-                    f"{k}={v:.0f}" for k, v in r.items() if isinstance(v, float)), f"({time.time() - t0:.0f}s)", flush=True)
-                del q, k, v
+                    f"{key}={val:.0f}" for key, val in r.items() if isinstance(val, float)), f"({time.time() - t0:.0f}s)", flush=True)
                 torch.cuda.empty_cache()
     print("\n| D | causal | N | cuda (x cuDNN) | triton (x cuDNN) | cuda kernel | triton kernel | cuDNN | FA2 | cuda acc cos/relL1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")

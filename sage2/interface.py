@@ -93,7 +93,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
                 raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
             if be == "triton" and cuda_kernel.auto_picks_cuda(q.device, reason):
                 be = "cuda"
-        kernel_be, be = be, "triton" if be == "cuda" else be  # the CUDA kernel takes the Triton passes' output
+        use_cuda = be == "cuda"
+        if use_cuda:  # the CUDA kernel takes the Triton quantization passes' output (decode runs Triton)
+            be = "triton"
         decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
                             smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
         has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"
@@ -116,9 +118,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         delta_s = q_smoothing_delta_s(qk.q_block_mean, zeroed(kh) if check else kh, qk.k_mean) if smooth_q else None
         qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
                         flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None,
-                        wgmma_key_order=kernel_be == "cuda", npad_multiple=128 if kernel_be == "cuda" else 16)
+                        wgmma_key_order=use_cuda, npad_multiple=128 if use_cuda else 16)
         log2_pscale = math.log2(P_SCALE[pv_dtype])
-        if kernel_be == "cuda":
+        if use_cuda:
             lse2 = cuda_kernel.launch(qk, qv, out_hnd, is_causal=is_causal, return_lse=return_lse, flags=flags)
         elif be == "triton":
             from .kernel import PV_SINGLE, PV_TWO_LEVEL, launch
