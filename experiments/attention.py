@@ -80,9 +80,11 @@ def build_attention(cfg: DictConfig, device: str = "cpu", check: bool = True) ->
         import importlib
 
         mod = importlib.import_module(impl)
-        if backend == "cuda":
-            raise ValueError(f"attention {label!r}: backend='cuda' (the csrc/ sm_90a kernel) is not built in this "
-                             "version (issue #4); use backend='auto' or 'triton'")
+        if backend == "cuda":  # sage2's Hopper kernel (csrc/sage2_sm90): a GPU of compute capability 9.0
+            if impl != "sage2":
+                raise ValueError(f"attention {label!r}: backend='cuda' exists for sage2 only; use 'auto' or 'triton'")
+            if device != "cuda" or torch.cuda.get_device_capability()[0] != 9:
+                raise ValueError(f"attention {label!r}: backend='cuda' needs an sm_90 (Hopper) GPU")
 
         def fn(q, k, v, is_causal=False, tensor_layout="HND", sm_scale=None, _be=backend):
             return mod.sageattn(q, k, v, is_causal=is_causal, tensor_layout=tensor_layout, sm_scale=sm_scale,
@@ -130,8 +132,8 @@ def _dry_run(cfg, opts):
     import importlib
 
     q = torch.randn(1, 1, 16, 64, dtype=torch.float16)
-    if cfg.backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"attention.backend must be one of auto, triton, torch; got {cfg.backend!r}")
+    if cfg.backend not in ("auto", "triton", "torch", "cuda"):
+        raise ValueError(f"attention.backend must be one of auto, triton, torch, cuda; got {cfg.backend!r}")
     if cfg.impl == "sage3_train":
         import sage3
         sage3.sageattn_train(q, q, q, backend="torch", **opts)

@@ -74,8 +74,10 @@ def test_a_bad_option_value_fails_with_the_generations_message():
         build_attention(cfg.attention, "cpu")
     with pytest.raises(ValueError, match="backend"):
         build_attention(cfg_of("attention=sage1", "attention.backend=tpu").attention, "cpu")
-    with pytest.raises(ValueError, match="issue #4"):
+    with pytest.raises(ValueError, match=r"backend='cuda' needs an sm_90 \(Hopper\) GPU"):
         build_attention(load_attention("sage2_cuda"), "cpu")
+    with pytest.raises(ValueError, match="backend='cuda' exists for sage2 only"):
+        build_attention(cfg_of("attention=sage1", "attention.backend=cuda").attention, "cpu")
     with pytest.raises(ValueError, match="unknown attention"):
         load_attention("sage9")
 
