@@ -5,7 +5,7 @@
 Per shape (B=4, H=32, fp16): TOPS of the whole call (quantization included) and of the attention
 kernel alone on pre-quantized inputs, and each whole call's ratio to cuDNN timed on the same
 inputs. Accuracy (cosine, relative L1) of the CUDA and Triton calls against exact attention on the
-first 1024 queries.
+first 1024 queries. Writes ``--out``/results.csv and tops.png (as bench_speed does) and prints a table.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--causal", choices=["no", "yes", "both"], default="no")
     ap.add_argument("--rep-ms", type=float, default=200)
     ap.add_argument("--kernels", action="store_true", help="device time of each kernel of one CUDA-backend call")
+    ap.add_argument("--out", default="bench_sage2_cuda_out")
     args = ap.parse_args(argv)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     whole = {
@@ -88,6 +89,7 @@ def main(argv=None):
                 print(f"D={d} causal={causal} N={n}: " + " ".join(
                     f"{key}={val:.0f}" for key, val in r.items() if isinstance(val, float)), f"({time.time() - t0:.0f}s)", flush=True)
                 torch.cuda.empty_cache()
+    save(rows, args.out)
     print("\n| D | causal | N | cuda (x cuDNN) | triton (x cuDNN) | cuda kernel | triton kernel | cuDNN | FA2 | cuda acc cos/relL1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -95,6 +97,22 @@ def main(argv=None):
         print(f"| {r['D']} | {'yes' if r['causal'] else 'no'} | {r['N']} | {r['cuda']:.0f} ({r['cuda'] / c:.2f}x) | "
               f"{r['triton']:.0f} ({r['triton'] / c:.2f}x) | {r['cuda_kernel']:.0f} | {r['triton_kernel']:.0f} | "
               f"{c:.0f} | {r['fa2']:.0f} | {r.get('cuda_acc', '-')} |")
+
+
+COLUMNS = {"cuda": "sage2_cuda", "triton": "sage2_triton", "cuda_kernel": "sage2_cuda_kernel_only",
+           "triton_kernel": "sage2_triton_kernel_only", "cudnn": "sdpa_cudnn", "fa2": "sdpa_flash"}
+
+
+def save(rows, out):
+    """results.csv and tops.png in bench_speed's long format (one row per kernel and shape)."""
+    import os
+
+    from experiments.bench_speed import write_outputs
+
+    os.makedirs(out, exist_ok=True)
+    long = [dict(kernel=name, head_dim=r["D"], causal=r["causal"], seqlen=r["N"], tops=r[col])
+            for r in rows for col, name in COLUMNS.items()]
+    write_outputs(long, out)
 
 
 if __name__ == "__main__":
