@@ -53,7 +53,8 @@ def main(argv=None):
 
     kernels = {
         "sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c),
-        "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),
+        "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),  # the CUDA kernel on sm_90
+        "sage2_8b_triton": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, backend="triton"),
         "sage2_4b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, qk_dtype="int4"),
         "sage3_fp4_emulated": lambda q, k, v, c: sage3.sageattn(q, k, v, is_causal=c),
     }
