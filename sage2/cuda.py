@@ -88,12 +88,29 @@ def check_cuda_device(device: torch.device) -> None:
     extension()
 
 
+def _check_op_inputs(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out):
+    """The kernel reads every input through its shape alone (TMA maps of contiguous tensors)."""
+    for name, t, dtype in (("q_codes", q_codes, torch.int8), ("k_codes", k_codes, torch.int8),
+                           ("v_codes", v_codes, torch.uint8), ("q_scale", q_scale, torch.float32),
+                           ("k_scale", k_scale, torch.float32), ("v_scale", v_scale, torch.float32)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"sage2_sm90_fwd: {name} must be a contiguous {dtype} tensor, got {t.dtype} "
+                             f"with strides {tuple(t.stride())}")
+    if q_codes.dim() != 4 or k_codes.dim() != 4 or v_codes.dim() != 4:
+        raise ValueError("sage2_sm90_fwd: q_codes, k_codes and v_codes must be 4-D ([B, H, N, DP], [B, H, DP, NPAD])")
+    if out.dtype not in (torch.float16, torch.bfloat16) or out.stride(-1) != 1:
+        raise ValueError(f"sage2_sm90_fwd: out must be fp16 or bf16 with a contiguous last dim, got {out.dtype} "
+                         f"with strides {tuple(out.stride())}")
+
+
 @torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out",))
 def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, q_scale: torch.Tensor,
                    k_scale: torch.Tensor, v_scale: torch.Tensor, out: torch.Tensor, q_bad: torch.Tensor | None,
                    first_bad: torch.Tensor | None, causal: bool, return_lse: bool) -> torch.Tensor:
-    """The kernel on quantized inputs (``v_codes``: V^T's E4M3 bytes as uint8); writes ``out`` ([B, Hq, Nq, D] view, any strides with a
-    contiguous last dim) and returns the log2-domain LSE ([B, Hq, Nq], or empty)."""
+    """The kernel on quantized inputs (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma
+    order); writes ``out`` ([B, Hq, Nq, D] view, any strides with a contiguous last dim) and
+    returns the log2-domain LSE ([B, Hq, Nq], or empty)."""
+    _check_op_inputs(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out)
     B, Hq, Nq, DP = q_codes.shape
     Hkv, Nk = k_codes.shape[1], k_codes.shape[2]
     D = out.shape[-1]

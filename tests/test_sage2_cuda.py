@@ -66,6 +66,22 @@ def test_cuda_backend_errors():
         sage2.sageattn(q, k, v, backend="cutlass")
 
 
+def test_the_kernel_op_names_a_bad_argument():
+    from sage2.cuda import sage2_sm90_fwd
+
+    q = torch.zeros(1, 2, 64, 64, dtype=torch.int8)
+    s = torch.ones(1, 2, 64)
+    v = torch.zeros(1, 2, 64, 128, dtype=torch.uint8)
+    vs = torch.ones(1, 2, 64)
+    out = torch.empty(1, 2, 64, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"k_codes must be a contiguous torch.int8 tensor, got torch.int8 with strides"):
+        sage2_sm90_fwd(q, q.transpose(-1, -2), v, s, s, vs, out, None, None, False, False)
+    with pytest.raises(ValueError, match=r"v_codes must be a contiguous torch.uint8 tensor, got torch.float8_e4m3fn"):
+        sage2_sm90_fwd(q, q, v.view(torch.float8_e4m3fn), s, s, vs, out, None, None, False, False)
+    with pytest.raises(ValueError, match="out must be fp16 or bf16 with a contiguous last dim"):
+        sage2_sm90_fwd(q, q, v, s, s, vs, out.float(), None, None, False, False)
+
+
 def test_unsupported_options_are_named():
     from common.masking import NO_MASK
     from sage2.cuda import unsupported
