@@ -48,10 +48,12 @@ class CudaBuildUnavailable(RuntimeError):
 
 
 def find_nvcc() -> str | None:
+    """$CUDA_HOME/bin/nvcc (or $CUDA_PATH), else nvcc on PATH, else /usr/local/cuda's."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or (str(Path("/usr/local/cuda/bin/nvcc")) if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    for nvcc in ([Path(home) / "bin" / "nvcc"] if home else []) + [shutil.which("nvcc"), Path("/usr/local/cuda/bin/nvcc")]:
+        if nvcc and Path(nvcc).exists():
+            return str(nvcc)
+    return None
 
 
 def find_ninja() -> str | None:
@@ -118,17 +120,13 @@ def _write_ninja(build_dir: Path, nvcc: str) -> Path:
         rule = "cu" if src.endswith(".cu") else "cxx"
         lines.append(f"build {obj}: {rule} {CSRC / src}")
     lines.append(f"build {MODULE}{ext}: link {' '.join(objs)}")
-    lines.append(f"build objects: phony {' '.join(objs)}")
-    lines.append(f"default {MODULE}{ext}")
     path = build_dir / "build.ninja"
     path.write_text("\n".join(lines) + "\n")
     return build_dir / f"{MODULE}{ext}"
 
 
-def _run_ninja(build_dir: Path, target: str | None, verbose: bool) -> None:
-    ninja = find_ninja()
-    cmd = [ninja, "-C", str(build_dir)] + ([target] if target else [])
-    proc = subprocess.run(cmd, capture_output=not verbose, text=True)
+def _run_ninja(build_dir: Path, verbose: bool) -> None:
+    proc = subprocess.run([find_ninja(), "-C", str(build_dir)], capture_output=not verbose, text=True)
     if proc.returncode != 0:
         log = (proc.stdout or "") + (proc.stderr or "")
         raise CudaBuildUnavailable(f"the CUDA build failed in {build_dir}:\n{log[-6000:]}")
@@ -143,11 +141,9 @@ def missing_tools() -> list[str]:
         missing.append("nvcc (install the CUDA toolkit, or set CUDA_HOME)")
     if find_ninja() is None:
         missing.append("ninja (pip install ninja)")
-    with contextlib.suppress(ImportError):
-        import pybind11  # noqa: F401
-
-        return missing
-    return missing + ["pybind11 (pip install pybind11)"]
+    if importlib.util.find_spec("pybind11") is None:
+        missing.append("pybind11 (pip install pybind11)")
+    return missing
 
 
 def build(verbose: bool = False) -> Path:
@@ -166,7 +162,7 @@ def build(verbose: bool = False) -> Path:
             print(f"[sage] compiling the CUDA kernels into {build_dir} (first use; about a minute)...",
                   file=sys.stderr, flush=True)
             start = time.time()
-            _run_ninja(build_dir, None, verbose)
+            _run_ninja(build_dir, verbose)
             print(f"[sage] built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
         return module
 
@@ -195,7 +191,7 @@ def check(verbose: bool = True) -> int:
         start = time.time()
         _write_ninja(Path(tmp), find_nvcc())
         try:
-            _run_ninja(Path(tmp), None, verbose)
+            _run_ninja(Path(tmp), verbose)
         except CudaBuildUnavailable as err:
             print(err, file=sys.stderr)
             return 1

@@ -18,20 +18,21 @@ import torch
 
 import sage2
 from common.inputs import make_qkv
-from common.int_qk import quantize_qk
+from common.int_qk import padded_head_dim, quantize_qk
 from common.metrics import accuracy
 from common.reference import attention_reference
 from common.timing import attention_flops, bench_ms, tops
 from experiments.baselines import sdpa
+from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 from sage2.quant_v import P_SCALE, quantize_v
 
 
 def kernel_only(q, k, v, causal, backend):
     """A closure running only the attention kernel on inputs quantized once."""
     d = q.shape[-1]
-    dp = 1 << (d - 1).bit_length()
-    qk = quantize_qk(q, k, sm_scale=d ** -0.5, granularity="per_thread", q_block=64, k_block=128, warp_rows=16,
-                     backend="triton")
+    dp = padded_head_dim(d)
+    qk = quantize_qk(q, k, sm_scale=d ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
+                     warp_rows=WARP_Q, backend="triton")
     cuda = backend == "cuda"
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=dp, npad_multiple=128 if cuda else 16,
                     wgmma_key_order=cuda)

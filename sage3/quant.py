@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import fp4
+from common import fp4, int_qk
 from common.checks import interpreter_enabled
 from common.smoothing import expand_block_rows, k_mean, q_block_means
 
@@ -41,8 +41,8 @@ class QuantizedFP4:
 
 
 def padded_head_dim(d: int) -> int:
-    """Next power of two >= max(32, d): whole MXFP4 blocks, and tl.dot's minimum."""
-    return max(32, 1 << (d - 1).bit_length())
+    """Next power of two >= max(32, d): whole MXFP4 blocks, and tl.dot's minimum (the INT kernels' rule)."""
+    return int_qk.padded_head_dim(d)
 
 
 def _quantize_blocks(x: torch.Tensor, fmt: str):

@@ -215,10 +215,11 @@ def test_the_kernel_op_has_a_fake_for_compile():
 
 def _op_args():
     from common.int_qk import quantize_qk
+    from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 
     q, k, v = make_qkv(1, 2, 256, 128, device="cuda")
-    qk = quantize_qk(q, k, sm_scale=128 ** -0.5, granularity="per_thread", q_block=64, k_block=128, warp_rows=16,
-                     backend="triton")
+    qk = quantize_qk(q, k, sm_scale=128 ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
+                     warp_rows=WARP_Q, backend="triton")
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128, npad_multiple=128, wgmma_key_order=True)
     out = torch.empty_like(q)
     return (qk.q_codes, qk.k_codes, qv.codes.view(torch.uint8), qk.q_scale_per_token().contiguous(), qk.k_scale_per_token().contiguous(),
