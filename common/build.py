@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -35,12 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 MODULE = "_sage_cuda"
 # every compile unit; the kernels carry no torch headers, the binding carries no CUDA device code
-CUDA_SOURCES = ["sage2_sm90/attention.cu"]
+CUDA_SOURCES = ["sage2_sm90/attention.cu", "decode/split_kv.cu"]
 CXX_SOURCES = ["bindings.cpp"]
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]  # wgmma and setmaxnreg need sm_90a
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler=-fPIC", "-lineinfo", *ARCH_FLAGS]
 
 _loaded = None
+_build_failed: str | None = None
 
 
 class CudaBuildUnavailable(RuntimeError):
@@ -178,6 +180,36 @@ def load():
         loader.exec_module(module)
         _loaded = module
     return _loaded
+
+
+def hopper(device) -> bool:
+    """The kernels are built for sm_90a: Hopper GPUs only."""
+    return device.type == "cuda" and _capability(device.index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple[int, int]:  # per call it would cost host time on every attention call
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+def usable_for_auto(device, who: str) -> bool:
+    """``backend="auto"`` may run a CUDA kernel on ``device``: a Hopper GPU, ``SAGE_DISABLE_CUDA``
+    not set to 1, and the extension builds. A failed build warns once (naming ``who``), after
+    which Triton runs."""
+    global _build_failed
+    if os.environ.get("SAGE_DISABLE_CUDA") == "1" or not hopper(device) or _build_failed is not None:
+        return False
+    try:
+        load()
+    except Exception as err:  # noqa: BLE001 - any build failure means: use Triton
+        _build_failed = str(err)
+        import warnings
+
+        warnings.warn(f"{who}: the CUDA kernels are unavailable, backend='auto' uses Triton: {err}", stacklevel=3)
+        return False
+    return True
 
 
 def check(verbose: bool = True) -> int:

@@ -90,6 +90,21 @@ def _row_layout(group: int, n_q: int):
     return nqp, block_m, -(-rows // block_m)
 
 
+def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: DecodeSpec, mask: MaskSpec, who: str) -> str:
+    """The decode sweep to run: ``"cuda"`` (common.cuda_decode) where the caller asked for ``"auto"``
+    (or sage2's ``"cuda"``), the Triton backend was resolved, and the CUDA sweep covers the call on
+    a Hopper GPU; else ``resolved``."""
+    if resolved != "triton" or requested not in ("auto", "cuda"):
+        return resolved
+    from . import build, cuda_decode
+
+    nqp, _, _ = _row_layout(qh.shape[1] // kh.shape[1], qh.shape[2])
+    rows = qh.shape[1] // kh.shape[1] * nqp
+    if cuda_decode.unsupported(spec, qh, kh, vh, mask, rows) is not None:
+        return "triton"
+    return "cuda" if build.usable_for_auto(qh.device, who) else "triton"
+
+
 def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
     """Tiles per split: about PROGRAMS_PER_SM programs per SM (132 SMs assumed off-GPU)."""
     n_tiles = -(-n_k // DECODE_TILE)
@@ -106,7 +121,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     Hkv, Nk = kh.shape[1], kh.shape[2]
     nqp, block_m, row_tiles = _row_layout(Hq // Hkv, Nq)
     tps = split_tiles(B * Hkv, row_tiles, Nk, qh.device)
-    if backend != "triton":
+    if backend == "torch":
         out, lse = decode_emulated(qh, kh, vh, spec, sm_scale=sm_scale, is_causal=is_causal, mask=mask,
                                    tiles_per_split=tps)
         out_hnd.copy_(out)
@@ -142,8 +157,14 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
                 SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
                 PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
                 EVEN_D=D == dp)
-    decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *strides, *sizes,
-                                                      **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
+    if backend == "cuda":  # the same sweep in CUDA (common.cuda_decode); the combine below is shared
+        from .cuda_decode import PV_CODES, run_split
+
+        run_split(qh, kh, vh, part_o, part_l, flags, nqp, tps, sm_scale * LOG2E, log2_pscale, spec.qmax,
+                     spec.k_per_token, spec.smooth_k, is_causal, PV_CODES[spec.pv])
+    else:
+        decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *strides, *sizes,
+                                                          **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     decode_combine_kernel[(B * Hkv, row_tiles)](
         qh, kh, vh, part_o, part_l, flags, ql, kl, target, lse, splits, *strides,
         target.stride(0), target.stride(1), target.stride(2), *sizes, **meta, RETURN_LSE=return_lse, num_warps=4,

@@ -7,7 +7,7 @@ import torch
 from common import nonfinite
 from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
-from common.decode import DecodeSpec, decode_attention, use_decode
+from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import quantize_qk
 from common.masking import MASK_NONE, dense_mask, resolve_mask
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
@@ -71,6 +71,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
                             pv="fp16_acc16" if pv_accum == "fp16" else "fp16_acc32")
         if use_decode(shape.seqlen_q, mask, decode if qk_granularity == "per_block" else None):
             # few queries: split-KV, K and V quantized per tile in registers (common.decode)
+            be = resolve_decode_backend(backend, be, qh, kh, vh, decode, mask, "sage1")
             lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
                                    return_lse=return_lse, backend=be)
             return (out, lse) if return_lse else out

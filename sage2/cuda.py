@@ -16,16 +16,12 @@ Speed and version history: csrc/NOTES.md.
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 
 from common.int_qk import padded_head_dim
 from common.masking import MASK_NONE
 
 HEAD_DIMS = (64, 128)
-_build_failed: str | None = None
 
 
 def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype: str, pv_accum: str, mask,
@@ -49,7 +45,9 @@ def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype
 
 
 def device_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    from common import build
+
+    return build.hopper(device)
 
 
 def extension():
@@ -62,18 +60,9 @@ def extension():
 def auto_picks_cuda(device: torch.device, reason: str | None) -> bool:
     """``backend="auto"``: the CUDA kernel on sm_90 when the options allow it and it builds
     (``SAGE_DISABLE_CUDA=1`` turns this off). A failed build warns once, then Triton runs."""
-    global _build_failed
-    if reason is not None or os.environ.get("SAGE_DISABLE_CUDA") == "1" or not device_supported(device):
-        return False
-    if _build_failed is not None:
-        return False
-    try:
-        extension()
-    except Exception as err:  # noqa: BLE001 - any build failure means: use Triton
-        _build_failed = str(err)
-        warnings.warn(f"sage2: the CUDA kernel is unavailable, backend='auto' uses Triton: {err}", stacklevel=3)
-        return False
-    return True
+    from common import build
+
+    return reason is None and build.usable_for_auto(device, "sage2")
 
 
 def check_cuda_device(device: torch.device) -> None:

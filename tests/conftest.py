@@ -19,7 +19,7 @@ KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-def kernel_vs_emulation(sageattn, q, k, v, *, tensor_layout, is_causal, **opts):
+def kernel_vs_emulation(sageattn, q, k, v, *, tensor_layout, is_causal, kernel_backend="triton", **opts):
     """Run a generation's Triton kernel and its emulation on the same inputs, check that their LSEs
     are finite on the same rows and agree within 1e-3 there, and return the output accuracies
     (kernel vs emulation, emulation vs exact attention) for the caller's bound."""
@@ -27,7 +27,7 @@ def kernel_vs_emulation(sageattn, q, k, v, *, tensor_layout, is_causal, **opts):
     from common.reference import attention_reference
 
     kw = dict(tensor_layout=tensor_layout, is_causal=is_causal, return_lse=True, **opts)
-    out_k, lse_k = sageattn(q, k, v, backend="triton", **kw)
+    out_k, lse_k = sageattn(q, k, v, backend=kernel_backend, **kw)
     out_e, lse_e = sageattn(q, k, v, backend="torch", **kw)
     fin = torch.isfinite(lse_e)
     assert torch.equal(torch.isfinite(lse_k), fin)

@@ -1,0 +1,166 @@
+"""Decode's CUDA sweep (common.cuda_decode, csrc/decode/split_kv.cu).
+
+CPU (CI): which calls it covers, and that its op names a bad argument before the kernel reads it
+(the source compiles for sm_90a in test_sage2_cuda). GPU (H100): the CUDA sweep, picked by
+``backend="auto"``, against the emulation of the same algorithm (same split points) and against
+the Triton sweep, over GQA, causal with Nq > 1, odd lengths, head dims 64/128, fp16/bf16, both
+layouts and every option it covers; the NaN/Inf rule and large |V| (flagged splits redone by the
+careful sweep); a real decode size.
+"""
+
+import pytest
+import torch
+
+import sage1
+import sage2
+from common import cuda_decode, decode
+from common.decode import DecodeSpec
+from common.inputs import make_qkv
+from common.masking import NO_MASK, MaskSpec
+from common.metrics import accuracy
+from common.nonfinite import nan_rows
+from common.reference import attention_reference
+from conftest import HAS_CUDA, gpu, kernel_vs_emulation
+
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
+
+# (function, options): every option set the CUDA sweep covers
+COVERED = {
+    "sage1": (sage1.sageattn, {}),
+    "sage1_fp32acc": (sage1.sageattn, dict(pv_accum="fp32")),
+    "sage1_nosmooth": (sage1.sageattn, dict(smooth_k=False)),
+    "sage2_8b": (sage2.sageattn, {}),
+    "sage2_4b_nosmooth_q": (sage2.sageattn, dict(qk_dtype="int4", smooth_q=False)),
+    "sage2_per_block": (sage2.sageattn, dict(qk_granularity="per_block")),
+    "sage2_fp16pv": (sage2.sageattn, dict(pv_dtype="fp16")),
+}
+SPEC = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv="fp8_e4m3")
+
+
+def test_unsupported_names_what_the_cuda_sweep_does_not_cover():
+    q, k, v = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=100)
+    assert cuda_decode.unsupported(SPEC, q, k, v, NO_MASK, 4) is None
+    spec = DecodeSpec(7, k_per_token=True, smooth_k=True, smooth_q=True, pv="fp8_e4m3")
+    assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) == "smooth_q=True"
+    spec = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv="fp8_e5m2")
+    assert "fp8_e5m2" in cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4)
+    assert "head_dim=80" in cuda_decode.unsupported(SPEC, q[..., :80], k[..., :80], v[..., :80], NO_MASK, 4)
+    assert "32 query rows" in cuda_decode.unsupported(SPEC, q, k, v, NO_MASK, 32)
+    lens = MaskSpec(kind=NO_MASK.kind, k_lens=torch.tensor([50]))
+    assert cuda_decode.unsupported(SPEC, q, k, v, lens, 4) == "sequence lengths"
+    odd = torch.empty(1, 2, 100, 130, dtype=q.dtype)[..., 1:129]  # rows start 2 bytes off 16
+    assert "k's rows" in cuda_decode.unsupported(SPEC, q, odd, v, NO_MASK, 4)
+
+
+def test_decode_backend_is_cuda_only_for_auto_on_hopper():
+    q, k, v = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=100)
+    for requested in ("auto", "triton", "cuda"):  # CPU tensors: never the CUDA sweep
+        assert decode.resolve_decode_backend(requested, "triton", q, k, v, SPEC, NO_MASK, "sage2") == "triton"
+    assert decode.resolve_decode_backend("torch", "torch", q, k, v, SPEC, NO_MASK, "sage2") == "torch"
+
+
+def test_decode_split_op_names_a_bad_argument():
+    q, k, v = make_qkv(1, 8, 1, 64, heads_kv=2, seqlen_k=100)
+    part_o = torch.empty(3, 2, 16, 64)
+    part_l = torch.empty(3, 2, 16)
+    flags = torch.empty(6, dtype=torch.int32)
+    args = (1, 1, 0.1, 0.0, 127, True, True, False, 2)
+    with pytest.raises(ValueError, match="decode_split: k must be a 4-D fp16 or bf16"):
+        cuda_decode.decode_split(q, k.float(), v, part_o, part_l, flags, *args)
+    with pytest.raises(ValueError, match="decode_split: flags must be a contiguous 1-D torch.int32"):
+        cuda_decode.decode_split(q, k, v, part_o, part_l, flags.long(), *args)
+    with pytest.raises(ValueError, match=r"must be \[splits, B\*Hkv, 16, D\]"):
+        cuda_decode.decode_split(q, k, v, part_o[:, :1].clone(), part_l, flags, *args)
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = cuda_decode.run_split
+    monkeypatch.setattr(cuda_decode, "run_split", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("n_q,heads,heads_kv,n_k,causal,head_dim", [
+    (1, 8, 2, 333, False, 128), (1, 8, 2, 4000, False, 64), (4, 8, 2, 1000, True, 128), (5, 4, 4, 200, True, 64),
+    (1, 16, 1, 130, False, 128), (2, 8, 1, 97, True, 128), (1, 4, 4, 5000, False, 128)])
+def test_cuda_sweep_matches_emulation_and_triton(name, n_q, heads, heads_kv, n_k, causal, head_dim, monkeypatch):
+    fn, opts = COVERED[name]
+    q, k, v = make_qkv(2, heads, n_q, head_dim, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=n_q + n_k,
+                       device="cuda")
+    calls = _spy(monkeypatch)
+    k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout="HND", is_causal=causal,
+                                           kernel_backend="auto", **opts)
+    assert calls == [1], "backend='auto' did not run the CUDA sweep"
+    t_vs_e, _ = kernel_vs_emulation(fn, q, k, v, tensor_layout="HND", is_causal=causal, **opts)
+    # as close to the emulation as the Triton sweep (both differ from it in summation order only)
+    assert k_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (k_vs_e, t_vs_e)
+    assert e_vs_ref.cos_sim > 0.98, e_vs_ref
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
+def test_cuda_sweep_layouts_and_dtypes(layout, dtype, fn, monkeypatch):
+    q, k, v = make_qkv(2, 8, 1, 128, heads_kv=2, seqlen_k=777, kind="k_bias", dtype=dtype, layout=layout,
+                       device="cuda", seed=3)
+    calls = _spy(monkeypatch)
+    k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout=layout, is_causal=False, kernel_backend="auto")
+    assert calls == [1]
+    assert k_vs_e.rel_l1 < 3e-3 and e_vs_ref.cos_sim > 0.998, (k_vs_e, e_vs_ref)
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("where,causal,value", [("q", False, "nan"), ("k", True, "nan"), ("v", False, "inf"),
+                                                ("v", True, "-inf"), ("v", False, "nan")])
+def test_cuda_sweep_nonfinite_rows_follow_the_rule(where, causal, value, monkeypatch):
+    q, k, v = make_qkv(1, 4, 4, 64, heads_kv=2, seqlen_k=200, kind="k_bias", seed=11, device="cuda")
+    t = {"q": q, "k": k, "v": v}[where]
+    t[0, 1, 2 if where == "q" else 198, 5] = float(value)
+    want = nan_rows(q, k, v, is_causal=causal, mask=NO_MASK)
+    assert want.any() and not want.all()
+    copies = [x.clone() for x in (q, k, v)]
+    calls = _spy(monkeypatch)
+    for fn in (sage1.sageattn, sage2.sageattn):
+        out, lse = fn(q, k, v, is_causal=causal, return_lse=True)
+        assert torch.equal(torch.isnan(out).any(-1), want) and torch.equal(torch.isnan(lse), want)
+        clean = [torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (q, k, v)]
+        ref = attention_reference(*clean, is_causal=causal)
+        assert accuracy(ref[~want], out[~want]).cos_sim > 0.998
+    assert len(calls) == 2
+    assert all(torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) for a, b in zip((q, k, v), copies))
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 6e4), (torch.bfloat16, 1e30)])
+def test_cuda_sweep_large_values_stay_finite(dtype, scale, monkeypatch):
+    # fp16 P V overflows in the fast sweep: the split is flagged and the combine redoes it carefully
+    q, k, v = make_qkv(1, 4, 1, 64, heads_kv=1, seqlen_k=300, kind="k_bias", dtype=torch.float32, seed=13)
+    v = (v / v.abs().amax() * scale).to(dtype)
+    q, k = q.to(dtype), k.to(dtype)
+    ref = attention_reference(q, k, v)
+    calls = _spy(monkeypatch)
+    for fn, opts in ((sage1.sageattn, {}), (sage1.sageattn, dict(pv_accum="fp32")), (sage2.sageattn, {}),
+                     (sage2.sageattn, dict(pv_dtype="fp16"))):
+        out = fn(q.cuda(), k.cuda(), v.cuda(), **opts).cpu()
+        assert torch.isfinite(out).all()
+        assert accuracy(ref.double(), out.double()).cos_sim > 0.998
+    assert len(calls) == 4
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
+def test_cuda_sweep_at_a_real_decode_size(fn, monkeypatch):
+    q, k, v = make_qkv(2, 32, 1, 128, heads_kv=8, seqlen_k=16384 + 37, kind="k_bias", device="cuda", seed=7)
+    calls = _spy(monkeypatch)
+    k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout="HND", is_causal=False, kernel_backend="auto")
+    assert calls == [1]
+    assert k_vs_e.rel_l1 < 2e-3 and e_vs_ref.cos_sim > 0.998, (k_vs_e, e_vs_ref)
