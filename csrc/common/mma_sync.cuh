@@ -15,6 +15,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full
                "r"(full ? 16 : 0)
                : "memory");
 }
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool full) {  // dst: shared address
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -52,6 +55,14 @@ __device__ __forceinline__ void mma_f16_16816_f32(float (&d)[4], const uint32_t 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// BF16 m16n8k16 with an fp32 accumulator
+__device__ __forceinline__ void mma_bf16_16816_f32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 // FP16 m16n8k16 with an fp16 accumulator (SageAttention's FP16-accumulated P V): d = {row g, row g+8}
 __device__ __forceinline__ void mma_f16_16816_f16(uint32_t (&d)[2], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -64,9 +75,11 @@ __device__ __forceinline__ void mma_f16_16816_f16(uint32_t (&d)[2], const uint32
 // round to nearest even, as an integer in [-2^22, 2^22): adding 1.5 * 2^23 leaves round(x) in the
 // low mantissa bits (the add rounds to nearest even); __fadd_rn keeps it from fusing with a multiply
 __device__ __forceinline__ int round_even(float x) { return __float_as_int(__fadd_rn(x, 12582912.f)) - 0x4B400000; }
-// four integers in [-128, 127] -> four int8 bytes, r0 in the lowest
-__device__ __forceinline__ uint32_t pack_s8x4(int r0, int r1, int r2, int r3) {
-  return (uint32_t(r0) & 0xFFu) | ((uint32_t(r1) & 0xFFu) << 8) | ((uint32_t(r2) & 0xFFu) << 16) | (uint32_t(r3) << 24);
+// The same rounding, as raw bits: the low byte is round(x) as an int8 (the magic's low byte is 0)
+__device__ __forceinline__ uint32_t round_even_bits(float x) { return __float_as_uint(__fadd_rn(x, 12582912.f)); }
+// the low bytes of four words -> one word, r0 in the lowest byte (three byte permutes)
+__device__ __forceinline__ uint32_t pack_low_bytes(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  return __byte_perm(__byte_perm(r0, r1, 0x0040), __byte_perm(r2, r3, 0x0040), 0x5410);
 }
 // (x0, x1) rounded to FP8 E4M3 (nearest even, saturating) and back, as an fp16 pair (exact)
 __device__ __forceinline__ uint32_t e4m3_round_trip_f16x2(float x0, float x1) {
@@ -96,10 +109,10 @@ __device__ __forceinline__ float2 pair_to_float2<__nv_bfloat16>(uint32_t u) {
   return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
 }
 
-// ex2.approx (the exp2 Triton's kernels use), not flushing subnormals
+// ex2.approx, flushing subnormal results (P below 2^-126 is 0 to any accumulator here)
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
-  asm("ex2.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
 

@@ -31,7 +31,8 @@ namespace {
 
 constexpr int kTile = 64;     // keys per tile: common.decode.DECODE_TILE
 constexpr int kRows = 16;     // query rows per program: (query heads of a KV head) x (queries, padded)
-constexpr int kThreads = 128;
+constexpr int kWarps = 8;     // 8 warps, two programs per SM: latency, not issue, bounds a tile
+constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = 3;    // tiles in flight
 constexpr int kMinBlocks = 2; // programs per SM the registers must allow
 constexpr float kInf = __builtin_huge_valf();
@@ -49,14 +50,13 @@ struct Layout {
   static constexpr int kQm = kScaleV + DP * 4;                 // float[16]: q . mean_k
   static constexpr int kScaleQ = kQm + kRows * 4;              // float[16]
   static constexpr int kBadQ = kScaleQ + kRows * 4;            // int[16]
-  static constexpr int kAmax = kBadQ + kRows * 4;              // float[4]: per warp
-  static constexpr int kRowMax = kAmax + 16;                   // float[4][16]
-  static constexpr int kRowSum = kRowMax + 4 * kRows * 4;      // float[4][16]
-  static constexpr int kBytes = kRowSum + 4 * kRows * 4;
+  static constexpr int kAmax = kBadQ + kRows * 4;              // float[warps]
+  static constexpr int kRowMax = kAmax + kWarps * 4;           // float[warps][16]
+  static constexpr int kRowSum = kRowMax + kWarps * kRows * 4; // float[warps][16]
+  static constexpr int kBytes = kRowSum + kWarps * kRows * 4;
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
 };
 
-__device__ __forceinline__ float abs_nan_as_inf(float x) { return x != x ? kInf : fabsf(x); }
 
 template <typename In>
 __device__ __forceinline__ float4 load4(const char* p) {  // four consecutive 16-bit values
@@ -65,14 +65,45 @@ __device__ __forceinline__ float4 load4(const char* p) {  // four consecutive 16
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
-template <int DP, bool BF16, bool FP8>
+// mma.sync B fragments (k = key, n = channel) of a [64 keys x channels] tile in shared memory, for
+// the CW channels from c0, by ldmatrix.trans: fn(k-step, n-tile, b0, b1) for each 16 keys x 8 channels
+template <int CW, int PITCH, typename Fn>
+__device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, int lane, Fn&& fn) {
+  const int mat = lane >> 3, r8 = lane & 7;
+  uint32_t b[4];
+  if constexpr (CW >= 16) {  // one call: two n-tiles of one k-step
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk)
+#pragma unroll
+      for (int np = 0; np < CW / 16; ++np) {
+        ldmatrix_x4_trans(b, tile + (16 * kk + r8 + (mat & 1) * 8) * PITCH + (c0 + 16 * np + (mat >> 1) * 8) * 2);
+        fn(kk, 2 * np, b[0], b[1]);
+        fn(kk, 2 * np + 1, b[2], b[3]);
+      }
+  } else {  // 8 channels: one call, one n-tile of two k-steps
+    static_assert(CW == 8, "channels per warp: 8 or a multiple of 16");
+#pragma unroll
+    for (int kp = 0; kp < kTile / 32; ++kp) {
+      ldmatrix_x4_trans(b, tile + (32 * kp + 8 * mat + r8) * PITCH + c0 * 2);
+      fn(2 * kp, 0, b[0], b[1]);
+      fn(2 * kp + 1, 0, b[2], b[3]);
+    }
+  }
+}
+
+template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(const DecodeSplitArgs a) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
+  constexpr bool FP8 = PV == kPvFp8E4m3;
   using L = Layout<DP>;
-  constexpr int KS = DP / 32;   // k-steps of the INT8 mma over channels
-  constexpr int CW = DP / 4;    // channels per warp (K sums, V pass, P V)
-  constexpr int NT = CW / 8;    // n-tiles of P V per warp
-  constexpr int QC = DP / 8;    // Q channels per thread in the prologue (8 threads per row)
+  constexpr int KS = DP / 32;          // k-steps of the INT8 mma over channels
+  constexpr int KPW = kTile / kWarps;  // keys per warp (Q K^T), in n-tiles of 8
+  constexpr int NKT = KPW / 8;
+  constexpr int CW = DP / kWarps;      // channels per warp (K sums, V pass, P V)
+  constexpr int NT = CW / 8;           // n-tiles of P V per warp
+  constexpr int TPR = kThreads / kRows;  // threads per Q row in the prologue and for q . mean_k
+  constexpr int QC = DP / TPR;
+  static_assert(NKT >= 1 && NT >= 1 && TPR <= 32, "tile, warps and head dim do not fit together");
   extern __shared__ __align__(16) char smem[];
   char* s_k = smem + L::kK;
   char* s_v = smem + L::kV;
@@ -95,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
   {
-    const int row = tid >> 3, part = tid & 7;
+    const int row = tid / TPR, part = tid % TPR;
     const int head = row / a.rows_per_head, i = row % a.rows_per_head;
     const bool ok = head < a.group && i < nq;
     const In* src = static_cast<const In*>(a.q) + b * a.q_stride_b + int64_t(hk * a.group + head) * a.q_stride_h +
@@ -110,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
       amax = fmaxf(amax, fabsf(x));
     }
 #pragma unroll
-    for (int off = 1; off < 8; off <<= 1) {
+    for (int off = 1; off < TPR; off <<= 1) {
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
       bad |= __shfl_xor_sync(0xffffffffu, bad, off);
     }
@@ -152,16 +183,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
   const char* k_head = reinterpret_cast<const char*>(static_cast<const In*>(a.k) + b * a.k_stride_b + hk * a.k_stride_h);
   const char* v_head = reinterpret_cast<const char*>(static_cast<const In*>(a.v) + b * a.v_stride_b + hk * a.v_stride_h);
   const int64_t k_row_bytes = a.k_stride_n * 2, v_row_bytes = a.v_stride_n * 2;
+  // each thread copies one 16-byte column of every kRowStep-th row of the tile: offsets fixed here
+  constexpr int kChunks = DP / 8, kRowStep = kThreads / kChunks, kCopies = kTile / kRowStep;
+  const int copy_row = tid / kChunks, copy_col = (tid % kChunks) * 16;
+  const char* k_copy = k_head + copy_row * k_row_bytes + copy_col;
+  const char* v_copy = v_head + copy_row * v_row_bytes + copy_col;
+  const uint32_t k_copy_dst = smem_addr(s_k) + copy_row * L::kPitchK + copy_col;
+  const uint32_t v_copy_dst = smem_addr(s_v) + copy_row * L::kPitchV + copy_col;
   auto load_tile = [&](int stage, int start) {
-    constexpr int kChunks = DP / 8;  // 16-byte chunks per row
-    char* dk = s_k + stage * kTile * L::kPitchK;
-    char* dv = s_v + stage * kTile * L::kPitchV;
-    for (int c = tid; c < kTile * kChunks; c += kThreads) {
-      const int r = c / kChunks, col = c % kChunks, key = start + r;
-      const bool in = key < nk;  // keys past the end: zero bytes (the source stays a valid address)
-      const int64_t src = in ? key : start;
-      cp_async16(dk + r * L::kPitchK + col * 16, k_head + src * k_row_bytes + col * 16, in);
-      cp_async16(dv + r * L::kPitchV + col * 16, v_head + src * v_row_bytes + col * 16, in);
+    const char* ks = k_copy + start * k_row_bytes;
+    const char* vs = v_copy + start * v_row_bytes;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const bool in = start + copy_row + i * kRowStep < nk;  // past the end: zero bytes from a valid address
+      cp_async16(k_copy_dst + (stage * kTile + i * kRowStep) * L::kPitchK, in ? ks + i * kRowStep * k_row_bytes : k_head, in);
+      cp_async16(v_copy_dst + (stage * kTile + i * kRowStep) * L::kPitchV, in ? vs + i * kRowStep * v_row_bytes : v_head, in);
     }
   };
 #pragma unroll
@@ -176,132 +212,144 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
   for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   float k_check = 0.f;  // K's token sums: non-finite iff K had a NaN/Inf
 
-  for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
-    if (it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
-    cp_async_commit();
-    const int start = t_begin + it * kTile;
-    const int count = min(nk - start, kTile);
-    const bool masked = count < kTile || (a.causal && start + kTile - 1 > q_offset);
-    const char* tk = s_k + (it % kStages) * kTile * L::kPitchK;
-    char* tv = s_v + (it % kStages) * kTile * L::kPitchV;
+  // One tile. MASKED: it holds keys past the end or, causal, keys some row may not see.
+  auto tile = [&](auto masked_tag, int stage, int start) {
+    constexpr bool MASKED = decltype(masked_tag)::value;
+    const int count = MASKED ? min(nk - start, kTile) : kTile;
+    const char* tk = s_k + stage * kTile * L::kPitchK;
+    char* tv = s_v + stage * kTile * L::kPitchV;
 
-    // (1) K's token mean over the tile, per channel: warp w sums channels [w CW, (w+1) CW)
+    // (1) K's token mean over the tile, per channel (0 without smoothing): the channel sums as a
+    // product of ones and the tile on the tensor cores (warp w: channels [w CW, (w+1) CW)). Any
+    // centre is exact here, since q . mean_k is added back; the emulation's differs in rounding only.
     {
-      constexpr int kQuads = CW / 4, kGroups = 32 / kQuads, kPerLane = kTile / kGroups;
-      const int quad = lane % kQuads, grp = lane / kQuads;
-      // key order {0, 2, 1, 3} for 4 groups: a half-warp's two rows then fall on disjoint banks
-      const int first = kGroups == 4 ? ((grp & 1) * 2 + (grp >> 1)) : grp;
-      const int ch = warp * CW + 4 * quad;
-      float sum[4] = {0.f, 0.f, 0.f, 0.f};
+      float sum[NT][4];
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const float4 x = load4<In>(tk + (j * kGroups + first) * L::kPitchK + ch * 2);
-        sum[0] += x.x, sum[1] += x.y, sum[2] += x.z, sum[3] += x.w;
-      }
+      for (int n = 0; n < NT; ++n) sum[n][0] = sum[n][1] = sum[n][2] = sum[n][3] = 0.f;
+      constexpr uint32_t kOnes = BF16 ? 0x3F803F80u : 0x3C003C00u;
+      const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+      for_each_b_fragment<CW, L::kPitchK>(tk, warp * CW, lane, [&](int, int n, uint32_t b0, uint32_t b1) {
+        if constexpr (BF16) {
+          mma_bf16_16816_f32(sum[n], ones, b0, b1);
+        } else {
+          mma_f16_16816_f32(sum[n], ones, b0, b1);
+        }
+      });
+      if (g == 0) {  // row 0 of the product: channels w CW + 8 n + 2 t4 + {0, 1}
+        const float inv_count = MASKED ? __frcp_rn(float(count)) : 1.f / kTile;
 #pragma unroll
-      for (int off = kQuads; off < 32; off <<= 1)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], off);
-      if (grp == 0) {
-        const float inv_count = __frcp_rn(float(count));
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s_mean_k[ch + e] = __fmul_rn(sum[e], inv_count), k_check += sum[e];
+        for (int n = 0; n < NT; ++n) {
+          const float2 mean = a.smooth_k ? make_float2(__fmul_rn(sum[n][0], inv_count), __fmul_rn(sum[n][1], inv_count))
+                                         : make_float2(0.f, 0.f);
+          *reinterpret_cast<float2*>(s_mean_k + warp * CW + 8 * n + 2 * t4) = mean;
+          k_check += sum[n][0] + sum[n][1];
+        }
       }
     }
     __syncthreads();
-    // (2) q . mean_k per row (8 threads per row), K - mean_k for this warp's 16 keys and its max
-    if (a.smooth_k) {
-      const int part = tid & 7;
+    // (2) q . mean_k per row, and K - mean_k for this warp's keys with its max
+    {
+      const int part = tid % TPR;
       float qm = 0.f;
 #pragma unroll
       for (int j = 0; j < QC; ++j) qm = __fadd_rn(qm, __fmul_rn(q[j], s_mean_k[part * QC + j]));
 #pragma unroll
-      for (int off = 1; off < 8; off <<= 1) qm += __shfl_xor_sync(0xffffffffu, qm, off);
-      if (part == 0) s_qm[tid >> 3] = qm;
+      for (int off = 1; off < TPR; off <<= 1) qm += __shfl_xor_sync(0xffffffffu, qm, off);
+      if (part == 0) s_qm[tid / TPR] = qm;
     }
-    float kc[2][KS][8];  // keys 16w + g (+8): channels 32ks + 4t4 + {0..3} and + 16
-    float amax[2] = {0.f, 0.f};
+    float kc[NKT][KS][8];  // keys KPW w + 8 kk + g: channels 32ks + 4t4 + {0..3} and + 16
+    float amax[NKT];
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      const int key = 16 * warp + 8 * kk + g;
-      const bool valid = start + key < nk;
+    for (int kk = 0; kk < NKT; ++kk) {
+      const int key = KPW * warp + 8 * kk + g;
+      const bool valid = !MASKED || start + key < nk;
       const char* row = tk + key * L::kPitchK;
+      float m2[2] = {0.f, 0.f};  // two chains: half the latency
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int c = ks * 32 + 16 * half + 4 * t4;
           const float4 x = load4<In>(row + c * 2);
+          const float4 m = *reinterpret_cast<const float4*>(s_mean_k + c);
           float* out = &kc[kk][ks][4 * half];
-          out[0] = x.x, out[1] = x.y, out[2] = x.z, out[3] = x.w;
-          if (a.smooth_k) {
-            const float4 m = *reinterpret_cast<const float4*>(s_mean_k + c);
-            out[0] = valid ? x.x - m.x : 0.f, out[1] = valid ? x.y - m.y : 0.f;
-            out[2] = valid ? x.z - m.z : 0.f, out[3] = valid ? x.w - m.w : 0.f;
-          }
+          out[0] = x.x - m.x, out[1] = x.y - m.y, out[2] = x.z - m.z, out[3] = x.w - m.w;
+          if (MASKED && !valid) out[0] = out[1] = out[2] = out[3] = 0.f;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) amax[kk] = fmaxf(amax[kk], fabsf(out[e]));
+          for (int e = 0; e < 4; ++e) m2[half] = fmaxf(m2[half], fabsf(out[e]));
         }
       }
+      amax[kk] = fmaxf(m2[0], m2[1]);
     }
-    float inv_k[2], scale_k[2];  // per key (k_per_token) or the tile's
-    if (a.k_per_token) {
+    float inv_k[NKT], scale_k[NKT];  // per key (K_PER_TOKEN) or the tile's
+    if constexpr (K_PER_TOKEN) {
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
+      for (int kk = 0; kk < NKT; ++kk) {
         amax[kk] = fmaxf(amax[kk], __shfl_xor_sync(0xffffffffu, amax[kk], 1));
         amax[kk] = fmaxf(amax[kk], __shfl_xor_sync(0xffffffffu, amax[kk], 2));
       }
     } else {
-      float m = fmaxf(amax[0], amax[1]);
+      float m = amax[0];
+#pragma unroll
+      for (int kk = 1; kk < NKT; ++kk) m = fmaxf(m, amax[kk]);
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
       if (lane == 0) s_amax[warp] = m;
     }
     __syncthreads();  // s_qm, s_amax
-    if (!a.k_per_token) amax[0] = amax[1] = fmaxf(fmaxf(s_amax[0], s_amax[1]), fmaxf(s_amax[2], s_amax[3]));
+    if constexpr (!K_PER_TOKEN) {
+      float m = s_amax[0];
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
+      for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_amax[w]);
+#pragma unroll
+      for (int kk = 0; kk < NKT; ++kk) amax[kk] = m;
+    }
+#pragma unroll
+    for (int kk = 0; kk < NKT; ++kk) {
       scale_k[kk] = __fdiv_rn(amax[kk], qmax);
       inv_k[kk] = __frcp_rn(scale_k[kk] == 0.f ? 1.f : scale_k[kk]);
     }
     // (3) K's codes as B fragments, S = Q8 K8^T on the INT8 tensor cores
-    int c_qk[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    int c_qk[NKT][4];
+#pragma unroll
+    for (int kk = 0; kk < NKT; ++kk) c_qk[kk][0] = c_qk[kk][1] = c_qk[kk][2] = c_qk[kk][3] = 0;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
+      for (int kk = 0; kk < NKT; ++kk) {
         uint32_t kb[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const float* x = &kc[kk][ks][4 * half];
-          kb[half] = pack_s8x4(round_even(__fmul_rn(x[0], inv_k[kk])), round_even(__fmul_rn(x[1], inv_k[kk])),
-                               round_even(__fmul_rn(x[2], inv_k[kk])), round_even(__fmul_rn(x[3], inv_k[kk])));
+          const float inv = inv_k[kk];
+          kb[half] = pack_low_bytes(round_even_bits(__fmul_rn(x[0], inv)), round_even_bits(__fmul_rn(x[1], inv)),
+                                    round_even_bits(__fmul_rn(x[2], inv)), round_even_bits(__fmul_rn(x[3], inv)));
         }
         mma_s8_16832(c_qk[kk], qa[ks], kb[0], kb[1]);
       }
-    // (4) true log2-domain scores, the tile's row max (all four warps), P
-    const float qm_row[2] = {a.smooth_k ? s_qm[g] : 0.f, a.smooth_k ? s_qm[g + 8] : 0.f};
-    float s[2][4];
+    // (4) true log2-domain scores, the tile's row max (all warps), P
+    const float qm_row[2] = {s_qm[g], s_qm[g + 8]};
+    float s[NKT][4];
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk)
+    for (int kk = 0; kk < NKT; ++kk)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1, col = 16 * warp + 8 * kk + 2 * t4 + (e & 1);
-        // the key's scale sits in the lanes with g = 2 t4 + (e & 1)
-        const float sk = a.k_per_token ? __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4) : scale_k[0];
-        float x = __fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk);
-        if (a.smooth_k) x = __fadd_rn(x, qm_row[h]);
-        if (masked) {
+        const int h = e >> 1, col = KPW * warp + 8 * kk + 2 * t4 + (e & 1);
+        // a key's scale sits in the lanes with g = 2 t4 + (e & 1)
+        float sk = scale_k[kk];
+        if constexpr (K_PER_TOKEN) sk = __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4);
+        float x = __fadd_rn(__fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk), qm_row[h]);
+        if constexpr (MASKED) {
           const int key = start + col;
           const bool visible = ok_row[h] && key < nk && (!a.causal || key <= i_row[h] + q_offset);
           x = visible ? x : -kInf;
         }
         s[kk][e] = x;
       }
-    float mx[2] = {fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])),
-                   fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]))};
+    float mx[2] = {-kInf, -kInf};
+#pragma unroll
+    for (int kk = 0; kk < NKT; ++kk)
+      mx[0] = fmaxf(mx[0], fmaxf(s[kk][0], s[kk][1])), mx[1] = fmaxf(mx[1], fmaxf(s[kk][2], s[kk][3]));
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -313,8 +361,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = g + 8 * h;
-      const float tile_max = fmaxf(fmaxf(s_row_max[row], s_row_max[kRows + row]),
-                                   fmaxf(s_row_max[2 * kRows + row], s_row_max[3 * kRows + row]));
+      float tile_max = s_row_max[row];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, s_row_max[w * kRows + row]);
       const float m_new = fmaxf(m_row[h], tile_max);
       const float m_use = m_new == -kInf ? 0.f : m_new;
       alpha[h] = exp2_approx(m_row[h] - m_use);
@@ -323,11 +372,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
     }
     float row_sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
+    for (int kk = 0; kk < NKT; ++kk) {
       float p[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) p[e] = exp2_approx(s[kk][e] - shift[e >> 1]), row_sum[e >> 1] += p[e];
-      const int col = 16 * warp + 8 * kk + 2 * t4;
+      const int col = KPW * warp + 8 * kk + 2 * t4;
       uint32_t lo, hi;
       if constexpr (FP8) {
         lo = e4m3_round_trip_f16x2(p[0], p[1]), hi = e4m3_round_trip_f16x2(p[2], p[3]);
@@ -348,11 +397,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
       constexpr int kPairs = CW / 2, kGroups = 32 / kPairs, kPerLane = kTile / kGroups;
       const int ch = warp * CW + 2 * (lane % kPairs), grp = lane / kPairs;
       if constexpr (FP8) {
-        float m0 = 0.f, m1 = 0.f;  // a NaN counts as +inf: the scale is then inf and pv NaN (flagged)
+        // fmaxf skips a NaN, which then reaches the FP8 codes (cvt keeps NaN) and pv: the split is
+        // flagged; an Inf makes the scale inf and pv = 0 * inf = NaN alike
+        float m0 = 0.f, m1 = 0.f;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
           const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + (j * kGroups + grp) * L::kPitchV + ch * 2));
-          m0 = fmaxf(m0, abs_nan_as_inf(x.x)), m1 = fmaxf(m1, abs_nan_as_inf(x.y));
+          m0 = fmaxf(m0, fabsf(x.x)), m1 = fmaxf(m1, fabsf(x.y));
         }
 #pragma unroll
         for (int off = kPairs; off < 32; off <<= 1) {
@@ -382,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
     {
       const int mat = lane >> 3, r8 = lane & 7;
       const int c0 = warp * CW;
-      const bool acc16 = !FP8 && a.pv == kPvFp16Acc16;
+      constexpr bool acc16 = PV == kPvFp16Acc16;
       float pv[NT][4];
       uint32_t pv16[NT][2];
 #pragma unroll
@@ -390,26 +441,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
         pv[n][0] = pv[n][1] = pv[n][2] = pv[n][3] = 0.f;
         pv16[n][0] = pv16[n][1] = 0u;
       }
+      uint32_t pa[kTile / 16][4];  // P's A fragments, one per k-step
 #pragma unroll
-      for (int kk = 0; kk < kTile / 16; ++kk) {
-        uint32_t pa[4];
-        ldmatrix_x4(pa, s_p + (r8 + (mat & 1) * 8) * L::kPitchP + (16 * kk + (mat >> 1) * 8) * 2);
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-          uint32_t vb[4];
-          ldmatrix_x4_trans(vb, tv + (16 * kk + r8 + (mat & 1) * 8) * L::kPitchV + (c0 + 16 * np + (mat >> 1) * 8) * 2);
-          if (acc16) {
-            mma_f16_16816_f16(pv16[2 * np], pa, vb[0], vb[1]);
-            mma_f16_16816_f16(pv16[2 * np + 1], pa, vb[2], vb[3]);
-          } else {
-            mma_f16_16816_f32(pv[2 * np], pa, vb[0], vb[1]);
-            mma_f16_16816_f32(pv[2 * np + 1], pa, vb[2], vb[3]);
-          }
+      for (int kk = 0; kk < kTile / 16; ++kk)
+        ldmatrix_x4(pa[kk], s_p + (r8 + (mat & 1) * 8) * L::kPitchP + (16 * kk + (mat >> 1) * 8) * 2);
+      for_each_b_fragment<CW, L::kPitchV>(tv, c0, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
+        if constexpr (acc16) {
+          mma_f16_16816_f16(pv16[n], pa[kk], b0, b1);
+        } else {
+          mma_f16_16816_f32(pv[n], pa[kk], b0, b1);
         }
-      }
+      });
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        if (acc16) {
+        if constexpr (acc16) {
           const float2 lo = f16x2_to_float2(pv16[n][0]), hi = f16x2_to_float2(pv16[n][1]);
           pv[n][0] = lo.x, pv[n][1] = lo.y, pv[n][2] = hi.x, pv[n][3] = hi.y;
         }
@@ -420,6 +465,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
           acc[n][e] = __fadd_rn(__fmul_rn(acc[n][e], alpha[e >> 1]), x);
         }
       }
+    }
+  };
+
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
+    if (it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
+    cp_async_commit();
+    const int start = t_begin + it * kTile;
+    if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
+      tile(std::true_type{}, it % kStages, start);
+    } else {
+      tile(std::false_type{}, it % kStages, start);
     }
   }
   cp_async_wait<0>();
@@ -432,7 +490,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = g + 8 * h;
-    const float l = ((s_row_sum[row] + s_row_sum[kRows + row]) + s_row_sum[2 * kRows + row]) + s_row_sum[3 * kRows + row];
+    float l = s_row_sum[row];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) l += s_row_sum[w * kRows + row];
     check += l;
     const float denom = l == 0.f ? 1.f : l;
     float* out = a.part_out + (prog * kRows + row) * DP + warp * CW + 2 * t4;
@@ -450,10 +510,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
   if (tid == 0) a.flags[prog] = flagged;
 }
 
-template <int DP, bool BF16, bool FP8>
+template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
 void launch(const DecodeSplitArgs& a, cudaStream_t stream) {
   constexpr int bytes = Layout<DP>::kBytes;
-  auto kernel = decode_split_kernel<DP, BF16, FP8>;
+  auto kernel = decode_split_kernel<DP, BF16, PV, K_PER_TOKEN>;
   static bool configured = false;  // one attribute call per instantiation and process
   if (!configured) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -463,6 +523,19 @@ void launch(const DecodeSplitArgs& a, cudaStream_t stream) {
   kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("decode_split launch: ") + cudaGetErrorString(err));
+}
+
+// the template arguments from the run-time ones: head dim, input dtype, P V kind, K's scale grouping
+template <int DP, bool BF16>
+void dispatch_pv(const DecodeSplitArgs& a, cudaStream_t stream) {
+  switch (a.pv) {
+    case kPvFp16Acc16:
+      return a.k_per_token ? launch<DP, BF16, kPvFp16Acc16, true>(a, stream) : launch<DP, BF16, kPvFp16Acc16, false>(a, stream);
+    case kPvFp16Acc32:
+      return a.k_per_token ? launch<DP, BF16, kPvFp16Acc32, true>(a, stream) : launch<DP, BF16, kPvFp16Acc32, false>(a, stream);
+    default:
+      return a.k_per_token ? launch<DP, BF16, kPvFp8E4m3, true>(a, stream) : launch<DP, BF16, kPvFp8E4m3, false>(a, stream);
+  }
 }
 
 void require(bool ok, const std::string& what) {
@@ -480,23 +553,17 @@ void decode_split_forward(const DecodeSplitArgs& a, cudaStream_t stream) {
   require(a.qmax == 127 || a.qmax == 7, "qmax must be 127 or 7, got " + std::to_string(a.qmax));
   require(a.pv == kPvFp16Acc16 || a.pv == kPvFp16Acc32 || a.pv == kPvFp8E4m3, "pv must be 0, 1 or 2");
   require(a.tiles_per_split >= 1 && a.splits >= 1, "tiles_per_split and splits must be positive");
+  require(a.k_stride_n * 2 * kTile < (int64_t(1) << 31) && a.v_stride_n * 2 * kTile < (int64_t(1) << 31),
+          "k and v: a tile of rows must span less than 2 GiB");
   for (const auto& [name, p, stride] : {std::tuple{"k", a.k, a.k_stride_n}, std::tuple{"v", a.v, a.v_stride_n}})
     require(reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 8 == 0,
             std::string(name) + ": 16-byte aligned rows are needed (data pointer and row stride)");
   if (a.seqlen_k == 0) return;  // no keys: the caller does not run decode then
-  const bool fp8 = a.pv == kPvFp8E4m3;
-#define SAGE_DECODE_DISPATCH(DP)                                   \
-  if (a.bf16) {                                                    \
-    fp8 ? launch<DP, true, true>(a, stream) : launch<DP, true, false>(a, stream); \
-  } else {                                                         \
-    fp8 ? launch<DP, false, true>(a, stream) : launch<DP, false, false>(a, stream); \
-  }
   if (a.head_dim == 64) {
-    SAGE_DECODE_DISPATCH(64)
+    a.bf16 ? dispatch_pv<64, true>(a, stream) : dispatch_pv<64, false>(a, stream);
   } else {
-    SAGE_DECODE_DISPATCH(128)
+    a.bf16 ? dispatch_pv<128, true>(a, stream) : dispatch_pv<128, false>(a, stream);
   }
-#undef SAGE_DECODE_DISPATCH
 }
 
 }  // namespace sage_cuda
