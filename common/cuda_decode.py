@@ -1,10 +1,10 @@
 """Decode on Hopper: the split-KV sweep of :mod:`common.decode` in CUDA (csrc/decode/split_kv.cu).
 
-The same algorithm, the same split points and the same partial outputs as the Triton sweep
-(common/triton_decode.py), whose combine kernel then merges the splits (and redoes, carefully, any
-split that saw a NaN/Inf or an fp16 overflow). The CUDA sweep exists for speed: decode is bound by
-reading the KV cache once, and it keeps three tiles of K and V in flight per program with cp.async
-and quantizes them from shared memory (DECODE_NOTES.md has the numbers).
+The same algorithm and the same split points as the Triton kernels (common/triton_decode.py), in
+one launch: a split that saw a NaN/Inf or an fp16 overflow sweeps again carefully in the same
+program, and the last split of each KV head to finish merges them all by their LSE. It exists for
+speed: decode is bound by reading the KV cache once; the kernel keeps three tiles of K and V in
+flight per program with cp.async and quantizes them from shared memory (DECODE_NOTES.md).
 
 It covers fp16/bf16 inputs, head dim 64 or 128, up to 16 rows per KV head (query heads per KV head
 times Nq rounded up to a power of two), INT8 or INT4 K codes per tile or per token, K smoothing on or
@@ -41,65 +41,74 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
     return None
 
 
-def _check_op_inputs(q, k, v, part_out, part_lse, flags):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters):
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.dtype not in (torch.float16, torch.bfloat16) or t.dtype != q.dtype or t.dim() != 4 or t.stride(-1) != 1:
-            raise ValueError(f"decode_split: {name} must be a 4-D fp16 or bf16 tensor (q's dtype) with a contiguous "
-                             f"last dim, got {t.dtype} {tuple(t.shape)} with strides {tuple(t.stride())}")
+            raise ValueError(f"decode: {name} must be a 4-D fp16 or bf16 tensor (q's dtype) with a contiguous last "
+                             f"dim, got {t.dtype} {tuple(t.shape)} with strides {tuple(t.stride())}")
+    if out.shape != q.shape:
+        raise ValueError(f"decode: out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     B, Hkv, D = k.shape[0], k.shape[1], k.shape[3]
-    for name, t, dtype, rank in (("part_out", part_out, torch.float32, 4), ("part_lse", part_lse, torch.float32, 3),
-                                 ("flags", flags, torch.int32, 1)):
+    for name, t, dtype, rank in (("lse", lse, torch.float32, lse.dim()), ("part_out", part_out, torch.float32, 4),
+                                 ("part_lse", part_lse, torch.float32, 3), ("counters", counters, torch.int32, 1)):
         if t.dtype != dtype or t.dim() != rank or not t.is_contiguous():
-            raise ValueError(f"decode_split: {name} must be a contiguous {rank}-D {dtype} tensor, got {t.dtype} "
+            raise ValueError(f"decode: {name} must be a contiguous {rank}-D {dtype} tensor, got {t.dtype} "
                              f"{tuple(t.shape)}")
+    if lse.numel() and lse.shape != q.shape[:3]:
+        raise ValueError(f"decode: lse must be empty or [B, Hq, Nq] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     splits = part_out.shape[0]
     if part_out.shape[1:] != (B * Hkv, ROWS, D) or part_lse.shape != (splits, B * Hkv, ROWS) \
-            or flags.shape != (splits * B * Hkv,):
-        raise ValueError(f"decode_split: part_out {tuple(part_out.shape)}, part_lse {tuple(part_lse.shape)} and flags "
-                         f"{tuple(flags.shape)} must be [splits, B*Hkv, {ROWS}, D], [splits, B*Hkv, {ROWS}] and "
-                         "[splits*B*Hkv]")
+            or counters.shape != (B * Hkv,):
+        raise ValueError(f"decode: part_out {tuple(part_out.shape)}, part_lse {tuple(part_lse.shape)} and counters "
+                         f"{tuple(counters.shape)} must be [splits, B*Hkv, {ROWS}, D], [splits, B*Hkv, {ROWS}] and "
+                         "[B*Hkv]")
 
 
-def run_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
-              flags: torch.Tensor, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float,
-              qmax: int, k_per_token: bool, smooth_k: bool, causal: bool, pv: int) -> None:
-    """The fast sweep of every (split, KV head): each split's normalized output ``part_out``, its
-    log2 LSE ``part_lse`` and ``flags`` (1: a NaN/Inf or an fp16 overflow, redo carefully).
-    Under tracing this is the custom op :func:`decode_split`; eager calls launch directly (the
-    op's dispatch costs ~0.1 ms of host time per call, as much as the kernel at 16k keys)."""
-    args = (q, k, v, part_out, part_lse, flags, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
-            k_per_token, smooth_k, causal, pv)
+def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+               part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, rows_per_head: int,
+               tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool,
+               causal: bool, pv: int) -> None:
+    """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
+    or empty): one launch. ``part_out``/``part_lse`` are scratch for the splits, ``counters`` a
+    zeroed int32 per KV head (the last split of a KV head to finish merges all of them; it leaves
+    the counter at zero). Under tracing this is the custom op :func:`decode`, which checks its
+    arguments; eager calls from common.decode (whose tensors are made to fit) launch directly: the
+    op's dispatch and checks cost ~0.1 ms of host time per call, as much as the kernel at 16k keys."""
+    args = (q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
+            qmax, k_per_token, smooth_k, causal, pv)
     if torch.compiler.is_compiling():
-        decode_split(*args)
+        decode(*args)
     else:
         _launch(*args)
 
 
-def _launch(q, k, v, part_out, part_lse, flags, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
-            k_per_token, smooth_k, causal, pv):
-    _check_op_inputs(q, k, v, part_out, part_lse, flags)
+def _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
+            qmax, k_per_token, smooth_k, causal, pv):
     from . import build
 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    # positional: pybind11 matching 33 keywords costs more host time than the launch
-    build.load().decode_split_forward(
+    build.load().decode_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), part_out.data_ptr(), part_lse.data_ptr(), flags.data_ptr(),
-        B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, part_out.shape[0], qk_mult, log2_pscale, qmax,
-        k_per_token, smooth_k, causal, q.dtype == torch.bfloat16, pv, torch.cuda.current_stream(q.device).cuda_stream)
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(1),
+        out.stride(2), lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
+        counters.data_ptr(), B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, part_out.shape[0],
+        qk_mult, log2_pscale, qmax, k_per_token, smooth_k, causal, q.dtype == torch.bfloat16, pv,
+        torch.cuda.current_stream(q.device).cuda_stream)
 
 
-@torch.library.custom_op("sageattn_repro::decode_split", mutates_args=("part_out", "part_lse", "flags"))
-def decode_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
-                 flags: torch.Tensor, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float,
-                 qmax: int, k_per_token: bool, smooth_k: bool, causal: bool, pv: int) -> None:
-    """:func:`run_split` as a custom op with a fake, so torch.compile sees one opaque op."""
-    _launch(q, k, v, part_out, part_lse, flags, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
-            k_per_token, smooth_k, causal, pv)
+@torch.library.custom_op("sageattn_repro::decode", mutates_args=("out", "lse", "part_out", "part_lse", "counters"))
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+           part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, rows_per_head: int,
+           tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool,
+           causal: bool, pv: int) -> None:
+    """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op."""
+    _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters)
+    _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
+            qmax, k_per_token, smooth_k, causal, pv)
 
 
-@decode_split.register_fake
-def _(q, k, v, part_out, part_lse, flags, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token,
-      smooth_k, causal, pv):
+@decode.register_fake
+def _(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
+      k_per_token, smooth_k, causal, pv):
     return None

@@ -138,6 +138,15 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
     part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
+    if backend == "cuda":  # the same algorithm in one CUDA launch (common.cuda_decode)
+        from .cuda_decode import PV_CODES, run_decode
+
+        lse_out = lse if return_lse else torch.empty(0, dtype=torch.float32, device=qh.device)
+        counters = torch.zeros(B * Hkv, dtype=torch.int32, device=qh.device)
+        run_decode(qh, kh, vh, out_hnd, lse_out, part_o, part_l, counters, nqp, tps, sm_scale * LOG2E,
+                   LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, is_causal,
+                   PV_CODES[spec.pv])
+        return lse if return_lse else None
     ql, kl = kernel_args(mask, B, Nq, Nk, part_l)[-2:]  # per-sequence lengths, or a stand-in pointer
     pv = PV_KINDS.index(spec.pv)
     log2_pscale = LOG2_P_SCALE.get(spec.pv, 0.0)
@@ -157,14 +166,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
                 SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
                 PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
                 EVEN_D=D == dp)
-    if backend == "cuda":  # the same sweep in CUDA (common.cuda_decode); the combine below is shared
-        from .cuda_decode import PV_CODES, run_split
-
-        run_split(qh, kh, vh, part_o, part_l, flags, nqp, tps, sm_scale * LOG2E, log2_pscale, spec.qmax,
-                     spec.k_per_token, spec.smooth_k, is_causal, PV_CODES[spec.pv])
-    else:
-        decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *strides, *sizes,
-                                                          **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
+    decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *strides, *sizes,
+                                                      **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
     decode_combine_kernel[(B * Hkv, row_tiles)](
         qh, kh, vh, part_o, part_l, flags, ql, kl, target, lse, splits, *strides,
         target.stride(0), target.stride(1), target.stride(2), *sizes, **meta, RETURN_LSE=return_lse, num_warps=4,

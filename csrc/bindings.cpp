@@ -49,13 +49,13 @@ void sage2_sm90_forward(uintptr_t q_codes, uintptr_t k_codes, uintptr_t v_codes,
   sage_cuda::sage2_sm90_forward(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
-void decode_split_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, int64_t q_stride_h,
-                          int64_t q_stride_n, int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_n,
-                          int64_t v_stride_b, int64_t v_stride_h, int64_t v_stride_n, uintptr_t part_out,
-                          uintptr_t part_lse, uintptr_t flags, int batch, int heads_kv, int seqlen_q, int seqlen_k,
-                          int head_dim, int group, int rows_per_head, int tiles_per_split, int splits, float qk_mult,
-                          float log2_pscale, int qmax, bool k_per_token, bool smooth_k, bool causal, bool bf16, int pv,
-                          uintptr_t stream) {
+void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_n,
+                    int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_n, int64_t v_stride_b, int64_t v_stride_h,
+                    int64_t v_stride_n, uintptr_t out, int64_t out_stride_b, int64_t out_stride_h, int64_t out_stride_n,
+                    uintptr_t lse, uintptr_t part_out, uintptr_t part_lse, uintptr_t counters, int batch, int heads_kv,
+                    int seqlen_q, int seqlen_k, int head_dim, int group, int rows_per_head, int tiles_per_split,
+                    int splits, float qk_mult, float log2_pscale, int qmax, bool k_per_token, bool smooth_k,
+                    bool causal, bool bf16, int pv, uintptr_t stream) {
   sage_cuda::DecodeSplitArgs a{};
   a.q = ptr<const void>(q);
   a.k = ptr<const void>(k);
@@ -63,9 +63,12 @@ void decode_split_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_strid
   a.q_stride_b = q_stride_b, a.q_stride_h = q_stride_h, a.q_stride_n = q_stride_n;
   a.k_stride_b = k_stride_b, a.k_stride_h = k_stride_h, a.k_stride_n = k_stride_n;
   a.v_stride_b = v_stride_b, a.v_stride_h = v_stride_h, a.v_stride_n = v_stride_n;
+  a.out = ptr<void>(out);
+  a.out_stride_b = out_stride_b, a.out_stride_h = out_stride_h, a.out_stride_n = out_stride_n;
+  a.lse = ptr<float>(lse);
   a.part_out = ptr<float>(part_out);
   a.part_lse = ptr<float>(part_lse);
-  a.flags = ptr<int32_t>(flags);
+  a.counters = ptr<int32_t>(counters);
   a.batch = batch, a.heads_kv = heads_kv, a.seqlen_q = seqlen_q, a.seqlen_k = seqlen_k, a.head_dim = head_dim;
   a.group = group, a.rows_per_head = rows_per_head, a.tiles_per_split = tiles_per_split, a.splits = splits;
   a.qk_mult = qk_mult, a.log2_pscale = log2_pscale, a.qmax = qmax;
@@ -83,13 +86,7 @@ PYBIND11_MODULE(_sage_cuda, m) {
         py::arg("lse"), py::arg("q_bad"), py::arg("first_bad"), py::arg("batch"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
         py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
-  m.def("decode_split_forward", &decode_split_forward,
-        "Decode: split-KV sweep with K and V quantized per tile in registers (common/decode.py's algorithm)",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_n"),
-        py::arg("k_stride_b"), py::arg("k_stride_h"), py::arg("k_stride_n"), py::arg("v_stride_b"),
-        py::arg("v_stride_h"), py::arg("v_stride_n"), py::arg("part_out"), py::arg("part_lse"), py::arg("flags"),
-        py::arg("batch"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
-        py::arg("group"), py::arg("rows_per_head"), py::arg("tiles_per_split"), py::arg("splits"), py::arg("qk_mult"),
-        py::arg("log2_pscale"), py::arg("qmax"), py::arg("k_per_token"), py::arg("smooth_k"), py::arg("causal"),
-        py::arg("bf16"), py::arg("pv"), py::arg("stream"));
+  // positional arguments only: pybind11's keyword matching costs more host time than the launch
+  m.def("decode_forward", &decode_forward,
+        "Decode attention (common/decode.py's split-KV algorithm) into out/lse, one launch (pointers: 0 = none)");
 }

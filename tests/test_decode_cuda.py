@@ -60,24 +60,30 @@ def test_decode_backend_is_cuda_only_for_auto_on_hopper():
     assert decode.resolve_decode_backend("torch", "torch", q, k, v, SPEC, NO_MASK, "sage2") == "torch"
 
 
-def test_decode_split_op_names_a_bad_argument():
+def test_decode_op_names_a_bad_argument():
     q, k, v = make_qkv(1, 8, 1, 64, heads_kv=2, seqlen_k=100)
+    out = torch.empty_like(q)
+    lse = torch.empty(0)
     part_o = torch.empty(3, 2, 16, 64)
     part_l = torch.empty(3, 2, 16)
-    flags = torch.empty(6, dtype=torch.int32)
+    counters = torch.zeros(2, dtype=torch.int32)
     args = (1, 1, 0.1, 0.0, 127, True, True, False, 2)
-    with pytest.raises(ValueError, match="decode_split: k must be a 4-D fp16 or bf16"):
-        cuda_decode.decode_split(q, k.float(), v, part_o, part_l, flags, *args)
-    with pytest.raises(ValueError, match="decode_split: flags must be a contiguous 1-D torch.int32"):
-        cuda_decode.decode_split(q, k, v, part_o, part_l, flags.long(), *args)
+    with pytest.raises(ValueError, match="decode: k must be a 4-D fp16 or bf16"):
+        cuda_decode.decode(q, k.float(), v, out, lse, part_o, part_l, counters, *args)
+    with pytest.raises(ValueError, match="decode: out must have q's shape"):
+        cuda_decode.decode(q, k, v, out[:, :1], lse, part_o, part_l, counters, *args)
+    with pytest.raises(ValueError, match="decode: counters must be a contiguous 1-D torch.int32"):
+        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters.long(), *args)
+    with pytest.raises(ValueError, match=r"decode: lse must be empty or \[B, Hq, Nq\]"):
+        cuda_decode.decode(q, k, v, out, torch.empty(1, 8, 2), part_o, part_l, counters, *args)
     with pytest.raises(ValueError, match=r"must be \[splits, B\*Hkv, 16, D\]"):
-        cuda_decode.decode_split(q, k, v, part_o[:, :1].clone(), part_l, flags, *args)
+        cuda_decode.decode(q, k, v, out, lse, part_o[:, :1].clone(), part_l, counters, *args)
 
 
 def _spy(monkeypatch):
     calls = []
-    real = cuda_decode.run_split
-    monkeypatch.setattr(cuda_decode, "run_split", lambda *a: calls.append(1) or real(*a))
+    real = cuda_decode.run_decode
+    monkeypatch.setattr(cuda_decode, "run_decode", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -164,3 +170,22 @@ def test_cuda_sweep_at_a_real_decode_size(fn, monkeypatch):
     k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout="HND", is_causal=False, kernel_backend="auto")
     assert calls == [1]
     assert k_vs_e.rel_l1 < 2e-3 and e_vs_ref.cos_sim > 0.998, (k_vs_e, e_vs_ref)
+
+
+@gpu
+@hopper
+def test_cuda_decode_op_and_graph_capture(monkeypatch):
+    q, k, v = make_qkv(2, 8, 1, 128, heads_kv=2, seqlen_k=3000, kind="k_bias", device="cuda", seed=9)
+    eager, lse = sage1.sageattn(q, k, v, return_lse=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, captured_lse = sage1.sageattn(q, k, v, return_lse=True)
+    graph.replay()
+    graph.replay()  # the per-KV-head counters start at zero again on every replay
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager) and torch.equal(captured_lse, lse)
+    B, Hkv, splits = 2, 2, 3
+    args = (q, k, v, torch.empty_like(q), torch.empty(2, 8, 1, device="cuda"),
+            torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
+            torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, 0)
+    torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))

@@ -31,7 +31,7 @@ namespace {
 
 constexpr int kTile = 64;     // keys per tile: common.decode.DECODE_TILE
 constexpr int kRows = 16;     // query rows per program: (query heads of a KV head) x (queries, padded)
-constexpr int kWarps = 8;     // 8 warps, two programs per SM: latency, not issue, bounds a tile
+constexpr int kWarps = 4;     // two programs of 4 warps per SM (8 warps measured no faster, and spill)
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = 3;    // tiles in flight
 constexpr int kMinBlocks = 2; // programs per SM the registers must allow
@@ -53,7 +53,10 @@ struct Layout {
   static constexpr int kAmax = kBadQ + kRows * 4;              // float[warps]
   static constexpr int kRowMax = kAmax + kWarps * 4;           // float[warps][16]
   static constexpr int kRowSum = kRowMax + kWarps * kRows * 4; // float[warps][16]
-  static constexpr int kBytes = kRowSum + kWarps * kRows * 4;
+  static constexpr int kKeyBad = kRowSum + kWarps * kRows * 4; // int[64]: careful sweep, keys with a NaN/Inf
+  static constexpr int kRowBad = kKeyBad + kTile * 4;          // int[16]: rows that saw one
+  static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
+  static constexpr int kBytes = kFlag + 16;
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
 };
 
@@ -116,6 +119,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
   float* s_amax = reinterpret_cast<float*>(smem + L::kAmax);
   float* s_row_max = reinterpret_cast<float*>(smem + L::kRowMax);
   float* s_row_sum = reinterpret_cast<float*>(smem + L::kRowSum);
+  int* s_key_bad = reinterpret_cast<int*>(smem + L::kKeyBad);
+  int* s_row_bad = reinterpret_cast<int*>(smem + L::kRowBad);
+  int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.x, kv_bh = blockIdx.y;
@@ -200,24 +206,64 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
       cp_async16(v_copy_dst + (stage * kTile + i * kRowStep) * L::kPitchV, in ? vs + i * kRowStep * v_row_bytes : v_head, in);
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) load_tile(s, t_begin + s * kTile);
-    cp_async_commit();
-  }
+  // the sweep's state (per thread: rows g and g + 8; l over this warp's keys only)
+  float m_row[2], l_row[2], acc[NT][4];
+  float k_check;   // K's token sums: non-finite iff K had a NaN/Inf
+  int bad_kv[2];   // careful sweep: the row saw a key with a NaN/Inf in K or V
 
-  float m_row[2] = {-kInf, -kInf}, l_row[2] = {0.f, 0.f};  // l: this warp's keys only
-  float acc[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  float k_check = 0.f;  // K's token sums: non-finite iff K had a NaN/Inf
-
-  // One tile. MASKED: it holds keys past the end or, causal, keys some row may not see.
-  auto tile = [&](auto masked_tag, int stage, int start) {
+  // One tile. MASKED: it holds keys past the end or, causal, keys some row may not see. CAREFUL:
+  // NaN/Inf in K or V are zeroed and their keys mark the rows that see them; fp16 V is scaled by
+  // the power of two that keeps the fp16 tile sum finite (the fast sweep has neither: a split that
+  // needed them is flagged and swept again carefully)
+  auto tile = [&](auto masked_tag, auto careful_tag, int stage, int start) {
     constexpr bool MASKED = decltype(masked_tag)::value;
+    constexpr bool CAREFUL = decltype(careful_tag)::value;
     const int count = MASKED ? min(nk - start, kTile) : kTile;
-    const char* tk = s_k + stage * kTile * L::kPitchK;
+    char* tk = s_k + stage * kTile * L::kPitchK;
     char* tv = s_v + stage * kTile * L::kPitchV;
+    float inv_guard = 1.f;  // careful, fp16 P V: 1 / the power of two V was scaled by
+    if constexpr (CAREFUL) {
+      if (tid < kTile) s_key_bad[tid] = 0;
+      __syncthreads();
+      float vmax = 0.f;
+      for (int c = tid; c < kTile * kChunks; c += kThreads) {  // 16-byte pieces of K and V
+        const int r = c / kChunks, col = (c % kChunks) * 16;
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          uint4* piece = reinterpret_cast<uint4*>((t == 0 ? tk + r * L::kPitchK : tv + r * L::kPitchV) + col);
+          uint4 x = *piece;
+          uint32_t* w = reinterpret_cast<uint32_t*>(&x);
+          bool bad = false;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float2 f = pair_to_float2<In>(w[j]);
+            if (!isfinite(f.x)) f.x = 0.f, bad = true;
+            if (!isfinite(f.y)) f.y = 0.f, bad = true;
+            if (t == 1) vmax = fmaxf(vmax, fmaxf(fabsf(f.x), fabsf(f.y)));
+            if constexpr (BF16) {
+              __nv_bfloat162 h = __floats2bfloat162_rn(f.x, f.y);  // exact: f came from bf16 or is 0
+              w[j] = *reinterpret_cast<uint32_t*>(&h);
+            } else {
+              w[j] = f16x2_rn(f.x, f.y);
+            }
+          }
+          if (bad) *piece = x, s_key_bad[r] = 1;
+        }
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) vmax = fmaxf(vmax, __shfl_xor_sync(0xffffffffu, vmax, off));
+      if (lane == 0) s_amax[warp] = vmax;
+      __syncthreads();
+      if constexpr (!FP8) {  // common.decode.fp16_guard: g <= 1 with T_EFF * max|V| * g <= 2^15
+        float m = s_amax[0];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_amax[w]);
+        const float x = m * ((PV == kPvFp16Acc16 ? kTile : 1) / 32768.f);
+        const int e = x > 1.f ? ((__float_as_int(x) + 0x7FFFFF) >> 23) - 127 : 0;
+        inv_guard = __int_as_float((127 + e) << 23);
+      }
+      __syncthreads();  // s_amax is reused below
+    }
 
     // (1) K's token mean over the tile, per channel (0 without smoothing): the channel sums as a
     // product of ones and the tile on the tensor cores (warp w: channels [w CW, (w+1) CW)). Any
@@ -339,11 +385,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
         float sk = scale_k[kk];
         if constexpr (K_PER_TOKEN) sk = __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4);
         float x = __fadd_rn(__fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk), qm_row[h]);
+        bool visible = ok_row[h];
         if constexpr (MASKED) {
           const int key = start + col;
-          const bool visible = ok_row[h] && key < nk && (!a.causal || key <= i_row[h] + q_offset);
+          visible = visible && key < nk && (!a.causal || key <= i_row[h] + q_offset);
           x = visible ? x : -kInf;
         }
+        if constexpr (CAREFUL) bad_kv[h] |= visible && s_key_bad[col];
         s[kk][e] = x;
       }
     float mx[2] = {-kInf, -kInf};
@@ -393,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
       l_row[h] = __fadd_rn(__fmul_rn(l_row[h], alpha[h]), row_sum[h]);
     }
     // (5) V: FP8 per channel over the tile (sage2), or bf16 -> fp16 (sage1 on bf16 inputs), in place
-    if constexpr (FP8 || BF16) {
+    if (FP8 || BF16 || (CAREFUL && inv_guard != 1.f)) {
       constexpr int kPairs = CW / 2, kGroups = 32 / kPairs, kPerLane = kTile / kGroups;
       const int ch = warp * CW + 2 * (lane % kPairs), grp = lane / kPairs;
       if constexpr (FP8) {
@@ -420,11 +468,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
           *p = e4m3_round_trip_f16x2(__fmul_rn(x.x, inv0), __fmul_rn(x.y, inv1));
         }
       } else {
+        const float guard = __frcp_rn(inv_guard);  // exact: a power of two
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
           uint32_t* p = reinterpret_cast<uint32_t*>(tv + (j * kGroups + grp) * L::kPitchV + ch * 2);
           const float2 x = pair_to_float2<In>(*p);
-          *p = f16x2_rn(x.x, x.y);
+          *p = f16x2_rn(x.x * guard, x.y * guard);
         }
       }
     }
@@ -462,52 +511,134 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
         for (int e = 0; e < 4; ++e) {
           float x = pv[n][e];
           if constexpr (FP8) x = __fmul_rn(x, s_scale_v[c0 + 8 * n + 2 * t4 + (e & 1)]);
+          if constexpr (CAREFUL && !FP8) x *= inv_guard;  // exact
           acc[n][e] = __fadd_rn(__fmul_rn(acc[n][e], alpha[e >> 1]), x);
         }
       }
     }
   };
 
-  for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
-    if (it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
-    cp_async_commit();
-    const int start = t_begin + it * kTile;
-    if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
-      tile(std::true_type{}, it % kStages, start);
-    } else {
-      tile(std::false_type{}, it % kStages, start);
+  auto sweep = [&](auto careful_tag) {
+    m_row[0] = m_row[1] = -kInf, l_row[0] = l_row[1] = 0.f, k_check = 0.f, bad_kv[0] = bad_kv[1] = 0;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_tiles) load_tile(s, t_begin + s * kTile);
+      cp_async_commit();
     }
-  }
-  cp_async_wait<0>();
+    for (int it = 0; it < n_tiles; ++it) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
+      if (it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
+      cp_async_commit();
+      const int start = t_begin + it * kTile;
+      if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
+        tile(std::true_type{}, careful_tag, it % kStages, start);
+      } else {
+        tile(std::false_type{}, careful_tag, it % kStages, start);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the stages (a careful sweep refills them)
+  };
 
-  // ---- epilogue: l over the four warps, the normalized partial output and its log2 LSE ----
-  if (t4 == 0) s_row_sum[warp * kRows + g] = l_row[0], s_row_sum[warp * kRows + g + 8] = l_row[1];
-  __syncthreads();
+  // l over the warps; this thread's share of the flag check
+  float l_tot[2];
+  auto row_sums = [&]() {
+    if (t4 == 0) s_row_sum[warp * kRows + g] = l_row[0], s_row_sum[warp * kRows + g + 8] = l_row[1];
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_tot[h] = s_row_sum[g + 8 * h];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) l_tot[h] += s_row_sum[w * kRows + g + 8 * h];
+    }
+    __syncthreads();
+  };
+
+  sweep(std::false_type{});
+  row_sums();
+  float check = k_check + l_tot[0] + l_tot[1];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) check += (acc[n][0] + acc[n][1]) + (acc[n][2] + acc[n][3]);
+  if (tid < kRows) s_row_bad[tid] = s_bad_q[tid];
+  if (__syncthreads_or(!isfinite(check))) {  // a NaN/Inf or an fp16 overflow: sweep again, carefully
+    sweep(std::true_type{});
+    row_sums();
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (bad_kv[h]) atomicOr(&s_row_bad[g + 8 * h], 1);
+    __syncthreads();
+  }
+
+  // ---- this split's normalized output and log2 LSE (NaN: a row that saw a NaN/Inf) ----
   const int64_t prog = int64_t(split) * gridDim.y + kv_bh;
-  float check = k_check;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = g + 8 * h;
-    float l = s_row_sum[row];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) l += s_row_sum[w * kRows + row];
-    check += l;
-    const float denom = l == 0.f ? 1.f : l;
+    const float denom = l_tot[h] == 0.f ? 1.f : l_tot[h];
     float* out = a.part_out + (prog * kRows + row) * DP + warp * CW + 2 * t4;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      check += acc[n][2 * h] + acc[n][2 * h + 1];
+    for (int n = 0; n < NT; ++n)
       *reinterpret_cast<float2*>(out + 8 * n) = make_float2(__fdiv_rn(acc[n][2 * h], denom), __fdiv_rn(acc[n][2 * h + 1], denom));
-    }
     if (warp == 0 && t4 == 0) {
-      const float lse2 = m_row[h] + log2f(l) - a.log2_pscale;
-      a.part_lse[prog * kRows + row] = s_bad_q[row] ? __int_as_float(0x7fc00000) : lse2;
+      const float lse2 = m_row[h] + log2f(l_tot[h]) - a.log2_pscale;
+      a.part_lse[prog * kRows + row] = s_row_bad[row] ? __int_as_float(0x7fc00000) : lse2;
     }
   }
-  const int flagged = __syncthreads_or(!isfinite(check));
-  if (tid == 0) a.flags[prog] = flagged;
+
+  // ---- the last split of this KV head to finish merges them all by their LSE ----
+  __threadfence();  // this split's partials are visible device-wide before it is counted
+  __syncthreads();
+  if (tid == 0) s_flag[0] = atomicAdd(a.counters + kv_bh, 1) == a.splits - 1;
+  __syncthreads();
+  if (!s_flag[0]) return;
+  __threadfence();
+  {
+    const int row = tid / TPR, part = tid % TPR;
+    float m = -kInf, den = 0.f, o[QC];
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < QC; ++j) o[j] = 0.f;
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const int64_t base = (int64_t(sp) * gridDim.y + kv_bh) * kRows + row;
+      float lse = __ldcg(a.part_lse + base);  // from L2: written by other programs
+      bad |= lse != lse;
+      lse = lse != lse ? -kInf : lse;
+      const float m_new = fmaxf(m, lse);
+      const float m_use = m_new == -kInf ? 0.f : m_new;
+      const float alpha = exp2_approx(m - m_use), w = exp2_approx(lse - m_use);
+      den = den * alpha + w;
+      const float4* src = reinterpret_cast<const float4*>(a.part_out + base * DP + part * QC);
+#pragma unroll
+      for (int j = 0; j < QC / 4; ++j) {
+        const float4 x = __ldcg(src + j);
+        o[4 * j] = o[4 * j] * alpha + w * x.x, o[4 * j + 1] = o[4 * j + 1] * alpha + w * x.y;
+        o[4 * j + 2] = o[4 * j + 2] * alpha + w * x.z, o[4 * j + 3] = o[4 * j + 3] * alpha + w * x.w;
+      }
+      m = m_new;
+    }
+    if (tid == 0) a.counters[kv_bh] = 0;  // ready for the next call on this buffer
+    const int head = row / a.rows_per_head, i = row % a.rows_per_head;
+    if (head >= a.group || i >= nq) return;
+    const float inv = den == 0.f ? 1.f : den;
+    In* dst = static_cast<In*>(a.out) + b * a.out_stride_b + int64_t(hk * a.group + head) * a.out_stride_h +
+              int64_t(i) * a.out_stride_n + part * QC;
+#pragma unroll
+    for (int j = 0; j < QC; ++j) {
+      const float x = bad ? __int_as_float(0x7fc00000) : o[j] / inv;
+      if constexpr (BF16) {
+        dst[j] = __float2bfloat16_rn(x);
+      } else {
+        dst[j] = __float2half_rn(x);
+      }
+    }
+    if (a.lse != nullptr && part == 0) {
+      const float lse = bad ? __int_as_float(0x7fc00000) : (m + log2f(den)) * 0.6931471805599453f;
+      a.lse[(int64_t(b) * a.heads_kv * a.group + hk * a.group + head) * nq + i] = lse;
+    }
+  }
 }
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN>

@@ -17,9 +17,12 @@ struct DecodeSplitArgs {
   int64_t q_stride_b, q_stride_h, q_stride_n;
   int64_t k_stride_b, k_stride_h, k_stride_n;
   int64_t v_stride_b, v_stride_h, v_stride_n;
-  float* part_out;  // [splits, B * Hkv, 16, D]: each split's normalized output
-  float* part_lse;  // [splits, B * Hkv, 16]: log2-domain LSE (NaN: a query row with NaN/Inf)
-  int32_t* flags;   // [splits * B * Hkv]: 1 where the fast sweep saw a non-finite value
+  void* out;        // [B, Hq, Nq, D] through strides (elements, last stride 1), q's dtype
+  int64_t out_stride_b, out_stride_h, out_stride_n;
+  float* lse;         // [B, Hq, Nq] natural-log LSE, or null
+  float* part_out;    // [splits, B * Hkv, 16, D]: each split's normalized output (scratch)
+  float* part_lse;    // [splits, B * Hkv, 16]: log2-domain LSE (NaN: a row that saw a NaN/Inf)
+  int32_t* counters;  // [B * Hkv], zero: splits done per KV head (the last one merges; left at zero)
   int batch, heads_kv, seqlen_q, seqlen_k, head_dim, group, rows_per_head, tiles_per_split, splits;
   float qk_mult;      // sm_scale * log2(e)
   float log2_pscale;  // FP8 P's static scale, log2 (0 for fp16 P)
@@ -28,7 +31,9 @@ struct DecodeSplitArgs {
   int pv;  // DecodePv
 };
 
-// Launches on `stream`; throws std::runtime_error naming the argument on unsupported input.
+// Decode attention into `out` (and `lse`): one launch, every split of every KV head, the last split
+// of each KV head to finish merging them. Launches on `stream`; throws std::invalid_argument naming
+// the argument on unsupported input.
 void decode_split_forward(const DecodeSplitArgs& args, cudaStream_t stream);
 
 }  // namespace sage_cuda
