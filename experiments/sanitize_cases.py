@@ -50,13 +50,15 @@ def main():
             qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             sage3.sageattn_train(qt, kt, vt, is_causal=causal, deterministic=det).sum().backward()
             n += 1
-    # decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2
+    # decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2: the CUDA kernel ("auto" on
+    # Hopper, csrc/decode) and the Triton kernels
     qd, kd, vd = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=700, kind="k_bias", device=dev, seed=2)
     q4 = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=700, device=dev, seed=3)[0]
     for fn in (sage1.sageattn, sage2.sageattn):
-        fn(qd, kd, vd, return_lse=True)
-        fn(q4, kd, vd, is_causal=True)
-        n += 2
+        for backend in ("auto", "triton"):
+            fn(qd, kd, vd, return_lse=True, backend=backend)
+            fn(q4, kd, vd, is_causal=True, backend=backend)
+            n += 2
     # NaN/Inf inputs: the rule's slow paths
     qn, kn, vn = (t.clone() for t in (q, k, v))
     qn[1, 3, 7, 5] = float("nan")
@@ -77,6 +79,8 @@ def main():
             lambda: sage3.sageattn(qn, kn, vn, is_causal=causal),
             lambda: sage1.sageattn(qd, kdn, vdn, is_causal=causal),
             lambda: sage2.sageattn(q4, kdn, vdn, is_causal=causal),
+            lambda: sage1.sageattn(qd, kdn, vdn, is_causal=causal, backend="triton"),
+            lambda: sage2.sageattn(q4, kdn, vdn, is_causal=causal, backend="triton"),
         ):
             call()
             n += 1

@@ -195,6 +195,8 @@ def test_decode_kernels_compile_for_hopper(case):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = str(Path(__file__).resolve().parent.parent)  # the repository, also where it is not pip-installed
+    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
     script = Path(__file__).parent / "compile_for_hopper.py"
     r = subprocess.run([sys.executable, str(script), json.dumps(case)], capture_output=True, text=True, env=env,
                        timeout=600)

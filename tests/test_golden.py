@@ -1,7 +1,8 @@
 """Golden outputs: small fixed inputs whose outputs per generation and option set are stored
 (tests/golden/golden.pt, made by tests/golden/make_golden.py from the emulations). A change that
 moves results fails here: the emulation must reproduce them to rounding, the Triton kernel (the
-CPU interpreter, or the GPU) to its usual agreement with the emulation."""
+CPU interpreter, or the GPU) and, on Hopper, whatever ``backend="auto"`` runs (the CUDA kernels) to
+their usual agreement with the emulation."""
 
 import sys
 from pathlib import Path
@@ -10,11 +11,12 @@ import pytest
 import torch
 
 from common.metrics import accuracy
-from conftest import KERNEL_DEVICE
+from conftest import HAS_CUDA, KERNEL_DEVICE
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
 import make_golden  # noqa: E402
 
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 GOLDEN = torch.load(Path(__file__).parent / "golden" / "golden.pt")
 
 
@@ -26,10 +28,12 @@ def test_emulation_reproduces_golden(case):
     torch.testing.assert_close(lse, gold["lse"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", pytest.param("auto", marks=pytest.mark.skipif(
+    not IS_HOPPER, reason="'auto' adds the CUDA kernels on an sm_90 GPU"))])
 @pytest.mark.parametrize("case", make_golden.CASES)
-def test_kernel_matches_golden(case):
+def test_kernel_matches_golden(case, backend):
     gold = GOLDEN["outputs"][case]
-    out, lse = make_golden.run_case(case, GOLDEN["inputs"], "triton", device=KERNEL_DEVICE)
+    out, lse = make_golden.run_case(case, GOLDEN["inputs"], backend, device=KERNEL_DEVICE)
     a = accuracy(gold["out"].double(), out.cpu())
     assert a.cos_sim > 0.99999 and a.max_abs <= 5e-3 * float(gold["out"].abs().max()), a
     fin = torch.isfinite(gold["lse"])
