@@ -52,7 +52,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
     Decode: with ``Nq <= 16`` (and no dense ``attn_mask``, ``qk_granularity="per_block"``) the call
     runs :mod:`common.decode`: a split-KV kernel that reads K and V once and quantizes them per
-    64-key tile in registers (K smoothed by each tile's own mean, added back exactly).
+    64-key tile in registers (K smoothed by each tile's own mean, added back exactly); on Hopper
+    ``backend="auto"`` runs it in CUDA (:mod:`common.cuda_decode`), ``"triton"`` in Triton.
     """
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
         return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,

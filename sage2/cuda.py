@@ -10,7 +10,8 @@ What the kernel covers (others: ``backend="triton"``, which ``"auto"`` then pick
 INT8, or INT4 codes without Q smoothing; every Q/K granularity but ``per_token``; ``fp8_e4m3``
 with two-level accumulation; no ``smooth_v``; no ``attn_mask``; padded head dim 64 or 128 (head
 dims 33..128); causal or not, GQA, both layouts, ``return_lse``, any length, fp16/bf16. Few
-queries (``Nq <= 16``) take the Triton split-KV decode kernel (common.decode) on either backend.
+queries (``Nq <= 16``) take the split-KV decode path (common.decode), whose own CUDA kernel
+(csrc/decode, common.cuda_decode) runs on ``"auto"`` and ``"cuda"`` where it covers the call.
 Speed and version history: csrc/NOTES.md.
 """
 
