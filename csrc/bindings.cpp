@@ -56,7 +56,7 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
                     int seqlen_q, int seqlen_k, int head_dim, int group, int rows_per_head, int tiles_per_split,
                     int splits, float qk_mult, float log2_pscale, int qmax, bool k_per_token, bool smooth_k,
                     bool causal, bool bf16, int pv, uintptr_t stream) {
-  sage_cuda::DecodeSplitArgs a{};
+  sage_cuda::DecodeArgs a{};
   a.q = ptr<const void>(q);
   a.k = ptr<const void>(k);
   a.v = ptr<const void>(v);
@@ -73,7 +73,7 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
   a.group = group, a.rows_per_head = rows_per_head, a.tiles_per_split = tiles_per_split, a.splits = splits;
   a.qk_mult = qk_mult, a.log2_pscale = log2_pscale, a.qmax = qmax;
   a.k_per_token = k_per_token, a.smooth_k = smooth_k, a.causal = causal, a.bf16 = bf16, a.pv = pv;
-  sage_cuda::decode_split_forward(a, reinterpret_cast<cudaStream_t>(stream));
+  sage_cuda::decode_forward(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
 }  // namespace

@@ -1,13 +1,14 @@
-// Decode: the split-KV sweep of common/decode.py (common/triton_decode.py's decode_split_kernel)
-// in CUDA. The algorithm, tile for tile, is the one `backend="torch"` emulates
-// (common.decode.decode_emulated); what differs from the Triton kernel is only how the work is laid
-// out on the machine, because decode is bound by reading K and V once:
+// Decode: common/decode.py's split-KV algorithm in one CUDA launch. The algorithm, tile for tile, is
+// the one `backend="torch"` emulates (common.decode.decode_emulated) and common/triton_decode.py
+// runs; what differs is how the work is laid out on the machine, because decode is bound by reading
+// K and V once:
 //
 //   * cp.async copies each 64-key tile of K and V (fp16/bf16, as the caller stores them) into
-//     shared memory, three tiles in flight per program, two programs per SM;
-//   * 4 warps quantize the tile from shared memory: K's token mean over the tile (per channel),
-//     K - mean to INT8/INT4 codes with one scale per tile or per token, straight into mma.sync
-//     B fragments; INT8 Q K^T on mma.sync m16n8k32 (16 query rows: every query head of the KV head);
+//     shared memory, three tiles in flight per program (one split of one KV head), two programs per SM;
+//   * 4 warps quantize the tile from shared memory: K's token mean over the tile (channel sums as
+//     ones x K on the tensor cores), K - mean to INT8/INT4 codes with one scale per tile or per token,
+//     straight into mma.sync B fragments; INT8 Q K^T on mma.sync m16n8k32 (16 query rows: every
+//     query head of the KV head);
 //   * the online softmax over the tile (one row max shared through shared memory, so P is rounded
 //     exactly as the emulation rounds it), P to fp16 or to FP8 E4M3 (kept as exact fp16) in shared
 //     memory; V to FP8 per channel per tile in place (sage2);
@@ -15,9 +16,11 @@
 //     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator.
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
-// vanish from K's token sums, l or the accumulator, so one test per program sets its flag and the
-// combine kernel (Triton, common/triton_decode.py) redoes flagged programs with the careful sweep.
-// Products that must round before an add use __fmul_rn / __fadd_rn: the emulation rounds them.
+// vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
+// program sweeps its split again carefully (NaN/Inf zeroed and their rows marked, fp16 V scaled by
+// a power of two). The last split of each KV head to finish merges all of them by their LSE into
+// the caller's output. Products that must round before an add use __fmul_rn / __fadd_rn: the
+// emulation rounds them. Versions and measurements: common/DECODE_NOTES.md.
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -95,7 +98,7 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
 }
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(const DecodeSplitArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const DecodeArgs a) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
   constexpr bool FP8 = PV == kPvFp8E4m3;
   using L = Layout<DP>;
@@ -642,23 +645,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_split_kernel(cons
 }
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
-void launch(const DecodeSplitArgs& a, cudaStream_t stream) {
+void launch(const DecodeArgs& a, cudaStream_t stream) {
   constexpr int bytes = Layout<DP>::kBytes;
-  auto kernel = decode_split_kernel<DP, BF16, PV, K_PER_TOKEN>;
+  auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN>;
   static bool configured = false;  // one attribute call per instantiation and process
   if (!configured) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) throw std::runtime_error(std::string("decode_split: ") + cudaGetErrorString(err));
+    if (err != cudaSuccess) throw std::runtime_error(std::string("decode: ") + cudaGetErrorString(err));
     configured = true;
   }
   kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a);
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("decode_split launch: ") + cudaGetErrorString(err));
+  if (err != cudaSuccess) throw std::runtime_error(std::string("decode launch: ") + cudaGetErrorString(err));
 }
 
 // the template arguments from the run-time ones: head dim, input dtype, P V kind, K's scale grouping
 template <int DP, bool BF16>
-void dispatch_pv(const DecodeSplitArgs& a, cudaStream_t stream) {
+void dispatch_pv(const DecodeArgs& a, cudaStream_t stream) {
   switch (a.pv) {
     case kPvFp16Acc16:
       return a.k_per_token ? launch<DP, BF16, kPvFp16Acc16, true>(a, stream) : launch<DP, BF16, kPvFp16Acc16, false>(a, stream);
@@ -670,12 +673,12 @@ void dispatch_pv(const DecodeSplitArgs& a, cudaStream_t stream) {
 }
 
 void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("decode_split: " + what);
+  if (!ok) throw std::invalid_argument("decode: " + what);
 }
 
 }  // namespace
 
-void decode_split_forward(const DecodeSplitArgs& a, cudaStream_t stream) {
+void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
   require(a.head_dim == 64 || a.head_dim == 128, "head_dim must be 64 or 128, got " + std::to_string(a.head_dim));
   require(a.group >= 1 && a.rows_per_head >= 1 && a.group * a.rows_per_head <= kRows,
           "group * rows_per_head must be in [1, 16], got " + std::to_string(a.group) + " * " +

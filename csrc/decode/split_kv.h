@@ -10,7 +10,7 @@ namespace sage_cuda {
 // fp32, FP8 E4M3 P x FP8 E4M3 V (per channel per tile) summed in fp32.
 enum DecodePv : int { kPvFp16Acc16 = 0, kPvFp16Acc32 = 1, kPvFp8E4m3 = 2 };
 
-struct DecodeSplitArgs {
+struct DecodeArgs {
   const void* q;  // [B, Hq, Nq, D] through strides (elements, last stride 1), fp16 or bf16
   const void* k;  // [B, Hkv, Nk, D]
   const void* v;  // [B, Hkv, Nk, D]
@@ -34,6 +34,6 @@ struct DecodeSplitArgs {
 // Decode attention into `out` (and `lse`): one launch, every split of every KV head, the last split
 // of each KV head to finish merging them. Launches on `stream`; throws std::invalid_argument naming
 // the argument on unsupported input.
-void decode_split_forward(const DecodeSplitArgs& args, cudaStream_t stream);
+void decode_forward(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace sage_cuda
