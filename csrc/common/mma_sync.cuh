@@ -9,13 +9,9 @@
 
 namespace sage_cuda {
 
-// ---- cp.async: global -> shared without registers; `full = false` writes 16 zero bytes ----
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(full ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool full) {  // dst: shared address
+// ---- cp.async: global -> shared (dst: a shared-space address) without registers; `full = false`
+// writes 16 zero bytes ----
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool full) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
