@@ -105,11 +105,4 @@ __device__ __forceinline__ float2 pair_to_float2<__nv_bfloat16>(uint32_t u) {
   return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
 }
 
-// ex2.approx, flushing subnormal results (P below 2^-126 is 0 to any accumulator here)
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 }  // namespace sage_cuda

@@ -26,6 +26,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/launch.h"
 #include "common/mma_sync.cuh"
 #include "decode/split_kv.h"
 
@@ -417,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, s_row_max[w * kRows + row]);
       const float m_new = fmaxf(m_row[h], tile_max);
       const float m_use = m_new == -kInf ? 0.f : m_new;
-      alpha[h] = exp2_approx(m_row[h] - m_use);
+      alpha[h] = fast_exp2(m_row[h] - m_use);
       shift[h] = m_use - a.log2_pscale;  // FP8 P spreads over (0, 448]
       m_row[h] = m_new;
     }
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     for (int kk = 0; kk < NKT; ++kk) {
       float p[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[e] = exp2_approx(s[kk][e] - shift[e >> 1]), row_sum[e >> 1] += p[e];
+      for (int e = 0; e < 4; ++e) p[e] = fast_exp2(s[kk][e] - shift[e >> 1]), row_sum[e >> 1] += p[e];
       const int col = KPW * warp + 8 * kk + 2 * t4;
       uint32_t lo, hi;
       if constexpr (FP8) {
@@ -611,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       lse = lse != lse ? -kInf : lse;
       const float m_new = fmaxf(m, lse);
       const float m_use = m_new == -kInf ? 0.f : m_new;
-      const float alpha = exp2_approx(m - m_use), w = exp2_approx(lse - m_use);
+      const float alpha = fast_exp2(m - m_use), w = fast_exp2(lse - m_use);
       den = den * alpha + w;
       const float4* src = reinterpret_cast<const float4*>(a.part_out + base * DP + part * QC);
 #pragma unroll
@@ -648,15 +649,10 @@ template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   constexpr int bytes = Layout<DP>::kBytes;
   auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN>;
-  static bool configured = false;  // one attribute call per instantiation and process
-  if (!configured) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) throw std::runtime_error(std::string("decode: ") + cudaGetErrorString(err));
-    configured = true;
-  }
+  static bool reserved = false;  // one per instantiation
+  reserve_shared_memory(kernel, bytes, reserved, "decode");
   kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("decode launch: ") + cudaGetErrorString(err));
+  check_launch("decode");
 }
 
 // the template arguments from the run-time ones: head dim, input dtype, P V kind, K's scale grouping

@@ -38,6 +38,7 @@
 #include <cudaTypedefs.h>
 
 #include "../common/hopper.cuh"
+#include "../common/launch.h"
 #include "../common/wgmma.cuh"
 #include "attention.h"
 
@@ -476,16 +477,11 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
                        a.heads_q,    a.heads_kv,     a.seqlen_q,     a.seqlen_k, a.head_dim};
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
-  static bool configured = false;
-  if (!configured) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
-      throw std::runtime_error("sage2 cuda: cannot reserve " + std::to_string(smem) + " bytes of shared memory");
-    configured = true;
-  }
+  static bool reserved = false;  // one per instantiation
+  reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
   const dim3 grid((a.seqlen_q + Config<DP>::BLOCK_M - 1) / Config<DP>::BLOCK_M, a.batch * a.heads_q);
   kernel<<<grid, Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("sage2 cuda: launch failed: ") + cudaGetErrorString(err));
+  check_launch("sage2 cuda");
 }
 
 template <int DP>
