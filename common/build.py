@@ -41,6 +41,12 @@ CXX_SOURCES = ["bindings.cpp"]
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]  # wgmma and setmaxnreg need sm_90a
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler=-fPIC", "-lineinfo", *ARCH_FLAGS]
 
+
+def nvcc_flags() -> list[str]:
+    """NVCC_FLAGS plus ``$SAGE_NVCC_FLAGS`` (tuning builds, e.g. ``-DSAGE_DECODE_STAGES=2``: each
+    set of flags gets its own cache entry)."""
+    return NVCC_FLAGS + os.environ.get("SAGE_NVCC_FLAGS", "").split()
+
 _loaded = None
 _build_failed: str | None = None
 
@@ -85,7 +91,7 @@ def _fingerprint(nvcc: str) -> str:
         if f.suffix in (".cu", ".cuh", ".h", ".cpp"):
             h.update(str(f.relative_to(CSRC)).encode())
             h.update(f.read_bytes())
-    h.update(" ".join(NVCC_FLAGS + [nvcc, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode())
+    h.update(" ".join(nvcc_flags() + [nvcc, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode())
     return h.hexdigest()[:16]
 
 
@@ -97,7 +103,7 @@ def cache_dir() -> Path:
 def _write_ninja(build_dir: Path, nvcc: str) -> Path:
     """build.ninja: one object per source (dependency files from nvcc -MD), one link."""
     ext = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    flags = " ".join(NVCC_FLAGS + _includes())
+    flags = " ".join(nvcc_flags() + _includes())
     lines = [
         f"nvcc = {nvcc}",
         f"flags = {flags}",

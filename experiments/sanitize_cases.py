@@ -2,7 +2,10 @@
 the Q/K/V quantization passes and V's scan, the attention kernels of sage1, sage2 (8b, 4b, fp16 PV,
 masks, varlen), sage3 (packed and pre-unpacked FP4) and SageBwd (forward, backward, atomic dQ),
 the decode kernels (split and combine), and all of them again on inputs with NaN/Inf, so that the
-passes' recording stores and atomics, the epilogue's NaN rows and decode's careful sweep run too."""
+passes' recording stores and atomics, the epilogue's NaN rows and decode's careful sweep run too.
+``--decode-only``: the decode calls alone (after a change to csrc/decode)."""
+
+import sys
 
 import torch
 
@@ -12,8 +15,17 @@ import sage3
 from common.inputs import make_qkv
 
 
-def main():
+def main(decode_only: bool = False):
     dev = "cuda"
+    n = 0
+    if not decode_only:
+        n += everything_but_decode(dev)
+    n += decode_cases(dev)
+    torch.cuda.synchronize()
+    print(f"{n} cases ok")
+
+
+def everything_but_decode(dev) -> int:
     q, k, v = make_qkv(2, 4, 200, 64, heads_kv=2, seqlen_k=333, kind="k_bias", device=dev, seed=0)
     q128, k128, v128 = make_qkv(1, 2, 130, 128, kind="k_bias", dtype=torch.bfloat16, device=dev, layout="NHD", seed=1)
     mask = torch.rand(2, 1, 200, 333, device=dev) > 0.3
@@ -50,23 +62,11 @@ def main():
             qt, kt, vt = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             sage3.sageattn_train(qt, kt, vt, is_causal=causal, deterministic=det).sum().backward()
             n += 1
-    # decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2: the CUDA kernel ("auto" on
-    # Hopper, csrc/decode) and the Triton kernels
-    qd, kd, vd = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=700, kind="k_bias", device=dev, seed=2)
-    q4 = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=700, device=dev, seed=3)[0]
-    for fn in (sage1.sageattn, sage2.sageattn):
-        for backend in ("auto", "triton"):
-            fn(qd, kd, vd, return_lse=True, backend=backend)
-            fn(q4, kd, vd, is_causal=True, backend=backend)
-            n += 2
     # NaN/Inf inputs: the rule's slow paths
     qn, kn, vn = (t.clone() for t in (q, k, v))
     qn[1, 3, 7, 5] = float("nan")
     kn[0, 1, 170, 2] = float("inf")
     vn[1, 0, 75, 9] = float("-inf")
-    kdn, vdn = kd.clone(), vd.clone()
-    kdn[1, 0, 300, 1] = float("nan")
-    vdn[0, 1, 650, 4] = float("inf")
     for causal in (False, True):
         for call in (
             lambda: sage1.sageattn(qn, kn, vn, is_causal=causal, return_lse=True),
@@ -77,16 +77,37 @@ def main():
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_granularity="per_tensor", pv_dtype="fp16"),
             lambda: sage3.sageattn(qn, kn, vn, is_causal=causal),
-            lambda: sage1.sageattn(qd, kdn, vdn, is_causal=causal),
-            lambda: sage2.sageattn(q4, kdn, vdn, is_causal=causal),
-            lambda: sage1.sageattn(qd, kdn, vdn, is_causal=causal, backend="triton"),
-            lambda: sage2.sageattn(q4, kdn, vdn, is_causal=causal, backend="triton"),
         ):
             call()
             n += 1
-    torch.cuda.synchronize()
-    print(f"{n} cases ok")
+    return n
+
+
+def decode_cases(dev) -> int:
+    """Decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2, a partial last tile: the
+    CUDA kernel ("auto" on Hopper, csrc/decode) and the Triton kernels, on clean inputs and on
+    inputs with NaN/Inf (the careful re-sweep)."""
+    n = 0
+    qd, kd, vd = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=700, kind="k_bias", device=dev, seed=2)
+    q4 = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=700, device=dev, seed=3)[0]
+    qb, kb, vb = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=1000, dtype=torch.bfloat16, layout="NHD", device=dev,
+                          seed=4)
+    for fn in (sage1.sageattn, sage2.sageattn):
+        for backend in ("auto", "triton"):
+            fn(qd, kd, vd, return_lse=True, backend=backend)
+            fn(q4, kd, vd, is_causal=True, backend=backend)
+            fn(qb, kb, vb, tensor_layout="NHD", backend=backend)
+            n += 3
+    kdn, vdn = kd.clone(), vd.clone()
+    kdn[1, 0, 300, 1] = float("nan")
+    vdn[0, 1, 650, 4] = float("inf")
+    for causal in (False, True):
+        for backend in ("auto", "triton"):
+            sage1.sageattn(qd, kdn, vdn, is_causal=causal, backend=backend)
+            sage2.sageattn(q4, kdn, vdn, is_causal=causal, backend=backend)
+            n += 2
+    return n
 
 
 if __name__ == "__main__":
-    main()
+    main(decode_only="--decode-only" in sys.argv[1:])

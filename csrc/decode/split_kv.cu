@@ -4,7 +4,7 @@
 // K and V once:
 //
 //   * cp.async copies each 64-key tile of K and V (fp16/bf16, as the caller stores them) into
-//     shared memory, three tiles in flight per program (one split of one KV head), two programs per SM;
+//     shared memory, two tiles in flight per program (one split of one KV head), two programs per SM;
 //   * 4 warps quantize the tile from shared memory: K's token mean over the tile (channel sums as
 //     ones x K on the tensor cores), K - mean to INT8/INT4 codes with one scale per tile or per token,
 //     straight into mma.sync B fragments; INT8 Q K^T on mma.sync m16n8k32 (16 query rows: every
@@ -35,10 +35,22 @@ namespace {
 
 constexpr int kTile = 64;     // keys per tile: common.decode.DECODE_TILE
 constexpr int kRows = 16;     // query rows per program: (query heads of a KV head) x (queries, padded)
-constexpr int kWarps = 4;     // two programs of 4 warps per SM (8 warps measured no faster, and spill)
+// Tuning builds override these (SAGE_NVCC_FLAGS="-DSAGE_DECODE_STAGES=3 ...", common/build.py;
+// experiments/decode_variants.py times such builds side by side). Measured on the H100, sage1 at 16k:
+// 3 stages 4% slower than 2, three programs per SM or 8 warps no faster (DECODE_NOTES.md, c4).
+#ifndef SAGE_DECODE_WARPS
+#define SAGE_DECODE_WARPS 4
+#endif
+#ifndef SAGE_DECODE_STAGES
+#define SAGE_DECODE_STAGES 2
+#endif
+#ifndef SAGE_DECODE_MIN_BLOCKS
+#define SAGE_DECODE_MIN_BLOCKS 2
+#endif
+constexpr int kWarps = SAGE_DECODE_WARPS;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStages = 3;    // tiles in flight
-constexpr int kMinBlocks = 2; // programs per SM the registers must allow
+constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
+constexpr int kMinBlocks = SAGE_DECODE_MIN_BLOCKS;  // programs per SM the registers must allow
 constexpr float kInf = __builtin_huge_valf();
 
 template <int DP>
@@ -193,21 +205,35 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   const char* k_head = reinterpret_cast<const char*>(static_cast<const In*>(a.k) + b * a.k_stride_b + hk * a.k_stride_h);
   const char* v_head = reinterpret_cast<const char*>(static_cast<const In*>(a.v) + b * a.v_stride_b + hk * a.v_stride_h);
   const int64_t k_row_bytes = a.k_stride_n * 2, v_row_bytes = a.v_stride_n * 2;
-  // each thread copies one 16-byte column of every kRowStep-th row of the tile: offsets fixed here
+  // each thread copies one 16-byte column of every kRowStep-th row of the tile. The source address
+  // steps by a fixed 64-bit stride (one multiply per tile, none per copy: ncu counted ~250
+  // instructions per warp and tile when each copy computed its own address and bounds), and only
+  // the last tile of the sequence is bounds-checked.
   constexpr int kChunks = DP / 8, kRowStep = kThreads / kChunks, kCopies = kTile / kRowStep;
   const int copy_row = tid / kChunks, copy_col = (tid % kChunks) * 16;
   const char* k_copy = k_head + copy_row * k_row_bytes + copy_col;
   const char* v_copy = v_head + copy_row * v_row_bytes + copy_col;
+  const int64_t k_step = kRowStep * k_row_bytes, v_step = kRowStep * v_row_bytes;
   const uint32_t k_copy_dst = smem_addr(s_k) + copy_row * L::kPitchK + copy_col;
   const uint32_t v_copy_dst = smem_addr(s_v) + copy_row * L::kPitchV + copy_col;
   auto load_tile = [&](int stage, int start) {
     const char* ks = k_copy + start * k_row_bytes;
     const char* vs = v_copy + start * v_row_bytes;
+    const uint32_t kd = k_copy_dst + stage * (kTile * L::kPitchK), vd = v_copy_dst + stage * (kTile * L::kPitchV);
+    if (start + kTile <= nk) {
 #pragma unroll
-    for (int i = 0; i < kCopies; ++i) {
-      const bool in = start + copy_row + i * kRowStep < nk;  // past the end: zero bytes from a valid address
-      cp_async16(k_copy_dst + (stage * kTile + i * kRowStep) * L::kPitchK, in ? ks + i * kRowStep * k_row_bytes : k_head, in);
-      cp_async16(v_copy_dst + (stage * kTile + i * kRowStep) * L::kPitchV, in ? vs + i * kRowStep * v_row_bytes : v_head, in);
+      for (int i = 0; i < kCopies; ++i, ks += k_step, vs += v_step) {
+        cp_async16(kd + i * kRowStep * L::kPitchK, ks);
+        cp_async16(vd + i * kRowStep * L::kPitchV, vs);
+      }
+    } else {
+      const int rows_left = nk - start - copy_row;
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i, ks += k_step, vs += v_step) {
+        const bool in = i * kRowStep < rows_left;  // past the end: zero bytes from a valid address
+        cp_async16(kd + i * kRowStep * L::kPitchK, in ? ks : k_head, in);
+        cp_async16(vd + i * kRowStep * L::kPitchV, in ? vs : v_head, in);
+      }
     }
   };
   // the sweep's state (per thread: rows g and g + 8; l over this warp's keys only)
@@ -346,8 +372,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       for (int off = 1; off < 32; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
       if (lane == 0) s_amax[warp] = m;
     }
-    __syncthreads();  // s_qm, s_amax
     if constexpr (!K_PER_TOKEN) {
+      __syncthreads();  // s_amax (per-token scales need no barrier here: q . mean_k is read after (4)'s)
       float m = s_amax[0];
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_amax[w]);
@@ -377,8 +403,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
         }
         mma_s8_16832(c_qk[kk], qa[ks], kb[0], kb[1]);
       }
-    // (4) true log2-domain scores, the tile's row max (all warps), P
-    const float qm_row[2] = {s_qm[g], s_qm[g + 8]};
+    // (4) log2-domain scores, the tile's row max (all warps), P. The scores leave out q . mean_k until
+    // the row max is shared: it is the same for the whole row, and x -> x + qm rounds monotonically,
+    // so max(x) + qm rounds to the max of the full scores exactly
     float s[NKT][4];
 #pragma unroll
     for (int kk = 0; kk < NKT; ++kk)
@@ -388,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
         // a key's scale sits in the lanes with g = 2 t4 + (e & 1)
         float sk = scale_k[kk];
         if constexpr (K_PER_TOKEN) sk = __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4);
-        float x = __fadd_rn(__fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk), qm_row[h]);
+        float x = __fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk);
         bool visible = ok_row[h];
         if constexpr (MASKED) {
           const int key = start + col;
@@ -408,14 +435,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
       if (t4 == 0) s_row_max[warp * kRows + g + 8 * h] = mx[h];
     }
-    __syncthreads();  // s_row_max
+    __syncthreads();  // s_row_max, s_qm
     float alpha[2], shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = g + 8 * h;
+      const float qm = s_qm[row];
+#pragma unroll
+      for (int kk = 0; kk < NKT; ++kk) s[kk][2 * h] = __fadd_rn(s[kk][2 * h], qm), s[kk][2 * h + 1] = __fadd_rn(s[kk][2 * h + 1], qm);
       float tile_max = s_row_max[row];
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, s_row_max[w * kRows + row]);
+      tile_max = __fadd_rn(tile_max, qm);
       const float m_new = fmaxf(m_row[h], tile_max);
       const float m_use = m_new == -kInf ? 0.f : m_new;
       alpha[h] = fast_exp2(m_row[h] - m_use);
@@ -537,6 +568,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       if (it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
       cp_async_commit();
       const int start = t_begin + it * kTile;
+#ifdef SAGE_DECODE_LOAD_ONLY  // measurement: the copies alone, the floor of this data movement (output garbage)
+      continue;
+#endif
       if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
         tile(std::true_type{}, careful_tag, it % kStages, start);
       } else {
