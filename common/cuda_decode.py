@@ -3,8 +3,8 @@
 The same algorithm and the same split points as the Triton kernels (common/triton_decode.py), in
 one launch: a split that saw a NaN/Inf or an fp16 overflow sweeps again carefully in the same
 program, and the last split of each KV head to finish merges them all by their LSE. It exists for
-speed: decode is bound by reading the KV cache once; the kernel keeps three tiles of K and V in
-flight per program with cp.async and quantizes them from shared memory (DECODE_NOTES.md).
+speed: decode is bound by reading the KV cache once; the kernel streams 64-key tiles of K and V into
+shared memory with cp.async and quantizes them there (DECODE_NOTES.md).
 
 It covers fp16/bf16 inputs, head dim 64 or 128, up to 16 rows per KV head (query heads per KV head
 times Nq rounded up to a power of two), INT8 or INT4 K codes per tile or per token, K smoothing on or
