@@ -8,8 +8,9 @@ shared memory with cp.async and quantizes them there (DECODE_NOTES.md).
 
 It covers fp16/bf16 inputs, head dim 64 or 128, up to 16 rows per KV head (query heads per KV head
 times Nq rounded up to a power of two), INT8 or INT4 K codes per tile or per token, K smoothing on or
-off, fp16 P V (fp16 or fp32 sums) or FP8 E4M3, causal or not. Q smoothing, FP8 E5M2 and
-per-sequence lengths run the Triton sweep. ``backend="auto"`` picks it on sm_90 (``SAGE_DISABLE_CUDA=1``
+off, Q smoothing with per-token K scales (sage2's INT4 default; ``mean_q . (k - mean_k)`` in fp32
+FMAs where the Triton kernel uses 3xTF32), fp16 P V (fp16 or fp32 sums) or FP8 E4M3, causal or not.
+Q smoothing with per-block K scales, FP8 E5M2 and per-sequence lengths run the Triton sweep. ``backend="auto"`` picks it on sm_90 (``SAGE_DISABLE_CUDA=1``
 turns that off), as does sage2's ``backend="cuda"``.
 """
 
@@ -25,8 +26,8 @@ PV_CODES = {"fp16_acc16": 0, "fp16_acc32": 1, "fp8_e4m3": 2}  # csrc/decode/spli
 def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask, rows: int) -> str | None:
     """Why the CUDA sweep cannot run this decode call (None: it can). ``rows``: query heads per KV
     head x padded queries."""
-    if spec.smooth_q:
-        return "smooth_q=True"
+    if spec.smooth_q and not spec.k_per_token:
+        return "smooth_q=True with per-block K scales"
     if spec.pv not in PV_CODES:
         return f"P V as {spec.pv}"
     if mask.has_lens:
@@ -67,7 +68,7 @@ def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters):
 def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, rows_per_head: int,
                tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool,
-               causal: bool, pv: int) -> None:
+               smooth_q: bool, causal: bool, pv: int) -> None:
     """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
     or empty): one launch. ``part_out``/``part_lse`` are scratch for the splits, ``counters`` a
     zeroed int32 per KV head (the last split of a KV head to finish merges all of them; it leaves
@@ -75,7 +76,7 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     arguments; eager calls from common.decode (whose tensors are made to fit) launch directly: the
     op's dispatch and checks cost ~0.1 ms of host time per call, as much as the kernel at 16k keys."""
     args = (q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
-            qmax, k_per_token, smooth_k, causal, pv)
+            qmax, k_per_token, smooth_k, smooth_q, causal, pv)
     if torch.compiler.is_compiling():
         decode(*args)
     else:
@@ -83,7 +84,7 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
 
 
 def _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
-            qmax, k_per_token, smooth_k, causal, pv):
+            qmax, k_per_token, smooth_k, smooth_q, causal, pv):
     from . import build
 
     B, Hq, Nq, D = q.shape
@@ -93,7 +94,7 @@ def _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tile
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(1),
         out.stride(2), lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
         counters.data_ptr(), B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, part_out.shape[0],
-        qk_mult, log2_pscale, qmax, k_per_token, smooth_k, causal, q.dtype == torch.bfloat16, pv,
+        qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv,
         torch.cuda.current_stream(q.device).cuda_stream)
 
 
@@ -101,14 +102,14 @@ def _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tile
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
            part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, rows_per_head: int,
            tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool,
-           causal: bool, pv: int) -> None:
+           smooth_q: bool, causal: bool, pv: int) -> None:
     """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op."""
     _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters)
     _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
-            qmax, k_per_token, smooth_k, causal, pv)
+            qmax, k_per_token, smooth_k, smooth_q, causal, pv)
 
 
 @decode.register_fake
 def _(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
-      k_per_token, smooth_k, causal, pv):
+      k_per_token, smooth_k, smooth_q, causal, pv):
     return None

@@ -143,8 +143,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         lse = torch.empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32, device=qh.device)
         counters = torch.zeros(B * Hkv, dtype=torch.int32, device=qh.device)
         run_decode(qh, kh, vh, out_hnd, lse, part_o, part_l, counters, nqp, tps, sm_scale * LOG2E,
-                   LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, is_causal,
-                   PV_CODES[spec.pv])
+                   LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q,
+                   is_causal, PV_CODES[spec.pv])
         return lse if return_lse else None
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     ql, kl = kernel_args(mask, B, Nq, Nk, part_l)[-2:]  # per-sequence lengths, or a stand-in pointer

@@ -31,8 +31,8 @@ SHAPES = [
     (4, 32, 8, 1, 32768, False), (1, 32, 8, 1, 131072, False), (16, 32, 32, 1, 4096, False),
     (4, 32, 8, 4, 16384, True), (8, 32, 8, 16, 8192, True), (4, 64, 8, 1, 16384, False),
 ]
-# backend="auto": the CUDA sweep on Hopper where it covers the call (sage2_4b's default Q smoothing
-# runs the Triton sweep); "(triton)": the Triton sweep, for comparison
+# backend="auto": the CUDA sweep on Hopper where it covers the call; "(triton)": the Triton sweep, for
+# comparison
 OURS = {"sage1": lambda q, k, v, c: sage1.sageattn(q, k, v, is_causal=c),
         "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),
         "sage2_4b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, qk_dtype="int4"),

@@ -6,7 +6,7 @@ same process (each variant runs in its own process, with its own build).
 A variant is ``name:nvcc flags:programs per SM`` (the flags go to ``$SAGE_NVCC_FLAGS``, see
 common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM). The builds
 run in parallel first; then each variant times sage1 and sage2 (8-bit) decode, replayed from a CUDA
-graph, on a few shapes, next to cuDNN's. Ratios are within one process, so within one run.
+graph, on a few shapes, next to cuDNN's (and sage2's INT4 default, with Q smoothing). Ratios are within one process, so within one run.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def time_one(per_sm: int) -> None:
         cudnn = bench_ms(graph_replay(lambda: sdpa_fn("cudnn")(q, k, v, False)))
         s1 = bench_ms(graph_replay(lambda: sage1.sageattn(q, k, v)))
         s2 = bench_ms(graph_replay(lambda: sage2.sageattn(q, k, v)))
+        s4 = bench_ms(graph_replay(lambda: sage2.sageattn(q, k, v, qk_dtype="int4")))
         print(f"RESULT B={B} {Hq}/{Hkv} Nk={Nk // 1024}k cudnn {cudnn * 1e3:.1f} us | sage1 {s1 * 1e3:.1f} us "
-              f"{cudnn / s1:.3f}x | sage2_8b {s2 * 1e3:.1f} us {cudnn / s2:.3f}x", flush=True)
+              f"{cudnn / s1:.3f}x | sage2_8b {s2 * 1e3:.1f} us {cudnn / s2:.3f}x | sage2_4b {s4 * 1e3:.1f} us "
+              f"{cudnn / s4:.3f}x", flush=True)
 
 
 def kernel_breakdown() -> None:
@@ -52,7 +54,8 @@ def kernel_breakdown() -> None:
     q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
     k, v = (torch.randn(4, 8, 16384, 128, dtype=torch.float16, device="cuda") for _ in range(2))
     for name, fn in (("cudnn", lambda: sdpa_fn("cudnn")(q, k, v, False)), ("sage1", lambda: sage1.sageattn(q, k, v)),
-                     ("sage2_8b", lambda: sage2.sageattn(q, k, v))):
+                     ("sage2_8b", lambda: sage2.sageattn(q, k, v)),
+                     ("sage2_4b", lambda: sage2.sageattn(q, k, v, qk_dtype="int4"))):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()

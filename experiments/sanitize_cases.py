@@ -98,6 +98,9 @@ def decode_cases(dev) -> int:
             fn(q4, kd, vd, is_causal=True, backend=backend)
             fn(qb, kb, vb, tensor_layout="NHD", backend=backend)
             n += 3
+    for backend in ("auto", "triton"):  # sage2's INT4 default: Q smoothing
+        sage2.sageattn(q4, kd, vd, qk_dtype="int4", backend=backend)
+        n += 1
     kdn, vdn = kd.clone(), vd.clone()
     kdn[1, 0, 300, 1] = float("nan")
     vdn[0, 1, 650, 4] = float("inf")
@@ -105,7 +108,8 @@ def decode_cases(dev) -> int:
         for backend in ("auto", "triton"):
             sage1.sageattn(qd, kdn, vdn, is_causal=causal, backend=backend)
             sage2.sageattn(q4, kdn, vdn, is_causal=causal, backend=backend)
-            n += 2
+            sage2.sageattn(q4, kdn, vdn, is_causal=causal, qk_dtype="int4", backend=backend)
+            n += 3
     return n
 
 

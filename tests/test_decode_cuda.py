@@ -32,6 +32,8 @@ COVERED = {
     "sage1_nosmooth": (sage1.sageattn, dict(smooth_k=False)),
     "sage2_8b": (sage2.sageattn, {}),
     "sage2_4b_nosmooth_q": (sage2.sageattn, dict(qk_dtype="int4", smooth_q=False)),
+    "sage2_4b": (sage2.sageattn, dict(qk_dtype="int4")),  # Q smoothing: mean_q . (k - mean_k) in fp32
+    "sage2_8b_smooth_q": (sage2.sageattn, dict(smooth_q=True)),
     "sage2_per_block": (sage2.sageattn, dict(qk_granularity="per_block")),
     "sage2_fp16pv": (sage2.sageattn, dict(pv_dtype="fp16")),
 }
@@ -42,7 +44,9 @@ def test_unsupported_names_what_the_cuda_sweep_does_not_cover():
     q, k, v = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=100)
     assert cuda_decode.unsupported(SPEC, q, k, v, NO_MASK, 4) is None
     spec = DecodeSpec(7, k_per_token=True, smooth_k=True, smooth_q=True, pv="fp8_e4m3")
-    assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) == "smooth_q=True"
+    assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) is None
+    spec = DecodeSpec(7, k_per_token=False, smooth_k=True, smooth_q=True, pv="fp8_e4m3")
+    assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) == "smooth_q=True with per-block K scales"
     spec = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv="fp8_e5m2")
     assert "fp8_e5m2" in cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4)
     assert "head_dim=80" in cuda_decode.unsupported(SPEC, q[..., :80], k[..., :80], v[..., :80], NO_MASK, 4)
@@ -67,7 +71,7 @@ def test_decode_op_names_a_bad_argument():
     part_o = torch.empty(3, 2, 16, 64)
     part_l = torch.empty(3, 2, 16)
     counters = torch.zeros(2, dtype=torch.int32)
-    args = (1, 1, 0.1, 0.0, 127, True, True, False, 2)
+    args = (1, 1, 0.1, 0.0, 127, True, True, False, False, 2)
     with pytest.raises(ValueError, match="decode: k must be a 4-D fp16 or bf16"):
         cuda_decode.decode(q, k.float(), v, out, lse, part_o, part_l, counters, *args)
     with pytest.raises(ValueError, match="decode: out must have q's shape"):
@@ -187,5 +191,5 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     B, Hkv, splits = 2, 2, 3
     args = (q, k, v, torch.empty_like(q), torch.empty(2, 8, 1, device="cuda"),
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
-            torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, 0)
+            torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, False, 0)
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))

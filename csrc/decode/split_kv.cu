@@ -53,7 +53,7 @@ constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
 constexpr int kMinBlocks = SAGE_DECODE_MIN_BLOCKS;  // programs per SM the registers must allow
 constexpr float kInf = __builtin_huge_valf();
 
-template <int DP>
+template <int DP, bool SMOOTH_Q>
 struct Layout {
   static constexpr int kPitchK = DP * 2 + 32;  // bytes per K row: 8-byte fragment reads hit 32 banks
   static constexpr int kPitchV = DP * 2 + 16;  // bytes per V row: ldmatrix rows hit distinct banks
@@ -72,7 +72,9 @@ struct Layout {
   static constexpr int kKeyBad = kRowSum + kWarps * kRows * 4; // int[64]: careful sweep, keys with a NaN/Inf
   static constexpr int kRowBad = kKeyBad + kTile * 4;          // int[16]: rows that saw one
   static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
-  static constexpr int kBytes = kFlag + 16;
+  static constexpr int kMeanQ = kFlag + 16;                     // smooth_q: float[16 heads][DP], each head's mean q
+  static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kRows * DP * 4 : 0);  // float[warps][16 heads][keys per warp]
+  static constexpr int kBytes = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
 };
 
@@ -110,11 +112,11 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
   }
 }
 
-template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
+template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const DecodeArgs a) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
   constexpr bool FP8 = PV == kPvFp8E4m3;
-  using L = Layout<DP>;
+  using L = Layout<DP, SMOOTH_Q>;
   constexpr int KS = DP / 32;          // k-steps of the INT8 mma over channels
   constexpr int KPW = kTile / kWarps;  // keys per warp (Q K^T), in n-tiles of 8
   constexpr int NKT = KPW / 8;
@@ -138,6 +140,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   int* s_key_bad = reinterpret_cast<int*>(smem + L::kKeyBad);
   int* s_row_bad = reinterpret_cast<int*>(smem + L::kRowBad);
   int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
+  float* s_mean_q = reinterpret_cast<float*>(smem + L::kMeanQ);
+  float* s_delta = reinterpret_cast<float*>(smem + L::kDelta);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.x, kv_bh = blockIdx.y;
@@ -162,6 +166,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       q[j] = x;
       amax = fmaxf(amax, fabsf(x));
     }
+    float qc[QC];  // what is quantized: q, or (smooth_q) q minus its head's mean over the queries
+#pragma unroll
+    for (int j = 0; j < QC; ++j) qc[j] = q[j];
+    if constexpr (SMOOTH_Q) {  // the mean over a head's rows, through shared memory (K's stage 0 is free)
+      float* scratch = reinterpret_cast<float*>(s_k);
+#pragma unroll
+      for (int j = 0; j < QC; ++j) scratch[row * DP + part * QC + j] = q[j];
+      __syncthreads();
+      amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < QC; ++j) {
+        float sum = 0.f;
+        for (int r = 0; r < nq; ++r) sum += scratch[(head * a.rows_per_head + r) * DP + part * QC + j];
+        const float mean = __fdiv_rn(sum, float(nq));
+        if (ok && i == 0) s_mean_q[head * DP + part * QC + j] = mean;
+        qc[j] = ok ? __fsub_rn(q[j], mean) : 0.f;
+        amax = fmaxf(amax, fabsf(qc[j]));
+      }
+    }
 #pragma unroll
     for (int off = 1; off < TPR; off <<= 1) {
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -171,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     const float inv = __frcp_rn(sq == 0.f ? 1.f : sq);
     int8_t* codes = reinterpret_cast<int8_t*>(s_p) + row * DP + part * QC;
 #pragma unroll
-    for (int j = 0; j < QC; ++j) codes[j] = int8_t(round_even(__fmul_rn(q[j], inv)));
+    for (int j = 0; j < QC; ++j) codes[j] = int8_t(round_even(__fmul_rn(qc[j], inv)));
     if (part == 0) s_scale_q[row] = sq, s_bad_q[row] = bad;
   }
   __syncthreads();
@@ -188,13 +211,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     }
   }
   const float sq_row[2] = {s_scale_q[g], s_scale_q[g + 8]};
-  int i_row[2];
+  int i_row[2], delta_head[2];  // delta_head: the row's head (0 for padding rows: finite junk)
   bool ok_row[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = g + 8 * h;
     i_row[h] = row % a.rows_per_head;
     ok_row[h] = row / a.rows_per_head < a.group && i_row[h] < nq;
+    delta_head[h] = row / a.rows_per_head < a.group ? row / a.rows_per_head : 0;
   }
   __syncthreads();  // P's buffer is reused below
 
@@ -357,6 +381,34 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       }
       amax[kk] = fmaxf(m2[0], m2[1]);
     }
+    if constexpr (SMOOTH_Q) {
+      // (2b) mean_q . (K - mean_k) per head and key in fp32 (the emulation's ~fp32 product), for this
+      // warp's keys: partial sums over this thread's channels, the quad's sum, then shared memory
+      // that only this warp reads
+      for (int h = 0; h < a.group; ++h) {
+        float d[NKT];
+#pragma unroll
+        for (int kk = 0; kk < NKT; ++kk) d[kk] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float4 mq = *reinterpret_cast<const float4*>(s_mean_q + h * DP + ks * 32 + 16 * half + 4 * t4);
+#pragma unroll
+            for (int kk = 0; kk < NKT; ++kk) {
+              const float* x = &kc[kk][ks][4 * half];
+              d[kk] = fmaf(mq.x, x[0], fmaf(mq.y, x[1], fmaf(mq.z, x[2], fmaf(mq.w, x[3], d[kk]))));
+            }
+          }
+#pragma unroll
+        for (int kk = 0; kk < NKT; ++kk) {
+          d[kk] += __shfl_xor_sync(0xffffffffu, d[kk], 1);
+          d[kk] += __shfl_xor_sync(0xffffffffu, d[kk], 2);
+          if (t4 == 0) s_delta[(warp * kRows + h) * KPW + 8 * kk + g] = d[kk];
+        }
+      }
+      __syncwarp();
+    }
     float inv_k[NKT], scale_k[NKT];  // per key (K_PER_TOKEN) or the tile's
     if constexpr (K_PER_TOKEN) {
 #pragma unroll
@@ -416,6 +468,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
         float sk = scale_k[kk];
         if constexpr (K_PER_TOKEN) sk = __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4);
         float x = __fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk);
+        if constexpr (SMOOTH_Q) x = __fadd_rn(x, s_delta[(warp * kRows + delta_head[h]) * KPW + 8 * kk + 2 * t4 + (e & 1)]);
         bool visible = ok_row[h];
         if constexpr (MASKED) {
           const int key = start + col;
@@ -679,10 +732,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   }
 }
 
-template <int DP, bool BF16, int PV, bool K_PER_TOKEN>
+template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
-  constexpr int bytes = Layout<DP>::kBytes;
-  auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN>;
+  constexpr int bytes = Layout<DP, SMOOTH_Q>::kBytes;
+  auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q>;
   static bool reserved = false;  // one per instantiation
   reserve_shared_memory(kernel, bytes, reserved, "decode");
   kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a);
@@ -690,15 +743,22 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
 }
 
 // the template arguments from the run-time ones: head dim, input dtype, P V kind, K's scale grouping
+// and Q smoothing (only with per-token K scales: sage2's grouping, checked in decode_forward)
+template <int DP, bool BF16, int PV>
+void dispatch_k(const DecodeArgs& a, cudaStream_t stream) {
+  if (a.smooth_q) return launch<DP, BF16, PV, true, true>(a, stream);
+  return a.k_per_token ? launch<DP, BF16, PV, true>(a, stream) : launch<DP, BF16, PV, false>(a, stream);
+}
+
 template <int DP, bool BF16>
 void dispatch_pv(const DecodeArgs& a, cudaStream_t stream) {
   switch (a.pv) {
     case kPvFp16Acc16:
-      return a.k_per_token ? launch<DP, BF16, kPvFp16Acc16, true>(a, stream) : launch<DP, BF16, kPvFp16Acc16, false>(a, stream);
+      return dispatch_k<DP, BF16, kPvFp16Acc16>(a, stream);
     case kPvFp16Acc32:
-      return a.k_per_token ? launch<DP, BF16, kPvFp16Acc32, true>(a, stream) : launch<DP, BF16, kPvFp16Acc32, false>(a, stream);
+      return dispatch_k<DP, BF16, kPvFp16Acc32>(a, stream);
     default:
-      return a.k_per_token ? launch<DP, BF16, kPvFp8E4m3, true>(a, stream) : launch<DP, BF16, kPvFp8E4m3, false>(a, stream);
+      return dispatch_k<DP, BF16, kPvFp8E4m3>(a, stream);
   }
 }
 
@@ -715,6 +775,7 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
               std::to_string(a.rows_per_head));
   require(a.seqlen_q >= 1 && a.seqlen_q <= a.rows_per_head, "seqlen_q must be in [1, rows_per_head]");
   require(a.qmax == 127 || a.qmax == 7, "qmax must be 127 or 7, got " + std::to_string(a.qmax));
+  require(!a.smooth_q || a.k_per_token, "smooth_q needs per-token K scales (k_per_token)");
   require(a.pv == kPvFp16Acc16 || a.pv == kPvFp16Acc32 || a.pv == kPvFp8E4m3, "pv must be 0, 1 or 2");
   require(a.tiles_per_split >= 1 && a.splits >= 1, "tiles_per_split and splits must be positive");
   require(a.k_stride_n * 2 * kTile < (int64_t(1) << 31) && a.v_stride_n * 2 * kTile < (int64_t(1) << 31),

@@ -28,6 +28,7 @@ struct DecodeArgs {
   float log2_pscale;  // FP8 P's static scale, log2 (0 for fp16 P)
   int qmax;           // 127 (INT8) or 7 (INT4)
   bool k_per_token, smooth_k, causal, bf16;
+  bool smooth_q;  // subtract each head's mean over its queries, add mean_q . (k - mean_k) back (needs k_per_token)
   int pv;  // DecodePv
 };
 
