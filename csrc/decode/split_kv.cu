@@ -76,6 +76,8 @@ struct Layout {
   static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kRows * DP * 4 : 0);  // float[warps][16 heads][keys per warp]
   static constexpr int kBytes = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
+  static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0, "float4 reads of the means");
+  static_assert(kRows * DP * 4 <= kTile * kPitchK, "smooth_q's scratch for Q must fit in K's stage 0");
 };
 
 
