@@ -13,7 +13,10 @@
 //     exactly as the emulation rounds it), P to fp16 or to FP8 E4M3 (kept as exact fp16) in shared
 //     memory; V to FP8 per channel per tile in place (sage2);
 //   * P V on mma.sync m16n8k16, each warp a quarter of the channels over all 64 keys, summed in fp16
-//     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator.
+//     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator;
+//   * Q smoothing (sage2's INT4 default): Q minus each head's mean over its queries is what gets
+//     quantized, and mean_q . (K - mean_k) per head and key is added to the scores in fp32 FMAs
+//     (the Triton kernel uses 3xTF32 on the tensor cores: both ~fp32).
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
 // vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
