@@ -36,6 +36,16 @@ def test_a_machine_without_nvcc_gets_a_clear_message(monkeypatch, tmp_path):
     assert build.check(verbose=False) == 2
 
 
+def test_tuning_flags_reach_nvcc_and_get_their_own_cache_entry(monkeypatch, tmp_path):
+    monkeypatch.delenv("SAGE_NVCC_FLAGS", raising=False)
+    base_flags, base_key = build.nvcc_flags(), build._fingerprint("nvcc")
+    monkeypatch.setenv("SAGE_NVCC_FLAGS", "-DSAGE_DECODE_STAGES=3  -DSAGE_DECODE_MIN_BLOCKS=2")
+    assert build.nvcc_flags() == base_flags + ["-DSAGE_DECODE_STAGES=3", "-DSAGE_DECODE_MIN_BLOCKS=2"]
+    assert build._fingerprint("nvcc") != base_key
+    build._write_ninja(tmp_path, "nvcc")
+    assert "-DSAGE_DECODE_STAGES=3 -DSAGE_DECODE_MIN_BLOCKS=2" in (tmp_path / "build.ninja").read_text()
+
+
 def test_wgmma_key_position_is_the_lane_order_of_the_s_fragment():
     n = torch.arange(64)
     pos = wgmma_key_position(n)
