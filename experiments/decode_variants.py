@@ -5,8 +5,9 @@ same process (each variant runs in its own process, with its own build).
 
 A variant is ``name:nvcc flags:programs per SM`` (the flags go to ``$SAGE_NVCC_FLAGS``, see
 common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM). The builds
-run in parallel first; then each variant times sage1 and sage2 (8-bit) decode, replayed from a CUDA
-graph, on a few shapes, next to cuDNN's (and sage2's INT4 default, with Q smoothing). Ratios are within one process, so within one run.
+run in parallel first; then each variant times sage1, sage2 (8-bit) and sage2 INT4 (Q smoothing)
+decode, replayed from a CUDA graph, on a few shapes, next to cuDNN's. Ratios are within one process,
+so within one run. ``--kernels``: each kernel's device time of one call at 16k keys (torch.profiler).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main(argv=None) -> None:
     if args.time is not None:
         return time_one(args.time)
     parsed = [v.split(":") for v in args.variants]
+    for v, parts in zip(args.variants, parsed):
+        if len(parts) != 3 or not parts[0] or not parts[2].isdigit():
+            ap.error(f"a variant is 'name:nvcc flags:programs per SM' (flags may be empty), got {v!r}")
     env_of = {name: dict(os.environ, SAGE_NVCC_FLAGS=flags) for name, flags, _ in parsed}
     builds = {name: subprocess.Popen([sys.executable, "-m", "common.build"], env=env_of[name],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
