@@ -28,6 +28,10 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
     head x padded queries."""
     if spec.smooth_q and not spec.k_per_token:
         return "smooth_q=True with per-block K scales"
+    from . import decode
+
+    if spec.smooth_q and decode.DELTA_PRECISION != "tf32x3":  # the kernel's product is fp32, not one TF32 pass
+        return f"smooth_q=True with DELTA_PRECISION={decode.DELTA_PRECISION!r}"
     if spec.pv not in PV_CODES:
         return f"P V as {spec.pv}"
     if mask.has_lens:

@@ -91,16 +91,25 @@ def _row_layout(group: int, n_q: int):
 
 
 def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: DecodeSpec, mask: MaskSpec, who: str) -> str:
-    """The decode sweep to run: ``"cuda"`` (common.cuda_decode) where the caller asked for ``"auto"``
-    (or sage2's ``"cuda"``), the Triton backend was resolved, and the CUDA sweep covers the call on
-    a Hopper GPU; else ``resolved``."""
+    """The decode sweep to run: ``"cuda"`` (common.cuda_decode) where the caller asked for ``"auto"``,
+    the Triton backend was resolved, and the CUDA sweep covers the call on a Hopper GPU; else
+    ``resolved``. sage2's explicit ``"cuda"`` (passed with ``resolved="triton"``) gets the CUDA sweep
+    or a ValueError naming what it does not cover."""
     if resolved != "triton" or requested not in ("auto", "cuda"):
         return resolved
     from . import build, cuda_decode
 
     nqp, _, _ = _row_layout(qh.shape[1] // kh.shape[1], qh.shape[2])
     rows = qh.shape[1] // kh.shape[1] * nqp
-    if cuda_decode.unsupported(spec, qh, kh, vh, mask, rows) is not None:
+    reason = cuda_decode.unsupported(spec, qh, kh, vh, mask, rows)
+    if requested == "cuda":
+        if reason is not None:
+            raise ValueError(f"backend='cuda' does not support {reason} in decode (Nq <= {DECODE_MAX_QUERIES}); "
+                             "use backend='triton'")
+        if not build.hopper(qh.device):
+            raise ValueError(f"backend='cuda' needs tensors on an sm_90 GPU, got {qh.device}")
+        return "cuda"
+    if reason is not None:
         return "triton"
     return "cuda" if build.usable_for_auto(qh.device, who) else "triton"
 

@@ -54,8 +54,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             Hopper, to show what two-level accumulation fixes). fp16 P V always accumulates in fp32.
 
     backend: ``"cuda"`` is the Hopper (sm_90a) wgmma kernel of csrc/sage2_sm90 (see
-        :mod:`sage2.cuda` for the options it covers); ``"auto"`` picks it on an sm_90 GPU when the
-        options allow and it builds, else the Triton kernel (on CPU tensors, the emulation).
+        :mod:`sage2.cuda` for the options it covers), and for decode the split-KV kernel of
+        csrc/decode (:mod:`common.cuda_decode`); ``"auto"`` picks them on an sm_90 GPU when the
+        options allow and they build, else the Triton kernels (on CPU tensors, the emulation).
 
     Decode: with ``Nq <= 16`` (no dense ``attn_mask``, not ``per_tensor``, ``smooth_v`` or
     ``pv_accum="single"``) the call runs :mod:`common.decode`'s split-KV kernel: K and V quantized
@@ -86,6 +87,16 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if trivial is not None:
             return trivial
         mask = resolve_mask(attn_mask, shape, q.device)
+        decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
+                            smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
+        has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"
+        if use_decode(shape.seqlen_q, mask, decode if has_decode_form else None):
+            # few queries: split-KV, K and V quantized per tile in registers (common.decode); "cuda"
+            # and "auto" run its CUDA sweep (csrc/decode) where it covers the call
+            be = resolve_decode_backend(backend, "triton" if be == "cuda" else be, qh, kh, vh, decode, mask, "sage2")
+            lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
+                                   return_lse=return_lse, backend=be)
+            return (out, lse) if return_lse else out
         if be == "cuda" or (backend == "auto" and be == "triton"):
             reason = cuda_kernel.unsupported(qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_v=smooth_v,
                                              pv_dtype=pv_dtype, pv_accum=pv_accum, mask=mask, head_dim=D)
@@ -94,17 +105,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             if be == "triton" and cuda_kernel.auto_picks_cuda(q.device, reason):
                 be = "cuda"
         use_cuda = be == "cuda"
-        if use_cuda:  # the CUDA kernel takes the Triton quantization passes' output (decode runs Triton)
+        if use_cuda:  # the CUDA kernel takes the Triton quantization passes' output
             be = "triton"
-        decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
-                            smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
-        has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"
-        if use_decode(shape.seqlen_q, mask, decode if has_decode_form else None):
-            # few queries: split-KV, K and V quantized per tile in registers (common.decode)
-            be = resolve_decode_backend(backend, be, qh, kh, vh, decode, mask, "sage2")
-            lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
-                                   return_lse=return_lse, backend=be)
-            return (out, lse) if return_lse else out
         # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
         check = nonfinite.CHECK_NONFINITE
         rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE

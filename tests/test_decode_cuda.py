@@ -40,11 +40,14 @@ COVERED = {
 SPEC = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv="fp8_e4m3")
 
 
-def test_unsupported_names_what_the_cuda_sweep_does_not_cover():
+def test_unsupported_names_what_the_cuda_sweep_does_not_cover(monkeypatch):
     q, k, v = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=100)
     assert cuda_decode.unsupported(SPEC, q, k, v, NO_MASK, 4) is None
     spec = DecodeSpec(7, k_per_token=True, smooth_k=True, smooth_q=True, pv="fp8_e4m3")
     assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) is None
+    monkeypatch.setattr(decode, "DELTA_PRECISION", "tf32")  # the emulation's one-pass TF32 ablation
+    assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) == "smooth_q=True with DELTA_PRECISION='tf32'"
+    monkeypatch.undo()
     spec = DecodeSpec(7, k_per_token=False, smooth_k=True, smooth_q=True, pv="fp8_e4m3")
     assert cuda_decode.unsupported(spec, q, k, v, NO_MASK, 4) == "smooth_q=True with per-block K scales"
     spec = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv="fp8_e5m2")
@@ -59,9 +62,15 @@ def test_unsupported_names_what_the_cuda_sweep_does_not_cover():
 
 def test_decode_backend_is_cuda_only_for_auto_on_hopper():
     q, k, v = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=100)
-    for requested in ("auto", "triton", "cuda"):  # CPU tensors: never the CUDA sweep
+    for requested in ("auto", "triton"):  # CPU tensors: never the CUDA sweep
         assert decode.resolve_decode_backend(requested, "triton", q, k, v, SPEC, NO_MASK, "sage2") == "triton"
     assert decode.resolve_decode_backend("torch", "torch", q, k, v, SPEC, NO_MASK, "sage2") == "torch"
+    # sage2's explicit "cuda": the CUDA sweep or an error naming what is missing, never Triton
+    with pytest.raises(ValueError, match="backend='cuda' needs tensors on an sm_90 GPU, got cpu"):
+        decode.resolve_decode_backend("cuda", "triton", q, k, v, SPEC, NO_MASK, "sage2")
+    e5m2 = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv="fp8_e5m2")
+    with pytest.raises(ValueError, match=r"backend='cuda' does not support P V as fp8_e5m2 in decode \(Nq <= 16\)"):
+        decode.resolve_decode_backend("cuda", "triton", q, k, v, e5m2, NO_MASK, "sage2")
 
 
 def test_decode_op_names_a_bad_argument():
@@ -109,6 +118,19 @@ def test_cuda_sweep_matches_emulation_and_triton(name, n_q, heads, heads_kv, n_k
     # as close to the emulation as the Triton sweep (both differ from it in summation order only)
     assert k_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (k_vs_e, t_vs_e)
     assert e_vs_ref.cos_sim > 0.98, e_vs_ref
+
+
+@gpu
+@hopper
+def test_sage2_backend_cuda_runs_the_cuda_sweep_or_says_why_not(monkeypatch):
+    q, k, v = make_qkv(1, 8, 1, 128, heads_kv=2, seqlen_k=500, kind="k_bias", seed=5, device="cuda")
+    calls = _spy(monkeypatch)
+    out = sage2.sageattn(q, k, v, qk_dtype="int4", backend="cuda")  # Q smoothing: decode covers it, prefill not
+    assert calls == [1]
+    emulated = sage2.sageattn(q, k, v, qk_dtype="int4", backend="torch")
+    assert accuracy(emulated, out).rel_l1 < 2e-3
+    with pytest.raises(ValueError, match=r"backend='cuda' does not support P V as fp8_e5m2 in decode"):
+        sage2.sageattn(q, k, v, pv_dtype="fp8_e5m2", backend="cuda")
 
 
 @gpu
