@@ -1,19 +1,21 @@
 """Decode's CUDA sweep (common.cuda_decode, csrc/decode/split_kv.cu).
 
-CPU (CI): which calls it covers, and that its op names a bad argument before the kernel reads it
-(the source compiles for sm_90a in test_sage2_cuda). GPU (H100): the CUDA sweep, picked by
+CPU (CI): which calls it covers, that its op names a bad argument before the kernel reads it, and
+that experiments/copy_floor builds (the kernel's source compiles for sm_90a in test_sage2_cuda). GPU (H100): the CUDA sweep, picked by
 ``backend="auto"``, against the emulation of the same algorithm (same split points) and against
 the Triton sweep, over GQA, causal with Nq > 1, odd lengths, head dims 64/128, fp16/bf16, both
 layouts and every option it covers; the NaN/Inf rule and large |V| (flagged splits redone by the
 careful sweep); a real decode size.
 """
 
+import subprocess
+
 import pytest
 import torch
 
 import sage1
 import sage2
-from common import cuda_decode, decode
+from common import build, cuda_decode, decode
 from common.decode import DecodeSpec
 from common.inputs import make_qkv
 from common.masking import NO_MASK, MaskSpec
@@ -58,6 +60,15 @@ def test_unsupported_names_what_the_cuda_sweep_does_not_cover(monkeypatch):
     assert cuda_decode.unsupported(SPEC, q, k, v, lens, 4) == "sequence lengths"
     odd = torch.empty(1, 2, 100, 130, dtype=q.dtype)[..., 1:129]  # rows start 2 bytes off 16
     assert "k's rows" in cuda_decode.unsupported(SPEC, q, odd, v, NO_MASK, 4)
+
+
+@pytest.mark.skipif(build.find_nvcc() is None, reason="needs nvcc")
+def test_the_copy_floor_experiment_compiles_for_sm90a(tmp_path):
+    """experiments/copy_floor/copy_floor.cu includes csrc/common's headers: keep it building."""
+    proc = subprocess.run([build.find_nvcc(), "-std=c++17", "-O1", *build.ARCH_FLAGS, f"-I{build.CSRC}",
+                           str(build.ROOT / "experiments" / "copy_floor" / "copy_floor.cu"), "-o", str(tmp_path / "floor")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_decode_backend_is_cuda_only_for_auto_on_hopper():
