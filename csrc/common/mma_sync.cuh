@@ -18,7 +18,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool full) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
 }
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -94,7 +93,6 @@ __device__ __forceinline__ uint32_t f16x2_rn(float x0, float x1) {
   __half2 h = __floats2half2_rn(x0, x1);
   return *reinterpret_cast<uint32_t*>(&h);
 }
-__device__ __forceinline__ float2 f16x2_to_float2(uint32_t u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
 
 // 16-bit inputs (fp16 or bf16) to fp32
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -597,7 +597,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if constexpr (acc16) {
-          const float2 lo = f16x2_to_float2(pv16[n][0]), hi = f16x2_to_float2(pv16[n][1]);
+          const float2 lo = pair_to_float2<__half>(pv16[n][0]), hi = pair_to_float2<__half>(pv16[n][1]);
           pv[n][0] = lo.x, pv[n][1] = lo.y, pv[n][2] = hi.x, pv[n][3] = hi.y;
         }
 #pragma unroll
