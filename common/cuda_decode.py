@@ -4,7 +4,7 @@ The same algorithm and the same split points as the Triton kernels (common/trito
 one launch: a split that saw a NaN/Inf or an fp16 overflow sweeps again carefully in the same
 program, and the last split of each KV head to finish merges them all by their LSE. It exists for
 speed: decode is bound by reading the KV cache once; the kernel streams 64-key tiles of K and V into
-shared memory with cp.async and quantizes them there (DECODE_NOTES.md).
+shared memory with the copy engine (TMA) and quantizes them there (DECODE_NOTES.md).
 
 It covers fp16/bf16 inputs, head dim 64 or 128, up to 16 rows per KV head (query heads per KV head
 times Nq rounded up to a power of two), INT8 or INT4 K codes per tile or per token, K smoothing on or
@@ -40,9 +40,10 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
         return f"head_dim={qh.shape[-1]} (the kernel takes {HEAD_DIMS})"
     if rows > ROWS:
         return f"{rows} query rows per KV head (at most {ROWS})"
-    for name, t in (("k", kh), ("v", vh)):  # cp.async copies 16-byte pieces of each row
-        if t.stride(-1) != 1 or t.stride(-2) % 8 or t.data_ptr() % 16:
-            return f"{name}'s rows are not 16-byte aligned"
+    for name, t in (("k", kh), ("v", vh)):  # the copy engine reads [B, Hkv, Nk] rows of 16-byte multiples
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
+                size > 1 and (stride <= 0 or stride % 8) for size, stride in zip(t.shape[:3], t.stride()[:3])):
+            return f"{name}'s rows are not 16-byte aligned (pointer, and strides of batch, heads and keys)"
     return None
 
 

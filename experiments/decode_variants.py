@@ -6,8 +6,8 @@ same process (each variant runs in its own process, with its own build).
 A variant is ``name:nvcc flags:programs per SM`` (the flags go to ``$SAGE_NVCC_FLAGS``, see
 common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM). The builds
 run in parallel first; then each variant times sage1, sage2 (8-bit) and sage2 INT4 (Q smoothing)
-decode, replayed from a CUDA graph, on a few shapes, next to cuDNN's. Ratios are within one process,
-so within one run. ``--kernels``: each kernel's device time of one call at 16k keys (torch.profiler).
+decode, replayed from a CUDA graph, on a few shapes, next to cuDNN's, and the device time of each
+kernel of cuDNN's and sage1's call at 16k. Ratios are within one process, so within one run. ``--kernels``: each kernel's device time of one call at 16k keys (torch.profiler).
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def time_one(per_sm: int) -> None:
         print(f"RESULT B={B} {Hq}/{Hkv} Nk={Nk // 1024}k cudnn {cudnn * 1e3:.1f} us | sage1 {s1 * 1e3:.1f} us "
               f"{cudnn / s1:.3f}x | sage2_8b {s2 * 1e3:.1f} us {cudnn / s2:.3f}x | sage2_4b {s4 * 1e3:.1f} us "
               f"{cudnn / s4:.3f}x", flush=True)
+    kernel_breakdown(("cudnn", "sage1"), prefix="RESULT ")
 
 
-def kernel_breakdown() -> None:
+def kernel_breakdown(names=("cudnn", "sage1", "sage2_8b", "sage2_4b"), prefix: str = "") -> None:
     """Device time of each kernel of one call (torch.profiler, mean of 20 calls) at 16k keys."""
     import torch
 
@@ -54,9 +55,10 @@ def kernel_breakdown() -> None:
     torch.manual_seed(0)
     q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
     k, v = (torch.randn(4, 8, 16384, 128, dtype=torch.float16, device="cuda") for _ in range(2))
-    for name, fn in (("cudnn", lambda: sdpa_fn("cudnn")(q, k, v, False)), ("sage1", lambda: sage1.sageattn(q, k, v)),
-                     ("sage2_8b", lambda: sage2.sageattn(q, k, v)),
-                     ("sage2_4b", lambda: sage2.sageattn(q, k, v, qk_dtype="int4"))):
+    fns = {"cudnn": lambda: sdpa_fn("cudnn")(q, k, v, False), "sage1": lambda: sage1.sageattn(q, k, v),
+           "sage2_8b": lambda: sage2.sageattn(q, k, v), "sage2_4b": lambda: sage2.sageattn(q, k, v, qk_dtype="int4")}
+    for name in names:
+        fn = fns[name]
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -66,7 +68,8 @@ def kernel_breakdown() -> None:
             torch.cuda.synchronize()
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
             if e.device_time_total > 0 and e.self_cpu_time_total == 0:
-                print(f"KERNEL {name:9s} {e.device_time_total / e.count:8.1f} us x{e.count // 20} {e.key[:70]}", flush=True)
+                print(f"{prefix}KERNEL {name:9s} {e.device_time_total / e.count:8.1f} us x{e.count // 20} {e.key[:60]}",
+                      flush=True)
 
 
 def main(argv=None) -> None:

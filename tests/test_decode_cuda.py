@@ -60,6 +60,9 @@ def test_unsupported_names_what_the_cuda_sweep_does_not_cover(monkeypatch):
     assert cuda_decode.unsupported(SPEC, q, k, v, lens, 4) == "sequence lengths"
     odd = torch.empty(1, 2, 100, 130, dtype=q.dtype)[..., 1:129]  # rows start 2 bytes off 16
     assert "k's rows" in cuda_decode.unsupported(SPEC, q, odd, v, NO_MASK, 4)
+    heads_apart = torch.zeros(2 * 12804, dtype=q.dtype).as_strided((1, 2, 100, 128), (2 * 12804, 12804, 128, 1))
+    assert heads_apart.stride(1) == 12804  # heads 12804 elements apart: not a multiple of 16 bytes
+    assert "v's rows" in cuda_decode.unsupported(SPEC, q, k, heads_apart, NO_MASK, 4)
 
 
 @pytest.mark.skipif(build.find_nvcc() is None, reason="needs nvcc")

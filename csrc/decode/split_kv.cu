@@ -3,15 +3,18 @@
 // runs; what differs is how the work is laid out on the machine, because decode is bound by reading
 // K and V once:
 //
-//   * cp.async copies each 64-key tile of K and V (fp16/bf16, as the caller stores them) into
-//     shared memory, two tiles in flight per program (one split of one KV head), two programs per SM;
+//   * the copy engine (TMA) brings each 64-key tile of K and V (fp16/bf16, as the caller stores them)
+//     into shared memory, in 64-row x 128-byte boxes with the 128-byte swizzle, completing on one
+//     mbarrier per stage: one thread issues them, so no warp spends instructions on copies. Two
+//     tiles in flight per program (one split of one KV head), two programs per SM; the first tile is
+//     asked for before Q is read;
 //   * 4 warps quantize the tile from shared memory: K's token mean over the tile (channel sums as
 //     ones x K on the tensor cores), K - mean to INT8/INT4 codes with one scale per tile or per token,
 //     straight into mma.sync B fragments; INT8 Q K^T on mma.sync m16n8k32 (16 query rows: every
 //     query head of the KV head);
 //   * the online softmax over the tile (one row max shared through shared memory, so P is rounded
 //     exactly as the emulation rounds it), P to fp16 or to FP8 E4M3 (kept as exact fp16) in shared
-//     memory; V to FP8 per channel per tile in place (sage2);
+//     memory; V to FP8 per channel per tile (sage2) into a buffer beside the stages;
 //   * P V on mma.sync m16n8k16, each warp a quarter of the channels over all 64 keys, summed in fp16
 //     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator;
 //   * Q smoothing (sage2's INT4 default): Q minus each head's mean over its queries is what gets
@@ -29,8 +32,10 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/hopper.cuh"
 #include "common/launch.h"
 #include "common/mma_sync.cuh"
+#include "common/tensor_map.h"
 #include "decode/split_kv.h"
 
 namespace sage_cuda {
@@ -56,14 +61,32 @@ constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
 constexpr int kMinBlocks = SAGE_DECODE_MIN_BLOCKS;  // programs per SM the registers must allow
 constexpr float kInf = __builtin_huge_valf();
 
-template <int DP, bool SMOOTH_Q>
+// A tile of K or V in shared memory as TMA writes it: DP / 64 boxes of 64 rows x 128 bytes (64
+// channels), each row's eight 16-byte chunks permuted by the 128-byte swizzle (chunk c of row r lands
+// at c ^ (r % 8)), so that eight rows read at one column hit eight different bank groups.
+constexpr int kBoxBytes = kTile * 128;
+__device__ __forceinline__ int tile_offset(int row, int byte) {  // byte: within the row, 0 .. 2 DP - 1
+  return (byte >> 7) * kBoxBytes + row * 128 + ((((byte >> 4) & 7) ^ (row & 7)) << 4) + (byte & 15);
+}
+// tile_offset(r + R, b + B) from base = tile_offset(r, b), for the loops' compile-time steps R and
+// B: one XOR and a constant, where computing it afresh costs ~5 integer instructions per access (the
+// FP8 V pass alone makes 96 per thread and tile). Valid when r % 8 and R % 8 share no bits, b's and
+// B's 16-byte chunks share no bits, B % 16 == 0 and b + B stays in b's 128-byte box.
+__device__ __forceinline__ int tile_step(int base, int R, int B) {
+  return (base ^ ((((B >> 4) & 7) ^ (R & 7)) << 4)) + (B >> 7) * kBoxBytes + R * 128;
+}
+
+template <int DP, bool SMOOTH_Q, bool CONVERT_V>
 struct Layout {
-  static constexpr int kPitchK = DP * 2 + 32;  // bytes per K row: 8-byte fragment reads hit 32 banks
-  static constexpr int kPitchV = DP * 2 + 16;  // bytes per V row: ldmatrix rows hit distinct banks
+  static constexpr int kTileBytes = kTile * DP * 2;  // one stage of K (or V), unpadded
   static constexpr int kPitchP = kTile * 2 + 16;
-  static constexpr int kK = 0;
-  static constexpr int kV = kK + kStages * kTile * kPitchK;
-  static constexpr int kP = kV + kStages * kTile * kPitchV;   // P (fp16), Q's codes in the prologue
+  static constexpr int kK = 0;                       // 1024-byte aligned (the swizzle's period)
+  static constexpr int kV = kK + kStages * kTileBytes;
+  // V as P V reads it when it is not the input (FP8 codes as fp16, or bf16 -> fp16), in the stages'
+  // swizzled layout. Not in place: ordinary stores into a stage would need a proxy fence before the
+  // copy engine refills it, every tile
+  static constexpr int kVc = kV + kStages * kTileBytes;
+  static constexpr int kP = kVc + (CONVERT_V ? kTileBytes : 0);  // P (fp16), Q's codes in the prologue
   static constexpr int kMeanK = kP + kRows * kPitchP;          // float[DP]: the tile's token mean
   static constexpr int kScaleV = kMeanK + DP * 4;              // float[DP]: V's FP8 scale per channel
   static constexpr int kQm = kScaleV + DP * 4;                 // float[16]: q . mean_k
@@ -77,10 +100,12 @@ struct Layout {
   static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
   static constexpr int kMeanQ = kFlag + 16;                     // smooth_q: float[16 heads][DP], each head's mean q
   static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kRows * DP * 4 : 0);  // float[warps][16 heads][keys per warp]
-  static constexpr int kBytes = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);
+  static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);  // uint64[stages]
+  static constexpr int kBytes = kBar + kStages * 8 + 1024;  // + the slack to align the base to 1024 bytes
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
-  static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0, "float4 reads of the means");
-  static_assert(kRows * DP * 4 <= kTile * kPitchK, "smooth_q's scratch for Q must fit in K's stage 0");
+  static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0, "aligned reads of the means, the barriers");
+  static_assert(kRows * DP * 4 <= kTileBytes, "smooth_q's scratch for Q must fit in one stage of K");
+  static_assert(kStages >= 2, "the loop refills the stage of the tile before");
 };
 
 
@@ -93,16 +118,17 @@ __device__ __forceinline__ float4 load4(const char* p) {  // four consecutive 16
 
 // mma.sync B fragments (k = key, n = channel) of a [64 keys x channels] tile in shared memory, for
 // the CW channels from c0, by ldmatrix.trans: fn(k-step, n-tile, b0, b1) for each 16 keys x 8 channels
-template <int CW, int PITCH, typename Fn>
+template <int CW, typename Fn>
 __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, int lane, Fn&& fn) {
   const int mat = lane >> 3, r8 = lane & 7;
   uint32_t b[4];
   if constexpr (CW >= 16) {  // one call: two n-tiles of one k-step
+    const int base = tile_offset(r8 + (mat & 1) * 8, (c0 + (mat >> 1) * 8) * 2);  // c0: a multiple of CW
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk)
 #pragma unroll
       for (int np = 0; np < CW / 16; ++np) {
-        ldmatrix_x4_trans(b, tile + (16 * kk + r8 + (mat & 1) * 8) * PITCH + (c0 + 16 * np + (mat >> 1) * 8) * 2);
+        ldmatrix_x4_trans(b, tile + tile_step(base, 16 * kk, 32 * np));
         fn(kk, 2 * np, b[0], b[1]);
         fn(kk, 2 * np + 1, b[2], b[3]);
       }
@@ -110,7 +136,7 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
     static_assert(CW == 8, "channels per warp: 8 or a multiple of 16");
 #pragma unroll
     for (int kp = 0; kp < kTile / 32; ++kp) {
-      ldmatrix_x4_trans(b, tile + (32 * kp + 8 * mat + r8) * PITCH + c0 * 2);
+      ldmatrix_x4_trans(b, tile + tile_offset(32 * kp + 8 * mat + r8, c0 * 2));
       fn(2 * kp, 0, b[0], b[1]);
       fn(2 * kp + 1, 0, b[2], b[3]);
     }
@@ -118,10 +144,12 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
 }
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const DecodeArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    decode_kernel(const DecodeArgs a, const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
   constexpr bool FP8 = PV == kPvFp8E4m3;
-  using L = Layout<DP, SMOOTH_Q>;
+  constexpr bool CONVERT_V = FP8 || BF16;
+  using L = Layout<DP, SMOOTH_Q, CONVERT_V>;
   constexpr int KS = DP / 32;          // k-steps of the INT8 mma over channels
   constexpr int KPW = kTile / kWarps;  // keys per warp (Q K^T), in n-tiles of 8
   constexpr int NKT = KPW / 8;
@@ -130,9 +158,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   constexpr int TPR = kThreads / kRows;  // threads per Q row in the prologue and for q . mean_k
   constexpr int QC = DP / TPR;
   static_assert(NKT >= 1 && NT >= 1 && TPR <= 32, "tile, warps and head dim do not fit together");
-  extern __shared__ __align__(16) char smem[];
+  extern __shared__ __align__(16) char smem_raw[];
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   char* s_k = smem + L::kK;
   char* s_v = smem + L::kV;
+  char* s_vc = smem + L::kVc;
   char* s_p = smem + L::kP;
   float* s_mean_k = reinterpret_cast<float*>(smem + L::kMeanK);
   float* s_scale_v = reinterpret_cast<float*>(smem + L::kScaleV);
@@ -147,12 +177,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
   float* s_mean_q = reinterpret_cast<float*>(smem + L::kMeanQ);
   float* s_delta = reinterpret_cast<float*>(smem + L::kDelta);
+  uint64_t* s_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.x, kv_bh = blockIdx.y;
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
   const float qmax = float(a.qmax);
+
+  // ---- this program's keys, [t_begin, t_end); its first tiles are asked for before Q is read ----
+  const int t_begin = split * a.tiles_per_split * kTile;
+  const int t_end = min(t_begin + a.tiles_per_split * kTile, nk);
+  const int n_tiles = t_end > t_begin ? (t_end - t_begin + kTile - 1) / kTile : 0;
+  uint32_t phase = 0;  // bit s: the parity stage s's barrier completes with next
+  auto load_tile = [&](int stage, int start) {  // thread 0: one tile of K and V (keys past nk: zeros)
+    mbar_arrive_expect_tx(&s_bar[stage], 2 * L::kTileBytes);
+#pragma unroll
+    for (int box = 0; box < DP / 64; ++box) {
+      tma_load_4d(s_k + stage * L::kTileBytes + box * kBoxBytes, &map_k, &s_bar[stage], box * 128, start, hk, b);
+      tma_load_4d(s_v + stage * L::kTileBytes + box * kBoxBytes, &map_v, &s_bar[stage], box * 128, start, hk, b);
+    }
+  };
+  auto prime = [&]() {  // stages 0 .. kStages - 2; the last stays free (Q smoothing's scratch)
+    if (tid == 0)
+      for (int s = 0; s < kStages - 1 && s < n_tiles; ++s) load_tile(s, t_begin + s * kTile);
+  };
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&s_bar[s], 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  prime();
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
@@ -174,10 +229,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     float qc[QC];  // what is quantized: q, or (smooth_q) q minus its head's mean over the queries
 #pragma unroll
     for (int j = 0; j < QC; ++j) qc[j] = q[j];
-    if constexpr (SMOOTH_Q) {  // the mean over a head's rows, through shared memory (K's stage 0 is free)
-      float* scratch = reinterpret_cast<float*>(s_k);
+    if constexpr (SMOOTH_Q) {  // the mean over a head's rows, through shared memory (K's last stage is free)
+      float* scratch = reinterpret_cast<float*>(s_k + (kStages - 1) * L::kTileBytes);
 #pragma unroll
       for (int j = 0; j < QC; ++j) scratch[row * DP + part * QC + j] = q[j];
+      fence_proxy_async_shared();  // before the copy engine refills the stage (the first tile's top)
       __syncthreads();
       amax = 0.f;
 #pragma unroll
@@ -227,44 +283,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   }
   __syncthreads();  // P's buffer is reused below
 
-  // ---- this program's keys: [t_begin, t_end) ----
-  const int t_begin = split * a.tiles_per_split * kTile;
-  const int t_end = min(t_begin + a.tiles_per_split * kTile, nk);
-  const int n_tiles = t_end > t_begin ? (t_end - t_begin + kTile - 1) / kTile : 0;
-  const char* k_head = reinterpret_cast<const char*>(static_cast<const In*>(a.k) + b * a.k_stride_b + hk * a.k_stride_h);
-  const char* v_head = reinterpret_cast<const char*>(static_cast<const In*>(a.v) + b * a.v_stride_b + hk * a.v_stride_h);
-  const int64_t k_row_bytes = a.k_stride_n * 2, v_row_bytes = a.v_stride_n * 2;
-  // each thread copies one 16-byte column of every kRowStep-th row of the tile. The source address
-  // steps by a fixed 64-bit stride (one multiply per tile, none per copy: ncu counted ~250
-  // instructions per warp and tile when each copy computed its own address and bounds), and only
-  // the last tile of the sequence is bounds-checked.
-  constexpr int kChunks = DP / 8, kRowStep = kThreads / kChunks, kCopies = kTile / kRowStep;
-  const int copy_row = tid / kChunks, copy_col = (tid % kChunks) * 16;
-  const char* k_copy = k_head + copy_row * k_row_bytes + copy_col;
-  const char* v_copy = v_head + copy_row * v_row_bytes + copy_col;
-  const int64_t k_step = kRowStep * k_row_bytes, v_step = kRowStep * v_row_bytes;
-  const uint32_t k_copy_dst = smem_addr(s_k) + copy_row * L::kPitchK + copy_col;
-  const uint32_t v_copy_dst = smem_addr(s_v) + copy_row * L::kPitchV + copy_col;
-  auto load_tile = [&](int stage, int start) {
-    const char* ks = k_copy + start * k_row_bytes;
-    const char* vs = v_copy + start * v_row_bytes;
-    const uint32_t kd = k_copy_dst + stage * (kTile * L::kPitchK), vd = v_copy_dst + stage * (kTile * L::kPitchV);
-    if (start + kTile <= nk) {
-#pragma unroll
-      for (int i = 0; i < kCopies; ++i, ks += k_step, vs += v_step) {
-        cp_async16(kd + i * kRowStep * L::kPitchK, ks);
-        cp_async16(vd + i * kRowStep * L::kPitchV, vs);
-      }
-    } else {
-      const int rows_left = nk - start - copy_row;
-#pragma unroll
-      for (int i = 0; i < kCopies; ++i, ks += k_step, vs += v_step) {
-        const bool in = i * kRowStep < rows_left;  // past the end: zero bytes from a valid address
-        cp_async16(kd + i * kRowStep * L::kPitchK, in ? ks : k_head, in);
-        cp_async16(vd + i * kRowStep * L::kPitchV, in ? vs : v_head, in);
-      }
-    }
-  };
   // the sweep's state (per thread: rows g and g + 8; l over this warp's keys only)
   float m_row[2], l_row[2], acc[NT][4];
   float k_check;   // K's token sums: non-finite iff K had a NaN/Inf
@@ -278,18 +296,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     constexpr bool MASKED = decltype(masked_tag)::value;
     constexpr bool CAREFUL = decltype(careful_tag)::value;
     const int count = MASKED ? min(nk - start, kTile) : kTile;
-    char* tk = s_k + stage * kTile * L::kPitchK;
-    char* tv = s_v + stage * kTile * L::kPitchV;
+    char* tk = s_k + stage * L::kTileBytes;
+    char* tv = s_v + stage * L::kTileBytes;
     float inv_guard = 1.f;  // careful, fp16 P V: 1 / the power of two V was scaled by
     if constexpr (CAREFUL) {
       if (tid < kTile) s_key_bad[tid] = 0;
       __syncthreads();
       float vmax = 0.f;
+      constexpr int kChunks = DP / 8;
       for (int c = tid; c < kTile * kChunks; c += kThreads) {  // 16-byte pieces of K and V
         const int r = c / kChunks, col = (c % kChunks) * 16;
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
-          uint4* piece = reinterpret_cast<uint4*>((t == 0 ? tk + r * L::kPitchK : tv + r * L::kPitchV) + col);
+          uint4* piece = reinterpret_cast<uint4*>((t == 0 ? tk : tv) + tile_offset(r, col));
           uint4 x = *piece;
           uint32_t* w = reinterpret_cast<uint32_t*>(&x);
           bool bad = false;
@@ -333,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       for (int n = 0; n < NT; ++n) sum[n][0] = sum[n][1] = sum[n][2] = sum[n][3] = 0.f;
       constexpr uint32_t kOnes = BF16 ? 0x3F803F80u : 0x3C003C00u;
       const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
-      for_each_b_fragment<CW, L::kPitchK>(tk, warp * CW, lane, [&](int, int n, uint32_t b0, uint32_t b1) {
+      for_each_b_fragment<CW>(tk, warp * CW, lane, [&](int, int n, uint32_t b0, uint32_t b1) {
         if constexpr (BF16) {
           mma_bf16_16816_f32(sum[n], ones, b0, b1);
         } else {
@@ -364,18 +383,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     }
     float kc[NKT][KS][8];  // keys KPW w + 8 kk + g: channels 32ks + 4t4 + {0..3} and + 16
     float amax[NKT];
+    const int k_base = tile_offset(KPW * warp + g, 8 * t4);
 #pragma unroll
     for (int kk = 0; kk < NKT; ++kk) {
       const int key = KPW * warp + 8 * kk + g;
       const bool valid = !MASKED || start + key < nk;
-      const char* row = tk + key * L::kPitchK;
       float m2[2] = {0.f, 0.f};  // two chains: half the latency
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int c = ks * 32 + 16 * half + 4 * t4;
-          const float4 x = load4<In>(row + c * 2);
+          const float4 x = load4<In>(tk + tile_step(k_base, 8 * kk, 64 * ks + 32 * half));
           const float4 m = *reinterpret_cast<const float4*>(s_mean_k + c);
           float* out = &kc[kk][ks][4 * half];
           out[0] = x.x - m.x, out[1] = x.y - m.y, out[2] = x.z - m.z, out[3] = x.w - m.w;
@@ -533,17 +552,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       l_row[h] = __fadd_rn(__fmul_rn(l_row[h], alpha[h]), row_sum[h]);
     }
-    // (5) V: FP8 per channel over the tile (sage2), or bf16 -> fp16 (sage1 on bf16 inputs), in place
+    // (5) V: FP8 per channel over the tile (sage2), or bf16 -> fp16 (sage1 on bf16 inputs), into s_vc;
+    // the careful sweep's guard on fp16 V in place. Each warp converts the channels it multiplies in (6)
+    char* tv_pv = CONVERT_V ? s_vc : tv;  // what P V reads
     if (FP8 || BF16 || (CAREFUL && inv_guard != 1.f)) {
       constexpr int kPairs = CW / 2, kGroups = 32 / kPairs, kPerLane = kTile / kGroups;
       const int ch = warp * CW + 2 * (lane % kPairs), grp = lane / kPairs;
+      const int v_base = tile_offset(grp, ch * 2);  // rows j kGroups + grp
       if constexpr (FP8) {
         // fmaxf skips a NaN, which then reaches the FP8 codes (cvt keeps NaN) and pv: the split is
         // flagged; an Inf makes the scale inf and pv = 0 * inf = NaN alike
         float m0 = 0.f, m1 = 0.f;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + (j * kGroups + grp) * L::kPitchV + ch * 2));
+          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + tile_step(v_base, j * kGroups, 0)));
           m0 = fmaxf(m0, fabsf(x.x)), m1 = fmaxf(m1, fabsf(x.y));
         }
 #pragma unroll
@@ -556,20 +578,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
         if (grp == 0) s_scale_v[ch] = sv0, s_scale_v[ch + 1] = sv1;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          uint32_t* p = reinterpret_cast<uint32_t*>(tv + (j * kGroups + grp) * L::kPitchV + ch * 2);
-          const float2 x = pair_to_float2<In>(*p);
-          *p = e4m3_round_trip_f16x2(__fmul_rn(x.x, inv0), __fmul_rn(x.y, inv1));
+          const int at = tile_step(v_base, j * kGroups, 0);
+          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + at));
+          *reinterpret_cast<uint32_t*>(tv_pv + at) = e4m3_round_trip_f16x2(__fmul_rn(x.x, inv0), __fmul_rn(x.y, inv1));
         }
       } else {
         const float guard = __frcp_rn(inv_guard);  // exact: a power of two
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          uint32_t* p = reinterpret_cast<uint32_t*>(tv + (j * kGroups + grp) * L::kPitchV + ch * 2);
-          const float2 x = pair_to_float2<In>(*p);
-          *p = f16x2_rn(x.x * guard, x.y * guard);
+          const int at = tile_step(v_base, j * kGroups, 0);
+          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + at));
+          *reinterpret_cast<uint32_t*>(tv_pv + at) = f16x2_rn(x.x * guard, x.y * guard);
         }
       }
     }
+    // the careful sweep's stores into the stage (fixed K and V pieces, guarded fp16 V) come before
+    // the copy engine's refill of it (after the barrier at the top of the next tile)
+    if constexpr (CAREFUL) fence_proxy_async_shared();
     __syncthreads();  // P and V in shared memory
     // (6) P V: this warp's channels [w CW, (w+1) CW) over the 64 keys
     {
@@ -587,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
 #pragma unroll
       for (int kk = 0; kk < kTile / 16; ++kk)
         ldmatrix_x4(pa[kk], s_p + (r8 + (mat & 1) * 8) * L::kPitchP + (16 * kk + (mat >> 1) * 8) * 2);
-      for_each_b_fragment<CW, L::kPitchV>(tv, c0, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
+      for_each_b_fragment<CW>(tv_pv, c0, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
         if constexpr (acc16) {
           mma_f16_16816_f16(pv16[n], pa[kk], b0, b1);
         } else {
@@ -611,20 +636,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     }
   };
 
-  auto sweep = [&](auto careful_tag) {
+  auto sweep = [&](auto careful_tag, bool primed) {
     m_row[0] = m_row[1] = -kInf, l_row[0] = l_row[1] = 0.f, k_check = 0.f, bad_kv[0] = bad_kv[1] = 0;
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n_tiles) load_tile(s, t_begin + s * kTile);
-      cp_async_commit();
-    }
+    if (!primed) prime();
     for (int it = 0; it < n_tiles; ++it) {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
-      if (it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
-      cp_async_commit();
+      __syncthreads();  // every warp is done with the stage refilled next
+      if (tid == 0 && it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
+      mbar_wait(&s_bar[it % kStages], (phase >> (it % kStages)) & 1);
+      phase ^= 1u << (it % kStages);
       const int start = t_begin + it * kTile;
 #ifdef SAGE_DECODE_LOAD_ONLY  // measurement: the copies alone, the floor of this data movement (output garbage)
       continue;
@@ -635,7 +656,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
         tile(std::false_type{}, careful_tag, it % kStages, start);
       }
     }
-    cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stages (a careful sweep refills them)
   };
 
@@ -653,14 +673,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
     __syncthreads();
   };
 
-  sweep(std::false_type{});
+  sweep(std::false_type{}, true);
   row_sums();
   float check = k_check + l_tot[0] + l_tot[1];
 #pragma unroll
   for (int n = 0; n < NT; ++n) check += (acc[n][0] + acc[n][1]) + (acc[n][2] + acc[n][3]);
   if (tid < kRows) s_row_bad[tid] = s_bad_q[tid];
   if (__syncthreads_or(!isfinite(check))) {  // a NaN/Inf or an fp16 overflow: sweep again, carefully
-    sweep(std::true_type{});
+    sweep(std::true_type{}, false);
     row_sums();
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -693,27 +713,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
   __threadfence();
   {
     const int row = tid / TPR, part = tid % TPR;
-    float m = -kInf, den = 0.f, o[QC];
+    // the largest LSE first, so that each split's weight is one exp2 and the loads of the splits do
+    // not wait on each other (a rescaled running sum chains them: ~an L2 round trip per split)
+    float m = -kInf;
     bool bad = false;
+#pragma unroll 8
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const float lse = __ldcg(a.part_lse + (int64_t(sp) * gridDim.y + kv_bh) * kRows + row);  // L2: other programs'
+      bad |= lse != lse;
+      m = fmaxf(m, lse);  // skips a NaN
+    }
+    const float m_use = m == -kInf ? 0.f : m;
+    float den = 0.f, o[QC];
 #pragma unroll
     for (int j = 0; j < QC; ++j) o[j] = 0.f;
+#pragma unroll 4
     for (int sp = 0; sp < a.splits; ++sp) {
       const int64_t base = (int64_t(sp) * gridDim.y + kv_bh) * kRows + row;
-      float lse = __ldcg(a.part_lse + base);  // from L2: written by other programs
-      bad |= lse != lse;
-      lse = lse != lse ? -kInf : lse;
-      const float m_new = fmaxf(m, lse);
-      const float m_use = m_new == -kInf ? 0.f : m_new;
-      const float alpha = fast_exp2(m - m_use), w = fast_exp2(lse - m_use);
-      den = den * alpha + w;
+      const float lse = __ldcg(a.part_lse + base);
+      const float w = lse != lse ? 0.f : fast_exp2(lse - m_use);
+      den += w;
       const float4* src = reinterpret_cast<const float4*>(a.part_out + base * DP + part * QC);
 #pragma unroll
       for (int j = 0; j < QC / 4; ++j) {
         const float4 x = __ldcg(src + j);
-        o[4 * j] = o[4 * j] * alpha + w * x.x, o[4 * j + 1] = o[4 * j + 1] * alpha + w * x.y;
-        o[4 * j + 2] = o[4 * j + 2] * alpha + w * x.z, o[4 * j + 3] = o[4 * j + 3] * alpha + w * x.w;
+        o[4 * j] += w * x.x, o[4 * j + 1] += w * x.y, o[4 * j + 2] += w * x.z, o[4 * j + 3] += w * x.w;
       }
-      m = m_new;
     }
     if (tid == 0) a.counters[kv_bh] = 0;  // ready for the next call on this buffer
     const int head = row / a.rows_per_head, i = row % a.rows_per_head;
@@ -739,11 +764,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_kernel(const Deco
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
-  constexpr int bytes = Layout<DP, SMOOTH_Q>::kBytes;
+  constexpr int bytes = Layout<DP, SMOOTH_Q, PV == kPvFp8E4m3 || BF16>::kBytes;
   auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q>;
   static bool reserved = false;  // one per instantiation
   reserve_shared_memory(kernel, bytes, reserved, "decode");
-  kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a);
+  // K and V as byte tensors [B][Hkv][Nk][2 D] (any strides, multiples of 16 bytes; a dimension of
+  // size 1 has no stride to check), read in boxes of 64 keys x 128 bytes
+  auto map_of = [&](const void* p, int64_t stride_b, int64_t stride_h, int64_t stride_n, const char* who) {
+    auto bytes_of = [](int size, int64_t stride) { return cuuint64_t(size == 1 ? 16 : stride * 2); };
+    return byte_tensor_map<4>(p, {cuuint64_t(DP * 2), cuuint64_t(a.seqlen_k), cuuint64_t(a.heads_kv), cuuint64_t(a.batch)},
+                              {bytes_of(a.seqlen_k, stride_n), bytes_of(a.heads_kv, stride_h), bytes_of(a.batch, stride_b)},
+                              {128, kTile, 1, 1}, std::string("decode: ") + who, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
+  };
+  const CUtensorMap map_k = map_of(a.k, a.k_stride_b, a.k_stride_h, a.k_stride_n, "k");
+  const CUtensorMap map_v = map_of(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_n, "v");
+  kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a, map_k, map_v);
   check_launch("decode");
 }
 
@@ -783,11 +818,12 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
   require(!a.smooth_q || a.k_per_token, "smooth_q needs per-token K scales (k_per_token)");
   require(a.pv == kPvFp16Acc16 || a.pv == kPvFp16Acc32 || a.pv == kPvFp8E4m3, "pv must be 0, 1 or 2");
   require(a.tiles_per_split >= 1 && a.splits >= 1, "tiles_per_split and splits must be positive");
-  require(a.k_stride_n * 2 * kTile < (int64_t(1) << 31) && a.v_stride_n * 2 * kTile < (int64_t(1) << 31),
-          "k and v: a tile of rows must span less than 2 GiB");
-  for (const auto& [name, p, stride] : {std::tuple{"k", a.k, a.k_stride_n}, std::tuple{"v", a.v, a.v_stride_n}})
-    require(reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 8 == 0,
-            std::string(name) + ": 16-byte aligned rows are needed (data pointer and row stride)");
+  for (const auto& [name, p, sb, sh, sn] : {std::tuple{"k", a.k, a.k_stride_b, a.k_stride_h, a.k_stride_n},
+                                             std::tuple{"v", a.v, a.v_stride_b, a.v_stride_h, a.v_stride_n}})
+    require(reinterpret_cast<uintptr_t>(p) % 16 == 0 && (a.seqlen_k == 1 || (sn > 0 && sn % 8 == 0)) &&
+                (a.heads_kv == 1 || (sh > 0 && sh % 8 == 0)) && (a.batch == 1 || (sb > 0 && sb % 8 == 0)),
+            std::string(name) + ": the copy engine needs a 16-byte aligned data pointer and positive strides of "
+            "multiples of 16 bytes (8 elements) for batch, heads and keys");
   if (a.seqlen_k == 0) return;  // no keys: the caller does not run decode then
   if (a.head_dim == 64) {
     a.bf16 ? dispatch_pv<64, true>(a, stream) : dispatch_pv<64, false>(a, stream);

@@ -39,6 +39,7 @@
 
 #include "../common/hopper.cuh"
 #include "../common/launch.h"
+#include "../common/tensor_map.h"
 #include "../common/wgmma.cuh"
 #include "attention.h"
 
@@ -431,37 +432,11 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
 
 // ---- host ----
 
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  if (fn == nullptr) {
-    cudaDriverEntryPointQueryResult found;
-    void* ptr = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      throw std::runtime_error("sage2 cuda: the driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
-    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }
-  return fn;
-}
-
 // A 3-D byte tensor [d2][d1][d0] (d0 contiguous) read in boxes of box0 x box1 x 1, swizzled so that
 // each box0-byte row lands as wgmma's K-major layout wants it.
 CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t d2, uint32_t box0, uint32_t box1,
                             const char* what) {
-  CUtensorMap map;
-  const cuuint64_t dims[3] = {d0, d1, d2};
-  const cuuint64_t strides[2] = {d0, d0 * d1};
-  const cuuint32_t box[3] = {box0, box1, 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUtensorMapSwizzle swizzle = box0 == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-  const CUresult rc = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims,
-                                           strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                                           CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (rc != CUDA_SUCCESS)
-    throw std::runtime_error(std::string("sage2 cuda: cuTensorMapEncodeTiled failed for ") + what + " (error " +
-                             std::to_string(int(rc)) + "); are the codes contiguous and 16-byte aligned?");
-  return map;
+  return sage_cuda::byte_tensor_map<3>(base, {d0, d1, d2}, {d0, d0 * d1}, {box0, box1, 1}, std::string("sage2 cuda: ") + what);
 }
 
 template <int DP, bool CAUSAL, typename OutT>
