@@ -36,6 +36,14 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// ---- a counter shared by programs: the add releases this thread's earlier writes (and, after a
+// barrier, the block's) and acquires those released by earlier adds; returns the old value ----
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* counter, int value) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(counter), "r"(value) : "memory");
+  return old;
+}
+
 // ---- TMA: one 3-D box from global memory into shared memory, completing on an mbarrier ----
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y, int z) {
   asm volatile(

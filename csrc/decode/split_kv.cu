@@ -159,7 +159,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int QC = DP / TPR;
   static_assert(NKT >= 1 && NT >= 1 && TPR <= 32, "tile, warps and head dim do not fit together");
   extern __shared__ __align__(16) char smem_raw[];
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // the swizzle's 1024-byte period, by pointer arithmetic on the shared array: a round trip through an
+  // integer would hide that it is shared memory, and every read would become a generic load
+  char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   char* s_k = smem + L::kK;
   char* s_v = smem + L::kV;
   char* s_vc = smem + L::kVc;
@@ -560,27 +562,34 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const int ch = warp * CW + 2 * (lane % kPairs), grp = lane / kPairs;
       const int v_base = tile_offset(grp, ch * 2);  // rows j kGroups + grp
       if constexpr (FP8) {
-        // fmaxf skips a NaN, which then reaches the FP8 codes (cvt keeps NaN) and pv: the split is
-        // flagged; an Inf makes the scale inf and pv = 0 * inf = NaN alike
-        float m0 = 0.f, m1 = 0.f;
+        // V is read once into registers; |V|'s max over the tile in 16-bit pairs (exact: a max
+        // rounds nothing). max skips a NaN, which then reaches the FP8 codes (cvt keeps NaN) and
+        // pv: the split is flagged; an Inf makes the scale inf and pv = 0 * inf = NaN alike
+        using In2 = std::conditional_t<BF16, __nv_bfloat162, __half2>;
+        uint32_t vx[kPerLane];
+        uint32_t mx = 0u;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + tile_step(v_base, j * kGroups, 0)));
-          m0 = fmaxf(m0, fabsf(x.x)), m1 = fmaxf(m1, fabsf(x.y));
+          vx[j] = *reinterpret_cast<const uint32_t*>(tv + tile_step(v_base, j * kGroups, 0));
+          const uint32_t ax = vx[j] & 0x7FFF7FFFu;  // |v|, both halves
+          const In2 m2 = __hmax2(*reinterpret_cast<const In2*>(&mx), *reinterpret_cast<const In2*>(&ax));
+          mx = *reinterpret_cast<const uint32_t*>(&m2);
         }
 #pragma unroll
         for (int off = kPairs; off < 32; off <<= 1) {
-          m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, off));
-          m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, off));
+          const uint32_t other = __shfl_xor_sync(0xffffffffu, mx, off);
+          const In2 m2 = __hmax2(*reinterpret_cast<const In2*>(&mx), *reinterpret_cast<const In2*>(&other));
+          mx = *reinterpret_cast<const uint32_t*>(&m2);
         }
-        const float sv0 = __fdiv_rn(m0, 448.f), sv1 = __fdiv_rn(m1, 448.f);
+        const float2 m = pair_to_float2<In>(mx);
+        const float sv0 = __fdiv_rn(m.x, 448.f), sv1 = __fdiv_rn(m.y, 448.f);
         const float inv0 = __frcp_rn(sv0 == 0.f ? 1.f : sv0), inv1 = __frcp_rn(sv1 == 0.f ? 1.f : sv1);
         if (grp == 0) s_scale_v[ch] = sv0, s_scale_v[ch + 1] = sv1;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          const int at = tile_step(v_base, j * kGroups, 0);
-          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + at));
-          *reinterpret_cast<uint32_t*>(tv_pv + at) = e4m3_round_trip_f16x2(__fmul_rn(x.x, inv0), __fmul_rn(x.y, inv1));
+          const float2 x = pair_to_float2<In>(vx[j]);
+          *reinterpret_cast<uint32_t*>(tv_pv + tile_step(v_base, j * kGroups, 0)) =
+              e4m3_round_trip_f16x2(__fmul_rn(x.x, inv0), __fmul_rn(x.y, inv1));
         }
       } else {
         const float guard = __frcp_rn(inv_guard);  // exact: a power of two
@@ -688,10 +697,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     __syncthreads();
   }
 
-  // ---- this split's normalized output and log2 LSE (NaN: a row that saw a NaN/Inf) ----
+  // ---- this split's normalized output and log2 LSE (NaN: a row that saw a NaN/Inf), real rows only ----
   const int64_t prog = int64_t(split) * gridDim.y + kv_bh;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
+    if (!ok_row[h]) continue;
     const int row = g + 8 * h;
     const float denom = l_tot[h] == 0.f ? 1.f : l_tot[h];
     float* out = a.part_out + (prog * kRows + row) * DP + warp * CW + 2 * t4;
@@ -705,14 +715,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 
   // ---- the last split of this KV head to finish merges them all by their LSE ----
-  __threadfence();  // this split's partials are visible device-wide before it is counted
+  // Thread 0 counts the split with a release (the barrier before it orders every thread's partials
+  // first) and an acquire (the barrier after it orders the merge's reads after every split's).
   __syncthreads();
-  if (tid == 0) s_flag[0] = atomicAdd(a.counters + kv_bh, 1) == a.splits - 1;
+  if (tid == 0) s_flag[0] = atomic_add_acq_rel_gpu(a.counters + kv_bh, 1) == a.splits - 1;
   __syncthreads();
   if (!s_flag[0]) return;
-  __threadfence();
-  {
-    const int row = tid / TPR, part = tid % TPR;
+  if (tid == 0) a.counters[kv_bh] = 0;  // ready for the next call on this buffer
+  // one float4 of one real row per item: at Nq = 1 and 4 query heads per KV head, one item per thread
+  constexpr int C4 = DP / 4;
+  for (int item = tid; item < a.group * a.rows_per_head * C4; item += kThreads) {
+    const int row = item / C4, c4 = item % C4;
+    const int head = row / a.rows_per_head, i = row % a.rows_per_head;
+    if (i >= nq) continue;
     // the largest LSE first, so that each split's weight is one exp2 and the loads of the splits do
     // not wait on each other (a rescaled running sum chains them: ~an L2 round trip per split)
     float m = -kInf;
@@ -724,41 +739,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       m = fmaxf(m, lse);  // skips a NaN
     }
     const float m_use = m == -kInf ? 0.f : m;
-    float den = 0.f, o[QC];
-#pragma unroll
-    for (int j = 0; j < QC; ++j) o[j] = 0.f;
+    float den = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
     for (int sp = 0; sp < a.splits; ++sp) {
       const int64_t base = (int64_t(sp) * gridDim.y + kv_bh) * kRows + row;
       const float lse = __ldcg(a.part_lse + base);
       const float w = lse != lse ? 0.f : fast_exp2(lse - m_use);
       den += w;
-      const float4* src = reinterpret_cast<const float4*>(a.part_out + base * DP + part * QC);
-#pragma unroll
-      for (int j = 0; j < QC / 4; ++j) {
-        const float4 x = __ldcg(src + j);
-        o[4 * j] += w * x.x, o[4 * j + 1] += w * x.y, o[4 * j + 2] += w * x.z, o[4 * j + 3] += w * x.w;
-      }
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(a.part_out + base * DP) + c4);
+      o.x += w * x.x, o.y += w * x.y, o.z += w * x.z, o.w += w * x.w;
     }
-    if (tid == 0) a.counters[kv_bh] = 0;  // ready for the next call on this buffer
-    const int head = row / a.rows_per_head, i = row % a.rows_per_head;
-    if (head >= a.group || i >= nq) return;
     const float inv = den == 0.f ? 1.f : den;
+    const float nan = __int_as_float(0x7fc00000);
+    const float r[4] = {bad ? nan : o.x / inv, bad ? nan : o.y / inv, bad ? nan : o.z / inv, bad ? nan : o.w / inv};
     In* dst = static_cast<In*>(a.out) + b * a.out_stride_b + int64_t(hk * a.group + head) * a.out_stride_h +
-              int64_t(i) * a.out_stride_n + part * QC;
+              int64_t(i) * a.out_stride_n + 4 * c4;
 #pragma unroll
-    for (int j = 0; j < QC; ++j) {
-      const float x = bad ? __int_as_float(0x7fc00000) : o[j] / inv;
+    for (int j = 0; j < 4; ++j) {
       if constexpr (BF16) {
-        dst[j] = __float2bfloat16_rn(x);
+        dst[j] = __float2bfloat16_rn(r[j]);
       } else {
-        dst[j] = __float2half_rn(x);
+        dst[j] = __float2half_rn(r[j]);
       }
     }
-    if (a.lse != nullptr && part == 0) {
-      const float lse = bad ? __int_as_float(0x7fc00000) : (m + log2f(den)) * 0.6931471805599453f;
-      a.lse[(int64_t(b) * a.heads_kv * a.group + hk * a.group + head) * nq + i] = lse;
-    }
+    if (a.lse != nullptr && c4 == 0)
+      a.lse[(int64_t(b) * a.heads_kv * a.group + hk * a.group + head) * nq + i] =
+          bad ? nan : (m + log2f(den)) * 0.6931471805599453f;
   }
 }
 
