@@ -45,7 +45,8 @@ constexpr int kTile = 64;     // keys per tile: common.decode.DECODE_TILE
 constexpr int kRows = 16;     // query rows per program: (query heads of a KV head) x (queries, padded)
 // Tuning builds override these (SAGE_NVCC_FLAGS="-DSAGE_DECODE_STAGES=3 ...", common/build.py;
 // experiments/decode_variants.py times such builds side by side). Measured on the H100, sage1 at 16k:
-// 3 stages 4% slower than 2, three programs per SM or 8 warps no faster (DECODE_NOTES.md, c4).
+// 3 stages 4% slower than 2, three programs per SM or 8 warps no faster (DECODE_NOTES.md, c4, with
+// cp.async); with TMA 3 stages 3% slower, before shared memory was read by LDS again (c6).
 #ifndef SAGE_DECODE_WARPS
 #define SAGE_DECODE_WARPS 4
 #endif

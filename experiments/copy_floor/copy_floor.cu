@@ -11,6 +11,9 @@
 //
 // Prints GB/s per variant (bytes of K and V read once / time per launch, CUDA events, 20 launches
 // after a warm-up). cuDNN's decode kernel streamed 2.9 TB/s at this shape on the H100 (2026-11-22).
+// Measured there the same day (experiments/results/h100_2026-11-22/decode_c6/copy_floor.txt): at 16k
+// keys cp.async 2950-2965 GB/s, TMA boxes 3017-3038 GB/s (2-4 stages); at 32k 2920-3012 against
+// 3020-3100. The decode kernel moved to TMA boxes on the strength of it (DECODE_NOTES.md, c6).
 #include <cuda_fp16.h>
 #include <cudaTypedefs.h>
 
