@@ -144,17 +144,17 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     n_tiles = -(-Nk // DECODE_TILE)
     splits = -(-n_tiles // tps)
     rows_total = row_tiles * block_m
-    part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
-    part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
     if backend == "cuda":  # the same algorithm in one CUDA launch (common.cuda_decode)
-        from .cuda_decode import PV_CODES, run_decode
+        from .cuda_decode import PV_CODES, run_decode, workspace
 
         lse = torch.empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32, device=qh.device)
-        counters = torch.zeros(B * Hkv, dtype=torch.int32, device=qh.device)
+        part_o, part_l, counters = workspace(qh.device, splits, B * Hkv, rows_total, dp)
         run_decode(qh, kh, vh, out_hnd, lse, part_o, part_l, counters, nqp, tps, sm_scale * LOG2E,
                    LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q,
                    is_causal, PV_CODES[spec.pv])
         return lse if return_lse else None
+    part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
+    part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     ql, kl = kernel_args(mask, B, Nq, Nk, part_l)[-2:]  # per-sequence lengths, or a stand-in pointer
     pv = PV_KINDS.index(spec.pv)

@@ -230,3 +230,29 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
             torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, False, 0)
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@hopper
+def test_cuda_sweep_reuses_its_scratch_across_calls_and_streams(monkeypatch):
+    """Eager calls keep their scratch per stream (common.cuda_decode.workspace): calls with different
+    split plans one after another, on the default stream and on a second one, each match their
+    emulation, and every counter is back at zero (one left over would skip or repeat a merge)."""
+    calls = _spy(monkeypatch)
+    cuda_decode.clear_workspaces()
+    side = torch.cuda.Stream()
+    shapes = [(8, 2, 5000), (8, 2, 333), (16, 4, 2000), (8, 2, 5000), (4, 4, 70)]  # heads, heads_kv, keys
+    for i, (heads, heads_kv, n_k) in enumerate(shapes):
+        q, k, v = make_qkv(2, heads, 1, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=20 + i,
+                           device="cuda")
+        stream = side if i % 2 else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = sage2.sageattn(q, k, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        emulated = sage2.sageattn(q, k, v, backend="torch")
+        assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3, (i, accuracy(emulated.double(), out.double()))
+    torch.cuda.synchronize()
+    assert calls == [1] * len(shapes)
+    assert len(cuda_decode._WORKSPACES) == 2  # one per stream
+    assert all(int(counters.abs().sum()) == 0 for _, counters in cuda_decode._WORKSPACES.values())
