@@ -10,11 +10,14 @@ It covers fp16/bf16 inputs, head dim 64 or 128, up to 16 rows per KV head (query
 times Nq rounded up to a power of two), INT8 or INT4 K codes per tile or per token, K smoothing on or
 off, Q smoothing with per-token K scales (sage2's INT4 default; ``mean_q . (k - mean_k)`` in fp32
 FMAs where the Triton kernel uses 3xTF32), fp16 P V (fp16 or fp32 sums) or FP8 E4M3, causal or not.
-Q smoothing with per-block K scales, FP8 E5M2 and per-sequence lengths run the Triton sweep. ``backend="auto"`` picks it on sm_90 (``SAGE_DISABLE_CUDA=1``
-turns that off), as does sage2's ``backend="cuda"``.
+Q smoothing with per-block K scales, FP8 E5M2 and per-sequence lengths run the Triton sweep.
+``backend="auto"`` picks it on sm_90 (``SAGE_DISABLE_CUDA=1`` turns that off), as does sage2's
+``backend="cuda"``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -52,7 +55,9 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
 # another, and the merging program leaves its counter at zero, so a call needs neither an allocation
 # nor a fill (the two cost ~80 us of host time per call on the H100 machine, 2026-11-22, more than the
 # kernel below ~8k keys). Under CUDA-graph capture or torch.compile each call gets its own: a captured
-# graph may be replayed beside eager calls on another stream. clear_workspaces() frees them.
+# graph may be replayed beside eager calls on another stream. clear_workspaces() frees them. The key
+# is the stream's handle: a stream destroyed with this work still queued, whose handle a new stream
+# then gets, would share it (torch's own streams come from pools and are never destroyed).
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -60,7 +65,11 @@ def workspace(device: torch.device, splits: int, bh: int, rows: int, dp: int):
     """``part_out`` [splits, bh, rows, dp] and ``part_lse`` [splits, bh, rows] (fp32, scratch) and
     ``counters`` [bh] (int32, zero) for one call on the current stream of ``device``."""
     n_out, n_lse = splits * bh * rows * dp, splits * bh * rows
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    fresh = torch.compiler.is_compiling()
+    if not fresh:
+        with on_device(device):  # the capture check reads the current device's stream
+            fresh = torch.cuda.is_current_stream_capturing()
+    if fresh:
         scratch = torch.empty(n_out + n_lse, dtype=torch.float32, device=device)
         counters = torch.zeros(bh, dtype=torch.int32, device=device)
     else:
@@ -73,6 +82,12 @@ def workspace(device: torch.device, splits: int, bh: int, rows: int, dp: int):
         _WORKSPACES[key] = (scratch, counters)
     return (scratch[:n_out].view(splits, bh, rows, dp), scratch[n_out:n_out + n_lse].view(splits, bh, rows),
             counters[:bh])
+
+
+def on_device(device: torch.device):
+    """A context that makes ``device`` current where it is not: the kernel launches on the current
+    device, and the capture check reads its stream."""
+    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
 
 
 def clear_workspaces() -> None:
@@ -127,13 +142,14 @@ def _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tile
 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    build.load().decode_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(1),
-        out.stride(2), lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
-        counters.data_ptr(), B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, part_out.shape[0],
-        qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv,
-        torch.cuda.current_stream(q.device).cuda_stream)
+    with on_device(q.device):  # the launch goes to the current device
+        build.load().decode_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(1),
+            out.stride(2), lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
+            counters.data_ptr(), B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, part_out.shape[0],
+            qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv,
+            torch.cuda.current_stream(q.device).cuda_stream)
 
 
 @torch.library.custom_op("sageattn_repro::decode", mutates_args=("out", "lse", "part_out", "part_lse", "counters"))

@@ -153,9 +153,10 @@ def test_sage2_backend_cuda_runs_the_cuda_sweep_or_says_why_not(monkeypatch):
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
-def test_cuda_sweep_layouts_and_dtypes(layout, dtype, fn, monkeypatch):
-    q, k, v = make_qkv(2, 8, 1, 128, heads_kv=2, seqlen_k=777, kind="k_bias", dtype=dtype, layout=layout,
-                       device="cuda", seed=3)
+@pytest.mark.parametrize("batch,heads_kv,n_k", [(2, 2, 777), (1, 1, 1), (2, 2, 2)])  # one key: a stride of no use
+def test_cuda_sweep_layouts_and_dtypes(layout, dtype, fn, batch, heads_kv, n_k, monkeypatch):
+    q, k, v = make_qkv(batch, 4 * heads_kv, 1, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", dtype=dtype,
+                       layout=layout, device="cuda", seed=3)
     calls = _spy(monkeypatch)
     k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout=layout, is_causal=False, kernel_backend="auto")
     assert calls == [1]

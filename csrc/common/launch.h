@@ -1,23 +1,28 @@
 // Host-side launch plumbing shared by the kernels: the dynamic shared-memory reservation (once per
-// kernel instantiation) and the launch-error check, both naming the kernel in the exception.
+// kernel instantiation and device) and the launch-error check, both naming the kernel in the exception.
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
 namespace sage_cuda {
 
-// Raise `kernel`'s dynamic shared-memory limit to `bytes`. `reserved` is a static of the caller's
-// instantiation (kernels of one signature share a function-pointer type, so it cannot live here).
+// Raise `kernel`'s dynamic shared-memory limit to `bytes` on the current device (the attribute is
+// per device). `reserved` is a static of the caller's instantiation, one bit per device (kernels of
+// one signature share a function-pointer type, so it cannot live here).
 template <typename Kernel>
-void reserve_shared_memory(Kernel kernel, int bytes, bool& reserved, const char* who) {
-  if (reserved) return;
+void reserve_shared_memory(Kernel kernel, int bytes, uint64_t& reserved, const char* who) {
+  int device = 0;
+  cudaGetDevice(&device);
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;  // beyond 64 devices: every launch
+  if (reserved & bit) return;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess)
     throw std::runtime_error(std::string(who) + ": cannot reserve " + std::to_string(bytes) +
                              " bytes of shared memory: " + cudaGetErrorString(err));
-  reserved = true;
+  reserved |= bit;
 }
 
 inline void check_launch(const char* who) {

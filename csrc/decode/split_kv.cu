@@ -774,14 +774,19 @@ template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   constexpr int bytes = Layout<DP, SMOOTH_Q, PV == kPvFp8E4m3 || BF16>::kBytes;
   auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q>;
-  static bool reserved = false;  // one per instantiation
+  static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, bytes, reserved, "decode");
-  // K and V as byte tensors [B][Hkv][Nk][2 D] (any strides, multiples of 16 bytes; a dimension of
-  // size 1 has no stride to check), read in boxes of 64 keys x 128 bytes
+  // K and V as byte tensors [B][Hkv][Nk][2 D] (any strides, multiples of 16 bytes), read in boxes of
+  // 64 keys x 128 bytes
   auto map_of = [&](const void* p, int64_t stride_b, int64_t stride_h, int64_t stride_n, const char* who) {
-    auto bytes_of = [](int size, int64_t stride) { return cuuint64_t(size == 1 ? 16 : stride * 2); };
+    // a dimension of size 1 may carry any stride (0 from an expand, say): then the packed one
+    auto bytes_of = [](int size, int64_t stride, uint64_t packed) {
+      return cuuint64_t(size == 1 && (stride <= 0 || stride % 8) ? packed : uint64_t(stride) * 2);
+    };
+    const uint64_t row = DP * 2, head = row * a.seqlen_k, batch = head * a.heads_kv;
     return byte_tensor_map<4>(p, {cuuint64_t(DP * 2), cuuint64_t(a.seqlen_k), cuuint64_t(a.heads_kv), cuuint64_t(a.batch)},
-                              {bytes_of(a.seqlen_k, stride_n), bytes_of(a.heads_kv, stride_h), bytes_of(a.batch, stride_b)},
+                              {bytes_of(a.seqlen_k, stride_n, row), bytes_of(a.heads_kv, stride_h, head),
+                               bytes_of(a.batch, stride_b, batch)},
                               {128, kTile, 1, 1}, std::string("decode: ") + who, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
   };
   const CUtensorMap map_k = map_of(a.k, a.k_stride_b, a.k_stride_h, a.k_stride_n, "k");

@@ -452,7 +452,7 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
                        a.heads_q,    a.heads_kv,     a.seqlen_q,     a.seqlen_k, a.head_dim};
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
-  static bool reserved = false;  // one per instantiation
+  static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
   const dim3 grid((a.seqlen_q + Config<DP>::BLOCK_M - 1) / Config<DP>::BLOCK_M, a.batch * a.heads_q);
   kernel<<<grid, Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
