@@ -52,12 +52,13 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
 
 # Each eager call's scratch (the splits' partial outputs and LSEs, and the counters by which the last
 # split of a KV head knows it is last) is kept per (device, stream): calls on one stream run one after
-# another, and the merging program leaves its counter at zero, so a call needs neither an allocation
-# nor a fill (the two cost ~80 us of host time per call on the H100 machine, 2026-11-22, more than the
-# kernel below ~8k keys). Under CUDA-graph capture or torch.compile each call gets its own: a captured
-# graph may be replayed beside eager calls on another stream. clear_workspaces() frees them. The key
-# is the stream's handle: a stream destroyed with this work still queued, whose handle a new stream
-# then gets, would share it (torch's own streams come from pools and are never destroyed).
+# another, and the merging program leaves its counter at zero, so a call needs neither allocations
+# nor a fill (cProfile put them first among our host costs per call on the H100's host, 2026-11-22;
+# eager decode is host-bound below ~8k keys). Under CUDA-graph capture or torch.compile each call
+# gets its own: a captured graph may be replayed beside eager calls on another stream.
+# clear_workspaces() frees them. The key is the stream's handle: a stream destroyed with this work
+# still queued, whose handle a new stream then gets, would share it (torch's own streams come from
+# pools and are never destroyed).
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 

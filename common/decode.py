@@ -90,7 +90,8 @@ def _row_layout(group: int, n_q: int):
     return nqp, block_m, -(-rows // block_m)
 
 
-def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: DecodeSpec, mask: MaskSpec, who: str) -> str:
+def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: DecodeSpec, mask: MaskSpec,
+                           who: str) -> str:
     """The decode sweep to run: ``"cuda"`` (common.cuda_decode) where the caller asked for ``"auto"``,
     the Triton backend was resolved, and the CUDA sweep covers the call on a Hopper GPU; else
     ``resolved``. sage2's explicit ``"cuda"`` (passed with ``resolved="triton"``) gets the CUDA sweep

@@ -7,7 +7,8 @@ A variant is ``name:nvcc flags:programs per SM`` (the flags go to ``$SAGE_NVCC_F
 common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM). The builds
 run in parallel first; then each variant times sage1, sage2 (8-bit) and sage2 INT4 (Q smoothing)
 decode, replayed from a CUDA graph, on a few shapes, next to cuDNN's, and the device time of each
-kernel of cuDNN's and sage1's call at 16k. Ratios are within one process, so within one run. ``--kernels``: each kernel's device time of one call at 16k keys (torch.profiler).
+kernel of cuDNN's and sage1's call at 16k. Ratios are within one process, so within one run.
+``--kernels``: each kernel's device time of one call at 16k keys (torch.profiler).
 """
 
 from __future__ import annotations

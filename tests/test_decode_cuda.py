@@ -1,11 +1,12 @@
 """Decode's CUDA sweep (common.cuda_decode, csrc/decode/split_kv.cu).
 
 CPU (CI): which calls it covers, that its op names a bad argument before the kernel reads it, and
-that experiments/copy_floor builds (the kernel's source compiles for sm_90a in test_sage2_cuda). GPU (H100): the CUDA sweep, picked by
-``backend="auto"``, against the emulation of the same algorithm (same split points) and against
-the Triton sweep, over GQA, causal with Nq > 1, odd lengths, head dims 64/128, fp16/bf16, both
-layouts and every option it covers; the NaN/Inf rule and large |V| (flagged splits redone by the
-careful sweep); a real decode size.
+that experiments/copy_floor builds (the kernel's source compiles for sm_90a in test_sage2_cuda).
+GPU (H100): the CUDA sweep, picked by ``backend="auto"``, against the emulation of the same
+algorithm (same split points) and against the Triton sweep, over GQA, causal with Nq > 1, odd
+lengths (fewer keys than one tile included), head dims 64/128, fp16/bf16, both layouts and every
+option it covers; the NaN/Inf rule and large |V| (flagged splits redone by the careful sweep); a
+real decode size; the scratch kept per stream between calls.
 """
 
 import subprocess
@@ -69,7 +70,8 @@ def test_unsupported_names_what_the_cuda_sweep_does_not_cover(monkeypatch):
 def test_the_copy_floor_experiment_compiles_for_sm90a(tmp_path):
     """experiments/copy_floor/copy_floor.cu includes csrc/common's headers: keep it building."""
     proc = subprocess.run([build.find_nvcc(), "-std=c++17", "-O1", *build.ARCH_FLAGS, f"-I{build.CSRC}",
-                           str(build.ROOT / "experiments" / "copy_floor" / "copy_floor.cu"), "-o", str(tmp_path / "floor")],
+                           str(build.ROOT / "experiments" / "copy_floor" / "copy_floor.cu"), "-o",
+                           str(tmp_path / "floor")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -229,7 +231,8 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     B, Hkv, splits = 2, 2, 3
     args = (q, k, v, torch.empty_like(q), torch.empty(2, 8, 1, device="cuda"),
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
-            torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, False, 0)
+            torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, False,
+            0)
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))
 
 
