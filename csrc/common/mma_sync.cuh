@@ -9,14 +9,11 @@
 
 namespace sage_cuda {
 
-// ---- cp.async: global -> shared (dst: a shared-space address) without registers. The two-operand
-// form asks L2 to fetch 256-byte sectors (streams of whole rows: +1-2% on decode); with `full`,
-// `full = false` writes 16 zero bytes (the source-size operand costs a register per copy) ----
+// ---- cp.async: global -> shared (dst: a shared-space address) without registers, L2 fetching
+// 256-byte sectors (streams of whole rows). The decode kernel's copies before it moved to TMA; kept
+// for experiments/copy_floor, which times that pattern against TMA ----
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool full) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
