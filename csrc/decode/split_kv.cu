@@ -77,20 +77,15 @@ __device__ __forceinline__ int tile_step(int base, int R, int B) {
   return (base ^ ((((B >> 4) & 7) ^ (R & 7)) << 4)) + (B >> 7) * kBoxBytes + R * 128;
 }
 
-template <int DP, bool SMOOTH_Q, bool CONVERT_V>
+template <int DP, bool SMOOTH_Q>
 struct Layout {
   static constexpr int kTileBytes = kTile * DP * 2;  // one stage of K (or V), unpadded
   static constexpr int kPitchP = kTile * 2 + 16;
   static constexpr int kK = 0;                       // 1024-byte aligned (the swizzle's period)
   static constexpr int kV = kK + kStages * kTileBytes;
-  // V as P V reads it when it is not the input (FP8 codes as fp16, or bf16 -> fp16), in the stages'
-  // swizzled layout. Not in place: ordinary stores into a stage would need a proxy fence before the
-  // copy engine refills it, every tile
-  static constexpr int kVc = kV + kStages * kTileBytes;
-  static constexpr int kP = kVc + (CONVERT_V ? kTileBytes : 0);  // P (fp16), Q's codes in the prologue
+  static constexpr int kP = kV + kStages * kTileBytes;           // P (fp16), Q's codes in the prologue
   static constexpr int kMeanK = kP + kRows * kPitchP;          // float[DP]: the tile's token mean
-  static constexpr int kScaleV = kMeanK + DP * 4;              // float[DP]: V's FP8 scale per channel
-  static constexpr int kQm = kScaleV + DP * 4;                 // float[16]: q . mean_k
+  static constexpr int kQm = kMeanK + DP * 4;                  // float[16]: q . mean_k
   static constexpr int kScaleQ = kQm + kRows * 4;              // float[16]
   static constexpr int kBadQ = kScaleQ + kRows * 4;            // int[16]
   static constexpr int kAmax = kBadQ + kRows * 4;              // float[warps]
@@ -149,8 +144,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     decode_kernel(const DecodeArgs a, const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
   constexpr bool FP8 = PV == kPvFp8E4m3;
-  constexpr bool CONVERT_V = FP8 || BF16;
-  using L = Layout<DP, SMOOTH_Q, CONVERT_V>;
+  using L = Layout<DP, SMOOTH_Q>;
   constexpr int KS = DP / 32;          // k-steps of the INT8 mma over channels
   constexpr int KPW = kTile / kWarps;  // keys per warp (Q K^T), in n-tiles of 8
   constexpr int NKT = KPW / 8;
@@ -165,10 +159,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   char* s_k = smem + L::kK;
   char* s_v = smem + L::kV;
-  char* s_vc = smem + L::kVc;
   char* s_p = smem + L::kP;
   float* s_mean_k = reinterpret_cast<float*>(smem + L::kMeanK);
-  float* s_scale_v = reinterpret_cast<float*>(smem + L::kScaleV);
   float* s_qm = reinterpret_cast<float*>(smem + L::kQm);
   float* s_scale_q = reinterpret_cast<float*>(smem + L::kScaleQ);
   int* s_bad_q = reinterpret_cast<int*>(smem + L::kBadQ);
@@ -555,62 +547,71 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       l_row[h] = __fadd_rn(__fmul_rn(l_row[h], alpha[h]), row_sum[h]);
     }
-    // (5) V: FP8 per channel over the tile (sage2), or bf16 -> fp16 (sage1 on bf16 inputs), into s_vc;
-    // the careful sweep's guard on fp16 V in place. Each warp converts the channels it multiplies in (6)
-    char* tv_pv = CONVERT_V ? s_vc : tv;  // what P V reads
-    if (FP8 || BF16 || (CAREFUL && inv_guard != 1.f)) {
-      constexpr int kPairs = CW / 2, kGroups = 32 / kPairs, kPerLane = kTile / kGroups;
-      const int ch = warp * CW + 2 * (lane % kPairs), grp = lane / kPairs;
-      const int v_base = tile_offset(grp, ch * 2);  // rows j kGroups + grp
-      if constexpr (FP8) {
-        // V is read once into registers; |V|'s max over the tile in 16-bit pairs (exact: a max
-        // rounds nothing). max skips a NaN, which then reaches the FP8 codes (cvt keeps NaN) and
-        // pv: the split is flagged; an Inf makes the scale inf and pv = 0 * inf = NaN alike
-        using In2 = std::conditional_t<BF16, __nv_bfloat162, __half2>;
-        uint32_t vx[kPerLane];
-        uint32_t mx = 0u;
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          vx[j] = *reinterpret_cast<const uint32_t*>(tv + tile_step(v_base, j * kGroups, 0));
-          const uint32_t ax = vx[j] & 0x7FFF7FFFu;  // |v|, both halves
-          const In2 m2 = __hmax2(*reinterpret_cast<const In2*>(&mx), *reinterpret_cast<const In2*>(&ax));
-          mx = *reinterpret_cast<const uint32_t*>(&m2);
-        }
-#pragma unroll
-        for (int off = kPairs; off < 32; off <<= 1) {
-          const uint32_t other = __shfl_xor_sync(0xffffffffu, mx, off);
-          const In2 m2 = __hmax2(*reinterpret_cast<const In2*>(&mx), *reinterpret_cast<const In2*>(&other));
-          mx = *reinterpret_cast<const uint32_t*>(&m2);
-        }
-        const float2 m = pair_to_float2<In>(mx);
-        const float sv0 = __fdiv_rn(m.x, 448.f), sv1 = __fdiv_rn(m.y, 448.f);
-        const float inv0 = __frcp_rn(sv0 == 0.f ? 1.f : sv0), inv1 = __frcp_rn(sv1 == 0.f ? 1.f : sv1);
-        if (grp == 0) s_scale_v[ch] = sv0, s_scale_v[ch + 1] = sv1;
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          const float2 x = pair_to_float2<In>(vx[j]);
-          *reinterpret_cast<uint32_t*>(tv_pv + tile_step(v_base, j * kGroups, 0)) =
-              e4m3_round_trip_f16x2(__fmul_rn(x.x, inv0), __fmul_rn(x.y, inv1));
-        }
-      } else {
-        const float guard = __frcp_rn(inv_guard);  // exact: a power of two
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          const int at = tile_step(v_base, j * kGroups, 0);
-          const float2 x = pair_to_float2<In>(*reinterpret_cast<const uint32_t*>(tv + at));
-          *reinterpret_cast<uint32_t*>(tv_pv + at) = f16x2_rn(x.x * guard, x.y * guard);
-        }
-      }
-    }
-    // the careful sweep's stores into the stage (fixed K and V pieces, guarded fp16 V) come before
-    // the copy engine's refill of it (after the barrier at the top of the next tile)
+    // the careful sweep's stores into the stage (fixed K and V pieces) come before the copy engine's
+    // refill of it (after the barrier at the top of the next tile)
     if constexpr (CAREFUL) fence_proxy_async_shared();
-    __syncthreads();  // P and V in shared memory
-    // (6) P V: this warp's channels [w CW, (w+1) CW) over the 64 keys
+    __syncthreads();  // P in shared memory
+    // (5) P V: this warp's channels [w CW, (w+1) CW) over the 64 keys. V's B fragments come straight
+    // from the stage and are changed in registers: FP8 per channel over the tile (sage2), bf16 ->
+    // fp16 (sage1 on bf16 inputs), the careful sweep's guard on fp16 V. A fragment register holds
+    // two keys of one channel (channel 8 n + g of the n-tile), so a channel's max over the tile is
+    // this thread's and its quad's: no pass through shared memory, no barrier
     {
       const int mat = lane >> 3, r8 = lane & 7;
       const int c0 = warp * CW;
       constexpr bool acc16 = PV == kPvFp16Acc16;
+      constexpr int KT = kTile / 16;
+      uint32_t pa[KT][4];  // P's A fragments, one per k-step
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk)
+        ldmatrix_x4(pa[kk], s_p + (r8 + (mat & 1) * 8) * L::kPitchP + (16 * kk + (mat >> 1) * 8) * 2);
+      uint32_t vb[KT][NT][2];  // V's B fragments: keys 16 kk + 2 t4 + {0, 1} (and + 8), channel c0 + 8 n + g
+      for_each_b_fragment<CW>(tv, c0, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
+        vb[kk][n][0] = b0, vb[kk][n][1] = b1;
+      });
+      [[maybe_unused]] float scale_v[NT][2];  // FP8: V's scales of this thread's accumulator channels c0 + 8 n + 2 t4 + {0, 1}
+      if constexpr (FP8) {
+        // |V|'s max in 16-bit pairs (exact: a max rounds nothing). max skips a NaN, which then
+        // reaches the FP8 codes (cvt keeps NaN) and pv: the split is flagged; an Inf makes the scale
+        // inf and pv = 0 * inf = NaN alike
+        using In2 = std::conditional_t<BF16, __nv_bfloat162, __half2>;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          uint32_t mx = 0u;
+#pragma unroll
+          for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const uint32_t ax = vb[kk][n][r] & 0x7FFF7FFFu;  // |v|, both halves
+              const In2 m2 = __hmax2(*reinterpret_cast<const In2*>(&mx), *reinterpret_cast<const In2*>(&ax));
+              mx = *reinterpret_cast<const uint32_t*>(&m2);
+            }
+          const float2 m2 = pair_to_float2<In>(mx);
+          float m = fmaxf(m2.x, m2.y);
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+          const float sv = __fdiv_rn(m, 448.f), inv = __frcp_rn(sv == 0.f ? 1.f : sv);
+#pragma unroll
+          for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const float2 x = pair_to_float2<In>(vb[kk][n][r]);
+              vb[kk][n][r] = e4m3_round_trip_f16x2(__fmul_rn(x.x, inv), __fmul_rn(x.y, inv));
+            }
+          scale_v[n][0] = __shfl_sync(0xffffffffu, sv, 8 * t4), scale_v[n][1] = __shfl_sync(0xffffffffu, sv, 8 * t4 + 4);
+        }
+      } else if (BF16 || (CAREFUL && inv_guard != 1.f)) {
+        const float guard = __frcp_rn(inv_guard);  // exact: a power of two
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const float2 x = pair_to_float2<In>(vb[kk][n][r]);
+              vb[kk][n][r] = f16x2_rn(x.x * guard, x.y * guard);
+            }
+      }
       float pv[NT][4];
       uint32_t pv16[NT][2];
 #pragma unroll
@@ -618,17 +619,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         pv[n][0] = pv[n][1] = pv[n][2] = pv[n][3] = 0.f;
         pv16[n][0] = pv16[n][1] = 0u;
       }
-      uint32_t pa[kTile / 16][4];  // P's A fragments, one per k-step
 #pragma unroll
-      for (int kk = 0; kk < kTile / 16; ++kk)
-        ldmatrix_x4(pa[kk], s_p + (r8 + (mat & 1) * 8) * L::kPitchP + (16 * kk + (mat >> 1) * 8) * 2);
-      for_each_b_fragment<CW>(tv_pv, c0, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
-        if constexpr (acc16) {
-          mma_f16_16816_f16(pv16[n], pa[kk], b0, b1);
-        } else {
-          mma_f16_16816_f32(pv[n], pa[kk], b0, b1);
+      for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if constexpr (acc16) {
+            mma_f16_16816_f16(pv16[n], pa[kk], vb[kk][n][0], vb[kk][n][1]);
+          } else {
+            mma_f16_16816_f32(pv[n], pa[kk], vb[kk][n][0], vb[kk][n][1]);
+          }
         }
-      });
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if constexpr (acc16) {
@@ -638,7 +638,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float x = pv[n][e];
-          if constexpr (FP8) x = __fmul_rn(x, s_scale_v[c0 + 8 * n + 2 * t4 + (e & 1)]);
+          if constexpr (FP8) x = __fmul_rn(x, scale_v[n][e & 1]);
           if constexpr (CAREFUL && !FP8) x *= inv_guard;  // exact
           acc[n][e] = __fadd_rn(__fmul_rn(acc[n][e], alpha[e >> 1]), x);
         }
@@ -772,7 +772,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
-  constexpr int bytes = Layout<DP, SMOOTH_Q, PV == kPvFp8E4m3 || BF16>::kBytes;
+  constexpr int bytes = Layout<DP, SMOOTH_Q>::kBytes;
   auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q>;
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, bytes, reserved, "decode");
