@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -190,14 +189,9 @@ def load():
 
 def hopper(device) -> bool:
     """The kernels are built for sm_90a: Hopper GPUs only."""
-    return device.type == "cuda" and _capability(device.index)[0] == 9
+    from .checks import device_capability
 
-
-@functools.lru_cache(maxsize=None)
-def _capability(index) -> tuple[int, int]:  # per call it would cost host time on every attention call
-    import torch
-
-    return torch.cuda.get_device_capability(index)
+    return device.type == "cuda" and device_capability(device)[0] == 9
 
 
 def usable_for_auto(device, who: str) -> bool:

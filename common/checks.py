@@ -7,6 +7,7 @@ inside a kernel or a silently wrong result.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -91,6 +92,17 @@ def check_attention_inputs(q, k, v, tensor_layout: str = "HND", *, max_head_dim:
     return AttentionShape(B, Hq, Hkv, Nq, Nk, D, tensor_layout)
 
 
+def device_capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (cached: torch's query costs ~20 us of
+    host time, paid on every attention call otherwise)."""
+    return _capability(torch.device(device).index if not isinstance(device, torch.device) else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def resolve_sm_scale(sm_scale, head_dim: int) -> float:
     """``sm_scale`` or its default ``1/sqrt(head_dim)``; must be a finite positive number."""
     if sm_scale is None:
@@ -130,7 +142,7 @@ def resolve_backend(backend: str, device: torch.device, allowed=("auto", "triton
         if device.type == "cuda":
             if interpreter_enabled():
                 return "triton"
-            major, _ = torch.cuda.get_device_capability(device)
+            major, _ = device_capability(device)
             if major < 8:
                 raise ValueError(f"backend='triton' needs a GPU of compute capability 8.0 or newer, got {major}.x; use backend='torch'")
             return "triton"

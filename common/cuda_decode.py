@@ -21,6 +21,14 @@ import contextlib
 
 import torch
 
+# the current stream's handle without building a torch.cuda.Stream (~5 us of host time each)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream_handle(index: int) -> int:
+    return _raw_stream(index) if _raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
+
+
 ROWS = 16                 # query rows per program in the kernel
 HEAD_DIMS = (64, 128)
 PV_CODES = {"fp16_acc16": 0, "fp16_acc32": 1, "fp8_e4m3": 2}  # csrc/decode/split_kv.h DecodePv
@@ -44,45 +52,56 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
     if rows > ROWS:
         return f"{rows} query rows per KV head (at most {ROWS})"
     for name, t in (("k", kh), ("v", vh)):  # the copy engine reads [B, Hkv, Nk] rows of 16-byte multiples
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
-                size > 1 and (stride <= 0 or stride % 8) for size, stride in zip(t.shape[:3], t.stride()[:3])):
+        size, stride = t.shape, t.stride()
+        if stride[3] != 1 or t.data_ptr() % 16 or any(
+                size[i] > 1 and (stride[i] <= 0 or stride[i] % 8) for i in range(3)):
             return f"{name}'s rows are not 16-byte aligned (pointer, and strides of batch, heads and keys)"
     return None
 
 
-# Each eager call's scratch (the splits' partial outputs and LSEs, and the counters by which the last
-# split of a KV head knows it is last) is kept per (device, stream): calls on one stream run one after
-# another, and the merging program leaves its counter at zero, so a call needs neither allocations
-# nor a fill (cProfile put them first among our host costs per call on the H100's host, 2026-11-22;
-# eager decode is host-bound below ~8k keys). Under CUDA-graph capture or torch.compile each call
-# gets its own: a captured graph may be replayed beside eager calls on another stream.
-# clear_workspaces() frees them. The key is the stream's handle: a stream destroyed with this work
-# still queued, whose handle a new stream then gets, would share it (torch's own streams come from
-# pools and are never destroyed).
+# The scratch of a call (the splits' partial outputs and LSEs, and the counters by which the last
+# split of a KV head knows it is last) costs host time: eager decode below ~16k keys is bound by it
+# (cProfile put allocations and the counters' fill first among our host costs on the H100's host,
+# 2026-11-22). So:
+# * eager calls keep it per (device, stream): calls on one stream run one after another, and the
+#   merging program leaves its counter at zero, so a call needs neither allocations nor a fill. The
+#   key is the stream's handle: a stream destroyed with this work still queued, whose handle a new
+#   stream then gets, would share it (torch's own streams come from pools and are never destroyed);
+# * a call captured into a CUDA graph gets its own partials (from the graph's pool) and its own
+#   counters: a slice of a per-device pool zeroed once, before any capture, never handed out again
+#   (so no fill kernel is captured; the counters are back at zero after every replay). A graph may be
+#   replayed beside eager calls on another stream, so it shares nothing with them. When the pool is
+#   used up, or was not there before the capture began, the counters are filled in the graph;
+# * under torch.compile each call allocates its own.
+# clear_workspaces() frees the per-stream scratch (the capture pool stays: graphs may hold slices).
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_CAPTURE_COUNTERS: dict[int, list] = {}  # device index -> [zeroed int32 pool, first unused entry]
+CAPTURE_POOL = 1 << 18                  # counters for captured calls, per device (1 MB)
 
 
-def workspace(device: torch.device, splits: int, bh: int, rows: int, dp: int):
-    """``part_out`` [splits, bh, rows, dp] and ``part_lse`` [splits, bh, rows] (fp32, scratch) and
-    ``counters`` [bh] (int32, zero) for one call on the current stream of ``device``."""
-    n_out, n_lse = splits * bh * rows * dp, splits * bh * rows
-    fresh = torch.compiler.is_compiling()
-    if not fresh:
-        with on_device(device):  # the capture check reads the current device's stream
-            fresh = torch.cuda.is_current_stream_capturing()
-    if fresh:
-        scratch = torch.empty(n_out + n_lse, dtype=torch.float32, device=device)
-        counters = torch.zeros(bh, dtype=torch.int32, device=device)
-    else:
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-        scratch, counters = _WORKSPACES.get(key, (None, None))
-        if scratch is None or scratch.numel() < n_out + n_lse:
-            scratch = torch.empty(max(n_out + n_lse, 1 << 16), dtype=torch.float32, device=device)
+def _capture_counters(device: torch.device, bh: int) -> torch.Tensor:
+    """``bh`` zeroed counters for a call being captured into a CUDA graph (see above)."""
+    pool = _CAPTURE_COUNTERS.get(device.index)
+    if pool is None or pool[1] + bh > pool[0].numel():
+        return torch.zeros(bh, dtype=torch.int32, device=device)  # captured: a fill per replay
+    pool[1] += bh
+    return pool[0][pool[1] - bh:pool[1]]
+
+
+def _eager_scratch(device: torch.device, n: int, bh: int):
+    """(fp32 scratch of at least ``n``, ``bh`` zeroed counters) for an eager call on the current stream."""
+    key = (device.index, current_stream_handle(device.index))
+    scratch, counters = _WORKSPACES.get(key, (None, None))
+    if scratch is None or scratch.numel() < n or counters.numel() < bh:
+        if device.index not in _CAPTURE_COUNTERS:  # zeroed and finished before any capture can use it
+            _CAPTURE_COUNTERS[device.index] = [torch.zeros(CAPTURE_POOL, dtype=torch.int32, device=device), 0]
+            torch.cuda.synchronize(device)
+        if scratch is None or scratch.numel() < n:
+            scratch = torch.empty(max(n, 1 << 16), dtype=torch.float32, device=device)
         if counters is None or counters.numel() < bh:  # a new, larger one starts at zero too
             counters = torch.zeros(max(bh, 1024), dtype=torch.int32, device=device)
         _WORKSPACES[key] = (scratch, counters)
-    return (scratch[:n_out].view(splits, bh, rows, dp), scratch[n_out:n_out + n_lse].view(splits, bh, rows),
-            counters[:bh])
+    return scratch, counters
 
 
 def on_device(device: torch.device):
@@ -119,38 +138,49 @@ def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters):
                          "[B*Hkv]")
 
 
-def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-               part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, rows_per_head: int,
-               tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool,
-               smooth_q: bool, causal: bool, pv: int) -> None:
+def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+               splits: int, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int,
+               k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int) -> None:
     """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
-    or empty): one launch. ``part_out``/``part_lse`` are scratch for the splits, ``counters`` a
-    zeroed int32 per KV head (the last split of a KV head to finish merges all of them; it leaves
-    the counter at zero). Under tracing this is the custom op :func:`decode`, which checks its
-    arguments; eager calls from common.decode (whose tensors are made to fit) launch directly: the
-    op's dispatch and checks cost ~0.1 ms of host time per call, as much as the kernel at 16k keys."""
-    args = (q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
-            qmax, k_per_token, smooth_k, smooth_q, causal, pv)
+    or None) in one launch over ``splits`` splits of ``tiles_per_split`` tiles per KV head, with
+    the scratch described above. Under tracing this is the custom op :func:`decode`, which checks
+    its arguments; eager calls from common.decode (whose tensors are made to fit) launch directly:
+    the op's dispatch and checks cost ~0.1 ms of host time per call, as much as the kernel at 16k keys."""
+    B, Hkv, D = k.shape[0], k.shape[1], k.shape[3]
+    bh = B * Hkv
+    n_out, n_lse = splits * bh * ROWS * D, splits * bh * ROWS
+    scalars = (rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv)
     if torch.compiler.is_compiling():
-        decode(*args)
-    else:
-        _launch(*args)
+        lse = torch.empty(0, dtype=torch.float32, device=q.device) if lse is None else lse
+        part_out = torch.empty(splits, bh, ROWS, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, bh, ROWS, dtype=torch.float32, device=q.device)
+        counters = torch.zeros(bh, dtype=torch.int32, device=q.device)
+        decode(q, k, v, out, lse, part_out, part_lse, counters, *scalars)
+        return
+    with on_device(q.device):  # the launch, the stream and the capture check are the current device's
+        if torch.cuda.is_current_stream_capturing():
+            scratch, counters = torch.empty(n_out + n_lse, dtype=torch.float32, device=q.device), \
+                _capture_counters(q.device, bh)
+        else:
+            scratch, counters = _eager_scratch(q.device, n_out + n_lse, bh)
+        part = scratch.data_ptr()
+        _launch(q, k, v, out, 0 if lse is None else lse.data_ptr(), part, part + 4 * n_out, counters.data_ptr(),
+                splits, *scalars)
 
 
-def _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
-            qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, splits, rows_per_head, tiles_per_split,
+            qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+    """The extension's launch on the current device and stream (pointers for the scratch and lse)."""
     from . import build
 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    with on_device(q.device):  # the launch goes to the current device
-        build.load().decode_forward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.data_ptr(), out.stride(0), out.stride(1),
-            out.stride(2), lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
-            counters.data_ptr(), B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, part_out.shape[0],
-            qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv,
-            torch.cuda.current_stream(q.device).cuda_stream)
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    build.load().decode_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+        out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, B, Hkv, Nq, Nk, D,
+        Hq // Hkv, rows_per_head, tiles_per_split, splits, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,
+        causal, q.dtype == torch.bfloat16, pv, current_stream_handle(q.device.index))
 
 
 @torch.library.custom_op("sageattn_repro::decode", mutates_args=("out", "lse", "part_out", "part_lse", "counters"))
@@ -160,8 +190,10 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
            smooth_q: bool, causal: bool, pv: int) -> None:
     """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op."""
     _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters)
-    _launch(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale,
-            qmax, k_per_token, smooth_k, smooth_q, causal, pv)
+    with on_device(q.device):
+        _launch(q, k, v, out, lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
+                counters.data_ptr(), part_out.shape[0], rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
+                k_per_token, smooth_k, smooth_q, causal, pv)
 
 
 @decode.register_fake

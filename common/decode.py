@@ -39,6 +39,7 @@ the prefill path, as do calls with more queries.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,10 +116,15 @@ def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: Deco
     return "cuda" if build.usable_for_auto(qh.device, who) else "triton"
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:  # per call it costs host time on every decode call
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
     """Tiles per split: about PROGRAMS_PER_SM programs per SM (132 SMs assumed off-GPU)."""
     n_tiles = -(-n_k // DECODE_TILE)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device.index) if device.type == "cuda" else 132
     splits = max(1, min(n_tiles, (PROGRAMS_PER_SM * sms) // max(1, batch_kv_heads * row_tiles)))
     return -(-n_tiles // splits)
 
@@ -137,23 +143,22 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         out_hnd.copy_(out)
         return lse if return_lse else None
 
+    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
+    n_tiles = -(-Nk // DECODE_TILE)
+    splits = -(-n_tiles // tps)
+    if backend == "cuda":  # the same algorithm in one CUDA launch (common.cuda_decode)
+        from .cuda_decode import PV_CODES, run_decode
+
+        lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=qh.device) if return_lse else None
+        run_decode(qh, kh, vh, out_hnd, lse, splits, nqp, tps, sm_scale * LOG2E, LOG2_P_SCALE.get(spec.pv, 0.0),
+                   spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q, is_causal, PV_CODES[spec.pv])
+        return lse
+
     from .checks import interpreter_enabled
     from .triton_decode import decode_combine_kernel, decode_split_kernel
 
-    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     dp = padded_head_dim(D)
-    n_tiles = -(-Nk // DECODE_TILE)
-    splits = -(-n_tiles // tps)
     rows_total = row_tiles * block_m
-    if backend == "cuda":  # the same algorithm in one CUDA launch (common.cuda_decode)
-        from .cuda_decode import PV_CODES, run_decode, workspace
-
-        lse = torch.empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32, device=qh.device)
-        part_o, part_l, counters = workspace(qh.device, splits, B * Hkv, rows_total, dp)
-        run_decode(qh, kh, vh, out_hnd, lse, part_o, part_l, counters, nqp, tps, sm_scale * LOG2E,
-                   LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q,
-                   is_causal, PV_CODES[spec.pv])
-        return lse if return_lse else None
     part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
     part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from common.checks import device_capability
 from common.masking import MASK_NONE, NO_MASK, kernel_args
 from common.range_guard import guard_scales_tl
 from common.triton_attention import (
@@ -174,7 +175,7 @@ def use_descriptors(*tensors) -> bool:
     """Tensor-descriptor (TMA) loads on Hopper and newer; pointer loads elsewhere. The CPU
     interpreter runs the descriptor path too (it zero-fills out-of-range boxes like TMA)."""
     dev = tensors[0].device
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
+    if dev.type == "cuda" and device_capability(dev)[0] < 9:
         return False
     return _has_descriptors() and tma_compatible(*tensors)
 

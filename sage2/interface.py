@@ -8,6 +8,7 @@ import torch
 
 from common import nonfinite
 from common.api import natural_lse, start_call, validate_call
+from common.checks import device_capability
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
@@ -75,7 +76,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         backends=BACKENDS)
     if be == "cuda":
         cuda_kernel.check_cuda_device(q.device)
-    if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and torch.cuda.get_device_capability(q.device) < (8, 9):
+    if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and device_capability(q.device) < (8, 9):
         raise ValueError("pv_dtype='fp8_*' with backend='triton' needs FP8 tensor cores (compute capability 8.9+); "
                          "use pv_dtype='fp16' or backend='torch'")
     if smooth_q is None:

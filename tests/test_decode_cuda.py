@@ -221,13 +221,19 @@ def test_cuda_sweep_at_a_real_decode_size(fn, monkeypatch):
 def test_cuda_decode_op_and_graph_capture(monkeypatch):
     q, k, v = make_qkv(2, 8, 1, 128, heads_kv=2, seqlen_k=3000, kind="k_bias", device="cuda", seed=9)
     eager, lse = sage1.sageattn(q, k, v, return_lse=True)
+    pool, first = cuda_decode._CAPTURE_COUNTERS[q.device.index]  # zeroed by the eager call, before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured, captured_lse = sage1.sageattn(q, k, v, return_lse=True)
-    graph.replay()
-    graph.replay()  # the per-KV-head counters start at zero again on every replay
-    torch.cuda.synchronize()
+    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + 2 * 2  # its own B * Hkv counters
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        graph.replay()  # the per-KV-head counters start at zero again on every replay
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2 and all("decode_kernel" in name for name in kernels), kernels  # no fill captured
     assert torch.equal(captured, eager) and torch.equal(captured_lse, lse)
+    assert int(pool[first:first + 4].abs().sum()) == 0
     B, Hkv, splits = 2, 2, 3
     args = (q, k, v, torch.empty_like(q), torch.empty(2, 8, 1, device="cuda"),
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
