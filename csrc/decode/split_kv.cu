@@ -193,16 +193,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       tma_load_4d(s_v + stage * L::kTileBytes + box * kBoxBytes, &map_v, &s_bar[stage], box * 128, start, hk, b);
     }
   };
-  auto prime = [&]() {  // stages 0 .. kStages - 2; the last stays free (Q smoothing's scratch)
+  auto issue_stages = [&](int lo, int hi) {  // thread 0: tiles lo .. hi - 1 of the split into their stages
     if (tid == 0)
-      for (int s = 0; s < kStages - 1 && s < n_tiles; ++s) load_tile(s, t_begin + s * kTile);
+      for (int s = lo; s < hi && s < n_tiles; ++s) load_tile(s, t_begin + s * kTile);
+  };
+  // thread 0: the tile kStages tiles after the one at `start` into its stage, once every warp has
+  // read that stage (the barrier in (4)): the refill starts while the tile's softmax and P V run
+  auto refill = [&](int stage, int start) {
+    if (tid == 0 && start + kStages * kTile < t_end) load_tile(stage, start + kStages * kTile);
   };
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&s_bar[s], 1);
     fence_barrier_init();
   }
   __syncthreads();
-  prime();
+  issue_stages(0, kStages - 1);  // the last stage stays free: Q smoothing's scratch in the prologue
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
@@ -323,6 +328,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           if (bad) *piece = x, s_key_bad[r] = 1;
         }
       }
+      fence_proxy_async_shared();  // these stores into the stage come before the copy engine refills it
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) vmax = fmaxf(vmax, __shfl_xor_sync(0xffffffffu, vmax, off));
       if (lane == 0) s_amax[warp] = vmax;
@@ -400,6 +406,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
       amax[kk] = fmaxf(m2[0], m2[1]);
     }
+    // V's B fragments for (5), read now so that the stage is free after the barrier in (4):
+    // keys 16 kk + 2 t4 + {0, 1} (and + 8), channel warp CW + 8 n + g
+    constexpr int KT = kTile / 16;
+    uint32_t vb[KT][NT][2];
+    for_each_b_fragment<CW>(tv, warp * CW, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
+      vb[kk][n][0] = b0, vb[kk][n][1] = b1;
+    });
     if constexpr (SMOOTH_Q) {
       // (2b) mean_q . (K - mean_k) per head and key in fp32 (the emulation's ~fp32 product), for this
       // warp's keys: partial sums over this thread's channels, the quad's sum, then shared memory
@@ -507,7 +520,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
       if (t4 == 0) s_row_max[warp * kRows + g + 8 * h] = mx[h];
     }
-    __syncthreads();  // s_row_max, s_qm
+    __syncthreads();  // s_row_max, s_qm; and every warp is done reading this stage
+    refill(stage, start);
     float alpha[2], shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -547,29 +561,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       l_row[h] = __fadd_rn(__fmul_rn(l_row[h], alpha[h]), row_sum[h]);
     }
-    // the careful sweep's stores into the stage (fixed K and V pieces) come before the copy engine's
-    // refill of it (after the barrier at the top of the next tile)
-    if constexpr (CAREFUL) fence_proxy_async_shared();
     __syncthreads();  // P in shared memory
-    // (5) P V: this warp's channels [w CW, (w+1) CW) over the 64 keys. V's B fragments come straight
-    // from the stage and are changed in registers: FP8 per channel over the tile (sage2), bf16 ->
-    // fp16 (sage1 on bf16 inputs), the careful sweep's guard on fp16 V. A fragment register holds
-    // two keys of one channel (channel 8 n + g of the n-tile), so a channel's max over the tile is
-    // this thread's and its quad's: no pass through shared memory, no barrier
+    // (5) P V: this warp's channels [w CW, (w+1) CW) over the 64 keys. V's B fragments (read in (2))
+    // are changed in registers: FP8 per channel over the tile (sage2), bf16 -> fp16 (sage1 on bf16
+    // inputs), the careful sweep's guard on fp16 V. A fragment register holds two keys of one channel
+    // (channel 8 n + g of the n-tile), so a channel's max over the tile is this thread's and its
+    // quad's: no pass through shared memory, no barrier
     {
       const int mat = lane >> 3, r8 = lane & 7;
-      const int c0 = warp * CW;
       constexpr bool acc16 = PV == kPvFp16Acc16;
-      constexpr int KT = kTile / 16;
       uint32_t pa[KT][4];  // P's A fragments, one per k-step
 #pragma unroll
       for (int kk = 0; kk < KT; ++kk)
         ldmatrix_x4(pa[kk], s_p + (r8 + (mat & 1) * 8) * L::kPitchP + (16 * kk + (mat >> 1) * 8) * 2);
-      uint32_t vb[KT][NT][2];  // V's B fragments: keys 16 kk + 2 t4 + {0, 1} (and + 8), channel c0 + 8 n + g
-      for_each_b_fragment<CW>(tv, c0, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
-        vb[kk][n][0] = b0, vb[kk][n][1] = b1;
-      });
-      [[maybe_unused]] float scale_v[NT][2];  // FP8: V's scales of this thread's accumulator channels c0 + 8 n + 2 t4 + {0, 1}
+      [[maybe_unused]] float scale_v[NT][2];  // FP8: V's scales of this thread's accumulator channels warp CW + 8 n + 2 t4 + {0, 1}
       if constexpr (FP8) {
         // |V|'s max in 16-bit pairs (exact: a max rounds nothing). max skips a NaN, which then
         // reaches the FP8 codes (cvt keeps NaN) and pv: the split is flagged; an Inf makes the scale
@@ -650,14 +655,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     m_row[0] = m_row[1] = -kInf, l_row[0] = l_row[1] = 0.f, k_check = 0.f, bad_kv[0] = bad_kv[1] = 0;
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    if (!primed) prime();
+    // every stage holds a tile or has one coming (the prologue kept the last free for its scratch);
+    // each tile refills its own stage in (4)
+    if (primed) {
+      issue_stages(kStages - 1, kStages);
+    } else {
+      issue_stages(0, kStages);
+    }
     for (int it = 0; it < n_tiles; ++it) {
-      __syncthreads();  // every warp is done with the stage refilled next
-      if (tid == 0 && it + kStages - 1 < n_tiles) load_tile((it + kStages - 1) % kStages, t_begin + (it + kStages - 1) * kTile);
       mbar_wait(&s_bar[it % kStages], (phase >> (it % kStages)) & 1);
       phase ^= 1u << (it % kStages);
       const int start = t_begin + it * kTile;
 #ifdef SAGE_DECODE_LOAD_ONLY  // measurement: the copies alone, the floor of this data movement (output garbage)
+      __syncthreads();
+      refill(it % kStages, start);
       continue;
 #endif
       if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
