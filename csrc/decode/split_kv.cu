@@ -6,15 +6,16 @@
 //   * the copy engine (TMA) brings each 64-key tile of K and V (fp16/bf16, as the caller stores them)
 //     into shared memory, in 64-row x 128-byte boxes with the 128-byte swizzle, completing on one
 //     mbarrier per stage: one thread issues them, so no warp spends instructions on copies. Two
-//     tiles in flight per program (one split of one KV head), two programs per SM; the first tile is
-//     asked for before Q is read;
+//     stages per program (one split of one KV head), two programs per SM; the first tile is asked
+//     for before Q is read, and each tile refills its stage as soon as every warp has read it (K in
+//     the quantization, V's fragments with it), while its softmax and P V still run;
 //   * 4 warps quantize the tile from shared memory: K's token mean over the tile (channel sums as
 //     ones x K on the tensor cores), K - mean to INT8/INT4 codes with one scale per tile or per token,
 //     straight into mma.sync B fragments; INT8 Q K^T on mma.sync m16n8k32 (16 query rows: every
 //     query head of the KV head);
 //   * the online softmax over the tile (one row max shared through shared memory, so P is rounded
 //     exactly as the emulation rounds it), P to fp16 or to FP8 E4M3 (kept as exact fp16) in shared
-//     memory; V to FP8 per channel per tile (sage2) into a buffer beside the stages;
+//     memory; V to FP8 per channel per tile (sage2) in registers, on its mma fragments;
 //   * P V on mma.sync m16n8k16, each warp a quarter of the channels over all 64 keys, summed in fp16
 //     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator;
 //   * Q smoothing (sage2's INT4 default): Q minus each head's mean over its queries is what gets
@@ -46,7 +47,7 @@ constexpr int kRows = 16;     // query rows per program: (query heads of a KV he
 // Tuning builds override these (SAGE_NVCC_FLAGS="-DSAGE_DECODE_STAGES=3 ...", common/build.py;
 // experiments/decode_variants.py times such builds side by side). Measured on the H100, sage1 at 16k:
 // 3 stages 4% slower than 2, three programs per SM or 8 warps no faster (DECODE_NOTES.md, c4, with
-// cp.async); with TMA 3 stages 3% slower, before shared memory was read by LDS again (c6).
+// cp.async); with TMA 3 stages 1-3% slower (c6, c8).
 #ifndef SAGE_DECODE_WARPS
 #define SAGE_DECODE_WARPS 4
 #endif
