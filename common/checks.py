@@ -95,12 +95,23 @@ def check_attention_inputs(q, k, v, tensor_layout: str = "HND", *, max_head_dim:
 def device_capability(device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device (cached: torch's query costs ~20 us of
     host time, paid on every attention call otherwise)."""
-    return _capability(torch.device(device).index if not isinstance(device, torch.device) else device.index)
+    return _properties(_index(device))[0]
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached, as :func:`device_capability`)."""
+    return _properties(_index(device))[1]
+
+
+def _index(device) -> int:
+    index = (device if isinstance(device, torch.device) else torch.device(device)).index
+    return torch.cuda.current_device() if index is None else index
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
 def resolve_sm_scale(sm_scale, head_dim: int) -> float:

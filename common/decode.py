@@ -39,12 +39,12 @@ the prefill path, as do calls with more queries.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .checks import sm_count
 from .int_qk import padded_head_dim
 from .masking import MASK_NONE, MaskSpec, dense_mask, kernel_args
 from .mma import fp16_accumulated_matmul
@@ -116,15 +116,10 @@ def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: Deco
     return "cuda" if build.usable_for_auto(qh.device, who) else "triton"
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index) -> int:  # per call it costs host time on every decode call
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
     """Tiles per split: about PROGRAMS_PER_SM programs per SM (132 SMs assumed off-GPU)."""
     n_tiles = -(-n_k // DECODE_TILE)
-    sms = _sm_count(device.index) if device.type == "cuda" else 132
+    sms = sm_count(device) if device.type == "cuda" else 132
     splits = max(1, min(n_tiles, (PROGRAMS_PER_SM * sms) // max(1, batch_kv_heads * row_tiles)))
     return -(-n_tiles // splits)
 

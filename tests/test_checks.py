@@ -85,3 +85,24 @@ def test_varlen_with_empty_sequences():
     cu_k0 = torch.tensor([0, 9, 9], dtype=torch.int32)  # the second sequence has no keys: zeros
     out = sage1.sageattn_varlen(q, k, v, cu_q, cu_k0, 7, 9, backend="torch")
     assert (out == 0).all()
+
+
+def test_device_properties_are_queried_once_per_device(monkeypatch):
+    """common.checks.device_capability / sm_count: torch's query costs host time on every attention
+    call, so they are cached per device index (a device without an index means the current one)."""
+    from types import SimpleNamespace
+
+    from common import checks
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: asked.append(i) or SimpleNamespace(major=9, minor=i, multi_processor_count=100 + i))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    checks._properties.cache_clear()
+    try:
+        assert checks.device_capability(torch.device("cuda", 1)) == (9, 1)
+        assert checks.sm_count("cuda:1") == 101
+        assert checks.device_capability("cuda") == (9, 2) and checks.sm_count(torch.device("cuda")) == 102
+        assert asked == [1, 2]
+    finally:
+        checks._properties.cache_clear()

@@ -245,7 +245,7 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
 @gpu
 @hopper
 def test_cuda_sweep_reuses_its_scratch_across_calls_and_streams(monkeypatch):
-    """Eager calls keep their scratch per stream (common.cuda_decode.workspace): calls with different
+    """Eager calls keep their scratch per stream (common.cuda_decode._eager_scratch): calls with different
     split plans one after another, on the default stream and on a second one, each match their
     emulation, and every counter is back at zero (one left over would skip or repeat a merge)."""
     calls = _spy(monkeypatch)
