@@ -71,8 +71,8 @@ __device__ __forceinline__ int tile_offset(int row, int byte) {  // byte: within
   return (byte >> 7) * kBoxBytes + row * 128 + ((((byte >> 4) & 7) ^ (row & 7)) << 4) + (byte & 15);
 }
 // tile_offset(r + R, b + B) from base = tile_offset(r, b), for the loops' compile-time steps R and
-// B: one XOR and a constant, where computing it afresh costs ~5 integer instructions per access (the
-// FP8 V pass alone makes 96 per thread and tile). Valid when r % 8 and R % 8 share no bits, b's and
+// B: one XOR and a constant, where computing it afresh costs ~5 integer instructions per access (K's
+// reads in (2) make 16 per thread and tile). Valid when r % 8 and R % 8 share no bits, b's and
 // B's 16-byte chunks share no bits, B % 16 == 0 and b + B stays in b's 128-byte box.
 __device__ __forceinline__ int tile_step(int base, int R, int B) {
   return (base ^ ((((B >> 4) & 7) ^ (R & 7)) << 4)) + (B >> 7) * kBoxBytes + R * 128;
@@ -102,7 +102,7 @@ struct Layout {
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
   static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0, "aligned reads of the means, the barriers");
   static_assert(kRows * DP * 4 <= kTileBytes, "smooth_q's scratch for Q must fit in one stage of K");
-  static_assert(kStages >= 2, "the loop refills the stage of the tile before");
+  static_assert(kStages >= 2, "a tile is copied while the one before is computed");
 };
 
 
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int KS = DP / 32;          // k-steps of the INT8 mma over channels
   constexpr int KPW = kTile / kWarps;  // keys per warp (Q K^T), in n-tiles of 8
   constexpr int NKT = KPW / 8;
-  constexpr int CW = DP / kWarps;      // channels per warp (K sums, V pass, P V)
+  constexpr int CW = DP / kWarps;      // channels per warp (K sums, P V)
   constexpr int NT = CW / 8;           // n-tiles of P V per warp
   constexpr int TPR = kThreads / kRows;  // threads per Q row in the prologue and for q . mean_k
   constexpr int QC = DP / TPR;
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       float* scratch = reinterpret_cast<float*>(s_k + (kStages - 1) * L::kTileBytes);
 #pragma unroll
       for (int j = 0; j < QC; ++j) scratch[row * DP + part * QC + j] = q[j];
-      fence_proxy_async_shared();  // before the copy engine refills the stage (the first tile's top)
+      fence_proxy_async_shared();  // before the copy engine fills the stage (at the fast sweep's start)
       __syncthreads();
       amax = 0.f;
 #pragma unroll
