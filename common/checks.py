@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +19,7 @@ LAYOUTS = ("HND", "NHD")
 MAX_HEAD_DIM = 256
 
 
-@dataclass(frozen=True)
-class AttentionShape:
+class AttentionShape(NamedTuple):  # a tuple: built on every call, ~5x cheaper than a frozen dataclass
     batch: int
     heads_q: int
     heads_kv: int
