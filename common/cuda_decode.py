@@ -37,12 +37,13 @@ PV_CODES = {"fp16_acc16": 0, "fp16_acc32": 1, "fp8_e4m3": 2}  # csrc/decode/spli
 def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask, rows: int) -> str | None:
     """Why the CUDA sweep cannot run this decode call (None: it can). ``rows``: query heads per KV
     head x padded queries."""
-    if spec.smooth_q and not spec.k_per_token:
-        return "smooth_q=True with per-block K scales"
-    from . import decode
+    if spec.smooth_q:
+        if not spec.k_per_token:
+            return "smooth_q=True with per-block K scales"
+        from . import decode
 
-    if spec.smooth_q and decode.DELTA_PRECISION != "tf32x3":  # the kernel's product is fp32, not one TF32 pass
-        return f"smooth_q=True with DELTA_PRECISION={decode.DELTA_PRECISION!r}"
+        if decode.DELTA_PRECISION != "tf32x3":  # the kernel's product is fp32, not one TF32 pass
+            return f"smooth_q=True with DELTA_PRECISION={decode.DELTA_PRECISION!r}"
     if spec.pv not in PV_CODES:
         return f"P V as {spec.pv}"
     if mask.has_lens:
@@ -52,11 +53,15 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
     if rows > ROWS:
         return f"{rows} query rows per KV head (at most {ROWS})"
     for name, t in (("k", kh), ("v", vh)):  # the copy engine reads [B, Hkv, Nk] rows of 16-byte multiples
-        size, stride = t.shape, t.stride()
-        if stride[3] != 1 or t.data_ptr() % 16 or any(
-                size[i] > 1 and (stride[i] <= 0 or stride[i] % 8) for i in range(3)):
+        (batch, heads, keys, _), (sb, sh, sn, sd) = t.shape, t.stride()
+        if sd != 1 or t.data_ptr() % 16 or _unusable(batch, sb) or _unusable(heads, sh) or _unusable(keys, sn):
             return f"{name}'s rows are not 16-byte aligned (pointer, and strides of batch, heads and keys)"
     return None
+
+
+def _unusable(size: int, stride: int) -> bool:
+    """A dimension whose stride TMA cannot take (a size-1 one gets the packed stride in the launch)."""
+    return size > 1 and (stride <= 0 or stride % 8 != 0)
 
 
 # The scratch of a call (the splits' partial outputs and LSEs, and the counters by which the last

@@ -39,6 +39,7 @@ the prefill path, as do calls with more queries.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -82,6 +83,7 @@ def use_decode(n_q: int, mask: MaskSpec, spec: DecodeSpec | None) -> bool:
     return spec is not None and n_q <= DECODE_MAX_QUERIES and mask.kind == MASK_NONE
 
 
+@functools.lru_cache(maxsize=256)  # pure, and asked twice on every call
 def _row_layout(group: int, n_q: int):
     """(NQP, BLOCK_M, row tiles): rows R = g * NQP + i, NQP = next power of two >= Nq."""
     nqp = 1 << max(0, (n_q - 1).bit_length())
