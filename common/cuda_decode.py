@@ -17,17 +17,9 @@ Q smoothing with per-block K scales, FP8 E5M2 and per-sequence lengths run the T
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-# the current stream's handle without building a torch.cuda.Stream (~5 us of host time each)
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def current_stream_handle(index: int) -> int:
-    return _raw_stream(index) if _raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
-
+from .build import current_stream_handle, load, on_device
 
 ROWS = 16                 # query rows per program in the kernel
 HEAD_DIMS = (64, 128)
@@ -109,12 +101,6 @@ def _eager_scratch(device: torch.device, n: int, bh: int):
     return scratch, counters
 
 
-def on_device(device: torch.device):
-    """A context that makes ``device`` current where it is not: the kernel launches on the current
-    device, and the capture check reads its stream."""
-    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
-
-
 def clear_workspaces() -> None:
     """Free the decode scratch kept per (device, stream) (it is small: ~2 MB at B*Hkv = 32)."""
     _WORKSPACES.clear()
@@ -176,12 +162,10 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
 def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, splits, rows_per_head, tiles_per_split,
             qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
     """The extension's launch on the current device and stream (pointers for the scratch and lse)."""
-    from . import build
-
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
-    build.load().decode_forward(
+    load().decode_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, B, Hkv, Nq, Nk, D,
         Hq // Hkv, rows_per_head, tiles_per_split, splits, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,

@@ -105,15 +105,19 @@ def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.
     Hkv, Nk = k_codes.shape[1], k_codes.shape[2]
     D = out.shape[-1]
     lse = torch.empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32, device=out.device)
-    extension().sage2_sm90_forward(
-        q_codes=q_codes.data_ptr(), k_codes=k_codes.data_ptr(), v_codes=v_codes.data_ptr(),
-        q_scale=q_scale.data_ptr(), k_scale=k_scale.data_ptr(), v_scale=v_scale.data_ptr(),
-        out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1), out_stride_n=out.stride(2),
-        lse=lse.data_ptr() if return_lse else 0,
-        q_bad=q_bad.data_ptr() if q_bad is not None else 0, first_bad=first_bad.data_ptr() if first_bad is not None else 0,
-        batch=B, heads_q=Hq, heads_kv=Hkv, seqlen_q=Nq, seqlen_k=Nk, npad=v_codes.shape[-1], head_dim=D,
-        padded_head_dim=DP, causal=causal, out_bf16=out.dtype == torch.bfloat16,
-        stream=torch.cuda.current_stream(out.device).cuda_stream)
+    from common import build
+
+    with build.on_device(out.device):  # the launch goes to the current device
+        extension().sage2_sm90_forward(
+            q_codes=q_codes.data_ptr(), k_codes=k_codes.data_ptr(), v_codes=v_codes.data_ptr(),
+            q_scale=q_scale.data_ptr(), k_scale=k_scale.data_ptr(), v_scale=v_scale.data_ptr(),
+            out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1), out_stride_n=out.stride(2),
+            lse=lse.data_ptr() if return_lse else 0,
+            q_bad=q_bad.data_ptr() if q_bad is not None else 0,
+            first_bad=first_bad.data_ptr() if first_bad is not None else 0,
+            batch=B, heads_q=Hq, heads_kv=Hkv, seqlen_q=Nq, seqlen_k=Nk, npad=v_codes.shape[-1], head_dim=D,
+            padded_head_dim=DP, causal=causal, out_bf16=out.dtype == torch.bfloat16,
+            stream=build.current_stream_handle(out.device.index))
     return lse
 
 
