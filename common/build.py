@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 MODULE = "_sage_cuda"
 # every compile unit; the kernels carry no torch headers, the binding carries no CUDA device code
-CUDA_SOURCES = ["sage2_sm90/attention.cu", "decode/split_kv.cu"]
+CUDA_SOURCES = ["sage2_sm90/attention.cu", "sage3_sm90/attention.cu", "decode/split_kv.cu"]
 CXX_SOURCES = ["bindings.cpp"]
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]  # wgmma and setmaxnreg need sm_90a
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler=-fPIC", "-lineinfo", *ARCH_FLAGS]
@@ -227,6 +227,20 @@ def usable_for_auto(device, who: str) -> bool:
         warnings.warn(f"{who}: the CUDA kernels are unavailable, backend='auto' uses Triton: {err}", stacklevel=3)
         return False
     return True
+
+
+def check_cuda_device(device) -> None:
+    """``backend="cuda"`` asked for explicitly: a clear error unless ``device`` is an sm_90 GPU and
+    the kernels build (:class:`CudaBuildUnavailable` says what is missing)."""
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}; use backend='torch'")
+    if not hopper(device):
+        from .checks import device_capability
+
+        major, minor = device_capability(device)
+        raise ValueError(f"backend='cuda' needs a Hopper GPU (compute capability 9.0), got {major}.{minor}; "
+                         "use backend='triton'")
+    load()
 
 
 def check(verbose: bool = True) -> int:

@@ -1,12 +1,13 @@
 // pybind11 module `_sage_cuda`: the CUDA kernels' entry points, on raw device pointers and a CUDA
 // stream handle. Tensors, checks and torch.library registration live on the Python side
-// (sage2/cuda.py), so this module does not depend on torch's C++ ABI.
+// (sage2/cuda.py, sage3/cuda.py, common/cuda_decode.py), so this module does not depend on torch's C++ ABI.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 
 #include "decode/split_kv.h"
 #include "sage2_sm90/attention.h"
+#include "sage3_sm90/attention.h"
 
 namespace py = pybind11;
 
@@ -49,6 +50,25 @@ void sage2_sm90_forward(uintptr_t q_codes, uintptr_t k_codes, uintptr_t v_codes,
   sage_cuda::sage2_sm90_forward(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
+void sage3_sm90_forward(uintptr_t q, uintptr_t k, uintptr_t vt, uintptr_t delta_s, uintptr_t out, int64_t out_stride_b,
+                        int64_t out_stride_h, int64_t out_stride_n, uintptr_t lse, float mult, float log2_p_range,
+                        int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_k, int npad, int head_dim,
+                        int padded_head_dim, bool causal, bool bf16, bool mxfp4, uintptr_t stream) {
+  sage_cuda::Sage3ForwardArgs a{};
+  a.q = ptr<const void>(q);
+  a.k = ptr<const void>(k);
+  a.vt = ptr<const void>(vt);
+  a.delta_s = ptr<const float>(delta_s);
+  a.out = ptr<void>(out);
+  a.out_stride_b = out_stride_b, a.out_stride_h = out_stride_h, a.out_stride_n = out_stride_n;
+  a.lse = ptr<float>(lse);
+  a.mult = mult, a.log2_p_range = log2_p_range;
+  a.batch = batch, a.heads_q = heads_q, a.heads_kv = heads_kv, a.seqlen_q = seqlen_q, a.seqlen_k = seqlen_k;
+  a.npad = npad, a.head_dim = head_dim, a.padded_head_dim = padded_head_dim;
+  a.causal = causal, a.bf16 = bf16, a.mxfp4 = mxfp4;
+  sage_cuda::sage3_sm90_forward(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
 void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_n,
                     int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_n, int64_t v_stride_b, int64_t v_stride_h,
                     int64_t v_stride_n, uintptr_t out, int64_t out_stride_b, int64_t out_stride_h, int64_t out_stride_n,
@@ -87,6 +107,8 @@ PYBIND11_MODULE(_sage_cuda, m) {
         py::arg("lse"), py::arg("q_bad"), py::arg("first_bad"), py::arg("batch"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
         py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
+  m.def("sage3_sm90_forward", &sage3_sm90_forward,
+        "SageAttention3 forward (FP4 emulated exactly on 16-bit wgmma), Hopper kernel (positional; pointers: 0 = none)");
   // positional arguments only: pybind11's keyword matching costs more host time than the launch
   m.def("decode_forward", &decode_forward,
         "Decode attention (common/decode.py's split-KV algorithm) into out/lse, one launch (pointers: 0 = none)");

@@ -56,7 +56,8 @@ def main(argv=None):
         "sage2_8b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c),  # the CUDA kernel on sm_90
         "sage2_8b_triton": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, backend="triton"),
         "sage2_4b": lambda q, k, v, c: sage2.sageattn(q, k, v, is_causal=c, qk_dtype="int4"),
-        "sage3_fp4_emulated": lambda q, k, v, c: sage3.sageattn(q, k, v, is_causal=c),
+        "sage3_fp4_emulated": lambda q, k, v, c: sage3.sageattn(q, k, v, is_causal=c),  # the CUDA kernel on sm_90
+        "sage3_fp4_emulated_triton": lambda q, k, v, c: sage3.sageattn(q, k, v, is_causal=c, backend="triton"),
     }
     kernels.update({n: (lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c))(f) for n, f in available_baselines().items()})
     if args.kernels:

@@ -45,37 +45,12 @@ def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype
     return None
 
 
-def device_supported(device: torch.device) -> bool:
-    from common import build
-
-    return build.hopper(device)
-
-
-def extension():
-    """The built module, or raise common.build.CudaBuildUnavailable."""
-    from common import build
-
-    return build.load()
-
-
 def auto_picks_cuda(device: torch.device, reason: str | None) -> bool:
     """``backend="auto"``: the CUDA kernel on sm_90 when the options allow it and it builds
     (``SAGE_DISABLE_CUDA=1`` turns this off). A failed build warns once, then Triton runs."""
     from common import build
 
     return reason is None and build.usable_for_auto(device, "sage2")
-
-
-def check_cuda_device(device: torch.device) -> None:
-    """``backend="cuda"`` asked for explicitly: a clear error unless the tensors are on an sm_90
-    GPU and the kernel builds (common.build.CudaBuildUnavailable says what is missing)."""
-    if device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}; use backend='torch'")
-    if not device_supported(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise ValueError(f"backend='cuda' needs a Hopper GPU (compute capability 9.0), got {major}.{minor}; "
-                         "use backend='triton'")
-    extension()
 
 
 def _check_op_inputs(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out):
@@ -108,7 +83,7 @@ def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.
     from common import build
 
     with build.on_device(out.device):  # the launch goes to the current device
-        extension().sage2_sm90_forward(
+        build.load().sage2_sm90_forward(
             q_codes=q_codes.data_ptr(), k_codes=k_codes.data_ptr(), v_codes=v_codes.data_ptr(),
             q_scale=q_scale.data_ptr(), k_scale=k_scale.data_ptr(), v_scale=v_scale.data_ptr(),
             out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1), out_stride_n=out.stride(2),

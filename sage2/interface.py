@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from common import nonfinite
+from common import build, nonfinite
 from common.api import natural_lse, start_call, validate_call
 from common.checks import device_capability
 from common.compile_ops import AttentionOp
@@ -75,7 +75,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
                  ("pv_dtype", pv_dtype, PV_DTYPES), ("pv_accum", pv_accum, PV_ACCUM)],
         backends=BACKENDS)
     if be == "cuda":
-        cuda_kernel.check_cuda_device(q.device)
+        build.check_cuda_device(q.device)
     if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and device_capability(q.device) < (8, 9):
         raise ValueError("pv_dtype='fp8_*' with backend='triton' needs FP8 tensor cores (compute capability 8.9+); "
                          "use pv_dtype='fp16' or backend='torch'")

@@ -6,16 +6,18 @@ import math
 
 import torch
 
-from common import nonfinite
+from common import build, nonfinite
 from common.api import natural_lse, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.masking import NO_MASK
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
 from common.smoothing import q_smoothing_delta_s
 
+from . import cuda as cuda_kernel
 from .quant import quantize_qkv_fp4
 
 SCALE_FORMATS = ("nvfp4", "mxfp4")
+BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
 def fp4_hardware(device=None) -> bool:
@@ -66,6 +68,11 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     On GPUs without FP4 tensor cores (``fp4_hardware()`` is False, e.g. the H100) the FP4 codes
     are dequantized exactly into 16-bit operands (K and V by a pass before the kernel, Q in it)
     and multiplied on 16-bit tensor cores: the paper's numerics, not its speed.
+
+    backend: ``"cuda"`` is the Hopper wgmma kernel of csrc/sage3_sm90 (:mod:`sage3.cuda`: padded
+        head dims 64 and 128; its KV tile is 128 keys, the Triton kernel's 64, and P's
+        quantization depends on the tile); ``"auto"`` picks it on an sm_90 GPU where it covers
+        the call and builds, else the Triton kernel (CUDA tensors) or the emulation (CPU).
     """
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
         return _OP(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse,
@@ -75,7 +82,15 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         q, k, v, tensor_layout, sm_scale, backend,
         flags=dict(is_causal=is_causal, return_lse=return_lse, two_level_p=two_level_p, smooth_q=smooth_q,
                    smooth_k=smooth_k, global_scale=global_scale),
-        choices=[("scale_format", scale_format, SCALE_FORMATS)])
+        choices=[("scale_format", scale_format, SCALE_FORMATS)], backends=BACKENDS)
+    if be == "cuda":
+        build.check_cuda_device(q.device)
+    if be == "cuda" or (backend == "auto" and be == "triton"):
+        reason = cuda_kernel.unsupported(shape.head_dim)
+        if be == "cuda" and reason is not None:
+            raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
+        if be == "triton" and cuda_kernel.auto_picks_cuda(q.device, reason):
+            be = "cuda"
 
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
@@ -89,9 +104,13 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             bad = nonfinite.CHECK_NONFINITE and not finite
         else:
             bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
-        qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k, backend=be)
+        qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k,
+                              backend="triton" if be == "cuda" else be)
         ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True) if smooth_q else None
-        if be == "triton":
+        if be == "cuda":
+            lse2 = cuda_kernel.launch(qf, out_hnd, sm_scale=scale, delta_s=ds, is_causal=is_causal,
+                                      two_level_p=two_level_p, op_dtype=q.dtype, return_lse=return_lse)
+        elif be == "triton":
             from .kernel import launch
 
             lse2 = launch(qf, out_hnd, sm_scale=scale, delta_s=ds, is_causal=is_causal, two_level_p=two_level_p,

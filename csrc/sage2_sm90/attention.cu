@@ -39,6 +39,7 @@
 
 #include "../common/hopper.cuh"
 #include "../common/launch.h"
+#include "../common/pingpong.cuh"
 #include "../common/tensor_map.h"
 #include "../common/wgmma.cuh"
 #include "attention.h"
@@ -85,31 +86,6 @@ struct KernelParams {
   const int32_t* first_bad;
   int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
 };
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffff, x, 1);
-  return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
-
-template <typename OutT>
-__device__ __forceinline__ OutT to_out(float x);
-template <>
-__device__ __forceinline__ __half to_out<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// Named barriers 1, 2, 3 (0 is __syncthreads): the consumer warpgroups take turns on the
-// tensor cores (FlashAttention-3's ping-pong), so that one's softmax runs under the other's MMAs.
-__device__ __forceinline__ void turn_wait(int consumer) {  // (bar.sync on mine: me + the one before me)
-  asm volatile("bar.sync %0, 256;\n" ::"r"(1 + consumer) : "memory");
-}
-__device__ __forceinline__ void turn_pass(int consumer, int consumers) {  // to the next one, in a ring
-  asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (consumer + 1) % consumers) : "memory");
-}
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
 template <int DP>
