@@ -175,3 +175,16 @@ def test_the_kernel_op_has_a_fake_for_compile():
     q16, k16, vt16 = dequantized(qf, q.dtype)
     args = (q16, k16, vt16, ds, torch.empty_like(q), 0.1, 11.4, False, False, True)
     torch.library.opcheck(sage3_sm90_fwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@hopper
+def test_branch_free_p_scales_are_exact_for_every_block_max():
+    """The kernel's NVFP4 scales of P (s = max/6, its E4M3 rounding, 1/s) without div.rn/rcp.rn's
+    slow-path branches equal theirs for every fp32 block max in (0, 2688] (two-level P's range)."""
+    import struct
+
+    from common import build
+
+    hi = struct.unpack("<I", struct.pack("<f", 2688.0))[0]
+    assert build.load().sage3_p_scale_mismatches(1, hi, build.current_stream_handle(0)) == 0

@@ -126,14 +126,44 @@ __device__ __forceinline__ float2 e4m3_round2(float a, float b) {
   return __half22float2(*reinterpret_cast<__half2*>(&halves));
 }
 
-// a >= 0 (fp32) rounded onto the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, nearest, ties to the even
-// code, saturating: fl(a + M) - M with M = 2^(E + 22) for a's binade 2^E (E clamped to [0, 2]) has
-// the grid's spacing there (sage3/fp4_triton.py's e2m1_round_magic). The rounded adds keep the
-// compiler from fusing them with the multiply that made a.
+// NVFP4 block scales of P, two blocks at once: s = max / 6 (the fp32 quotient, correctly rounded),
+// its E4M3 rounding s8 (the stored scale) and inv = 1 / s (correctly rounded), by which P is
+// multiplied before the E2M1 rounding: sage3/emulation.py's quantize_p. Branch-free forms of
+// div.rn and rcp.rn, whose library versions branch to a slow path per call (which splits the
+// unrolled P quantization into dozens of serial blocks):
+//   s   = q + (max - 6 q) / 6 with q = max * fl(1/6): one FMA correction of the product;
+//   inv = one Newton step from rcp.approx, exact for the normal s that reach it.
+// A block whose s8 is 0 dequantizes to 0 whatever its codes, so it gets inv = 0 (no Inf * 0).
+// sage3_p_scale_mismatches checks both against div.rn/rcp.rn for every fp32 max in (0, 2688].
+struct Nvfp4Scales {
+  float s8[2], inv[2];
+};
+__device__ __forceinline__ float div6_rn(float x) {
+  constexpr float SIXTH = 1.f / 6.f;
+  const float q = __fmul_rn(x, SIXTH);
+  return __fmaf_rn(__fmaf_rn(-q, 6.f, x), SIXTH, q);
+}
+__device__ __forceinline__ float rcp_rn(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return __fmaf_rn(__fmaf_rn(-x, y, 1.f), y, y);
+}
+__device__ __forceinline__ Nvfp4Scales nvfp4_scales(float bmax0, float bmax1) {
+  const float s[2] = {div6_rn(bmax0), div6_rn(bmax1)};
+  const float2 s8 = e4m3_round2(s[0], s[1]);
+  return Nvfp4Scales{{s8.x, s8.y}, {s8.x > 0.f ? rcp_rn(s[0]) : 0.f, s8.y > 0.f ? rcp_rn(s[1]) : 0.f}};
+}
+
+// a >= 0 (fp32, below 8) rounded onto the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, nearest, ties to
+// the even code: fl(a + M) - M with M = 2^(E + 22) for a's binade 2^E, E = max(0, floor(log2 a)),
+// has the grid's spacing there (sage3/fp4_triton.py's e2m1_round_magic; a < 8 keeps E <= 2).
+// SATURATE clips at 6 (MXFP4, whose a reaches 8); NVFP4's a = p * inv <= 6 (1 + 2^-22) rounds to 6
+// without it. The rounded adds keep the compiler from fusing them with the multiply that made a.
+template <bool SATURATE>
 __device__ __forceinline__ float e2m1_round(float a) {
-  const int e = min(max(__float_as_int(a) & 0x7F800000, 127 << 23), 129 << 23);
-  const float m = __int_as_float(e + (22 << 23));
-  return fminf(__fsub_rn(__fadd_rn(a, m), m), 6.f);
+  const float m = __int_as_float((__float_as_int(fmaxf(a, 1.f)) & 0x7F800000) + (22 << 23));
+  const float r = __fsub_rn(__fadd_rn(a, m), m);
+  return SATURATE ? fminf(r, 6.f) : r;
 }
 
 // P (fp32, >= 0) -> FP4 per block of keys, dequantized in place (exact in fp32 and in 16 bits).
@@ -143,22 +173,19 @@ __device__ __forceinline__ void quantize_p(float (&p)[64]) {
   if constexpr (!MX) {  // NVFP4: block b = keys 16b..16b+15 = values 8b + {0, 1, 4, 5} (row 0), + 2 (row 1)
 #pragma unroll
     for (int b = 0; b < 8; ++b) {
-      float s[2], inv[2];
+      float bmax[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = 8 * b + 2 * r;
-        const float bmax = quad_max(fmaxf(fmaxf(p[i], p[i + 1]), fmaxf(p[i + 4], p[i + 5])));
-        s[r] = __fdiv_rn(bmax, 6.f);
-        inv[r] = bmax > 0.f ? (s[r] > 0.f ? __frcp_rn(s[r]) : 1.f) : 0.f;
+        bmax[r] = quad_max(fmaxf(fmaxf(p[i], p[i + 1]), fmaxf(p[i + 4], p[i + 5])));
       }
-      const float2 s8 = e4m3_round2(s[0], s[1]);
+      const Nvfp4Scales sc = nvfp4_scales(bmax[0], bmax[1]);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float sc = r == 0 ? s8.x : s8.y;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           float& x = p[8 * b + 2 * r + k % 2 + 4 * (k / 2)];
-          x = e2m1_round(__fmul_rn(x, inv[r])) * sc;
+          x = e2m1_round<false>(__fmul_rn(x, sc.inv[r])) * sc.s8[r];
         }
       }
     }
@@ -181,7 +208,7 @@ __device__ __forceinline__ void quantize_p(float (&p)[64]) {
 #pragma unroll
           for (int e2 = 0; e2 < 2; ++e2) {
             float& x = p[16 * b + 4 * n + 2 * r + e2];
-            x = e2m1_round(__fmul_rn(x, inv)) * sc;
+            x = e2m1_round<true>(__fmul_rn(x, inv)) * sc;
           }
       }
     }
@@ -352,17 +379,28 @@ __global__ void __launch_bounds__(THREADS, 1)
                       j * BLOCK_N * 2 + c * SWIZZLE_BYTES, 0, kv_bh);
       }
     } else if (smooth && threadIdx.x / 32 == 1) {
-      // delta_s of this CTA's Q block (one row), times mult; a stage is free once its V is
+      // delta_s of this CTA's Q block (one row), times mult; a stage is free once its V is. The
+      // next tile's values are loaded before the wait, so their latency hides behind it.
       const int lane = threadIdx.x % 32;
       const float* ds_row = p.delta_s + (int64_t(bh) * p.n_ds_blocks + m_block) * p.seqlen_k;
-      for (int j = 0; j < n_tiles; ++j) {
-        const int stage = j % STAGES;
-        mbar_wait(&sm.v_empty[stage], ((j / STAGES) & 1) ^ 1);
+      auto load = [&](int j, float (&v)[BLOCK_N / 32]) {
 #pragma unroll
         for (int i = 0; i < BLOCK_N / 32; ++i) {
           const int key = j * BLOCK_N + 32 * i + lane;
-          sm.ds[stage][32 * i + lane] = key < p.seqlen_k ? ds_row[key] * p.mult : 0.f;
+          v[i] = key < p.seqlen_k ? ds_row[key] : 0.f;
         }
+      };
+      float next[BLOCK_N / 32];
+      load(0, next);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int stage = j % STAGES;
+        float cur[BLOCK_N / 32];
+#pragma unroll
+        for (int i = 0; i < BLOCK_N / 32; ++i) cur[i] = next[i];
+        if (j + 1 < n_tiles) load(j + 1, next);
+        mbar_wait(&sm.v_empty[stage], ((j / STAGES) & 1) ^ 1);
+#pragma unroll
+        for (int i = 0; i < BLOCK_N / 32; ++i) sm.ds[stage][32 * i + lane] = cur[i] * p.mult;
         mbar_arrive(&sm.ds_full[stage]);
       }
     }
@@ -449,6 +487,23 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
 }
 
+// The branch-free P scales against the library's div.rn / rcp.rn for every fp32 max in [lo, hi]
+// (bit patterns); counts the maxima where s, s8 or inv differ.
+__global__ void p_scale_check_kernel(uint32_t lo, uint32_t hi, unsigned long long* mismatches) {
+  unsigned long long bad = 0;
+  for (uint64_t bits = uint64_t(lo) + blockIdx.x * blockDim.x + threadIdx.x; bits <= hi;
+       bits += uint64_t(gridDim.x) * blockDim.x) {
+    const float bmax = __uint_as_float(uint32_t(bits));
+    const Nvfp4Scales fast = nvfp4_scales(bmax, bmax);
+    const float s = __fdiv_rn(bmax, 6.f);
+    const float s8 = e4m3_round2(s, s).x;
+    const float inv = s8 > 0.f ? __frcp_rn(s) : 0.f;
+    bad += __float_as_uint(div6_rn(bmax)) != __float_as_uint(s) || __float_as_uint(fast.s8[0]) != __float_as_uint(s8) ||
+           __float_as_uint(fast.inv[0]) != __float_as_uint(inv);
+  }
+  if (bad) atomicAdd(mismatches, bad);
+}
+
 // ---- host ----
 
 // A 3-D tensor of 16-bit values [d2][d1][d0] (d0 contiguous) as bytes, read in boxes of 64 values
@@ -490,6 +545,20 @@ void dispatch(const Sage3ForwardArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+uint64_t sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, cudaStream_t stream) {
+  unsigned long long* count = nullptr;
+  if (cudaMallocAsync(&count, sizeof(*count), stream) != cudaSuccess)
+    throw std::runtime_error("sage3 p-scale check: cudaMallocAsync failed");
+  cudaMemsetAsync(count, 0, sizeof(*count), stream);
+  p_scale_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, count);
+  check_launch("sage3 p-scale check");
+  unsigned long long host = 0;
+  cudaMemcpyAsync(&host, count, sizeof(host), cudaMemcpyDeviceToHost, stream);
+  cudaFreeAsync(count, stream);
+  if (cudaStreamSynchronize(stream) != cudaSuccess) throw std::runtime_error("sage3 p-scale check: kernel failed");
+  return host;
+}
 
 void sage3_sm90_forward(const Sage3ForwardArgs& a, cudaStream_t stream) {
   if (a.heads_kv <= 0 || a.heads_q % a.heads_kv != 0)
