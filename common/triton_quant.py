@@ -247,3 +247,27 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
         tl.atomic_max(AMAX + pid_bh * D + cols, col_absmax.to(tl.int32, bitcast=True), mask=cols < D)
     else:
         tl.atomic_max(AMAX, tl.max(col_absmax, axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def delta_s_kernel(QM, K, KM, OUT, stride_kb, stride_kh, stride_kn, Hq, Hkv, NB, Nk, D,
+                   BLOCK_QB: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, HAS_KM: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Q smoothing's ``delta_s[bh, i, n] = q_mean[bh, i] . (k[n] - k_mean)`` (fp32) for BLOCK_N keys of
+    one query head and all its query blocks: K is read once per query head, centred in registers,
+    and never written out in fp32 (common.smoothing.q_smoothing_delta_s)."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    hk = h // (Hq // Hkv)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, DP)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + d[None, :],
+                mask=(cols[:, None] < Nk) & (d[None, :] < D), other=0.0).to(tl.float32)
+    if HAS_KM:
+        k = k - tl.load(KM + (b * Hkv + hk) * D + d, mask=d < D, other=0.0)[None, :]
+    for qb0 in range(0, NB, BLOCK_QB):
+        rows = qb0 + tl.arange(0, BLOCK_QB)
+        qm = tl.load(QM + (bh * NB + rows[:, None]) * D + d[None, :], mask=(rows[:, None] < NB) & (d[None, :] < D),
+                     other=0.0)
+        s = tl.dot(qm, tl.trans(k), input_precision=PRECISION)
+        tl.store(OUT + (bh * NB + rows[:, None]) * Nk + cols[None, :], s, mask=(rows[:, None] < NB) & (cols[None, :] < Nk))

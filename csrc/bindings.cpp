@@ -108,8 +108,15 @@ PYBIND11_MODULE(_sage_cuda, m) {
         py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
         py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
   m.def("sage3_p_scale_mismatches", [](uint32_t lo, uint32_t hi, uintptr_t stream) {
-    return sage_cuda::sage3_p_scale_mismatches(lo, hi, reinterpret_cast<cudaStream_t>(stream));
-  }, "sage3 kernel: fp32 maxima in [lo, hi] (bits) whose branch-free NVFP4 P scales differ from div.rn/rcp.rn");
+    uint64_t counts[3];
+    uint32_t first[3];
+    sage_cuda::sage3_p_scale_mismatches(lo, hi, counts, first, reinterpret_cast<cudaStream_t>(stream));
+    py::dict out;
+    const char* names[3] = {"s", "s8", "inv"};
+    for (int i = 0; i < 3; ++i) out[names[i]] = py::make_tuple(counts[i], first[i]);
+    return out;
+  }, "sage3 kernel's branch-free NVFP4 P scales vs div.rn/rcp.rn over fp32 maxima [lo, hi] (bits): "
+     "{name: (mismatches, first bits)}");
   m.def("sage3_sm90_forward", &sage3_sm90_forward,
         "SageAttention3 forward (FP4 emulated exactly on 16-bit wgmma), Hopper kernel (positional; pointers: 0 = none)");
   // positional arguments only: pybind11's keyword matching costs more host time than the launch

@@ -167,3 +167,21 @@ def test_pack_unpack_round_trip_and_nibble_order():
     assert fp4.pack_fp4(torch.tensor([0x3, 0xA], dtype=torch.uint8)).item() == 0xA3
     for a, b in itertools.product(range(16), repeat=2):
         assert fp4.unpack_fp4(fp4.pack_fp4(torch.tensor([a, b], dtype=torch.uint8))).tolist() == [a, b]
+
+
+@pytest.mark.parametrize("layout,heads,with_mean", [("HND", (4, 2), True), ("NHD", (2, 2), False)])
+def test_delta_s_triton_pass_equals_the_pytorch_form(layout, heads, with_mean):
+    """Q smoothing's q_mean . (K - k_mean)^T: the one-pass Triton kernel (CUDA tensors) against the
+    PyTorch form (fp32), GQA, strided K, a short last query block, under the interpreter on CPU."""
+    from common import smoothing
+    from common.inputs import make_qkv
+    from conftest import KERNEL_DEVICE
+
+    q, k, _ = (t.to(KERNEL_DEVICE) for t in make_qkv(2, heads[0], 300, 80, heads_kv=heads[1], layout=layout, seed=3))
+    qh, kh = (t.transpose(1, 2) if layout == "NHD" else t for t in (q, k))
+    qm = smoothing.q_block_means(qh.float(), 128)
+    km = smoothing.k_mean(kh) if with_mean else None
+    got = smoothing._delta_s_triton(qm, kh, km, "ieee")
+    ref = smoothing.q_smoothing_delta_s(qm.cpu(), kh.cpu(), km.cpu() if km is not None else None)
+    assert got.shape == ref.shape == (2, heads[0], 3, 300)
+    assert (got.cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()

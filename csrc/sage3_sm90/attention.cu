@@ -488,9 +488,10 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 // The branch-free P scales against the library's div.rn / rcp.rn for every fp32 max in [lo, hi]
-// (bit patterns); counts the maxima where s, s8 or inv differ.
-__global__ void p_scale_check_kernel(uint32_t lo, uint32_t hi, unsigned long long* mismatches) {
-  unsigned long long bad = 0;
+// (bit patterns): counts[0] the maxima whose s differs where it is used (s8 > 0), counts[1] s8,
+// counts[2] inv; first[i] the smallest such max (bits).
+__global__ void p_scale_check_kernel(uint32_t lo, uint32_t hi, unsigned long long* counts, unsigned int* first) {
+  unsigned long long bad[3] = {0, 0, 0};
   for (uint64_t bits = uint64_t(lo) + blockIdx.x * blockDim.x + threadIdx.x; bits <= hi;
        bits += uint64_t(gridDim.x) * blockDim.x) {
     const float bmax = __uint_as_float(uint32_t(bits));
@@ -498,10 +499,20 @@ __global__ void p_scale_check_kernel(uint32_t lo, uint32_t hi, unsigned long lon
     const float s = __fdiv_rn(bmax, 6.f);
     const float s8 = e4m3_round2(s, s).x;
     const float inv = s8 > 0.f ? __frcp_rn(s) : 0.f;
-    bad += __float_as_uint(div6_rn(bmax)) != __float_as_uint(s) || __float_as_uint(fast.s8[0]) != __float_as_uint(s8) ||
-           __float_as_uint(fast.inv[0]) != __float_as_uint(inv);
+    const bool differs[3] = {s8 > 0.f && __float_as_uint(div6_rn(bmax)) != __float_as_uint(s),
+                             __float_as_uint(fast.s8[0]) != __float_as_uint(s8),
+                             __float_as_uint(fast.inv[0]) != __float_as_uint(inv)};
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      if (differs[i]) {
+        ++bad[i];
+        atomicMin(first + i, uint32_t(bits));
+      }
+    }
   }
-  if (bad) atomicAdd(mismatches, bad);
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+    if (bad[i]) atomicAdd(counts + i, bad[i]);
 }
 
 // ---- host ----
@@ -546,18 +557,23 @@ void dispatch(const Sage3ForwardArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-uint64_t sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, cudaStream_t stream) {
-  unsigned long long* count = nullptr;
-  if (cudaMallocAsync(&count, sizeof(*count), stream) != cudaSuccess)
+void sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)[3], uint32_t (&first)[3],
+                               cudaStream_t stream) {
+  struct Result {
+    unsigned long long counts[3];
+    unsigned int first[3];
+  };
+  Result* dev = nullptr;
+  if (cudaMallocAsync(&dev, sizeof(Result), stream) != cudaSuccess)
     throw std::runtime_error("sage3 p-scale check: cudaMallocAsync failed");
-  cudaMemsetAsync(count, 0, sizeof(*count), stream);
-  p_scale_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, count);
+  Result host{{0, 0, 0}, {0xffffffffu, 0xffffffffu, 0xffffffffu}};
+  cudaMemcpyAsync(dev, &host, sizeof(Result), cudaMemcpyHostToDevice, stream);
+  p_scale_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, dev->counts, dev->first);
   check_launch("sage3 p-scale check");
-  unsigned long long host = 0;
-  cudaMemcpyAsync(&host, count, sizeof(host), cudaMemcpyDeviceToHost, stream);
-  cudaFreeAsync(count, stream);
+  cudaMemcpyAsync(&host, dev, sizeof(Result), cudaMemcpyDeviceToHost, stream);
+  cudaFreeAsync(dev, stream);
   if (cudaStreamSynchronize(stream) != cudaSuccess) throw std::runtime_error("sage3 p-scale check: kernel failed");
-  return host;
+  for (int i = 0; i < 3; ++i) counts[i] = host.counts[i], first[i] = host.first[i];
 }
 
 void sage3_sm90_forward(const Sage3ForwardArgs& a, cudaStream_t stream) {

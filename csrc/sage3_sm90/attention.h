@@ -26,8 +26,10 @@ struct Sage3ForwardArgs {
 // Launches on `stream`; throws std::invalid_argument naming the argument on unsupported input.
 void sage3_sm90_forward(const Sage3ForwardArgs& args, cudaStream_t stream);
 
-// How many fp32 block maxima in [lo_bits, hi_bits] (bit patterns) get NVFP4 scales of P (s, its E4M3
-// rounding, 1/s) from the kernel's branch-free arithmetic that differ from div.rn / rcp.rn (0: exact).
-uint64_t sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, cudaStream_t stream);
+// The NVFP4 scales of P (s where its E4M3 rounding s8 is > 0, s8, 1/s) from the kernel's branch-free
+// arithmetic against div.rn / rcp.rn, for every fp32 block max in [lo_bits, hi_bits] (bit patterns):
+// how many maxima differ in each, and the first that does (0xffffffff: none).
+void sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)[3], uint32_t (&first)[3],
+                              cudaStream_t stream);
 
 }  // namespace sage_cuda
