@@ -1,9 +1,10 @@
 """Small calls that launch every Triton and CUDA kernel once (run under compute-sanitizer by sanitize.sh):
 the Q/K/V quantization passes and V's scan, the attention kernels of sage1, sage2 (8b, 4b, fp16 PV,
-masks, varlen), sage3 (packed and pre-unpacked FP4) and SageBwd (forward, backward, atomic dQ),
+masks, varlen), sage3 (Triton and csrc/sage3_sm90) and SageBwd (forward, backward, atomic dQ),
 the decode kernels (split and combine), and all of them again on inputs with NaN/Inf, so that the
 passes' recording stores and atomics, the epilogue's NaN rows and decode's careful sweep run too.
-``--decode-only``: the decode calls alone (after a change to csrc/decode)."""
+``--decode-only``: the decode calls alone (after a change to csrc/decode); ``--sage3-only``: sage3's
+inference kernels alone (after a change to csrc/sage3_sm90)."""
 
 import sys
 
@@ -15,9 +16,16 @@ import sage3
 from common.inputs import make_qkv
 
 
-def main(decode_only: bool = False):
+def main(decode_only: bool = False, sage3_only: bool = False):
     dev = "cuda"
     n = 0
+    if sage3_only:
+        q, k, v = make_qkv(2, 4, 200, 64, heads_kv=2, seqlen_k=333, kind="k_bias", device=dev, seed=0)
+        qb, kb, vb = make_qkv(1, 2, 130, 128, kind="k_bias", dtype=torch.bfloat16, device=dev, layout="NHD", seed=1)
+        n = sum(sage3_cases(q, k, v, qb, kb, vb, causal) for causal in (False, True))
+        torch.cuda.synchronize()
+        print(f"{n} cases ok")
+        return
     if not decode_only:
         n += everything_but_decode(dev)
     n += decode_cases(dev)
@@ -44,11 +52,10 @@ def everything_but_decode(dev) -> int:
             lambda: sage2.sageattn(q, k, v, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, pv_dtype="fp16"),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, attn_mask=mask.float()),
-            lambda: sage3.sageattn(q, k, v, is_causal=causal, return_lse=True),
-            lambda: sage3.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, scale_format="mxfp4"),
         ):
             call()
             n += 1
+        n += sage3_cases(q, k, v, q128, k128, v128, causal)
         # varlen
         cu_q = torch.tensor([0, 37, 200], dtype=torch.int32, device=dev)
         cu_k = torch.tensor([0, 150, 333], dtype=torch.int32, device=dev)
@@ -76,11 +83,22 @@ def everything_but_decode(dev) -> int:
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, return_lse=True, backend="cuda"),
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(qn, kn, vn, is_causal=causal, qk_granularity="per_tensor", pv_dtype="fp16"),
-            lambda: sage3.sageattn(qn, kn, vn, is_causal=causal),
+            lambda: sage3.sageattn(qn, kn, vn, is_causal=causal, backend="triton"),
+            lambda: sage3.sageattn(qn, kn, vn, is_causal=causal, backend="cuda"),
         ):
             call()
             n += 1
     return n
+
+
+def sage3_cases(q, k, v, q128, k128, v128, causal) -> int:
+    """sage3's Triton kernel and its Hopper kernel (csrc/sage3_sm90), both scale formats, with and
+    without Q smoothing (the kernel's delta_s stages)."""
+    for backend in ("triton", "cuda"):
+        sage3.sageattn(q, k, v, is_causal=causal, return_lse=True, backend=backend)
+        sage3.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, scale_format="mxfp4", backend=backend)
+        sage3.sageattn(q, k, v, is_causal=causal, smooth_q=False, two_level_p=False, backend=backend)
+    return 6
 
 
 def decode_cases(dev) -> int:
@@ -114,4 +132,4 @@ def decode_cases(dev) -> int:
 
 
 if __name__ == "__main__":
-    main(decode_only="--decode-only" in sys.argv[1:])
+    main(decode_only="--decode-only" in sys.argv[1:], sage3_only="--sage3-only" in sys.argv[1:])
