@@ -69,7 +69,7 @@ struct Shared {
   alignas(1024) uint8_t k[STAGES][BLOCK_N * DP * 2];
   alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N * 2];  // two chunks of [DP][64 keys]
   float ds[STAGES][BLOCK_N];  // delta_s * mult of the tile's keys (written by the producer's warp 1)
-  uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES], ds_full[STAGES];
+  uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES], ds_full[STAGES], ds_empty[STAGES];
 };
 
 struct KernelParams {
@@ -308,6 +308,7 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, float (&s)[64],
   if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
   if (a.smooth) mbar_wait(&sm.ds_full[j % STAGES], (j / STAGES) & 1);
   softmax_tile<CAUSAL, MASKED>(s, j, m, l, a, sm.ds[j % STAGES], alpha);
+  if (a.smooth) mbar_arrive(&sm.ds_empty[j % STAGES]);  // (each thread: its own reads are done)
   quantize_p<MX>(s);
 }
 
@@ -317,8 +318,11 @@ __device__ __forceinline__ void rescale_o(Shared<DP>& sm, int j_done, const floa
                                           int lane) {
   fence_registers(o);
   if (lane == 0) mbar_arrive(&sm.v_empty[j_done % STAGES]);
+  // once the row maxima settle, most tiles leave them unchanged (alpha = 1) in the whole warp
+  if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-  for (int i = 0; i < DP / 2; ++i) o[i] *= alpha[(i / 2) % 2];
+    for (int i = 0; i < DP / 2; ++i) o[i] *= alpha[(i / 2) % 2];
+  }
 }
 
 template <int DP, bool CAUSAL, bool BF16, bool MX>
@@ -350,6 +354,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_init(&sm.k_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
       mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
       mbar_init(&sm.ds_full[s], 32);             // every lane of the producer's warp 1
+      mbar_init(&sm.ds_empty[s], 128 * CONSUMERS);  // every consumer thread, once it has read its values
     }
     fence_barrier_init();
   }
@@ -379,8 +384,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                       j * BLOCK_N * 2 + c * SWIZZLE_BYTES, 0, kv_bh);
       }
     } else if (smooth && threadIdx.x / 32 == 1) {
-      // delta_s of this CTA's Q block (one row), times mult; a stage is free once its V is. The
-      // next tile's values are loaded before the wait, so their latency hides behind it.
+      // delta_s of this CTA's Q block (one row), times mult, into a stage every consumer thread has
+      // read; the next tile's values are loaded before the wait, so their latency hides behind it.
       const int lane = threadIdx.x % 32;
       const float* ds_row = p.delta_s + (int64_t(bh) * p.n_ds_blocks + m_block) * p.seqlen_k;
       auto load = [&](int j, float (&v)[BLOCK_N / 32]) {
@@ -398,7 +403,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < BLOCK_N / 32; ++i) cur[i] = next[i];
         if (j + 1 < n_tiles) load(j + 1, next);
-        mbar_wait(&sm.v_empty[stage], ((j / STAGES) & 1) ^ 1);
+        mbar_wait(&sm.ds_empty[stage], ((j / STAGES) & 1) ^ 1);
 #pragma unroll
         for (int i = 0; i < BLOCK_N / 32; ++i) sm.ds[stage][32 * i + lane] = cur[i] * p.mult;
         mbar_arrive(&sm.ds_full[stage]);
