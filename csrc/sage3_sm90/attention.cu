@@ -308,7 +308,10 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, float (&s)[64],
   if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
   if (a.smooth) mbar_wait(&sm.ds_full[j % STAGES], (j / STAGES) & 1);
   softmax_tile<CAUSAL, MASKED>(s, j, m, l, a, sm.ds[j % STAGES], alpha);
-  if (a.smooth) mbar_arrive(&sm.ds_empty[j % STAGES]);  // (each thread: its own reads are done)
+  if (a.smooth) {  // the warp's reads are done (__syncwarp orders them before lane 0's release)
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sm.ds_empty[j % STAGES]);
+  }
   quantize_p<MX>(s);
 }
 
@@ -354,7 +357,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_init(&sm.k_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
       mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
       mbar_init(&sm.ds_full[s], 32);             // every lane of the producer's warp 1
-      mbar_init(&sm.ds_empty[s], 128 * CONSUMERS);  // every consumer thread, once it has read its values
+      mbar_init(&sm.ds_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
     }
     fence_barrier_init();
   }
@@ -384,7 +387,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                       j * BLOCK_N * 2 + c * SWIZZLE_BYTES, 0, kv_bh);
       }
     } else if (smooth && threadIdx.x / 32 == 1) {
-      // delta_s of this CTA's Q block (one row), times mult, into a stage every consumer thread has
+      // delta_s of this CTA's Q block (one row), times mult, into a stage every consumer warp has
       // read; the next tile's values are loaded before the wait, so their latency hides behind it.
       const int lane = threadIdx.x % 32;
       const float* ds_row = p.delta_s + (int64_t(bh) * p.n_ds_blocks + m_block) * p.seqlen_k;
