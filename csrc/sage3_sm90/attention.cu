@@ -8,7 +8,9 @@
 // summation order (and ex2.approx): the paper's numerics, not its speed.
 //
 // The schedule is sage2_sm90's (FlashAttention-3's): a producer warpgroup (TMA copies of the K and
-// V^T tiles, and of Q smoothing's delta_s row of each tile, into a ring of stages)
+// V^T tiles, and of Q smoothing's delta_s row of each tile, into a ring of stages; the delta_s
+// stage comes back once every warp of a consumer warpgroup has read it: a named barrier per
+// warpgroup, then one arrival, an order compute-sanitizer's racecheck can see)
 // and two consumer warpgroups of 64 query rows that take turns on the tensor cores (ping-pong),
 // each overlapping the softmax and P quantization of S_j with its own P_{j-1} V_{j-1}.
 // One CTA = 128 query rows = one Q-smoothing block of sage3.quant (one delta_s row per CTA).
@@ -60,6 +62,7 @@ constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr int CONSUMER_REGS = 240;  // 128 x 24 + 256 x 240 <= 64K
 constexpr int SWIZZLE_BYTES = 128;  // TMA rows of 64 16-bit values, 128-byte swizzle
 constexpr int CHUNK = SWIZZLE_BYTES / 2;  // 16-bit values per swizzled row
+constexpr int DS_READ_BARRIER = 1 + CONSUMERS;  // named barriers: 1.. the turns (pingpong.cuh), then one per consumer
 
 // 16-bit tiles are stored K-major in chunks of 64 values along the reduction dim (one 128-byte
 // swizzled row each): chunk c of a [rows][DP] tile sits at c * rows * 128 bytes.
@@ -69,7 +72,7 @@ struct Shared {
   alignas(1024) uint8_t k[STAGES][BLOCK_N * DP * 2];
   alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N * 2];  // two chunks of [DP][64 keys]
   alignas(16) float ds[STAGES][BLOCK_N];  // delta_s of the tile's keys (Q smoothing), by the copy engine
-  uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES], ds_full[STAGES];
+  uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES], ds_full[STAGES], ds_empty[STAGES];
 };
 
 struct KernelParams {
@@ -241,10 +244,11 @@ struct Softmax {
   int seqlen_k, q_offset, t;
   float mult, log2_p_range;
   bool smooth;
+  int consumer;
 };
 
 // The online softmax of tile j, in place on S (in: Q K^T; out: p, unquantized): updates m and l
-// (this lane's columns), returns alpha, the factor O must be scaled by. ds: the tile's delta_s *
+// (this lane's columns), returns alpha, the factor O must be scaled by. ds: the tile's delta_s
 // in shared memory. MASKED: keys past the end and (causal) keys after the diagonal get p = 0.
 template <bool CAUSAL, bool MASKED>
 __device__ __forceinline__ void softmax_tile(float (&s)[64], int j, float (&m)[2], float (&l)[2], const Softmax& a,
@@ -309,6 +313,10 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, float (&s)[64],
   if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
   if (a.smooth) mbar_wait(&sm.ds_full[j % STAGES], (j / STAGES) & 1);
   softmax_tile<CAUSAL, MASKED>(s, j, m, l, a, sm.ds[j % STAGES], alpha);
+  if (a.smooth) {  // the warpgroup has read the tile's delta_s: its stage goes back to the producer
+    asm volatile("bar.sync %0, 128;\n" ::"r"(DS_READ_BARRIER + a.consumer) : "memory");
+    if (threadIdx.x % 128 == 0) mbar_arrive(&sm.ds_empty[j % STAGES]);
+  }
   quantize_p<MX>(s);
 }
 
@@ -354,6 +362,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_init(&sm.k_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
       mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
       mbar_init(&sm.ds_full[s], 1);
+      mbar_init(&sm.ds_empty[s], CONSUMERS);  // one arrival per consumer warpgroup
     }
     fence_barrier_init();
   }
@@ -383,7 +392,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int c = 0; c < BLOCK_N / CHUNK; ++c)
           tma_load_3d(sm.vt[stage] + c * DP * SWIZZLE_BYTES, &map_v, &sm.v_full[stage],
                       j * BLOCK_N * 2 + c * SWIZZLE_BYTES, 0, kv_bh);
-        if (smooth) {  // (the stage's last delta_s was read by the softmax before its V came back)
+        if (smooth) {
+          mbar_wait(&sm.ds_empty[stage], phase ^ 1);
           mbar_arrive_expect_tx(&sm.ds_full[stage], BLOCK_N * 4);
           bulk_load(sm.ds[stage], ds_row + j * BLOCK_N, BLOCK_N * 4, &sm.ds_full[stage]);
         }
@@ -396,7 +406,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
-  const Softmax sm_args{{row0, row0 + 8}, p.seqlen_k, q_offset, t, p.mult, p.log2_p_range, smooth};
+  const Softmax sm_args{{row0, row0 + 8}, p.seqlen_k, q_offset, t, p.mult, p.log2_p_range, smooth, consumer};
 
   float o[DP / 2];
 #pragma unroll
