@@ -56,25 +56,18 @@ def lse_shift_from_k_mean(q: torch.Tensor, km: torch.Tensor, sm_scale: float) ->
 
 
 def q_smoothing_delta_s(q_means: torch.Tensor, k: torch.Tensor, k_mean: torch.Tensor | None = None, *,
-                        tf32: bool = False, pad_keys_to: int = 1) -> torch.Tensor:
+                        tf32: bool = False) -> torch.Tensor:
     """``delta_s[.., i, j] = q_bar_i . (k_j - k_mean)`` with an fp32 result ``[..., ceil(Nq/b), Nk]``:
     the bias that Q smoothing removes from every row of query block i and that is added back to S,
     from unquantized values. ``q_means`` has the query heads, ``k`` the KV heads (GQA).
     ``tf32=False``: fp32 products (SageAttention2); ``True``: TF32 on tensor cores, as the official
-    SageAttention3 code does with a 16-bit matmul. ``pad_keys_to``: the key dim is padded with
-    zeros to a multiple of it (sage3's Hopper kernel copies whole 128-key rows).
+    SageAttention3 code does with a 16-bit matmul.
 
     CUDA tensors take one Triton pass (common.triton_quant.delta_s_kernel: K centred in registers,
     read once per query head; 0.4 ms at B=4, H=32, N=16k, D=128 on the H100, where the PyTorch
     form, which writes K out in fp32 first, took 3.2 ms); CPU tensors the PyTorch form."""
     if q_means.is_cuda:
-        return _delta_s_triton(q_means, k, k_mean, "tf32" if tf32 else "ieee", pad_keys_to)
-    ds = _delta_s_torch(q_means, k, k_mean, tf32)
-    pad = -ds.shape[-1] % pad_keys_to
-    return torch.nn.functional.pad(ds, (0, pad)) if pad else ds
-
-
-def _delta_s_torch(q_means, k, k_mean, tf32: bool) -> torch.Tensor:
+        return _delta_s_triton(q_means, k, k_mean, "tf32" if tf32 else "ieee")
     from .reference import exact_fp32_matmul
 
     kf = k.float()
@@ -92,7 +85,7 @@ def _delta_s_torch(q_means, k, k_mean, tf32: bool) -> torch.Tensor:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _delta_s_triton(q_means, k, k_mean, precision: str, pad_keys_to: int = 1) -> torch.Tensor:
+def _delta_s_triton(q_means, k, k_mean, precision: str) -> torch.Tensor:
     from .int_qk import padded_head_dim
     from .triton_quant import delta_s_kernel
 
@@ -101,14 +94,13 @@ def _delta_s_triton(q_means, k, k_mean, precision: str, pad_keys_to: int = 1) ->
     if k.stride(-1) != 1:
         k = k.contiguous()
     qm = q_means.contiguous()
-    n_cols = -(-Nk // pad_keys_to) * pad_keys_to
-    out = torch.empty(B, Hq, NB, n_cols, dtype=torch.float32, device=q_means.device)
+    out = torch.empty(B, Hq, NB, Nk, dtype=torch.float32, device=q_means.device)
     if out.numel() == 0:
         return out
     km = k_mean.contiguous() if k_mean is not None else qm
     block_n = 64
-    delta_s_kernel[(-(-n_cols // block_n), B * Hq)](
-        qm, k, km, out, k.stride(0), k.stride(1), k.stride(2), Hq, Hkv, NB, Nk, n_cols, D,
+    delta_s_kernel[(-(-Nk // block_n), B * Hq)](
+        qm, k, km, out, k.stride(0), k.stride(1), k.stride(2), Hq, Hkv, NB, Nk, D,
         BLOCK_QB=64 if NB > 32 else (32 if NB > 16 else 16), BLOCK_N=block_n, DP=padded_head_dim(D),
         HAS_KM=k_mean is not None, PRECISION=precision, num_warps=4)
     return out

@@ -250,13 +250,12 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
 
 
 @triton.jit
-def delta_s_kernel(QM, K, KM, OUT, stride_kb, stride_kh, stride_kn, Hq, Hkv, NB, Nk, NCOLS, D,
+def delta_s_kernel(QM, K, KM, OUT, stride_kb, stride_kh, stride_kn, Hq, Hkv, NB, Nk, D,
                    BLOCK_QB: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, HAS_KM: tl.constexpr,
                    PRECISION: tl.constexpr):
     """Q smoothing's ``delta_s[bh, i, n] = q_mean[bh, i] . (k[n] - k_mean)`` (fp32) for BLOCK_N keys of
     one query head and all its query blocks: K is read once per query head, centred in registers,
-    and never written out in fp32 (common.smoothing.q_smoothing_delta_s). Rows hold NCOLS >= Nk
-    columns, zeros past Nk."""
+    and never written out in fp32 (common.smoothing.q_smoothing_delta_s)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // Hq, bh % Hq
     hk = h // (Hq // Hkv)
@@ -271,6 +270,4 @@ def delta_s_kernel(QM, K, KM, OUT, stride_kb, stride_kh, stride_kn, Hq, Hkv, NB,
         qm = tl.load(QM + (bh * NB + rows[:, None]) * D + d[None, :], mask=(rows[:, None] < NB) & (d[None, :] < D),
                      other=0.0)
         s = tl.dot(qm, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(cols[None, :] < Nk, s, 0.0)
-        tl.store(OUT + (bh * NB + rows[:, None]) * NCOLS + cols[None, :], s,
-                 mask=(rows[:, None] < NB) & (cols[None, :] < NCOLS))
+        tl.store(OUT + (bh * NB + rows[:, None]) * Nk + cols[None, :], s, mask=(rows[:, None] < NB) & (cols[None, :] < Nk))

@@ -55,7 +55,7 @@ def _check_op_inputs(q, k, vt, delta_s, out):
         raise ValueError(f"sage3_sm90_fwd: out must be fp16 or bf16 with a contiguous last dim, got {out.dtype} "
                          f"with strides {tuple(out.stride())}")
     B, Hq, Nq, _ = q.shape
-    want = (B, Hq, -(-Nq // Q_BLOCK), vt.shape[-1])
+    want = (B, Hq, -(-Nq // Q_BLOCK), k.shape[2])
     if delta_s is not None and (tuple(delta_s.shape) != want or delta_s.dtype != torch.float32
                                 or not delta_s.is_contiguous()):
         raise ValueError(f"sage3_sm90_fwd: delta_s must be a contiguous float32 tensor of shape {want}, got "
@@ -67,8 +67,8 @@ def sage3_sm90_fwd(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, delta_s: 
                    out: torch.Tensor, mult: float, log2_p_range: float, mxfp4: bool, causal: bool,
                    return_lse: bool) -> torch.Tensor:
     """The kernel on dequantized FP4 values: q [B, Hq, Nq, DP], k [B, Hkv, Nk, DP], vt [B, Hkv, DP,
-    NPAD] (V transposed, keys padded to 128), all in out's dtype; delta_s [B, Hq, ceil(Nq/128), NPAD]
-    fp32 (zeros past Nk: common.smoothing.q_smoothing_delta_s(..., pad_keys_to=KV_TILE)) or None. Writes ``out`` ([B, Hq, Nq, D] view, contiguous last dim) and returns the
+    NPAD] (V transposed, keys padded to 128), all in out's dtype; delta_s [B, Hq, ceil(Nq/128), Nk]
+    fp32 or None. Writes ``out`` ([B, Hq, Nq, D] view, contiguous last dim) and returns the
     log2-domain LSE ([B, Hq, Nq], or empty)."""
     _check_op_inputs(q, k, vt, delta_s, out)
     from common import build

@@ -106,10 +106,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             bad = nonfinite_flag(qh, kh, vh)  # NaN/Inf: SDPA's rows, not a quantization block's (common.nonfinite)
         qf = quantize_qkv_fp4(qh, kh, vh, fmt=scale_format, smooth_q=smooth_q, smooth_k=smooth_k,
                               backend="triton" if be == "cuda" else be)
-        ds = None
-        if smooth_q:  # (the Hopper kernel copies whole 128-key rows of it)
-            ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True,
-                                     pad_keys_to=cuda_kernel.KV_TILE if be == "cuda" else 1)
+        ds = q_smoothing_delta_s(qf.q_block_mean, kh, qf.k_mean, tf32=True) if smooth_q else None
         if be == "cuda":
             lse2 = cuda_kernel.launch(qf, out_hnd, sm_scale=scale, delta_s=ds, is_causal=is_causal,
                                       two_level_p=two_level_p, op_dtype=q.dtype, return_lse=return_lse)

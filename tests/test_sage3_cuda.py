@@ -41,13 +41,13 @@ def test_the_kernel_op_names_a_bad_argument():
     q = torch.zeros(1, 2, 64, 64, dtype=FP16)
     vt = torch.zeros(1, 2, 64, 128, dtype=FP16)
     out = torch.empty(1, 2, 64, 64, dtype=FP16)
-    ds = torch.zeros(1, 2, 1, 128)
+    ds = torch.zeros(1, 2, 1, 64)
     with pytest.raises(ValueError, match=r"k must be a contiguous 4-D torch.float16 tensor, got torch.float16"):
         sage3_sm90_fwd(q, q.transpose(-1, -2), vt, ds, out, 1.0, 0.0, False, False, False)
     with pytest.raises(ValueError, match=r"vt must be a contiguous 4-D torch.float16 tensor, got torch.bfloat16"):
         sage3_sm90_fwd(q, q, vt.bfloat16(), ds, out, 1.0, 0.0, False, False, False)
-    with pytest.raises(ValueError, match=r"delta_s must be a contiguous float32 tensor of shape \(1, 2, 1, 128\)"):
-        sage3_sm90_fwd(q, q, vt, ds[..., :64].contiguous(), out, 1.0, 0.0, False, False, False)
+    with pytest.raises(ValueError, match=r"delta_s must be a contiguous float32 tensor of shape \(1, 2, 1, 64\)"):
+        sage3_sm90_fwd(q, q, vt, ds[..., :32], out, 1.0, 0.0, False, False, False)
     with pytest.raises(ValueError, match="out must be fp16 or bf16 with a contiguous last dim"):
         sage3_sm90_fwd(q.float(), q.float(), vt.float(), ds, out.float(), 1.0, 0.0, False, False, False)
 
@@ -171,7 +171,7 @@ def test_the_kernel_op_has_a_fake_for_compile():
 
     q, k, v = make_qkv(1, 2, 256, 128, device="cuda")
     qf = quantize_qkv_fp4(q, k, v, fmt="nvfp4", smooth_q=True, smooth_k=True, backend="triton")
-    ds = q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True, pad_keys_to=128)
+    ds = q_smoothing_delta_s(qf.q_block_mean, k, qf.k_mean, tf32=True)
     q16, k16, vt16 = dequantized(qf, q.dtype)
     args = (q16, k16, vt16, ds, torch.empty_like(q), 0.1, 11.4, False, False, True)
     torch.library.opcheck(sage3_sm90_fwd, args, test_utils=("test_schema", "test_faketensor"))

@@ -8,9 +8,7 @@
 // summation order (and ex2.approx): the paper's numerics, not its speed.
 //
 // The schedule is sage2_sm90's (FlashAttention-3's): a producer warpgroup (TMA copies of the K and
-// V^T tiles, and of Q smoothing's delta_s row of each tile, into a ring of stages; the delta_s
-// stage comes back once every warp of a consumer warpgroup has read it: a named barrier per
-// warpgroup, then one arrival, an order compute-sanitizer's racecheck can see)
+// V^T tiles into a ring of stages; its second warp copies Q smoothing's delta_s row of each tile)
 // and two consumer warpgroups of 64 query rows that take turns on the tensor cores (ping-pong),
 // each overlapping the softmax and P quantization of S_j with its own P_{j-1} V_{j-1}.
 // One CTA = 128 query rows = one Q-smoothing block of sage3.quant (one delta_s row per CTA).
@@ -62,7 +60,6 @@ constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr int CONSUMER_REGS = 240;  // 128 x 24 + 256 x 240 <= 64K
 constexpr int SWIZZLE_BYTES = 128;  // TMA rows of 64 16-bit values, 128-byte swizzle
 constexpr int CHUNK = SWIZZLE_BYTES / 2;  // 16-bit values per swizzled row
-constexpr int DS_READ_BARRIER = 1 + CONSUMERS;  // named barriers: 1.. the turns (pingpong.cuh), then one per consumer
 
 // 16-bit tiles are stored K-major in chunks of 64 values along the reduction dim (one 128-byte
 // swizzled row each): chunk c of a [rows][DP] tile sits at c * rows * 128 bytes.
@@ -71,17 +68,17 @@ struct Shared {
   alignas(1024) uint8_t q[BLOCK_M * DP * 2];
   alignas(1024) uint8_t k[STAGES][BLOCK_N * DP * 2];
   alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N * 2];  // two chunks of [DP][64 keys]
-  alignas(16) float ds[STAGES][BLOCK_N];  // delta_s of the tile's keys (Q smoothing), by the copy engine
+  float ds[STAGES][BLOCK_N];  // delta_s * mult of the tile's keys (written by the producer's warp 1)
   uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES], ds_full[STAGES], ds_empty[STAGES];
 };
 
 struct KernelParams {
-  const float* delta_s;  // rows of npad keys (zeros past seqlen_k)
+  const float* delta_s;
   void* out;
   int64_t out_sb, out_sh, out_sn;
   float* lse;
   float mult, log2_p_range;
-  int heads_q, heads_kv, seqlen_q, seqlen_k, npad, head_dim, n_ds_blocks;
+  int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, n_ds_blocks;
 };
 
 // wgmma descriptor of k16 step `kk` of a K-major 16-bit tile with `rows` rows (see Shared)
@@ -244,12 +241,11 @@ struct Softmax {
   int seqlen_k, q_offset, t;
   float mult, log2_p_range;
   bool smooth;
-  int consumer;
 };
 
 // The online softmax of tile j, in place on S (in: Q K^T; out: p, unquantized): updates m and l
-// (this lane's columns), returns alpha, the factor O must be scaled by. ds: the tile's delta_s
-// in shared memory. MASKED: keys past the end and (causal) keys after the diagonal get p = 0.
+// (this lane's columns), returns alpha, the factor O must be scaled by. ds: the tile's delta_s *
+// mult in shared memory. MASKED: keys past the end and (causal) keys after the diagonal get p = 0.
 template <bool CAUSAL, bool MASKED>
 __device__ __forceinline__ void softmax_tile(float (&s)[64], int j, float (&m)[2], float (&l)[2], const Softmax& a,
                                              const float* ds, float (&alpha)[2]) {
@@ -265,11 +261,10 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], int j, float (&m)[2
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
       const float2 d = *reinterpret_cast<const float2*>(ds + 8 * n + 2 * a.t);
-      const float dx = d.x * a.mult, dy = d.y * a.mult;
-      s[4 * n + 0] = fmaf(s[4 * n + 0], a.mult, dx);
-      s[4 * n + 1] = fmaf(s[4 * n + 1], a.mult, dy);
-      s[4 * n + 2] = fmaf(s[4 * n + 2], a.mult, dx);
-      s[4 * n + 3] = fmaf(s[4 * n + 3], a.mult, dy);
+      s[4 * n + 0] = fmaf(s[4 * n + 0], a.mult, d.x);
+      s[4 * n + 1] = fmaf(s[4 * n + 1], a.mult, d.y);
+      s[4 * n + 2] = fmaf(s[4 * n + 2], a.mult, d.x);
+      s[4 * n + 3] = fmaf(s[4 * n + 3], a.mult, d.y);
     }
   } else {
 #pragma unroll
@@ -305,7 +300,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], int j, float (&m)[2
 }
 
 // After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax of the tile
-// (with the tile's delta_s from its stage) and P's FP4 quantization.
+// (delta_s from its stage once the producer's warp 1 has written it) and P's FP4 quantization.
 template <bool CAUSAL, bool MASKED, bool MX, int DP>
 __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, float (&s)[64], int j, float (&m)[2], float (&l)[2],
                                                  const Softmax& a, int lane, float (&alpha)[2]) {
@@ -313,10 +308,7 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, float (&s)[64],
   if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
   if (a.smooth) mbar_wait(&sm.ds_full[j % STAGES], (j / STAGES) & 1);
   softmax_tile<CAUSAL, MASKED>(s, j, m, l, a, sm.ds[j % STAGES], alpha);
-  if (a.smooth) {  // the warpgroup has read the tile's delta_s: its stage goes back to the producer
-    asm volatile("bar.sync %0, 128;\n" ::"r"(DS_READ_BARRIER + a.consumer) : "memory");
-    if (threadIdx.x % 128 == 0) mbar_arrive(&sm.ds_empty[j % STAGES]);
-  }
+  if (a.smooth) mbar_arrive(&sm.ds_empty[j % STAGES]);  // (each thread: its own reads are done)
   quantize_p<MX>(s);
 }
 
@@ -361,8 +353,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_init(&sm.v_full[s], 1);
       mbar_init(&sm.k_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
       mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
-      mbar_init(&sm.ds_full[s], 1);
-      mbar_init(&sm.ds_empty[s], CONSUMERS);  // one arrival per consumer warpgroup
+      mbar_init(&sm.ds_full[s], 32);             // every lane of the producer's warp 1
+      mbar_init(&sm.ds_empty[s], 128 * CONSUMERS);  // every consumer thread, once it has read its values
     }
     fence_barrier_init();
   }
@@ -374,8 +366,6 @@ __global__ void __launch_bounds__(THREADS, 1)
       prefetch_tensor_map(&map_q);
       prefetch_tensor_map(&map_k);
       prefetch_tensor_map(&map_v);
-      // this CTA's Q block has one delta_s row (BLOCK_M = the Q-smoothing block)
-      const float* ds_row = smooth ? p.delta_s + (int64_t(bh) * p.n_ds_blocks + m_block) * p.npad : nullptr;
       mbar_arrive_expect_tx(&sm.q_full, BLOCK_M * DP * 2);
       for (int c = 0; c < DP / CHUNK; ++c)
         tma_load_3d(sm.q + c * BLOCK_M * SWIZZLE_BYTES, &map_q, &sm.q_full, c * SWIZZLE_BYTES, m_block * BLOCK_M, bh);
@@ -392,11 +382,31 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int c = 0; c < BLOCK_N / CHUNK; ++c)
           tma_load_3d(sm.vt[stage] + c * DP * SWIZZLE_BYTES, &map_v, &sm.v_full[stage],
                       j * BLOCK_N * 2 + c * SWIZZLE_BYTES, 0, kv_bh);
-        if (smooth) {
-          mbar_wait(&sm.ds_empty[stage], phase ^ 1);
-          mbar_arrive_expect_tx(&sm.ds_full[stage], BLOCK_N * 4);
-          bulk_load(sm.ds[stage], ds_row + j * BLOCK_N, BLOCK_N * 4, &sm.ds_full[stage]);
+      }
+    } else if (smooth && threadIdx.x / 32 == 1) {
+      // delta_s of this CTA's Q block (one row), times mult, into a stage every consumer thread has
+      // read; the next tile's values are loaded before the wait, so their latency hides behind it.
+      const int lane = threadIdx.x % 32;
+      const float* ds_row = p.delta_s + (int64_t(bh) * p.n_ds_blocks + m_block) * p.seqlen_k;
+      auto load = [&](int j, float (&v)[BLOCK_N / 32]) {
+#pragma unroll
+        for (int i = 0; i < BLOCK_N / 32; ++i) {
+          const int key = j * BLOCK_N + 32 * i + lane;
+          v[i] = key < p.seqlen_k ? ds_row[key] : 0.f;
         }
+      };
+      float next[BLOCK_N / 32];
+      load(0, next);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int stage = j % STAGES;
+        float cur[BLOCK_N / 32];
+#pragma unroll
+        for (int i = 0; i < BLOCK_N / 32; ++i) cur[i] = next[i];
+        if (j + 1 < n_tiles) load(j + 1, next);
+        mbar_wait(&sm.ds_empty[stage], ((j / STAGES) & 1) ^ 1);
+#pragma unroll
+        for (int i = 0; i < BLOCK_N / 32; ++i) sm.ds[stage][32 * i + lane] = cur[i] * p.mult;
+        mbar_arrive(&sm.ds_full[stage]);
       }
     }
     return;
@@ -406,7 +416,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
-  const Softmax sm_args{{row0, row0 + 8}, p.seqlen_k, q_offset, t, p.mult, p.log2_p_range, smooth, consumer};
+  const Softmax sm_args{{row0, row0 + 8}, p.seqlen_k, q_offset, t, p.mult, p.log2_p_range, smooth};
 
   float o[DP / 2];
 #pragma unroll
@@ -526,7 +536,7 @@ void launch(const Sage3ForwardArgs& a, cudaStream_t stream) {
   const CUtensorMap map_v = tensor_map_16bit(a.vt, a.npad, DP, uint64_t(a.batch) * a.heads_kv, DP, "vt");
   const KernelParams p{a.delta_s,  a.out,      a.out_stride_b, a.out_stride_h, a.out_stride_n,
                        a.lse,      a.mult,     a.log2_p_range, a.heads_q,      a.heads_kv,
-                       a.seqlen_q, a.seqlen_k, a.npad,         a.head_dim,     (a.seqlen_q + BLOCK_M - 1) / BLOCK_M};
+                       a.seqlen_q, a.seqlen_k, a.head_dim,     (a.seqlen_q + BLOCK_M - 1) / BLOCK_M};
   auto* kernel = &sage3_fwd_kernel<DP, CAUSAL, BF16, MX>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device

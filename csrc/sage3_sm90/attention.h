@@ -13,7 +13,7 @@ struct Sage3ForwardArgs {
   const void* q;        // [B, Hq, Nq, DP]   Q minus its 128-row block means (Q smoothing)
   const void* k;        // [B, Hkv, Nk, DP]  K minus its token mean (K smoothing)
   const void* vt;       // [B, Hkv, DP, NPAD] V transposed (NPAD: keys padded to 128 with zeros)
-  const float* delta_s;  // [B, Hq, ceil(Nq/128), NPAD] fp32 (Q smoothing's q_mean . K^T, 0 past Nk), or null
+  const float* delta_s;  // [B, Hq, ceil(Nq/128), Nk] fp32 (Q smoothing's q_mean . K^T), or null
   void* out;             // [B, Hq, Nq, D] through strides (elements)
   int64_t out_stride_b, out_stride_h, out_stride_n;
   float* lse;            // [B, Hq, Nq] log2-domain LSE, or null
