@@ -31,8 +31,17 @@ def test_emulation_reproduces_golden(case):
 @pytest.mark.parametrize("backend", ["triton", pytest.param("auto", marks=pytest.mark.skipif(
     not IS_HOPPER, reason="'auto' adds the CUDA kernels on an sm_90 GPU"))])
 @pytest.mark.parametrize("case", make_golden.CASES)
-def test_kernel_matches_golden(case, backend):
+def test_kernel_matches_golden(case, backend, monkeypatch):
     gold = GOLDEN["outputs"][case]
+    if backend == "auto" and make_golden.CASES[case][1] == "sage3":
+        # sage3's Hopper kernel quantizes P on 128-key tiles (the stored emulation, like the Triton
+        # kernel, on 64): its golden is the emulation with that tile, itself pinned by the stored one
+        import sage3.kernel
+        from sage3.cuda import KV_TILE
+
+        monkeypatch.setattr(sage3.kernel, "kv_tile_for", lambda dp: KV_TILE)
+        out, lse = make_golden.run_case(case, GOLDEN["inputs"], "torch")
+        gold = {"out": out, "lse": lse}
     out, lse = make_golden.run_case(case, GOLDEN["inputs"], backend, device=KERNEL_DEVICE)
     a = accuracy(gold["out"].double(), out.cpu())
     assert a.cos_sim > 0.99999 and a.max_abs <= 5e-3 * float(gold["out"].abs().max()), a
