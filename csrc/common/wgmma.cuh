@@ -1,4 +1,4 @@
-// wgmma (sm_90a) instructions used by the SageAttention2 Hopper kernel, one wrapper per shape.
+// wgmma (sm_90a) instructions used by the Hopper attention kernels (sage2_sm90, sage3_sm90), one wrapper per shape.
 // Operand lists are long (one register per accumulator element), so they are spelled out here
 // once. A 64-row warpgroup tile: 4 warps x 16 rows; accumulator element i of a thread is row
 // 16*warp + lane/4 + 8*((i/2)%2), column 8*(i/4) + 2*(lane%4) + i%2.
