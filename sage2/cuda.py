@@ -45,14 +45,6 @@ def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype
     return None
 
 
-def auto_picks_cuda(device: torch.device, reason: str | None) -> bool:
-    """``backend="auto"``: the CUDA kernel on sm_90 when the options allow it and it builds
-    (``SAGE_DISABLE_CUDA=1`` turns this off). A failed build warns once, then Triton runs."""
-    from common import build
-
-    return reason is None and build.usable_for_auto(device, "sage2")
-
-
 def _check_op_inputs(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out):
     """The kernel reads every input through its shape alone (TMA maps of contiguous tensors)."""
     for name, t, dtype in (("q_codes", q_codes, torch.int8), ("k_codes", k_codes, torch.int8),

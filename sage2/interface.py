@@ -103,7 +103,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
                                              pv_dtype=pv_dtype, pv_accum=pv_accum, mask=mask, head_dim=D)
             if be == "cuda" and reason is not None:
                 raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
-            if be == "triton" and cuda_kernel.auto_picks_cuda(q.device, reason):
+            if be == "triton" and reason is None and build.usable_for_auto(q.device, "sage2"):
                 be = "cuda"
         use_cuda = be == "cuda"
         if use_cuda:  # the CUDA kernel takes the Triton quantization passes' output

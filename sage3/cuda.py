@@ -37,14 +37,6 @@ def unsupported(head_dim: int) -> str | None:
     return None
 
 
-def auto_picks_cuda(device: torch.device, reason: str | None) -> bool:
-    """``backend="auto"``: the CUDA kernel on sm_90 when it covers the call and builds
-    (``SAGE_DISABLE_CUDA=1`` turns this off). A failed build warns once, then Triton runs."""
-    from common import build
-
-    return reason is None and build.usable_for_auto(device, "sage3")
-
-
 def _check_op_inputs(q, k, vt, delta_s, out):
     """The kernel reads q, k and vt through their shapes alone (TMA maps of contiguous tensors)."""
     for name, t in (("q", q), ("k", k), ("vt", vt)):

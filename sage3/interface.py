@@ -89,7 +89,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         reason = cuda_kernel.unsupported(shape.head_dim)
         if be == "cuda" and reason is not None:
             raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
-        if be == "triton" and cuda_kernel.auto_picks_cuda(q.device, reason):
+        if be == "triton" and reason is None and build.usable_for_auto(q.device, "sage3"):
             be = "cuda"
 
     with torch.no_grad():

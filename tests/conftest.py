@@ -36,6 +36,23 @@ def kernel_vs_emulation(sageattn, q, k, v, *, tensor_layout, is_causal, kernel_b
     return accuracy(out_e.double(), out_k), accuracy(ref, out_e)
 
 
+def check_compile_and_cuda_graph(sageattn, **kw):
+    """``torch.compile(fullgraph=True)`` over a function calling ``sageattn(q, k, v, **kw)`` gives the
+    eager result, and a CUDA-graph capture of the call replays on new values of q (GPU)."""
+    from common.inputs import make_qkv
+    from common.timing import graph_replay
+
+    q, k, v = make_qkv(2, 4, 512, 128, device="cuda", seed=2)
+    eager = sageattn(q, k, v, **kw)
+    compiled = torch.compile(lambda q, k, v: sageattn(q, k, v, **kw) * 2, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), eager * 2)
+    held = {}
+    replay = graph_replay(lambda: held.update(out=sageattn(q, k, v, **kw)))
+    q.copy_(make_qkv(2, 4, 512, 128, device="cuda", seed=3)[0])
+    replay()
+    assert torch.equal(held["out"], sageattn(q, k, v, **kw))
+
+
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE

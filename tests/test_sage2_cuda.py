@@ -14,7 +14,7 @@ from common import build
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import HAS_CUDA, KERNEL_DEVICE, gpu
+from conftest import HAS_CUDA, KERNEL_DEVICE, check_compile_and_cuda_graph, gpu
 from sage2.quant_v import quantize_v, wgmma_key_position
 
 FP16, BF16 = torch.float16, torch.bfloat16
@@ -198,21 +198,7 @@ def test_cuda_nan_rows_follow_sdpa(causal):
 @gpu
 @hopper
 def test_cuda_under_torch_compile_and_cuda_graphs():
-    q, k, v = make_qkv(2, 4, 512, 128, device="cuda", seed=2)
-    eager = sage2.sageattn(q, k, v, backend="cuda")
-
-    @torch.compile(fullgraph=True)
-    def f(q, k, v):
-        return sage2.sageattn(q, k, v, backend="cuda") * 2
-
-    assert torch.equal(f(q, k, v), eager * 2)
-    from common.timing import graph_replay
-
-    held = {}
-    replay = graph_replay(lambda: held.update(out=sage2.sageattn(q, k, v, backend="cuda")))
-    q.copy_(make_qkv(2, 4, 512, 128, device="cuda", seed=3)[0])
-    replay()
-    assert torch.equal(held["out"], sage2.sageattn(q, k, v, backend="cuda"))
+    check_compile_and_cuda_graph(sage2.sageattn, backend="cuda")
 
 
 @gpu

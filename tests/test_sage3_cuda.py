@@ -13,7 +13,7 @@ import sage3
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import HAS_CUDA, gpu, kernel_vs_emulation
+from conftest import HAS_CUDA, check_compile_and_cuda_graph, gpu, kernel_vs_emulation
 
 FP16, BF16 = torch.float16, torch.bfloat16
 IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -145,21 +145,7 @@ def test_cuda_inputs_unchanged_and_nan_rows_follow_sdpa():
 @gpu
 @hopper
 def test_cuda_under_torch_compile_and_cuda_graphs():
-    q, k, v = make_qkv(2, 4, 512, 128, device="cuda", seed=2)
-    eager = sage3.sageattn(q, k, v, backend="cuda")
-
-    @torch.compile(fullgraph=True)
-    def f(q, k, v):
-        return sage3.sageattn(q, k, v, backend="cuda") * 2
-
-    assert torch.equal(f(q, k, v), eager * 2)
-    from common.timing import graph_replay
-
-    held = {}
-    replay = graph_replay(lambda: held.update(out=sage3.sageattn(q, k, v, backend="cuda")))
-    q.copy_(make_qkv(2, 4, 512, 128, device="cuda", seed=3)[0])
-    replay()
-    assert torch.equal(held["out"], sage3.sageattn(q, k, v, backend="cuda"))
+    check_compile_and_cuda_graph(sage3.sageattn, backend="cuda")
 
 
 @gpu
