@@ -25,6 +25,17 @@ void reserve_shared_memory(Kernel kernel, int bytes, uint64_t& reserved, const c
   reserved |= bit;
 }
 
+// The arguments every attention forward entry point checks before launching (`who` names the kernel,
+// `v_name` its V operand): GQA head counts, V's key dim padded to the KV tile, non-empty sequences.
+inline void check_attention_shape(int heads_q, int heads_kv, int npad, int block_n, int seqlen_q, int seqlen_k,
+                                  const std::string& who, const std::string& v_name) {
+  if (heads_kv <= 0 || heads_q % heads_kv != 0)
+    throw std::invalid_argument(who + ": heads_q must be a multiple of heads_kv");
+  if (npad % block_n != 0)
+    throw std::invalid_argument(who + ": the key dim of " + v_name + " must be padded to " + std::to_string(block_n));
+  if (seqlen_q <= 0 || seqlen_k <= 0) throw std::invalid_argument(who + ": empty sequences run no kernel");
+}
+
 inline void check_launch(const char* who) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(who) + ": launch failed: " + cudaGetErrorString(err));

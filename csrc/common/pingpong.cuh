@@ -1,11 +1,32 @@
-// What the Hopper attention kernels (sage2_sm90, sage3_sm90) share around their wgmma: quad
-// reductions over the accumulator's row layout, the output conversion, and the named barriers with
-// which consumer warpgroups take turns on the tensor cores.
+// What the Hopper attention kernels (sage2_sm90, sage3_sm90) share around their wgmma: the tiles a
+// CTA visits, quad reductions over the accumulator's row layout, the output conversion, and the named
+// barriers with which consumer warpgroups take turns on the tensor cores.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace sage_cuda {
+
+// The KV tiles one CTA (BLOCK_M query rows of one query head; grid: row blocks x batch * heads_q)
+// visits. Causal is bottom-right (row i sees keys j <= i + seqlen_k - seqlen_q); causal CTAs run
+// the longest rows first. Tiles before n_unmasked need no mask for any row of the CTA.
+struct CtaTiles {
+  int m_block, bh, b, h, kv_bh, q_offset, n_tiles, n_unmasked;
+};
+template <int BLOCK_M, int BLOCK_N, bool CAUSAL>
+__device__ __forceinline__ CtaTiles cta_tiles(int heads_q, int heads_kv, int seqlen_q, int seqlen_k) {
+  CtaTiles c;
+  c.m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  c.bh = blockIdx.y;
+  c.b = c.bh / heads_q, c.h = c.bh % heads_q;
+  c.kv_bh = c.b * heads_kv + c.h / (heads_q / heads_kv);
+  c.q_offset = seqlen_k - seqlen_q;
+  const int hi = CAUSAL ? min(seqlen_k, (c.m_block + 1) * BLOCK_M + c.q_offset) : seqlen_k;
+  c.n_tiles = hi > 0 ? (hi + BLOCK_N - 1) / BLOCK_N : 0;
+  const int full_end = CAUSAL ? min(seqlen_k, c.m_block * BLOCK_M + c.q_offset + 1) : seqlen_k;
+  c.n_unmasked = max(full_end, 0) / BLOCK_N;
+  return c;
+}
 
 // The 4 lanes of a quad (lane / 4 equal) hold one accumulator row between them.
 __device__ __forceinline__ float quad_max(float x) {

@@ -335,15 +335,9 @@ __global__ void __launch_bounds__(THREADS, 1)
 
   // warp-uniform to the compiler (wgmma in a branch it thinks divergent is serialized: C7518)
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
-  const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // causal: longest rows first
-  const int bh = blockIdx.y;
-  const int b = bh / p.heads_q, h = bh % p.heads_q;
-  const int kv_bh = b * p.heads_kv + h / (p.heads_q / p.heads_kv);
-  const int q_offset = p.seqlen_k - p.seqlen_q;  // bottom-right causal: row i sees keys j <= i + q_offset
-  const int hi = CAUSAL ? min(p.seqlen_k, (m_block + 1) * BLOCK_M + q_offset) : p.seqlen_k;
-  const int n_tiles = hi > 0 ? (hi + BLOCK_N - 1) / BLOCK_N : 0;
-  const int full_end = CAUSAL ? min(p.seqlen_k, m_block * BLOCK_M + q_offset + 1) : p.seqlen_k;
-  const int n_unmasked = max(full_end, 0) / BLOCK_N;  // tiles no row of this CTA needs masked
+  const CtaTiles cta = cta_tiles<BLOCK_M, BLOCK_N, CAUSAL>(p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
+  const int m_block = cta.m_block, bh = cta.bh, b = cta.b, h = cta.h, kv_bh = cta.kv_bh;
+  const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
   const bool smooth = p.delta_s != nullptr;
 
   if (threadIdx.x == 0) {
@@ -582,10 +576,7 @@ void sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&cou
 }
 
 void sage3_sm90_forward(const Sage3ForwardArgs& a, cudaStream_t stream) {
-  if (a.heads_kv <= 0 || a.heads_q % a.heads_kv != 0)
-    throw std::invalid_argument("sage3 cuda: heads_q must be a multiple of heads_kv");
-  if (a.npad % BLOCK_N != 0) throw std::invalid_argument("sage3 cuda: vt's key dim must be padded to 128");
-  if (a.seqlen_q <= 0 || a.seqlen_k <= 0) throw std::invalid_argument("sage3 cuda: empty sequences run no kernel");
+  check_attention_shape(a.heads_q, a.heads_kv, a.npad, BLOCK_N, a.seqlen_q, a.seqlen_k, "sage3 cuda", "vt");
   switch (a.padded_head_dim) {
     case 64: return dispatch<64>(a, stream);
     case 128: return dispatch<128>(a, stream);
