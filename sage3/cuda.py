@@ -23,11 +23,11 @@ import math
 
 import torch
 
+from .emulation import TWO_LEVEL_RANGE
 from .quant import Q_BLOCK, padded_head_dim
 
 HEAD_DIMS = (64, 128)
 KV_TILE = 128
-TWO_LEVEL_LOG2 = math.log2(448.0 * 6.0)
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -93,8 +93,9 @@ def dequantized(qf, op_dtype: torch.dtype):
 
 def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bool, two_level_p: bool,
            op_dtype: torch.dtype, return_lse: bool, unpacked=None):
-    """Run the kernel on sage3's quantized Q, K, V (sage3.quant). Returns the log2-domain LSE or None."""
+    """Run the kernel on sage3's quantized Q, K, V (sage3.quant). Returns the log2-domain LSE or None.
+    ``unpacked``: :func:`dequantized`'s result, when the caller has it (to time the kernel alone)."""
     q16, k16, vt16 = unpacked or dequantized(qf, op_dtype)
     lse = sage3_sm90_fwd(q16, k16, vt16, delta_s, out_hnd, sm_scale * 1.4426950408889634,
-                         TWO_LEVEL_LOG2 if two_level_p else 0.0, qf.fmt == "mxfp4", is_causal, return_lse)
+                         math.log2(TWO_LEVEL_RANGE) if two_level_p else 0.0, qf.fmt == "mxfp4", is_causal, return_lse)
     return lse if return_lse else None
