@@ -21,7 +21,9 @@ from omegaconf import MISSING
 class AttentionConfig:
     label: str = MISSING    # the name in tables and plots
     impl: str = MISSING     # sage1 | sage2 | sage3 | sage3_train | sdpa | exact
-    backend: str = "auto"   # the generation's backend= (auto: Triton on CUDA, emulation on CPU)
+    # the generation's backend= (auto: on Hopper the CUDA kernels where they cover the call, else
+    # Triton on CUDA; the emulation on CPU). attention.backend=triton pins Triton, e.g. for sage3_fp4
+    backend: str = "auto"
 
 
 @dataclass
