@@ -229,6 +229,22 @@ def usable_for_auto(device, who: str) -> bool:
     return True
 
 
+def pick_cuda(requested: str, resolved: str, device, unsupported, who: str) -> str:
+    """The backend once a generation's CUDA kernel has had its say. ``resolved`` is what
+    checks.resolve_backend made of ``requested``: ``"cuda"`` (asked for, and the device checked by
+    :func:`check_cuda_device`) raises a clear error when ``unsupported()`` names why the kernel cannot
+    run the call; ``"auto"`` that resolved to ``"triton"`` becomes ``"cuda"`` where the kernel covers
+    the call and builds (:func:`usable_for_auto`). ``unsupported``: a callable, asked only then."""
+    if resolved != "cuda" and not (requested == "auto" and resolved == "triton"):
+        return resolved
+    reason = unsupported()
+    if resolved == "cuda":
+        if reason is not None:
+            raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
+        return resolved
+    return "cuda" if reason is None and usable_for_auto(device, who) else resolved
+
+
 def check_cuda_device(device) -> None:
     """``backend="cuda"`` asked for explicitly: a clear error unless ``device`` is an sm_90 GPU and
     the kernels build (:class:`CudaBuildUnavailable` says what is missing)."""

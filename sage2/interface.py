@@ -98,13 +98,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,
                                    return_lse=return_lse, backend=be)
             return (out, lse) if return_lse else out
-        if be == "cuda" or (backend == "auto" and be == "triton"):
-            reason = cuda_kernel.unsupported(qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_v=smooth_v,
-                                             pv_dtype=pv_dtype, pv_accum=pv_accum, mask=mask, head_dim=D)
-            if be == "cuda" and reason is not None:
-                raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
-            if be == "triton" and reason is None and build.usable_for_auto(q.device, "sage2"):
-                be = "cuda"
+        be = build.pick_cuda(backend, be, q.device, lambda: cuda_kernel.unsupported(
+            qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_v=smooth_v, pv_dtype=pv_dtype,
+            pv_accum=pv_accum, mask=mask, head_dim=D), "sage2")
         use_cuda = be == "cuda"
         if use_cuda:  # the CUDA kernel takes the Triton quantization passes' output
             be = "triton"

@@ -85,12 +85,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         choices=[("scale_format", scale_format, SCALE_FORMATS)], backends=BACKENDS)
     if be == "cuda":
         build.check_cuda_device(q.device)
-    if be == "cuda" or (backend == "auto" and be == "triton"):
-        reason = cuda_kernel.unsupported(shape.head_dim)
-        if be == "cuda" and reason is not None:
-            raise ValueError(f"backend='cuda' does not support {reason}; use backend='triton'")
-        if be == "triton" and reason is None and build.usable_for_auto(q.device, "sage3"):
-            be = "cuda"
+    be = build.pick_cuda(backend, be, q.device, lambda: cuda_kernel.unsupported(shape.head_dim), "sage3")
 
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)

@@ -106,3 +106,24 @@ def test_device_properties_are_queried_once_per_device(monkeypatch):
         assert asked == [1, 2]
     finally:
         checks._properties.cache_clear()
+
+
+def test_pick_cuda_follows_the_request_and_the_kernels_cover(monkeypatch):
+    """common.build.pick_cuda: "cuda" asked for a call the kernel does not cover names why; "auto"
+    (resolved to Triton on a GPU) becomes "cuda" only where the kernel covers the call and builds;
+    everything else is left as it was, without asking what the kernel covers."""
+    from common import build
+
+    usable = []
+    monkeypatch.setattr(build, "usable_for_auto", lambda device, who: usable.append(who) or True)
+    dev = torch.device("cpu")
+    never = lambda: pytest.fail("asked what the kernel covers")  # noqa: E731
+    assert build.pick_cuda("triton", "triton", dev, never, "x") == "triton"
+    assert build.pick_cuda("auto", "torch", dev, never, "x") == "torch"
+    assert build.pick_cuda("cuda", "cuda", dev, lambda: None, "x") == "cuda"
+    with pytest.raises(ValueError, match="backend='cuda' does not support head_dim=256; use backend='triton'"):
+        build.pick_cuda("cuda", "cuda", dev, lambda: "head_dim=256", "x")
+    assert build.pick_cuda("auto", "triton", dev, lambda: "head_dim=256", "x") == "triton" and usable == []
+    assert build.pick_cuda("auto", "triton", dev, lambda: None, "sage3") == "cuda" and usable == ["sage3"]
+    monkeypatch.setattr(build, "usable_for_auto", lambda device, who: False)
+    assert build.pick_cuda("auto", "triton", dev, lambda: None, "sage3") == "triton"
