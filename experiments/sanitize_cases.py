@@ -20,9 +20,7 @@ def main(decode_only: bool = False, sage3_only: bool = False):
     dev = "cuda"
     n = 0
     if sage3_only:
-        q, k, v = make_qkv(2, 4, 200, 64, heads_kv=2, seqlen_k=333, kind="k_bias", device=dev, seed=0)
-        qb, kb, vb = make_qkv(1, 2, 130, 128, kind="k_bias", dtype=torch.bfloat16, device=dev, layout="NHD", seed=1)
-        n = sum(sage3_cases(q, k, v, qb, kb, vb, causal) for causal in (False, True))
+        n = sum(sage3_cases(*prefill_inputs(dev), causal) for causal in (False, True))
         torch.cuda.synchronize()
         print(f"{n} cases ok")
         return
@@ -33,9 +31,15 @@ def main(decode_only: bool = False, sage3_only: bool = False):
     print(f"{n} cases ok")
 
 
-def everything_but_decode(dev) -> int:
+def prefill_inputs(dev):
+    """(q, k, v): GQA 4/2, 200 queries, 333 keys, D=64, HND; (q128, k128, v128): bf16, 130 tokens, D=128, NHD."""
     q, k, v = make_qkv(2, 4, 200, 64, heads_kv=2, seqlen_k=333, kind="k_bias", device=dev, seed=0)
     q128, k128, v128 = make_qkv(1, 2, 130, 128, kind="k_bias", dtype=torch.bfloat16, device=dev, layout="NHD", seed=1)
+    return q, k, v, q128, k128, v128
+
+
+def everything_but_decode(dev) -> int:
+    q, k, v, q128, k128, v128 = prefill_inputs(dev)
     mask = torch.rand(2, 1, 200, 333, device=dev) > 0.3
     pad = (torch.arange(333, device=dev)[None, :] < torch.tensor([333, 100], device=dev)[:, None])[:, None, None]
     n = 0
