@@ -99,6 +99,11 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
 
 }  // namespace
 
+namespace sage_cuda {  // csrc/common/exact_div_check.cu (its header holds device code)
+void exact_div_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)[6], uint32_t (&first)[6],
+                          cudaStream_t stream);
+}
+
 PYBIND11_MODULE(_sage_cuda, m) {
   m.doc() = "SageAttention CUDA kernels (see csrc/README.md); called through sage2.cuda";
   m.def("sage2_sm90_forward", &sage2_sm90_forward, "SageAttention2 forward, Hopper wgmma kernel (pointers: 0 = none)",
@@ -116,6 +121,16 @@ PYBIND11_MODULE(_sage_cuda, m) {
     for (int i = 0; i < 3; ++i) out[names[i]] = py::make_tuple(counts[i], first[i]);
     return out;
   }, "sage3 kernel's branch-free NVFP4 P scales vs div.rn/rcp.rn over fp32 maxima [lo, hi] (bits): "
+     "{name: (mismatches, first bits)}");
+  m.def("exact_div_mismatches", [](uint32_t lo, uint32_t hi, uintptr_t stream) {
+    uint64_t counts[6];
+    uint32_t first[6];
+    sage_cuda::exact_div_mismatches(lo, hi, counts, first, reinterpret_cast<cudaStream_t>(stream));
+    py::dict out;
+    const char* names[6] = {"div6", "div7", "div127", "div448", "rcp", "rcp_normal"};
+    for (int i = 0; i < 6; ++i) out[names[i]] = py::make_tuple(counts[i], first[i]);
+    return out;
+  }, "csrc/common/exact_div.cuh's branch-free divisions vs div.rn/rcp.rn over fp32 inputs [lo, hi] (bits): "
      "{name: (mismatches, first bits)}");
   m.def("sage3_sm90_forward", &sage3_sm90_forward,
         "SageAttention3 forward (FP4 emulated exactly on 16-bit wgmma), Hopper kernel (positional; pointers: 0 = none)");

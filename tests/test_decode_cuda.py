@@ -266,3 +266,16 @@ def test_cuda_sweep_reuses_its_scratch_across_calls_and_streams(monkeypatch):
     assert calls == [1] * len(shapes)
     assert len(cuda_decode._WORKSPACES) == 2  # one per stream
     assert all(int(counters.abs().sum()) == 0 for _, counters in cuda_decode._WORKSPACES.values())
+
+
+@gpu
+@hopper
+def test_branch_free_divisions_are_exact_over_their_domains():
+    """csrc/common/exact_div.cuh (the decode sweep's K and V scales, sage3's P scales): x / c and
+    1 / x without div.rn/rcp.rn's slow-path branches equal theirs for every positive fp32 x and
+    +inf, within each form's stated domain (the kernel checks the domain: x / 6 where the quotient
+    is normal, x / 448 of 16-bit values, rcp_rn up to 2^126, rcp_rn_normal from 2^-126)."""
+    inf_bits = 0x7F800000
+    found = build.load().exact_div_mismatches(1, inf_bits, build.current_stream_handle(0))
+    assert set(found) == {"div6", "div7", "div127", "div448", "rcp", "rcp_normal"}
+    assert all(count == 0 for count, _ in found.values()), {k: (c, hex(f)) for k, (c, f) in found.items()}

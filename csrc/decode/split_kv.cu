@@ -33,6 +33,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/exact_div.cuh"
 #include "common/hopper.cuh"
 #include "common/launch.h"
 #include "common/mma_sync.cuh"
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int split = blockIdx.x, kv_bh = blockIdx.y;
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
-  const float qmax = float(a.qmax);
+  const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
 
   // ---- this program's keys, [t_begin, t_end); its first tiles are asked for before Q is read ----
   const int t_begin = split * a.tiles_per_split * kTile;
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     fence_barrier_init();
   }
   __syncthreads();
-  issue_stages(0, kStages - 1);  // the last stage stays free: Q smoothing's scratch in the prologue
+  issue_stages(0, SMOOTH_Q ? kStages - 1 : kStages);  // Q smoothing's prologue uses the last stage as scratch
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
@@ -459,6 +460,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     if constexpr (!K_PER_TOKEN) {
       __syncthreads();  // s_amax (per-token scales need no barrier here: q . mean_k is read after (4)'s)
+      refill(stage, start);  // every warp has read the stage: K in (1)-(2), V's fragments in (2)
       float m = s_amax[0];
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_amax[w]);
@@ -467,8 +469,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
 #pragma unroll
     for (int kk = 0; kk < NKT; ++kk) {
-      scale_k[kk] = __fdiv_rn(amax[kk], qmax);
-      inv_k[kk] = __frcp_rn(scale_k[kk] == 0.f ? 1.f : scale_k[kk]);
+      scale_k[kk] = div_rn(amax[kk], qmax, inv_qmax);  // the branch-free div.rn / rcp.rn (exact_div.cuh)
+      inv_k[kk] = rcp_rn(scale_k[kk] == 0.f ? 1.f : scale_k[kk]);
     }
     // (3) K's codes as B fragments, S = Q8 K8^T on the INT8 tensor cores
     int c_qk[NKT][4];
@@ -522,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       if (t4 == 0) s_row_max[warp * kRows + g + 8 * h] = mx[h];
     }
     __syncthreads();  // s_row_max, s_qm; and every warp is done reading this stage
-    refill(stage, start);
+    if constexpr (K_PER_TOKEN) refill(stage, start);  // (per-tile scales: at the barrier of K's max)
     float alpha[2], shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -596,7 +598,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           float m = fmaxf(m2.x, m2.y);
           m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
           m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-          const float sv = __fdiv_rn(m, 448.f), inv = __frcp_rn(sv == 0.f ? 1.f : sv);
+          // m / 448, exactly as div.rn (m is a 16-bit value: m * 2^-6 is exact; exact_div.cuh)
+          const float sv = div_rn(m * 0x1p-6f, 7.f, 1.f / 7.f), inv = rcp_rn(sv == 0.f ? 1.f : sv);
 #pragma unroll
           for (int kk = 0; kk < KT; ++kk)
 #pragma unroll
@@ -656,12 +659,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     m_row[0] = m_row[1] = -kInf, l_row[0] = l_row[1] = 0.f, k_check = 0.f, bad_kv[0] = bad_kv[1] = 0;
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    // every stage holds a tile or has one coming (the prologue kept the last free for its scratch);
-    // each tile refills its own stage in (4)
-    if (primed) {
-      issue_stages(kStages - 1, kStages);
-    } else {
+    // every stage holds a tile or has one coming (Q smoothing's prologue kept the last free for its
+    // scratch); each tile refills its own stage once every warp has read it
+    if (!primed) {
       issue_stages(0, kStages);
+    } else if constexpr (SMOOTH_Q) {
+      issue_stages(kStages - 1, kStages);
     }
     for (int it = 0; it < n_tiles; ++it) {
       mbar_wait(&s_bar[it % kStages], (phase >> (it % kStages)) & 1);
@@ -741,27 +744,35 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int row = item / C4, c4 = item % C4;
     const int head = row / a.rows_per_head, i = row % a.rows_per_head;
     if (i >= nq) continue;
-    // the largest LSE first, so that each split's weight is one exp2 and the loads of the splits do
-    // not wait on each other (a rescaled running sum chains them: ~an L2 round trip per split)
-    float m = -kInf;
+    // the splits' LSEs and outputs in chunks of 8, loaded together (one L2 round trip per chunk,
+    // one in all up to 8 splits), merged by a running max: with one chunk each split's weight is
+    // one exp2 of its LSE minus the max, as a merge by the largest LSE first
+    float m = -kInf, den = 0.f;
     bool bad = false;
-#pragma unroll 8
-    for (int sp = 0; sp < a.splits; ++sp) {
-      const float lse = __ldcg(a.part_lse + (int64_t(sp) * gridDim.y + kv_bh) * kRows + row);  // L2: other programs'
-      bad |= lse != lse;
-      m = fmaxf(m, lse);  // skips a NaN
-    }
-    const float m_use = m == -kInf ? 0.f : m;
-    float den = 0.f;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int sp = 0; sp < a.splits; ++sp) {
-      const int64_t base = (int64_t(sp) * gridDim.y + kv_bh) * kRows + row;
-      const float lse = __ldcg(a.part_lse + base);
-      const float w = lse != lse ? 0.f : fast_exp2(lse - m_use);
-      den += w;
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(a.part_out + base * DP) + c4);
-      o.x += w * x.x, o.y += w * x.y, o.z += w * x.z, o.w += w * x.w;
+    for (int sp0 = 0; sp0 < a.splits; sp0 += 8) {
+      float lse[8];
+      float4 x[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int64_t base = (int64_t(sp0 + j) * gridDim.y + kv_bh) * kRows + row;
+        const bool in = sp0 + j < a.splits;
+        lse[j] = in ? __ldcg(a.part_lse + base) : -kInf;  // L2: other programs' partials
+        x[j] = in ? __ldcg(reinterpret_cast<const float4*>(a.part_out + base * DP) + c4) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      float mc = m;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) bad |= lse[j] != lse[j], mc = fmaxf(mc, lse[j]);  // fmaxf skips a NaN
+      const float mu = mc == -kInf ? 0.f : mc;
+      const float alpha = m == -kInf ? 1.f : fast_exp2(m - mu);  // nothing merged yet: den = 0, o = 0
+      den *= alpha, o.x *= alpha, o.y *= alpha, o.z *= alpha, o.w *= alpha;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float w = lse[j] != lse[j] ? 0.f : fast_exp2(lse[j] - mu);
+        den += w;
+        o.x += w * x[j].x, o.y += w * x[j].y, o.z += w * x[j].z, o.w += w * x[j].w;
+      }
+      m = mc;
     }
     const float inv = den == 0.f ? 1.f : den;
     const float nan = __int_as_float(0x7fc00000);

@@ -41,6 +41,7 @@
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
+#include "../common/exact_div.cuh"
 #include "../common/hopper.cuh"
 #include "../common/launch.h"
 #include "../common/pingpong.cuh"
@@ -128,30 +129,19 @@ __device__ __forceinline__ float2 e4m3_round2(float a, float b) {
 
 // NVFP4 block scales of P, two blocks at once: s = max / 6 (the fp32 quotient, correctly rounded),
 // its E4M3 rounding s8 (the stored scale) and inv = 1 / s (correctly rounded), by which P is
-// multiplied before the E2M1 rounding: sage3/emulation.py's quantize_p. Branch-free forms of
-// div.rn and rcp.rn, whose library versions branch to a slow path per call (which splits the
-// unrolled P quantization into dozens of serial blocks):
-//   s   = q + (max - 6 q) / 6 with q = max * fl(1/6): one FMA correction of the product;
-//   inv = one Newton step from rcp.approx, exact for the normal s that reach it.
-// A block whose s8 is 0 dequantizes to 0 whatever its codes, so it gets inv = 0 (no Inf * 0).
-// sage3_p_scale_mismatches checks both against div.rn/rcp.rn for every fp32 max in (0, 2688].
+// multiplied before the E2M1 rounding: sage3/emulation.py's quantize_p. The branch-free forms of
+// div.rn and rcp.rn (common/exact_div.cuh): the library's branch to a slow path per call split the
+// unrolled P quantization into dozens of serial blocks (v1, 2x slower). rcp_rn_normal is exact for
+// the normal s that reach it; a block whose s8 is 0 dequantizes to 0 whatever its codes, so it gets
+// inv = 0 (no Inf * 0). sage3_p_scale_mismatches checks them for every fp32 max in (0, 2688].
 struct Nvfp4Scales {
   float s8[2], inv[2];
 };
-__device__ __forceinline__ float div6_rn(float x) {
-  constexpr float SIXTH = 1.f / 6.f;
-  const float q = __fmul_rn(x, SIXTH);
-  return __fmaf_rn(__fmaf_rn(-q, 6.f, x), SIXTH, q);
-}
-__device__ __forceinline__ float rcp_rn(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return __fmaf_rn(__fmaf_rn(-x, y, 1.f), y, y);
-}
+__device__ __forceinline__ float div6_rn(float x) { return div_rn_finite(x, 6.f, 1.f / 6.f); }
 __device__ __forceinline__ Nvfp4Scales nvfp4_scales(float bmax0, float bmax1) {
   const float s[2] = {div6_rn(bmax0), div6_rn(bmax1)};
   const float2 s8 = e4m3_round2(s[0], s[1]);
-  return Nvfp4Scales{{s8.x, s8.y}, {s8.x > 0.f ? rcp_rn(s[0]) : 0.f, s8.y > 0.f ? rcp_rn(s[1]) : 0.f}};
+  return Nvfp4Scales{{s8.x, s8.y}, {s8.x > 0.f ? rcp_rn_normal(s[0]) : 0.f, s8.y > 0.f ? rcp_rn_normal(s[1]) : 0.f}};
 }
 
 // a >= 0 (fp32, below 8) rounded onto the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, nearest, ties to
