@@ -64,6 +64,21 @@ constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
 constexpr int kMinBlocks = SAGE_DECODE_MIN_BLOCKS;  // programs per SM the registers must allow
 constexpr float kInf = __builtin_huge_valf();
 
+// Measurement builds (-DSAGE_DECODE_TRACE, experiments/decode_trace.py): thread 0 of each program
+// writes the global timer (ns) at its steps into rows 8..15 of its partial outputs, which hold
+// nothing when Nq * group <= 8: slot 0 start, 1 Q ready, 2 + 2 it / 3 + 2 it tile it's data in /
+// done, 126 sweep done, 127 split counted, 128 merge done (the merging program only)
+#ifdef SAGE_DECODE_TRACE
+#define DECODE_TRACE(slot)                                                                               \
+  if (tid == 0) {                                                                                        \
+    uint64_t t_;                                                                                         \
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                              \
+    reinterpret_cast<uint64_t*>(a.part_out + ((int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * kRows + 8) * DP)[slot] = t_; \
+  }
+#else
+#define DECODE_TRACE(slot)
+#endif
+
 // A tile of K or V in shared memory as TMA writes it: DP / 64 boxes of 64 rows x 128 bytes (64
 // channels), each row's eight 16-byte chunks permuted by the 128-byte swizzle (chunk c of row r lands
 // at c ^ (r % 8)), so that eight rows read at one column hit eight different bank groups.
@@ -178,6 +193,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.x, kv_bh = blockIdx.y;
+  DECODE_TRACE(0)
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
   const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
@@ -668,6 +684,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     for (int it = 0; it < n_tiles; ++it) {
       mbar_wait(&s_bar[it % kStages], (phase >> (it % kStages)) & 1);
+      if (it < 62) DECODE_TRACE(2 + 2 * it)
       phase ^= 1u << (it % kStages);
       const int start = t_begin + it * kTile;
 #ifdef SAGE_DECODE_LOAD_ONLY  // measurement: the copies alone, the floor of this data movement (output garbage)
@@ -680,6 +697,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       } else {
         tile(std::false_type{}, careful_tag, it % kStages, start);
       }
+      if (it < 62) DECODE_TRACE(3 + 2 * it)
     }
     __syncthreads();  // every warp is done with the stages (a careful sweep refills them)
   };
@@ -698,7 +716,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     __syncthreads();
   };
 
+  DECODE_TRACE(1)
   sweep(std::false_type{}, true);
+  DECODE_TRACE(126)
   row_sums();
   float check = k_check + l_tot[0] + l_tot[1];
 #pragma unroll
@@ -736,6 +756,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __syncthreads();
   if (tid == 0) s_flag[0] = atomic_add_acq_rel_gpu(a.counters + kv_bh, 1) == a.splits - 1;
   __syncthreads();
+  DECODE_TRACE(127)
   if (!s_flag[0]) return;
   if (tid == 0) a.counters[kv_bh] = 0;  // ready for the next call on this buffer
   // one float4 of one real row per item: at Nq = 1 and 4 query heads per KV head, one item per thread
@@ -791,6 +812,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       a.lse[(int64_t(b) * a.heads_kv * a.group + hk * a.group + head) * nq + i] =
           bad ? nan : (m + log2f(den)) * 0.6931471805599453f;
   }
+  DECODE_TRACE(128)
 }
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>

@@ -1,0 +1,87 @@
+"""Where a CUDA decode call spends its time, from a trace build of csrc/decode/split_kv.cu
+(-DSAGE_DECODE_TRACE: thread 0 of every program writes the global timer at each step into unused
+rows of its partial outputs). Needs Nq * (query heads per KV head) <= 8; the shape here is the
+decode benchmark's (B=4, Hq/Hkv 32/8, Nq=1, D=128, fp16).
+
+    python -m experiments.decode_trace [--nk 16384] [--copies]
+
+``--copies`` traces the copies-only build (-DSAGE_DECODE_LOAD_ONLY: no arithmetic, output garbage).
+Prints, per generation, medians over programs (us from the first program's start): when Q is
+ready, when the first tile's data is in, the time per tile waiting for data and computing (steady
+tiles), when the last tile's data is in, when the sweep, the split count and the merge end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--nk", type=int, default=16384)
+    ap.add_argument("--copies", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ["SAGE_NVCC_FLAGS"] = "-DSAGE_DECODE_TRACE" + (" -DSAGE_DECODE_LOAD_ONLY" if args.copies else "")
+
+    import torch
+
+    import sage1
+    import sage2
+    from common import build, cuda_decode, decode
+
+    build.load()
+    torch.manual_seed(0)
+    q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(4, 8, args.nk, 128, dtype=torch.float16, device="cuda") for _ in range(2))
+    flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    gens = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v)}
+    print(f"{'us from start':22s}" + "".join(f"{g:>20s}" for g in gens), flush=True)
+    rows = {}
+    for name, fn in gens.items():
+        for _ in range(3):
+            fn()
+        (scratch, _), = [w for key, w in cuda_decode._WORKSPACES.items() if key[0] == q.device.index]
+        scratch.zero_()
+        flush.zero_()
+        fn()
+        torch.cuda.synchronize()
+        tps = decode.split_tiles(32, 1, args.nk, q.device)
+        n_progs = -(-args.nk // decode.DECODE_TILE // tps) * 32
+        t = scratch[: n_progs * 16 * 128].view(n_progs, 16, 128)[:, 8:].contiguous().view(n_progs, -1)
+        t = t.view(torch.int64)[:, :129].double()
+        used = t[:, 0] > 0
+        t = t[used]
+        t0 = t[:, 0].min()
+        tiles = min(tps, 62)
+        data_in = t[:, 2:2 + 2 * tiles:2] - t0
+        done = data_in if args.copies else t[:, 3:3 + 2 * tiles:2] - t0
+        steady = slice(2, tiles - 2)
+        wait = (data_in[:, 1:] - done[:, :-1])[:, steady]
+        work = (done - data_in)[:, steady]
+        merged = t[:, 128] > 0
+
+        def med(x):
+            return float(x.median()) / 1e3
+
+        rows[name] = {
+            "programs": (f"{int(used.sum())}", ""),
+            "start spread": (f"{float((t[:, 0] - t0).max()) / 1e3:.2f}", ""),
+            "Q ready": (f"{med(t[:, 1] - t0):.2f}", ""),
+            "first tile in": (f"{med(data_in[:, 0]):.2f}", ""),
+            "tiles per program": (f"{tiles}", ""),
+            "wait per tile": (f"{med(wait):.3f} (mean {float(wait.mean()) / 1e3:.3f})", ""),
+            "compute per tile": (f"{med(work):.3f} (mean {float(work.mean()) / 1e3:.3f})", ""),
+            "last tile in": (f"{med(data_in[:, -1]):.1f} (max {float(data_in[:, -1].max()) / 1e3:.1f})", ""),
+            "sweep done": (f"{med(t[:, 126] - t0):.1f} (max {float((t[:, 126] - t0).max()) / 1e3:.1f})", ""),
+            "split counted": (f"{med(t[:, 127] - t0):.1f} (max {float((t[:, 127] - t0).max()) / 1e3:.1f})", ""),
+            "merge done (max)": (f"{float((t[merged, 128] - t0).max()) / 1e3:.1f}" if merged.any() else "-", ""),
+        }
+    for key in next(iter(rows.values())):
+        print(f"{key:22s}" + "".join(f"{rows[g][key][0]:>20s}" for g in rows), flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
