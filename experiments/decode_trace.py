@@ -22,6 +22,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nk", type=int, default=16384)
     ap.add_argument("--copies", action="store_true")
+    ap.add_argument("--stragglers", action="store_true", help="the slowest programs against the fastest half")
+    ap.add_argument("--gens", nargs="+", default=["sage1", "sage2_8b"], choices=["sage1", "sage2_8b"])
     args = ap.parse_args(argv)
     os.environ["SAGE_NVCC_FLAGS"] = "-DSAGE_DECODE_TRACE" + (" -DSAGE_DECODE_LOAD_ONLY" if args.copies else "")
 
@@ -36,10 +38,12 @@ def main(argv=None) -> None:
     q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
     k, v = (torch.randn(4, 8, args.nk, 128, dtype=torch.float16, device="cuda") for _ in range(2))
     flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    gens = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v)}
+    fns = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v)}
+    gens = [f"{g}#{i}" for i, g in enumerate(args.gens)]
     print(f"{'us from start':22s}" + "".join(f"{g:>20s}" for g in gens), flush=True)
     rows = {}
-    for name, fn in gens.items():
+    for name in gens:
+        fn = fns[name.split("#")[0]]
         for _ in range(3):
             fn()
         (scratch, _), = [w for key, w in cuda_decode._WORKSPACES.items() if key[0] == q.device.index]
@@ -50,7 +54,7 @@ def main(argv=None) -> None:
         tps = decode.split_tiles(32, 1, args.nk, q.device)
         n_progs = -(-args.nk // decode.DECODE_TILE // tps) * 32
         t = scratch[: n_progs * 16 * 128].view(n_progs, 16, 128)[:, 8:].contiguous().view(n_progs, -1)
-        t = t.view(torch.int64)[:, :129].double()
+        t = t.view(torch.int64)[:, :130].double()
         used = t[:, 0] > 0
         t = t[used]
         t0 = t[:, 0].min()
@@ -78,6 +82,17 @@ def main(argv=None) -> None:
             "split counted": (f"{med(t[:, 127] - t0):.1f} (max {float((t[:, 127] - t0).max()) / 1e3:.1f})", ""),
             "merge done (max)": (f"{float((t[merged, 128] - t0).max()) / 1e3:.1f}" if merged.any() else "-", ""),
         }
+        if args.stragglers:  # the slowest programs against the rest: slower to compute, or waiting longer?
+            sm = t[:, 129].long()
+            per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)[sm]
+            order = torch.argsort(data_in[:, -1])
+            n = len(order)
+            for label, idx in (("fastest half", order[: n // 2]), ("slowest 10%", order[-max(1, n // 10):])):
+                print(f"  {name} {label}: last tile in {float(data_in[idx, -1].mean()) / 1e3:.1f} us, first tile in "
+                      f"{float(data_in[idx, 0].mean()) / 1e3:.2f}, compute/tile {float(work[idx].mean()) / 1e3:.3f}, "
+                      f"wait/tile {float(wait[idx].mean()) / 1e3:.3f}, programs on its SM {float(per_sm[idx].float().mean()):.2f}",
+                      flush=True)
+            print(f"  {name} slowest: SMs {sm[order[-12:]].tolist()}", flush=True)
     for key in next(iter(rows.values())):
         print(f"{key:22s}" + "".join(f"{rows[g][key][0]:>20s}" for g in rows), flush=True)
     sys.stdout.flush()

@@ -67,7 +67,7 @@ constexpr float kInf = __builtin_huge_valf();
 // Measurement builds (-DSAGE_DECODE_TRACE, experiments/decode_trace.py): thread 0 of each program
 // writes the global timer (ns) at its steps into rows 8..15 of its partial outputs, which hold
 // nothing when Nq * group <= 8: slot 0 start, 1 Q ready, 2 + 2 it / 3 + 2 it tile it's data in /
-// done, 126 sweep done, 127 split counted, 128 merge done (the merging program only)
+// done, 126 sweep done, 127 split counted, 128 merge done (the merging program only); 129 the SM
 #ifdef SAGE_DECODE_TRACE
 #define DECODE_TRACE(slot)                                                                               \
   if (tid == 0) {                                                                                        \
@@ -194,6 +194,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.x, kv_bh = blockIdx.y;
   DECODE_TRACE(0)
+#ifdef SAGE_DECODE_TRACE
+  if (tid == 0) {
+    uint32_t smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    reinterpret_cast<uint64_t*>(a.part_out + ((int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * kRows + 8) * DP)[129] = smid;
+  }
+#endif
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
   const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
