@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nk", type=int, default=16384)
     ap.add_argument("--copies", action="store_true")
+    ap.add_argument("--pad-keys", type=int, default=0, help="K and V as slices of a cache this many keys longer")
     ap.add_argument("--stragglers", action="store_true", help="the slowest programs against the fastest half")
     ap.add_argument("--gens", nargs="+", default=["sage1", "sage2_8b"], choices=["sage1", "sage2_8b"])
     args = ap.parse_args(argv)
@@ -36,7 +37,8 @@ def main(argv=None) -> None:
     build.load()
     torch.manual_seed(0)
     q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
-    k, v = (torch.randn(4, 8, args.nk, 128, dtype=torch.float16, device="cuda") for _ in range(2))
+    k, v = (torch.randn(4, 8, args.nk + args.pad_keys, 128, dtype=torch.float16, device="cuda")[:, :, :args.nk]
+            for _ in range(2))
     flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     fns = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v)}
     gens = [f"{g}#{i}" for i, g in enumerate(args.gens)]
