@@ -45,11 +45,14 @@ def test_kernel_matches_golden(case, backend, monkeypatch):
         gold = {"out": out, "lse": lse}
     out, lse = make_golden.run_case(case, GOLDEN["inputs"], backend, device=KERNEL_DEVICE)
     a = accuracy(gold["out"].double(), out.cpu())
+    lse_tol = 1e-3
     if make_golden.CASES[case][1] == "sage3" and KERNEL_DEVICE != "cpu":
         # FP4 is coarse: on the GPU, scores that differ from the emulation's by rounding (ex2.approx,
         # another summation order) move P's FP4 codes across a rounding boundary here and there. So the
         # bar is the ratio style of tests/test_sage3.py: a small fraction of the method's own error
-        # (H100, 2026-11-23: 0.005x for NVFP4, 0.0003x for MXFP4 direct P)
+        # (H100, 2026-11-23: 0.005x for NVFP4, 0.0003x for MXFP4 direct P), and the LSE (a sum of
+        # quantized P) within 1e-2 (4.4e-3 for MXFP4 direct P, whose LSE is 19 off the exact one)
+        lse_tol = 1e-2
         inp, _, layout, opts = make_golden.CASES[case]
         q, k, v = GOLDEN["inputs"][inp]
         exact = attention_reference(q, k, v, tensor_layout=layout, is_causal=opts.get("is_causal", False))
@@ -59,7 +62,7 @@ def test_kernel_matches_golden(case, backend, monkeypatch):
         assert a.cos_sim > 0.99999 and a.max_abs <= 5e-3 * float(gold["out"].abs().max()), a
     fin = torch.isfinite(gold["lse"])
     assert torch.equal(torch.isfinite(lse.cpu()), fin)
-    assert (lse.cpu() - gold["lse"])[fin].abs().max() < 1e-3
+    assert (lse.cpu() - gold["lse"])[fin].abs().max() < lse_tol
 
 
 def test_golden_file_covers_every_generation():
