@@ -1,7 +1,5 @@
 // The branch-free divisions of exact_div.cuh against the library's div.rn / rcp.rn, for every fp32
 // input in a range of bit patterns (tests/test_decode_cuda.py runs it over their whole domains).
-#include <stdexcept>
-
 #include "exact_div.cuh"
 #include "launch.h"
 
@@ -42,24 +40,11 @@ __global__ void exact_div_check_kernel(uint32_t lo, uint32_t hi, unsigned long l
 
 }  // namespace
 
-void exact_div_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)[6], uint32_t (&first)[6],
+void exact_div_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)[kChecks], uint32_t (&first)[kChecks],
                           cudaStream_t stream) {
-  struct Result {
-    unsigned long long counts[kChecks];
-    unsigned int first[kChecks];
-  };
-  Result* dev = nullptr;
-  if (cudaMallocAsync(&dev, sizeof(Result), stream) != cudaSuccess)
-    throw std::runtime_error("exact_div check: cudaMallocAsync failed");
-  Result host{};
-  for (auto& f : host.first) f = 0xffffffffu;
-  cudaMemcpyAsync(dev, &host, sizeof(Result), cudaMemcpyHostToDevice, stream);
-  exact_div_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, dev->counts, dev->first);
-  check_launch("exact_div check");
-  cudaMemcpyAsync(&host, dev, sizeof(Result), cudaMemcpyDeviceToHost, stream);
-  cudaFreeAsync(dev, stream);
-  if (cudaStreamSynchronize(stream) != cudaSuccess) throw std::runtime_error("exact_div check: kernel failed");
-  for (int i = 0; i < kChecks; ++i) counts[i] = host.counts[i], first[i] = host.first[i];
+  run_mismatch_check(
+      [&](unsigned long long* c, unsigned int* f) { exact_div_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, c, f); },
+      "exact_div check", counts, first, stream);
 }
 
 }  // namespace sage_cuda

@@ -1,5 +1,6 @@
 // Host-side launch plumbing shared by the kernels: the dynamic shared-memory reservation (once per
-// kernel instantiation and device) and the launch-error check, both naming the kernel in the exception.
+// kernel instantiation and device), the launch-error check, both naming the kernel in the exception,
+// and the runner of the GPU self-checks (counters of mismatches).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -39,6 +40,31 @@ inline void check_attention_shape(int heads_q, int heads_kv, int npad, int block
 inline void check_launch(const char* who) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(who) + ": launch failed: " + cudaGetErrorString(err));
+}
+
+// A GPU self-check that counts N kinds of mismatch: launch(counts, first) runs the checking kernel
+// on `stream` with zeroed device counters (unsigned long long[N]) and the first offending input of
+// each kind (unsigned int[N], starting at 0xffffffff, lowered by atomicMin); the results come back
+// to the host arrays.
+template <int N, typename Launch>
+void run_mismatch_check(Launch&& launch, const char* who, uint64_t (&counts)[N], uint32_t (&first)[N],
+                        cudaStream_t stream) {
+  struct Result {
+    unsigned long long counts[N];
+    unsigned int first[N];
+  };
+  Result* dev = nullptr;
+  if (cudaMallocAsync(&dev, sizeof(Result), stream) != cudaSuccess)
+    throw std::runtime_error(std::string(who) + ": cudaMallocAsync failed");
+  Result host{};
+  for (auto& f : host.first) f = 0xffffffffu;
+  cudaMemcpyAsync(dev, &host, sizeof(Result), cudaMemcpyHostToDevice, stream);
+  launch(dev->counts, dev->first);
+  check_launch(who);
+  cudaMemcpyAsync(&host, dev, sizeof(Result), cudaMemcpyDeviceToHost, stream);
+  cudaFreeAsync(dev, stream);
+  if (cudaStreamSynchronize(stream) != cudaSuccess) throw std::runtime_error(std::string(who) + ": kernel failed");
+  for (int i = 0; i < N; ++i) counts[i] = host.counts[i], first[i] = host.first[i];
 }
 
 }  // namespace sage_cuda

@@ -548,21 +548,9 @@ void dispatch(const Sage3ForwardArgs& a, cudaStream_t stream) {
 
 void sage3_p_scale_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)[3], uint32_t (&first)[3],
                                cudaStream_t stream) {
-  struct Result {
-    unsigned long long counts[3];
-    unsigned int first[3];
-  };
-  Result* dev = nullptr;
-  if (cudaMallocAsync(&dev, sizeof(Result), stream) != cudaSuccess)
-    throw std::runtime_error("sage3 p-scale check: cudaMallocAsync failed");
-  Result host{{0, 0, 0}, {0xffffffffu, 0xffffffffu, 0xffffffffu}};
-  cudaMemcpyAsync(dev, &host, sizeof(Result), cudaMemcpyHostToDevice, stream);
-  p_scale_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, dev->counts, dev->first);
-  check_launch("sage3 p-scale check");
-  cudaMemcpyAsync(&host, dev, sizeof(Result), cudaMemcpyDeviceToHost, stream);
-  cudaFreeAsync(dev, stream);
-  if (cudaStreamSynchronize(stream) != cudaSuccess) throw std::runtime_error("sage3 p-scale check: kernel failed");
-  for (int i = 0; i < 3; ++i) counts[i] = host.counts[i], first[i] = host.first[i];
+  run_mismatch_check(
+      [&](unsigned long long* c, unsigned int* f) { p_scale_check_kernel<<<1024, 256, 0, stream>>>(lo_bits, hi_bits, c, f); },
+      "sage3 p-scale check", counts, first, stream);
 }
 
 void sage3_sm90_forward(const Sage3ForwardArgs& a, cudaStream_t stream) {
