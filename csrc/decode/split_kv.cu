@@ -69,12 +69,21 @@ constexpr float kInf = __builtin_huge_valf();
 // nothing when Nq * group <= 8: slot 0 start, 1 Q ready, 2 + 2 it / 3 + 2 it tile it's data in /
 // done, 126 sweep done, 127 split counted, 128 merge done (the merging program only); 129 the SM
 #ifdef SAGE_DECODE_TRACE
-#define DECODE_TRACE(slot)                                                                               \
-  if (tid == 0) {                                                                                        \
-    uint64_t t_;                                                                                         \
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                              \
-    reinterpret_cast<uint64_t*>(a.part_out + ((int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * kRows + 8) * DP)[slot] = t_; \
-  }
+__device__ __forceinline__ uint64_t* trace_slots(const DecodeArgs& a, int dp) {
+  return reinterpret_cast<uint64_t*>(a.part_out + ((int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * kRows + 8) * dp);
+}
+__device__ __forceinline__ uint64_t global_timer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ uint64_t sm_id() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+#define DECODE_TRACE(slot) \
+  if (tid == 0) trace_slots(a, DP)[slot] = global_timer();
 #else
 #define DECODE_TRACE(slot) {}
 #endif
@@ -195,11 +204,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int split = blockIdx.x, kv_bh = blockIdx.y;
   DECODE_TRACE(0)
 #ifdef SAGE_DECODE_TRACE
-  if (tid == 0) {
-    uint32_t smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    reinterpret_cast<uint64_t*>(a.part_out + ((int64_t(blockIdx.x) * gridDim.y + blockIdx.y) * kRows + 8) * DP)[129] = smid;
-  }
+  if (tid == 0) trace_slots(a, DP)[129] = sm_id();
 #endif
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
