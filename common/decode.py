@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from .checks import sm_count
-from .int_qk import padded_head_dim
+from .int_qk import LOG2E, padded_head_dim
 from .masking import MASK_NONE, MaskSpec, dense_mask, kernel_args
 from .mma import fp16_accumulated_matmul
 from .nonfinite import nan_rows
@@ -68,7 +68,6 @@ DELTA_PRECISION = "tf32x3"
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
 # FP8 P is spread over (0, fmax] by this shift of the running max (fp16 P stays in (0, 1])
 LOG2_P_SCALE = {"fp8_e4m3": math.log2(448.0), "fp8_e5m2": math.log2(57344.0)}
-LOG2E = math.log2(math.e)
 
 
 class DecodeSpec(NamedTuple):  # a tuple: built on every call, ~5x cheaper than a frozen dataclass

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from common.int_qk import LOG2E
+
 from .emulation import TWO_LEVEL_RANGE
 from .quant import Q_BLOCK, padded_head_dim
 
@@ -96,6 +98,6 @@ def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bo
     """Run the kernel on sage3's quantized Q, K, V (sage3.quant). Returns the log2-domain LSE or None.
     ``unpacked``: :func:`dequantized`'s result, when the caller has it (to time the kernel alone)."""
     q16, k16, vt16 = unpacked or dequantized(qf, op_dtype)
-    lse = sage3_sm90_fwd(q16, k16, vt16, delta_s, out_hnd, sm_scale * 1.4426950408889634,
+    lse = sage3_sm90_fwd(q16, k16, vt16, delta_s, out_hnd, sm_scale * LOG2E,
                          math.log2(TWO_LEVEL_RANGE) if two_level_p else 0.0, qf.fmt == "mxfp4", is_causal, return_lse)
     return lse if return_lse else None

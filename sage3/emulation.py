@@ -23,6 +23,7 @@ import math
 import torch
 
 from common import fp4
+from common.int_qk import LOG2E
 from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.reference import exact_fp32_matmul
 from common.smoothing import expand_block_rows
@@ -72,7 +73,7 @@ def attention_emulated(qf: QuantizedFP4, *, sm_scale: float, delta_s, is_causal:
     vd = dequantize(qf.v_packed, qf.v_scales, qf.fmt).to(op_dtype).float().transpose(-1, -2).repeat_interleave(group, dim=1)
     if delta_s is not None:
         delta_s = expand_block_rows(delta_s, Q_BLOCK, Nq)
-    mult = sm_scale * 1.4426950408889634
+    mult = sm_scale * LOG2E
     c = math.log2(TWO_LEVEL_RANGE) if two_level_p else 0.0
     sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=c)
     acc = torch.zeros(B, Hq, Nq, vd.shape[-1], device=dev)

@@ -19,9 +19,11 @@ import triton
 import triton.language as tl
 
 from common.checks import interpreter_enabled
+from common.int_qk import LOG2E
 from common.triton_attention import dot_16bit, kv_bounds, masked_row_max, program_tile
 from common.triton_quant import to_fp8
 
+from .emulation import TWO_LEVEL_RANGE
 from .fp4_triton import (
     dequantize_rows_kernel,
     dequantize_tile,
@@ -178,7 +180,7 @@ def launch(qf, out_hnd: torch.Tensor, *, sm_scale: float, delta_s, is_causal: bo
         delta_s if delta_s is not None else lse, out_hnd, lse,
         out_hnd.stride(0), out_hnd.stride(1), out_hnd.stride(2),
         Hq, Hkv, Nq, Nk, NPAD, D, delta_s.shape[2] if delta_s is not None else 1,
-        sm_scale * 1.4426950408889634, math.log2(2688.0) if two_level_p else 0.0,
+        sm_scale * LOG2E, math.log2(TWO_LEVEL_RANGE) if two_level_p else 0.0,
         BLOCK_M=128, BLOCK_N=BLOCK_N, DP=DP, MX=qf.fmt == "mxfp4", SMOOTH_Q=delta_s is not None,
         IS_CAUSAL=is_causal, RETURN_LSE=return_lse,
         OP=tl.float16 if op_dtype == torch.float16 else tl.bfloat16, INTERPRET=interpreter_enabled(),
