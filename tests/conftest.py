@@ -53,6 +53,28 @@ def check_compile_and_cuda_graph(sageattn, **kw):
     assert torch.equal(held["out"], sageattn(q, k, v, **kw))
 
 
+def check_auto_picks_cuda(sageattn, cuda_module, monkeypatch, reason, uncovered_head_dim=64, **uncovered_kw):
+    """On Hopper, ``backend="auto"`` launches ``cuda_module`` for a call it covers, and neither for
+    one it does not (head dim ``uncovered_head_dim``, options ``uncovered_kw``: Triton runs) nor with
+    ``SAGE_DISABLE_CUDA=1``; ``backend="cuda"`` on the uncovered call names ``reason`` (GPU)."""
+    from common.inputs import make_qkv
+
+    calls = []
+    real = cuda_module.launch
+    monkeypatch.setattr(cuda_module, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(1, 2, 256, 64, device="cuda")
+    sageattn(q, k, v)
+    assert calls == [1]
+    uq, uk, uv = (q, k, v) if uncovered_head_dim == 64 else make_qkv(1, 2, 256, uncovered_head_dim, device="cuda")
+    sageattn(uq, uk, uv, **uncovered_kw)  # not covered: Triton
+    assert calls == [1]
+    monkeypatch.setenv("SAGE_DISABLE_CUDA", "1")
+    sageattn(q, k, v)
+    assert calls == [1]
+    with pytest.raises(ValueError, match=f"backend='cuda' does not support {reason}"):
+        sageattn(uq, uk, uv, **uncovered_kw, backend="cuda")
+
+
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE

@@ -14,7 +14,7 @@ from common import build
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import HAS_CUDA, KERNEL_DEVICE, check_compile_and_cuda_graph, gpu
+from conftest import HAS_CUDA, KERNEL_DEVICE, check_auto_picks_cuda, check_compile_and_cuda_graph, gpu
 from sage2.quant_v import quantize_v, wgmma_key_position
 
 FP16, BF16 = torch.float16, torch.bfloat16
@@ -162,19 +162,7 @@ def test_cuda_accuracy_at_real_size(d, causal):
 def test_auto_picks_cuda_on_hopper_and_triton_where_it_cannot(monkeypatch):
     from sage2 import cuda as cuda_kernel
 
-    calls = []
-    real = cuda_kernel.launch
-    monkeypatch.setattr(cuda_kernel, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    q, k, v = make_qkv(1, 2, 256, 64, device="cuda")
-    sage2.sageattn(q, k, v)
-    assert calls == [1]
-    sage2.sageattn(q, k, v, pv_dtype="fp16")  # not covered: Triton
-    assert calls == [1]
-    monkeypatch.setenv("SAGE_DISABLE_CUDA", "1")
-    sage2.sageattn(q, k, v)
-    assert calls == [1]
-    with pytest.raises(ValueError, match="backend='cuda' does not support pv_dtype='fp16'"):
-        sage2.sageattn(q, k, v, pv_dtype="fp16", backend="cuda")
+    check_auto_picks_cuda(sage2.sageattn, cuda_kernel, monkeypatch, "pv_dtype='fp16'", pv_dtype="fp16")
 
 
 @gpu

@@ -13,7 +13,7 @@ import sage3
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import HAS_CUDA, check_compile_and_cuda_graph, gpu, kernel_vs_emulation
+from conftest import HAS_CUDA, check_auto_picks_cuda, check_compile_and_cuda_graph, gpu, kernel_vs_emulation
 
 FP16, BF16 = torch.float16, torch.bfloat16
 IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
@@ -113,20 +113,7 @@ def test_cuda_accuracy_at_real_size_is_the_triton_kernels(d, causal):
 def test_auto_picks_cuda_on_hopper_and_triton_where_it_cannot(monkeypatch):
     from sage3 import cuda as cuda_kernel
 
-    calls = []
-    real = cuda_kernel.launch
-    monkeypatch.setattr(cuda_kernel, "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    q, k, v = make_qkv(1, 2, 256, 64, device="cuda")
-    sage3.sageattn(q, k, v)
-    assert calls == [1]
-    q2, k2, v2 = make_qkv(1, 2, 256, 256, device="cuda")
-    sage3.sageattn(q2, k2, v2)  # not covered: Triton
-    assert calls == [1]
-    monkeypatch.setenv("SAGE_DISABLE_CUDA", "1")
-    sage3.sageattn(q, k, v)
-    assert calls == [1]
-    with pytest.raises(ValueError, match="backend='cuda' does not support head_dim=256"):
-        sage3.sageattn(q2, k2, v2, backend="cuda")
+    check_auto_picks_cuda(sage3.sageattn, cuda_kernel, monkeypatch, "head_dim=256", uncovered_head_dim=256)
 
 
 @gpu
