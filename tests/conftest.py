@@ -17,6 +17,8 @@ if not HAS_CUDA:
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
 
 
 def kernel_vs_emulation(sageattn, q, k, v, *, tensor_layout, is_causal, kernel_backend="triton", **opts):

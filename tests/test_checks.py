@@ -127,3 +127,18 @@ def test_pick_cuda_follows_the_request_and_the_kernels_cover(monkeypatch):
     assert build.pick_cuda("auto", "triton", dev, lambda: None, "sage3") == "cuda" and usable == ["sage3"]
     monkeypatch.setattr(build, "usable_for_auto", lambda device, who: False)
     assert build.pick_cuda("auto", "triton", dev, lambda: None, "sage3") == "triton"
+
+
+@pytest.mark.parametrize("generation", ["sage2", "sage3"])
+def test_cuda_backend_errors(generation):
+    """The generations with a Hopper kernel name what backend='cuda' needs, and every backend."""
+    import importlib
+
+    from common.inputs import make_qkv
+
+    sageattn = importlib.import_module(generation).sageattn
+    q, k, v = make_qkv(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got tensors on cpu"):
+        sageattn(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cuda', 'triton', 'torch'\]"):
+        sageattn(q, k, v, backend="cutlass")

@@ -23,10 +23,8 @@ from common.masking import NO_MASK, MaskSpec
 from common.metrics import accuracy
 from common.nonfinite import nan_rows
 from common.reference import attention_reference
-from conftest import HAS_CUDA, gpu, kernel_vs_emulation
+from conftest import gpu, hopper, kernel_vs_emulation
 
-IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
-hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
 
 # (function, options): every option set the CUDA sweep covers
 COVERED = {

@@ -12,12 +12,11 @@ import torch
 
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import HAS_CUDA, KERNEL_DEVICE
+from conftest import IS_HOPPER, KERNEL_DEVICE
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
 import make_golden  # noqa: E402
 
-IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 GOLDEN = torch.load(Path(__file__).parent / "golden" / "golden.pt")
 
 

@@ -13,19 +13,9 @@ import sage3
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import HAS_CUDA, check_auto_picks_cuda, check_compile_and_cuda_graph, gpu, kernel_vs_emulation
+from conftest import check_auto_picks_cuda, check_compile_and_cuda_graph, gpu, hopper, kernel_vs_emulation
 
 FP16, BF16 = torch.float16, torch.bfloat16
-IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
-hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
-
-
-def test_cuda_backend_errors():
-    q, k, v = make_qkv(1, 2, 8, 64)
-    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got tensors on cpu"):
-        sage3.sageattn(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cuda', 'triton', 'torch'\]"):
-        sage3.sageattn(q, k, v, backend="cutlass")
 
 
 def test_unsupported_head_dims_are_named():
