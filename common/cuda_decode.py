@@ -1,8 +1,10 @@
 """Decode on Hopper: the split-KV sweep of :mod:`common.decode` in CUDA (csrc/decode/split_kv.cu).
 
-The same algorithm and the same split points as the Triton kernels (common/triton_decode.py), in
-one launch: a split that saw a NaN/Inf or an fp16 overflow sweeps again carefully in the same
-program, and the last split of each KV head to finish merges them all by their LSE. It exists for
+The same algorithm as the Triton kernels (common/triton_decode.py), in one launch: the programs of
+a KV head take its tiles dynamically (a claim counter per KV head; the static split points under
+``torch.use_deterministic_algorithms(True)``), a program that saw a NaN/Inf or an fp16 overflow
+sweeps its own tiles again carefully, and the last program of each KV head to finish merges them
+all by their LSE. It exists for
 speed: decode is bound by reading the KV cache once; the kernel streams 64-key tiles of K and V into
 shared memory with the copy engine (TMA) and quantizes them there (DECODE_NOTES.md).
 
@@ -22,6 +24,7 @@ import torch
 from .build import current_stream_handle, load, on_device
 
 ROWS = 16                 # query rows per program in the kernel
+TILE = 64                 # keys per tile (common.decode.DECODE_TILE)
 HEAD_DIMS = (64, 128)
 PV_CODES = {"fp16_acc16": 0, "fp16_acc32": 1, "fp8_e4m3": 2}  # csrc/decode/split_kv.h DecodePv
 
@@ -106,16 +109,17 @@ def clear_workspaces() -> None:
     _WORKSPACES.clear()
 
 
-def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters):
+def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link):
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.dtype not in (torch.float16, torch.bfloat16) or t.dtype != q.dtype or t.dim() != 4 or t.stride(-1) != 1:
             raise ValueError(f"decode: {name} must be a 4-D fp16 or bf16 tensor (q's dtype) with a contiguous last "
                              f"dim, got {t.dtype} {tuple(t.shape)} with strides {tuple(t.stride())}")
     if out.shape != q.shape:
         raise ValueError(f"decode: out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    B, Hkv, D = k.shape[0], k.shape[1], k.shape[3]
+    B, Hkv, Nk, D = k.shape
     for name, t, dtype, rank in (("lse", lse, torch.float32, lse.dim()), ("part_out", part_out, torch.float32, 4),
-                                 ("part_lse", part_lse, torch.float32, 3), ("counters", counters, torch.int32, 1)):
+                                 ("part_lse", part_lse, torch.float32, 3), ("counters", counters, torch.int32, 1),
+                                 ("tile_link", tile_link, torch.int32, 1)):
         if t.dtype != dtype or t.dim() != rank or not t.is_contiguous():
             raise ValueError(f"decode: {name} must be a contiguous {rank}-D {dtype} tensor, got {t.dtype} "
                              f"{tuple(t.shape)}")
@@ -123,69 +127,77 @@ def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters):
         raise ValueError(f"decode: lse must be empty or [B, Hq, Nq] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     splits = part_out.shape[0]
     if part_out.shape[1:] != (B * Hkv, ROWS, D) or part_lse.shape != (splits, B * Hkv, ROWS) \
-            or counters.shape != (B * Hkv,):
-        raise ValueError(f"decode: part_out {tuple(part_out.shape)}, part_lse {tuple(part_lse.shape)} and counters "
-                         f"{tuple(counters.shape)} must be [splits, B*Hkv, {ROWS}, D], [splits, B*Hkv, {ROWS}] and "
-                         "[B*Hkv]")
+            or counters.shape != (2 * B * Hkv,) or tile_link.shape != (B * Hkv * _tiles(Nk),):
+        raise ValueError(f"decode: part_out {tuple(part_out.shape)}, part_lse {tuple(part_lse.shape)}, counters "
+                         f"{tuple(counters.shape)} and tile_link {tuple(tile_link.shape)} must be [splits, B*Hkv, "
+                         f"{ROWS}, D], [splits, B*Hkv, {ROWS}], [2*B*Hkv] and [B*Hkv*ceil(Nk/{TILE})]")
+
+
+def _tiles(n_k: int) -> int:
+    return -(-n_k // TILE)
 
 
 def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
                splits: int, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int,
-               k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int) -> None:
+               k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int, dynamic: bool) -> None:
     """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
-    or None) in one launch over ``splits`` splits of ``tiles_per_split`` tiles per KV head, with
-    the scratch described above. Under tracing this is the custom op :func:`decode`, which checks
-    its arguments; eager calls from common.decode (whose tensors are made to fit) launch directly:
-    the op's dispatch and checks cost ~0.1 ms of host time per call, as much as the kernel at 16k keys."""
-    B, Hkv, D = k.shape[0], k.shape[1], k.shape[3]
+    or None) in one launch of ``splits`` programs per KV head (``dynamic``: sharing its tiles; else
+    ``tiles_per_split`` tiles each), with the scratch described above. Under tracing this is the
+    custom op :func:`decode`, which checks its arguments; eager calls from common.decode (whose
+    tensors are made to fit) launch directly: the op's dispatch and checks cost ~0.1 ms of host time
+    per call, as much as the kernel at 16k keys."""
+    B, Hkv, Nk, D = k.shape
     bh = B * Hkv
-    n_out, n_lse = splits * bh * ROWS * D, splits * bh * ROWS
-    scalars = (rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv)
+    n_out, n_lse, n_link = splits * bh * ROWS * D, splits * bh * ROWS, bh * _tiles(Nk)
+    scalars = (dynamic, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,
+               causal, pv)
     if torch.compiler.is_compiling():
         lse = torch.empty(0, dtype=torch.float32, device=q.device) if lse is None else lse
         part_out = torch.empty(splits, bh, ROWS, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(splits, bh, ROWS, dtype=torch.float32, device=q.device)
-        counters = torch.zeros(bh, dtype=torch.int32, device=q.device)
-        decode(q, k, v, out, lse, part_out, part_lse, counters, *scalars)
+        counters = torch.zeros(2 * bh, dtype=torch.int32, device=q.device)
+        tile_link = torch.empty(n_link, dtype=torch.int32, device=q.device)
+        decode(q, k, v, out, lse, part_out, part_lse, counters, tile_link, *scalars)
         return
     with on_device(q.device):  # the launch, the stream and the capture check are the current device's
         if torch.cuda.is_current_stream_capturing():
-            scratch, counters = torch.empty(n_out + n_lse, dtype=torch.float32, device=q.device), \
-                _capture_counters(q.device, bh)
+            scratch, counters = torch.empty(n_out + n_lse + n_link, dtype=torch.float32, device=q.device), \
+                _capture_counters(q.device, 2 * bh)
         else:
-            scratch, counters = _eager_scratch(q.device, n_out + n_lse, bh)
-        part = scratch.data_ptr()
-        _launch(q, k, v, out, 0 if lse is None else lse.data_ptr(), part, part + 4 * n_out, counters.data_ptr(),
-                splits, *scalars)
+            scratch, counters = _eager_scratch(q.device, n_out + n_lse + n_link, 2 * bh)
+        part = scratch.data_ptr()  # [partial outputs | partial LSEs | tile links (int32)]
+        _launch(q, k, v, out, 0 if lse is None else lse.data_ptr(), part, part + 4 * n_out,
+                counters.data_ptr(), part + 4 * (n_out + n_lse), splits, *scalars)
 
 
-def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, splits, rows_per_head, tiles_per_split,
-            qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr, splits, dynamic,
+            rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
     """The extension's launch on the current device and stream (pointers for the scratch and lse)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
     load().decode_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-        out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, B, Hkv, Nq, Nk, D,
-        Hq // Hkv, rows_per_head, tiles_per_split, splits, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,
-        causal, q.dtype == torch.bfloat16, pv, current_stream_handle(q.device.index))
+        out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr,
+        dynamic, B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, splits, qk_mult, log2_pscale, qmax,
+        k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv, current_stream_handle(q.device.index))
 
 
-@torch.library.custom_op("sageattn_repro::decode", mutates_args=("out", "lse", "part_out", "part_lse", "counters"))
+@torch.library.custom_op("sageattn_repro::decode",
+                         mutates_args=("out", "lse", "part_out", "part_lse", "counters", "tile_link"))
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-           part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, rows_per_head: int,
-           tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool,
-           smooth_q: bool, causal: bool, pv: int) -> None:
+           part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, tile_link: torch.Tensor,
+           dynamic: bool, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int,
+           k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int) -> None:
     """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op."""
-    _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters)
+    _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link)
     with on_device(q.device):
         _launch(q, k, v, out, lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
-                counters.data_ptr(), part_out.shape[0], rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
-                k_per_token, smooth_k, smooth_q, causal, pv)
+                counters.data_ptr(), tile_link.data_ptr(), part_out.shape[0], dynamic, rows_per_head,
+                tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv)
 
 
 @decode.register_fake
-def _(q, k, v, out, lse, part_out, part_lse, counters, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax,
-      k_per_token, smooth_k, smooth_q, causal, pv):
+def _(q, k, v, out, lse, part_out, part_lse, counters, tile_link, dynamic, rows_per_head, tiles_per_split, qk_mult,
+      log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
     return None

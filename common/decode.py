@@ -19,6 +19,13 @@ merged by their log-sum-exp. Every statistic the quantization needs is therefore
   (a closer centre than the whole sequence's mean) and ``q . m_j`` is added back to the scores in
   fp32, so the scores and the LSE need no later correction. INT scale per tile (sage1's
   per-block) or per token (sage2's per-thread groups, finer at no cost here).
+* P after the tile's own row max, not the running max: ``p = exp2(s - m_t)``, and the tile enters
+  the running state scaled by ``exp2(m_t - m)`` (:meth:`OnlineSoftmax.update_own_max`). A tile's
+  quantized P then does not depend on the tiles before it, so the CUDA kernel's programs may claim
+  tiles dynamically (whoever is free takes the next one) and still agree with this emulation up to
+  fp32 rounding (``torch.use_deterministic_algorithms(True)`` keeps the static split points). Its
+  accuracy equals the running max's or is slightly better (each tile's FP8 P spans the whole range;
+  DECODE_NOTES.md).
 * P, V: sage1: fp16 P and fp16 V with the tile product accumulated in fp16 (``pv_accum="fp16"``,
   the paper) or fp32; V is scaled by a power of two per tile when ``T * max|V|`` would overflow
   the fp16 sum (exact otherwise). sage2: FP8 P with its static scale and FP8 V with one scale per
@@ -62,11 +69,14 @@ DECODE_WARPS = None      # None: 4 for head dims <= 128, else 8
 DECODE_STAGES = 2
 DECODE_MAXNREG = 168
 PROGRAMS_PER_SM = 2
+# The CUDA kernel's programs of a KV head claim its tiles dynamically (False, or torch's deterministic
+# mode: the static split points, bitwise reproducible; DECODE_NOTES.md, c10)
+DYNAMIC_TILES = True
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
 PV_KINDS = ("fp16_acc16", "fp16_acc32", "fp8_e4m3", "fp8_e5m2")
-# FP8 P is spread over (0, fmax] by this shift of the running max (fp16 P stays in (0, 1])
+# FP8 P is spread over (0, fmax] by this shift of the tile's row max (fp16 P stays in (0, 1])
 LOG2_P_SCALE = {"fp8_e4m3": math.log2(448.0), "fp8_e5m2": math.log2(57344.0)}
 
 
@@ -146,7 +156,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
 
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=qh.device) if return_lse else None
         run_decode(qh, kh, vh, out_hnd, lse, splits, nqp, tps, sm_scale * LOG2E, LOG2_P_SCALE.get(spec.pv, 0.0),
-                   spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q, is_causal, PV_CODES[spec.pv])
+                   spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q, is_causal, PV_CODES[spec.pv],
+                   DYNAMIC_TILES and not torch.are_deterministic_algorithms_enabled())
         return lse
 
     from .checks import interpreter_enabled
@@ -293,8 +304,8 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
                     torch.backends.cuda.matmul.allow_tf32 = tf32_delta
                     s = s + mu @ rep(kc).transpose(-1, -2)
                     torch.backends.cuda.matmul.allow_tf32 = False
-                p, alpha = sm.update(sm.mask(s, j0, j1))
-                acc = acc * alpha[..., None] + _tile_pv(p, rep(v), spec.pv)
+                p, alpha, beta = sm.update_own_max(sm.mask(s, j0, j1))  # P after the tile's own max
+                acc = acc * alpha[..., None] + _tile_pv(p, rep(v), spec.pv) * beta[..., None]
             parts.append((sm.normalize(acc), sm.lse2()))
     # merge the splits by their LSE (log2 domain)
     m = torch.stack([lse for _, lse in parts]).amax(0)

@@ -54,6 +54,24 @@ class OnlineSoftmax:
         self.m = m_new
         return p, alpha
 
+    def update_own_max(self, s: torch.Tensor):
+        """As :meth:`update`, but p is taken after the tile's *own* row max m_t (the decode kernels,
+        common.decode): p = exp2(s - m_t + shift), and the tile enters the running state scaled by
+        beta = exp2(m_t - m'): l' = alpha l + beta rowsum(p), acc' = alpha acc + beta P(p) V. A
+        tile's quantized P then does not depend on which tiles came before it, so programs may take
+        tiles in any order (the CUDA kernel's dynamic tiles) and agree up to fp32 rounding. Returns
+        (p, alpha, beta)."""
+        m_t = s.amax(dim=-1)
+        m_new = torch.maximum(self.m, m_t)
+        t_use = torch.where(m_t == float("-inf"), 0.0, m_t)
+        m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+        p = torch.exp2(s - (t_use - self.shift)[..., None])
+        alpha = torch.exp2(self.m - m_use)
+        beta = torch.where(m_t == float("-inf"), 0.0, torch.exp2(t_use - m_use))
+        self.l = self.l * alpha + p.sum(dim=-1) * beta
+        self.m = m_new
+        return p, alpha, beta
+
     def normalize(self, acc: torch.Tensor) -> torch.Tensor:
         """acc / l, with 0 for rows that saw no key."""
         return acc / torch.where(self.l == 0, 1.0, self.l)[..., None]

@@ -9,8 +9,9 @@ then for each tile of ``T`` keys reads K and V once in their own dtype and:
     m_j   = mean of the tile's keys (K smoothing, per tile)            fp32
     k8    = rne((k - m_j) * RN(1 / sk))  sk per tile or per token      round to nearest even
     s     = int32(q8 . k8) * sq * sk + q . m_j  [+ mean_q . (k - m_j)]  log2 domain, true scores
-    p     = exp2(s - m' [+ log2 P_SCALE]);  l = alpha l + rowsum p
-    acc   = alpha acc + PV(p, v)     fp16 P x fp16 V (fp16 or fp32 tile sum, a power of two on V
+    p     = exp2(s - m_t [+ log2 P_SCALE])   m_t: the tile's own row max; m' = max(m, m_t)
+    l     = alpha l + beta rowsum p         alpha = exp2(m - m'), beta = exp2(m_t - m')
+    acc   = alpha acc + beta PV(p, v)    fp16 P x fp16 V (fp16 or fp32 tile sum, a power of two on V
                                      when |V| is large), or FP8 P x FP8 V per channel per tile
 
 and writes its normalized partial output and log2 LSE. That sweep is the fast one (no NaN/Inf checks,
@@ -109,14 +110,21 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         s = s + tl.dot(mu_rows, tl.trans(kc), input_precision=DELTA_PRECISION)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # P after the tile's own row max m_t (common.online_softmax.OnlineSoftmax.update_own_max): the
+    # tile enters the running state scaled by beta = exp2(m_t - m')
+    m_t = tl.max(s, axis=1)
+    m_new = tl.maximum(m_i, m_t)
     if MASKED:
+        t_use = tl.where(m_t == float("-inf"), 0.0, m_t)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        beta = tl.where(m_t == float("-inf"), 0.0, tl.math.exp2(t_use - m_use))
     else:
-        m_use = m_new  # every row saw a key: finite
-    p = tl.math.exp2(s - (m_use - log2_pscale)[:, None])
+        t_use = m_t  # every row saw a key: finite
+        m_use = m_new
+        beta = tl.math.exp2(t_use - m_use)
+    p = tl.math.exp2(s - (t_use - log2_pscale)[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + tl.sum(p, axis=1) * beta
     if MASKED or not EVEN_D:
         v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0)
     else:
@@ -151,7 +159,7 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         v8 = to_fp8(vf * tl.math.div_rn(1.0, tl.where(sv == 0.0, 1.0, sv))[None, :], PV == 3, INTERPRET)
         p8 = to_fp8(p, PV == 3, INTERPRET)
         pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None] + pv * beta[:, None]
     return acc, l_i, m_new, kacc, bad
 
 

@@ -72,10 +72,10 @@ void sage3_sm90_forward(uintptr_t q, uintptr_t k, uintptr_t vt, uintptr_t delta_
 void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_n,
                     int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_n, int64_t v_stride_b, int64_t v_stride_h,
                     int64_t v_stride_n, uintptr_t out, int64_t out_stride_b, int64_t out_stride_h, int64_t out_stride_n,
-                    uintptr_t lse, uintptr_t part_out, uintptr_t part_lse, uintptr_t counters, int batch, int heads_kv,
-                    int seqlen_q, int seqlen_k, int head_dim, int group, int rows_per_head, int tiles_per_split,
-                    int splits, float qk_mult, float log2_pscale, int qmax, bool k_per_token, bool smooth_k,
-                    bool smooth_q, bool causal, bool bf16, int pv, uintptr_t stream) {
+                    uintptr_t lse, uintptr_t part_out, uintptr_t part_lse, uintptr_t counters, uintptr_t tile_link,
+                    bool dynamic, int batch, int heads_kv, int seqlen_q, int seqlen_k, int head_dim, int group,
+                    int rows_per_head, int tiles_per_split, int splits, float qk_mult, float log2_pscale, int qmax,
+                    bool k_per_token, bool smooth_k, bool smooth_q, bool causal, bool bf16, int pv, uintptr_t stream) {
   sage_cuda::DecodeArgs a{};
   a.q = ptr<const void>(q);
   a.k = ptr<const void>(k);
@@ -89,6 +89,8 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
   a.part_out = ptr<float>(part_out);
   a.part_lse = ptr<float>(part_lse);
   a.counters = ptr<int32_t>(counters);
+  a.tile_link = ptr<int32_t>(tile_link);
+  a.dynamic = dynamic;
   a.batch = batch, a.heads_kv = heads_kv, a.seqlen_q = seqlen_q, a.seqlen_k = seqlen_k, a.head_dim = head_dim;
   a.group = group, a.rows_per_head = rows_per_head, a.tiles_per_split = tiles_per_split, a.splits = splits;
   a.qk_mult = qk_mult, a.log2_pscale = log2_pscale, a.qmax = qmax;

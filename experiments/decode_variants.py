@@ -4,7 +4,8 @@ same process (each variant runs in its own process, with its own build).
     python -m experiments.decode_variants "base::2" "s2x3:-DSAGE_DECODE_STAGES=2 -DSAGE_DECODE_MIN_BLOCKS=3:3"
 
 A variant is ``name:nvcc flags:programs per SM`` (the flags go to ``$SAGE_NVCC_FLAGS``, see
-common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM). The builds
+common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM; a trailing ``s``,
+as in ``2s``, runs the static split instead of dynamic tiles, common.decode.DYNAMIC_TILES). The builds
 run in parallel first; then each variant times sage1, sage2 (8-bit) and sage2 INT4 (Q smoothing)
 decode, replayed from a CUDA graph, on a few shapes, next to cuDNN's, and the device time of each
 kernel of cuDNN's and sage1's call at 16k. Ratios are within one process, so within one run.
@@ -21,7 +22,7 @@ import sys
 SHAPES = [(4, 32, 8, 16384), (4, 32, 8, 32768), (1, 32, 8, 131072), (16, 32, 32, 4096)]  # B, Hq, Hkv, Nk
 
 
-def time_one(per_sm: int) -> None:
+def time_one(per_sm: str) -> None:
     import torch
 
     import sage1
@@ -30,7 +31,8 @@ def time_one(per_sm: int) -> None:
     from common.timing import bench_ms, graph_replay
     from experiments.bench_decode import sdpa_fn
 
-    decode.PROGRAMS_PER_SM = per_sm
+    decode.PROGRAMS_PER_SM = int(per_sm.rstrip("s"))
+    decode.DYNAMIC_TILES = not per_sm.endswith("s")
     for B, Hq, Hkv, Nk in SHAPES:
         torch.manual_seed(0)
         q = torch.randn(B, Hq, 1, 128, dtype=torch.float16, device="cuda")
@@ -76,7 +78,7 @@ def kernel_breakdown(names=("cudnn", "sage1", "sage2_8b", "sage2_4b"), prefix: s
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("variants", nargs="*", default=["base::2"])
-    ap.add_argument("--time", type=int, default=None, help=argparse.SUPPRESS)  # child: programs per SM
+    ap.add_argument("--time", default=None, help=argparse.SUPPRESS)  # child: programs per SM [s]
     ap.add_argument("--kernels", action="store_true", help="only: each kernel's device time at 16k keys")
     args = ap.parse_args(argv)
     if args.kernels:
@@ -85,8 +87,8 @@ def main(argv=None) -> None:
         return time_one(args.time)
     parsed = [v.split(":") for v in args.variants]
     for v, parts in zip(args.variants, parsed):
-        if len(parts) != 3 or not parts[0] or not parts[2].isdigit():
-            ap.error(f"a variant is 'name:nvcc flags:programs per SM' (flags may be empty), got {v!r}")
+        if len(parts) != 3 or not parts[0] or not parts[2].rstrip("s").isdigit():
+            ap.error(f"a variant is 'name:nvcc flags:programs per SM[s]' (flags may be empty), got {v!r}")
     env_of = {name: dict(os.environ, SAGE_NVCC_FLAGS=flags) for name, flags, _ in parsed}
     builds = {name: subprocess.Popen([sys.executable, "-m", "common.build"], env=env_of[name],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -93,18 +93,23 @@ def test_decode_op_names_a_bad_argument():
     lse = torch.empty(0)
     part_o = torch.empty(3, 2, 16, 64)
     part_l = torch.empty(3, 2, 16)
-    counters = torch.zeros(2, dtype=torch.int32)
-    args = (1, 1, 0.1, 0.0, 127, True, True, False, False, 2)
+    counters = torch.zeros(4, dtype=torch.int32)
+    link = torch.empty(2 * 2, dtype=torch.int32)  # B * Hkv x tiles
+    args = (True, 1, 1, 0.1, 0.0, 127, True, True, False, False, 2)
     with pytest.raises(ValueError, match="decode: k must be a 4-D fp16 or bf16"):
-        cuda_decode.decode(q, k.float(), v, out, lse, part_o, part_l, counters, *args)
+        cuda_decode.decode(q, k.float(), v, out, lse, part_o, part_l, counters, link, *args)
     with pytest.raises(ValueError, match="decode: out must have q's shape"):
-        cuda_decode.decode(q, k, v, out[:, :1], lse, part_o, part_l, counters, *args)
+        cuda_decode.decode(q, k, v, out[:, :1], lse, part_o, part_l, counters, link, *args)
     with pytest.raises(ValueError, match="decode: counters must be a contiguous 1-D torch.int32"):
-        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters.long(), *args)
+        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters.long(), link, *args)
     with pytest.raises(ValueError, match=r"decode: lse must be empty or \[B, Hq, Nq\]"):
-        cuda_decode.decode(q, k, v, out, torch.empty(1, 8, 2), part_o, part_l, counters, *args)
+        cuda_decode.decode(q, k, v, out, torch.empty(1, 8, 2), part_o, part_l, counters, link, *args)
     with pytest.raises(ValueError, match=r"must be \[splits, B\*Hkv, 16, D\]"):
-        cuda_decode.decode(q, k, v, out, lse, part_o[:, :1].clone(), part_l, counters, *args)
+        cuda_decode.decode(q, k, v, out, lse, part_o[:, :1].clone(), part_l, counters, link, *args)
+    with pytest.raises(ValueError, match=r"\[2\*B\*Hkv\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
+        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters[:2], link, *args)
+    with pytest.raises(ValueError, match=r"\[2\*B\*Hkv\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
+        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters, link[:3], *args)
 
 
 def _spy(monkeypatch):
@@ -223,7 +228,7 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured, captured_lse = sage1.sageattn(q, k, v, return_lse=True)
-    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + 2 * 2  # its own B * Hkv counters
+    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + 2 * 2 * 2  # its own 2 x B * Hkv counters
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         graph.replay()
         graph.replay()  # the per-KV-head counters start at zero again on every replay
@@ -231,13 +236,82 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 2 and all("decode_kernel" in name for name in kernels), kernels  # no fill captured
     assert torch.equal(captured, eager) and torch.equal(captured_lse, lse)
-    assert int(pool[first:first + 4].abs().sum()) == 0
+    assert int(pool[first:first + 8].abs().sum()) == 0
     B, Hkv, splits = 2, 2, 3
     args = (q, k, v, torch.empty_like(q), torch.empty(2, 8, 1, device="cuda"),
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
-            torch.zeros(B * Hkv, dtype=torch.int32, device="cuda"), 1, 16, 0.127, 0.0, 127, False, True, False, False,
-            0)
+            torch.zeros(2 * B * Hkv, dtype=torch.int32, device="cuda"),
+            torch.empty(B * Hkv * 47, dtype=torch.int32, device="cuda"), True, 1, 16, 0.127, 0.0, 127, False, True,
+            False, False, 0)
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _tile_chains(q, k):
+    """The tile links of the last eager call on the current stream ([B*Hkv, tiles]: per tile, the tile
+    its program took before it, -1 for a program's first) and that call's programs per KV head."""
+    B, Hkv, Nk, D = k.shape
+    bh, tiles = B * Hkv, -(-Nk // 64)
+    splits = -(-tiles // decode.split_tiles(bh, 1, Nk, q.device))
+    scratch, _ = cuda_decode._WORKSPACES[(q.device.index, build.current_stream_handle(q.device.index))]
+    start = splits * bh * 16 * (D + 1)  # after the partial outputs and LSEs
+    return scratch[start:start + bh * tiles].view(torch.int32).view(bh, tiles).cpu(), splits
+
+
+def _check_partition(links, splits):
+    """Every tile of every KV head was taken exactly once: the links form `splits` chains."""
+    for row in links:
+        assert int((row == -1).sum()) == splits
+        prev = row[row >= 0]
+        assert prev.unique().numel() == prev.numel() and int(prev.max()) < row.numel()
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b"])
+def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
+    """The programs of a KV head claim its tiles dynamically (csrc/decode/split_kv.cu): in whatever
+    order they take them the result is the static split's up to fp32 rounding (each tile's P is
+    quantized after its own row max), every tile is taken once, and under torch's deterministic mode
+    the kernel runs the static split, the same bits on every call."""
+    fn, opts = COVERED[name]
+    # 8 KV heads x 626 tiles: 33 programs per KV head take 2 tiles each, then claim the other 560
+    q, k, v = make_qkv(2, 16, 1, 128, heads_kv=4, seqlen_k=40000 + 5, kind="k_bias", seed=31, device="cuda")
+    calls = _spy(monkeypatch)
+    dynamic = [fn(q, k, v, return_lse=True, **opts) for _ in range(4)]
+    links, splits = _tile_chains(q, k)
+    _check_partition(links, splits)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    static = [fn(q, k, v, return_lse=True, **opts) for _ in range(3)]
+    links, _ = _tile_chains(q, k)
+    _check_partition(links, splits)
+    tps = decode.split_tiles(8, 1, k.shape[2], q.device)
+    assert all(int(links[0, t]) == (-1 if t % tps == 0 else t - 1) for t in range(links.shape[1]))
+    monkeypatch.undo()
+    assert len(calls) == 7
+    assert all(torch.equal(out, static[0][0]) and torch.equal(lse, static[0][1]) for out, lse in static)
+    for out, lse in dynamic:
+        assert accuracy(static[0][0].double(), out.double()).rel_l1 < 1e-4
+        torch.testing.assert_close(lse, static[0][1], rtol=1e-5, atol=1e-5)
+    emulated = fn(q, k, v, backend="torch", **opts)
+    assert accuracy(emulated.double(), dynamic[0][0].double()).rel_l1 < 2e-3
+
+
+@gpu
+@hopper
+def test_cuda_dynamic_tiles_careful_sweep_replays_its_own_tiles(monkeypatch):
+    """A program flagged by a NaN or an fp16 overflow sweeps again, carefully, exactly the tiles it
+    claimed (through their links): large |V| everywhere flags every program of sage1's fp16 P V, and a
+    NaN in one key's K flags one program; both still match the emulation."""
+    q, k, v = make_qkv(2, 16, 1, 128, heads_kv=4, seqlen_k=40000 + 5, kind="k_bias", seed=32, device="cuda")
+    v = v * (3e4 / v.abs().amax())  # 64 keys x |V| overflow the fp16 tile sum
+    k[1, 2, 31111, 7] = float("nan")  # KV head 6: its query heads' rows are NaN
+    calls = _spy(monkeypatch)
+    out = sage1.sageattn(q, k, v)
+    emulated = sage1.sageattn(q, k, v, backend="torch")
+    assert calls == [1]
+    want = nan_rows(q, k, v, is_causal=False, mask=NO_MASK)
+    assert torch.equal(torch.isnan(out).any(-1), want) and int(want.sum()) == 4
+    assert accuracy(emulated[~want].double(), out[~want].double()).rel_l1 < 2e-3
 
 
 @gpu

@@ -120,7 +120,8 @@ struct Layout {
   static constexpr int kKeyBad = kRowSum + kWarps * kRows * 4; // int[64]: careful sweep, keys with a NaN/Inf
   static constexpr int kRowBad = kKeyBad + kTile * 4;          // int[16]: rows that saw one
   static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
-  static constexpr int kMeanQ = kFlag + 16;                     // smooth_q: float[16 heads][DP], each head's mean q
+  static constexpr int kTileOf = kFlag + 16;                    // int[stages]: the tile each stage holds (-1: none)
+  static constexpr int kMeanQ = kTileOf + 16;                   // smooth_q: float[16 heads][DP], each head's mean q
   static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kRows * DP * 4 : 0);  // float[warps][16 heads][keys per warp]
   static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);  // uint64[stages]
   static constexpr int kBytes = kBar + kStages * 8 + 1024;  // + the slack to align the base to 1024 bytes
@@ -128,6 +129,7 @@ struct Layout {
   static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0, "aligned reads of the means, the barriers");
   static_assert(kRows * DP * 4 <= kTileBytes, "smooth_q's scratch for Q must fit in one stage of K");
   static_assert(kStages >= 2, "a tile is copied while the one before is computed");
+  static_assert(kStages <= 4, "kTileOf holds four stages");
 };
 
 
@@ -196,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   int* s_key_bad = reinterpret_cast<int*>(smem + L::kKeyBad);
   int* s_row_bad = reinterpret_cast<int*>(smem + L::kRowBad);
   int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
+  int* s_tile_of = reinterpret_cast<int*>(smem + L::kTileOf);
   float* s_mean_q = reinterpret_cast<float*>(smem + L::kMeanQ);
   float* s_delta = reinterpret_cast<float*>(smem + L::kDelta);
   uint64_t* s_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
@@ -224,10 +227,49 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int j = 0; j < QC; ++j) q_in[j] = q_ok ? src[j] : In(0.f);
   }
 
-  // ---- this program's keys, [t_begin, t_end); its first tiles are asked for before Q is used ----
-  const int t_begin = split * a.tiles_per_split * kTile;
-  const int t_end = min(t_begin + a.tiles_per_split * kTile, nk);
-  const int n_tiles = t_end > t_begin ? (t_end - t_begin + kTile - 1) / kTile : 0;
+  // ---- which tiles this program takes. The memory serves programs unevenly (the slowest tenth of a
+  // static split finished streaming 9-12 us after the fastest half; experiments/decode_trace.py), so
+  // by default the programs of a KV head share its tiles dynamically: program `split` first takes
+  // tiles split, split + splits, ... (one per stage, asked for before Q is read), then whichever tile
+  // is next on the KV head's claim counter, claimed one refill ahead so that the atomic's latency
+  // hides under a tile. Any order gives the same result up to fp32 rounding, because each tile's P is
+  // quantized after its own row max (common.decode). a.dynamic == false (torch's deterministic mode):
+  // the static split [split tps, (split + 1) tps), bit for bit the same on every run. Thread 0 keeps
+  // the sequence; a stage's tile goes through s_tile_of. Each tile taken is linked to the one this
+  // program took before it (a.tile_link), so a flagged program's careful sweep replays its own tiles.
+  const int n_total = (nk + kTile - 1) / kTile;
+  int seq_next, seq_step, seq_end;  // thread 0: the statically assigned tiles still to take
+  if (a.dynamic) {
+    seq_next = split, seq_step = a.splits, seq_end = min(n_total, split + kStages * a.splits);
+  } else {
+    seq_next = split * a.tiles_per_split, seq_step = 1, seq_end = min(n_total, seq_next + a.tiles_per_split);
+  }
+  const int first_claimed = a.dynamic ? kStages * a.splits : n_total;  // tiles from here on are claimed
+  int* claims = a.counters + a.batch * a.heads_kv + kv_bh;
+  int32_t* link = a.tile_link + int64_t(kv_bh) * n_total;
+  int pending = -1;     // thread 0: the tile claimed one refill ahead (-1: none left)
+  int chain = -1;       // thread 0: the last tile taken (the fast sweep), the next to replay (careful)
+  bool replay = false;  // the careful sweep: walk the chain
+  auto claim = [&]() {
+    const int t = first_claimed + atomicAdd(claims, 1);
+    pending = t < n_total ? t : -1;
+  };
+  auto next_tile = [&]() -> int {  // thread 0
+    int t = -1;
+    if (replay) {
+      t = chain;
+      if (t >= 0) chain = link[t];
+      return t;
+    }
+    if (seq_next < seq_end) {
+      t = seq_next, seq_next += seq_step;
+    } else if (pending >= 0) {
+      t = pending;
+      claim();
+    }
+    if (t >= 0) link[t] = chain, chain = t;
+    return t;
+  };
   uint32_t phase = 0;  // bit s: the parity stage s's barrier completes with next
   auto load_tile = [&](int stage, int start) {  // thread 0: one tile of K and V (keys past nk: zeros)
     mbar_arrive_expect_tx(&s_bar[stage], 2 * L::kTileBytes);
@@ -237,14 +279,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       tma_load_4d(s_v + stage * L::kTileBytes + box * kBoxBytes, &map_v, &s_bar[stage], box * 128, start, hk, b);
     }
   };
-  auto issue_stages = [&](int lo, int hi) {  // thread 0: tiles lo .. hi - 1 of the split into their stages
-    if (tid == 0)
-      for (int s = lo; s < hi && s < n_tiles; ++s) load_tile(s, t_begin + s * kTile);
+  auto fill = [&](int stage) {  // thread 0: the next tile of the sequence into `stage`, if there is one
+    const int t = next_tile();
+    s_tile_of[stage] = t;
+    if (t >= 0) load_tile(stage, t * kTile);
   };
-  // thread 0: the tile kStages tiles after the one at `start` into its stage, once every warp has
-  // read that stage (the barrier in (4)): the refill starts while the tile's softmax and P V run
-  auto refill = [&](int stage, int start) {
-    if (tid == 0 && start + kStages * kTile < t_end) load_tile(stage, start + kStages * kTile);
+  auto issue_stages = [&](int lo, int hi) {  // the sequence's next tiles into stages lo .. hi - 1
+    if (tid == 0)
+      for (int s = lo; s < hi; ++s) fill(s);
+  };
+  // the stage's next tile, once every warp has read the stage (the barrier in (4)): the copy starts
+  // while this tile's softmax and P V run
+  auto refill = [&](int stage) {
+    if (tid == 0) fill(stage);
   };
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&s_bar[s], 1);
@@ -252,6 +299,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   __syncthreads();
   issue_stages(0, SMOOTH_Q ? kStages - 1 : kStages);  // Q smoothing's prologue uses the last stage as scratch
+  if (tid == 0 && first_claimed < n_total) claim();   // needed at the first refill, a tile from now
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
@@ -499,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     if constexpr (!K_PER_TOKEN) {
       __syncthreads();  // s_amax (per-token scales need no barrier here: q . mean_k is read after (4)'s)
-      refill(stage, start);  // every warp has read the stage: K in (1)-(2), V's fragments in (2)
+      refill(stage);  // every warp has read the stage: K in (1)-(2), V's fragments in (2)
       float m = s_amax[0];
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_amax[w]);
@@ -563,8 +611,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       if (t4 == 0) s_row_max[warp * kRows + g + 8 * h] = mx[h];
     }
     __syncthreads();  // s_row_max, s_qm; and every warp is done reading this stage
-    if constexpr (K_PER_TOKEN) refill(stage, start);  // (per-tile scales: at the barrier of K's max)
-    float alpha[2], shift[2];
+    if constexpr (K_PER_TOKEN) refill(stage);  // (per-tile scales: at the barrier of K's max)
+    // P after the tile's own row max m_t (common.decode: a tile's P does not depend on the tiles
+    // before it), entering the running state scaled by beta = exp2(m_t - m')
+    float alpha[2], beta[2], shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = g + 8 * h;
@@ -575,10 +625,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, s_row_max[w * kRows + row]);
       tile_max = __fadd_rn(tile_max, qm);
+      const float t_use = tile_max == -kInf ? 0.f : tile_max;  // a row that sees no key here: p = 0
       const float m_new = fmaxf(m_row[h], tile_max);
       const float m_use = m_new == -kInf ? 0.f : m_new;
       alpha[h] = fast_exp2(m_row[h] - m_use);
-      shift[h] = m_use - a.log2_pscale;  // FP8 P spreads over (0, 448]
+      beta[h] = tile_max == -kInf ? 0.f : fast_exp2(t_use - m_use);
+      shift[h] = t_use - a.log2_pscale;  // FP8 P spreads over (0, 448]
       m_row[h] = m_new;
     }
     float row_sum[2] = {0.f, 0.f};
@@ -601,7 +653,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int h = 0; h < 2; ++h) {
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-      l_row[h] = __fadd_rn(__fmul_rn(l_row[h], alpha[h]), row_sum[h]);
+      l_row[h] = __fadd_rn(__fmul_rn(l_row[h], alpha[h]), __fmul_rn(row_sum[h], beta[h]));
     }
     __syncthreads();  // P in shared memory
     // (5) P V: this warp's channels [w CW, (w+1) CW) over the 64 keys. V's B fragments (read in (2))
@@ -688,7 +740,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           float x = pv[n][e];
           if constexpr (FP8) x = __fmul_rn(x, scale_v[n][e & 1]);
           if constexpr (CAREFUL && !FP8) x *= inv_guard;  // exact
-          acc[n][e] = __fadd_rn(__fmul_rn(acc[n][e], alpha[e >> 1]), x);
+          acc[n][e] = __fadd_rn(__fmul_rn(acc[n][e], alpha[e >> 1]), __fmul_rn(x, beta[e >> 1]));
         }
       }
     }
@@ -700,19 +752,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     // every stage holds a tile or has one coming (Q smoothing's prologue kept the last free for its
     // scratch); each tile refills its own stage once every warp has read it
-    if (!primed) {
+    if (!primed) {  // the careful sweep: this program's tiles again, from its chain
+      replay = true;
       issue_stages(0, kStages);
+      __syncthreads();  // s_tile_of
     } else if constexpr (SMOOTH_Q) {
-      issue_stages(kStages - 1, kStages);
+      issue_stages(kStages - 1, kStages);  // read at the second tile, after the first one's barriers
     }
-    for (int it = 0; it < n_tiles; ++it) {
+    // a stage's tile was set before a barrier every thread has passed; the sequence ends at the first
+    // stage without one (every later stage has none either, so no copy is left in flight)
+    for (int it = 0;; ++it) {
+      const int tile_index = s_tile_of[it % kStages];
+      if (tile_index < 0) break;
       mbar_wait(&s_bar[it % kStages], (phase >> (it % kStages)) & 1);
       if (it < 62) DECODE_TRACE(2 + 2 * it)
       phase ^= 1u << (it % kStages);
-      const int start = t_begin + it * kTile;
+      const int start = tile_index * kTile;
 #ifdef SAGE_DECODE_LOAD_ONLY  // measurement: the copies alone, the floor of this data movement (output garbage)
       __syncthreads();
-      refill(it % kStages, start);
+      refill(it % kStages);
       continue;
 #endif
       if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
@@ -781,7 +839,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __syncthreads();
   DECODE_TRACE(127)
   if (!s_flag[0]) return;
-  if (tid == 0) a.counters[kv_bh] = 0;  // ready for the next call on this buffer
+  if (tid == 0) a.counters[kv_bh] = 0, *claims = 0;  // ready for the next call on this buffer (every claim is in)
   // one float4 of one real row per item: at Nq = 1 and 4 query heads per KV head, one item per thread
   constexpr int C4 = DP / 4;
   for (int item = tid; item < a.group * a.rows_per_head * C4; item += kThreads) {
