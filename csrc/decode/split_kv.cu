@@ -238,13 +238,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // the sequence; a stage's tile goes through s_tile_of. Each tile taken is linked to the one this
   // program took before it (a.tile_link), so a flagged program's careful sweep replays its own tiles.
   const int n_total = (nk + kTile - 1) / kTile;
+  const bool dynamic = a.dynamic && a.splits > 1;  // (one program per KV head: nobody to share with)
   int seq_next, seq_step, seq_end;  // thread 0: the statically assigned tiles still to take
-  if (a.dynamic) {
+  if (dynamic) {
     seq_next = split, seq_step = a.splits, seq_end = min(n_total, split + kStages * a.splits);
   } else {
     seq_next = split * a.tiles_per_split, seq_step = 1, seq_end = min(n_total, seq_next + a.tiles_per_split);
   }
-  const int first_claimed = a.dynamic ? kStages * a.splits : n_total;  // tiles from here on are claimed
+  const int first_claimed = dynamic ? kStages * a.splits : n_total;  // tiles from here on are claimed
   int* claims = a.counters + a.batch * a.heads_kv + kv_bh;
   int32_t* link = a.tile_link + int64_t(kv_bh) * n_total;
   int pending = -1;     // thread 0: the tile claimed one refill ahead (-1: none left)
