@@ -248,13 +248,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int first_claimed = dynamic ? kStages * a.splits : n_total;  // tiles from here on are claimed
   int* claims = a.counters + a.batch * a.heads_kv + kv_bh;
   int32_t* link = a.tile_link + int64_t(kv_bh) * n_total;
-  int pending = -1;     // thread 0: the tile claimed one refill ahead (-1: none left)
+  bool claiming = first_claimed < n_total;  // thread 0: claims are not yet used up
+  int claimed = 0;      // thread 0: the claim asked for one refill ahead (its tile: first_claimed + it).
+                        // Read only at the next refill, so that nothing waits for the atomic before then
   int chain = -1;       // thread 0: the last tile taken (the fast sweep), the next to replay (careful)
   bool replay = false;  // the careful sweep: walk the chain
-  auto claim = [&]() {
-    const int t = first_claimed + atomicAdd(claims, 1);
-    pending = t < n_total ? t : -1;
-  };
   auto next_tile = [&]() -> int {  // thread 0
     int t = -1;
     if (replay) {
@@ -264,9 +262,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     if (seq_next < seq_end) {
       t = seq_next, seq_next += seq_step;
-    } else if (pending >= 0) {
-      t = pending;
-      claim();
+    } else if (claiming) {
+      t = first_claimed + claimed;
+      if (t < n_total) {
+        claimed = atomicAdd(claims, 1);
+      } else {
+        t = -1, claiming = false;
+      }
     }
     if (t >= 0) link[t] = chain, chain = t;
     return t;
@@ -300,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   __syncthreads();
   issue_stages(0, SMOOTH_Q ? kStages - 1 : kStages);  // Q smoothing's prologue uses the last stage as scratch
-  if (tid == 0 && first_claimed < n_total) claim();   // needed at the first refill, a tile from now
+  if (tid == 0 && claiming) claimed = atomicAdd(claims, 1);  // read at the first refill, a tile from now
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
