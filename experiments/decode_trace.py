@@ -3,7 +3,7 @@
 rows of its partial outputs). Needs Nq * (query heads per KV head) <= 8; the shape here is the
 decode benchmark's (B=4, Hq/Hkv 32/8, Nq=1, D=128, fp16).
 
-    python -m experiments.decode_trace [--nk 16384] [--copies]
+    python -m experiments.decode_trace [--nk 16384] [--copies] [--static] [--stragglers]
 
 ``--copies`` traces the copies-only build (-DSAGE_DECODE_LOAD_ONLY: no arithmetic, output garbage).
 Prints, per generation, medians over programs (us from the first program's start): when Q is
@@ -24,6 +24,7 @@ def main(argv=None) -> None:
     ap.add_argument("--copies", action="store_true")
     ap.add_argument("--pad-keys", type=int, default=0, help="K and V as slices of a cache this many keys longer")
     ap.add_argument("--stragglers", action="store_true", help="the slowest programs against the fastest half")
+    ap.add_argument("--static", action="store_true", help="the static split (common.decode.DYNAMIC_TILES = False)")
     ap.add_argument("--gens", nargs="+", default=["sage1", "sage2_8b"], choices=["sage1", "sage2_8b"])
     args = ap.parse_args(argv)
     os.environ["SAGE_NVCC_FLAGS"] = "-DSAGE_DECODE_TRACE" + (" -DSAGE_DECODE_LOAD_ONLY" if args.copies else "")
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     from common import build, cuda_decode, decode
 
     build.load()
+    decode.DYNAMIC_TILES = not args.static
     torch.manual_seed(0)
     q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
     k, v = (torch.randn(4, 8, args.nk + args.pad_keys, 128, dtype=torch.float16, device="cuda")[:, :, :args.nk]
@@ -60,26 +62,33 @@ def main(argv=None) -> None:
         used = t[:, 0] > 0
         t = t[used]
         t0 = t[:, 0].min()
-        tiles = min(tps, 62)
-        data_in = t[:, 2:2 + 2 * tiles:2] - t0
-        done = data_in if args.copies else t[:, 3:3 + 2 * tiles:2] - t0
-        steady = slice(2, tiles - 2)
-        wait = (data_in[:, 1:] - done[:, :-1])[:, steady]
-        work = (done - data_in)[:, steady]
+        # dynamic tiles: programs take different numbers of tiles (the first 62 are traced); NaN past a
+        # program's last
+        taken = t[:, 2:126:2] > 0
+        count = taken.sum(1)
+        tiles = int(count.max())
+        nan = torch.tensor(float("nan"), dtype=t.dtype)
+        data_in = torch.where(taken, t[:, 2:126:2] - t0, nan)[:, :tiles]
+        done = data_in if args.copies else torch.where(taken, t[:, 3:126:2] - t0, nan)[:, :tiles]
+        steady = torch.arange(tiles)[None, :].expand(len(t), tiles)
+        steady = (steady >= 2) & (steady < count[:, None] - 2)
+        wait = torch.where(steady[:, 1:], data_in[:, 1:] - done[:, :-1], nan)
+        work = torch.where(steady, done - data_in, nan)
+        last_in = data_in.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]
         merged = t[:, 128] > 0
 
         def med(x):
-            return float(x.median()) / 1e3
+            return float(x.nanmedian()) / 1e3
 
         rows[name] = {
             "programs": (f"{int(used.sum())}", ""),
             "start spread": (f"{float((t[:, 0] - t0).max()) / 1e3:.2f}", ""),
             "Q ready": (f"{med(t[:, 1] - t0):.2f}", ""),
             "first tile in": (f"{med(data_in[:, 0]):.2f}", ""),
-            "tiles per program": (f"{tiles}", ""),
-            "wait per tile": (f"{med(wait):.3f} (mean {float(wait.mean()) / 1e3:.3f})", ""),
-            "compute per tile": (f"{med(work):.3f} (mean {float(work.mean()) / 1e3:.3f})", ""),
-            "last tile in": (f"{med(data_in[:, -1]):.1f} (max {float(data_in[:, -1].max()) / 1e3:.1f})", ""),
+            "tiles per program": (f"{int(count.min())}-{tiles}", ""),
+            "wait per tile": (f"{med(wait):.3f} (mean {float(wait.nanmean()) / 1e3:.3f})", ""),
+            "compute per tile": (f"{med(work):.3f} (mean {float(work.nanmean()) / 1e3:.3f})", ""),
+            "last tile in": (f"{med(last_in):.1f} (max {float(last_in.max()) / 1e3:.1f})", ""),
             "sweep done": (f"{med(t[:, 126] - t0):.1f} (max {float((t[:, 126] - t0).max()) / 1e3:.1f})", ""),
             "split counted": (f"{med(t[:, 127] - t0):.1f} (max {float((t[:, 127] - t0).max()) / 1e3:.1f})", ""),
             "merge done (max)": (f"{float((t[merged, 128] - t0).max()) / 1e3:.1f}" if merged.any() else "-", ""),
@@ -87,13 +96,13 @@ def main(argv=None) -> None:
         if args.stragglers:  # the slowest programs against the rest: slower to compute, or waiting longer?
             sm = t[:, 129].long()
             per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)[sm]
-            order = torch.argsort(data_in[:, -1])
+            order = torch.argsort(last_in)
             n = len(order)
             for label, idx in (("fastest half", order[: n // 2]), ("slowest 10%", order[-max(1, n // 10):])):
-                print(f"  {name} {label}: last tile in {float(data_in[idx, -1].mean()) / 1e3:.1f} us, first tile in "
-                      f"{float(data_in[idx, 0].mean()) / 1e3:.2f}, compute/tile {float(work[idx].mean()) / 1e3:.3f}, "
-                      f"wait/tile {float(wait[idx].mean()) / 1e3:.3f}, programs on its SM {float(per_sm[idx].float().mean()):.2f}",
-                      flush=True)
+                print(f"  {name} {label}: last tile in {float(last_in[idx].mean()) / 1e3:.1f} us, first tile in "
+                      f"{float(data_in[idx, 0].mean()) / 1e3:.2f}, compute/tile {float(work[idx].nanmean()) / 1e3:.3f}, "
+                      f"wait/tile {float(wait[idx].nanmean()) / 1e3:.3f}, tiles {float(count[idx].float().mean()):.1f}, "
+                      f"programs on its SM {float(per_sm[idx].float().mean()):.2f}", flush=True)
             print(f"  {name} slowest: SMs {sm[order[-12:]].tolist()}", flush=True)
     for key in next(iter(rows.values())):
         print(f"{key:22s}" + "".join(f"{rows[g][key][0]:>20s}" for g in rows), flush=True)
