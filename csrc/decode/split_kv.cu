@@ -213,20 +213,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
   const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
 
-  // ---- Q's loads are issued first: behind every program's first tiles in the memory queues, they
-  // came back only after ~8 us, when every stage had long landed and the memory was idle (trace,
-  // experiments/decode_trace.py) ----
-  In q_in[QC];
-  const int q_row = tid / TPR, q_part = tid % TPR;
-  const int q_head = q_row / a.rows_per_head, q_i = q_row % a.rows_per_head;
-  const bool q_ok = q_head < a.group && q_i < nq;
-  {
-    const In* src = static_cast<const In*>(a.q) + b * a.q_stride_b + int64_t(hk * a.group + q_head) * a.q_stride_h +
-                    int64_t(q_i) * a.q_stride_n + q_part * QC;
-#pragma unroll
-    for (int j = 0; j < QC; ++j) q_in[j] = q_ok ? src[j] : In(0.f);
-  }
-
   // ---- which tiles this program takes. The memory serves programs unevenly (the slowest tenth of a
   // static split finished streaming 9-12 us after the fastest half; experiments/decode_trace.py), so
   // by default the programs of a KV head share its tiles dynamically: program `split` first takes
@@ -253,6 +239,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                         // Read only at the next refill, so that nothing waits for the atomic before then
   int chain = -1;       // thread 0: the last tile taken (the fast sweep), the next to replay (careful)
   bool replay = false;  // the careful sweep: walk the chain
+  // the first claim, read at the first refill, goes out before anything else: behind the first tiles'
+  // copies in the memory queues it came back only after ~8 us, and Q's processing waited for it
+  if (tid == 0 && claiming) claimed = atomicAdd(claims, 1);
+
+  // ---- Q's loads are issued next, before the tiles' copies: behind every program's first tiles in the
+  // memory queues they came back only after ~8 us, when every stage had long landed and the memory
+  // was idle (trace, experiments/decode_trace.py) ----
+  In q_in[QC];
+  const int q_row = tid / TPR, q_part = tid % TPR;
+  const int q_head = q_row / a.rows_per_head, q_i = q_row % a.rows_per_head;
+  const bool q_ok = q_head < a.group && q_i < nq;
+  {
+    const In* src = static_cast<const In*>(a.q) + b * a.q_stride_b + int64_t(hk * a.group + q_head) * a.q_stride_h +
+                    int64_t(q_i) * a.q_stride_n + q_part * QC;
+#pragma unroll
+    for (int j = 0; j < QC; ++j) q_in[j] = q_ok ? src[j] : In(0.f);
+  }
+
   auto next_tile = [&]() -> int {  // thread 0
     int t = -1;
     if (replay) {
@@ -302,7 +306,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   __syncthreads();
   issue_stages(0, SMOOTH_Q ? kStages - 1 : kStages);  // Q smoothing's prologue uses the last stage as scratch
-  if (tid == 0 && claiming) claimed = atomicAdd(claims, 1);  // read at the first refill, a tile from now
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
