@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pad-keys", type=int, default=0, help="K and V as slices of a cache this many keys longer")
     ap.add_argument("--stragglers", action="store_true", help="the slowest programs against the fastest half")
     ap.add_argument("--static", action="store_true", help="the static split (common.decode.DYNAMIC_TILES = False)")
-    ap.add_argument("--gens", nargs="+", default=["sage1", "sage2_8b"], choices=["sage1", "sage2_8b"])
+    ap.add_argument("--gens", nargs="+", default=["sage1", "sage2_8b"], choices=["sage1", "sage2_8b", "sage2_4b"])
     args = ap.parse_args(argv)
     os.environ["SAGE_NVCC_FLAGS"] = "-DSAGE_DECODE_TRACE" + (" -DSAGE_DECODE_LOAD_ONLY" if args.copies else "")
 
@@ -42,7 +42,8 @@ def main(argv=None) -> None:
     k, v = (torch.randn(4, 8, args.nk + args.pad_keys, 128, dtype=torch.float16, device="cuda")[:, :, :args.nk]
             for _ in range(2))
     flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    fns = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v)}
+    fns = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v),
+           "sage2_4b": lambda: sage2.sageattn(q, k, v, qk_dtype="int4")}
     gens = [f"{g}#{i}" for i, g in enumerate(args.gens)]
     print(f"{'us from start':22s}" + "".join(f"{g:>20s}" for g in gens), flush=True)
     rows = {}
