@@ -58,6 +58,12 @@ constexpr int kRows = 16;     // query rows per program: (query heads of a KV he
 #ifndef SAGE_DECODE_MIN_BLOCKS
 #define SAGE_DECODE_MIN_BLOCKS 2
 #endif
+#ifndef SAGE_DECODE_PRIME_STAGES  // stages asked for before Q is read (without Q smoothing)
+#define SAGE_DECODE_PRIME_STAGES SAGE_DECODE_STAGES
+#endif
+#ifndef SAGE_DECODE_CLAIM_AHEAD  // dynamic tiles: claim one refill ahead (1) or at the refill (0)
+#define SAGE_DECODE_CLAIM_AHEAD 1
+#endif
 constexpr int kWarps = SAGE_DECODE_WARPS;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
@@ -241,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   bool replay = false;  // the careful sweep: walk the chain
   // the first claim, read at the first refill, goes out before anything else: behind the first tiles'
   // copies in the memory queues it came back only after ~8 us, and Q's processing waited for it
-  if (tid == 0 && claiming) claimed = atomicAdd(claims, 1);
+  if (SAGE_DECODE_CLAIM_AHEAD && tid == 0 && claiming) claimed = atomicAdd(claims, 1);
 
   // ---- Q's loads are issued next, before the tiles' copies: behind every program's first tiles in the
   // memory queues they came back only after ~8 us, when every stage had long landed and the memory
@@ -267,12 +273,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (seq_next < seq_end) {
       t = seq_next, seq_next += seq_step;
     } else if (claiming) {
+#if SAGE_DECODE_CLAIM_AHEAD
       t = first_claimed + claimed;
       if (t < n_total) {
         claimed = atomicAdd(claims, 1);
       } else {
         t = -1, claiming = false;
       }
+#else
+      t = first_claimed + atomicAdd(claims, 1);
+      if (t >= n_total) t = -1, claiming = false;
+#endif
     }
     if (t >= 0) link[t] = chain, chain = t;
     return t;
@@ -305,7 +316,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     fence_barrier_init();
   }
   __syncthreads();
-  issue_stages(0, SMOOTH_Q ? kStages - 1 : kStages);  // Q smoothing's prologue uses the last stage as scratch
+  // Q smoothing's prologue uses the last stage as scratch
+  constexpr int kPrimed = SMOOTH_Q ? kStages - 1 : SAGE_DECODE_PRIME_STAGES;
+  static_assert(kPrimed >= 1 && kPrimed <= kStages, "stages asked for before Q is read");
+  issue_stages(0, kPrimed);
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
   float q[QC];
@@ -762,8 +776,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       replay = true;
       issue_stages(0, kStages);
       __syncthreads();  // s_tile_of
-    } else if constexpr (SMOOTH_Q) {
-      issue_stages(kStages - 1, kStages);  // read at the second tile, after the first one's barriers
+    } else if constexpr (kPrimed < kStages) {
+      issue_stages(kPrimed, kStages);  // read at the second tile, after the first one's barriers
     }
     // a stage's tile was set before a barrier every thread has passed; the sequence ends at the first
     // stage without one (every later stage has none either, so no copy is left in flight)
