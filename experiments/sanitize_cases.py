@@ -108,7 +108,7 @@ def sage3_cases(q, k, v, q128, k128, v128, causal) -> int:
 def decode_cases(dev) -> int:
     """Decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2, a partial last tile: the
     CUDA kernel ("auto" on Hopper, csrc/decode) and the Triton kernels, on clean inputs and on
-    inputs with NaN/Inf (the careful re-sweep)."""
+    inputs with NaN/Inf (the careful re-sweep); 40k keys on one KV head (dynamic tiles)."""
     n = 0
     qd, kd, vd = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=700, kind="k_bias", device=dev, seed=2)
     q4 = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=700, device=dev, seed=3)[0]
@@ -132,7 +132,14 @@ def decode_cases(dev) -> int:
             sage2.sageattn(q4, kdn, vdn, is_causal=causal, backend=backend)
             sage2.sageattn(q4, kdn, vdn, is_causal=causal, qk_dtype="int4", backend=backend)
             n += 3
-    return n
+    # the CUDA kernel's dynamic tiles (more than two tiles per program: claims), and a program flagged
+    # by a NaN replaying the chain of tiles it claimed
+    qy, ky, vy = make_qkv(1, 4, 1, 64, heads_kv=1, seqlen_k=40000, kind="k_bias", device=dev, seed=5)
+    sage1.sageattn(qy, ky, vy)
+    ky[0, 0, 30001, 3] = float("nan")
+    sage1.sageattn(qy, ky, vy)
+    sage2.sageattn(qy, ky, vy)
+    return n + 3
 
 
 if __name__ == "__main__":
