@@ -3,11 +3,15 @@
 // runs; what differs is how the work is laid out on the machine, because decode is bound by reading
 // K and V once:
 //
+//   * the programs of a KV head (about two per SM in all) share its tiles dynamically: each takes
+//     one tile per stage first, then claims the next tile on the KV head's counter, so that programs
+//     the memory serves faster take more tiles. Each tile's P is quantized after the tile's own row
+//     max, so the result does not depend on who took which tile beyond fp32 rounding; torch's
+//     deterministic mode runs fixed splits instead (a.dynamic);
 //   * the copy engine (TMA) brings each 64-key tile of K and V (fp16/bf16, as the caller stores them)
 //     into shared memory, in 64-row x 128-byte boxes with the 128-byte swizzle, completing on one
 //     mbarrier per stage: one thread issues them, so no warp spends instructions on copies. Two
-//     stages per program (one split of one KV head), two programs per SM; the first tile is asked
-//     for before Q is read, and each tile refills its stage as soon as every warp has read it (K in
+//     stages per program, two programs per SM; the first tiles are asked for before Q is read, and each tile refills its stage as soon as every warp has read it (K in
 //     the quantization, V's fragments with it), while its softmax and P V still run;
 //   * 4 warps quantize the tile from shared memory: K's token mean over the tile (channel sums as
 //     ones x K on the tensor cores), K - mean to INT8/INT4 codes with one scale per tile or per token,
@@ -24,9 +28,9 @@
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
 // vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
-// program sweeps its split again carefully (NaN/Inf zeroed and their rows marked, fp16 V scaled by
-// a power of two). The last split of each KV head to finish merges all of them by their LSE into
-// the caller's output. Products that must round before an add use __fmul_rn / __fadd_rn: the
+// program sweeps its own tiles again carefully (NaN/Inf zeroed and their rows marked, fp16 V scaled
+// by a power of two). The last program of each KV head to finish merges all of them by their LSE
+// into the caller's output. Products that must round before an add use __fmul_rn / __fadd_rn: the
 // emulation rounds them. Versions and measurements: common/DECODE_NOTES.md.
 #include <stdexcept>
 #include <string>
