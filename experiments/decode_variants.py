@@ -5,7 +5,8 @@ same process (each variant runs in its own process, with its own build).
 
 A variant is ``name:nvcc flags:programs per SM`` (the flags go to ``$SAGE_NVCC_FLAGS``, see
 common/build.py; programs per SM set the split plan, common.decode.PROGRAMS_PER_SM; a trailing ``s``,
-as in ``2s``, runs the static split instead of dynamic tiles, common.decode.DYNAMIC_TILES). The builds
+as in ``2s``, runs the static split instead of dynamic tiles, common.decode.DYNAMIC_TILES; a trailing
+``q`` gives Q smoothing dynamic tiles too, common.decode.DYNAMIC_TILES_SMOOTH_Q). The builds
 run in parallel first; then each variant times sage1, sage2 (8-bit) and sage2 INT4 (Q smoothing)
 decode, replayed from a CUDA graph, on a few shapes, next to cuDNN's, and the device time of each
 kernel of cuDNN's and sage1's call at 16k. Ratios are within one process, so within one run.
@@ -31,8 +32,9 @@ def time_one(per_sm: str) -> None:
     from common.timing import bench_ms, graph_replay
     from experiments.bench_decode import sdpa_fn
 
-    decode.PROGRAMS_PER_SM = int(per_sm.rstrip("s"))
+    decode.PROGRAMS_PER_SM = int(per_sm.rstrip("sq"))
     decode.DYNAMIC_TILES = not per_sm.endswith("s")
+    decode.DYNAMIC_TILES_SMOOTH_Q = per_sm.endswith("q")
     for B, Hq, Hkv, Nk in SHAPES:
         torch.manual_seed(0)
         q = torch.randn(B, Hq, 1, 128, dtype=torch.float16, device="cuda")
@@ -87,8 +89,8 @@ def main(argv=None) -> None:
         return time_one(args.time)
     parsed = [v.split(":") for v in args.variants]
     for v, parts in zip(args.variants, parsed):
-        if len(parts) != 3 or not parts[0] or not parts[2].rstrip("s").isdigit():
-            ap.error(f"a variant is 'name:nvcc flags:programs per SM[s]' (flags may be empty), got {v!r}")
+        if len(parts) != 3 or not parts[0] or not parts[2].rstrip("sq").isdigit():
+            ap.error(f"a variant is 'name:nvcc flags:programs per SM[s|q]' (flags may be empty), got {v!r}")
     env_of = {name: dict(os.environ, SAGE_NVCC_FLAGS=flags) for name, flags, _ in parsed}
     builds = {name: subprocess.Popen([sys.executable, "-m", "common.build"], env=env_of[name],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
