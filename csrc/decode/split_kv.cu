@@ -23,9 +23,8 @@
 //   * P V on mma.sync m16n8k16, each warp a quarter of the channels over all 64 keys, summed in fp16
 //     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator;
 //   * Q smoothing (sage2's INT4 default): Q minus each head's mean over its queries is what gets
-//     quantized, and mean_q . (K - mean_k) per head and key is added to the scores, as
-//     qc . mean_k + mean_q . K: the second on the tensor cores from the tile as stored, mean_q in
-//     three 16-bit parts (the Triton kernel uses 3xTF32 on K - mean_k: both ~fp32).
+//     quantized, and mean_q . (K - mean_k) per head and key is added to the scores in fp32 FMAs
+//     (the Triton kernel uses 3xTF32 on the tensor cores: both ~fp32).
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
 // vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
@@ -132,9 +131,9 @@ struct Layout {
   static constexpr int kRowBad = kKeyBad + kTile * 4;          // int[16]: rows that saw one
   static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
   static constexpr int kTileOf = kFlag + 16;                    // int[stages]: the tile each stage holds (-1: none)
-  static constexpr int kPitchMq = DP * 2 + 16;                 // (padded: conflict-free ldmatrix rows)
-  static constexpr int kMeanQ = kTileOf + 16;                   // smooth_q: 16-bit[3 parts][16 rows][DP]: the row's head's mean q
-  static constexpr int kBar = kMeanQ + (SMOOTH_Q ? 3 * kRows * kPitchMq : 0);  // uint64[stages]
+  static constexpr int kMeanQ = kTileOf + 16;                   // smooth_q: float[16 heads][DP], each head's mean q
+  static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kRows * DP * 4 : 0);  // float[warps][16 heads][keys per warp]
+  static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);  // uint64[stages]
   static constexpr int kBytes = kBar + kStages * 8 + 1024;  // + the slack to align the base to 1024 bytes
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
   static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0, "aligned reads of the means, the barriers");
@@ -210,7 +209,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   int* s_row_bad = reinterpret_cast<int*>(smem + L::kRowBad);
   int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
   int* s_tile_of = reinterpret_cast<int*>(smem + L::kTileOf);
-  char* s_mean_q = smem + L::kMeanQ;
+  float* s_mean_q = reinterpret_cast<float*>(smem + L::kMeanQ);
+  float* s_delta = reinterpret_cast<float*>(smem + L::kDelta);
   uint64_t* s_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -354,21 +354,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         float sum = 0.f;
         for (int r = 0; r < nq; ++r) sum += scratch[(head * a.rows_per_head + r) * DP + part * QC + j];
         const float mean = __fdiv_rn(sum, float(nq));
-        // the row's head's mean as three 16-bit parts (hi + mid + lo: ~fp32), A operands of (2b)
-        float rest = mean;
-#pragma unroll
-        for (int part3 = 0; part3 < 3; ++part3) {
-          const In x = In(rest);
-          *reinterpret_cast<In*>(s_mean_q + (part3 * kRows + row) * L::kPitchMq + (part * QC + j) * 2) = x;
-          rest = __fsub_rn(rest, to_float(x));
-        }
+        if (ok && i == 0) s_mean_q[head * DP + part * QC + j] = mean;
         qc[j] = ok ? __fsub_rn(q[j], mean) : 0.f;
         amax = fmaxf(amax, fabsf(qc[j]));
       }
-      // (2)'s q . mean_k becomes qc . mean_k: with mean_q . K from (2b), qc . m + mean_q . k =
-      // q . m + mean_q . (k - m), what the emulation adds
-#pragma unroll
-      for (int j = 0; j < QC; ++j) q[j] = qc[j];
     }
 #pragma unroll
     for (int off = 1; off < TPR; off <<= 1) {
@@ -396,13 +385,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
   }
   const float sq_row[2] = {s_scale_q[g], s_scale_q[g + 8]};
-  int i_row[2];
+  int i_row[2], delta_head[2];  // delta_head: the row's head (0 for padding rows: finite junk)
   bool ok_row[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = g + 8 * h;
     i_row[h] = row % a.rows_per_head;
     ok_row[h] = row / a.rows_per_head < a.group && i_row[h] < nq;
+    delta_head[h] = row / a.rows_per_head < a.group ? row / a.rows_per_head : 0;
   }
   __syncthreads();  // P's buffer is reused below
 
@@ -536,38 +526,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for_each_b_fragment<CW>(tv, warp * CW, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
       vb[kk][n][0] = b0, vb[kk][n][1] = b1;
     });
-    // (2b) Q smoothing's mean_q . K per query row and key on the tensor cores (the row's head's mean
-    // against the tile as the caller stores it: exact 16-bit B operands from the stage), mean_q in
-    // three 16-bit parts, fp32 sums: ~fp32, as the emulation's mean_q . (K - mean_k) with (2)'s
-    // qc . mean_k. The C fragments land in the scores' layout (rows g, g + 8; keys 2 t4, 2 t4 + 1)
-    [[maybe_unused]] float dq[NKT][4];
     if constexpr (SMOOTH_Q) {
-      const int mat = lane >> 3, r8 = lane & 7;
+      // (2b) mean_q . (K - mean_k) per head and key in fp32 (the emulation's ~fp32 product), for this
+      // warp's keys: partial sums over this thread's channels, the quad's sum, then shared memory
+      // that only this warp reads
+      for (int h = 0; h < a.group; ++h) {
+        float d[NKT];
 #pragma unroll
-      for (int kk = 0; kk < NKT; ++kk) dq[kk][0] = dq[kk][1] = dq[kk][2] = dq[kk][3] = 0.f;
+        for (int kk = 0; kk < NKT; ++kk) d[kk] = 0.f;
 #pragma unroll
-      for (int cp = 0; cp < DP / 32; ++cp) {  // 32 channels: two k-steps of 16
-        uint32_t kb[NKT][4];  // keys KPW w + 8 kk + (0..7): b0, b1 of k-step 2 cp, then of 2 cp + 1
+        for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-        for (int kk = 0; kk < NKT; ++kk)
-          ldmatrix_x4(kb[kk], tk + tile_offset(KPW * warp + 8 * kk + r8, (32 * cp + 8 * mat) * 2));
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-          for (int part3 = 0; part3 < 3; ++part3) {
-            uint32_t am[4];
-            ldmatrix_x4(am, s_mean_q + (part3 * kRows + r8 + (mat & 1) * 8) * L::kPitchMq +
-                                (32 * cp + 16 * half + (mat >> 1) * 8) * 2);
+          for (int half = 0; half < 2; ++half) {
+            const float4 mq = *reinterpret_cast<const float4*>(s_mean_q + h * DP + ks * 32 + 16 * half + 4 * t4);
 #pragma unroll
             for (int kk = 0; kk < NKT; ++kk) {
-              if constexpr (BF16) {
-                mma_bf16_16816_f32(dq[kk], am, kb[kk][2 * half], kb[kk][2 * half + 1]);
-              } else {
-                mma_f16_16816_f32(dq[kk], am, kb[kk][2 * half], kb[kk][2 * half + 1]);
-              }
+              const float* x = &kc[kk][ks][4 * half];
+              d[kk] = fmaf(mq.x, x[0], fmaf(mq.y, x[1], fmaf(mq.z, x[2], fmaf(mq.w, x[3], d[kk]))));
             }
           }
+#pragma unroll
+        for (int kk = 0; kk < NKT; ++kk) {
+          d[kk] += __shfl_xor_sync(0xffffffffu, d[kk], 1);
+          d[kk] += __shfl_xor_sync(0xffffffffu, d[kk], 2);
+          if (t4 == 0) s_delta[(warp * kRows + h) * KPW + 8 * kk + g] = d[kk];
+        }
       }
+      __syncwarp();
     }
     float inv_k[NKT], scale_k[NKT];  // per key (K_PER_TOKEN) or the tile's
     if constexpr (K_PER_TOKEN) {
@@ -629,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         float sk = scale_k[kk];
         if constexpr (K_PER_TOKEN) sk = __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4);
         float x = __fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk);
-        if constexpr (SMOOTH_Q) x = __fadd_rn(x, dq[kk][e]);
+        if constexpr (SMOOTH_Q) x = __fadd_rn(x, s_delta[(warp * kRows + delta_head[h]) * KPW + 8 * kk + 2 * t4 + (e & 1)]);
         bool visible = ok_row[h];
         if constexpr (MASKED) {
           const int key = start + col;
