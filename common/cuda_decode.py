@@ -59,12 +59,13 @@ def _unusable(size: int, stride: int) -> bool:
     return size > 1 and (stride <= 0 or stride % 8 != 0)
 
 
-# The scratch of a call (the splits' partial outputs and LSEs, and the counters by which the last
-# split of a KV head knows it is last) costs host time: eager decode below ~16k keys is bound by it
+# The scratch of a call (the programs' partial outputs and LSEs, the links of the tiles each program
+# took, and per KV head two counters: programs done, by which the last one knows it is last, and
+# tiles claimed) costs host time: eager decode below ~16k keys is bound by it
 # (cProfile put allocations and the counters' fill first among our host costs on the H100's host,
 # 2026-11-22). So:
 # * eager calls keep it per (device, stream): calls on one stream run one after another, and the
-#   merging program leaves its counter at zero, so a call needs neither allocations nor a fill. The
+#   merging program leaves its counters at zero, so a call needs neither allocations nor a fill. The
 #   key is the stream's handle: a stream destroyed with this work still queued, whose handle a new
 #   stream then gets, would share it (torch's own streams come from pools and are never destroyed);
 # * a call captured into a CUDA graph gets its own partials (from the graph's pool) and its own
@@ -76,7 +77,7 @@ def _unusable(size: int, stride: int) -> bool:
 # clear_workspaces() frees the per-stream scratch (the capture pool stays: graphs may hold slices).
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _CAPTURE_COUNTERS: dict[int, list] = {}  # device index -> [zeroed int32 pool, first unused entry]
-CAPTURE_POOL = 1 << 18                  # counters for captured calls, per device (1 MB)
+CAPTURE_POOL = 1 << 19                  # counters for captured calls (2 x B*Hkv each), per device (2 MB)
 
 
 def _capture_counters(device: torch.device, bh: int) -> torch.Tensor:

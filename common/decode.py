@@ -39,7 +39,8 @@ merged by their log-sum-exp. Every statistic the quantization needs is therefore
 
 Rows of all query heads that share a KV head are one program's rows (GQA packing), so K and V are
 read once per KV head. ``backend="torch"`` runs :func:`decode_emulated`, the same algorithm with
-the same split points. Options that have no decode form (sage1 ``qk_granularity`` other than
+the Triton kernel's split points (the CUDA kernel's dynamic tiles differ from them in fp32
+rounding only). Options that have no decode form (sage1 ``qk_granularity`` other than
 ``per_block``, sage2 ``per_tensor``, ``smooth_v``, ``pv_accum="single"``, dense ``attn_mask``) run
 the prefill path, as do calls with more queries.
 """

@@ -3,9 +3,10 @@
 CPU (CI): which calls it covers, that its op names a bad argument before the kernel reads it, and
 that experiments/copy_floor builds (the kernel's source compiles for sm_90a in test_sage2_cuda).
 GPU (H100): the CUDA sweep, picked by ``backend="auto"``, against the emulation of the same
-algorithm (same split points) and against the Triton sweep, over GQA, causal with Nq > 1, odd
-lengths (fewer keys than one tile included), head dims 64/128, fp16/bf16, both layouts and every
-option it covers; the NaN/Inf rule and large |V| (flagged splits redone by the careful sweep); a
+algorithm and against the Triton sweep, over GQA, causal with Nq > 1, odd lengths (fewer keys than
+one tile included), head dims 64/128, fp16/bf16, both layouts and every option it covers; the
+NaN/Inf rule and large |V| (flagged programs redone by the careful sweep); dynamic tiles against
+the static split (and a flagged program's replay of the tiles it claimed, and a graph replay); a
 real decode size; the scratch kept per stream between calls.
 """
 
@@ -246,47 +247,63 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def _tile_chains(q, k):
-    """The tile links of the last eager call on the current stream ([B*Hkv, tiles]: per tile, the tile
-    its program took before it, -1 for a program's first) and that call's programs per KV head."""
+def _tile_links(q, k):
+    """The tile links in the scratch of eager calls on the current stream ([B*Hkv, tiles] int32 on the
+    GPU: per tile, the tile its program took before it, -1 for a program's first) and the number of
+    programs per KV head."""
     B, Hkv, Nk, D = k.shape
     bh, tiles = B * Hkv, -(-Nk // 64)
     splits = -(-tiles // decode.split_tiles(bh, 1, Nk, q.device))
     scratch, _ = cuda_decode._WORKSPACES[(q.device.index, build.current_stream_handle(q.device.index))]
     start = splits * bh * 16 * (D + 1)  # after the partial outputs and LSEs
-    return scratch[start:start + bh * tiles].view(torch.int32).view(bh, tiles).cpu(), splits
+    return scratch[start:start + bh * tiles].view(torch.int32).view(bh, tiles), splits
 
 
 def _check_partition(links, splits):
-    """Every tile of every KV head was taken exactly once: the links form `splits` chains."""
+    """Every tile of every KV head was taken exactly once: the links form `splits` chains (the links
+    were filled with -2 before the call: none is left)."""
     for row in links:
-        assert int((row == -1).sum()) == splits
+        assert int((row < -1).sum()) == 0 and int((row == -1).sum()) == splits
         prev = row[row >= 0]
         assert prev.unique().numel() == prev.numel() and int(prev.max()) < row.numel()
 
 
+# 8 KV heads x 626 tiles: 33 programs per KV head take 2 tiles each, then claim the other 560
+DYNAMIC_SHAPE = dict(batch=2, heads=16, heads_kv=4, seqlen_k=40000 + 5)
+
+
+def _dynamic_inputs(seed):
+    s = DYNAMIC_SHAPE
+    return make_qkv(s["batch"], s["heads"], 1, 128, heads_kv=s["heads_kv"], seqlen_k=s["seqlen_k"], kind="k_bias",
+                    seed=seed, device="cuda")
+
+
 @gpu
 @hopper
-@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b_nosmooth_q"])  # (Q smoothing: static only)
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b_nosmooth_q", "sage2_4b"])
 def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
     """The programs of a KV head claim its tiles dynamically (csrc/decode/split_kv.cu): in whatever
     order they take them the result is the static split's up to fp32 rounding (each tile's P is
     quantized after its own row max), every tile is taken once, and under torch's deterministic mode
-    the kernel runs the static split, the same bits on every call."""
+    the kernel runs the static split, the same bits on every call. (Q smoothing runs static splits by
+    default; here it is made dynamic, as decode_variants' `q` builds time it.)"""
     fn, opts = COVERED[name]
-    # 8 KV heads x 626 tiles: 33 programs per KV head take 2 tiles each, then claim the other 560
-    q, k, v = make_qkv(2, 16, 1, 128, heads_kv=4, seqlen_k=40000 + 5, kind="k_bias", seed=31, device="cuda")
+    q, k, v = _dynamic_inputs(31)
     calls = _spy(monkeypatch)
-    dynamic = [fn(q, k, v, return_lse=True, **opts) for _ in range(4)]
-    links, splits = _tile_chains(q, k)
+    monkeypatch.setattr(decode, "DYNAMIC_TILES_SMOOTH_Q", True)
+    dynamic = [fn(q, k, v, return_lse=True, **opts) for _ in range(3)]
+    links, splits = _tile_links(q, k)
+    links.fill_(-2)
+    dynamic.append(fn(q, k, v, return_lse=True, **opts))
+    links = links.cpu()
     _check_partition(links, splits)
     tps = decode.split_tiles(8, 1, k.shape[2], q.device)
     static_links = torch.tensor([-1 if t % tps == 0 else t - 1 for t in range(links.shape[1])], dtype=torch.int32)
     assert not torch.equal(links[0], static_links)  # program p took tiles p and p + splits first
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     static = [fn(q, k, v, return_lse=True, **opts) for _ in range(3)]
-    links, _ = _tile_chains(q, k)
-    assert all(torch.equal(row, static_links) for row in links)
+    links, _ = _tile_links(q, k)
+    assert all(torch.equal(row, static_links) for row in links.cpu())
     monkeypatch.undo()
     assert len(calls) == 7
     assert all(torch.equal(out, static[0][0]) and torch.equal(lse, static[0][1]) for out, lse in static)
@@ -299,20 +316,47 @@ def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
 
 @gpu
 @hopper
-def test_cuda_dynamic_tiles_careful_sweep_replays_its_own_tiles(monkeypatch):
+@pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
+def test_cuda_dynamic_tiles_careful_sweep_replays_its_own_tiles(fn, monkeypatch):
     """A program flagged by a NaN or an fp16 overflow sweeps again, carefully, exactly the tiles it
-    claimed (through their links): large |V| everywhere flags every program of sage1's fp16 P V, and a
-    NaN in one key's K flags one program; both still match the emulation."""
-    q, k, v = make_qkv(2, 16, 1, 128, heads_kv=4, seqlen_k=40000 + 5, kind="k_bias", seed=32, device="cuda")
-    v = v * (3e4 / v.abs().amax())  # 64 keys x |V| overflow the fp16 tile sum
+    claimed (through their links). Here the scores are nearly flat and V is large and positive, so
+    every tile's fp16 P V sum overflows and flags every program of sage1 (sage2's FP8 P V has per-channel
+    scales and does not overflow); a NaN in one key's K flags one program of either. Both match the
+    emulation."""
+    q, k, v = _dynamic_inputs(32)
+    q = q * 0.05  # nearly flat scores: p ~ 1 on every key
+    v = v.abs() + 1.0
+    v = v * (3e4 / v.abs().amax())  # >= ~5e3 everywhere: 64 keys' fp16 sum overflows
     k[1, 2, 31111, 7] = float("nan")  # KV head 6: its query heads' rows are NaN
     calls = _spy(monkeypatch)
-    out = sage1.sageattn(q, k, v)
-    emulated = sage1.sageattn(q, k, v, backend="torch")
+    out = fn(q, k, v)
+    emulated = fn(q, k, v, backend="torch")
     assert calls == [1]
     want = nan_rows(q, k, v, is_causal=False, mask=NO_MASK)
     assert torch.equal(torch.isnan(out).any(-1), want) and int(want.sum()) == 4
+    assert torch.isfinite(out[~want]).all()
     assert accuracy(emulated[~want].double(), out[~want].double()).rel_l1 < 2e-3
+
+
+@gpu
+@hopper
+def test_cuda_dynamic_tiles_replay_from_a_cuda_graph():
+    """A captured call with claimed tiles replays correctly again and again: the merging programs
+    leave both counters of every KV head (programs done, tiles claimed) at zero."""
+    q, k, v = _dynamic_inputs(33)
+    eager = sage1.sageattn(q, k, v)
+    pool, first = cuda_decode._CAPTURE_COUNTERS[q.device.index]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sage1.sageattn(q, k, v)
+    n = 2 * DYNAMIC_SHAPE["batch"] * DYNAMIC_SHAPE["heads_kv"]
+    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + n
+    for _ in range(3):
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert accuracy(eager.double(), captured.double()).rel_l1 < 1e-4
+        assert int(pool[first:first + n].abs().sum()) == 0
 
 
 @gpu

@@ -6,13 +6,15 @@
 //   * the programs of a KV head (about two per SM in all) share its tiles dynamically: each takes
 //     one tile per stage first, then claims the next tile on the KV head's counter, so that programs
 //     the memory serves faster take more tiles. Each tile's P is quantized after the tile's own row
-//     max, so the result does not depend on who took which tile beyond fp32 rounding; torch's
-//     deterministic mode runs fixed splits instead (a.dynamic);
+//     max, so the result does not depend on who took which tile beyond fp32 rounding. Fixed splits
+//     (a.dynamic false: torch's deterministic mode, Q smoothing) and one program per KV head keep
+//     static ranges;
 //   * the copy engine (TMA) brings each 64-key tile of K and V (fp16/bf16, as the caller stores them)
 //     into shared memory, in 64-row x 128-byte boxes with the 128-byte swizzle, completing on one
 //     mbarrier per stage: one thread issues them, so no warp spends instructions on copies. Two
-//     stages per program, two programs per SM; the first tiles are asked for before Q is read, and each tile refills its stage as soon as every warp has read it (K in
-//     the quantization, V's fragments with it), while its softmax and P V still run;
+//     stages per program, two programs per SM. The first claim and Q's loads go out first, then
+//     the first tiles (before Q is used); each tile refills its stage as soon as every warp has
+//     read it (K in the quantization, V's fragments with it), while its softmax and P V still run;
 //   * 4 warps quantize the tile from shared memory: K's token mean over the tile (channel sums as
 //     ones x K on the tensor cores), K - mean to INT8/INT4 codes with one scale per tile or per token,
 //     straight into mma.sync B fragments; INT8 Q K^T on mma.sync m16n8k32 (16 query rows: every
@@ -403,8 +405,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // One tile. MASKED: it holds keys past the end or, causal, keys some row may not see. CAREFUL:
   // NaN/Inf in K or V are zeroed and their keys mark the rows that see them; fp16 V is scaled by
-  // the power of two that keeps the fp16 tile sum finite (the fast sweep has neither: a split that
-  // needed them is flagged and swept again carefully)
+  // the power of two that keeps the fp16 tile sum finite (the fast sweep has neither: a program that
+  // needed them is flagged and sweeps its tiles again carefully)
   auto tile = [&](auto masked_tag, auto careful_tag, int stage, int start) {
     constexpr bool MASKED = decltype(masked_tag)::value;
     constexpr bool CAREFUL = decltype(careful_tag)::value;
@@ -774,8 +776,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     m_row[0] = m_row[1] = -kInf, l_row[0] = l_row[1] = 0.f, k_check = 0.f, bad_kv[0] = bad_kv[1] = 0;
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    // every stage holds a tile or has one coming (Q smoothing's prologue kept the last free for its
-    // scratch); each tile refills its own stage once every warp has read it
+    // every stage has its next tile of the sequence coming, or -1 (the stages kPrimed.. are asked
+    // for here: Q smoothing's prologue used the last one as scratch); each tile refills its own
+    // stage once every warp has read it
     if (!primed) {  // the careful sweep: this program's tiles again, from its chain
       replay = true;
       issue_stages(0, kStages);
@@ -838,7 +841,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     __syncthreads();
   }
 
-  // ---- this split's normalized output and log2 LSE (NaN: a row that saw a NaN/Inf), real rows only ----
+  // ---- this program's normalized output and log2 LSE (NaN: a row that saw a NaN/Inf), real rows only ----
   const int64_t prog = int64_t(split) * gridDim.y + kv_bh;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -855,9 +858,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
   }
 
-  // ---- the last split of this KV head to finish merges them all by their LSE ----
-  // Thread 0 counts the split with a release (the barrier before it orders every thread's partials
-  // first) and an acquire (the barrier after it orders the merge's reads after every split's).
+  // ---- the last program of this KV head to finish merges them all by their LSE ----
+  // Thread 0 counts the program with a release (the barrier before it orders every thread's partials
+  // and claims first) and an acquire (the barrier after it orders the merge's reads after every
+  // program's).
   __syncthreads();
   if (tid == 0) s_flag[0] = atomic_add_acq_rel_gpu(a.counters + kv_bh, 1) == a.splits - 1;
   __syncthreads();
@@ -981,6 +985,8 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
   require(!a.smooth_q || a.k_per_token, "smooth_q needs per-token K scales (k_per_token)");
   require(a.pv == kPvFp16Acc16 || a.pv == kPvFp16Acc32 || a.pv == kPvFp8E4m3, "pv must be 0, 1 or 2");
   require(a.tiles_per_split >= 1 && a.splits >= 1, "tiles_per_split and splits must be positive");
+  require(a.part_out != nullptr && a.part_lse != nullptr && a.counters != nullptr && a.tile_link != nullptr,
+          "part_out, part_lse, counters and tile_link must be given (scratch)");
   for (const auto& [name, p, sb, sh, sn] : {std::tuple{"k", a.k, a.k_stride_b, a.k_stride_h, a.k_stride_n},
                                              std::tuple{"v", a.v, a.v_stride_b, a.v_stride_h, a.v_stride_n}})
     require(reinterpret_cast<uintptr_t>(p) % 16 == 0 && (a.seqlen_k == 1 || (sn > 0 && sn % 8 == 0)) &&

@@ -20,12 +20,12 @@ struct DecodeArgs {
   void* out;        // [B, Hq, Nq, D] through strides (elements, last stride 1), q's dtype
   int64_t out_stride_b, out_stride_h, out_stride_n;
   float* lse;         // [B, Hq, Nq] natural-log LSE, or null
-  float* part_out;    // [splits, B * Hkv, 16, D]: each split's normalized output (scratch)
+  float* part_out;    // [splits, B * Hkv, 16, D]: each program's normalized output (scratch)
   float* part_lse;    // [splits, B * Hkv, 16]: log2-domain LSE (NaN: a row that saw a NaN/Inf)
-  int32_t* counters;  // [2, B * Hkv], zero: splits done per KV head (the last one merges), then tiles
+  int32_t* counters;  // [2, B * Hkv], zero: programs done per KV head (the last one merges), then tiles
                       // claimed per KV head (dynamic); the merging program leaves both at zero
   int32_t* tile_link;  // [B * Hkv, ceil(Nk / 64)] (scratch): per tile, the tile its program took before it
-  bool dynamic;        // tiles claimed dynamically; false: the static split (bitwise reproducible)
+  bool dynamic;        // tiles claimed dynamically (with splits > 1); false: the static split (bitwise reproducible)
   int batch, heads_kv, seqlen_q, seqlen_k, head_dim, group, rows_per_head, tiles_per_split, splits;
   float qk_mult;      // sm_scale * log2(e)
   float log2_pscale;  // FP8 P's static scale, log2 (0 for fp16 P)
@@ -35,8 +35,8 @@ struct DecodeArgs {
   int pv;  // DecodePv
 };
 
-// Decode attention into `out` (and `lse`): one launch, every split of every KV head, the last split
-// of each KV head to finish merging them. Launches on `stream`; throws std::invalid_argument naming
+// Decode attention into `out` (and `lse`): one launch, every program of every KV head, the last
+// program of each KV head to finish merging them. Launches on `stream`; throws std::invalid_argument naming
 // the argument on unsupported input.
 void decode_forward(const DecodeArgs& args, cudaStream_t stream);
 
