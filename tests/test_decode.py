@@ -54,6 +54,22 @@ def test_decode_kernel_matches_emulation_and_exact(name, n_q, heads, heads_kv, n
     assert e_vs_ref.cos_sim > prefill.cos_sim - 1e-4, (e_vs_ref, prefill)
 
 
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b", "sage2_e5m2"])
+@pytest.mark.parametrize("n_q,causal", [(1, False), (5, True)])
+def test_decode_kernel_matches_emulation_over_many_tiles_per_split(name, n_q, causal, monkeypatch):
+    """The shapes above give one tile per split (small B * Hkv, short Nk: up to 264 programs), where
+    the running state over tiles (P after each tile's own row max, rescaled into l and acc) is never
+    exercised; here the split plan is made to give every KV head one split of all its 11 tiles, then
+    splits of 3 tiles (the last one of 2)."""
+    fn, opts, _, kernel_bound = OPTIONS[name]
+    q, k, v = make_qkv(1, 8, n_q, 64, heads_kv=2, seqlen_k=700, kind="k_bias", seed=23 + n_q)
+    for tiles_per_split in (11, 3):
+        monkeypatch.setattr(decode, "split_tiles", lambda *args: tiles_per_split)
+        k_vs_e, _ = kernel_vs_emulation(fn, *_to(KERNEL_DEVICE, q, k, v), tensor_layout="HND", is_causal=causal,
+                                        **opts)
+        assert k_vs_e.rel_l1 < kernel_bound, (tiles_per_split, k_vs_e)
+
+
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [80, 128])
