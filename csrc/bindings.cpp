@@ -3,6 +3,7 @@
 // (sage2/cuda.py, sage3/cuda.py, common/cuda_decode.py), so this module does not depend on torch's C++ ABI.
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <cstdint>
 
 #include "decode/split_kv.h"
@@ -106,6 +107,24 @@ void exact_div_mismatches(uint32_t lo_bits, uint32_t hi_bits, uint64_t (&counts)
                           cudaStream_t stream);
 }
 
+namespace {
+
+// A GPU self-check (common/launch.h run_mismatch_check) as a Python function of (lo bits, hi bits,
+// stream) returning {name: (mismatches, first offending bits)} for its N kinds of mismatch
+template <int N, typename Check>
+auto mismatch_check(Check check, std::array<const char*, N> names) {
+  return [check, names](uint32_t lo, uint32_t hi, uintptr_t stream) {
+    uint64_t counts[N];
+    uint32_t first[N];
+    check(lo, hi, counts, first, reinterpret_cast<cudaStream_t>(stream));
+    py::dict out;
+    for (int i = 0; i < N; ++i) out[names[i]] = py::make_tuple(counts[i], first[i]);
+    return out;
+  };
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_sage_cuda, m) {
   m.doc() = "SageAttention CUDA kernels (see csrc/README.md); called through sage2.cuda";
   m.def("sage2_sm90_forward", &sage2_sm90_forward, "SageAttention2 forward, Hopper wgmma kernel (pointers: 0 = none)",
@@ -114,26 +133,13 @@ PYBIND11_MODULE(_sage_cuda, m) {
         py::arg("lse"), py::arg("q_bad"), py::arg("first_bad"), py::arg("batch"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
         py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
-  m.def("sage3_p_scale_mismatches", [](uint32_t lo, uint32_t hi, uintptr_t stream) {
-    uint64_t counts[3];
-    uint32_t first[3];
-    sage_cuda::sage3_p_scale_mismatches(lo, hi, counts, first, reinterpret_cast<cudaStream_t>(stream));
-    py::dict out;
-    const char* names[3] = {"s", "s8", "inv"};
-    for (int i = 0; i < 3; ++i) out[names[i]] = py::make_tuple(counts[i], first[i]);
-    return out;
-  }, "sage3 kernel's branch-free NVFP4 P scales vs div.rn/rcp.rn over fp32 maxima [lo, hi] (bits): "
-     "{name: (mismatches, first bits)}");
-  m.def("exact_div_mismatches", [](uint32_t lo, uint32_t hi, uintptr_t stream) {
-    uint64_t counts[6];
-    uint32_t first[6];
-    sage_cuda::exact_div_mismatches(lo, hi, counts, first, reinterpret_cast<cudaStream_t>(stream));
-    py::dict out;
-    const char* names[6] = {"div6", "div7", "div127", "div448", "rcp", "rcp_normal"};
-    for (int i = 0; i < 6; ++i) out[names[i]] = py::make_tuple(counts[i], first[i]);
-    return out;
-  }, "csrc/common/exact_div.cuh's branch-free divisions vs div.rn/rcp.rn over fp32 inputs [lo, hi] (bits): "
-     "{name: (mismatches, first bits)}");
+  m.def("sage3_p_scale_mismatches", mismatch_check<3>(sage_cuda::sage3_p_scale_mismatches, {"s", "s8", "inv"}),
+        "sage3 kernel's branch-free NVFP4 P scales vs div.rn/rcp.rn over fp32 maxima [lo, hi] (bits): "
+        "{name: (mismatches, first bits)}");
+  m.def("exact_div_mismatches",
+        mismatch_check<6>(sage_cuda::exact_div_mismatches, {"div6", "div7", "div127", "div448", "rcp", "rcp_normal"}),
+        "csrc/common/exact_div.cuh's branch-free divisions vs div.rn/rcp.rn over fp32 inputs [lo, hi] (bits): "
+        "{name: (mismatches, first bits)}");
   m.def("sage3_sm90_forward", &sage3_sm90_forward,
         "SageAttention3 forward (FP4 emulated exactly on 16-bit wgmma), Hopper kernel (positional; pointers: 0 = none)");
   // positional arguments only: pybind11's keyword matching costs more host time than the launch
