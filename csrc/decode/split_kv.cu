@@ -64,12 +64,6 @@ constexpr int kRows = 16;     // query rows per program: (query heads of a KV he
 #ifndef SAGE_DECODE_MIN_BLOCKS
 #define SAGE_DECODE_MIN_BLOCKS 2
 #endif
-#ifndef SAGE_DECODE_PRIME_STAGES  // stages asked for before Q is read (without Q smoothing)
-#define SAGE_DECODE_PRIME_STAGES SAGE_DECODE_STAGES
-#endif
-#ifndef SAGE_DECODE_CLAIM_AHEAD  // dynamic tiles: claim one refill ahead (1) or at the refill (0)
-#define SAGE_DECODE_CLAIM_AHEAD 1
-#endif
 constexpr int kWarps = SAGE_DECODE_WARPS;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
@@ -253,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   bool replay = false;  // the careful sweep: walk the chain
   // the first claim, read at the first refill, goes out before anything else: behind the first tiles'
   // copies in the memory queues it came back only after ~8 us, and Q's processing waited for it
-  if (SAGE_DECODE_CLAIM_AHEAD && tid == 0 && claiming) claimed = atomicAdd(claims, 1);
+  if (tid == 0 && claiming) claimed = atomicAdd(claims, 1);
 
   // ---- Q's loads are issued next, before the tiles' copies: behind every program's first tiles in the
   // memory queues they came back only after ~8 us, when every stage had long landed and the memory
@@ -279,17 +273,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (seq_next < seq_end) {
       t = seq_next, seq_next += seq_step;
     } else if (claiming) {
-#if SAGE_DECODE_CLAIM_AHEAD
       t = first_claimed + claimed;
       if (t < n_total) {
         claimed = atomicAdd(claims, 1);
       } else {
         t = -1, claiming = false;
       }
-#else
-      t = first_claimed + atomicAdd(claims, 1);
-      if (t >= n_total) t = -1, claiming = false;
-#endif
     }
     if (t >= 0) link[t] = chain, chain = t;
     return t;
@@ -322,9 +311,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     fence_barrier_init();
   }
   __syncthreads();
-  // Q smoothing's prologue uses the last stage as scratch
-  constexpr int kPrimed = SMOOTH_Q ? kStages - 1 : SAGE_DECODE_PRIME_STAGES;
-  static_assert(kPrimed >= 1 && kPrimed <= kStages, "stages asked for before Q is read");
+  constexpr int kPrimed = SMOOTH_Q ? kStages - 1 : kStages;  // Q smoothing's prologue uses the last stage as scratch
   issue_stages(0, kPrimed);
 
   // ---- Q: log2-scaled fp32 (non-finite rows zeroed and marked), one INT scale per row ----
