@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from .build import current_stream_handle, load, on_device
+from .decode import DECODE_TILE
 
 ROWS = 16                 # query rows per program in the kernel
-TILE = 64                 # keys per tile (common.decode.DECODE_TILE)
 HEAD_DIMS = (64, 128)
 PV_CODES = {"fp16_acc16": 0, "fp16_acc32": 1, "fp8_e4m3": 2}  # csrc/decode/split_kv.h DecodePv
 
@@ -35,7 +35,7 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
     if spec.smooth_q:
         if not spec.k_per_token:
             return "smooth_q=True with per-block K scales"
-        from . import decode
+        from . import decode  # (the op below is named decode)
 
         if decode.DELTA_PRECISION != "tf32x3":  # the kernel's product is fp32, not one TF32 pass
             return f"smooth_q=True with DELTA_PRECISION={decode.DELTA_PRECISION!r}"
@@ -131,11 +131,11 @@ def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link)
             or counters.shape != (2 * B * Hkv,) or tile_link.shape != (B * Hkv * _tiles(Nk),):
         raise ValueError(f"decode: part_out {tuple(part_out.shape)}, part_lse {tuple(part_lse.shape)}, counters "
                          f"{tuple(counters.shape)} and tile_link {tuple(tile_link.shape)} must be [splits, B*Hkv, "
-                         f"{ROWS}, D], [splits, B*Hkv, {ROWS}], [2*B*Hkv] and [B*Hkv*ceil(Nk/{TILE})]")
+                         f"{ROWS}, D], [splits, B*Hkv, {ROWS}], [2*B*Hkv] and [B*Hkv*ceil(Nk/{DECODE_TILE})]")
 
 
 def _tiles(n_k: int) -> int:
-    return -(-n_k // TILE)
+    return -(-n_k // DECODE_TILE)
 
 
 def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
