@@ -25,8 +25,10 @@
 //   * P V on mma.sync m16n8k16, each warp a quarter of the channels over all 64 keys, summed in fp16
 //     (sage1, the paper's FP16 accumulator) or fp32, then rescaled into an fp32 accumulator;
 //   * Q smoothing (sage2's INT4 default): Q minus each head's mean over its queries is what gets
-//     quantized, and mean_q . (K - mean_k) per head and key is added to the scores in fp32 FMAs
-//     (the Triton kernel uses 3xTF32 on the tensor cores: both ~fp32).
+//     quantized, and mean_q . (K - mean_k) per head and key is added to the scores, as
+//     qc . mean_k + mean_q . K: the second on the tensor cores, the warp's keys as stored against
+//     each head's mean_q in 16-bit parts (two for fp16, three for bf16; the Triton kernel uses 3xTF32
+//     on K - mean_k: both ~fp32).
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
 // vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
@@ -109,6 +111,10 @@ __device__ __forceinline__ int tile_step(int base, int R, int B) {
   return (base ^ ((((B >> 4) & 7) ^ (R & 7)) << 4)) + (B >> 7) * kBoxBytes + R * 128;
 }
 
+// Q smoothing's mean q as 16-bit parts whose sum is ~fp32 (hi + lo for fp16: a third part would sit
+// below fp16's normal range and changes nothing measurable; three for bf16's 8-bit mantissa)
+constexpr int kMqParts = 3;  // room for bf16's; fp16 uses the first two (the kernel's MQP)
+
 template <int DP, bool SMOOTH_Q>
 struct Layout {
   static constexpr int kTileBytes = kTile * DP * 2;  // one stage of K (or V), unpadded
@@ -127,9 +133,11 @@ struct Layout {
   static constexpr int kRowBad = kKeyBad + kTile * 4;          // int[16]: rows that saw one
   static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
   static constexpr int kTileOf = kFlag + 16;                    // int[stages]: the tile each stage holds (-1: none)
-  static constexpr int kMeanQ = kTileOf + 16;                   // smooth_q: float[16 heads][DP], each head's mean q
-  static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kRows * DP * 4 : 0);  // float[warps][16 heads][keys per warp]
-  static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * (kTile / kWarps) * 4 : 0);  // uint64[stages]
+  static constexpr int kPitchMq = DP * 2 + 16;                 // (padded: conflict-free ldmatrix rows)
+  static constexpr int kMeanQ = kTileOf + 16;                   // smooth_q: 16-bit[parts][16 heads][DP]: each head's mean q
+  static constexpr int kPitchDelta = 20;                        // floats per head and warp: conflict-free C stores
+  static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kMqParts * kRows * kPitchMq : 0);  // float[warps][16 heads][20]
+  static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * kPitchDelta * 4 : 0);  // uint64[stages]
   static constexpr int kBytes = kBar + kStages * 8 + 1024;  // + the slack to align the base to 1024 bytes
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
   static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0, "aligned reads of the means, the barriers");
@@ -186,7 +194,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int NT = CW / 8;           // n-tiles of P V per warp
   constexpr int TPR = kThreads / kRows;  // threads per Q row in the prologue and for q . mean_k
   constexpr int QC = DP / TPR;
+  constexpr int MQP = BF16 ? 3 : 2;    // Q smoothing's mean q in 16-bit parts (kMqParts)
   static_assert(NKT >= 1 && NT >= 1 && TPR <= 32, "tile, warps and head dim do not fit together");
+  static_assert(!SMOOTH_Q || KPW == 16, "(2b) takes a warp's keys as one 16-row A operand");
   extern __shared__ __align__(16) char smem_raw[];
   // the swizzle's 1024-byte period, by pointer arithmetic on the shared array: a round trip through an
   // integer would hide that it is shared memory, and every read would become a generic load
@@ -205,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   int* s_row_bad = reinterpret_cast<int*>(smem + L::kRowBad);
   int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
   int* s_tile_of = reinterpret_cast<int*>(smem + L::kTileOf);
-  float* s_mean_q = reinterpret_cast<float*>(smem + L::kMeanQ);
+  char* s_mean_q = smem + L::kMeanQ;
   float* s_delta = reinterpret_cast<float*>(smem + L::kDelta);
   uint64_t* s_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
 
@@ -335,6 +345,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       float* scratch = reinterpret_cast<float*>(s_k + (kStages - 1) * L::kTileBytes);
 #pragma unroll
       for (int j = 0; j < QC; ++j) scratch[row * DP + part * QC + j] = q[j];
+      // (2b)'s B columns of heads past the group (a program has at most 8 or 16) are zeros, not junk
+      for (int c = tid; c < MQP * kRows * (DP / 8); c += kThreads) {
+        const int pt_head = c / (DP / 8);
+        if (pt_head % kRows >= a.group)
+          *reinterpret_cast<uint4*>(s_mean_q + pt_head * L::kPitchMq + (c % (DP / 8)) * 16) = make_uint4(0u, 0u, 0u, 0u);
+      }
       fence_proxy_async_shared();  // before the copy engine fills the stage (at the fast sweep's start)
       __syncthreads();
       amax = 0.f;
@@ -343,10 +359,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         float sum = 0.f;
         for (int r = 0; r < nq; ++r) sum += scratch[(head * a.rows_per_head + r) * DP + part * QC + j];
         const float mean = __fdiv_rn(sum, float(nq));
-        if (ok && i == 0) s_mean_q[head * DP + part * QC + j] = mean;
+        // the head's mean as 16-bit parts (B operands of (2b)), written by its first row
+        float rest = mean;
+#pragma unroll
+        for (int pt = 0; pt < MQP; ++pt) {
+          const In x = In(rest);
+          if (ok && i == 0) *reinterpret_cast<In*>(s_mean_q + (pt * kRows + head) * L::kPitchMq + (part * QC + j) * 2) = x;
+          rest = __fsub_rn(rest, to_float(x));
+        }
         qc[j] = ok ? __fsub_rn(q[j], mean) : 0.f;
         amax = fmaxf(amax, fabsf(qc[j]));
       }
+      // (2)'s q . mean_k becomes qc . mean_k: with mean_q . K from (2b), qc . m + mean_q . k =
+      // q . m + mean_q . (k - m), what the emulation adds
+#pragma unroll
+      for (int j = 0; j < QC; ++j) q[j] = qc[j];
     }
 #pragma unroll
     for (int off = 1; off < TPR; off <<= 1) {
@@ -515,31 +542,42 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for_each_b_fragment<CW>(tv, warp * CW, lane, [&](int kk, int n, uint32_t b0, uint32_t b1) {
       vb[kk][n][0] = b0, vb[kk][n][1] = b1;
     });
+    // (2b) Q smoothing's mean_q . K per head and key on the tensor cores: this warp's 16 keys as the A
+    // operand (the tile as the caller stores it, exact 16-bit), each head's mean q as a B column, in
+    // 16-bit parts summed in the fp32 accumulator: ~fp32, as the emulation's mean_q . (K - mean_k)
+    // with (2)'s qc . mean_k. Keys x heads is the scores' transpose: the C fragments go through this
+    // warp's part of shared memory (one n-tile of 8 heads, two past 8)
     if constexpr (SMOOTH_Q) {
-      // (2b) mean_q . (K - mean_k) per head and key in fp32 (the emulation's ~fp32 product), for this
-      // warp's keys: partial sums over this thread's channels, the quad's sum, then shared memory
-      // that only this warp reads
-      for (int h = 0; h < a.group; ++h) {
-        float d[NKT];
+      const int mat = lane >> 3, r8 = lane & 7;
+      float* delta = s_delta + warp * kRows * L::kPitchDelta;
 #pragma unroll
-        for (int kk = 0; kk < NKT; ++kk) d[kk] = 0.f;
+      for (int nt = 0; nt < kRows / 8; ++nt) {
+        if (nt * 8 >= a.group) break;  // warp-uniform
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks)
+        for (int cp = 0; cp < DP / 32; ++cp) {  // 32 channels: two k-steps of 16
+          uint32_t ka[2][4];  // A: keys KPW w + (0..15), channels 32 cp + 16 s + (0..15)
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const float4 mq = *reinterpret_cast<const float4*>(s_mean_q + h * DP + ks * 32 + 16 * half + 4 * t4);
+          for (int st = 0; st < 2; ++st)
+            ldmatrix_x4(ka[st], tk + tile_offset(KPW * warp + r8 + (mat & 1) * 8, (32 * cp + 16 * st + (mat >> 1) * 8) * 2));
 #pragma unroll
-            for (int kk = 0; kk < NKT; ++kk) {
-              const float* x = &kc[kk][ks][4 * half];
-              d[kk] = fmaf(mq.x, x[0], fmaf(mq.y, x[1], fmaf(mq.z, x[2], fmaf(mq.w, x[3], d[kk]))));
+          for (int pt = 0; pt < MQP; ++pt) {
+            uint32_t mb[4];  // B: heads 8 nt + (0..7); b0, b1 of k-step 2 cp, then of 2 cp + 1
+            ldmatrix_x4(mb, s_mean_q + (pt * kRows + 8 * nt + r8) * L::kPitchMq + (32 * cp + 8 * mat) * 2);
+#pragma unroll
+            for (int st = 0; st < 2; ++st) {
+              if constexpr (BF16) {
+                mma_bf16_16816_f32(c, ka[st], mb[2 * st], mb[2 * st + 1]);
+              } else {
+                mma_f16_16816_f32(c, ka[st], mb[2 * st], mb[2 * st + 1]);
+              }
             }
           }
-#pragma unroll
-        for (int kk = 0; kk < NKT; ++kk) {
-          d[kk] += __shfl_xor_sync(0xffffffffu, d[kk], 1);
-          d[kk] += __shfl_xor_sync(0xffffffffu, d[kk], 2);
-          if (t4 == 0) s_delta[(warp * kRows + h) * KPW + 8 * kk + g] = d[kk];
         }
+        // C: keys g, g + 8 (rows) x heads 8 nt + 2 t4, + 1 (columns)
+        const int h0 = 8 * nt + 2 * t4;
+        delta[h0 * L::kPitchDelta + g] = c[0], delta[(h0 + 1) * L::kPitchDelta + g] = c[1];
+        delta[h0 * L::kPitchDelta + g + 8] = c[2], delta[(h0 + 1) * L::kPitchDelta + g + 8] = c[3];
       }
       __syncwarp();
     }
@@ -603,7 +641,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         float sk = scale_k[kk];
         if constexpr (K_PER_TOKEN) sk = __shfl_sync(0xffffffffu, scale_k[kk], (2 * t4 + (e & 1)) * 4);
         float x = __fmul_rn(__fmul_rn(float(c_qk[kk][e]), sq_row[h]), sk);
-        if constexpr (SMOOTH_Q) x = __fadd_rn(x, s_delta[(warp * kRows + delta_head[h]) * KPW + 8 * kk + 2 * t4 + (e & 1)]);
+        if constexpr (SMOOTH_Q) x = __fadd_rn(x, s_delta[(warp * kRows + delta_head[h]) * L::kPitchDelta + 8 * kk + 2 * t4 + (e & 1)]);
         bool visible = ok_row[h];
         if constexpr (MASKED) {
           const int key = start + col;
