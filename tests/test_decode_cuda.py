@@ -158,13 +158,15 @@ def test_sage2_backend_cuda_runs_the_cuda_sweep_or_says_why_not(monkeypatch):
 @hopper
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b"])  # sage2_4b: Q smoothing's mean q in 2 or 3 parts
 @pytest.mark.parametrize("batch,heads_kv,n_k", [(2, 2, 777), (1, 1, 1), (2, 2, 2)])  # one key: a stride of no use
-def test_cuda_sweep_layouts_and_dtypes(layout, dtype, fn, batch, heads_kv, n_k, monkeypatch):
+def test_cuda_sweep_layouts_and_dtypes(layout, dtype, name, batch, heads_kv, n_k, monkeypatch):
+    fn, opts = COVERED[name]
     q, k, v = make_qkv(batch, 4 * heads_kv, 1, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", dtype=dtype,
                        layout=layout, device="cuda", seed=3)
     calls = _spy(monkeypatch)
-    k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout=layout, is_causal=False, kernel_backend="auto")
+    k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout=layout, is_causal=False, kernel_backend="auto",
+                                           **opts)
     assert calls == [1]
     assert k_vs_e.rel_l1 < 3e-3 and e_vs_ref.cos_sim > 0.998, (k_vs_e, e_vs_ref)
 
