@@ -71,11 +71,12 @@ DECODE_STAGES = 2
 DECODE_MAXNREG = 168
 PROGRAMS_PER_SM = 2
 # The CUDA kernel's programs of a KV head claim its tiles dynamically (False, or torch's deterministic
-# mode: the static split points, bitwise reproducible; DECODE_NOTES.md, c10). Not with Q smoothing:
-# that variant was compute-bound (3.4 us per tile, 0.2 us waiting for data) and measured 3-5% slower
-# with dynamic tiles (H100, 2026-11-23)
+# mode: the static split points, bitwise reproducible; DECODE_NOTES.md, c10). Not with Q smoothing
+# and several queries per head: compute-bound, and 1-2 points slower with dynamic tiles (c11). With
+# one query per head Q smoothing quantizes nothing (the kernel skips K's codes, c12) and dynamic
+# tiles are 1-3 points faster (H100, 2026-11-23)
 DYNAMIC_TILES = True
-DYNAMIC_TILES_SMOOTH_Q = False
+DYNAMIC_TILES_SMOOTH_Q = False  # also with several queries per head
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
@@ -161,7 +162,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=qh.device) if return_lse else None
         run_decode(qh, kh, vh, out_hnd, lse, splits, nqp, tps, sm_scale * LOG2E, LOG2_P_SCALE.get(spec.pv, 0.0),
                    spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q, is_causal, PV_CODES[spec.pv],
-                   DYNAMIC_TILES and (DYNAMIC_TILES_SMOOTH_Q or not spec.smooth_q)
+                   DYNAMIC_TILES and (DYNAMIC_TILES_SMOOTH_Q or not spec.smooth_q or Nq == 1)
                    and not torch.are_deterministic_algorithms_enabled())
         return lse
 

@@ -287,8 +287,9 @@ def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
     """The programs of a KV head claim its tiles dynamically (csrc/decode/split_kv.cu): in whatever
     order they take them the result is the static split's up to fp32 rounding (each tile's P is
     quantized after its own row max), every tile is taken once, and under torch's deterministic mode
-    the kernel runs the static split, the same bits on every call. (Q smoothing runs static splits by
-    default; here it is made dynamic, as decode_variants' `q` builds time it.)"""
+    the kernel runs the static split, the same bits on every call. (Q smoothing with several queries
+    per head runs static splits by default; the knob set here makes it dynamic there too, as
+    decode_variants' `q` builds time it. These inputs have one query per head.)"""
     fn, opts = COVERED[name]
     q, k, v = _dynamic_inputs(31)
     calls = _spy(monkeypatch)
@@ -314,6 +315,31 @@ def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
         torch.testing.assert_close(lse, static[0][1], rtol=1e-5, atol=1e-5)
     emulated = fn(q, k, v, backend="torch", **opts)
     assert accuracy(emulated.double(), dynamic[0][0].double()).rel_l1 < 2e-3
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("n_q,dynamic", [(1, True), (2, False)])
+def test_cuda_q_smoothing_claims_tiles_only_with_one_query_per_head(n_q, dynamic, monkeypatch):
+    """By default Q smoothing (sage2 INT4) runs dynamic tiles with one query per head, where it
+    quantizes nothing and is as memory-bound as the 8-bit kernel, and static splits with several
+    (compute-bound, where claiming measured slower): common.decode.DYNAMIC_TILES_SMOOTH_Q."""
+    s = DYNAMIC_SHAPE
+    q, k, v = make_qkv(s["batch"], s["heads"], n_q, 128, heads_kv=s["heads_kv"], seqlen_k=s["seqlen_k"],
+                       kind="k_bias", seed=33, device="cuda")
+    calls = _spy(monkeypatch)
+    sage2.sageattn(q, k, v, qk_dtype="int4")  # a first call makes the scratch
+    links, splits = _tile_links(q, k)
+    links.fill_(-2)
+    out = sage2.sageattn(q, k, v, qk_dtype="int4")
+    links = links.cpu()
+    assert calls == [1, 1]
+    _check_partition(links, splits)
+    tps = decode.split_tiles(s["batch"] * s["heads_kv"], 1, k.shape[2], q.device)
+    static_links = torch.tensor([-1 if t % tps == 0 else t - 1 for t in range(links.shape[1])], dtype=torch.int32)
+    assert all(torch.equal(row, static_links) for row in links) != dynamic
+    emulated = sage2.sageattn(q, k, v, qk_dtype="int4", backend="torch")
+    assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3
 
 
 @gpu

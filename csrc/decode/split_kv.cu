@@ -227,6 +227,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #endif
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
+  // Q smoothing with one query per head leaves nothing to quantize: q minus its head's mean is 0
+  // exactly, Q's codes are 0, and the scores are (2b)'s mean_q . K alone. K's codes and the INT8
+  // product (2)-(3) would add exact zeros, so they are skipped (the same result, bit for bit)
+  const bool codes_are_zero = SMOOTH_Q && nq == 1;
   const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
 
   // ---- which tiles this program takes. The memory serves programs unevenly (the slowest tenth of a
@@ -515,25 +519,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     float amax[NKT];
     const int k_base = tile_offset(KPW * warp + g, 8 * t4);
 #pragma unroll
-    for (int kk = 0; kk < NKT; ++kk) {
-      const int key = KPW * warp + 8 * kk + g;
-      const bool valid = !MASKED || start + key < nk;
-      float m2[2] = {0.f, 0.f};  // two chains: half the latency
+    for (int kk = 0; kk < NKT; ++kk) amax[kk] = 0.f;
+    if (!codes_are_zero) {  // block-uniform
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
+      for (int kk = 0; kk < NKT; ++kk) {
+        const int key = KPW * warp + 8 * kk + g;
+        const bool valid = !MASKED || start + key < nk;
+        float m2[2] = {0.f, 0.f};  // two chains: half the latency
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int c = ks * 32 + 16 * half + 4 * t4;
-          const float4 x = load4<In>(tk + tile_step(k_base, 8 * kk, 64 * ks + 32 * half));
-          const float4 m = *reinterpret_cast<const float4*>(s_mean_k + c);
-          float* out = &kc[kk][ks][4 * half];
-          out[0] = x.x - m.x, out[1] = x.y - m.y, out[2] = x.z - m.z, out[3] = x.w - m.w;
-          if (MASKED && !valid) out[0] = out[1] = out[2] = out[3] = 0.f;
+        for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) m2[half] = fmaxf(m2[half], fabsf(out[e]));
+          for (int half = 0; half < 2; ++half) {
+            const int c = ks * 32 + 16 * half + 4 * t4;
+            const float4 x = load4<In>(tk + tile_step(k_base, 8 * kk, 64 * ks + 32 * half));
+            const float4 m = *reinterpret_cast<const float4*>(s_mean_k + c);
+            float* out = &kc[kk][ks][4 * half];
+            out[0] = x.x - m.x, out[1] = x.y - m.y, out[2] = x.z - m.z, out[3] = x.w - m.w;
+            if (MASKED && !valid) out[0] = out[1] = out[2] = out[3] = 0.f;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) m2[half] = fmaxf(m2[half], fabsf(out[e]));
+          }
         }
+        amax[kk] = fmaxf(m2[0], m2[1]);
       }
-      amax[kk] = fmaxf(m2[0], m2[1]);
     }
     // V's B fragments for (5), read now so that the stage is free after the barrier in (4):
     // keys 16 kk + 2 t4 + {0, 1} (and + 8), channel warp CW + 8 n + g
@@ -614,20 +622,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     int c_qk[NKT][4];
 #pragma unroll
     for (int kk = 0; kk < NKT; ++kk) c_qk[kk][0] = c_qk[kk][1] = c_qk[kk][2] = c_qk[kk][3] = 0;
+    if (!codes_are_zero) {  // block-uniform
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
+      for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-      for (int kk = 0; kk < NKT; ++kk) {
-        uint32_t kb[2];
+        for (int kk = 0; kk < NKT; ++kk) {
+          uint32_t kb[2];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const float* x = &kc[kk][ks][4 * half];
-          const float inv = inv_k[kk];
-          kb[half] = pack_low_bytes(round_even_bits(__fmul_rn(x[0], inv)), round_even_bits(__fmul_rn(x[1], inv)),
-                                    round_even_bits(__fmul_rn(x[2], inv)), round_even_bits(__fmul_rn(x[3], inv)));
+          for (int half = 0; half < 2; ++half) {
+            const float* x = &kc[kk][ks][4 * half];
+            const float inv = inv_k[kk];
+            kb[half] = pack_low_bytes(round_even_bits(__fmul_rn(x[0], inv)), round_even_bits(__fmul_rn(x[1], inv)),
+                                      round_even_bits(__fmul_rn(x[2], inv)), round_even_bits(__fmul_rn(x[3], inv)));
+          }
+          mma_s8_16832(c_qk[kk], qa[ks], kb[0], kb[1]);
         }
-        mma_s8_16832(c_qk[kk], qa[ks], kb[0], kb[1]);
-      }
+    }
     // (4) log2-domain scores, the tile's row max (all warps), P. The scores leave out q . mean_k until
     // the row max is shared: it is the same for the whole row, and x -> x + qm rounds monotonically,
     // so max(x) + qm rounds to the max of the full scores exactly
