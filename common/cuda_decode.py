@@ -10,8 +10,8 @@ shared memory with the copy engine (TMA) and quantizes them there (DECODE_NOTES.
 
 It covers fp16/bf16 inputs, head dim 64 or 128, up to 16 rows per KV head (query heads per KV head
 times Nq rounded up to a power of two), INT8 or INT4 K codes per tile or per token, K smoothing on or
-off, Q smoothing with per-token K scales (sage2's INT4 default; ``mean_q . (k - mean_k)`` in fp32
-FMAs where the Triton kernel uses 3xTF32), fp16 P V (fp16 or fp32 sums) or FP8 E4M3, causal or not.
+off, Q smoothing with per-token K scales (sage2's INT4 default; ``mean_q . (k - mean_k)`` ~fp32, on
+the tensor cores from 16-bit parts of mean q, where the Triton kernel uses 3xTF32), fp16 P V (fp16 or fp32 sums) or FP8 E4M3, causal or not.
 Q smoothing with per-block K scales, FP8 E5M2 and per-sequence lengths run the Triton sweep.
 ``backend="auto"`` picks it on sm_90 (``SAGE_DISABLE_CUDA=1`` turns that off), as does sage2's
 ``backend="cuda"``.
@@ -37,7 +37,7 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
             return "smooth_q=True with per-block K scales"
         from . import decode  # (the op below is named decode)
 
-        if decode.DELTA_PRECISION != "tf32x3":  # the kernel's product is fp32, not one TF32 pass
+        if decode.DELTA_PRECISION != "tf32x3":  # the kernel's product is ~fp32, not one TF32 pass
             return f"smooth_q=True with DELTA_PRECISION={decode.DELTA_PRECISION!r}"
     if spec.pv not in PV_CODES:
         return f"P V as {spec.pv}"

@@ -76,7 +76,7 @@ PROGRAMS_PER_SM = 2
 # one query per head Q smoothing quantizes nothing (the kernel skips K's codes, c12) and dynamic
 # tiles are 1-3 points faster (H100, 2026-11-23)
 DYNAMIC_TILES = True
-DYNAMIC_TILES_SMOOTH_Q = False  # also with several queries per head
+DYNAMIC_TILES_SMOOTH_Q = False  # True: Q smoothing with several queries per head claims tiles too
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"

@@ -344,6 +344,26 @@ def test_cuda_q_smoothing_claims_tiles_only_with_one_query_per_head(n_q, dynamic
 
 @gpu
 @hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_q", [1, 3])
+def test_cuda_q_smoothing_with_large_scaled_queries(dtype, n_q, monkeypatch):
+    """Q smoothing's mean q enters the tensor cores as 16-bit parts. With sm_scale = 1 and |q| up to 6e4,
+    q's log2 scaling (1.44) takes the mean past fp16's range: the fp16 parts hold it divided by a power
+    of two. bf16 takes three parts; with several queries per head its INT codes are not zero."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q = (torch.randn(2, 8, n_q, 128, device="cuda", generator=gen) * 2e4).clamp(-6e4, 6e4).to(dtype)
+    k = (torch.randn(2, 2, 700, 128, device="cuda", generator=gen) * 2e-4 + 1e-4).to(dtype)
+    v = torch.randn(2, 2, 700, 128, device="cuda", generator=gen).to(dtype)
+    calls = _spy(monkeypatch)
+    out = sage2.sageattn(q, k, v, qk_dtype="int4", sm_scale=1.0)
+    assert calls == [1]
+    assert torch.isfinite(out).all()
+    emulated = sage2.sageattn(q, k, v, qk_dtype="int4", sm_scale=1.0, backend="torch")
+    assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3
+
+
+@gpu
+@hopper
 @pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
 def test_cuda_dynamic_tiles_careful_sweep_replays_its_own_tiles(fn, monkeypatch):
     """A program flagged by a NaN or an fp16 overflow sweeps again, carefully, exactly the tiles it

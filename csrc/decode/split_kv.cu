@@ -7,8 +7,8 @@
 //     one tile per stage first, then claims the next tile on the KV head's counter, so that programs
 //     the memory serves faster take more tiles. Each tile's P is quantized after the tile's own row
 //     max, so the result does not depend on who took which tile beyond fp32 rounding. Fixed splits
-//     (a.dynamic false: torch's deterministic mode, Q smoothing) and one program per KV head keep
-//     static ranges;
+//     (a.dynamic false: torch's deterministic mode, Q smoothing with several queries per head) and
+//     one program per KV head keep static ranges;
 //   * the copy engine (TMA) brings each 64-key tile of K and V (fp16/bf16, as the caller stores them)
 //     into shared memory, in 64-row x 128-byte boxes with the 128-byte swizzle, completing on one
 //     mbarrier per stage: one thread issues them, so no warp spends instructions on copies. Two
@@ -111,8 +111,10 @@ __device__ __forceinline__ int tile_step(int base, int R, int B) {
   return (base ^ ((((B >> 4) & 7) ^ (R & 7)) << 4)) + (B >> 7) * kBoxBytes + R * 128;
 }
 
-// Q smoothing's mean q as 16-bit parts whose sum is ~fp32 (hi + lo for fp16: a third part would sit
-// below fp16's normal range and changes nothing measurable; three for bf16's 8-bit mantissa)
+// Q smoothing's mean q as 16-bit parts whose sum is ~fp32: hi + lo for fp16 (22 bits where lo is a
+// normal fp16, ~2^-25 absolute below; a third part changed nothing measurable, as the fp32 sums'
+// own rounding dominates), three for bf16's 8-bit mantissa. fp16 parts hold the mean / 2^e where
+// the log2 scaling of q exceeds 1 (2^e >= it), so that |mean q| / 2^e stays within fp16's range
 constexpr int kMqParts = 3;  // room for bf16's; fp16 uses the first two (the kernel's MQP)
 
 template <int DP, bool SMOOTH_Q>
@@ -123,7 +125,7 @@ struct Layout {
   static constexpr int kV = kK + kStages * kTileBytes;
   static constexpr int kP = kV + kStages * kTileBytes;           // P (fp16), Q's codes in the prologue
   static constexpr int kMeanK = kP + kRows * kPitchP;          // float[DP]: the tile's token mean
-  static constexpr int kQm = kMeanK + DP * 4;                  // float[16]: q . mean_k
+  static constexpr int kQm = kMeanK + DP * 4;                  // float[16]: q . mean_k (Q smoothing: qc . mean_k)
   static constexpr int kScaleQ = kQm + kRows * 4;              // float[16]
   static constexpr int kBadQ = kScaleQ + kRows * 4;            // int[16]
   static constexpr int kAmax = kBadQ + kRows * 4;              // float[warps]
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int QC = DP / TPR;
   constexpr int MQP = BF16 ? 3 : 2;    // Q smoothing's mean q in 16-bit parts (kMqParts)
   static_assert(NKT >= 1 && NT >= 1 && TPR <= 32, "tile, warps and head dim do not fit together");
-  static_assert(!SMOOTH_Q || KPW == 16, "(2b) takes a warp's keys as one 16-row A operand");
+  static_assert(!SMOOTH_Q || KPW == 16 || KPW == 8, "(2b) takes a warp's keys as one 16-row A operand");
   extern __shared__ __align__(16) char smem_raw[];
   // the swizzle's 1024-byte period, by pointer arithmetic on the shared array: a round trip through an
   // integer would hide that it is shared memory, and every read would become a generic load
@@ -231,6 +233,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // exactly, Q's codes are 0, and the scores are (2b)'s mean_q . K alone. K's codes and the INT8
   // product (2)-(3) would add exact zeros, so they are skipped (the same result, bit for bit)
   const bool codes_are_zero = SMOOTH_Q && nq == 1;
+  // (2b)'s fp16 parts hold mean q / 2^e (kMqParts), C is multiplied back by 2^e: both exact
+  const int mq_exp = !BF16 && a.qk_mult > 1.f ? ((__float_as_int(a.qk_mult) + 0x7FFFFF) >> 23) - 127 : 0;
   const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
 
   // ---- which tiles this program takes. The memory serves programs unevenly (the slowest tenth of a
@@ -364,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int r = 0; r < nq; ++r) sum += scratch[(head * a.rows_per_head + r) * DP + part * QC + j];
         const float mean = __fdiv_rn(sum, float(nq));
         // the head's mean as 16-bit parts (B operands of (2b)), written by its first row
-        float rest = mean;
+        float rest = __fmul_rn(mean, __int_as_float((127 - mq_exp) << 23));
 #pragma unroll
         for (int pt = 0; pt < MQP; ++pt) {
           const In x = In(rest);
@@ -505,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     __syncthreads();
-    // (2) q . mean_k per row, and K - mean_k for this warp's keys with its max
+    // (2) q . mean_k per row (Q smoothing: qc . mean_k), and K - mean_k for this warp's keys with its max
     {
       const int part = tid % TPR;
       float qm = 0.f;
@@ -564,10 +568,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int cp = 0; cp < DP / 32; ++cp) {  // 32 channels: two k-steps of 16
-          uint32_t ka[2][4];  // A: keys KPW w + (0..15), channels 32 cp + 16 s + (0..15)
+          uint32_t ka[2][4];  // A: keys KPW w + (0..15), channels 32 cp + 16 st + (0..15)
 #pragma unroll
           for (int st = 0; st < 2; ++st)
-            ldmatrix_x4(ka[st], tk + tile_offset(KPW * warp + r8 + (mat & 1) * 8, (32 * cp + 16 * st + (mat >> 1) * 8) * 2));
+            ldmatrix_x4(ka[st], tk + tile_offset(KPW * warp + ((r8 + (mat & 1) * 8) & (KPW - 1)),
+                                                 (32 * cp + 16 * st + (mat >> 1) * 8) * 2));
 #pragma unroll
           for (int pt = 0; pt < MQP; ++pt) {
             uint32_t mb[4];  // B: heads 8 nt + (0..7); b0, b1 of k-step 2 cp, then of 2 cp + 1
@@ -582,10 +587,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             }
           }
         }
-        // C: keys g, g + 8 (rows) x heads 8 nt + 2 t4, + 1 (columns)
+        // C: keys g, g + 8 (rows) x heads 8 nt + 2 t4, + 1 (columns), times 2^e
         const int h0 = 8 * nt + 2 * t4;
-        delta[h0 * L::kPitchDelta + g] = c[0], delta[(h0 + 1) * L::kPitchDelta + g] = c[1];
-        delta[h0 * L::kPitchDelta + g + 8] = c[2], delta[(h0 + 1) * L::kPitchDelta + g + 8] = c[3];
+        const float up = __int_as_float((127 + mq_exp) << 23);
+        delta[h0 * L::kPitchDelta + g] = __fmul_rn(c[0], up), delta[(h0 + 1) * L::kPitchDelta + g] = __fmul_rn(c[1], up);
+        if constexpr (KPW == 16) {  // (8 keys per warp: rows g + 8 repeat rows g)
+          delta[h0 * L::kPitchDelta + g + 8] = __fmul_rn(c[2], up);
+          delta[(h0 + 1) * L::kPitchDelta + g + 8] = __fmul_rn(c[3], up);
+        }
       }
       __syncwarp();
     }
