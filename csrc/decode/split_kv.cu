@@ -111,6 +111,12 @@ __device__ __forceinline__ int tile_step(int base, int R, int B) {
   return (base ^ ((((B >> 4) & 7) ^ (R & 7)) << 4)) + (B >> 7) * kBoxBytes + R * 128;
 }
 
+__device__ __forceinline__ float exp2_int(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
+// the least e >= 0 with 2^e >= x, by the exponent bits (x > 1 and finite, else 0)
+__device__ __forceinline__ int ceil_log2_above_one(float x) {
+  return x > 1.f ? ((__float_as_int(x) + 0x7FFFFF) >> 23) - 127 : 0;
+}
+
 // Q smoothing's mean q as 16-bit parts whose sum is ~fp32: hi + lo for fp16 (22 bits where lo is a
 // normal fp16, ~2^-25 absolute below; a third part changed nothing measurable, as the fp32 sums'
 // own rounding dominates), three for bf16's 8-bit mantissa. fp16 parts hold the mean / 2^e where
@@ -234,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // product (2)-(3) would add exact zeros, so they are skipped (the same result, bit for bit)
   const bool codes_are_zero = SMOOTH_Q && nq == 1;
   // (2b)'s fp16 parts hold mean q / 2^e (kMqParts), C is multiplied back by 2^e: both exact
-  const int mq_exp = !BF16 && a.qk_mult > 1.f ? ((__float_as_int(a.qk_mult) + 0x7FFFFF) >> 23) - 127 : 0;
+  const int mq_exp = BF16 ? 0 : ceil_log2_above_one(a.qk_mult);
   const float qmax = float(a.qmax), inv_qmax = __frcp_rn(qmax);
 
   // ---- which tiles this program takes. The memory serves programs unevenly (the slowest tenth of a
@@ -368,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int r = 0; r < nq; ++r) sum += scratch[(head * a.rows_per_head + r) * DP + part * QC + j];
         const float mean = __fdiv_rn(sum, float(nq));
         // the head's mean as 16-bit parts (B operands of (2b)), written by its first row
-        float rest = __fmul_rn(mean, __int_as_float((127 - mq_exp) << 23));
+        float rest = __fmul_rn(mean, exp2_int(-mq_exp));
 #pragma unroll
         for (int pt = 0; pt < MQP; ++pt) {
           const In x = In(rest);
@@ -475,8 +481,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
         for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_amax[w]);
         const float x = m * ((PV == kPvFp16Acc16 ? kTile : 1) / 32768.f);
-        const int e = x > 1.f ? ((__float_as_int(x) + 0x7FFFFF) >> 23) - 127 : 0;
-        inv_guard = __int_as_float((127 + e) << 23);
+        inv_guard = exp2_int(ceil_log2_above_one(x));
       }
       __syncthreads();  // s_amax is reused below
     }
@@ -589,7 +594,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         }
         // C: keys g, g + 8 (rows) x heads 8 nt + 2 t4, + 1 (columns), times 2^e
         const int h0 = 8 * nt + 2 * t4;
-        const float up = __int_as_float((127 + mq_exp) << 23);
+        const float up = exp2_int(mq_exp);
         delta[h0 * L::kPitchDelta + g] = __fmul_rn(c[0], up), delta[(h0 + 1) * L::kPitchDelta + g] = __fmul_rn(c[1], up);
         if constexpr (KPW == 16) {  // (8 keys per warp: rows g + 8 repeat rows g)
           delta[h0 * L::kPitchDelta + g + 8] = __fmul_rn(c[2], up);
