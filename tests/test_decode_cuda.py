@@ -261,6 +261,14 @@ def _tile_links(q, k):
     return scratch[start:start + bh * tiles].view(torch.int32).view(bh, tiles), splits
 
 
+def _static_links(k, device):
+    """The links a static split leaves on every KV head: per tile, the tile before it in its split
+    (-1 at a split's start)."""
+    B, Hkv, Nk, _ = k.shape
+    tps = decode.split_tiles(B * Hkv, 1, Nk, device)
+    return torch.tensor([-1 if t % tps == 0 else t - 1 for t in range(-(-Nk // 64))], dtype=torch.int32)
+
+
 def _check_partition(links, splits):
     """Every tile of every KV head was taken exactly once: the links form `splits` chains (the links
     were filled with -2 before the call: none is left)."""
@@ -300,8 +308,7 @@ def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
     dynamic.append(fn(q, k, v, return_lse=True, **opts))
     links = links.cpu()
     _check_partition(links, splits)
-    tps = decode.split_tiles(8, 1, k.shape[2], q.device)
-    static_links = torch.tensor([-1 if t % tps == 0 else t - 1 for t in range(links.shape[1])], dtype=torch.int32)
+    static_links = _static_links(k, q.device)
     assert not torch.equal(links[0], static_links)  # program p took tiles p and p + splits first
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     static = [fn(q, k, v, return_lse=True, **opts) for _ in range(3)]
@@ -335,9 +342,7 @@ def test_cuda_q_smoothing_claims_tiles_only_with_one_query_per_head(n_q, dynamic
     links = links.cpu()
     assert calls == [1, 1]
     _check_partition(links, splits)
-    tps = decode.split_tiles(s["batch"] * s["heads_kv"], 1, k.shape[2], q.device)
-    static_links = torch.tensor([-1 if t % tps == 0 else t - 1 for t in range(links.shape[1])], dtype=torch.int32)
-    assert all(torch.equal(row, static_links) for row in links) != dynamic
+    assert all(torch.equal(row, _static_links(k, q.device)) for row in links) != dynamic
     emulated = sage2.sageattn(q, k, v, qk_dtype="int4", backend="torch")
     assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3
 
