@@ -6,6 +6,7 @@ passes' recording stores and atomics, the epilogue's NaN rows and decode's caref
 ``--decode-only``: the decode calls alone (after a change to csrc/decode); ``--sage3-only``: sage3's
 inference kernels alone (after a change to csrc/sage3_sm90)."""
 
+import os
 import sys
 
 import torch
@@ -38,6 +39,16 @@ def prefill_inputs(dev):
     return q, k, v, q128, k128, v128
 
 
+def few_ctas(call, ctas="2"):
+    """csrc/sage2_sm90 with fewer CTAs than work tiles: each CTA loops over several (its persistent
+    loop; on these small inputs the default grid gives every work tile its own CTA)."""
+    os.environ["SAGE2_SM90_GRID"] = ctas
+    try:
+        return call()
+    finally:
+        del os.environ["SAGE2_SM90_GRID"]
+
+
 def everything_but_decode(dev) -> int:
     q, k, v, q128, k128, v128 = prefill_inputs(dev)
     mask = torch.rand(2, 1, 200, 333, device=dev) > 0.3
@@ -53,6 +64,9 @@ def everything_but_decode(dev) -> int:
             lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="triton"),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="cuda"),  # csrc/sage2_sm90
             lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda"),
+            lambda: few_ctas(lambda: sage2.sageattn(q, k, v, is_causal=causal, backend="cuda")),
+            lambda: few_ctas(lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal,
+                                                    backend="cuda")),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, pv_dtype="fp16"),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, attn_mask=mask.float()),

@@ -7,17 +7,21 @@
 
 namespace sage_cuda {
 
-// The KV tiles one CTA (BLOCK_M query rows of one query head; grid: row blocks x batch * heads_q)
-// visits. Causal is bottom-right (row i sees keys j <= i + seqlen_k - seqlen_q); causal CTAs run
-// the longest rows first. Tiles before n_unmasked need no mask for any row of the CTA.
+// The KV tiles of one work tile: BLOCK_M query rows of one query head. Work tiles are numbered
+// row block fastest (tile = x + m_blocks * (batch * heads_q index)), so that CTAs running at once
+// share a head's K and V in L2; causal runs each head's longest rows first (x counts from the last
+// row block). Causal is bottom-right (row i sees keys j <= i + seqlen_k - seqlen_q). Tiles before
+// n_unmasked need no mask for any row of the work tile.
 struct CtaTiles {
   int m_block, bh, b, h, kv_bh, q_offset, n_tiles, n_unmasked;
 };
 template <int BLOCK_M, int BLOCK_N, bool CAUSAL>
-__device__ __forceinline__ CtaTiles cta_tiles(int heads_q, int heads_kv, int seqlen_q, int seqlen_k) {
+__device__ __forceinline__ CtaTiles work_tile(int tile, int m_blocks, int heads_q, int heads_kv, int seqlen_q,
+                                              int seqlen_k) {
   CtaTiles c;
-  c.m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  c.bh = blockIdx.y;
+  const int x = tile % m_blocks;
+  c.m_block = CAUSAL ? m_blocks - 1 - x : x;
+  c.bh = tile / m_blocks;
   c.b = c.bh / heads_q, c.h = c.bh % heads_q;
   c.kv_bh = c.b * heads_kv + c.h / (heads_q / heads_kv);
   c.q_offset = seqlen_k - seqlen_q;
@@ -26,6 +30,12 @@ __device__ __forceinline__ CtaTiles cta_tiles(int heads_q, int heads_kv, int seq
   const int full_end = CAUSAL ? min(seqlen_k, c.m_block * BLOCK_M + c.q_offset + 1) : seqlen_k;
   c.n_unmasked = max(full_end, 0) / BLOCK_N;
   return c;
+}
+// One CTA per work tile (grid: row blocks x batch * heads_q).
+template <int BLOCK_M, int BLOCK_N, bool CAUSAL>
+__device__ __forceinline__ CtaTiles cta_tiles(int heads_q, int heads_kv, int seqlen_q, int seqlen_k) {
+  return work_tile<BLOCK_M, BLOCK_N, CAUSAL>(blockIdx.x + gridDim.x * blockIdx.y, gridDim.x, heads_q, heads_kv,
+                                             seqlen_q, seqlen_k);
 }
 
 // The 4 lanes of a quad (lane / 4 equal) hold one accumulator row between them.

@@ -1,7 +1,7 @@
 // SageAttention2 forward for Hopper (sm_90a): INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma
 // (QGMMA) with two-level accumulation, TMA loads, one producer and two or three consumer warpgroups.
 //
-// One CTA = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
+// One work tile = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
 // consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp).
 // Warpgroup 0 only issues TMA copies of the K and V^T tiles into a ring of shared-memory stages;
 // it gives its registers to the consumers.
@@ -24,9 +24,11 @@
 // V pass stores each 32-key group of V^T in the same permuted order (slot s holds key
 // 16*(s/16) + 2*((s%16)/4) + 8*((s%4)/2) + s%2; sage2.quant_v, wgmma_key_order=True): the sum over
 // keys does not care about their order.
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -69,10 +71,10 @@ constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_K
 
 template <int DP>
 struct Shared {
-  alignas(1024) int8_t q[Config<DP>::BLOCK_M * DP];
+  alignas(1024) int8_t q[2][Config<DP>::BLOCK_M * DP];  // two: the next work tile's Q loads during this one
   alignas(1024) int8_t k[STAGES][BLOCK_N * DP];
   alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N];
-  uint64_t q_full, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
+  uint64_t q_full[2], q_empty[2], k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
 };
 
 struct KernelParams {
@@ -85,13 +87,17 @@ struct KernelParams {
   const uint8_t* q_bad;
   const int32_t* first_bad;
   int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
+  int m_blocks, n_work;  // row blocks per head; work tiles = m_blocks * batch * heads_q
 };
+
+// The K and V stages form one ring over all the KV tiles a CTA visits, work tile after work tile:
+// `slot` counts them (stage slot % STAGES, parity (slot / STAGES) & 1).
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
 template <int DP>
-__device__ __forceinline__ void issue_qk(Shared<DP>& sm, int j, uint64_t desc_q, int (&s_int)[64]) {
-  const int stage = j % STAGES;
-  mbar_wait(&sm.k_full[stage], (j / STAGES) & 1);
+__device__ __forceinline__ void issue_qk(Shared<DP>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
+  const int stage = slot % STAGES;
+  mbar_wait(&sm.k_full[stage], (slot / STAGES) & 1);
   const uint64_t desc_k = smem_desc_kmajor(sm.k[stage], DP);
   wgmma_fence();
 #pragma unroll
@@ -102,9 +108,9 @@ __device__ __forceinline__ void issue_qk(Shared<DP>& sm, int j, uint64_t desc_q,
 // Issue P_j V_j into a fresh accumulator (two-level: the FP8 MMA's ~13-bit accumulator only ever
 // sums one tile); the caller waits, then adds it to O in fp32 (finish_pv).
 template <int DP>
-__device__ __forceinline__ void issue_pv(Shared<DP>& sm, int j, const uint32_t (&pa)[4][4], float (&o_tile)[DP / 2]) {
-  const int stage = j % STAGES;
-  mbar_wait(&sm.v_full[stage], (j / STAGES) & 1);
+__device__ __forceinline__ void issue_pv(Shared<DP>& sm, int slot, const uint32_t (&pa)[4][4], float (&o_tile)[DP / 2]) {
+  const int stage = slot % STAGES;
+  mbar_wait(&sm.v_full[stage], (slot / STAGES) & 1);
   const uint64_t desc_v = smem_desc_kmajor(sm.vt[stage], BLOCK_N);
   wgmma_fence();
 #pragma unroll
@@ -120,10 +126,10 @@ __device__ __forceinline__ void issue_pv(Shared<DP>& sm, int j, const uint32_t (
 
 // After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j.
 template <int DP>
-__device__ __forceinline__ void finish_pv(Shared<DP>& sm, int j, const float (&alpha)[2], float (&o_tile)[DP / 2],
+__device__ __forceinline__ void finish_pv(Shared<DP>& sm, int slot, const float (&alpha)[2], float (&o_tile)[DP / 2],
                                           float (&o)[DP / 2], int lane) {
   fence_registers(o_tile);
-  if (lane == 0) mbar_arrive(&sm.v_empty[j % STAGES]);
+  if (lane == 0) mbar_arrive(&sm.v_empty[slot % STAGES]);
 #pragma unroll
   for (int i = 0; i < DP / 2; ++i) o[i] = o[i] * alpha[(i / 2) % 2] + o_tile[i];
 }
@@ -222,14 +228,21 @@ struct Softmax {  // (values, not references: a referenced local array would liv
 
 // After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax.
 template <bool CAUSAL, bool MASKED, int DP>
-__device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, float ks, float (&m)[2],
-                                                 float (&l)[2], const Softmax& a, int lane, float (&p)[64],
-                                                 float (&alpha)[2]) {
+__device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, int slot, float ks,
+                                                 float (&m)[2], float (&l)[2], const Softmax& a, int lane,
+                                                 float (&p)[64], float (&alpha)[2]) {
   fence_registers(s_int);
-  if (lane == 0) mbar_arrive(&sm.k_empty[j % STAGES]);
+  if (lane == 0) mbar_arrive(&sm.k_empty[slot % STAGES]);
   softmax_tile<CAUSAL, MASKED>(s_int, j, m, l, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
 }
 
+// Persistent: a CTA runs work tiles blockIdx.x, blockIdx.x + gridDim.x, ... (launch() sizes the
+// grid: one CTA per SM non-causal, one per work tile causal; see grid_ctas). Across work tiles the
+// producer keeps the K/V ring full and loads the next work tile's Q into the other Q buffer, and each
+// consumer passes the tensor-core turn on as soon as its last P V is issued: the other consumer
+// starts the next work tile while this one writes its output. (A fresh CTA per work tile exposes
+// its Q and first K loads, its unoverlapped first S and last P V and its output stores: 1-3% of the
+// kernel at 2k-8k keys, measured; csrc/NOTES.md, v10.)
 template <int DP, bool CAUSAL, typename OutT>
 __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     sage2_fwd_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
@@ -237,20 +250,23 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   extern __shared__ uint8_t smem_raw[];
   constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
   Shared<DP>& sm = *reinterpret_cast<Shared<DP>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto tile_at = [&](int tile) {
+    return work_tile<BLOCK_M, BLOCK_N, CAUSAL>(tile, p.m_blocks, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
+  };
 
   // broadcast from lane 0 so that the compiler knows it is warp-uniform: wgmma in a branch it
   // thinks divergent gets serialized (ptxas C7518)
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x) / 128, 0);
-  const CtaTiles cta = cta_tiles<BLOCK_M, BLOCK_N, CAUSAL>(p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
-  const int m_block = cta.m_block, bh = cta.bh, b = cta.b, h = cta.h, kv_bh = cta.kv_bh;
-  const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
 
   if (threadIdx.x == 0) {
-    mbar_init(&sm.q_full, 1);
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(&sm.q_full[b], 1);
+      mbar_init(&sm.q_empty[b], 4 * CONSUMERS);  // one arrival per consumer warp
+    }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&sm.k_full[s], 1);
       mbar_init(&sm.v_full[s], 1);
-      mbar_init(&sm.k_empty[s], 4 * CONSUMERS);  // one arrival per consumer warp
+      mbar_init(&sm.k_empty[s], 4 * CONSUMERS);
       mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
     }
     fence_barrier_init();
@@ -263,17 +279,23 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       prefetch_tensor_map(&map_q);
       prefetch_tensor_map(&map_k);
       prefetch_tensor_map(&map_v);
-      mbar_arrive_expect_tx(&sm.q_full, BLOCK_M * DP);
-      tma_load_3d(sm.q, &map_q, &sm.q_full, 0, m_block * BLOCK_M, bh);
-      for (int j = 0; j < n_tiles; ++j) {
-        const int stage = j % STAGES;
-        const uint32_t phase = (j / STAGES) & 1;
-        mbar_wait(&sm.k_empty[stage], phase ^ 1);
-        mbar_arrive_expect_tx(&sm.k_full[stage], BLOCK_N * DP);
-        tma_load_3d(sm.k[stage], &map_k, &sm.k_full[stage], 0, j * BLOCK_N, kv_bh);
-        mbar_wait(&sm.v_empty[stage], phase ^ 1);
-        mbar_arrive_expect_tx(&sm.v_full[stage], DP * BLOCK_N);
-        tma_load_3d(sm.vt[stage], &map_v, &sm.v_full[stage], j * BLOCK_N, 0, kv_bh);
+      int slot = 0;
+      for (int tile = blockIdx.x, done = 0; tile < p.n_work; tile += gridDim.x, ++done) {
+        const CtaTiles cta = tile_at(tile);
+        const int qb = done % 2;
+        mbar_wait(&sm.q_empty[qb], ((done / 2) & 1) ^ 1);
+        mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP);
+        tma_load_3d(sm.q[qb], &map_q, &sm.q_full[qb], 0, cta.m_block * BLOCK_M, cta.bh);
+        for (int j = 0; j < cta.n_tiles; ++j, ++slot) {
+          const int stage = slot % STAGES;
+          const uint32_t phase = (slot / STAGES) & 1;
+          mbar_wait(&sm.k_empty[stage], phase ^ 1);
+          mbar_arrive_expect_tx(&sm.k_full[stage], BLOCK_N * DP);
+          tma_load_3d(sm.k[stage], &map_k, &sm.k_full[stage], 0, j * BLOCK_N, cta.kv_bh);
+          mbar_wait(&sm.v_empty[stage], phase ^ 1);
+          mbar_arrive_expect_tx(&sm.v_full[stage], DP * BLOCK_N);
+          tma_load_3d(sm.vt[stage], &map_v, &sm.v_full[stage], j * BLOCK_N, 0, cta.kv_bh);
+        }
       }
     }
     return;
@@ -282,121 +304,138 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   regs_inc<Config<DP>::CONSUMER_REGS>();
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
-  const int row[2] = {row0, row0 + 8};
-  const float* qs_row = p.q_scale + int64_t(bh) * p.seqlen_q;
-  const float qs[2] = {row[0] < p.seqlen_q ? qs_row[row[0]] : 0.f, row[1] < p.seqlen_q ? qs_row[row[1]] : 0.f};
-  const float* ks_row = p.k_scale + int64_t(kv_bh) * p.seqlen_k;
-
-  float o[DP / 2];
-#pragma unroll
-  for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  mbar_wait(&sm.q_full, 0);
-  const uint64_t desc_q = smem_desc_kmajor(sm.q + consumer * WG_ROWS * DP, DP);
-  // Section j (one turn on the tensor cores): issue S_j = Q K_j^T and P_{j-1} V_{j-1}, pass the
-  // turn. Then, while both run (and the other warpgroup takes its turn), the softmax of S_j; then
-  // P_{j-1} V_{j-1} joins O and P_j is packed for the next section (FlashAttention-3's ping-pong and
-  // intra-warpgroup overlap; without OVERLAP, only ping-pong). The first and last sections are
-  // peeled off, so that ptxas sees straight-line wgmma code in the loop (else it serializes them: C7514).
-  uint32_t pa[4][4];
-  float alpha_prev[2];
-  const Softmax sm_args{{qs[0], qs[1]}, {row[0], row[1]}, ks_row, p.seqlen_k, q_offset, t};
-  // one steady-state section; the unmasked and masked tiles run in separate loops, each straight-line
-  auto section = [&](int j, float& ks, auto masked) {
-    int s_int[64];
-    float o_tile[DP / 2];
-    if constexpr (!Config<DP>::OVERLAP) {  // fewer live registers: P_{j-1} V_{j-1} done before S_j is issued
-      turn_wait(consumer);
-      issue_pv(sm, j - 1, pa, o_tile);
-      wgmma_wait<0>();
-      finish_pv(sm, j - 1, alpha_prev, o_tile, o, lane);
-      issue_qk(sm, j, desc_q, s_int);
-      turn_pass(consumer, CONSUMERS);
-      const float ks_next = sm_args.k_scale(j + 1);
-      wgmma_wait<0>();
-      float p_tile[64];
-      softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, ks, m, l, sm_args, lane, p_tile, alpha_prev);
-      pack_p(p_tile, pa);
-      ks = ks_next;
-      return;
-    }
-    turn_wait(consumer);
-    issue_qk(sm, j, desc_q, s_int);
-    issue_pv(sm, j - 1, pa, o_tile);
-    turn_pass(consumer, CONSUMERS);
-    const float ks_next = sm_args.k_scale(j + 1);  // in flight during the wait and the softmax
-    wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
-    float p_tile[64], alpha[2];
-    softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, ks, m, l, sm_args, lane, p_tile, alpha);
-    wgmma_wait<0>();
-    finish_pv(sm, j - 1, alpha_prev, o_tile, o, lane);
-    pack_p(p_tile, pa);
-    alpha_prev[0] = alpha[0];
-    alpha_prev[1] = alpha[1];
-    ks = ks_next;
-  };
   const bool last = consumer == CONSUMERS - 1;
-  if (last) turn_pass(consumer, CONSUMERS);  // consumer 0 goes first
-  if (n_tiles > 0) {
-    float ks = sm_args.k_scale(0);
-    {
-      int s_int[64];
-      float p_tile[64];
-      turn_wait(consumer);
-      issue_qk(sm, 0, desc_q, s_int);
-      turn_pass(consumer, CONSUMERS);
-      const float ks_next = sm_args.k_scale(1);
-      wgmma_wait<0>();
-      if (n_unmasked > 0) {
-        softmax_after_qk<CAUSAL, false>(sm, s_int, 0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
-      } else {
-        softmax_after_qk<CAUSAL, true>(sm, s_int, 0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
-      }
-      pack_p(p_tile, pa);
-      ks = ks_next;
-    }
-    const int unmasked_end = min(n_unmasked, n_tiles);
-    for (int j = 1; j < unmasked_end; ++j) section(j, ks, std::false_type{});
-    for (int j = max(1, unmasked_end); j < n_tiles; ++j) section(j, ks, std::true_type{});
-    float o_tile[DP / 2];
-    turn_wait(consumer);
-    issue_pv(sm, n_tiles - 1, pa, o_tile);
-    if (!last) turn_pass(consumer, CONSUMERS);  // (balanced: the last consumer passed once up front)
-    wgmma_wait<0>();
-    finish_pv(sm, n_tiles - 1, alpha_prev, o_tile, o, lane);
-  } else {
-    turn_wait(consumer);
-    if (!last) turn_pass(consumer, CONSUMERS);
-  }
+  // The consumers take turns in a ring (consumer 0 first); each passes the turn once per section,
+  // the last consumer once up front and not after its very last section, so that the passes and
+  // waits on each named barrier balance.
+  if (last) turn_pass(consumer, CONSUMERS);
+  int slot0 = 0;  // the ring slot of the work tile's first KV tile
+  for (int tile = blockIdx.x, done = 0; tile < p.n_work; tile += gridDim.x, ++done) {
+    const CtaTiles cta = tile_at(tile);
+    const int m_block = cta.m_block, bh = cta.bh, b = cta.b, h = cta.h, kv_bh = cta.kv_bh;
+    const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
+    const bool pass_after_last = !last || tile + int(gridDim.x) < p.n_work;
 
-  // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
-  int first_bad = NO_BAD_KEY;
-  if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
-  const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
-  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
+    const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
+    const int row[2] = {row0, row0 + 8};
+    const float* qs_row = p.q_scale + int64_t(bh) * p.seqlen_q;
+    const float qs[2] = {row[0] < p.seqlen_q ? qs_row[row[0]] : 0.f, row[1] < p.seqlen_q ? qs_row[row[1]] : 0.f};
+    const float* ks_row = p.k_scale + int64_t(kv_bh) * p.seqlen_k;
+
+    float o[DP / 2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l_row = quad_sum(l[r]);
-    if (row[r] >= p.seqlen_q) continue;
-    bool bad = false;
-    if (p.first_bad != nullptr) {
-      bad = p.q_bad[int64_t(bh) * p.seqlen_q + row[r]] != 0 ||
-            (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
-    }
-    const float inv_l = bad ? NAN : 1.f / (l_row == 0.f ? 1.f : l_row);
-    OutT* out_row = out + int64_t(row[r]) * p.out_sn;
-#pragma unroll
-    for (int nt = 0; nt < DP / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nt + 2 * t + e;
-        if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * vs[col] * inv_l);
+    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    const int qb = done % 2;
+    mbar_wait(&sm.q_full[qb], (done / 2) & 1);
+    const uint64_t desc_q = smem_desc_kmajor(sm.q[qb] + consumer * WG_ROWS * DP, DP);
+    // Section j (one turn on the tensor cores): issue S_j = Q K_j^T and P_{j-1} V_{j-1}, pass the
+    // turn. Then, while both run (and the other warpgroup takes its turn), the softmax of S_j; then
+    // P_{j-1} V_{j-1} joins O and P_j is packed for the next section (FlashAttention-3's ping-pong and
+    // intra-warpgroup overlap; without OVERLAP, only ping-pong). The first and last sections are
+    // peeled off, so that ptxas sees straight-line wgmma code in the loop (else it serializes them: C7514).
+    uint32_t pa[4][4];
+    float alpha_prev[2];
+    const Softmax sm_args{{qs[0], qs[1]}, {row[0], row[1]}, ks_row, p.seqlen_k, q_offset, t};
+    // one steady-state section; the unmasked and masked tiles run in separate loops, each straight-line
+    auto section = [&](int j, float& ks, auto masked) {
+      int s_int[64];
+      float o_tile[DP / 2];
+      const int slot = slot0 + j;
+      if constexpr (!Config<DP>::OVERLAP) {  // fewer live registers: P_{j-1} V_{j-1} done before S_j is issued
+        turn_wait(consumer);
+        issue_pv(sm, slot - 1, pa, o_tile);
+        wgmma_wait<0>();
+        finish_pv(sm, slot - 1, alpha_prev, o_tile, o, lane);
+        issue_qk(sm, slot, desc_q, s_int);
+        turn_pass(consumer, CONSUMERS);
+        const float ks_next = sm_args.k_scale(j + 1);
+        wgmma_wait<0>();
+        float p_tile[64];
+        softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, slot, ks, m, l, sm_args, lane, p_tile,
+                                                          alpha_prev);
+        pack_p(p_tile, pa);
+        ks = ks_next;
+        return;
       }
+      turn_wait(consumer);
+      issue_qk(sm, slot, desc_q, s_int);
+      issue_pv(sm, slot - 1, pa, o_tile);
+      turn_pass(consumer, CONSUMERS);
+      const float ks_next = sm_args.k_scale(j + 1);  // in flight during the wait and the softmax
+      wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+      float p_tile[64], alpha[2];
+      softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, slot, ks, m, l, sm_args, lane, p_tile, alpha);
+      wgmma_wait<0>();
+      finish_pv(sm, slot - 1, alpha_prev, o_tile, o, lane);
+      pack_p(p_tile, pa);
+      alpha_prev[0] = alpha[0];
+      alpha_prev[1] = alpha[1];
+      ks = ks_next;
+    };
+    if (n_tiles > 0) {
+      float ks = sm_args.k_scale(0);
+      {
+        int s_int[64];
+        float p_tile[64];
+        turn_wait(consumer);
+        issue_qk(sm, slot0, desc_q, s_int);
+        turn_pass(consumer, CONSUMERS);
+        const float ks_next = sm_args.k_scale(1);
+        wgmma_wait<0>();
+        if (n_unmasked > 0) {
+          softmax_after_qk<CAUSAL, false>(sm, s_int, 0, slot0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+        } else {
+          softmax_after_qk<CAUSAL, true>(sm, s_int, 0, slot0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+        }
+        pack_p(p_tile, pa);
+        ks = ks_next;
+      }
+      const int unmasked_end = min(n_unmasked, n_tiles);
+      for (int j = 1; j < unmasked_end; ++j) section(j, ks, std::false_type{});
+      for (int j = max(1, unmasked_end); j < n_tiles; ++j) section(j, ks, std::true_type{});
+      float o_tile[DP / 2];
+      turn_wait(consumer);
+      issue_pv(sm, slot0 + n_tiles - 1, pa, o_tile);
+      if (pass_after_last) turn_pass(consumer, CONSUMERS);
+      wgmma_wait<0>();
+      finish_pv(sm, slot0 + n_tiles - 1, alpha_prev, o_tile, o, lane);
+    } else {
+      turn_wait(consumer);
+      if (pass_after_last) turn_pass(consumer, CONSUMERS);
     }
-    if (p.lse != nullptr && t == 0)
-      p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
+    slot0 += n_tiles;
+
+    // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
+    int first_bad = NO_BAD_KEY;
+    if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
+    const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
+    OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l_row = quad_sum(l[r]);
+      if (row[r] >= p.seqlen_q) continue;
+      bool bad = false;
+      if (p.first_bad != nullptr) {
+        bad = p.q_bad[int64_t(bh) * p.seqlen_q + row[r]] != 0 ||
+              (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
+      }
+      const float inv_l = bad ? NAN : 1.f / (l_row == 0.f ? 1.f : l_row);
+      OutT* out_row = out + int64_t(row[r]) * p.out_sn;
+#pragma unroll
+      for (int nt = 0; nt < DP / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * nt + 2 * t + e;
+          if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * vs[col] * inv_l);
+        }
+      }
+      if (p.lse != nullptr && t == 0)
+        p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
+    }
+    // this Q buffer back to the producer (the work tile after next loads into it)
+    if (lane == 0) mbar_arrive(&sm.q_empty[qb]);
   }
 }
 
@@ -409,6 +448,31 @@ CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t
   return sage_cuda::byte_tensor_map<3>(base, {d0, d1, d2}, {d0, d0 * d1}, {box0, box1, 1}, std::string("sage2 cuda: ") + what);
 }
 
+// How many CTAs to launch. Non-causal: one per SM (a CTA takes the SM's registers), each looping
+// over work tiles of equal work. Causal: one per work tile, for the hardware to hand out as SMs
+// free up; a static round robin over causal work tiles (rows of unequal length) left SMs idle at
+// the end: head dim 64 at 4k has 22 row blocks and 132 = 6 * 22 SMs, so every CTA got the same row
+// block every time, and causal 4k fell from 376 to 243 TOPS (csrc/NOTES.md, v10).
+// SAGE2_SM90_GRID=tiles launches one CTA per work tile (the pre-persistent grid, for A/B timing);
+// SAGE2_SM90_GRID=<n> at most n (tests run many work tiles per CTA on small inputs so).
+int64_t grid_ctas(int64_t n_work, bool causal) {
+  const char* env = std::getenv("SAGE2_SM90_GRID");
+  if (env != nullptr && *env != '\0') {
+    const std::string v(env);
+    if (v == "tiles") return n_work;
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    if (*end != '\0' || n <= 0)
+      throw std::invalid_argument("sage2 cuda: SAGE2_SM90_GRID must be 'tiles' or a positive CTA count, got '" + v + "'");
+    return std::min<int64_t>(n_work, n);
+  }
+  if (causal) return n_work;
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms > 0 ? std::min<int64_t>(n_work, sms) : n_work;
+}
+
 template <int DP, bool CAUSAL, typename OutT>
 void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const CUtensorMap map_q =
@@ -417,15 +481,17 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
       byte_tensor_map(a.k_codes, DP, a.seqlen_k, uint64_t(a.batch) * a.heads_kv, DP, BLOCK_N, "k_codes");
   const CUtensorMap map_v =
       byte_tensor_map(a.v_codes, a.npad, DP, uint64_t(a.batch) * a.heads_kv, BLOCK_N, DP, "v_codes");
-  const KernelParams p{a.q_scale,    a.k_scale,      a.v_scale,      a.out,      a.out_stride_b,
-                       a.out_stride_h, a.out_stride_n, a.lse,        a.q_bad,    a.first_bad,
-                       a.heads_q,    a.heads_kv,     a.seqlen_q,     a.seqlen_k, a.head_dim};
+  const int m_blocks = (a.seqlen_q + Config<DP>::BLOCK_M - 1) / Config<DP>::BLOCK_M;
+  const int64_t n_work = int64_t(m_blocks) * a.batch * a.heads_q;
+  if (n_work > INT_MAX) throw std::invalid_argument("sage2 cuda: too many query blocks (batch * heads * row blocks)");
+  const KernelParams p{a.q_scale,      a.k_scale,  a.v_scale,  a.out,      a.out_stride_b, a.out_stride_h,
+                       a.out_stride_n, a.lse,      a.q_bad,    a.first_bad, a.heads_q,     a.heads_kv,
+                       a.seqlen_q,     a.seqlen_k, a.head_dim, m_blocks,   int(n_work)};
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
-  const dim3 grid((a.seqlen_q + Config<DP>::BLOCK_M - 1) / Config<DP>::BLOCK_M, a.batch * a.heads_q);
-  kernel<<<grid, Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+  kernel<<<unsigned(grid_ctas(n_work, CAUSAL)), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
   check_launch("sage2 cuda");
 }
 
