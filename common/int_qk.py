@@ -136,6 +136,7 @@ _TRITON_GRAN = {"per_block": 0, "per_token": 1, "per_warp": 2, "per_thread": 3}
 
 
 def _quantize_triton(x, mean, smooth_block, mult, bits, gran, block, dp, warp_rows, k_side, zero, flags):
+    from .checks import interpreter_enabled
     from .triton_quant import quantize_int_kernel
 
     B, H, N, D = x.shape
@@ -158,6 +159,7 @@ def _quantize_triton(x, mean, smooth_block, mult, bits, gran, block, dp, warp_ro
         x.stride(0), x.stride(1), x.stride(2), H, N, D, float(mult),
         BLOCK=block, DP=dp, QMAX=quant.INT_QMAX[bits], GRAN=g, WARP=warp_rows, HAS_MEAN=mean is not None,
         SMOOTH_BLOCK=smooth_block, ZERO=zero, FLAGS=0 if flags is None else (2 if k_side else 1),
+        INTERPRET=interpreter_enabled(),
         num_warps=4 if dp * block <= 8192 else 8)
     return codes, scale, tps, (block_mean if smooth_block else None)
 

@@ -93,6 +93,47 @@ def test_fp22_accumulator_model():
     assert fp8_mma(p8, v8, acc, model_fp22=False).tolist() == acc.tolist()
 
 
+def _wide_range(shape, seed, dtype=torch.bfloat16):
+    """Tokens whose magnitudes span bf16's range (2^-120 .. 2^100 by row and channel), with
+    values on and beside the INT8 rounding boundaries (k + 1/2) * absmax / 127 of their row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g)
+    *lead, n, d = shape
+    row_exp = torch.randint(-120, 100, (*lead, n, 1), generator=g).float()
+    x = x * torch.exp2(row_exp + torch.randint(-4, 4, (*lead, 1, d), generator=g).float())
+    absmax = x.abs().amax(-1, keepdim=True)
+    k = torch.randint(0, 127, x.shape, generator=g).float() + 0.5
+    near = torch.rand(x.shape, generator=g) < 0.3
+    x = torch.where(near, torch.sign(x) * k * absmax / 127, x)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("gran", ["per_thread", "per_token", "per_block"])
+def test_quantization_passes_divide_exactly_over_the_whole_range(gran):
+    """The passes divide by their scales with a reciprocal and FMA corrections on the GPU
+    (common.triton_quant.div_by_scale): the codes are still the correctly rounded quotient's,
+    as PyTorch's division gives them, for values from 2^-120 to 2^100 and on rounding boundaries."""
+    q = _wide_range((1, 2, 512, 128), seed=1).to(KERNEL_DEVICE)
+    k = _wide_range((1, 2, 512, 128), seed=2).to(KERNEL_DEVICE)
+    kw = dict(sm_scale=1.0, granularity=gran, smooth_k=False, q_block=64, k_block=128, warp_rows=16)
+    a = quantize_qk(q, k, backend="triton", **kw)
+    b = quantize_qk(q, k, backend="torch", **kw)
+    assert torch.equal(a.q_scale_per_token(), b.q_scale_per_token())
+    assert torch.equal(a.k_scale_per_token(), b.k_scale_per_token())
+    assert torch.equal(a.q_codes, b.q_codes) and torch.equal(a.k_codes, b.k_codes)
+    assert (a.q_codes.abs() == 127).any()
+    if gran != "per_block":  # (a block's scale follows its largest row)
+        assert (a.q_scale_per_token() < 2.0 ** -60).any()  # the tiny-scale path ran
+    from sage2.quant_v import quantize_v
+
+    v = _wide_range((1, 2, 512, 128), seed=3).transpose(-1, -2).contiguous().transpose(-1, -2)  # channels wide
+    v = v.to(KERNEL_DEVICE)
+    a = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128)
+    b = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="torch")
+    assert torch.equal(a.scale, b.scale)
+    assert torch.equal(a.codes[..., :512].transpose(-1, -2).float(), b.codes.float())
+
+
 def test_int4_codes_are_in_range_and_smooth_q_default():
     q, k, _ = make_qkv(1, 2, 100, 64, kind="qk_bias")
     qk = quantize_qk(q, k, sm_scale=0.125, granularity="per_thread", bits=4, q_block=64, k_block=128, warp_rows=16)
