@@ -4,7 +4,8 @@ masks, varlen), sage3 (Triton and csrc/sage3_sm90) and SageBwd (forward, backwar
 the decode kernels (split and combine), and all of them again on inputs with NaN/Inf, so that the
 passes' recording stores and atomics, the epilogue's NaN rows and decode's careful sweep run too.
 ``--decode-only``: the decode calls alone (after a change to csrc/decode); ``--sage3-only``: sage3's
-inference kernels alone (after a change to csrc/sage3_sm90)."""
+inference kernels alone (after a change to csrc/sage3_sm90); ``--sage2-cuda-only``: csrc/sage2_sm90
+alone, on small grids that loop over work tiles."""
 
 import os
 import sys
@@ -17,9 +18,14 @@ import sage3
 from common.inputs import make_qkv
 
 
-def main(decode_only: bool = False, sage3_only: bool = False):
+def main(decode_only: bool = False, sage3_only: bool = False, sage2_cuda_only: bool = False):
     dev = "cuda"
     n = 0
+    if sage2_cuda_only:
+        n = sage2_cuda_grid_cases(*prefill_inputs(dev))
+        torch.cuda.synchronize()
+        print(f"{n} cases ok")
+        return
     if sage3_only:
         n = sum(sage3_cases(*prefill_inputs(dev), causal) for causal in (False, True))
         torch.cuda.synchronize()
@@ -39,14 +45,32 @@ def prefill_inputs(dev):
     return q, k, v, q128, k128, v128
 
 
-def few_ctas(call, ctas="2"):
+def few_ctas(call, ctas="1"):
     """csrc/sage2_sm90 with fewer CTAs than work tiles: each CTA loops over several (its persistent
-    loop; on these small inputs the default grid gives every work tile its own CTA)."""
+    loop, both Q buffers reused; on these small inputs the default grid gives every work tile its own CTA)."""
+    before = os.environ.get("SAGE2_SM90_GRID")
     os.environ["SAGE2_SM90_GRID"] = ctas
     try:
         return call()
     finally:
-        del os.environ["SAGE2_SM90_GRID"]
+        if before is None:
+            del os.environ["SAGE2_SM90_GRID"]
+        else:
+            os.environ["SAGE2_SM90_GRID"] = before
+
+
+def sage2_cuda_grid_cases(q, k, v, q128, k128, v128) -> int:
+    """csrc/sage2_sm90 alone, on grids of 1, 2 and 3 CTAs and the default (after a change to it)."""
+    n = 0
+    for causal in (False, True):
+        for ctas in ("1", "2", "3"):
+            few_ctas(lambda: sage2.sageattn(q, k, v, is_causal=causal, backend="cuda", return_lse=True), ctas)
+            few_ctas(lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda"),
+                     ctas)
+            n += 2
+        sage2.sageattn(q, k, v, is_causal=causal, backend="cuda")
+        n += 1
+    return n
 
 
 def everything_but_decode(dev) -> int:
@@ -157,4 +181,5 @@ def decode_cases(dev) -> int:
 
 
 if __name__ == "__main__":
-    main(decode_only="--decode-only" in sys.argv[1:], sage3_only="--sage3-only" in sys.argv[1:])
+    main(decode_only="--decode-only" in sys.argv[1:], sage3_only="--sage3-only" in sys.argv[1:],
+         sage2_cuda_only="--sage2-cuda-only" in sys.argv[1:])

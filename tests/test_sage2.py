@@ -126,11 +126,13 @@ def test_quantization_passes_divide_exactly_over_the_whole_range(gran):
         assert (a.q_scale_per_token() < 2.0 ** -60).any()  # the tiny-scale path ran
     from sage2.quant_v import quantize_v
 
-    v = _wide_range((1, 2, 512, 128), seed=3).transpose(-1, -2).contiguous().transpose(-1, -2)  # channels wide
+    v = _wide_range((1, 2, 512, 128), seed=3)
+    v[0, 0, :7] = -0.0
     v = v.to(KERNEL_DEVICE)
     a = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128)
     b = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="torch")
     assert torch.equal(a.scale, b.scale)
+    # (as values: the interpreter's FP8 rounding turns -0 into +0, the GPU's keeps it)
     assert torch.equal(a.codes[..., :512].transpose(-1, -2).float(), b.codes.float())
 
 

@@ -153,12 +153,14 @@ def test_cuda_accuracy_at_real_size(d, causal):
     (128, False, (4, 2), (1000, 1000)),
     (128, True, (4, 2), (700, 900)),
     (64, True, (3, 1), (1000, 333)),  # rows before the first key's diagonal: work tiles with no KV tile
+    (128, True, (4, 2), (1000, 333)),
     (64, False, (2, 2), (450, 2000)),
 ])
 def test_cuda_persistent_grid_gives_what_one_cta_per_work_tile_gives(d, causal, heads, lens, monkeypatch):
     """Each CTA loops over work tiles (its K/V ring, Q buffers and turn-taking carried across them);
     with 1, 2 or 5 CTAs for many work tiles, the output and LSE are the one-CTA-per-tile kernel's,
-    bit for bit (each work tile's arithmetic is the same)."""
+    bit for bit (each work tile's arithmetic is the same). (That the variable shrinks the grid is
+    not checked here: the default grid on these sizes is one CTA per work tile too.)"""
     (hq, hkv), (nq, nk) = heads, lens
     q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, kind="k_bias", device="cuda", seed=nq + d)
     kw = dict(is_causal=causal, return_lse=True, backend="cuda")
@@ -168,9 +170,6 @@ def test_cuda_persistent_grid_gives_what_one_cta_per_work_tile_gives(d, causal, 
         monkeypatch.setenv("SAGE2_SM90_GRID", ctas)
         out_p, lse_p = sage2.sageattn(q, k, v, **kw)
         assert torch.equal(out_p, out_t) and torch.equal(lse_p, lse_t), ctas
-    monkeypatch.delenv("SAGE2_SM90_GRID")
-    out_d, lse_d = sage2.sageattn(q, k, v, **kw)  # default grid: one CTA per SM, or per work tile causal
-    assert torch.equal(out_d, out_t) and torch.equal(lse_d, lse_t)
     monkeypatch.setenv("SAGE2_SM90_GRID", "0")
     with pytest.raises(ValueError, match="SAGE2_SM90_GRID must be 'tiles' or a positive CTA count"):
         sage2.sageattn(q, k, v, **kw)

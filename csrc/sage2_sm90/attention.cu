@@ -3,7 +3,8 @@
 //
 // One work tile = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
 // consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp).
-// Warpgroup 0 only issues TMA copies of the K and V^T tiles into a ring of shared-memory stages;
+// Warpgroup 0 only issues TMA copies: each work tile's Q, and the K and V^T tiles into a ring of
+// shared-memory stages;
 // it gives its registers to the consumers.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
@@ -62,7 +63,7 @@ template <int DP>
 struct Config {
   static constexpr int CONSUMERS = DP == 64 ? 3 : 2;
   static constexpr bool OVERLAP = CONSUMERS == 2;
-  static constexpr int BLOCK_M = WG_ROWS * CONSUMERS;  // query rows per CTA
+  static constexpr int BLOCK_M = WG_ROWS * CONSUMERS;  // query rows per work tile
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
   static constexpr int CONSUMER_REGS = CONSUMERS == 3 ? 160 : 240;  // 128 x 24 + 128 x C x regs <= 64K
 };
@@ -91,7 +92,8 @@ struct KernelParams {
 };
 
 // The K and V stages form one ring over all the KV tiles a CTA visits, work tile after work tile:
-// `slot` counts them (stage slot % STAGES, parity (slot / STAGES) & 1).
+// `slot` counts them (stage slot % STAGES, parity (slot / STAGES) & 1), kept below 2 * STAGES + the
+// work tile's KV tiles (reduced modulo 2 * STAGES between work tiles) so that it cannot overflow.
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
 template <int DP>
@@ -296,6 +298,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
           mbar_arrive_expect_tx(&sm.v_full[stage], DP * BLOCK_N);
           tma_load_3d(sm.vt[stage], &map_v, &sm.v_full[stage], j * BLOCK_N, 0, cta.kv_bh);
         }
+        slot %= 2 * STAGES;
       }
     }
     return;
@@ -308,7 +311,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   // The consumers take turns in a ring (consumer 0 first); each passes the turn once per section,
   // the last consumer once up front and not after its very last section, so that the passes and
   // waits on each named barrier balance.
-  if (last) turn_pass(consumer, CONSUMERS);
+  if (last && int(blockIdx.x) < p.n_work) turn_pass(consumer, CONSUMERS);
   int slot0 = 0;  // the ring slot of the work tile's first KV tile
   for (int tile = blockIdx.x, done = 0; tile < p.n_work; tile += gridDim.x, ++done) {
     const CtaTiles cta = tile_at(tile);
@@ -405,7 +408,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       turn_wait(consumer);
       if (pass_after_last) turn_pass(consumer, CONSUMERS);
     }
-    slot0 += n_tiles;
+    slot0 = (slot0 + n_tiles) % (2 * STAGES);
 
     // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
     int first_bad = NO_BAD_KEY;
@@ -483,7 +486,8 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
       byte_tensor_map(a.v_codes, a.npad, DP, uint64_t(a.batch) * a.heads_kv, BLOCK_N, DP, "v_codes");
   const int m_blocks = (a.seqlen_q + Config<DP>::BLOCK_M - 1) / Config<DP>::BLOCK_M;
   const int64_t n_work = int64_t(m_blocks) * a.batch * a.heads_q;
-  if (n_work > INT_MAX) throw std::invalid_argument("sage2 cuda: too many query blocks (batch * heads * row blocks)");
+  // (the kernel steps its work tile index by the grid size in int)
+  if (n_work > INT_MAX / 2) throw std::invalid_argument("sage2 cuda: too many query blocks (batch * heads * row blocks)");
   const KernelParams p{a.q_scale,      a.k_scale,  a.v_scale,  a.out,      a.out_stride_b, a.out_stride_h,
                        a.out_stride_n, a.lse,      a.q_bad,    a.first_bad, a.heads_q,     a.heads_kv,
                        a.seqlen_q,     a.seqlen_k, a.head_dim, m_blocks,   int(n_work)};
