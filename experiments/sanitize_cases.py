@@ -9,6 +9,7 @@ alone, on small grids that loop over work tiles."""
 
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -20,20 +21,12 @@ from common.inputs import make_qkv
 
 def main(decode_only: bool = False, sage3_only: bool = False, sage2_cuda_only: bool = False):
     dev = "cuda"
-    n = 0
-    if sage2_cuda_only:
-        n = sage2_cuda_grid_cases(*prefill_inputs(dev))
-        torch.cuda.synchronize()
-        print(f"{n} cases ok")
-        return
-    if sage3_only:
-        n = sum(sage3_cases(*prefill_inputs(dev), causal) for causal in (False, True))
-        torch.cuda.synchronize()
-        print(f"{n} cases ok")
-        return
-    if not decode_only:
-        n += everything_but_decode(dev)
-    n += decode_cases(dev)
+    if sage2_cuda_only or sage3_only:
+        cases = sage2_cuda_cases if sage2_cuda_only else sage3_cases
+        n = sum(cases(*prefill_inputs(dev), causal) for causal in (False, True))
+    else:
+        n = 0 if decode_only else everything_but_decode(dev)
+        n += decode_cases(dev)
     torch.cuda.synchronize()
     print(f"{n} cases ok")
 
@@ -45,31 +38,16 @@ def prefill_inputs(dev):
     return q, k, v, q128, k128, v128
 
 
-def few_ctas(call, ctas="1"):
-    """csrc/sage2_sm90 with fewer CTAs than work tiles: each CTA loops over several (its persistent
-    loop, both Q buffers reused; on these small inputs the default grid gives every work tile its own CTA)."""
-    before = os.environ.get("SAGE2_SM90_GRID")
-    os.environ["SAGE2_SM90_GRID"] = ctas
-    try:
-        return call()
-    finally:
-        if before is None:
-            del os.environ["SAGE2_SM90_GRID"]
-        else:
-            os.environ["SAGE2_SM90_GRID"] = before
-
-
-def sage2_cuda_grid_cases(q, k, v, q128, k128, v128) -> int:
-    """csrc/sage2_sm90 alone, on grids of 1, 2 and 3 CTAs and the default (after a change to it)."""
+def sage2_cuda_cases(q, k, v, q128, k128, v128, causal) -> int:
+    """csrc/sage2_sm90 on its default grid, then on grids of 1, 2 and 3 CTAs (SAGE2_SM90_GRID): each
+    CTA loops over several work tiles, reusing both Q buffers (on these small inputs the default
+    grid gives every work tile its own CTA)."""
     n = 0
-    for causal in (False, True):
-        for ctas in ("1", "2", "3"):
-            few_ctas(lambda: sage2.sageattn(q, k, v, is_causal=causal, backend="cuda", return_lse=True), ctas)
-            few_ctas(lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda"),
-                     ctas)
-            n += 2
-        sage2.sageattn(q, k, v, is_causal=causal, backend="cuda")
-        n += 1
+    for ctas in (None, "1", "2", "3"):
+        with mock.patch.dict(os.environ, {} if ctas is None else {"SAGE2_SM90_GRID": ctas}):
+            sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="cuda")
+            sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda")
+        n += 2
     return n
 
 
@@ -86,17 +64,13 @@ def everything_but_decode(dev) -> int:
             lambda: sage1.sageattn(q, k, v, is_causal=causal, attn_mask=mask),
             lambda: sage1.sageattn(q, k, v, is_causal=causal, attn_mask=pad),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="triton"),
-            lambda: sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="cuda"),  # csrc/sage2_sm90
-            lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda"),
-            lambda: few_ctas(lambda: sage2.sageattn(q, k, v, is_causal=causal, backend="cuda")),
-            lambda: few_ctas(lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal,
-                                                    backend="cuda")),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, qk_dtype="int4", smooth_v=True),
             lambda: sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, pv_dtype="fp16"),
             lambda: sage2.sageattn(q, k, v, is_causal=causal, attn_mask=mask.float()),
         ):
             call()
             n += 1
+        n += sage2_cuda_cases(q, k, v, q128, k128, v128, causal)  # csrc/sage2_sm90
         n += sage3_cases(q, k, v, q128, k128, v128, causal)
         # varlen
         cu_q = torch.tensor([0, 37, 200], dtype=torch.int32, device=dev)
