@@ -60,12 +60,12 @@ def _unusable(size: int, stride: int) -> bool:
 
 
 # The scratch of a call (the programs' partial outputs and LSEs, the links of the tiles each program
-# took, and per KV head two counters: programs done, by which the last one knows it is last, and
-# tiles claimed) costs host time: eager decode below ~16k keys is bound by it
+# took, per KV head two counters: programs (with helpers: tiles) done, by which the last one knows it
+# is last, and tiles claimed, and one count for the helpers) costs host time: eager decode below ~16k keys is bound by it
 # (cProfile put allocations and the counters' fill first among our host costs on the H100's host,
 # 2026-11-22). So:
 # * eager calls keep it per (device, stream): calls on one stream run one after another, and the
-#   merging program leaves its counters at zero, so a call needs neither allocations nor a fill. The
+#   kernel leaves its counters at zero, so a call needs neither allocations nor a fill. The
 #   key is the stream's handle: a stream destroyed with this work still queued, whose handle a new
 #   stream then gets, would share it (torch's own streams come from pools and are never destroyed);
 # * a call captured into a CUDA graph gets its own partials (from the graph's pool) and its own
@@ -77,7 +77,7 @@ def _unusable(size: int, stride: int) -> bool:
 # clear_workspaces() frees the per-stream scratch (the capture pool stays: graphs may hold slices).
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _CAPTURE_COUNTERS: dict[int, list] = {}  # device index -> [zeroed int32 pool, first unused entry]
-CAPTURE_POOL = 1 << 19                  # counters for captured calls (2 x B*Hkv each), per device (2 MB)
+CAPTURE_POOL = 1 << 19                  # counters for captured calls (2 x B*Hkv + 1 each), per device (2 MB)
 
 
 def _capture_counters(device: torch.device, bh: int) -> torch.Tensor:
@@ -128,51 +128,60 @@ def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link)
         raise ValueError(f"decode: lse must be empty or [B, Hq, Nq] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     splits = part_out.shape[0]
     if part_out.shape[1:] != (B * Hkv, ROWS, D) or part_lse.shape != (splits, B * Hkv, ROWS) \
-            or counters.shape != (2 * B * Hkv,) or tile_link.shape != (B * Hkv * _tiles(Nk),):
+            or counters.shape != (_counters(B * Hkv),) or tile_link.shape != (B * Hkv * _tiles(Nk),):
         raise ValueError(f"decode: part_out {tuple(part_out.shape)}, part_lse {tuple(part_lse.shape)}, counters "
                          f"{tuple(counters.shape)} and tile_link {tuple(tile_link.shape)} must be [splits, B*Hkv, "
-                         f"{ROWS}, D], [splits, B*Hkv, {ROWS}], [2*B*Hkv] and [B*Hkv*ceil(Nk/{DECODE_TILE})]")
+                         f"{ROWS}, D], [splits, B*Hkv, {ROWS}], [2*B*Hkv + 1] and [B*Hkv*ceil(Nk/{DECODE_TILE})]")
 
 
 def _tiles(n_k: int) -> int:
     return -(-n_k // DECODE_TILE)
 
 
+def _counters(bh: int) -> int:
+    """Counters of a call: per KV head programs (or tiles) done and tiles claimed, and one more for
+    the helpers (csrc/decode/split_kv.h)."""
+    return 2 * bh + 1
+
+
 def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
-               splits: int, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int,
-               k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int, dynamic: bool) -> None:
+               splits: int, helpers: int, rows_per_head: int, tiles_per_split: int, qk_mult: float,
+               log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int,
+               dynamic: bool) -> None:
     """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
     or None) in one launch of ``splits`` programs per KV head (``dynamic``: sharing its tiles; else
-    ``tiles_per_split`` tiles each), with the scratch described above. Under tracing this is the
+    ``tiles_per_split`` tiles each), or with ``helpers`` > 0 one owner per KV head and that many
+    helper programs with ``splits`` - 1 partial slots per KV head (common.decode.cuda_plan), with the
+    scratch described above. Under tracing this is the
     custom op :func:`decode`, which checks its arguments; eager calls from common.decode (whose
     tensors are made to fit) launch directly: the op's dispatch and checks cost ~0.1 ms of host time
     per call, as much as the kernel at 16k keys."""
     B, Hkv, Nk, D = k.shape
     bh = B * Hkv
     n_out, n_lse, n_link = splits * bh * ROWS * D, splits * bh * ROWS, bh * _tiles(Nk)
-    scalars = (dynamic, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,
-               causal, pv)
+    scalars = (dynamic, helpers, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k,
+               smooth_q, causal, pv)
     if torch.compiler.is_compiling():
         lse = torch.empty(0, dtype=torch.float32, device=q.device) if lse is None else lse
         part_out = torch.empty(splits, bh, ROWS, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(splits, bh, ROWS, dtype=torch.float32, device=q.device)
-        counters = torch.zeros(2 * bh, dtype=torch.int32, device=q.device)
+        counters = torch.zeros(_counters(bh), dtype=torch.int32, device=q.device)
         tile_link = torch.empty(n_link, dtype=torch.int32, device=q.device)
         decode(q, k, v, out, lse, part_out, part_lse, counters, tile_link, *scalars)
         return
     with on_device(q.device):  # the launch, the stream and the capture check are the current device's
         if torch.cuda.is_current_stream_capturing():
             scratch, counters = torch.empty(n_out + n_lse + n_link, dtype=torch.float32, device=q.device), \
-                _capture_counters(q.device, 2 * bh)
+                _capture_counters(q.device, _counters(bh))
         else:
-            scratch, counters = _eager_scratch(q.device, n_out + n_lse + n_link, 2 * bh)
+            scratch, counters = _eager_scratch(q.device, n_out + n_lse + n_link, _counters(bh))
         part = scratch.data_ptr()  # [partial outputs | partial LSEs | tile links (int32)]
         _launch(q, k, v, out, 0 if lse is None else lse.data_ptr(), part, part + 4 * n_out,
                 counters.data_ptr(), part + 4 * (n_out + n_lse), splits, *scalars)
 
 
 def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr, splits, dynamic,
-            rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+            helpers, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
     """The extension's launch on the current device and stream (pointers for the scratch and lse)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -180,7 +189,8 @@ def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, til
     load().decode_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr,
-        dynamic, B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, splits, qk_mult, log2_pscale, qmax,
+        dynamic, B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, splits, helpers, qk_mult, log2_pscale,
+        qmax,
         k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv, current_stream_handle(q.device.index))
 
 
@@ -188,17 +198,17 @@ def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, til
                          mutates_args=("out", "lse", "part_out", "part_lse", "counters", "tile_link"))
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
            part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, tile_link: torch.Tensor,
-           dynamic: bool, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float, qmax: int,
-           k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int) -> None:
+           dynamic: bool, helpers: int, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float,
+           qmax: int, k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int) -> None:
     """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op."""
     _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link)
     with on_device(q.device):
         _launch(q, k, v, out, lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
-                counters.data_ptr(), tile_link.data_ptr(), part_out.shape[0], dynamic, rows_per_head,
+                counters.data_ptr(), tile_link.data_ptr(), part_out.shape[0], dynamic, helpers, rows_per_head,
                 tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv)
 
 
 @decode.register_fake
-def _(q, k, v, out, lse, part_out, part_lse, counters, tile_link, dynamic, rows_per_head, tiles_per_split, qk_mult,
-      log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+def _(q, k, v, out, lse, part_out, part_lse, counters, tile_link, dynamic, helpers, rows_per_head, tiles_per_split,
+      qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
     return None

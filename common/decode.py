@@ -77,6 +77,13 @@ PROGRAMS_PER_SM = 2
 # tiles are 1-3 points faster (H100, 2026-11-23)
 DYNAMIC_TILES = True
 DYNAMIC_TILES_SMOOTH_Q = False  # True: Q smoothing with several queries per head claims tiles too
+# With one program per KV head (more KV heads than fit at once, so they run in waves) the CUDA kernel
+# appends PROGRAMS_PER_SM * SMs helper programs, which start as owners finish and each join the KV
+# head with the most tiles left, up to this many per KV head (0: none). They take the last wave's tail
+# (DECODE_NOTES.md, c13). Needs dynamic tiles
+HELPERS_PER_KV_HEAD = 3
+HELPER_MIN_TILES = 6  # fewer tiles per KV head: no helpers (the kernel's two stages + kMinHelpTiles)
+HELPER_MAX_WAVES = 1.5  # more KV heads than this many waves of owners: no helpers (see cuda_plan)
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
@@ -139,6 +146,19 @@ def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
     return -(-n_tiles // splits)
 
 
+def cuda_plan(batch_kv_heads: int, n_tiles: int, tiles_per_split: int, dynamic: bool, device) -> tuple[int, int]:
+    """(partial slots per KV head, helper programs) of a CUDA decode launch: the split plan's
+    programs per KV head and no helpers, or, with one program per KV head and dynamic tiles, 1 +
+    HELPERS_PER_KV_HEAD slots and PROGRAMS_PER_SM * SMs helpers."""
+    splits = -(-n_tiles // tiles_per_split)
+    resident = PROGRAMS_PER_SM * (sm_count(device) if device.type == "cuda" else 132)
+    if splits > 1 or not dynamic or HELPERS_PER_KV_HEAD <= 0 or n_tiles < HELPER_MIN_TILES \
+            or batch_kv_heads > HELPER_MAX_WAVES * resident:
+        return splits, 0
+    helpers = min(resident, 65535 - batch_kv_heads)
+    return (1 + HELPERS_PER_KV_HEAD, helpers) if helpers > 0 else (1, 0)
+
+
 def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, is_causal: bool, mask: MaskSpec,
                      return_lse: bool, backend: str):
     """Decode attention into ``out_hnd`` (the caller's output, any layout view); returns the natural
@@ -160,10 +180,12 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         from .cuda_decode import PV_CODES, run_decode
 
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=qh.device) if return_lse else None
-        run_decode(qh, kh, vh, out_hnd, lse, splits, nqp, tps, sm_scale * LOG2E, LOG2_P_SCALE.get(spec.pv, 0.0),
-                   spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q, is_causal, PV_CODES[spec.pv],
-                   DYNAMIC_TILES and (DYNAMIC_TILES_SMOOTH_Q or not spec.smooth_q or Nq == 1)
-                   and not torch.are_deterministic_algorithms_enabled())
+        dynamic = DYNAMIC_TILES and (DYNAMIC_TILES_SMOOTH_Q or not spec.smooth_q or Nq == 1) \
+            and not torch.are_deterministic_algorithms_enabled()
+        splits, helpers = cuda_plan(B * Hkv, n_tiles, tps, dynamic, qh.device)
+        run_decode(qh, kh, vh, out_hnd, lse, splits, helpers, nqp, tps, sm_scale * LOG2E,
+                   LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q,
+                   is_causal, PV_CODES[spec.pv], dynamic)
         return lse
 
     from .checks import interpreter_enabled

@@ -75,7 +75,7 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
                     int64_t v_stride_n, uintptr_t out, int64_t out_stride_b, int64_t out_stride_h, int64_t out_stride_n,
                     uintptr_t lse, uintptr_t part_out, uintptr_t part_lse, uintptr_t counters, uintptr_t tile_link,
                     bool dynamic, int batch, int heads_kv, int seqlen_q, int seqlen_k, int head_dim, int group,
-                    int rows_per_head, int tiles_per_split, int splits, float qk_mult, float log2_pscale, int qmax,
+                    int rows_per_head, int tiles_per_split, int splits, int helpers, float qk_mult, float log2_pscale, int qmax,
                     bool k_per_token, bool smooth_k, bool smooth_q, bool causal, bool bf16, int pv, uintptr_t stream) {
   sage_cuda::DecodeArgs a{};
   a.q = ptr<const void>(q);
@@ -94,6 +94,7 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
   a.dynamic = dynamic;
   a.batch = batch, a.heads_kv = heads_kv, a.seqlen_q = seqlen_q, a.seqlen_k = seqlen_k, a.head_dim = head_dim;
   a.group = group, a.rows_per_head = rows_per_head, a.tiles_per_split = tiles_per_split, a.splits = splits;
+  a.helpers = helpers;
   a.qk_mult = qk_mult, a.log2_pscale = log2_pscale, a.qmax = qmax;
   a.k_per_token = k_per_token, a.smooth_k = smooth_k, a.smooth_q = smooth_q, a.causal = causal, a.bf16 = bf16;
   a.pv = pv;

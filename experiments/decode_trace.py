@@ -1,9 +1,10 @@
 """Where a CUDA decode call spends its time, from a trace build of csrc/decode/split_kv.cu
 (-DSAGE_DECODE_TRACE: thread 0 of every program writes the global timer at each step into unused
-rows of its partial outputs). Needs Nq * (query heads per KV head) <= 8; the shape here is the
-decode benchmark's (B=4, Hq/Hkv 32/8, Nq=1, D=128, fp16).
+rows of its partial outputs). Needs Nq * (query heads per KV head) <= 8; the shape is the decode
+benchmark's (B=4, Hq/Hkv 32/8, Nq=1, D=128, fp16) unless --batch/--heads say otherwise (B=16 32/32
+is the MHA case). Only a program's first 62 tiles are traced.
 
-    python -m experiments.decode_trace [--nk 16384] [--copies] [--static] [--stragglers]
+    python -m experiments.decode_trace [--nk 16384] [--batch 4 --heads 32 8] [--copies] [--static] [--stragglers]
 
 ``--copies`` traces the copies-only build (-DSAGE_DECODE_LOAD_ONLY: no arithmetic, output garbage).
 Prints, per generation, medians over programs (us from the first program's start): when Q is
@@ -21,6 +22,8 @@ import sys
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nk", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     ap.add_argument("--copies", action="store_true")
     ap.add_argument("--pad-keys", type=int, default=0, help="K and V as slices of a cache this many keys longer")
     ap.add_argument("--stragglers", action="store_true", help="the slowest programs against the fastest half")
@@ -38,8 +41,11 @@ def main(argv=None) -> None:
     build.load()
     decode.DYNAMIC_TILES = not args.static
     torch.manual_seed(0)
-    q = torch.randn(4, 32, 1, 128, dtype=torch.float16, device="cuda")
-    k, v = (torch.randn(4, 8, args.nk + args.pad_keys, 128, dtype=torch.float16, device="cuda")[:, :, :args.nk]
+    (hq, hkv), batch = args.heads, args.batch
+    if hq % hkv or hq // hkv > 8:
+        ap.error("--heads HQ HKV: HQ a multiple of HKV, at most 8 query heads per KV head (the trace's rows)")
+    q = torch.randn(batch, hq, 1, 128, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(batch, hkv, args.nk + args.pad_keys, 128, dtype=torch.float16, device="cuda")[:, :, :args.nk]
             for _ in range(2))
     flush = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     fns = {"sage1": lambda: sage1.sageattn(q, k, v), "sage2_8b": lambda: sage2.sageattn(q, k, v),
@@ -56,11 +62,13 @@ def main(argv=None) -> None:
         flush.zero_()
         fn()
         torch.cuda.synchronize()
-        tps = decode.split_tiles(32, 1, args.nk, q.device)
-        n_progs = -(-args.nk // decode.DECODE_TILE // tps) * 32
+        tps = decode.split_tiles(batch * hkv, 1, args.nk, q.device)
+        n_tiles = -(-args.nk // decode.DECODE_TILE)
+        slots, helpers = decode.cuda_plan(batch * hkv, n_tiles, tps, decode.DYNAMIC_TILES, q.device)
+        n_progs = batch * hkv + helpers if helpers else slots * batch * hkv
         t = scratch[: n_progs * 16 * 128].view(n_progs, 16, 128)[:, 8:].contiguous().view(n_progs, -1)
         t = t.view(torch.int64)[:, :130].double().cpu()
-        used = t[:, 0] > 0
+        used = t[:, 2] > 0  # (helpers that found nothing to join took no tile)
         t = t[used]
         t0 = t[:, 0].min()
         # dynamic tiles: programs take different numbers of tiles (the first 62 are traced); NaN past a

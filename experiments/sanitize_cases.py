@@ -120,7 +120,8 @@ def sage3_cases(q, k, v, q128, k128, v128, causal) -> int:
 def decode_cases(dev) -> int:
     """Decode (Nq = 1, and speculative decoding's Nq = 4 causal), GQA 4/2, a partial last tile: the
     CUDA kernel ("auto" on Hopper, csrc/decode) and the Triton kernels, on clean inputs and on
-    inputs with NaN/Inf (the careful re-sweep); 40k keys on one KV head (dynamic tiles)."""
+    inputs with NaN/Inf (the careful re-sweep); 40k keys on one KV head (dynamic tiles); 288 KV
+    heads (helpers)."""
     n = 0
     qd, kd, vd = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=700, kind="k_bias", device=dev, seed=2)
     q4 = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=700, device=dev, seed=3)[0]
@@ -151,7 +152,14 @@ def decode_cases(dev) -> int:
     ky[0, 0, 30001, 3] = float("nan")
     sage1.sageattn(qy, ky, vy)
     sage2.sageattn(qy, ky, vy)
-    return n + 3
+    # helpers (common.decode.cuda_plan: one owner per KV head, 288 of them, and helper programs that
+    # join them), clean and with a NaN that flags the program that took its tile
+    qh, kh, vh = make_qkv(9, 32, 1, 64, heads_kv=32, seqlen_k=1000, kind="k_bias", device=dev, seed=6)
+    sage1.sageattn(qh, kh, vh)
+    sage2.sageattn(qh, kh, vh, qk_dtype="int4")
+    kh[4, 7, 900, 3] = float("nan")
+    sage2.sageattn(qh, kh, vh)
+    return n + 6
 
 
 if __name__ == "__main__":

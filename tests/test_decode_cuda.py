@@ -94,9 +94,9 @@ def test_decode_op_names_a_bad_argument():
     lse = torch.empty(0)
     part_o = torch.empty(3, 2, 16, 64)
     part_l = torch.empty(3, 2, 16)
-    counters = torch.zeros(4, dtype=torch.int32)
+    counters = torch.zeros(5, dtype=torch.int32)  # 2 x B * Hkv + 1
     link = torch.empty(2 * 2, dtype=torch.int32)  # B * Hkv x tiles
-    args = (True, 1, 1, 0.1, 0.0, 127, True, True, False, False, 2)
+    args = (True, 0, 1, 1, 0.1, 0.0, 127, True, True, False, False, 2)
     with pytest.raises(ValueError, match="decode: k must be a 4-D fp16 or bf16"):
         cuda_decode.decode(q, k.float(), v, out, lse, part_o, part_l, counters, link, *args)
     with pytest.raises(ValueError, match="decode: out must have q's shape"):
@@ -107,9 +107,9 @@ def test_decode_op_names_a_bad_argument():
         cuda_decode.decode(q, k, v, out, torch.empty(1, 8, 2), part_o, part_l, counters, link, *args)
     with pytest.raises(ValueError, match=r"must be \[splits, B\*Hkv, 16, D\]"):
         cuda_decode.decode(q, k, v, out, lse, part_o[:, :1].clone(), part_l, counters, link, *args)
-    with pytest.raises(ValueError, match=r"\[2\*B\*Hkv\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
+    with pytest.raises(ValueError, match=r"\[2\*B\*Hkv \+ 1\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
         cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters[:2], link, *args)
-    with pytest.raises(ValueError, match=r"\[2\*B\*Hkv\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
+    with pytest.raises(ValueError, match=r"\[2\*B\*Hkv \+ 1\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
         cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters, link[:3], *args)
 
 
@@ -231,7 +231,7 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured, captured_lse = sage1.sageattn(q, k, v, return_lse=True)
-    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + 2 * 2 * 2  # its own 2 x B * Hkv counters
+    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + 2 * 2 * 2 + 1  # its own 2 x B * Hkv + 1
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         graph.replay()
         graph.replay()  # the per-KV-head counters start at zero again on every replay
@@ -239,23 +239,24 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 2 and all("decode_kernel" in name for name in kernels), kernels  # no fill captured
     assert torch.equal(captured, eager) and torch.equal(captured_lse, lse)
-    assert int(pool[first:first + 8].abs().sum()) == 0
+    assert int(pool[first:first + 9].abs().sum()) == 0
     B, Hkv, splits = 2, 2, 3
     args = (q, k, v, torch.empty_like(q), torch.empty(2, 8, 1, device="cuda"),
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
-            torch.zeros(2 * B * Hkv, dtype=torch.int32, device="cuda"),
-            torch.empty(B * Hkv * 47, dtype=torch.int32, device="cuda"), True, 1, 16, 0.127, 0.0, 127, False, True,
+            torch.zeros(2 * B * Hkv + 1, dtype=torch.int32, device="cuda"),
+            torch.empty(B * Hkv * 47, dtype=torch.int32, device="cuda"), True, 0, 1, 16, 0.127, 0.0, 127, False, True,
             False, False, 0)
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def _tile_links(q, k):
-    """The tile links in the scratch of eager calls on the current stream ([B*Hkv, tiles] int32 on the
-    GPU: per tile, the tile its program took before it, -1 for a program's first) and the number of
-    programs per KV head."""
+def _tile_links(q, k, dynamic=True):
+    """The tile links in the scratch of the last eager call on the current stream ([B*Hkv, tiles] int32
+    on the GPU: per tile, the tile its program took before it, -1 for a program's first) and the
+    number of partial slots per KV head (programs per KV head, or with helpers 1 +
+    HELPERS_PER_KV_HEAD). ``dynamic``: whether that call claimed tiles (not in deterministic mode)."""
     B, Hkv, Nk, D = k.shape
     bh, tiles = B * Hkv, -(-Nk // 64)
-    splits = -(-tiles // decode.split_tiles(bh, 1, Nk, q.device))
+    splits, _ = decode.cuda_plan(bh, tiles, decode.split_tiles(bh, 1, Nk, q.device), dynamic, q.device)
     scratch, _ = cuda_decode._WORKSPACES[(q.device.index, build.current_stream_handle(q.device.index))]
     start = splits * bh * 16 * (D + 1)  # after the partial outputs and LSEs
     return scratch[start:start + bh * tiles].view(torch.int32).view(bh, tiles), splits
@@ -312,7 +313,7 @@ def test_cuda_dynamic_tiles_agree_with_the_static_split(name, monkeypatch):
     assert not torch.equal(links[0], static_links)  # program p took tiles p and p + splits first
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     static = [fn(q, k, v, return_lse=True, **opts) for _ in range(3)]
-    links, _ = _tile_links(q, k)
+    links, _ = _tile_links(q, k, dynamic=False)
     assert all(torch.equal(row, static_links) for row in links.cpu())
     monkeypatch.undo()
     assert len(calls) == 7
@@ -403,7 +404,7 @@ def test_cuda_dynamic_tiles_replay_from_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = sage1.sageattn(q, k, v)
-    n = 2 * DYNAMIC_SHAPE["batch"] * DYNAMIC_SHAPE["heads_kv"]
+    n = 2 * DYNAMIC_SHAPE["batch"] * DYNAMIC_SHAPE["heads_kv"] + 1
     assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + n
     for _ in range(3):
         captured.zero_()
@@ -411,6 +412,97 @@ def test_cuda_dynamic_tiles_replay_from_a_cuda_graph():
         torch.cuda.synchronize()
         assert accuracy(eager.double(), captured.double()).rel_l1 < 1e-4
         assert int(pool[first:first + n].abs().sum()) == 0
+
+
+# more KV heads than two programs per SM (on the H100's 132 SMs): one owner program per KV head and
+# 264 helpers, which join KV heads from the start (8 programs fit beside the owners) and in the tail
+HELPER_SHAPE = dict(batch=9, heads=32, heads_kv=32, seqlen_k=4000 + 5)
+
+
+def _helper_inputs(seed, n_q=1, kind="k_bias"):
+    s = HELPER_SHAPE
+    return make_qkv(s["batch"], s["heads"], n_q, 128, heads_kv=s["heads_kv"], seqlen_k=s["seqlen_k"], kind=kind,
+                    seed=seed, device="cuda")
+
+
+def _counters_are_zero():
+    return all(int(counters.abs().sum()) == 0 for _, counters in cuda_decode._WORKSPACES.values())
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b"])
+def test_cuda_helpers_share_the_tiles_of_many_kv_heads(name, monkeypatch):
+    """With one program per KV head the kernel appends helper programs that join the KV heads with the
+    most tiles left (common.decode.cuda_plan): every tile is still taken once (each KV head's links
+    form one chain per program: its owner's and one per helper that joined, at most
+    HELPERS_PER_KV_HEAD), helpers did join, the result is the static split's up to fp32 rounding, and
+    every counter is back at zero after each call."""
+    fn, opts = COVERED[name]
+    q, k, v = _helper_inputs(41)
+    bh, tiles = q.shape[0] * k.shape[1], -(-k.shape[2] // 64)
+    assert decode.split_tiles(bh, 1, k.shape[2], q.device) == tiles  # one program per KV head
+    slots, helpers = decode.cuda_plan(bh, tiles, tiles, True, q.device)
+    assert slots == 1 + decode.HELPERS_PER_KV_HEAD and helpers == 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    calls = _spy(monkeypatch)
+    fn(q, k, v, **opts)  # makes the scratch
+    links, _ = _tile_links(q, k)
+    links.fill_(-2)
+    out, lse = fn(q, k, v, return_lse=True, **opts)
+    links = links.cpu()
+    chains = (links == -1).sum(1)
+    assert int((links < -1).sum()) == 0 and int(chains.min()) >= 1 and int(chains.max()) <= slots
+    assert int((chains > 1).sum()) > 0  # helpers joined some KV heads
+    for row in links:
+        prev = row[row >= 0]
+        assert prev.unique().numel() == prev.numel()
+    assert _counters_are_zero()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    static, static_lse = fn(q, k, v, return_lse=True, **opts)
+    links, _ = _tile_links(q, k, dynamic=False)
+    assert int((links == -1).sum()) == bh  # no helpers in deterministic mode: one chain per KV head
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert accuracy(static.double(), out.double()).rel_l1 < 1e-4
+    torch.testing.assert_close(lse, static_lse, rtol=1e-5, atol=1e-5)
+    emulated = fn(q, k, v, backend="torch", **opts)
+    assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
+def test_cuda_helpers_careful_sweep_and_graph_replay(fn, monkeypatch):
+    """Helpers flagged by an fp16 overflow (sage1: V large and positive, scores nearly flat) or a NaN
+    in one key's K replay exactly their own tiles carefully; the NaN rows are SDPA's; a captured call
+    with helpers replays again and again, its counters back at zero after each replay."""
+    q, k, v = _helper_inputs(42)
+    q = q * 0.05
+    v = v.abs() + 1.0
+    v = v * (3e4 / v.abs().amax())
+    k[3, 5, 3999, 7] = float("nan")  # KV head 3 * 32 + 5 (its tile 62, claimed late): one query head's row
+    calls = _spy(monkeypatch)
+    out = fn(q, k, v)
+    want = nan_rows(q, k, v, is_causal=False, mask=NO_MASK)
+    assert torch.equal(torch.isnan(out).any(-1), want) and int(want.sum()) == 1
+    emulated = fn(q, k, v, backend="torch")
+    assert accuracy(emulated[~want].double(), out[~want].double()).rel_l1 < 2e-3
+    assert _counters_are_zero()
+    q, k, v = _helper_inputs(43)
+    eager = fn(q, k, v)
+    pool, first = cuda_decode._CAPTURE_COUNTERS[q.device.index]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn(q, k, v)
+    n = 2 * HELPER_SHAPE["batch"] * HELPER_SHAPE["heads_kv"] + 1
+    assert cuda_decode._CAPTURE_COUNTERS[q.device.index][1] == first + n
+    for _ in range(3):
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert accuracy(eager.double(), captured.double()).rel_l1 < 1e-4
+        assert int(pool[first:first + n].abs().sum()) == 0
+    assert len(calls) == 3  # (the emulation and the replays do not launch through run_decode)
 
 
 @gpu
@@ -422,9 +514,11 @@ def test_cuda_sweep_reuses_its_scratch_across_calls_and_streams(monkeypatch):
     calls = _spy(monkeypatch)
     cuda_decode.clear_workspaces()
     side = torch.cuda.Stream()
-    shapes = [(8, 2, 5000), (8, 2, 333), (16, 4, 2000), (8, 2, 5000), (4, 4, 70)]  # heads, heads_kv, keys
-    for i, (heads, heads_kv, n_k) in enumerate(shapes):
-        q, k, v = make_qkv(2, heads, 1, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=20 + i,
+    # (batch, heads, heads_kv, keys); 9 x 32 KV heads: with helpers
+    shapes = [(2, 8, 2, 5000), (2, 8, 2, 333), (9, 32, 32, 1000), (2, 16, 4, 2000), (9, 32, 32, 1000),
+              (2, 8, 2, 5000), (2, 4, 4, 70)]
+    for i, (batch, heads, heads_kv, n_k) in enumerate(shapes):
+        q, k, v = make_qkv(batch, heads, 1, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=20 + i,
                            device="cuda")
         stream = side if i % 2 else torch.cuda.current_stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -436,7 +530,7 @@ def test_cuda_sweep_reuses_its_scratch_across_calls_and_streams(monkeypatch):
     torch.cuda.synchronize()
     assert calls == [1] * len(shapes)
     assert len(cuda_decode._WORKSPACES) == 2  # one per stream
-    assert all(int(counters.abs().sum()) == 0 for _, counters in cuda_decode._WORKSPACES.values())
+    assert _counters_are_zero()
 
 
 @gpu

@@ -71,6 +71,13 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kStages = SAGE_DECODE_STAGES;         // tiles in flight
 constexpr int kMinBlocks = SAGE_DECODE_MIN_BLOCKS;  // programs per SM the registers must allow
 constexpr float kInf = __builtin_huge_valf();
+// A KV head's claim word (DecodeArgs::counters): tiles claimed in the low bits, helpers that joined
+// the KV head above them
+constexpr int kClaimBits = 20;
+constexpr int kClaimMask = (1 << kClaimBits) - 1;
+// a helper joins a KV head only with at least this many tiles unclaimed: below that, its start (Q, the
+// first tile's latency, ~3-5 us) costs more than the tiles it would take
+constexpr int kMinHelpTiles = 4;
 
 // Measurement builds (-DSAGE_DECODE_TRACE, experiments/decode_trace.py): thread 0 of each program
 // writes the global timer (ns) at its steps into rows 8..15 of its partial outputs, which hold
@@ -228,11 +235,77 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   uint64_t* s_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int split = blockIdx.x, kv_bh = blockIdx.y;
+  const int bh = a.batch * a.heads_kv, n_total = (a.seqlen_k + kTile - 1) / kTile;
   DECODE_TRACE(0)
 #ifdef SAGE_DECODE_TRACE
   if (tid == 0) trace_slots(a, DP)[129] = sm_id();
 #endif
+  // ---- helpers (a.helpers > 0, one owner program per KV head: more KV heads than programs fit at
+  // once). The owners run in waves, and the memory serves SMs unevenly, so the last wave used to end
+  // ~10 us after most of it. The helper programs come after every owner in the grid, so they start
+  // as owners finish; each joins the KV head with the most tiles left (at most a.splits - 1 per KV
+  // head: its partial slots) and claims tiles on its counter beside the owner. Which program takes a
+  // tile does not change the result beyond fp32 rounding (each tile's P is quantized after its own
+  // row max). Helpers that start together spread over the KV heads with about as many tiles left (in
+  // steps of 8), in an order of their own; all taking the one with the most left, every one but three
+  // failed to join (measured: a 1.09-wave grid gained 2% instead of the idle slots). A KV head's programs are then not known in advance, its tiles are: the program that
+  // completes the last tile merges. The counters are zeroed by whoever counts the last of the bh
+  // merges and a.helpers helper exits, when nothing reads them any more ----
+  const bool helping = a.helpers > 0;
+  auto count_finished = [&](int events) {  // block-wide (helper mode)
+    __syncthreads();
+    if (tid == 0) s_flag[1] = atomic_add_acq_rel_gpu(a.counters + 2 * bh, events) + events == bh + a.helpers;
+    __syncthreads();
+    if (s_flag[1])
+      for (int i = tid; i <= 2 * bh; i += kThreads) a.counters[i] = 0;
+  };
+  int split = blockIdx.x, kv_bh = blockIdx.y;
+  int joined_at = 0;  // a helper's first claim (its tile: kStages + joined_at)
+  const bool helper = helping && kv_bh >= bh;
+  if (helper) {
+    __shared__ unsigned long long s_pick;  // (tiles left / 8, this helper's order, KV head) of the best candidate
+    kv_bh = -1;
+    const unsigned seed = blockIdx.y * 0x85EBCA6Bu;
+    for (int attempt = 0; attempt < 4 && kv_bh < 0; ++attempt) {  // (others may take the last slots)
+      if (tid == 0) s_pick = 0;
+      __syncthreads();
+      unsigned long long best = 0;
+      for (int h = tid; h < bh; h += kThreads) {
+        const int w = __ldcg(a.counters + bh + h);
+        const int left = n_total - kStages - (w & kClaimMask);  // the owner's first kStages tiles are its own
+        const unsigned order = ((static_cast<unsigned>(h) * 0x9E3779B1u) ^ seed) >> 16;  // 16 bits
+        if ((w >> kClaimBits) < a.splits - 1 && left >= kMinHelpTiles)
+          best = max(best, (static_cast<unsigned long long>(left >> 3) << 48) |
+                               (static_cast<unsigned long long>(order) << 32) | static_cast<unsigned>(h));
+      }
+      if (best != 0) atomicMax(&s_pick, best);
+      __syncthreads();
+      if (tid == 0) {  // join it: one more helper and its first claim in one compare-and-swap
+        int target = -1, slot = 0, at = 0;
+        if (s_pick != 0) {
+          const int h = static_cast<int>(s_pick & 0xffffffffu);
+          int* word = a.counters + bh + h;
+          int cur = __ldcg(word);
+          while ((cur >> kClaimBits) < a.splits - 1 && n_total - kStages - (cur & kClaimMask) >= 1) {
+            const int prev = atomicCAS(word, cur, cur + (1 << kClaimBits) + 1);
+            if (prev == cur) {
+              target = h, slot = 1 + (cur >> kClaimBits), at = cur & kClaimMask;
+              break;
+            }
+            cur = prev;
+          }
+        }
+        s_flag[1] = target, s_flag[2] = slot, s_flag[3] = at;
+      }
+      __syncthreads();
+      kv_bh = s_flag[1], split = s_flag[2], joined_at = s_flag[3];
+      __syncthreads();  // (s_flag and s_pick are written again)
+    }
+    if (kv_bh < 0) {  // nothing left worth joining
+      count_finished(1);
+      return;
+    }
+  }
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
   // Q smoothing with one query per head leaves nothing to quantize: q minus its head's mean is 0
@@ -253,25 +326,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // the static split [split tps, (split + 1) tps), bit for bit the same on every run. Thread 0 keeps
   // the sequence; a stage's tile goes through s_tile_of. Each tile taken is linked to the one this
   // program took before it (a.tile_link), so a flagged program's careful sweep replays its own tiles.
-  const int n_total = (nk + kTile - 1) / kTile;
   const bool dynamic = a.dynamic && a.splits > 1;  // (one program per KV head: nobody to share with)
   int seq_next, seq_step, seq_end;  // thread 0: the statically assigned tiles still to take
-  if (dynamic) {
+  if (helping) {  // the owner takes the first kStages tiles, then claims; a helper only claims
+    seq_next = 0, seq_step = 1, seq_end = helper ? 0 : min(n_total, kStages);
+  } else if (dynamic) {
     seq_next = split, seq_step = a.splits, seq_end = min(n_total, split + kStages * a.splits);
   } else {
     seq_next = split * a.tiles_per_split, seq_step = 1, seq_end = min(n_total, seq_next + a.tiles_per_split);
   }
-  const int first_claimed = dynamic ? kStages * a.splits : n_total;  // tiles from here on are claimed
+  const int first_claimed = helping ? kStages : dynamic ? kStages * a.splits : n_total;  // from here on claimed
   int* claims = a.counters + a.batch * a.heads_kv + kv_bh;
   int32_t* link = a.tile_link + int64_t(kv_bh) * n_total;
   bool claiming = first_claimed < n_total;  // thread 0: claims are not yet used up
-  int claimed = 0;      // thread 0: the claim asked for one refill ahead (its tile: first_claimed + it).
+  int claimed = joined_at;  // thread 0: the claim asked for one refill ahead (its tile: first_claimed + its
+                            // low kClaimBits).
                         // Read only at the next refill, so that nothing waits for the atomic before then
   int chain = -1;       // thread 0: the last tile taken (the fast sweep), the next to replay (careful)
+  int taken = 0;        // thread 0: tiles taken in the fast sweep (helper mode counts KV heads' tiles done)
   bool replay = false;  // the careful sweep: walk the chain
   // the first claim, read at the first refill, goes out before anything else: behind the first tiles'
   // copies in the memory queues it came back only after ~8 us, and Q's processing waited for it
-  if (tid == 0 && claiming) claimed = atomicAdd(claims, 1);
+  if (tid == 0 && claiming && !helper) claimed = atomicAdd(claims, 1);  // (a helper's came with joining)
 
   // ---- Q's loads are issued next, before the tiles' copies: behind every program's first tiles in the
   // memory queues they came back only after ~8 us, when every stage had long landed and the memory
@@ -297,14 +373,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (seq_next < seq_end) {
       t = seq_next, seq_next += seq_step;
     } else if (claiming) {
-      t = first_claimed + claimed;
+      t = first_claimed + (claimed & kClaimMask);
       if (t < n_total) {
         claimed = atomicAdd(claims, 1);
       } else {
         t = -1, claiming = false;
       }
     }
-    if (t >= 0) link[t] = chain, chain = t;
+    if (t >= 0) link[t] = chain, chain = t, ++taken;
     return t;
   };
   uint32_t phase = 0;  // bit s: the parity stage s's barrier completes with next
@@ -891,7 +967,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 
   // ---- this program's normalized output and log2 LSE (NaN: a row that saw a NaN/Inf), real rows only ----
-  const int64_t prog = int64_t(split) * gridDim.y + kv_bh;
+  const int64_t prog = int64_t(split) * bh + kv_bh;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (!ok_row[h]) continue;
@@ -911,12 +987,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // Thread 0 counts the program with a release (the barrier before it orders every thread's partials
   // and claims first) and an acquire (the barrier after it orders the merge's reads after every
   // program's).
+  // With helpers the count is of tiles (a KV head's programs are not known in advance).
   __syncthreads();
-  if (tid == 0) s_flag[0] = atomic_add_acq_rel_gpu(a.counters + kv_bh, 1) == a.splits - 1;
+  if (tid == 0)
+    s_flag[0] = helping ? atomic_add_acq_rel_gpu(a.counters + kv_bh, taken) + taken == n_total
+                        : atomic_add_acq_rel_gpu(a.counters + kv_bh, 1) == a.splits - 1;
   __syncthreads();
   DECODE_TRACE(127)
-  if (!s_flag[0]) return;
-  if (tid == 0) a.counters[kv_bh] = 0, *claims = 0;  // ready for the next call on this buffer (every claim is in)
+  if (!s_flag[0]) {
+    if (helper) count_finished(1);
+    return;
+  }
+  if (tid == 0 && !helping) a.counters[kv_bh] = 0, *claims = 0;  // ready for the next call on this buffer (every claim is in)
+  // the partials to merge: every helper that joined took a tile, so it has counted before this
+  const int parts = helping ? 1 + (__ldcg(claims) >> kClaimBits) : a.splits;
   // one float4 of one real row per item: at Nq = 1 and 4 query heads per KV head, one item per thread
   constexpr int C4 = DP / 4;
   for (int item = tid; item < a.group * a.rows_per_head * C4; item += kThreads) {
@@ -929,13 +1013,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     float m = -kInf, den = 0.f;
     bool bad = false;
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int sp0 = 0; sp0 < a.splits; sp0 += 8) {
+    for (int sp0 = 0; sp0 < parts; sp0 += 8) {
       float lse[8];
       float4 x[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int64_t base = (int64_t(sp0 + j) * gridDim.y + kv_bh) * kRows + row;
-        const bool in = sp0 + j < a.splits;
+        const int64_t base = (int64_t(sp0 + j) * bh + kv_bh) * kRows + row;
+        const bool in = sp0 + j < parts;
         lse[j] = in ? __ldcg(a.part_lse + base) : -kInf;  // L2: other programs' partials
         x[j] = in ? __ldcg(reinterpret_cast<const float4*>(a.part_out + base * DP) + c4) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
@@ -971,6 +1055,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           bad ? nan : (m + log2f(den)) * 0.6931471805599453f;
   }
   DECODE_TRACE(128)
+  if (helping) count_finished(helper ? 2 : 1);  // this KV head merged (and a helper's exit)
 }
 
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>
@@ -994,7 +1079,8 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
   };
   const CUtensorMap map_k = map_of(a.k, a.k_stride_b, a.k_stride_h, a.k_stride_n, "k");
   const CUtensorMap map_v = map_of(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_n, "v");
-  kernel<<<dim3(a.splits, a.batch * a.heads_kv), kThreads, bytes, stream>>>(a, map_k, map_v);
+  const int bh = a.batch * a.heads_kv;  // helpers come after every owner (the y index runs last)
+  kernel<<<a.helpers > 0 ? dim3(1, bh + a.helpers) : dim3(a.splits, bh), kThreads, bytes, stream>>>(a, map_k, map_v);
   check_launch("decode");
 }
 
@@ -1034,6 +1120,13 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
   require(!a.smooth_q || a.k_per_token, "smooth_q needs per-token K scales (k_per_token)");
   require(a.pv == kPvFp16Acc16 || a.pv == kPvFp16Acc32 || a.pv == kPvFp8E4m3, "pv must be 0, 1 or 2");
   require(a.tiles_per_split >= 1 && a.splits >= 1, "tiles_per_split and splits must be positive");
+  require(!a.dynamic || int64_t(a.seqlen_k) / kTile + a.splits + 1 < (1 << kClaimBits),
+          "seqlen_k must be below 2^" + std::to_string(kClaimBits) + " tiles of " + std::to_string(kTile) +
+              " keys (the claim counters)");
+  require(a.helpers == 0 || (a.helpers > 0 && a.dynamic && a.splits >= 2 &&
+                             int64_t(a.batch) * a.heads_kv + a.helpers <= 65535),
+          "helpers must be 0, or positive with dynamic tiles, splits >= 2 (1 + helper slots per KV head) and "
+          "batch * heads_kv + helpers <= 65535");
   require(a.part_out != nullptr && a.part_lse != nullptr && a.counters != nullptr && a.tile_link != nullptr,
           "part_out, part_lse, counters and tile_link must be given (scratch)");
   for (const auto& [name, p, sb, sh, sn] : {std::tuple{"k", a.k, a.k_stride_b, a.k_stride_h, a.k_stride_n},

@@ -22,11 +22,18 @@ struct DecodeArgs {
   float* lse;         // [B, Hq, Nq] natural-log LSE, or null
   float* part_out;    // [splits, B * Hkv, 16, D]: each program's normalized output (scratch)
   float* part_lse;    // [splits, B * Hkv, 16]: log2-domain LSE (NaN: a row that saw a NaN/Inf)
-  int32_t* counters;  // [2, B * Hkv], zero: programs done per KV head (the last one merges), then tiles
-                      // claimed per KV head (dynamic); the merging program leaves both at zero
+  int32_t* counters;  // [2 B Hkv + 1], zero: per KV head programs done (with helpers: tiles done; the
+                      // last one merges), then per KV head tiles claimed (dynamic; with helpers the bits
+                      // from kClaimBits up count the helpers that joined), then (helpers) the programs
+                      // and heads finished. The kernel leaves them all at zero
   int32_t* tile_link;  // [B * Hkv, ceil(Nk / 64)] (scratch): per tile, the tile its program took before it
   bool dynamic;        // tiles claimed dynamically (with splits > 1); false: the static split (bitwise reproducible)
   int batch, heads_kv, seqlen_q, seqlen_k, head_dim, group, rows_per_head, tiles_per_split, splits;
+  // > 0 (with splits - 1 helper slots per KV head): one owner program per KV head, then this many
+  // helper programs, each of which joins the KV head with the most tiles left (dynamic, one program
+  // per KV head: the many-heads case, where the owners run in waves and the last wave's tail was
+  // ~3% of the call; DECODE_NOTES.md, c13)
+  int helpers;
   float qk_mult;      // sm_scale * log2(e)
   float log2_pscale;  // FP8 P's static scale, log2 (0 for fp16 P)
   int qmax;           // 127 (INT8) or 7 (INT4)
