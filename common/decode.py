@@ -22,8 +22,9 @@ merged by their log-sum-exp. Every statistic the quantization needs is therefore
 * P after the tile's own row max, not the running max: ``p = exp2(s - m_t)``, and the tile enters
   the running state scaled by ``exp2(m_t - m)`` (:meth:`OnlineSoftmax.update_own_max`). A tile's
   quantized P then does not depend on the tiles before it, so the CUDA kernel's programs may claim
-  tiles dynamically (whoever is free takes the next one) and still agree with this emulation up to
-  fp32 rounding (``torch.use_deterministic_algorithms(True)`` keeps the static split points). Its
+  tiles dynamically (whoever is free takes the next one; with one program per KV head, helper
+  programs join the KV heads with the most tiles left: :func:`cuda_plan`) and still agree with
+  this emulation up to fp32 rounding (``torch.use_deterministic_algorithms(True)`` keeps the static split points). Its
   accuracy equals the running max's or is slightly better (each tile's FP8 P spans the whole range;
   DECODE_NOTES.md).
 * P, V: sage1: fp16 P and fp16 V with the tile product accumulated in fp16 (``pv_accum="fp16"``,

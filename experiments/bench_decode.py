@@ -30,6 +30,9 @@ SHAPES = [
     (4, 32, 8, 1, 1024, False), (4, 32, 8, 1, 4096, False), (4, 32, 8, 1, 16384, False),
     (4, 32, 8, 1, 32768, False), (1, 32, 8, 1, 131072, False), (16, 32, 32, 1, 4096, False),
     (4, 32, 8, 4, 16384, True), (8, 32, 8, 16, 8192, True), (4, 64, 8, 1, 16384, False),
+    # one program per KV head in 1.09 and 1.21 waves: the CUDA kernel's helpers take the idle SMs
+    # (experiments/bench_decode_helpers.py; before them 0.66-0.73x cuDNN)
+    (9, 32, 32, 1, 4096, False), (40, 32, 8, 1, 4096, False),
 ]
 # backend="auto": the CUDA sweep on Hopper where it covers the call; "(triton)": the Triton sweep, for
 # comparison

@@ -7,8 +7,9 @@
 //     one tile per stage first, then claims the next tile on the KV head's counter, so that programs
 //     the memory serves faster take more tiles. Each tile's P is quantized after the tile's own row
 //     max, so the result does not depend on who took which tile beyond fp32 rounding. Fixed splits
-//     (a.dynamic false: torch's deterministic mode, Q smoothing with several queries per head) and
-//     one program per KV head keep static ranges;
+//     (a.dynamic false: torch's deterministic mode, Q smoothing with several queries per head) keep
+//     static ranges. With one program per KV head (more KV heads than half the programs that fit),
+//     helper programs after the owners join the KV heads with the most tiles left (a.helpers);
 //   * the copy engine (TMA) brings each 64-key tile of K and V (fp16/bf16, as the caller stores them)
 //     into shared memory, in 64-row x 128-byte boxes with the 128-byte swizzle, completing on one
 //     mbarrier per stage: one thread issues them, so no warp spends instructions on copies. Two
