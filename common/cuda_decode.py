@@ -151,8 +151,8 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
     or None) in one launch of ``splits`` programs per KV head (``dynamic``: sharing its tiles; else
     ``tiles_per_split`` tiles each), or with ``helpers`` > 0 one owner per KV head and that many
-    helper programs with ``splits`` - 1 partial slots per KV head (common.decode.cuda_plan), with the
-    scratch described above. Under tracing this is the
+    helper programs, with ``splits`` partial slots per KV head: the owner's and ``splits`` - 1 for
+    helpers (common.decode.cuda_plan); the scratch is described above. Under tracing this is the
     custom op :func:`decode`, which checks its arguments; eager calls from common.decode (whose
     tensors are made to fit) launch directly: the op's dispatch and checks cost ~0.1 ms of host time
     per call, as much as the kernel at 16k keys."""

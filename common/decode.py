@@ -85,6 +85,9 @@ DYNAMIC_TILES_SMOOTH_Q = False  # True: Q smoothing with several queries per hea
 HELPERS_PER_KV_HEAD = 3
 HELPER_MIN_TILES = 6  # fewer tiles per KV head: no helpers (the kernel's two stages + kMinHelpTiles)
 HELPER_MAX_WAVES = 1.5  # more KV heads than this many waves of owners: no helpers (see cuda_plan)
+# The CUDA kernel counts claims in the low 20 bits of a word (kClaimBits, with the look-ahead claims
+# past the end): longer KV sequences (> 67M keys) run its static split
+MAX_CLAIMED_TILES = (1 << 20) - 64
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
@@ -182,7 +185,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
 
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=qh.device) if return_lse else None
         dynamic = DYNAMIC_TILES and (DYNAMIC_TILES_SMOOTH_Q or not spec.smooth_q or Nq == 1) \
-            and not torch.are_deterministic_algorithms_enabled()
+            and not torch.are_deterministic_algorithms_enabled() and n_tiles < MAX_CLAIMED_TILES
         splits, helpers = cuda_plan(B * Hkv, n_tiles, tps, dynamic, qh.device)
         run_decode(qh, kh, vh, out_hnd, lse, splits, helpers, nqp, tps, sm_scale * LOG2E,
                    LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q,
