@@ -87,7 +87,7 @@ HELPER_MIN_TILES = 6  # fewer tiles per KV head: no helpers (the kernel's two st
 HELPER_MAX_WAVES = 1.5  # more KV heads than this many waves of owners: no helpers (see cuda_plan)
 # The CUDA kernel counts claims in the low 20 bits of a word (kClaimBits, with the look-ahead claims
 # past the end): longer KV sequences (> 67M keys) run its static split
-MAX_CLAIMED_TILES = (1 << 20) - 64
+MAX_CLAIMED_TILES = (1 << 20) - 1024  # (room for every program's claim past the end)
 # smooth_q's mean_q . (k - m_j) on tensor cores: "tf32x3" (~fp32, as SageAttention2's delta_s) or
 # "tf32" (one pass; the emulation then rounds its operands to TF32 alike on the GPU)
 DELTA_PRECISION = "tf32x3"
