@@ -61,8 +61,8 @@ def _unusable(size: int, stride: int) -> bool:
 
 # The scratch of a call (the programs' partial outputs and LSEs, the links of the tiles each program
 # took, per KV head two counters: programs (with helpers: tiles) done, by which the last one knows it
-# is last, and tiles claimed, and one count for the helpers) costs host time: eager decode below ~16k keys is bound by it
-# (cProfile put allocations and the counters' fill first among our host costs on the H100's host,
+# is last, and tiles claimed, and one count for the helpers) costs host time: eager decode below
+# ~16k keys is bound by it (cProfile put allocations and the counters' fill first among our host costs on the H100's host,
 # 2026-11-22). So:
 # * eager calls keep it per (device, stream): calls on one stream run one after another, and the
 #   kernel leaves its counters at zero, so a call needs neither allocations nor a fill. The
@@ -181,7 +181,8 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
 
 
 def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr, splits, dynamic,
-            helpers, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+            helpers, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,
+            causal, pv):
     """The extension's launch on the current device and stream (pointers for the scratch and lse)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -190,8 +191,8 @@ def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, til
         q.data_ptr(), k.data_ptr(), v.data_ptr(), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr,
         dynamic, B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, splits, helpers, qk_mult, log2_pscale,
-        qmax,
-        k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv, current_stream_handle(q.device.index))
+        qmax, k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv,
+        current_stream_handle(q.device.index))
 
 
 @torch.library.custom_op("sageattn_repro::decode",

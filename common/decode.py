@@ -24,8 +24,8 @@ merged by their log-sum-exp. Every statistic the quantization needs is therefore
   quantized P then does not depend on the tiles before it, so the CUDA kernel's programs may claim
   tiles dynamically (whoever is free takes the next one; with one program per KV head, helper
   programs join the KV heads with the most tiles left: :func:`cuda_plan`) and still agree with
-  this emulation up to fp32 rounding (``torch.use_deterministic_algorithms(True)`` keeps the static split points). Its
-  accuracy equals the running max's or is slightly better (each tile's FP8 P spans the whole range;
+  this emulation up to fp32 rounding (``torch.use_deterministic_algorithms(True)`` keeps the static
+  split points). Its accuracy equals the running max's or is slightly better (each tile's FP8 P spans the whole range;
   DECODE_NOTES.md).
 * P, V: sage1: fp16 P and fp16 V with the tile product accumulated in fp16 (``pv_accum="fp16"``,
   the paper) or fp32; V is scaled by a power of two per tile when ``T * max|V|`` would overflow
