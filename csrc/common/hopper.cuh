@@ -44,6 +44,14 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* counter, int value) {
   return old;
 }
 
+// ---- a read of a word that other programs change by atomics: relaxed at gpu scope, so the race with
+// them is defined (a plain or .cg load racing an atomic is a data race in the PTX memory model) ----
+__device__ __forceinline__ int load_relaxed_gpu(const int* word) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
+  return v;
+}
+
 // ---- TMA: one 3-D box from global memory into shared memory, completing on an mbarrier ----
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y, int z) {
   asm volatile(

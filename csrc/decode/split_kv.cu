@@ -264,7 +264,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   int joined_at = 0;  // a helper's first claim (its tile: kStages + joined_at)
   const bool helper = helping && kv_bh >= bh;
   if (helper) {
-    __shared__ unsigned long long s_pick;  // (tiles left / 8, this helper's order, KV head) of the best candidate
+    // the best candidate as (valid bit, tiles left / 8 capped at 15 bits, this helper's order, KV head):
+    // one atomicMax picks it; the valid bit tells a candidate from "none" (KV head 0 with order 0 and
+    // 4-7 tiles left would otherwise read as 0)
+    __shared__ unsigned long long s_pick;
     kv_bh = -1;
     const unsigned seed = blockIdx.y * 0x85EBCA6Bu;
     for (int attempt = 0; attempt < 4 && kv_bh < 0; ++attempt) {  // (others may take the last slots)
@@ -272,11 +275,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       __syncthreads();
       unsigned long long best = 0;
       for (int h = tid; h < bh; h += kThreads) {
-        const int w = __ldcg(a.counters + bh + h);
+        const int w = load_relaxed_gpu(a.counters + bh + h);
         const int left = n_total - kStages - (w & kClaimMask);  // the owner's first kStages tiles are its own
         const unsigned order = ((static_cast<unsigned>(h) * 0x9E3779B1u) ^ seed) >> 16;  // 16 bits
         if ((w >> kClaimBits) < a.splits - 1 && left >= kMinHelpTiles)
-          best = max(best, (static_cast<unsigned long long>(left >> 3) << 48) |
+          best = max(best, (1ull << 63) | (static_cast<unsigned long long>(min(left >> 3, 0x7fff)) << 48) |
                                (static_cast<unsigned long long>(order) << 32) | static_cast<unsigned>(h));
       }
       if (best != 0) atomicMax(&s_pick, best);
@@ -286,8 +289,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if (s_pick != 0) {
           const int h = static_cast<int>(s_pick & 0xffffffffu);
           int* word = a.counters + bh + h;
-          int cur = __ldcg(word);
-          while ((cur >> kClaimBits) < a.splits - 1 && n_total - kStages - (cur & kClaimMask) >= 1) {
+          int cur = load_relaxed_gpu(word);
+          // (the same bar as the scan's: the word may have moved since, and a helper that joins for fewer
+          // tiles costs more than it takes)
+          while ((cur >> kClaimBits) < a.splits - 1 && n_total - kStages - (cur & kClaimMask) >= kMinHelpTiles) {
             const int prev = atomicCAS(word, cur, cur + (1 << kClaimBits) + 1);
             if (prev == cur) {
               target = h, slot = 1 + (cur >> kClaimBits), at = cur & kClaimMask;
@@ -1121,7 +1126,8 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
   require(!a.smooth_q || a.k_per_token, "smooth_q needs per-token K scales (k_per_token)");
   require(a.pv == kPvFp16Acc16 || a.pv == kPvFp16Acc32 || a.pv == kPvFp8E4m3, "pv must be 0, 1 or 2");
   require(a.tiles_per_split >= 1 && a.splits >= 1, "tiles_per_split and splits must be positive");
-  require(!a.dynamic || int64_t(a.seqlen_k) / kTile + a.splits + 1 < (1 << kClaimBits),
+  // (only launches that claim: dynamic tiles with more than one program per KV head)
+  require(!a.dynamic || a.splits == 1 || int64_t(a.seqlen_k) / kTile + a.splits + 1 < (1 << kClaimBits),
           "seqlen_k must be below 2^" + std::to_string(kClaimBits) + " tiles of " + std::to_string(kTile) +
               " keys (the claim counters)");
   require(a.helpers == 0 || (a.helpers > 0 && a.dynamic && a.splits >= 2 &&
