@@ -126,7 +126,8 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("n_q,heads,heads_kv,n_k,causal,head_dim", [
     (1, 8, 2, 333, False, 128), (1, 8, 2, 4000, False, 64), (4, 8, 2, 1000, True, 128), (5, 4, 4, 200, True, 64),
     (1, 16, 1, 130, False, 128), (2, 8, 1, 97, True, 128), (1, 4, 4, 5000, False, 128),
-    (1, 8, 2, 37, False, 128), (3, 4, 1, 3, True, 64)])  # fewer keys than one tile (TMA's box: zeros past Nk)
+    (1, 8, 2, 37, False, 128), (3, 4, 1, 3, True, 64),  # fewer keys than one tile (TMA's box: zeros past Nk)
+    (1, 12, 1, 500, False, 128), (1, 18, 2, 700, True, 64)])  # groups 12 and 9: rows 9-16 of the fragments
 def test_cuda_sweep_matches_emulation_and_triton(name, n_q, heads, heads_kv, n_k, causal, head_dim, monkeypatch):
     fn, opts = COVERED[name]
     q, k, v = make_qkv(2, heads, n_q, head_dim, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=n_q + n_k,
@@ -159,10 +160,11 @@ def test_sage2_backend_cuda_runs_the_cuda_sweep_or_says_why_not(monkeypatch):
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b"])  # sage2_4b: Q smoothing's mean q in 2 or 3 parts
-@pytest.mark.parametrize("batch,heads_kv,n_k", [(2, 2, 777), (1, 1, 1), (2, 2, 2)])  # one key: a stride of no use
-def test_cuda_sweep_layouts_and_dtypes(layout, dtype, name, batch, heads_kv, n_k, monkeypatch):
+@pytest.mark.parametrize("batch,heads_kv,n_k,head_dim", [(2, 2, 777, 128), (1, 1, 1, 128), (2, 2, 2, 128),
+                                                      (2, 2, 777, 64)])  # one key: a stride of no use
+def test_cuda_sweep_layouts_and_dtypes(layout, dtype, name, batch, heads_kv, n_k, head_dim, monkeypatch):
     fn, opts = COVERED[name]
-    q, k, v = make_qkv(batch, 4 * heads_kv, 1, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", dtype=dtype,
+    q, k, v = make_qkv(batch, 4 * heads_kv, 1, head_dim, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", dtype=dtype,
                        layout=layout, device="cuda", seed=3)
     calls = _spy(monkeypatch)
     k_vs_e, e_vs_ref = kernel_vs_emulation(fn, q, k, v, tensor_layout=layout, is_causal=False, kernel_backend="auto",
@@ -183,13 +185,13 @@ def test_cuda_sweep_nonfinite_rows_follow_the_rule(where, causal, value, monkeyp
     assert want.any() and not want.all()
     copies = [x.clone() for x in (q, k, v)]
     calls = _spy(monkeypatch)
-    for fn in (sage1.sageattn, sage2.sageattn):
-        out, lse = fn(q, k, v, is_causal=causal, return_lse=True)
+    for fn, opts in ((sage1.sageattn, {}), (sage2.sageattn, {}), (sage2.sageattn, dict(qk_dtype="int4"))):
+        out, lse = fn(q, k, v, is_causal=causal, return_lse=True, **opts)  # (int4: Q smoothing, careful too)
         assert torch.equal(torch.isnan(out).any(-1), want) and torch.equal(torch.isnan(lse), want)
         clean = [torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (q, k, v)]
         ref = attention_reference(*clean, is_causal=causal)
         assert accuracy(ref[~want], out[~want]).cos_sim > 0.998
-    assert len(calls) == 2
+    assert len(calls) == 3
     assert all(torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) for a, b in zip((q, k, v), copies))
 
 
@@ -204,11 +206,11 @@ def test_cuda_sweep_large_values_stay_finite(dtype, scale, monkeypatch):
     ref = attention_reference(q, k, v)
     calls = _spy(monkeypatch)
     for fn, opts in ((sage1.sageattn, {}), (sage1.sageattn, dict(pv_accum="fp32")), (sage2.sageattn, {}),
-                     (sage2.sageattn, dict(pv_dtype="fp16"))):
-        out = fn(q.cuda(), k.cuda(), v.cuda(), **opts).cpu()
+                     (sage2.sageattn, dict(pv_dtype="fp16")), (sage2.sageattn, dict(qk_dtype="int4", pv_dtype="fp16"))):
+        out = fn(q.cuda(), k.cuda(), v.cuda(), **opts).cpu()  # (the last: Q smoothing in the careful sweep)
         assert torch.isfinite(out).all()
         assert accuracy(ref.double(), out.double()).cos_sim > 0.998
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 @gpu
