@@ -100,20 +100,23 @@ def sweep(n=16384, d=128, B=4, H=32):
     do = torch.randn_like(q)
     flops = 3.5 * attention_flops(B, H, n, n, d)
     dp = 128 if d > 64 else 64
-    base_f, base_b = tk.FWD_CONFIGS[dp], tk.BWD_CONFIGS[dp]
+    base_f = tk.FWD_CONFIGS[dp]
     for cfg in [(4, 2), (8, 2), (4, 3), (8, 3)]:
         tk.FWD_CONFIGS[dp] = cfg
         ms = bench_ms(lambda: sage3.sageattn_train(q, k, v))
         print(f"  fwd config (warps, stages)={cfg}: {ms:.2f} ms ({tops(flops / 3.5, ms):.0f} TOPS fwd)", flush=True)
     tk.FWD_CONFIGS[dp] = base_f
-    for cfg in [(4, 1), (4, 2), (8, 1), (8, 2), (4, 3)]:
-        tk.BWD_CONFIGS[dp] = cfg
-        try:
-            ms = bench_ms(fwd_bwd(lambda a, b, c: sage3.sageattn_train(a, b, c), q, k, v, do))
-            print(f"  bwd config (warps, stages)={cfg}: fwd+bwd {ms:.2f} ms ({tops(flops, ms):.0f} TOPS)", flush=True)
-        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-            print(f"  bwd config {cfg}: FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
-    tk.BWD_CONFIGS[dp] = base_b
+    for table, label in ((tk.BWD_CONFIGS, "dK/dV"), (tk.DQ_CONFIGS, "dQ")):  # one kernel at a time
+        base = table[dp]
+        for cfg in [(4, 1), (4, 2), (8, 1), (8, 2), (4, 3)]:
+            table[dp] = cfg
+            try:
+                ms = bench_ms(fwd_bwd(lambda a, b, c: sage3.sageattn_train(a, b, c), q, k, v, do))
+                print(f"  {label} config (warps, stages)={cfg}: fwd+bwd {ms:.2f} ms ({tops(flops, ms):.0f} TOPS)",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                print(f"  {label} config {cfg}: FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
+        table[dp] = base
 
 
 def write(rows, name):

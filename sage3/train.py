@@ -136,7 +136,7 @@ def _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quan
         from .train_kernel import backward_triton
 
         dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
-                                     deterministic=deterministic)
+                                     deterministic=deterministic, out_dtype=dtype)
     else:
         from .train_emulation import backward_emulated
 
