@@ -117,40 +117,26 @@ def _quant_tile_nonneg(x):
 @triton.jit
 def _dkdv_tile(k, sk, vv, sv, dk, dv, start_m, cols, bh, Q, QS, QT, DO16, DOC, DOT, DOS, L, DI,
                Nq, Nk, NQP, n_qb, n_db, BLOCK: tl.constexpr, QB: tl.constexpr, DP: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, DOV: tl.constexpr, MASK: tl.constexpr, INTERPRET: tl.constexpr):
-    """One query tile's share of dK and dV for the program's keys. MASK = False: every query row
-    exists and sees every key of the tile (no masks on the loads or the scores)."""
+               IS_CAUSAL: tl.constexpr, DOV: tl.constexpr, INTERPRET: tl.constexpr):
+    """One query tile's share of dK and dV for the program's keys (and dS, for dQ by atomics)."""
     rows = start_m + tl.arange(0, BLOCK)
     dcols = tl.arange(0, DP)
-    if MASK:
-        rmask = rows[:, None] < Nq
-        q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
-        lse = tl.load(L + bh * Nq + rows, mask=rows < Nq, other=0.0)
-        di = tl.load(DI + bh * Nq + rows, mask=rows < Nq, other=0.0)
-    else:
-        q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :])
-        lse = tl.load(L + bh * Nq + rows)
-        di = tl.load(DI + bh * Nq + rows)
+    rmask = rows[:, None] < Nq
+    q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
+    lse = tl.load(L + bh * Nq + rows, mask=rows < Nq, other=0.0)
+    di = tl.load(DI + bh * Nq + rows, mask=rows < Nq, other=0.0)
     sq = tl.load(QS + bh * n_qb + start_m // QB)
     st = tl.dot(k, tl.trans(q)).to(tl.float32) * (sk * sq)                   # S^T [keys, queries]
-    pt = tl.math.exp2(st - lse[None, :])
-    if MASK:
-        pt = tl.where(tl.trans(_visible(rows, cols, Nq, Nk, IS_CAUSAL)), pt, 0.0)
+    pt = tl.where(tl.trans(_visible(rows, cols, Nq, Nk, IS_CAUSAL)), tl.math.exp2(st - lse[None, :]), 0.0)
     pc, ps = _quant_tile_nonneg(pt)
     dot_t = tl.load(DOT + (bh * DP + dcols[:, None]) * NQP + rows[None, :])   # padded: no mask
     sdo = tl.load(DOS + bh * n_db + start_m // BLOCK)
     dv += tl.dot(pc, tl.trans(dot_t)).to(tl.float32) * (ps * sdo)
     if DOV:
-        if MASK:
-            doc = tl.load(DOC + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
-        else:
-            doc = tl.load(DOC + (bh * Nq + rows[:, None]) * DP + dcols[None, :])
+        doc = tl.load(DOC + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0)
         dpt = tl.dot(vv, tl.trans(doc)).to(tl.float32) * (sdo * sv)
     else:
-        if MASK:
-            do16 = tl.load(DO16 + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0.0)
-        else:
-            do16 = tl.load(DO16 + (bh * Nq + rows[:, None]) * DP + dcols[None, :])
+        do16 = tl.load(DO16 + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rmask, other=0.0)
         dpt = dot_16bit(vv, tl.trans(do16), None, INTERPRET)
     dst = pt * (dpt - di[None, :])
     dsc, dss = _quant_tile(dst)
@@ -165,8 +151,7 @@ def sagebwd_dkdv_kernel(Q, QS, QT, K, KS, KT, V16, VC, VS, DO16, DOC, DOT, DOS, 
                         BLOCK: tl.constexpr, QB: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         DOV: tl.constexpr, ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr):
     """One program per (64-key tile, batch, KV head): dK and dV of those keys, summed over every
-    query tile of every query head of the GQA group; with ATOMIC_DQ also dQ's share (fp32 atomics).
-    The query tiles that need no mask (all rows exist and see all keys) run without one."""
+    query tile of every query head of the GQA group; with ATOMIC_DQ also dQ's share (fp32 atomics)."""
     pid_n = tl.program_id(0)
     kv_bh = tl.program_id(1)
     b = kv_bh // Hkv
@@ -188,34 +173,16 @@ def sagebwd_dkdv_kernel(Q, QS, QT, K, KS, KT, V16, VC, VS, DO16, DOC, DOT, DOS, 
         kt = tl.load(KT + (kv_bh * DP + dcols[:, None]) * NKP + cols[None, :])
     dk = tl.zeros([BLOCK, DP], dtype=tl.float32)
     dv = tl.zeros([BLOCK, DP], dtype=tl.float32)
-    # query tiles [lo, m_full) and [m_rest, Nq) need a mask, [m_full, m_rest) none. Row i sees key j
-    # iff j <= i + Nk - Nq (causal); a tile is clear when its first row sees the tile's last key
-    if IS_CAUSAL:
+    # (every query tile with masks: splitting off the tiles that need none, as the dQ kernel does, made
+    # this kernel 137 -> 195 ms at 16k on the H100; TRAIN_NOTES.md, v3)
+    lo = 0
+    if IS_CAUSAL:  # query row i sees key j iff j <= i + Nk - Nq
         lo = tl.maximum(start_n - (Nk - Nq), 0) // BLOCK * BLOCK
-        m_full = (tl.maximum(start_n + BLOCK - 1 - (Nk - Nq), 0) + BLOCK - 1) // BLOCK * BLOCK
-    else:
-        lo = start_n * 0
-        m_full = start_n * 0
-    m_full = tl.where(start_n + BLOCK > Nk, Nq, tl.minimum(m_full, Nq))  # keys past the end: all masked
-    m_rest = tl.maximum(Nq // BLOCK * BLOCK, m_full)
     for g in range(0, G):
         bh = b * Hq + hk * G + g
-        for start_m in range(lo, m_full, BLOCK):
+        for start_m in range(lo, Nq, BLOCK):
             dk, dv, dsc, dss = _dkdv_tile(k, sk, vv, sv, dk, dv, start_m, cols, bh, Q, QS, QT, DO16, DOC, DOT, DOS,
-                                          L, DI, Nq, Nk, NQP, n_qb, n_db, BLOCK, QB, DP, IS_CAUSAL, DOV, True,
-                                          INTERPRET)
-            if ATOMIC_DQ:
-                _atomic_dq(dsc, dss, kt, sk, DQACC, bh, start_m, Nq, BLOCK, DP)
-        for start_m in range(m_full, m_rest, BLOCK):
-            dk, dv, dsc, dss = _dkdv_tile(k, sk, vv, sv, dk, dv, start_m, cols, bh, Q, QS, QT, DO16, DOC, DOT, DOS,
-                                          L, DI, Nq, Nk, NQP, n_qb, n_db, BLOCK, QB, DP, IS_CAUSAL, DOV, False,
-                                          INTERPRET)
-            if ATOMIC_DQ:
-                _atomic_dq(dsc, dss, kt, sk, DQACC, bh, start_m, Nq, BLOCK, DP)
-        for start_m in range(m_rest, Nq, BLOCK):
-            dk, dv, dsc, dss = _dkdv_tile(k, sk, vv, sv, dk, dv, start_m, cols, bh, Q, QS, QT, DO16, DOC, DOT, DOS,
-                                          L, DI, Nq, Nk, NQP, n_qb, n_db, BLOCK, QB, DP, IS_CAUSAL, DOV, True,
-                                          INTERPRET)
+                                          L, DI, Nq, Nk, NQP, n_qb, n_db, BLOCK, QB, DP, IS_CAUSAL, DOV, INTERPRET)
             if ATOMIC_DQ:
                 _atomic_dq(dsc, dss, kt, sk, DQACC, bh, start_m, Nq, BLOCK, DP)
     tl.store(DK + (kv_bh * Nk + cols[:, None]) * DP + dcols[None, :], (dk * 0.6931471805599453).to(DK.dtype.element_ty),
