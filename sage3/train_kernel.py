@@ -353,7 +353,9 @@ def backward_triton(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor, *
     qt = _transposed(qk.q_codes, BWD_TILE)
     kt = _transposed(qk.k_codes, BWD_TILE)
     dot_ = _transposed(st.do_codes, BWD_TILE)
-    dk = torch.empty(B, Hkv, Nk, DP, dtype=out_dtype, device=dev)
+    # dK, dV stored in fp32 and rounded after: the dK/dV kernel storing fp16 itself ran 147 ms against
+    # 135 at 16k on the H100 (TRAIN_NOTES.md, v3); dQ's kernel stores the input dtype at no cost
+    dk = torch.empty(B, Hkv, Nk, DP, dtype=torch.float32, device=dev)
     dv = torch.empty_like(dk)
     # (the atomic path sums dQ in place: fp32, scaled and rounded after)
     dq = (torch.empty if deterministic else torch.zeros)(B, Hq, Nq, DP, dtype=out_dtype if deterministic
