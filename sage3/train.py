@@ -111,20 +111,35 @@ def _nan_gradients(dq, dk, dv, rows, is_causal):
 
 def _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend):
     """Quantize and run the forward: (SageBwdState, padded HND output, log2-domain LSE), all finite
-    (``st.nan_rows`` says which output rows the caller gets as NaN)."""
+    (``st.nan_rows`` says which output rows the caller gets as NaN).
+
+    The check for NaN/Inf is queued first and read only once the forward's kernels are queued
+    behind it, so that the host, which waits for the check (and so for whatever the GPU was still
+    doing, e.g. the last step's backward), never leaves the GPU idle while it launches them. The rare
+    inputs that hold a non-finite value run the forward again, on their zeroed copies (the rule of
+    :func:`_sanitized`; the compiled path's backward, which quantizes again, reads it at once)."""
     qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
-    qh, kh, vh, rows = _sanitized(qh, kh, vh, is_causal)
+    flag = nonfinite_flag(qh, kh, vh)
+    st, o_pad, lse2 = _quantized_forward(qh, kh, vh, is_causal, sm_scale, backend, q.dtype)
+    if flagged(flag):
+        rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=NO_MASK)
+        st, o_pad, lse2 = _quantized_forward(zeroed(qh), zeroed(kh), zeroed(vh), is_causal, sm_scale, backend,
+                                             q.dtype)
+        st.nan_rows = rows
+    return st, o_pad, lse2
+
+
+def _quantized_forward(qh, kh, vh, is_causal, sm_scale, backend, out_dtype):
     st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
-    st.nan_rows = rows
     if backend == "triton":
         from .train_kernel import forward_triton
 
-        o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=q.dtype)
+        o_pad, lse2 = forward_triton(st, is_causal=is_causal, out_dtype=out_dtype)
     else:
         from .train_emulation import forward_emulated
 
         o32, lse2 = forward_emulated(st, is_causal=is_causal)
-        o_pad = o32.to(q.dtype)
+        o_pad = o32.to(out_dtype)
     return st, o_pad, lse2
 
 
