@@ -187,3 +187,19 @@ def test_gpu_kernels_at_real_size_and_determinism(causal):
         assert accuracy(e.float(), f).rel_l1 <= 0.1 * accuracy(r, e).rel_l1, name
         assert accuracy(e.float(), d).rel_l1 <= 0.1 * accuracy(r, e).rel_l1, name
         assert accuracy(r, f).cos_sim >= 0.995, (name, accuracy(r, f))
+
+
+@pytest.mark.parametrize("n,mult", [(1, 64), (130, 64), (128, 64), (77, 128)])
+def test_transposed_codes_and_row_dot_helpers(n, mult):
+    """The backward's one-pass helpers (sage3.train_kernel): INT8 codes transposed to [.., DP, N
+    rounded up to mult] with zeros past N, and Di = rowsum(dO * O) in fp32, against torch."""
+    from sage3.train_kernel import _transposed, row_dot
+
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(-127, 128, (2, 3, n, 64), generator=g, dtype=torch.int8).to(KERNEL_DEVICE)
+    got = _transposed(codes, mult)
+    n_pad = -(-n // mult) * mult
+    want = torch.nn.functional.pad(codes, (0, 0, 0, n_pad - n)).transpose(-1, -2)
+    assert got.shape == (2, 3, 64, n_pad) and got.is_contiguous() and torch.equal(got, want)
+    a, b = (torch.randn(2, 3, n, 64, generator=g).to(FP16).to(KERNEL_DEVICE) for _ in range(2))
+    torch.testing.assert_close(row_dot(a, b), (a.float() * b.float()).sum(-1), rtol=1e-5, atol=1e-5)
