@@ -3,6 +3,7 @@ backends in the same run, and the gradient accuracy table of the issue (N=4k, D=
 
     python -m experiments.bench_train                       # speed table + accuracy table
     python -m experiments.bench_train --sweep               # kernel configs at N=16k first
+    python -m experiments.bench_train --kernels 16384       # each kernel's device time of one step
 
 TOPS = (forward 4*B*H*N^2*D + backward 2.5x that) / time, halved for causal (FlashAttention's count).
 """
@@ -119,6 +120,22 @@ def sweep(n=16384, d=128, B=4, H=32):
         table[dp] = base
 
 
+def kernels(n, causal=False, d=128, B=4, H=32):
+    """Device time of each kernel of one fwd+bwd step (torch.profiler): SageBwd, FA2 and cuDNN."""
+    from experiments.profile_call import kernel_times
+
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(B, H, n, d, device="cuda", seed=0))
+    do = torch.randn_like(q)
+    for name, fn in impls(causal).items():
+        if name.endswith("atomic dQ"):
+            continue
+        step = fwd_bwd(fn, q, k, v, do)
+        step()  # (compiled and warm)
+        print(f"{name}, N={n}, causal={causal}: kernels of one step", flush=True)
+        total, _ = kernel_times(step, cpu_ops=False, per_kernel=True)
+        print(f"      total {total:.2f} ms", flush=True)
+
+
 def write(rows, name):
     if not rows:
         return
@@ -140,8 +157,12 @@ def main(argv=None):
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--kernels", type=int, metavar="N", help="only each kernel's device time of one step at N")
     args = ap.parse_args(argv)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if args.kernels:
+        kernels(args.kernels)
+        return
     if args.sweep:
         sweep()
     write(speed(args.seqlens, (False, True)), "sagebwd_speed_h100")
