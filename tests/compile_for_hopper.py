@@ -1,7 +1,9 @@
-"""Compile kernels for Hopper (sm_90) without a GPU (used by tests/test_decode.py, tests/test_sage1.py).
+"""Compile kernels for Hopper (sm_90) without a GPU (used by tests/test_decode.py, tests/test_sage1.py,
+tests/test_sage3_train.py).
 
     python tests/compile_for_hopper.py '[DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP]'
     python tests/compile_for_hopper.py prefill    # sage1, sage2 and the quantization passes
+    python tests/compile_for_hopper.py sagebwd    # SageBwd's forward and backward kernels
 
 Triton's front end and its ptxas catch what the CPU interpreter does not: dot shape limits (an
 INT8 dot needs a reduction of >= 32), layout and type errors, resource limits."""
@@ -76,6 +78,37 @@ def prefill():
     print("ok")
 
 
+def sagebwd():
+    """SageBwd's kernels (sage3.train_kernel), in the variants training launches: the forward, the dK/dV
+    kernel (dQ by atomics or not, dP in 16 bits or INT8) and the deterministic dQ kernel, causal or
+    not, and the backward's helpers."""
+    from sage3 import train_kernel as tk
+
+    f32, i8 = "*fp32", "*i8"
+    bwd_types = dict(Q=i8, QS=f32, QT=i8, K=i8, KS=f32, KT=i8, V16="*fp16", VC=i8, VS=f32, DO16="*fp16", DOC=i8,
+                     DOT=i8, DOS=f32, L=f32, DI=f32, DK=f32, DV=f32, DQACC=f32, DQ="*bf16", dq_mult="fp32")
+    for causal in (False, True):
+        warps, stages = tk.FWD_CONFIGS[128]
+        k = compile_sm90(tk.sagebwd_fwd_kernel, dict(Q=i8, QS=f32, K=i8, KS=f32, VT=i8, VS=f32, O=f32, L=f32),
+                         dict(BLOCK_M=tk.FWD_Q_BLOCK, BLOCK_N=tk.FWD_KV_TILE, DP=128, IS_CAUSAL=causal),
+                         warps=warps, stages=stages)
+        assert "mma" in k.asm["ptx"]
+        const = dict(BLOCK=tk.BWD_TILE, QB=tk.FWD_Q_BLOCK, DP=128, IS_CAUSAL=causal, INTERPRET=False)
+        for dov, atomic in ((False, False), (True, True)):
+            warps, stages = tk.BWD_CONFIGS[128]
+            k = compile_sm90(tk.sagebwd_dkdv_kernel, bwd_types, dict(const, DOV=dov, ATOMIC_DQ=atomic),
+                             warps=warps, stages=stages)
+            assert "mma" in k.asm["ptx"]
+            names = inspect.signature(tk.sagebwd_dq_kernel.fn).parameters
+            warps, stages = tk.DQ_CONFIGS[128]
+            k = compile_sm90(tk.sagebwd_dq_kernel, {n: t for n, t in bwd_types.items() if n in names},
+                             dict(const, DOV=dov), warps=warps, stages=stages)
+            assert "mma" in k.asm["ptx"]
+    compile_sm90(tk.transpose_codes_kernel, dict(X=i8, Y=i8), dict(BLOCK_N=64, DP=128))
+    compile_sm90(tk.row_dot_kernel, dict(A="*fp16", B="*fp16", OUT=f32), dict(BLOCK=64, DP=128))
+    print("ok")
+
+
 def main(case):
     dp, pv, kpt, sq, causal, lens, even, qmax, nqp = case
     const = dict(BLOCK_M=64 if nqp >= 8 else 16, NQP=nqp, T=decode.DECODE_TILE, DP=dp, QMAX=qmax, K_PER_TOKEN=kpt,
@@ -94,4 +127,4 @@ def main(case):
 
 
 if __name__ == "__main__":
-    prefill() if sys.argv[1] == "prefill" else main(json.loads(sys.argv[1]))
+    {"prefill": prefill, "sagebwd": sagebwd}.get(sys.argv[1], lambda: main(json.loads(sys.argv[1])))()
