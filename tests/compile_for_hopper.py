@@ -4,6 +4,7 @@ tests/test_sage3_train.py).
     python tests/compile_for_hopper.py '[DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP]'
     python tests/compile_for_hopper.py prefill    # sage1, sage2 and the quantization passes
     python tests/compile_for_hopper.py sagebwd    # SageBwd's forward and backward kernels
+    python tests/compile_for_hopper.py sagebwd --regs   # and each kernel's registers and spills (ptxas -v)
 
 Triton's front end and its ptxas catch what the CPU interpreter does not: dot shape limits (an
 INT8 dot needs a reduction of >= 32), layout and type errors, resource limits."""
@@ -23,6 +24,23 @@ POINTERS = dict(Q="*fp16", K="*fp16", V="*fp16", PO="*fp32", PL="*fp32", FLAG="*
                 O="*bf16", LSE="*fp32")
 
 
+REPORT_REGISTERS = "--regs" in sys.argv
+
+
+def ptxas_summary(ptx: str) -> str:
+    """Registers, stack and spills of a kernel's PTX, as ``ptxas -v`` gives them for its target."""
+    import re
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        arch = re.search(r"\.target (sm_\w+)", ptx).group(1)
+        r = subprocess.run(["ptxas", f"-arch={arch}", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True)
+    return "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines() if "Used" in line or "spill" in line)
+
+
 def compile_sm90(kernel, types: dict, const: dict, none=(), warps=4, stages=2, **options):
     """``kernel`` compiled for sm_90: ``types`` of the non-constexpr arguments (default i32; pointers
     get 16-byte divisibility), ``const`` the constexprs, ``none`` arguments passed as None."""
@@ -32,8 +50,13 @@ def compile_sm90(kernel, types: dict, const: dict, none=(), warps=4, stages=2, *
     constexprs.update({(names.index(n),): None for n in none})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if types.get(n, "").startswith("*")}
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages, **options))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps, num_stages=stages, **options))
+    if REPORT_REGISTERS:
+        flags = ", ".join(f"{k}={v}" for k, v in const.items() if isinstance(v, bool) and v)
+        print(f"{kernel.fn.__name__} ({warps} warps, {stages} stages{', ' + flags if flags else ''}): "
+              f"{ptxas_summary(compiled.asm['ptx'])}", flush=True)
+    return compiled
 
 
 def prefill():
