@@ -193,3 +193,23 @@ def test_python_m_experiments_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments", "attention.smoth_q=1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "smoth_q" in bad.stderr
+
+
+def test_sagebwd_variants_builds_each_tree_with_its_patch(tmp_path):
+    """experiments.sagebwd_variants: a variant's tree is a copy of this one with its patch applied
+    (the register-halving patch of 2026-11-23 here), base is the tree unchanged, and a patch that
+    does not apply is named in the error."""
+    from pathlib import Path
+
+    from experiments.sagebwd_variants import ROOT, variant_tree
+
+    patch = ROOT / "experiments/results/h100_2026-11-23/sagebwd_v3/backward_halves.patch"
+    kernel = Path("sage3/train_kernel.py")
+    base = variant_tree("base", tmp_path / "base")
+    assert (base / kernel).read_text() == (ROOT / kernel).read_text()
+    patched = variant_tree(str(patch), tmp_path / "halves")
+    assert "dk_lo" in (patched / kernel).read_text() and "dk_lo" not in (ROOT / kernel).read_text()
+    bad = tmp_path / "stale.patch"  # (its context is not in the tree)
+    bad.write_text("--- a/sage3/train_kernel.py\n+++ b/sage3/train_kernel.py\n@@ -1,1 +1,1 @@\n-no such line\n+x\n")
+    with pytest.raises(RuntimeError, match="stale.patch does not apply"):
+        variant_tree(str(bad), tmp_path / "stale")
