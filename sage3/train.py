@@ -75,16 +75,21 @@ def quantize_for_training(qh, kh, vh, *, sm_scale: float, backend: str) -> SageB
     return SageBwdState(qk, v_codes, v_scale, _pad_dim(vh.contiguous(), dp), sm_scale)
 
 
-def _sanitized(qh, kh, vh, is_causal: bool):
-    """The NaN/Inf rule of common.nonfinite, for training: (q, k, v with non-finite values zeroed,
-    bool [B, Hq, Nq] rows that SDPA makes NaN) when an input holds one, else (q, k, v, None). The
-    forward and backward then run on finite values (a quantization block never spreads a NaN) and
-    only what SDPA's own arithmetic makes NaN is set to NaN: the output rows, dQ on those rows, and
-    dK, dV on every key such a row sees (:func:`_nan_gradients`)."""
-    if not flagged(nonfinite_flag(qh, kh, vh)):
-        return qh, kh, vh, None
+def _zeroed_with_rows(qh, kh, vh, is_causal: bool):
+    """The NaN/Inf rule of common.nonfinite, for training inputs that hold a non-finite value: (q, k,
+    v with those values zeroed, bool [B, Hq, Nq] rows that SDPA makes NaN). The forward and backward
+    then run on finite values (a quantization block never spreads a NaN) and only what SDPA's own
+    arithmetic makes NaN is set to NaN: the output rows, dQ on those rows, and dK, dV on every key
+    such a row sees (:func:`_nan_gradients`)."""
     rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=NO_MASK)
     return zeroed(qh), zeroed(kh), zeroed(vh), rows
+
+
+def _sanitized(qh, kh, vh, is_causal: bool):
+    """:func:`_zeroed_with_rows` when an input holds NaN/Inf (the check read at once), else (q, k, v, None)."""
+    if not flagged(nonfinite_flag(qh, kh, vh)):
+        return qh, kh, vh, None
+    return _zeroed_with_rows(qh, kh, vh, is_causal)
 
 
 def _keys_seen_by(rows: torch.Tensor, n_k: int, heads_kv: int, is_causal: bool) -> torch.Tensor:
@@ -116,16 +121,16 @@ def _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend):
     The check for NaN/Inf is queued first and read only once the forward's kernels are queued
     behind it, so that the host, which waits for the check (and so for whatever the GPU was still
     doing, e.g. the last step's backward), never leaves the GPU idle while it launches them. The rare
-    inputs that hold a non-finite value run the forward again, on their zeroed copies (the rule of
-    :func:`_sanitized`; the compiled path's backward, which quantizes again, reads it at once)."""
+    inputs that hold a non-finite value run the forward again, on their zeroed copies
+    (:func:`_zeroed_with_rows`; the compiled path's backward, which quantizes again, reads the check
+    at once: :func:`_sanitized`)."""
     qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
     flag = nonfinite_flag(qh, kh, vh)
     st, o_pad, lse2 = _quantized_forward(qh, kh, vh, is_causal, sm_scale, backend, q.dtype)
     if flagged(flag):
-        rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=NO_MASK)
         del st, o_pad, lse2  # (not held beside the rerun's)
-        st, o_pad, lse2 = _quantized_forward(zeroed(qh), zeroed(kh), zeroed(vh), is_causal, sm_scale, backend,
-                                             q.dtype)
+        zq, zk, zv, rows = _zeroed_with_rows(qh, kh, vh, is_causal)
+        st, o_pad, lse2 = _quantized_forward(zq, zk, zv, is_causal, sm_scale, backend, q.dtype)
         st.nan_rows = rows
     return st, o_pad, lse2
 

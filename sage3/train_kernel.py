@@ -346,9 +346,6 @@ def backward_triton(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor, *
     B, Hq, Nq, DP = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     dev = do.device
-    final_dtype = out_dtype
-    if interpreter_enabled() and out_dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16
-        out_dtype = torch.float32
     di = row_dot(do, o)
     qt = _transposed(qk.q_codes, BWD_TILE)
     kt = _transposed(qk.k_codes, BWD_TILE)
@@ -357,9 +354,11 @@ def backward_triton(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor, *
     # 135 at 16k on the H100 (TRAIN_NOTES.md, v3); dQ's kernel stores the input dtype at no cost
     dk = torch.empty(B, Hkv, Nk, DP, dtype=torch.float32, device=dev)
     dv = torch.empty_like(dk)
-    # (the atomic path sums dQ in place: fp32, scaled and rounded after)
-    dq = (torch.empty if deterministic else torch.zeros)(B, Hq, Nq, DP, dtype=out_dtype if deterministic
-                                                         else torch.float32, device=dev)
+    # the dQ kernel stores out_dtype; the atomic path sums dQ in place (fp32, scaled and rounded after),
+    # and the interpreter truncates fp32 -> bf16 (so it stores fp32 there)
+    dq_stored = torch.float32 if not deterministic or (interpreter_enabled() and out_dtype == torch.bfloat16) \
+        else out_dtype
+    dq = (torch.empty if deterministic else torch.zeros)(B, Hq, Nq, DP, dtype=dq_stored, device=dev)
     warps, stages = config or BWD_CONFIGS[DP]
     dq_warps, dq_stages = dq_config or DQ_CONFIGS[DP]
     common = dict(BLOCK=BWD_TILE, QB=FWD_Q_BLOCK, DP=DP, IS_CAUSAL=is_causal, DOV=quantize_dov,
@@ -375,6 +374,6 @@ def backward_triton(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor, *
             qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, kt, st.v16, st.v_codes, st.v_scale,
             do, st.do_codes, st.do_scale, lse2, di, dq, st.sm_scale,
             Hq, Hkv, Nq, Nk, kt.shape[-1], n_qb, n_kb, n_db, num_warps=dq_warps, num_stages=dq_stages, **common)
-        return tuple(g.to(final_dtype) for g in (dq, dk, dv))
-    return tuple(g.to(final_dtype) for g in ((dq * st.sm_scale), dk, dv))
+        return tuple(g.to(out_dtype) for g in (dq, dk, dv))
+    return tuple(g.to(out_dtype) for g in ((dq * st.sm_scale), dk, dv))
 
