@@ -71,15 +71,21 @@ def main(argv=None) -> None:
         return
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(args.variants):  # every patch applies before any is timed
+            variant_tree(variant, Path(tmp) / f"v{i}")
         for i, variant in enumerate(args.variants):
             print(f"[{i + 1}/{len(args.variants)}] {variant}", flush=True)
-            tree = variant_tree(variant, Path(tmp) / f"v{i}")
+            tree = Path(tmp) / f"v{i}"
             child = [sys.executable, "-m", "experiments.sagebwd_variants", "--time", "--seqlen", str(args.seqlen)]
+            # a Triton cache per variant: a variant may change only what a compile reads from the
+            # environment (not the kernel source), which the cache key may not hold
+            env = dict(os.environ, PYTHONPATH=str(tree), TRITON_CACHE_DIR=str(tree / ".triton"))
             out = subprocess.run(child + (["--causal"] if args.causal else []), cwd=tree, capture_output=True,
-                                 text=True, env=dict(os.environ, PYTHONPATH=str(tree)))
+                                 text=True, env=env)
             found = [ln[7:] for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not found:
                 print(out.stdout[-2000:], out.stderr[-3000:])
+            print("\n".join(found), flush=True)  # as it comes, for a run cut short
             lines += [f"{Path(variant).name}: {ln}" if not ln.startswith("  ") else ln for ln in found]
     print("\n".join(lines))
 
