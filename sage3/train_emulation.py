@@ -1,8 +1,9 @@
 """``backend="torch"``: SageBwd's forward and backward in plain PyTorch, the kernels' algorithm.
 
 Every quantization below is INT8, symmetric, ``scale = absmax / 127`` and
-``code = round_half_away(x * (127 / absmax))`` over the named block (:func:`quantize_tile`;
-a block with absmax < 2**-100, e.g. a row of P far below its running max, becomes 0).
+``code = round_half_even(x * (127 / absmax))`` over the named block, the product exact (the kernels
+round it by one FMA with 1.5 * 2**23; :func:`quantize_tile`); a block with absmax < 2**-100, e.g. a
+row of P far below its running max, becomes 0.
 
 Forward, per KV tile of ``FWD_KV_TILE`` keys (the online softmax's tiles):
 
@@ -42,7 +43,6 @@ import math
 import torch
 
 from common.online_softmax import OnlineSoftmax, kv_tiles
-from common.quant import round_half_away
 from common.reference import causal_mask, exact_fp32_matmul
 
 FWD_Q_BLOCK = 128   # Q's quantization block and the forward kernel's query tile
@@ -57,7 +57,8 @@ def quantize_tile(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.abs().amax(dim=dims, keepdim=True)
     amax = torch.where(amax >= TINY, amax, 0.0)
     inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / torch.where(amax > 0, amax, 1.0), 0.0)
-    return round_half_away(x * inv), amax / torch.full_like(amax, QMAX)
+    # x * inv exact in fp64, rounded once, ties to even: what the kernels' FMA with 1.5 * 2**23 gives
+    return torch.round(x.double() * inv.double()).to(x.dtype), amax / torch.full_like(amax, QMAX)
 
 
 def _quantize_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
