@@ -5,6 +5,7 @@ tests/test_sage3_train.py).
     python tests/compile_for_hopper.py prefill    # sage1, sage2 and the quantization passes
     python tests/compile_for_hopper.py sagebwd    # SageBwd's forward and backward kernels
     python tests/compile_for_hopper.py sagebwd --regs   # and each kernel's registers and spills (ptxas -v)
+    python tests/compile_for_hopper.py sagebwd --regs --sass   # and its SASS instruction counts (cuobjdump)
 
 With --regs every i32 argument is also marked divisible by 16, as Triton specializes it at a
 benchmark shape (N = 16k: lengths, padded lengths and block counts are all multiples of 16); without
@@ -30,6 +31,27 @@ POINTERS = dict(Q="*fp16", K="*fp16", V="*fp16", PO="*fp32", PL="*fp32", FLAG="*
 
 
 REPORT_REGISTERS = "--regs" in sys.argv
+REPORT_SASS = "--sass" in sys.argv
+
+
+def sass_counts(cubin: bytes, top: int = 24) -> str:
+    """The most frequent SASS opcodes of a cubin (cuobjdump: on the PATH or Triton's own)."""
+    import collections
+    import os
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                                     "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
+                                                             text))
+    return f"{sum(ops.values())} instructions: " + " ".join(f"{op}={n}" for op, n in ops.most_common(top))
 
 
 def ptxas_summary(ptx: str) -> str:
@@ -62,6 +84,8 @@ def compile_sm90(kernel, types: dict, const: dict, none=(), warps=4, stages=2, *
         flags = ", ".join(f"{k}={v}" for k, v in const.items() if isinstance(v, bool) and v)
         print(f"{kernel.fn.__name__} ({warps} warps, {stages} stages{', ' + flags if flags else ''}): "
               f"{ptxas_summary(compiled.asm['ptx'])}", flush=True)
+        if REPORT_SASS:
+            print(f"    {sass_counts(compiled.asm['cubin'])}", flush=True)
     return compiled
 
 
