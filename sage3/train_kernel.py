@@ -88,12 +88,13 @@ def _fwd_tile(q, sq, K, KS, VT, VS, acc, m_i, l_i, start_n, rows, kv_bh, Nq, Nk,
 
 @triton.jit
 def sagebwd_fwd_kernel(Q, QS, K, KS, VT, VS, O, L, Hq, Hkv, Nq, Nk, NKP, n_qb, n_kb,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       QB: tl.constexpr):
     start_m, bh, b, h, hk, kv_bh = program_tile(Hq, Hkv, IS_CAUSAL)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, DP)
     q = tl.load(Q + (bh * Nq + rows[:, None]) * DP + dcols[None, :], mask=rows[:, None] < Nq, other=0)
-    sq = tl.load(QS + bh * n_qb + start_m)  # BLOCK_M is Q's quantization block
+    sq = tl.load(QS + bh * n_qb + start_m * BLOCK_M // QB)  # QB (Q's quantization block) % BLOCK_M == 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
@@ -291,8 +292,10 @@ def transpose_codes_kernel(X, Y, N, NP, BLOCK_N: tl.constexpr, DP: tl.constexpr)
     tl.store(Y + (bh * DP + d[:, None]) * NP + n[None, :], tl.trans(x), mask=n[None, :] < NP)
 
 
-# (num_warps, num_stages) of the forward and of the backward kernels, by padded head dim
-FWD_CONFIGS = {32: (4, 2), 64: (4, 3), 128: (8, 3), 256: (8, 1)}
+# (num_warps, num_stages) of the backward kernels, by padded head dim
+# (query tile, num_warps, num_stages) of the forward, by padded head dim (the query tile divides Q's
+# quantization block; D=128 at 64 queries and 4 warps: 44.0 -> 38.5 ms at 16k on the H100, TRAIN_NOTES v4.1)
+FWD_CONFIGS = {32: (128, 4, 2), 64: (128, 4, 3), 128: (64, 4, 3), 256: (128, 8, 1)}
 BWD_CONFIGS = {32: (4, 2), 64: (4, 2), 128: (4, 2), 256: (8, 1)}  # the dK/dV kernel
 DQ_CONFIGS = dict(BWD_CONFIGS)                                    # the deterministic dQ kernel
 
@@ -333,11 +336,11 @@ def forward_triton(st, *, is_causal: bool, out_dtype: torch.dtype, config=None):
     o_stored = torch.float32 if interpreter_enabled() and out_dtype == torch.bfloat16 else out_dtype
     o = torch.empty(B, Hq, Nq, DP, dtype=o_stored, device=dev)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev)
-    warps, stages = config or FWD_CONFIGS[DP]
-    grid = (triton.cdiv(Nq, FWD_Q_BLOCK), B * Hq)
+    block_m, warps, stages = config or FWD_CONFIGS[DP]
+    grid = (triton.cdiv(Nq, block_m), B * Hq)
     sagebwd_fwd_kernel[grid](qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, vt, st.v_scale, o, lse,
                              Hq, Hkv, Nq, Nk, vt.shape[-1], qk.q_scale.shape[-1], qk.k_scale.shape[-1],
-                             BLOCK_M=FWD_Q_BLOCK, BLOCK_N=FWD_KV_TILE, DP=DP, IS_CAUSAL=is_causal,
+                             BLOCK_M=block_m, BLOCK_N=FWD_KV_TILE, DP=DP, IS_CAUSAL=is_causal, QB=FWD_Q_BLOCK,
                              num_warps=warps, num_stages=stages)
     return o.to(out_dtype), lse
 

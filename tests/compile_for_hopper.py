@@ -141,9 +141,9 @@ def sagebwd():
     bwd_types = dict(Q=i8, QS=f32, QT=i8, K=i8, KS=f32, KT=i8, V16="*fp16", VC=i8, VS=f32, DO16="*fp16", DOC=i8,
                      DOT=i8, DOS=f32, L=f32, DI=f32, DK=f32, DV=f32, DQACC=f32, DQ="*bf16", dq_mult="fp32")
     for causal in (False, True):
-        warps, stages = tk.FWD_CONFIGS[128]
-        k = compile_sm90(tk.sagebwd_fwd_kernel, dict(Q=i8, QS=f32, K=i8, KS=f32, VT=i8, VS=f32, O=f32, L=f32),
-                         dict(BLOCK_M=tk.FWD_Q_BLOCK, BLOCK_N=tk.FWD_KV_TILE, DP=128, IS_CAUSAL=causal),
+        block_m, warps, stages = tk.FWD_CONFIGS[128]
+        k = compile_sm90(tk.sagebwd_fwd_kernel, dict(Q=i8, QS=f32, K=i8, KS=f32, VT=i8, VS=f32, O="*fp16", L=f32),
+                         dict(BLOCK_M=block_m, BLOCK_N=tk.FWD_KV_TILE, DP=128, IS_CAUSAL=causal, QB=tk.FWD_Q_BLOCK),
                          warps=warps, stages=stages)
         assert "mma" in k.asm["ptx"]
         const = dict(BLOCK=tk.BWD_TILE, QB=tk.FWD_Q_BLOCK, DP=128, IS_CAUSAL=causal, INTERPRET=False)
