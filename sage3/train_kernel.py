@@ -296,6 +296,10 @@ def transpose_codes_kernel(X, Y, N, NP, BLOCK_N: tl.constexpr, DP: tl.constexpr)
 # (query tile, num_warps, num_stages) of the forward, by padded head dim (the query tile divides Q's
 # quantization block; D=128 at 64 queries and 4 warps: 44.0 -> 38.5 ms at 16k on the H100, TRAIN_NOTES v4.1)
 FWD_CONFIGS = {32: (128, 4, 2), 64: (128, 4, 3), 128: (64, 4, 3), 256: (128, 8, 1)}
+# a register cap for the forward, by padded head dim: at D=128 168 registers (12 bytes of spills)
+# let three CTAs share an SM instead of two: 38.2 -> 34.7 ms at 16k on the H100 (TRAIN_NOTES v4.2; the
+# same cap on the dQ kernel made it slower, 63.5 -> 68.4)
+FWD_MAXNREG = {128: 168}
 BWD_CONFIGS = {32: (4, 2), 64: (4, 2), 128: (4, 2), 256: (8, 1)}  # the dK/dV kernel
 DQ_CONFIGS = dict(BWD_CONFIGS)                                    # the deterministic dQ kernel
 
@@ -337,11 +341,12 @@ def forward_triton(st, *, is_causal: bool, out_dtype: torch.dtype, config=None):
     o = torch.empty(B, Hq, Nq, DP, dtype=o_stored, device=dev)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev)
     block_m, warps, stages = config or FWD_CONFIGS[DP]
+    limits = {"maxnreg": FWD_MAXNREG[DP]} if DP in FWD_MAXNREG and not config and not interpreter_enabled() else {}
     grid = (triton.cdiv(Nq, block_m), B * Hq)
     sagebwd_fwd_kernel[grid](qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, vt, st.v_scale, o, lse,
                              Hq, Hkv, Nq, Nk, vt.shape[-1], qk.q_scale.shape[-1], qk.k_scale.shape[-1],
                              BLOCK_M=block_m, BLOCK_N=FWD_KV_TILE, DP=DP, IS_CAUSAL=is_causal, QB=FWD_Q_BLOCK,
-                             num_warps=warps, num_stages=stages)
+                             num_warps=warps, num_stages=stages, **limits)
     return o.to(out_dtype), lse
 
 

@@ -144,7 +144,7 @@ def sagebwd():
         block_m, warps, stages = tk.FWD_CONFIGS[128]
         k = compile_sm90(tk.sagebwd_fwd_kernel, dict(Q=i8, QS=f32, K=i8, KS=f32, VT=i8, VS=f32, O="*fp16", L=f32),
                          dict(BLOCK_M=block_m, BLOCK_N=tk.FWD_KV_TILE, DP=128, IS_CAUSAL=causal, QB=tk.FWD_Q_BLOCK),
-                         warps=warps, stages=stages)
+                         warps=warps, stages=stages, maxnreg=tk.FWD_MAXNREG[128])
         assert "mma" in k.asm["ptx"]
         const = dict(BLOCK=tk.BWD_TILE, QB=tk.FWD_Q_BLOCK, DP=128, IS_CAUSAL=causal, INTERPRET=False)
         for dov, atomic in ((False, False), (True, True)):
