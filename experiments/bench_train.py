@@ -102,12 +102,15 @@ def sweep(n=16384, d=128, B=4, H=32):
     flops = 3.5 * attention_flops(B, H, n, n, d)
     dp = 128 if d > 64 else 64
     base_f = tk.FWD_CONFIGS[dp]
-    for cfg in [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (64, 4, 2), (64, 4, 3)]:
-        tk.FWD_CONFIGS[dp] = cfg
-        ms = bench_ms(lambda: sage3.sageattn_train(q, k, v))
-        print(f"  fwd config (query tile, warps, stages)={cfg}: {ms:.2f} ms ({tops(flops / 3.5, ms):.0f} TOPS fwd)",
-              flush=True)
-    tk.FWD_CONFIGS[dp] = base_f
+    cap = tk.FWD_MAXNREG.get(dp)  # every forward config runs under the register cap, if any
+    try:
+        for cfg in [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (64, 4, 2), (64, 4, 3)]:
+            tk.FWD_CONFIGS[dp] = cfg
+            ms = bench_ms(lambda: sage3.sageattn_train(q, k, v))
+            print(f"  fwd config (query tile, warps, stages)={cfg}, maxnreg {cap}: {ms:.2f} ms "
+                  f"({tops(flops / 3.5, ms):.0f} TOPS fwd)", flush=True)
+    finally:
+        tk.FWD_CONFIGS[dp] = base_f
     for table, label in ((tk.BWD_CONFIGS, "dK/dV"), (tk.DQ_CONFIGS, "dQ")):  # one kernel at a time
         base = table[dp]
         for cfg in [(4, 1), (4, 2), (8, 1), (8, 2), (4, 3)]:

@@ -33,7 +33,9 @@ input got better with it (k_bias 0.9981 vs 0.9990, outliers 0.968 vs 0.983). So 
 
 The tile sizes are part of the algorithm (P's and dS's scales are per tile), so the kernels use
 the same ones. Sums here are fp32 matmuls of exactly-represented values (codes x scales), so the
-kernels and this file differ only in fp32 summation order.
+kernels and this file differ only in fp32 summation order (and, under the CPU interpreter, whose
+fma rounds the product first, in a code flipped by 1 where the product lies within 2**-18 of a
+half: a few in a million).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch
 from common.online_softmax import OnlineSoftmax, kv_tiles
 from common.reference import causal_mask, exact_fp32_matmul
 
-FWD_Q_BLOCK = 128   # Q's quantization block and the forward kernel's query tile
+FWD_Q_BLOCK = 128   # Q's quantization block (the forward kernel's query tile divides it)
 FWD_KV_TILE = 64    # K's and V's quantization block and the forward's KV tile (P's per-row scales)
 BWD_TILE = 64       # the backward's query and key tile (P's, dS's and dO's blocks)
 QMAX = 127.0
@@ -58,6 +60,7 @@ def quantize_tile(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
     amax = torch.where(amax >= TINY, amax, 0.0)
     inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / torch.where(amax > 0, amax, 1.0), 0.0)
     # x * inv exact in fp64, rounded once, ties to even: what the kernels' FMA with 1.5 * 2**23 gives
+    # (the fp64 copy is a transient of the emulation's tile, P or dS, not kept)
     return torch.round(x.double() * inv.double()).to(x.dtype), amax / torch.full_like(amax, QMAX)
 
 

@@ -24,7 +24,7 @@ assert TINY == 7.888609052210118e-31  # the literal in _inv_scale
 
 @triton.jit
 def _int8_codes(x, inv):
-    """x * inv (|x * inv| <= 127) to the nearest integer, ties to even, as INT8, by one FMA with
+    """x * inv (finite, |x * inv| <= 127) to the nearest integer, ties to even, as INT8, by one FMA with
     1.5 * 2**23: the sum's low byte is then the code, and no float -> int conversion is issued
     (F2I per code cost the H100 forward 44.8 -> 51.7 ms at 16k, TRAIN_NOTES.md v4)."""
     return tl.fma(x, inv, 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
@@ -292,7 +292,6 @@ def transpose_codes_kernel(X, Y, N, NP, BLOCK_N: tl.constexpr, DP: tl.constexpr)
     tl.store(Y + (bh * DP + d[:, None]) * NP + n[None, :], tl.trans(x), mask=n[None, :] < NP)
 
 
-# (num_warps, num_stages) of the backward kernels, by padded head dim
 # (query tile, num_warps, num_stages) of the forward, by padded head dim (the query tile divides Q's
 # quantization block; D=128 at 64 queries and 4 warps: 44.0 -> 38.5 ms at 16k on the H100, TRAIN_NOTES v4.1)
 FWD_CONFIGS = {32: (128, 4, 2), 64: (128, 4, 3), 128: (64, 4, 3), 256: (128, 8, 1)}
@@ -300,6 +299,7 @@ FWD_CONFIGS = {32: (128, 4, 2), 64: (128, 4, 3), 128: (64, 4, 3), 256: (128, 8, 
 # let three CTAs share an SM instead of two: 38.2 -> 34.7 ms at 16k on the H100 (TRAIN_NOTES v4.2; the
 # same cap on the dQ kernel made it slower, 63.5 -> 68.4)
 FWD_MAXNREG = {128: 168}
+# (num_warps, num_stages) of the backward kernels, by padded head dim
 BWD_CONFIGS = {32: (4, 2), 64: (4, 2), 128: (4, 2), 256: (8, 1)}  # the dK/dV kernel
 DQ_CONFIGS = dict(BWD_CONFIGS)                                    # the deterministic dQ kernel
 
@@ -341,6 +341,7 @@ def forward_triton(st, *, is_causal: bool, out_dtype: torch.dtype, config=None):
     o = torch.empty(B, Hq, Nq, DP, dtype=o_stored, device=dev)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev)
     block_m, warps, stages = config or FWD_CONFIGS[DP]
+    assert FWD_Q_BLOCK % block_m == 0, f"the forward's query tile {block_m} must divide Q's block {FWD_Q_BLOCK}"
     limits = {"maxnreg": FWD_MAXNREG[DP]} if DP in FWD_MAXNREG and not config and not interpreter_enabled() else {}
     grid = (triton.cdiv(Nq, block_m), B * Hq)
     sagebwd_fwd_kernel[grid](qk.q_codes, qk.q_scale, qk.k_codes, qk.k_scale, vt, st.v_scale, o, lse,

@@ -3,12 +3,15 @@ the emulation, the paper's quantize_dov ablation, and a tiny model that trains w
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import KERNEL_DEVICE, gpu
 
 import sage3
 from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.reference import attention_reference
+from sage3.train_kernel import _int8_codes, forward_triton
 
 FP16, BF16 = torch.float16, torch.bfloat16
 
@@ -221,3 +224,49 @@ def test_sagebwd_kernels_compile_for_hopper():
     script = Path(__file__).parent / "compile_for_hopper.py"
     r = subprocess.run([sys.executable, str(script), "sagebwd"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@triton.jit
+def _codes_kernel(X, INV, Y, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    m = i < N
+    x = tl.load(X + i, mask=m, other=0.0)
+    inv = tl.load(INV + i, mask=m, other=0.0)
+    tl.store(Y + i, _int8_codes(x, inv), mask=m)
+
+
+def test_int8_codes_round_half_to_even_with_negative_codes():
+    """The kernels' INT8 codes (one FMA with 1.5 * 2**23, the sum's low byte): every code -127..127,
+    every tie k + 0.5 of both signs, -0.0 and inv = 0 (a block below TINY), against the emulation's
+    rule (the exact product rounded half to even)."""
+    k = torch.arange(-127, 128, dtype=torch.float32)
+    x = torch.cat([k, k[:-1] + 0.5, torch.tensor([-0.0, 3.0, -3.0])])
+    inv = torch.cat([torch.ones(len(x) - 2), torch.zeros(2)])
+    x, inv = x.to(KERNEL_DEVICE), inv.to(KERNEL_DEVICE)
+    y = torch.empty(len(x), dtype=torch.int8, device=KERNEL_DEVICE)
+    _codes_kernel[(1,)](x, inv, y, len(x), BLOCK=triton.next_power_of_2(len(x)))
+    want = torch.round(x.double() * inv.double()).to(torch.int8)
+    assert torch.equal(y.cpu(), want.cpu()), (x[y != want], y[y != want], want[y != want])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_forward_query_tile_does_not_change_rows(causal, d):
+    """Rows are independent: the forward at 64- and 128-query tiles (Q's scale block is 128 either
+    way) gives the same O and LSE, and both match the emulation; Q's scale differs from block to
+    block, so a wrong scale index for a 64-query tile shows."""
+    from sage3.train import quantize_for_training
+    from sage3.train_emulation import forward_emulated
+
+    q, k, v = (t.to(KERNEL_DEVICE).transpose(1, 2).contiguous()
+               for t in make_qkv(1, 2, 300, d, seqlen_k=260, kind="qk_bias", seed=d, layout="NHD"))
+    q = q * torch.linspace(0.2, 5.0, q.shape[2], device=q.device)[:, None].to(q.dtype)
+    st = quantize_for_training(q, k, v, sm_scale=d ** -0.5, backend="triton")
+    o64, l64 = forward_triton(st, is_causal=causal, out_dtype=torch.float32, config=(64, 4, 2))
+    o128, l128 = forward_triton(st, is_causal=causal, out_dtype=torch.float32, config=(128, 4, 2))
+    finite = torch.isfinite(l128)
+    assert torch.equal(torch.isfinite(l64), finite)
+    torch.testing.assert_close(o64, o128, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l64[finite], l128[finite], rtol=1e-6, atol=1e-6)
+    oe, _ = forward_emulated(st, is_causal=causal)
+    torch.testing.assert_close(o64.cpu(), oe.cpu(), rtol=1e-3, atol=1e-3)
