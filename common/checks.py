@@ -138,6 +138,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernel_store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Triton kernel should store an output of ``dtype`` in: fp32 where the interpreter
+    would convert fp32 -> bf16 by truncation (numpy has no bf16; the GPU rounds to nearest even), so
+    that the host rounds it instead; ``dtype`` otherwise."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreter_enabled() else dtype
+
+
 def resolve_backend(backend: str, device: torch.device, allowed=("auto", "triton", "torch")) -> str:
     """Turn ``backend`` into the one that will run for tensors on ``device``.
 

@@ -192,7 +192,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
                    is_causal, PV_CODES[spec.pv], dynamic)
         return lse
 
-    from .checks import interpreter_enabled
+    from .checks import interpreter_enabled, kernel_store_dtype
     from .triton_decode import decode_combine_kernel, decode_split_kernel
 
     dp = padded_head_dim(D)
@@ -210,7 +210,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         limits["enable_fp_fusion"] = False  # emulation (fp16 inputs make exact .5 ties common)
     flags = torch.empty(splits * B * Hkv * row_tiles, dtype=torch.int32, device=qh.device)
     target = out_hnd
-    if interp and out_hnd.dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the host
+    if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)
     strides = (qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
                vh.stride(0), vh.stride(1), vh.stride(2))

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common.checks import interpreter_enabled
+from common.checks import interpreter_enabled, kernel_store_dtype
 from common.triton_attention import dot_16bit, kv_bounds, program_tile, visible_keys
 
 from .train_emulation import BWD_TILE, FWD_KV_TILE, FWD_Q_BLOCK, TINY
@@ -335,10 +335,8 @@ def forward_triton(st, *, is_causal: bool, out_dtype: torch.dtype, config=None):
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     vt = _transposed(st.v_codes, FWD_KV_TILE)
     dev = qk.q_codes.device
-    # stored in out_dtype (a separate fp32 -> 16-bit copy cost ~0.03 ms per call at 1k on the H100); fp32
-    # where the interpreter would truncate to bf16
-    o_stored = torch.float32 if interpreter_enabled() and out_dtype == torch.bfloat16 else out_dtype
-    o = torch.empty(B, Hq, Nq, DP, dtype=o_stored, device=dev)
+    # stored in out_dtype (a separate fp32 -> 16-bit copy cost ~0.03 ms per call at 1k on the H100)
+    o = torch.empty(B, Hq, Nq, DP, dtype=kernel_store_dtype(out_dtype), device=dev)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=dev)
     block_m, warps, stages = config or FWD_CONFIGS[DP]
     assert FWD_Q_BLOCK % block_m == 0, f"the forward's query tile {block_m} must divide Q's block {FWD_Q_BLOCK}"
@@ -368,10 +366,8 @@ def backward_triton(st, do: torch.Tensor, o: torch.Tensor, lse2: torch.Tensor, *
     # 135 at 16k on the H100 (TRAIN_NOTES.md, v3); dQ's kernel stores the input dtype at no cost
     dk = torch.empty(B, Hkv, Nk, DP, dtype=torch.float32, device=dev)
     dv = torch.empty_like(dk)
-    # the dQ kernel stores out_dtype; the atomic path sums dQ in place (fp32, scaled and rounded after),
-    # and the interpreter truncates fp32 -> bf16 (so it stores fp32 there)
-    dq_stored = torch.float32 if not deterministic or (interpreter_enabled() and out_dtype == torch.bfloat16) \
-        else out_dtype
+    # the dQ kernel stores out_dtype; the atomic path sums dQ in place (fp32, scaled and rounded after)
+    dq_stored = kernel_store_dtype(out_dtype) if deterministic else torch.float32
     dq = (torch.empty if deterministic else torch.zeros)(B, Hq, Nq, DP, dtype=dq_stored, device=dev)
     warps, stages = config or BWD_CONFIGS[DP]
     dq_warps, dq_stages = dq_config or DQ_CONFIGS[DP]
