@@ -22,6 +22,11 @@ products this is the probe's "low 10 mantissa bits come back zeroed").
 
 With ``hopper_fp8_accumulator=False`` the products accumulate in fp32 (what Triton's CPU
 interpreter does), for comparing the kernel under the interpreter.
+
+The row sum ``l`` (``ROW_SUM``): "p", the paper's and the Triton kernel's, sums the unquantized fp32
+p; "fp8_mma", the Hopper CUDA kernel's (csrc/sage2_sm90), sums fp8(p) in the PV MMA (a column of
+ones beside V_hat_j, under the same accumulator model, flushed per tile), so that out is an exact
+weighted mean of V's rows with the weights fp8(p).
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ def aligned_truncation_sum(terms: torch.Tensor, mant_bits: int = 13) -> torch.Te
 # zero-product probe of sage2.md shows; true, but not the whole story) and 0.15 for fp32.
 FP8_ACCUMULATOR_MODEL = "aligned"
 
+# Where l comes from (module docstring): "p" or "fp8_mma". The GPU tests of the CUDA kernel set it.
+ROW_SUM = "p"
+ROW_SUMS = ("p", "fp8_mma")
+
 
 def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_fp22: bool) -> torch.Tensor:
     """``acc + p8 @ v8`` as a sequence of k32 FP8 MMA instructions (fp32 result)."""
@@ -86,9 +95,16 @@ def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_
 
 def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor | None, is_causal: bool,
                        pv_dtype: str, pv_accum: str, kv_block: int = 128, return_lse: bool = False,
-                       hopper_fp8_accumulator: bool = True, bias2: torch.Tensor | None = None):
+                       hopper_fp8_accumulator: bool = True, bias2: torch.Tensor | None = None,
+                       row_sum: str | None = None):
     """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None). ``bias2``: the
-    log2-domain mask of common.masking.dense_mask (attn_mask, lengths and causal), if any."""
+    log2-domain mask of common.masking.dense_mask (attn_mask, lengths and causal), if any.
+    ``row_sum``: "p" or "fp8_mma" (None: ``ROW_SUM``)."""
+    row_sum = ROW_SUM if row_sum is None else row_sum
+    if row_sum not in ROW_SUMS:
+        raise ValueError(f"row_sum must be one of {ROW_SUMS}, got {row_sum!r}")
+    if row_sum == "fp8_mma" and (pv_dtype == "fp16" or pv_accum != "two_level"):
+        raise ValueError("row_sum='fp8_mma' models the CUDA kernel: FP8 P V with two-level accumulation only")
     B, Hq, Nq, _ = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     group = Hq // Hkv
@@ -112,12 +128,16 @@ def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor
             s = (s * ks[..., None, j0:j1]) * qs[..., :, None]
             if delta_s is not None:
                 s = s + delta_s[..., j0:j1]
+            l_before = sm.l
             p, alpha = sm.update(sm.mask(s, j0, j1))
             if pv_dtype == "fp16":
                 acc = acc * alpha[..., None] + p.half().float() @ vc[:, :, j0:j1].float()
             else:
                 p8 = p.to(vc.dtype)  # round to nearest even; p <= P_SCALE, the format's max
                 v8 = vc[:, :, j0:j1]
+                if row_sum == "fp8_mma":  # the MMA's column of ones: rowsum fp8(p), flushed per tile
+                    ones = torch.ones(*v8.shape[:-1], 1, device=dev).to(v8.dtype)
+                    sm.l = l_before * alpha + fp8_mma(p8, ones, None, hopper_fp8_accumulator)[..., 0]
                 if pv_accum == "two_level":
                     acc = acc * alpha[..., None] + fp8_mma(p8, v8, None, hopper_fp8_accumulator)
                 else:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sage2
+import sage2.emulation
 from common import build
 from common.inputs import make_qkv
 from common.metrics import accuracy
@@ -114,22 +115,30 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def cuda_row_sum(monkeypatch):
+    """The emulation with the CUDA kernel's row sum: l from fp8(P) in the MMA (sage2.emulation.ROW_SUM)."""
+    monkeypatch.setattr(sage2.emulation, "ROW_SUM", "fp8_mma")
+
+
 @gpu
 @hopper
 @pytest.mark.parametrize("dtype,causal,heads,layout,lens,d,opts", CASES)
-def test_cuda_kernel_agrees_with_emulation_and_triton(dtype, causal, heads, layout, lens, d, opts):
+def test_cuda_kernel_agrees_with_emulation_and_triton(dtype, causal, heads, layout, lens, d, opts, monkeypatch):
     (hq, hkv), (nq, nk) = heads, lens
     q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, dtype=dtype, layout=layout, seed=d + nq,
                        device="cuda")
     kw = dict(tensor_layout=layout, is_causal=causal, return_lse=True, **opts)
     out_c, lse_c = sage2.sageattn(q, k, v, backend="cuda", **kw)
     out_t, lse_t = sage2.sageattn(q, k, v, backend="triton", **kw)
+    out_te, _ = sage2.sageattn(q, k, v, backend="torch", **kw)  # the Triton kernel's algorithm (l from p)
+    monkeypatch.setattr(sage2.emulation, "ROW_SUM", "fp8_mma")  # the CUDA kernel's
     out_e, lse_e = sage2.sageattn(q, k, v, backend="torch", **kw)
     fin = torch.isfinite(lse_e)
     assert torch.equal(torch.isfinite(lse_c), fin)
     assert (lse_c - lse_e)[fin].abs().max() < 1e-3
     ref = attention_reference(q, k, v, tensor_layout=layout, is_causal=causal)
-    c_vs_e, e_vs_ref, t_vs_e = accuracy(out_e.double(), out_c), accuracy(ref, out_e), accuracy(out_e.double(), out_t)
+    c_vs_e, e_vs_ref, t_vs_e = accuracy(out_e.double(), out_c), accuracy(ref, out_e), accuracy(out_te.double(), out_t)
     assert c_vs_e.rel_l1 <= max(0.1 * e_vs_ref.rel_l1, 1e-6) and c_vs_e.rel_l1 <= 3e-3, (c_vs_e, e_vs_ref)
     assert c_vs_e.rel_l1 <= 2 * t_vs_e.rel_l1 + 1e-4, (c_vs_e, t_vs_e)  # as close as the Triton kernel is
 
@@ -186,7 +195,7 @@ def test_auto_picks_cuda_on_hopper_and_triton_where_it_cannot(monkeypatch):
 @gpu
 @hopper
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_nan_rows_follow_sdpa(causal):
+def test_cuda_nan_rows_follow_sdpa(causal, cuda_row_sum):
     q, k, v = make_qkv(1, 4, 300, 128, heads_kv=2, device="cuda", seed=5)
     q[0, 1, 7, 3] = float("nan")
     k[0, 0, 200, 5] = float("inf")

@@ -13,11 +13,16 @@
 //   s     = S_int * (dq * dk)                      per-thread quantization: every value a thread
 //                                                  holds shares one Q scale and one K scale
 //   m'    = max(m, rowmax s);  p = exp2(s - m' + log2(448))       p in (0, 448]: E4M3's range
-//   l     = exp2(m - m') l + rowsum p              fp32, from the unquantized p
-//   O     = exp2(m - m') O + (fp8(p) . V_hat_j)    the tile's product in a fresh accumulator
+//   [O|r] = fp8(p) . [V_hat_j | 1]                 the tile's product in a fresh accumulator
 //                                                  (two-level: the FP8 MMA's ~13-bit accumulator
-//                                                  only ever sums one tile), added in fp32
+//                                                  only ever sums one tile); r = rowsum fp8(p)
+//   O     = exp2(m - m') O + O_j,  l = exp2(m - m') l + r        in fp32
 //   out   = O * dv / l
+//
+// l sums the quantized P, not the fp32 p the paper sums (and sage2's Triton kernel and emulation):
+// the MMA does it for 6% more PV work instead of 64 adds per thread and tile, and O / l is then an
+// exact weighted mean of V's rows with weights fp8(p), which measured as accurate or more
+// (sage2.emulation's ROW_SUM = "fp8_mma" models it; csrc/NOTES.md, v11).
 //
 // P goes to the PV wgmma straight from registers. The S accumulator gives lane t (t = lane % 4)
 // columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} of each 32 keys, while the A operand
@@ -54,6 +59,11 @@ constexpr int WG_ROWS = 64;   // query rows per consumer warpgroup = sage2's Q b
 constexpr int BLOCK_N = 128;  // keys per tile = sage2's K block (per-thread K scales, two-level flush)
 constexpr int STAGES = 3;
 
+// The softmax denominator l comes from the PV MMA: each V^T stage has 8 rows of ones after V^T, so
+// the last 8 columns of P V are the row sums of fp8(P) (64 fp32 adds per thread and tile fewer;
+// csrc/NOTES.md, v11). l then sums the same quantized P that O does.
+constexpr int ONES_ROWS = 8;  // rows of ones after V^T in each stage
+
 // Consumer warpgroups per CTA: two at head dim 128; three at 64, where the softmax (the same work
 // per tile at either head dim) dominates more and a third warpgroup's scores hide more of its
 // latency. Registers: the producer keeps 24, the consumers share the rest of the 64K. OVERLAP
@@ -66,6 +76,7 @@ struct Config {
   static constexpr int BLOCK_M = WG_ROWS * CONSUMERS;  // query rows per work tile
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
   static constexpr int CONSUMER_REGS = CONSUMERS == 3 ? 160 : 240;  // 128 x 24 + 128 x C x regs <= 64K
+  static constexpr int PV_REGS = (DP + ONES_ROWS) / 2;  // PV accumulator per thread (+ the row sums)
 };
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
 constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
@@ -74,7 +85,7 @@ template <int DP>
 struct Shared {
   alignas(1024) int8_t q[2][Config<DP>::BLOCK_M * DP];  // two: the next work tile's Q loads during this one
   alignas(1024) int8_t k[STAGES][BLOCK_N * DP];
-  alignas(1024) uint8_t vt[STAGES][DP * BLOCK_N];
+  alignas(1024) uint8_t vt[STAGES][(DP + ONES_ROWS) * BLOCK_N];  // V^T from TMA, then ONES_ROWS rows of 1.0
   uint64_t q_full[2], q_empty[2], k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
 };
 
@@ -110,7 +121,8 @@ __device__ __forceinline__ void issue_qk(Shared<DP>& sm, int slot, uint64_t desc
 // Issue P_j V_j into a fresh accumulator (two-level: the FP8 MMA's ~13-bit accumulator only ever
 // sums one tile); the caller waits, then adds it to O in fp32 (finish_pv).
 template <int DP>
-__device__ __forceinline__ void issue_pv(Shared<DP>& sm, int slot, const uint32_t (&pa)[4][4], float (&o_tile)[DP / 2]) {
+__device__ __forceinline__ void issue_pv(Shared<DP>& sm, int slot, const uint32_t (&pa)[4][4],
+                                         float (&o_tile)[Config<DP>::PV_REGS]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.v_full[stage], (slot / STAGES) & 1);
   const uint64_t desc_v = smem_desc_kmajor(sm.vt[stage], BLOCK_N);
@@ -118,41 +130,45 @@ __device__ __forceinline__ void issue_pv(Shared<DP>& sm, int slot, const uint32_
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     if constexpr (DP == 128) {
-      wgmma_e4m3_m64n128k32_rs(o_tile, pa[c], desc_v + 2 * c, c);
+      wgmma_e4m3_m64n136k32_rs(o_tile, pa[c], desc_v + 2 * c, c);
     } else {
-      wgmma_e4m3_m64n64k32_rs(o_tile, pa[c], desc_v + 2 * c, c);
+      wgmma_e4m3_m64n72k32_rs(o_tile, pa[c], desc_v + 2 * c, c);
     }
   }
   wgmma_commit();
 }
 
-// After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j.
+// After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j and
+// l = alpha * l + rowsum fp8(P_j) (the ones columns: 2t and 2t+1 of the last 8, rows g and g + 8).
 template <int DP>
-__device__ __forceinline__ void finish_pv(Shared<DP>& sm, int slot, const float (&alpha)[2], float (&o_tile)[DP / 2],
-                                          float (&o)[DP / 2], int lane) {
+__device__ __forceinline__ void finish_pv(Shared<DP>& sm, int slot, const float (&alpha)[2],
+                                          float (&o_tile)[Config<DP>::PV_REGS], float (&o)[DP / 2], float (&l)[2],
+                                          int lane) {
   fence_registers(o_tile);
   if (lane == 0) mbar_arrive(&sm.v_empty[slot % STAGES]);
 #pragma unroll
   for (int i = 0; i < DP / 2; ++i) o[i] = o[i] * alpha[(i / 2) % 2] + o_tile[i];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + o_tile[DP / 2 + 2 * r];
 }
 
-// The online softmax of tile j on S_int: updates m and l (this lane's columns), returns P_j (fp32,
-// in (0, 448]) and the factor alpha that O must be scaled by. ks: the lane's K scale of the tile
-// (loaded a tile ahead). MASKED: keys past the end and (causal) keys after the diagonal get -inf.
+// The online softmax of tile j on S_int: updates m, returns P_j (fp32, in (0, 448]) and the factor
+// alpha that O and l must be scaled by (l is summed by the PV MMA, finish_pv). ks: the lane's K
+// scale of the tile (loaded a tile ahead). MASKED: keys past the end and (causal) keys after the diagonal get -inf.
 template <bool CAUSAL, bool MASKED>
-__device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, float (&m)[2], float (&l)[2],
-                                             const float (&qs)[2], const int (&row)[2], float ks, int seqlen_k,
+__device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, float (&m)[2], const float (&qs)[2],
+                                             const int (&row)[2], float ks, int seqlen_k,
                                              int q_offset, int t, float (&p)[64], float (&alpha)[2]) {
   const int start_n = j * BLOCK_N;
   const float sc[2] = {qs[0] * ks, qs[1] * ks};
 
   // int32 -> fp32 without I2F, which shares the quarter-rate pipe with ex2: |S| <= 128*127*127 <
-  // 2^22, so the bits of MAGIC_BITS + S are the float MAGIC + S (MAGIC = 1.5 * 2^23), and
-  // subtracting MAGIC gives S exactly (an integer add and a float add, both full rate).
+  // 2^22, so the bits of MAGIC_BITS + S are the float MAGIC + S (MAGIC = 1.5 * 2^23), exactly (an
+  // integer add, full rate).
   constexpr int MAGIC_BITS = 0x4B400000;
   constexpr float MAGIC = 12582912.f;
-  // Row reductions in 4 independent chains per row (8 steps each, not 32): a serial chain of
-  // dependent max/add instructions stalls the warp for their latency (ncu: "wait" stalls).
+  // The row max in 4 independent chains per row (8 steps each, not 32): a serial chain of
+  // dependent max instructions stalls the warp for their latency (ncu: "wait" stalls).
   constexpr int CHAINS = 4;
   auto chain = [](int i) { return i % 2 + 2 * ((i / 4) % 2); };
   float tile_max[2];
@@ -187,20 +203,19 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
     shift[r] = m_use - LOG2_P_SCALE;
     m[r] = m_new;
   }
-  float sum[2][CHAINS] = {};
+  // the exponent argument S * sc - shift as one FMA on MAGIC + S: (MAGIC + S) * sc - (MAGIC * sc +
+  // shift), the constant rounded once: an error below 0.75 units of S_int, far under S's
+  // quantization step (a float subtract of MAGIC first costs one more instruction per score)
+  const float bias[2] = {-fmaf(MAGIC, sc[0], shift[0]), -fmaf(MAGIC, sc[1], shift[1])};
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     const int r = (i / 2) % 2;
-    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC, sc[r], -shift[r]));
+    p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS), sc[r], bias[r]));
     if (MASKED) {
       const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
       if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[i] = 0.f;
     }
-    sum[r][chain(i)] += p[i];
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r)  // this lane's columns; the quad is summed at the end
-    l[r] = l[r] * alpha[r] + ((sum[r][0] + sum[r][1]) + (sum[r][2] + sum[r][3]));
 }
 
 // P_j as the A operand of the PV wgmma's four k32 steps (see the key order above).
@@ -231,11 +246,11 @@ struct Softmax {  // (values, not references: a referenced local array would liv
 // After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax.
 template <bool CAUSAL, bool MASKED, int DP>
 __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, int slot, float ks,
-                                                 float (&m)[2], float (&l)[2], const Softmax& a, int lane,
+                                                 float (&m)[2], const Softmax& a, int lane,
                                                  float (&p)[64], float (&alpha)[2]) {
   fence_registers(s_int);
   if (lane == 0) mbar_arrive(&sm.k_empty[slot % STAGES]);
-  softmax_tile<CAUSAL, MASKED>(s_int, j, m, l, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
+  softmax_tile<CAUSAL, MASKED>(s_int, j, m, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
 }
 
 // Persistent: a CTA runs work tiles blockIdx.x, blockIdx.x + gridDim.x, ... (launch() sizes the
@@ -272,6 +287,12 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       mbar_init(&sm.v_empty[s], 4 * CONSUMERS);
     }
     fence_barrier_init();
+  }
+  if constexpr (ONES_ROWS > 0) {  // 1.0 in E4M3 is 0x38; every byte alike, so the swizzle does not matter
+    constexpr int WORDS = ONES_ROWS * BLOCK_N / 4;
+    for (int i = threadIdx.x; i < STAGES * WORDS; i += blockDim.x)
+      reinterpret_cast<uint32_t*>(sm.vt[i / WORDS] + DP * BLOCK_N)[i % WORDS] = 0x38383838u;
+    fence_proxy_async_shared();  // written here, read by wgmma (the async proxy)
   }
   __syncthreads();
 
@@ -344,19 +365,19 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     // one steady-state section; the unmasked and masked tiles run in separate loops, each straight-line
     auto section = [&](int j, float& ks, auto masked) {
       int s_int[64];
-      float o_tile[DP / 2];
+      float o_tile[Config<DP>::PV_REGS];
       const int slot = slot0 + j;
       if constexpr (!Config<DP>::OVERLAP) {  // fewer live registers: P_{j-1} V_{j-1} done before S_j is issued
         turn_wait(consumer);
         issue_pv(sm, slot - 1, pa, o_tile);
         wgmma_wait<0>();
-        finish_pv(sm, slot - 1, alpha_prev, o_tile, o, lane);
+        finish_pv(sm, slot - 1, alpha_prev, o_tile, o, l, lane);
         issue_qk(sm, slot, desc_q, s_int);
         turn_pass(consumer, CONSUMERS);
         const float ks_next = sm_args.k_scale(j + 1);
         wgmma_wait<0>();
         float p_tile[64];
-        softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, slot, ks, m, l, sm_args, lane, p_tile,
+        softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, slot, ks, m, sm_args, lane, p_tile,
                                                           alpha_prev);
         pack_p(p_tile, pa);
         ks = ks_next;
@@ -369,9 +390,9 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       const float ks_next = sm_args.k_scale(j + 1);  // in flight during the wait and the softmax
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
       float p_tile[64], alpha[2];
-      softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, slot, ks, m, l, sm_args, lane, p_tile, alpha);
+      softmax_after_qk<CAUSAL, decltype(masked)::value>(sm, s_int, j, slot, ks, m, sm_args, lane, p_tile, alpha);
       wgmma_wait<0>();
-      finish_pv(sm, slot - 1, alpha_prev, o_tile, o, lane);
+      finish_pv(sm, slot - 1, alpha_prev, o_tile, o, l, lane);
       pack_p(p_tile, pa);
       alpha_prev[0] = alpha[0];
       alpha_prev[1] = alpha[1];
@@ -388,9 +409,9 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         const float ks_next = sm_args.k_scale(1);
         wgmma_wait<0>();
         if (n_unmasked > 0) {
-          softmax_after_qk<CAUSAL, false>(sm, s_int, 0, slot0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+          softmax_after_qk<CAUSAL, false>(sm, s_int, 0, slot0, ks, m, sm_args, lane, p_tile, alpha_prev);
         } else {
-          softmax_after_qk<CAUSAL, true>(sm, s_int, 0, slot0, ks, m, l, sm_args, lane, p_tile, alpha_prev);
+          softmax_after_qk<CAUSAL, true>(sm, s_int, 0, slot0, ks, m, sm_args, lane, p_tile, alpha_prev);
         }
         pack_p(p_tile, pa);
         ks = ks_next;
@@ -398,12 +419,12 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       const int unmasked_end = min(n_unmasked, n_tiles);
       for (int j = 1; j < unmasked_end; ++j) section(j, ks, std::false_type{});
       for (int j = max(1, unmasked_end); j < n_tiles; ++j) section(j, ks, std::true_type{});
-      float o_tile[DP / 2];
+      float o_tile[Config<DP>::PV_REGS];
       turn_wait(consumer);
       issue_pv(sm, slot0 + n_tiles - 1, pa, o_tile);
       if (pass_after_last) turn_pass(consumer, CONSUMERS);
       wgmma_wait<0>();
-      finish_pv(sm, slot0 + n_tiles - 1, alpha_prev, o_tile, o, lane);
+      finish_pv(sm, slot0 + n_tiles - 1, alpha_prev, o_tile, o, l, lane);
     } else {
       turn_wait(consumer);
       if (pass_after_last) turn_pass(consumer, CONSUMERS);
@@ -417,7 +438,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float l_row = quad_sum(l[r]);
+      const float l_row = l[r];  // (the MMA's row sum covers all of the row's keys: no quad sum)
       if (row[r] >= p.seqlen_q) continue;
       bool bad = false;
       if (p.first_bad != nullptr) {
