@@ -23,10 +23,16 @@ products this is the probe's "low 10 mantissa bits come back zeroed").
 With ``hopper_fp8_accumulator=False`` the products accumulate in fp32 (what Triton's CPU
 interpreter does), for comparing the kernel under the interpreter.
 
-The row sum ``l`` (``ROW_SUM``): "p", the paper's and the Triton kernel's, sums the unquantized fp32
-p; "fp8_mma", the Hopper CUDA kernel's (csrc/sage2_sm90), sums fp8(p) in the PV MMA (a column of
-ones beside V_hat_j, under the same accumulator model, flushed per tile), so that out is an exact
-weighted mean of V's rows with the weights fp8(p).
+``ARITHMETIC`` says whose fp32 softmax arithmetic is emulated:
+
+* "paper" (default): the paper's and the Triton kernel's, above;
+* "cuda_sm90": the Hopper CUDA kernel's (csrc/sage2_sm90). Its exponent argument is one FMA on the
+  bits of MAGIC + S_int (MAGIC = 1.5 * 2^23): fp32((MAGIC + S) * sc + bias) with
+  sc = fp32(dq * dk) and bias = -fp32(MAGIC * sc + m' - log2(P_SCALE)), whose rounding moves p by
+  up to ~1e-4 relative (far below S's quantization error, but enough to send some p across an FP8
+  rounding boundary against the paper's arithmetic); and its l sums fp8(p) in the PV MMA (a column
+  of ones beside V_hat_j, under the same accumulator model, flushed per tile), so that out is an
+  exact weighted mean of V's rows with the weights fp8(p).
 """
 
 from __future__ import annotations
@@ -70,9 +76,30 @@ def aligned_truncation_sum(terms: torch.Tensor, mant_bits: int = 13) -> torch.Te
 # zero-product probe of sage2.md shows; true, but not the whole story) and 0.15 for fp32.
 FP8_ACCUMULATOR_MODEL = "aligned"
 
-# Where l comes from (module docstring): "p" or "fp8_mma". The GPU tests of the CUDA kernel set it.
-ROW_SUM = "p"
-ROW_SUMS = ("p", "fp8_mma")
+# Whose softmax arithmetic (module docstring): "paper" or "cuda_sm90". The GPU tests of the CUDA
+# kernel set it.
+ARITHMETIC = "paper"
+ARITHMETICS = ("paper", "cuda_sm90")
+MAGIC = 12582912.0  # 1.5 * 2^23: the bits of MAGIC + S, S an int32 with |S| < 2^22, are the float MAGIC + S
+
+
+class Sm90Softmax(OnlineSoftmax):
+    """The CUDA kernel's online softmax on the integer scores of a tile (module docstring); l is
+    left to the caller (the MMA's row sum)."""
+
+    def update_int(self, s_int: torch.Tensor, sc: torch.Tensor, j0: int, j1: int):
+        """``s_int``: exact integer scores, ``sc``: fp32 dq * dk of each score. Returns (p, alpha)."""
+        s = self.mask(s_int.float() * sc, j0, j1)  # the kernel's max: fp32(S * sc) (S is exact in fp32)
+        m_new = torch.maximum(self.m, s.amax(dim=-1))
+        m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+        shift = m_use - torch.tensor(self.shift, dtype=torch.float32)  # fp32, as the kernel
+        sc64 = sc.double()
+        bias = -(MAGIC * sc64 + shift.double()[..., None]).float().double()  # fmaf: one rounding
+        x = ((MAGIC + s_int.double()) * sc64 + bias).float()  # fmaf (up to a double rounding, ~2^-29)
+        p = torch.where(s == float("-inf"), 0.0, torch.exp2(x))
+        alpha = torch.exp2(self.m - m_use)
+        self.m = m_new
+        return p, alpha
 
 
 def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_fp22: bool) -> torch.Tensor:
@@ -96,15 +123,17 @@ def fp8_mma(p8: torch.Tensor, v8: torch.Tensor, acc: torch.Tensor | None, model_
 def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor | None, is_causal: bool,
                        pv_dtype: str, pv_accum: str, kv_block: int = 128, return_lse: bool = False,
                        hopper_fp8_accumulator: bool = True, bias2: torch.Tensor | None = None,
-                       row_sum: str | None = None):
+                       arithmetic: str | None = None):
     """Returns (out fp32 [B, Hq, Nq, D], log2-domain LSE [B, Hq, Nq] or None). ``bias2``: the
     log2-domain mask of common.masking.dense_mask (attn_mask, lengths and causal), if any.
-    ``row_sum``: "p" or "fp8_mma" (None: ``ROW_SUM``)."""
-    row_sum = ROW_SUM if row_sum is None else row_sum
-    if row_sum not in ROW_SUMS:
-        raise ValueError(f"row_sum must be one of {ROW_SUMS}, got {row_sum!r}")
-    if row_sum == "fp8_mma" and (pv_dtype == "fp16" or pv_accum != "two_level"):
-        raise ValueError("row_sum='fp8_mma' models the CUDA kernel: FP8 P V with two-level accumulation only")
+    ``arithmetic``: "paper" or "cuda_sm90" (None: ``ARITHMETIC``)."""
+    arithmetic = ARITHMETIC if arithmetic is None else arithmetic
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
+    cuda = arithmetic == "cuda_sm90"
+    if cuda and (pv_dtype == "fp16" or pv_accum != "two_level" or delta_s is not None or bias2 is not None):
+        raise ValueError("arithmetic='cuda_sm90' models the CUDA kernel: FP8 P V with two-level accumulation, "
+                         "no Q smoothing, no attn_mask")
     B, Hq, Nq, _ = qk.q_codes.shape
     Hkv, Nk = qk.k_codes.shape[1], qk.k_codes.shape[2]
     group = Hq // Hkv
@@ -120,24 +149,27 @@ def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor
         delta_s = expand_block_rows(delta_s, qk.q_block, Nq)  # [B, Hq, Nq, Nk]
     log2_pscale = math.log2(P_SCALE[pv_dtype])
 
-    sm = OnlineSoftmax((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=log2_pscale, bias2=bias2)
+    sm = (Sm90Softmax if cuda else OnlineSoftmax)((B, Hq, Nq), Nk, dev, is_causal=is_causal, log2_shift=log2_pscale,
+                                                  bias2=bias2)
     acc = torch.zeros(B, Hq, Nq, D, device=dev)
     with exact_fp32_matmul():
         for j0, j1 in kv_tiles(Nk, kv_block):
             s = (qc @ kc[:, :, j0:j1].transpose(-1, -2)).float()
-            s = (s * ks[..., None, j0:j1]) * qs[..., :, None]
-            if delta_s is not None:
-                s = s + delta_s[..., j0:j1]
-            l_before = sm.l
-            p, alpha = sm.update(sm.mask(s, j0, j1))
+            if cuda:
+                p, alpha = sm.update_int(s, qs[..., :, None] * ks[..., None, j0:j1], j0, j1)
+            else:
+                s = (s * ks[..., None, j0:j1]) * qs[..., :, None]
+                if delta_s is not None:
+                    s = s + delta_s[..., j0:j1]
+                p, alpha = sm.update(sm.mask(s, j0, j1))
             if pv_dtype == "fp16":
                 acc = acc * alpha[..., None] + p.half().float() @ vc[:, :, j0:j1].float()
             else:
                 p8 = p.to(vc.dtype)  # round to nearest even; p <= P_SCALE, the format's max
                 v8 = vc[:, :, j0:j1]
-                if row_sum == "fp8_mma":  # the MMA's column of ones: rowsum fp8(p), flushed per tile
+                if cuda:  # l from the MMA's column of ones: rowsum fp8(p), flushed per tile
                     ones = torch.ones(*v8.shape[:-1], 1, device=dev).to(v8.dtype)
-                    sm.l = l_before * alpha + fp8_mma(p8, ones, None, hopper_fp8_accumulator)[..., 0]
+                    sm.l = sm.l * alpha + fp8_mma(p8, ones, None, hopper_fp8_accumulator)[..., 0]
                 if pv_accum == "two_level":
                     acc = acc * alpha[..., None] + fp8_mma(p8, v8, None, hopper_fp8_accumulator)
                 else:

@@ -61,13 +61,17 @@ def test_kernel_matches_golden(case, backend, monkeypatch):
         out, lse = make_golden.run_case(case, GOLDEN["inputs"], "torch")
         gold = {"out": out, "lse": lse}
     if backend == "auto" and runs_sage2_cuda_prefill(case):
-        # sage2's Hopper prefill kernel sums l from fp8(P) in its MMA (sage2.emulation.ROW_SUM): its
-        # golden is the emulation with that row sum, itself pinned by the stored one
+        # sage2's Hopper prefill kernel has its own softmax arithmetic (sage2.emulation.ARITHMETIC: the
+        # exponent by one FMA, l summing fp8(P) in its MMA): its golden is the emulation with that
+        # arithmetic, run on the GPU. (On the CPU, whose exp2 differs from the GPU's by an ulp here and
+        # there, one p of a causal row with few keys crossed an FP8 rounding boundary: the CPU and GPU
+        # emulations differ by 0.055 at one output of sage2_8b_causal_nhd, the kernel and the GPU
+        # emulation by 0.016; H100, 2026-11-23.) The paper's arithmetic is pinned by the stored one.
         import sage2.emulation
 
-        monkeypatch.setattr(sage2.emulation, "ROW_SUM", "fp8_mma")
-        out, lse = make_golden.run_case(case, GOLDEN["inputs"], "torch")
-        gold = {"out": out, "lse": lse}
+        monkeypatch.setattr(sage2.emulation, "ARITHMETIC", "cuda_sm90")
+        out, lse = make_golden.run_case(case, GOLDEN["inputs"], "torch", device=KERNEL_DEVICE)
+        gold = {"out": out.cpu(), "lse": lse.cpu()}
     out, lse = make_golden.run_case(case, GOLDEN["inputs"], backend, device=KERNEL_DEVICE)
     a = accuracy(gold["out"].double(), out.cpu())
     lse_tol = 1e-3

@@ -2,6 +2,7 @@
 kernel against the emulation, the FP8 accumulator model, options and invariants."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -85,16 +86,16 @@ def test_two_level_accumulation_beats_single_accumulator():
 
 
 @pytest.mark.parametrize("kind", ["k_bias", "v_bias", "sink"])
-def test_row_sum_of_fp8_p_in_the_mma_is_as_accurate_as_the_fp32_row_sum(kind, monkeypatch):
-    """The CUDA kernel's denominator (sage2.emulation.ROW_SUM = "fp8_mma": l sums fp8(P) in the PV
-    MMA, so out is an exact weighted mean of V's rows) against the paper's (l sums the fp32 p): as
-    accurate within 2% (sink: 1.1% worse here, equal at 1024 queries), and clearly more accurate
-    where V has a large per-channel mean (v_bias: the weights' FP8 rounding errors no longer leak
-    the mean into the output)."""
+def test_cuda_kernel_arithmetic_is_as_accurate_as_the_papers(kind, monkeypatch):
+    """The CUDA kernel's softmax arithmetic (sage2.emulation.ARITHMETIC = "cuda_sm90": the exponent
+    by one FMA on MAGIC + S, l summing fp8(P) in the PV MMA, so out is an exact weighted mean of V's
+    rows) against the paper's (l sums the fp32 p): as accurate within 2% (sink: 1.1% worse here,
+    equal at 1024 queries), and clearly more accurate where V has a large per-channel mean (v_bias:
+    the weights' FP8 rounding errors no longer leak the mean into the output)."""
     q, k, v = make_qkv(1, 4, 512, 128, kind=kind, seed=7)
     ref = attention_reference(q, k, v)
     out_p, lse_p = sage2.sageattn(q, k, v, backend="torch", return_lse=True)
-    monkeypatch.setattr(sage2.emulation, "ROW_SUM", "fp8_mma")
+    monkeypatch.setattr(sage2.emulation, "ARITHMETIC", "cuda_sm90")
     out_m, lse_m = sage2.sageattn(q, k, v, backend="torch", return_lse=True)
     a_p, a_m = accuracy(ref, out_p), accuracy(ref, out_m)
     assert a_m.rel_l1 <= 1.02 * a_p.rel_l1 and a_m.cos_sim >= a_p.cos_sim - 1e-6, (a_m, a_p)
@@ -103,19 +104,40 @@ def test_row_sum_of_fp8_p_in_the_mma_is_as_accurate_as_the_fp32_row_sum(kind, mo
     assert 0 < (lse_m - lse_p).abs().max() < 0.02  # a sum of fp8(p), not of p: close, not equal
 
 
-def test_row_sum_option_is_checked():
+def test_cuda_arithmetic_computes_the_exponent_as_the_kernels_fma():
+    """Sm90Softmax's p is exp2 of fp32((MAGIC + S) * sc + bias), bias = -fp32(MAGIC * sc + shift),
+    which differs from the exact S * sc - shift by the roundings of bias and of the result (half an
+    ulp of each), and not always by nothing."""
+    from sage2.emulation import MAGIC, Sm90Softmax
+
+    g = torch.Generator().manual_seed(3)
+    s_int = torch.randint(-2 ** 21, 2 ** 21, (2, 3, 8, 128), generator=g).float()
+    sc = (torch.rand(2, 3, 8, 128, generator=g) * 1e-5).float()
+    sm = Sm90Softmax((2, 3, 8), 128, "cpu", is_causal=False, log2_shift=math.log2(448))
+    p, _ = sm.update_int(s_int, sc, 0, 128)
+    x = torch.log2(p.double())
+    shift = (sm.m - torch.tensor(math.log2(448), dtype=torch.float32)).double()[..., None]
+    exact = s_int.double() * sc.double() - shift
+    bias = -(MAGIC * sc.double() + shift).float().double()
+    err = (x - exact).abs()
+    assert err.max() > 0 and (err <= 2.0 ** -24 * (bias.abs() + exact.abs()) * 1.01 + 1e-7).all()
+    assert (p <= 448 * (1 + 1e-5)).all()
+    torch.testing.assert_close(p, torch.exp2(((MAGIC + s_int.double()) * sc.double() + bias).float()))
+
+
+def test_arithmetic_option_is_checked():
     from sage2.emulation import attention_emulated
 
     q, k, v = make_qkv(1, 2, 64, 64, seed=1)
     qk = quantize_qk(q, k, sm_scale=0.125, granularity="per_thread", q_block=64, k_block=128, warp_rows=16,
                      backend="torch")
     qv = sage2.quant_v.quantize_v(v, "fp8_e4m3", smooth_v=False, backend="torch", dp=64)
-    with pytest.raises(ValueError, match=r"row_sum must be one of \('p', 'fp8_mma'\), got 'fp32'"):
+    with pytest.raises(ValueError, match=r"arithmetic must be one of \('paper', 'cuda_sm90'\), got 'cuda'"):
         attention_emulated(qk, qv, delta_s=None, is_causal=False, pv_dtype="fp8_e4m3", pv_accum="two_level",
-                           row_sum="fp32")
-    with pytest.raises(ValueError, match="FP8 P V with two-level accumulation only"):
+                           arithmetic="cuda")
+    with pytest.raises(ValueError, match="FP8 P V with two-level accumulation, no Q smoothing, no attn_mask"):
         attention_emulated(qk, qv, delta_s=None, is_causal=False, pv_dtype="fp8_e4m3", pv_accum="single",
-                           row_sum="fp8_mma")
+                           arithmetic="cuda_sm90")
 
 
 def test_fp22_accumulator_model():

@@ -116,9 +116,10 @@ CASES = [
 
 
 @pytest.fixture
-def cuda_row_sum(monkeypatch):
-    """The emulation with the CUDA kernel's row sum: l from fp8(P) in the MMA (sage2.emulation.ROW_SUM)."""
-    monkeypatch.setattr(sage2.emulation, "ROW_SUM", "fp8_mma")
+def cuda_arithmetic(monkeypatch):
+    """The emulation with the CUDA kernel's softmax arithmetic (sage2.emulation.ARITHMETIC): the
+    exponent by one FMA, l from fp8(P) in the MMA."""
+    monkeypatch.setattr(sage2.emulation, "ARITHMETIC", "cuda_sm90")
 
 
 @gpu
@@ -131,8 +132,8 @@ def test_cuda_kernel_agrees_with_emulation_and_triton(dtype, causal, heads, layo
     kw = dict(tensor_layout=layout, is_causal=causal, return_lse=True, **opts)
     out_c, lse_c = sage2.sageattn(q, k, v, backend="cuda", **kw)
     out_t, lse_t = sage2.sageattn(q, k, v, backend="triton", **kw)
-    out_te, _ = sage2.sageattn(q, k, v, backend="torch", **kw)  # the Triton kernel's algorithm (l from p)
-    monkeypatch.setattr(sage2.emulation, "ROW_SUM", "fp8_mma")  # the CUDA kernel's
+    out_te, _ = sage2.sageattn(q, k, v, backend="torch", **kw)  # the Triton kernel's arithmetic (the paper's)
+    monkeypatch.setattr(sage2.emulation, "ARITHMETIC", "cuda_sm90")  # the CUDA kernel's
     out_e, lse_e = sage2.sageattn(q, k, v, backend="torch", **kw)
     fin = torch.isfinite(lse_e)
     assert torch.equal(torch.isfinite(lse_c), fin)
@@ -195,7 +196,7 @@ def test_auto_picks_cuda_on_hopper_and_triton_where_it_cannot(monkeypatch):
 @gpu
 @hopper
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_nan_rows_follow_sdpa(causal, cuda_row_sum):
+def test_cuda_nan_rows_follow_sdpa(causal, cuda_arithmetic):
     q, k, v = make_qkv(1, 4, 300, 128, heads_kv=2, device="cuda", seed=5)
     q[0, 1, 7, 3] = float("nan")
     k[0, 0, 200, 5] = float("inf")

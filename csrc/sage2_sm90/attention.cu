@@ -22,7 +22,7 @@
 // l sums the quantized P, not the fp32 p the paper sums (and sage2's Triton kernel and emulation):
 // the MMA does it for 6% more PV work instead of 64 adds per thread and tile, and O / l is then an
 // exact weighted mean of V's rows with weights fp8(p), which measured as accurate or more
-// (sage2.emulation's ROW_SUM = "fp8_mma" models it; csrc/NOTES.md, v11).
+// X.
 //
 // P goes to the PV wgmma straight from registers. The S accumulator gives lane t (t = lane % 4)
 // columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} of each 32 keys, while the A operand
