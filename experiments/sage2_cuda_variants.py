@@ -1,13 +1,14 @@
 """Time builds of sage2's Hopper kernel (csrc/sage2_sm90) that differ in compile-time switches, each
 against cuDNN in the same process (each variant runs in its own process, with its own build).
 
-    python -m experiments.sage2_cuda_variants "base:" "fma:-DSAGE2_EXP_ONE_FMA=1" \\
-        "both:-DSAGE2_EXP_ONE_FMA=1 -DSAGE2_ROWSUM_MMA=1" [--rounds 2]
+    python -m experiments.sage2_cuda_variants "base:" "try:-DMY_SWITCH=1" [--rounds 2]
 
-A variant is ``name:nvcc flags`` (the flags go to ``$SAGE_NVCC_FLAGS``, see common/build.py). The
+A variant is ``name:nvcc flags`` (the flags go to ``$SAGE_NVCC_FLAGS``, see common/build.py): a patch
+under test puts its change behind a ``#ifndef`` switch in csrc/sage2_sm90/attention.cu (v11's A/B
+used SAGE2_EXP_ONE_FMA and SAGE2_ROWSUM_MMA, both since made unconditional; csrc/NOTES.md). The
 builds run in parallel first; then each variant times, per shape (B=4, H=32, fp16, k_bias inputs),
 the whole ``sage2.sageattn(..., backend="cuda")`` call, the attention kernel alone on pre-quantized
-inputs, and cuDNN, and measures the whole call's accuracy (cosine, relative L1) against exact
+inputs (timed right after the whole call: it swings by ~10%, so compare whole calls), and cuDNN, and measures the whole call's accuracy (cosine, relative L1) against exact
 attention on the first 1024 queries. ``--rounds 2`` runs every variant twice, alternating, so that
 a drift of the machine shows. Ratios are within one process. The table is printed last.
 """

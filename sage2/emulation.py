@@ -31,8 +31,10 @@ interpreter does), for comparing the kernel under the interpreter.
   sc = fp32(dq * dk) and bias = -fp32(MAGIC * sc + m' - log2(P_SCALE)), whose rounding moves p by
   up to ~1e-4 relative (far below S's quantization error, but enough to send some p across an FP8
   rounding boundary against the paper's arithmetic); and its l sums fp8(p) in the PV MMA (a column
-  of ones beside V_hat_j, under the same accumulator model, flushed per tile), so that out is an
-  exact weighted mean of V's rows with the weights fp8(p).
+  of ones beside V_hat_j, under the same accumulator model, flushed per tile), so that out is a
+  weighted mean of V's rows with the weights fp8(p). Not modelled: the kernel's exp2 is
+  ex2.approx (torch's exp2 differs by an ulp here and there, CPU and GPU alike), and it fuses
+  ``alpha * l + r`` and ``alpha * acc + P V`` into one FMA each (here a multiply, then an add).
 """
 
 from __future__ import annotations
@@ -87,15 +89,21 @@ class Sm90Softmax(OnlineSoftmax):
     """The CUDA kernel's online softmax on the integer scores of a tile (module docstring); l is
     left to the caller (the MMA's row sum)."""
 
+    @staticmethod
+    def exponent_argument(s_int: torch.Tensor, sc: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """The kernel's fp32 fmaf(MAGIC + S, sc, -fmaf(MAGIC, sc, shift)): each fmaf rounds the exact
+        value once (computed in fp64, where the products are exact: up to a double rounding, ~2^-29)."""
+        sc64 = sc.double()
+        bias = -(MAGIC * sc64 + shift.double()).float().double()
+        return ((MAGIC + s_int.double()) * sc64 + bias).float()
+
     def update_int(self, s_int: torch.Tensor, sc: torch.Tensor, j0: int, j1: int):
         """``s_int``: exact integer scores, ``sc``: fp32 dq * dk of each score. Returns (p, alpha)."""
         s = self.mask(s_int.float() * sc, j0, j1)  # the kernel's max: fp32(S * sc) (S is exact in fp32)
         m_new = torch.maximum(self.m, s.amax(dim=-1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         shift = m_use - torch.tensor(self.shift, dtype=torch.float32)  # fp32, as the kernel
-        sc64 = sc.double()
-        bias = -(MAGIC * sc64 + shift.double()[..., None]).float().double()  # fmaf: one rounding
-        x = ((MAGIC + s_int.double()) * sc64 + bias).float()  # fmaf (up to a double rounding, ~2^-29)
+        x = self.exponent_argument(s_int, sc, shift[..., None])
         p = torch.where(s == float("-inf"), 0.0, torch.exp2(x))
         alpha = torch.exp2(self.m - m_use)
         self.m = m_new

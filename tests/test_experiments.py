@@ -213,3 +213,37 @@ def test_sagebwd_variants_builds_each_tree_with_its_patch(tmp_path):
     bad.write_text("--- a/sage3/train_kernel.py\n+++ b/sage3/train_kernel.py\n@@ -1,1 +1,1 @@\n-no such line\n+x\n")
     with pytest.raises(RuntimeError, match="stale.patch does not apply"):
         variant_tree(str(bad), tmp_path / "stale")
+
+
+def test_sage2_cuda_variants_checks_its_variants_and_passes_flags_to_the_build(monkeypatch, capsys):
+    """experiments.sage2_cuda_variants: a variant must be 'name:flags'; each variant's build and timing
+    process gets its flags in $SAGE_NVCC_FLAGS (common.build keys its cache on them)."""
+    import subprocess
+
+    from experiments import sage2_cuda_variants as sv
+
+    with pytest.raises(SystemExit):
+        sv.main(["noflags"])
+    assert "a variant is 'name:nvcc flags'" in capsys.readouterr().err
+    seen = []
+
+    class FakeBuild:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            seen.append(("build", env["SAGE_NVCC_FLAGS"]))
+
+        def communicate(self):
+            return "", ""
+
+    def fake_run(cmd, env, **kw):
+        seen.append(("time", env["SAGE_NVCC_FLAGS"]))
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT D=128 full N=16k | whole 700 (1.1x)\n", stderr="")
+
+    monkeypatch.setattr(sv.subprocess, "Popen", FakeBuild)
+    monkeypatch.setattr(sv.subprocess, "run", fake_run)
+    sv.main(["a:", "b:-DX=1 -DY=2", "--rounds", "2"])
+    assert seen == [("build", ""), ("build", "-DX=1 -DY=2"), ("time", ""), ("time", "-DX=1 -DY=2"), ("time", ""),
+                    ("time", "-DX=1 -DY=2")]
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:2] for ln in out[-4:]] == [["a", "r1"], ["b", "r1"], ["a", "r2"], ["b", "r2"]]

@@ -4,6 +4,7 @@ moves results fails here: the emulation must reproduce them to rounding, the Tri
 CPU interpreter, or the GPU) and, on Hopper, whatever ``backend="auto"`` runs (the CUDA kernels) to
 their usual agreement with the emulation."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +74,18 @@ def test_kernel_matches_golden(case, backend, monkeypatch):
         out, lse = make_golden.run_case(case, GOLDEN["inputs"], "torch", device=KERNEL_DEVICE)
         gold = {"out": out.cpu(), "lse": lse.cpu()}
     out, lse = make_golden.run_case(case, GOLDEN["inputs"], backend, device=KERNEL_DEVICE)
+    if backend == "auto" and runs_sage2_cuda_prefill(case):
+        # and against the stored (paper's arithmetic) gold, so that the kernel stays pinned to stored
+        # numbers, not only to the live emulation: its arithmetic moves the output by a small fraction
+        # of the method's own error (0.054x / 0.072x in the CPU emulation), and the LSE by less than
+        # one FP8 rounding of the row sum (tests/test_sage2.py::test_cuda_arithmetic_lse_within_...)
+        stored = GOLDEN["outputs"][case]
+        inp, _, layout, opts = make_golden.CASES[case]
+        exact = attention_reference(*GOLDEN["inputs"][inp], tensor_layout=layout, is_causal=opts.get("is_causal", False))
+        a, method = accuracy(stored["out"].double(), out.cpu()), accuracy(exact.double(), stored["out"])
+        assert a.rel_l1 <= 0.1 * method.rel_l1, (a, method)
+        fin = torch.isfinite(stored["lse"])
+        assert (lse.cpu() - stored["lse"])[fin].abs().max() <= math.log1p(2 ** -4) + 1e-3
     a = accuracy(gold["out"].double(), out.cpu())
     lse_tol = 1e-3
     if make_golden.CASES[case][1] == "sage3" and KERNEL_DEVICE != "cpu":

@@ -19,10 +19,11 @@
 //   O     = exp2(m - m') O + O_j,  l = exp2(m - m') l + r        in fp32
 //   out   = O * dv / l
 //
-// l sums the quantized P, not the fp32 p the paper sums (and sage2's Triton kernel and emulation):
-// the MMA does it for 6% more PV work instead of 64 adds per thread and tile, and O / l is then an
-// exact weighted mean of V's rows with weights fp8(p), which measured as accurate or more
-// X.
+// l sums the quantized P, not the fp32 p the paper sums (and sage2's Triton kernel): the MMA does it
+// for 6% more PV work instead of 64 adds per thread and tile, and O / l is then a weighted mean of
+// V's rows with the weights fp8(p) (up to the MMA accumulator's truncation, which O and l share),
+// which measured as accurate as the paper's or more (sage2.emulation's ARITHMETIC = "cuda_sm90"
+// models this kernel's softmax arithmetic; csrc/NOTES.md, v11).
 //
 // P goes to the PV wgmma straight from registers. The S accumulator gives lane t (t = lane % 4)
 // columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} of each 32 keys, while the A operand
@@ -204,8 +205,9 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
     m[r] = m_new;
   }
   // the exponent argument S * sc - shift as one FMA on MAGIC + S: (MAGIC + S) * sc - (MAGIC * sc +
-  // shift), the constant rounded once: an error below 0.75 units of S_int, far under S's
-  // quantization step (a float subtract of MAGIC first costs one more instruction per score)
+  // shift), the constant rounded once: an error of at most 2^-24 |MAGIC * sc + shift| (under one
+  // unit of S_int times sc while |shift| < MAGIC * sc), far under S's quantization error (a float
+  // subtract of MAGIC first costs one more instruction per score)
   const float bias[2] = {-fmaf(MAGIC, sc[0], shift[0]), -fmaf(MAGIC, sc[1], shift[1])};
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
