@@ -153,6 +153,25 @@ def missing_tools() -> list[str]:
     return missing
 
 
+def build_flag_variants(flags_by_name: dict[str, str]) -> dict[str, dict]:
+    """Build the extension once per set of tuning flags (``$SAGE_NVCC_FLAGS``, each its own cache
+    entry), in parallel processes; print each build's outcome. Returns the environment of every
+    variant that built, for the processes that time it (experiments.*_variants)."""
+    t0 = time.time()
+    env_of = {name: dict(os.environ, SAGE_NVCC_FLAGS=flags) for name, flags in flags_by_name.items()}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "common.build"], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True) for name, env in env_of.items()}
+    built = {}
+    for name, proc in procs.items():
+        err = proc.communicate()[1]
+        print(f"[build {name}] {'ok' if proc.returncode == 0 else 'FAILED'} ({time.time() - t0:.0f}s)", flush=True)
+        if proc.returncode:
+            print(err[-3000:])
+        else:
+            built[name] = env_of[name]
+    return built
+
+
 def build(verbose: bool = False) -> Path:
     """Build the extension (or find it in the cache); returns the module file."""
     missing = missing_tools()

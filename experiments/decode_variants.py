@@ -16,7 +16,6 @@ kernel of cuDNN's and sage1's call at 16k. Ratios are within one process, so wit
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
@@ -91,18 +90,12 @@ def main(argv=None) -> None:
     for v, parts in zip(args.variants, parsed):
         if len(parts) != 3 or not parts[0] or not parts[2].rstrip("sq").isdigit():
             ap.error(f"a variant is 'name:nvcc flags:programs per SM[s|q]' (flags may be empty), got {v!r}")
-    env_of = {name: dict(os.environ, SAGE_NVCC_FLAGS=flags) for name, flags, _ in parsed}
-    builds = {name: subprocess.Popen([sys.executable, "-m", "common.build"], env=env_of[name],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-              for name, _, _ in parsed}
-    for name, p in builds.items():
-        err = p.communicate()[1]
-        print(f"[build {name}] {'ok' if p.returncode == 0 else 'FAILED'}", flush=True)
-        if p.returncode:
-            print(err[-3000:])
+    from common.build import build_flag_variants
+
+    env_of = build_flag_variants({name: flags for name, flags, _ in parsed})
     lines = []
     for name, flags, per_sm in parsed:
-        if builds[name].returncode:
+        if name not in env_of:
             continue
         print(f"[time {name}] flags '{flags}', {per_sm} programs/SM", flush=True)
         out = subprocess.run([sys.executable, "-m", "experiments.decode_variants", "--time", per_sm],

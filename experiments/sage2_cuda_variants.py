@@ -16,7 +16,6 @@ a drift of the machine shows. Ratios are within one process. The table is printe
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -66,20 +65,14 @@ def main(argv=None) -> None:
     for v, parts in zip(args.variants, parsed):
         if len(parts) != 2 or not parts[0]:
             ap.error(f"a variant is 'name:nvcc flags' (flags may be empty), got {v!r}")
-    env_of = {name: dict(os.environ, SAGE_NVCC_FLAGS=flags) for name, flags in parsed}
+    from common.build import build_flag_variants
+
     t0 = time.time()
-    builds = {name: subprocess.Popen([sys.executable, "-m", "common.build"], env=env_of[name],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-              for name, _ in parsed}
-    for name, p in builds.items():
-        err = p.communicate()[1]
-        print(f"[build {name}] {'ok' if p.returncode == 0 else 'FAILED'} ({time.time() - t0:.0f}s)", flush=True)
-        if p.returncode:
-            print(err[-3000:])
+    env_of = build_flag_variants(dict(parsed))
     lines = []
     for rnd in range(args.rounds):
         for name, flags in parsed:
-            if builds[name].returncode:
+            if name not in env_of:
                 continue
             print(f"[time {name}, round {rnd + 1}] flags '{flags}' ({time.time() - t0:.0f}s)", flush=True)
             out = subprocess.run([sys.executable, "-m", "experiments.sage2_cuda_variants", "--time", "--rep-ms",

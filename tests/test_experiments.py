@@ -216,8 +216,9 @@ def test_sagebwd_variants_builds_each_tree_with_its_patch(tmp_path):
 
 
 def test_sage2_cuda_variants_checks_its_variants_and_passes_flags_to_the_build(monkeypatch, capsys):
-    """experiments.sage2_cuda_variants: a variant must be 'name:flags'; each variant's build and timing
-    process gets its flags in $SAGE_NVCC_FLAGS (common.build keys its cache on them)."""
+    """experiments.sage2_cuda_variants: a variant must be 'name:flags'; each variant's build
+    (common.build.build_flag_variants, shared with experiments.decode_variants) and timing process
+    gets its flags in $SAGE_NVCC_FLAGS (common.build keys its cache on them)."""
     import subprocess
 
     from experiments import sage2_cuda_variants as sv
@@ -232,18 +233,22 @@ def test_sage2_cuda_variants_checks_its_variants_and_passes_flags_to_the_build(m
 
         def __init__(self, cmd, env, **kw):
             seen.append(("build", env["SAGE_NVCC_FLAGS"]))
+            self.returncode = 1 if "BAD" in env["SAGE_NVCC_FLAGS"] else 0
 
         def communicate(self):
-            return "", ""
+            return "", "nvcc error: BAD"
 
     def fake_run(cmd, env, **kw):
         seen.append(("time", env["SAGE_NVCC_FLAGS"]))
         return subprocess.CompletedProcess(cmd, 0, stdout="RESULT D=128 full N=16k | whole 700 (1.1x)\n", stderr="")
 
-    monkeypatch.setattr(sv.subprocess, "Popen", FakeBuild)
+    from common import build
+
+    monkeypatch.setattr(build.subprocess, "Popen", FakeBuild)
     monkeypatch.setattr(sv.subprocess, "run", fake_run)
-    sv.main(["a:", "b:-DX=1 -DY=2", "--rounds", "2"])
-    assert seen == [("build", ""), ("build", "-DX=1 -DY=2"), ("time", ""), ("time", "-DX=1 -DY=2"), ("time", ""),
-                    ("time", "-DX=1 -DY=2")]
+    sv.main(["a:", "b:-DX=1 -DY=2", "c:-DBAD", "--rounds", "2"])
+    assert seen == [("build", ""), ("build", "-DX=1 -DY=2"), ("build", "-DBAD"), ("time", ""), ("time", "-DX=1 -DY=2"),
+                    ("time", ""), ("time", "-DX=1 -DY=2")]  # c's build failed: not timed
     out = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("[build c] FAILED") for ln in out) and "nvcc error: BAD" in out
     assert [ln.split()[:2] for ln in out[-4:]] == [["a", "r1"], ["b", "r1"], ["a", "r2"], ["b", "r2"]]
