@@ -155,7 +155,8 @@ __device__ __forceinline__ void finish_pv(Shared<DP>& sm, int slot, const float 
 
 // The online softmax of tile j on S_int: updates m, returns P_j (fp32, in (0, 448]) and the factor
 // alpha that O and l must be scaled by (l is summed by the PV MMA, finish_pv). ks: the lane's K
-// scale of the tile (loaded a tile ahead). MASKED: keys past the end and (causal) keys after the diagonal get -inf.
+// scale of the tile (loaded a tile ahead). MASKED: keys past the end and (causal) keys after the
+// diagonal get -inf.
 template <bool CAUSAL, bool MASKED>
 __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, float (&m)[2], const float (&qs)[2],
                                              const int (&row)[2], float ks, int seqlen_k,
