@@ -93,11 +93,12 @@ def finite_absmax(v: torch.Tensor, amax_bits: torch.Tensor, *, per_channel: bool
     if v.stride(-1) != 1:
         v = v.contiguous()
     block = 64
+    tiles = min(8, -(-N // block))  # tiles per program: one atomic per channel for each 512 tokens
     dp = max(16, 1 << (D - 1).bit_length())
-    scan_v_kernel[(-(-N // block), B * H)](
+    scan_v_kernel[(-(-N // (block * tiles)), B * H)](
         v, mean.reshape(B * H, D).contiguous() if mean is not None else v, amax_bits,
         flags.first_bad if flags is not None else amax_bits, v.stride(0), v.stride(1), v.stride(2), H, N, D,
         BLOCK=block, DP=dp, HAS_MEAN=mean is not None, PER_CHANNEL=per_channel, FLAG=flags is not None,
-        num_warps=4)
+        TILES=tiles, num_warps=4)
     m = amax_bits.view(torch.float32)
     return m.view(B, H, D) if per_channel else m.view(())
