@@ -41,8 +41,8 @@ GRANULARITIES = ("per_block", "per_token", "per_tensor", "per_warp", "per_thread
 
 @dataclass
 class QuantizedQK:
-    q_codes: torch.Tensor      # int8 [B, Hq, Nq, DP]
-    q_scale: torch.Tensor      # fp32 [B, Hq, Gq]
+    q_codes: torch.Tensor | None  # int8 [B, Hq, Nq, DP] (None: Q left to the kernel, quantize_q=False)
+    q_scale: torch.Tensor | None  # fp32 [B, Hq, Gq]
     q_tokens_per_scale: int    # see module docstring
     k_codes: torch.Tensor      # int8 [B, Hkv, Nk, DP]
     k_scale: torch.Tensor      # fp32 [B, Hkv, Gk]
@@ -168,13 +168,14 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
                 granularity: str = "per_block", bits: int = 8, q_block: int = 128, k_block: int = 64,
                 warp_rows: int = 32, backend: str = "torch",
                 k_mean_override: torch.Tensor | None = None, zero_nonfinite: bool = False,
-                flags: NonfiniteFlags | None = None) -> QuantizedQK:
+                flags: NonfiniteFlags | None = None, quantize_q: bool = True) -> QuantizedQK:
     """Quantize HND views of Q ``[B, Hq, Nq, D]`` and K ``[B, Hkv, Nk, D]`` to integer codes.
 
     ``k_mean_override`` lets a caller supply the mean to subtract (e.g. one mean over a packed
     varlen batch); by default it is the token mean of each (batch, kv head).
     ``zero_nonfinite``: a token holding a NaN/Inf is quantized as a zero row (a non-finite channel
     of K's mean counts as 0); ``flags``: where to record them (common.nonfinite).
+    ``quantize_q=False``: K only (a kernel that quantizes Q itself, sage2.cuda); the Q fields are None.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
@@ -187,7 +188,9 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
     mult = sm_scale * LOG2E
     fn = _quantize_triton if backend == "triton" and granularity != "per_tensor" else _quantize_torch
     z = zero_nonfinite
-    qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False, z, flags)
+    qc, qs, qt, qbm = None, None, 0, None
+    if quantize_q:
+        qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False, z, flags)
     kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True, z, flags)
     return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult, qbm, q_block if smooth_q else 0)
 

@@ -19,35 +19,32 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void sage2_sm90_forward(uintptr_t q_codes, uintptr_t k_codes, uintptr_t v_codes, uintptr_t q_scale,
-                        uintptr_t k_scale, uintptr_t v_scale, uintptr_t out, int64_t out_stride_b,
-                        int64_t out_stride_h, int64_t out_stride_n, uintptr_t lse, uintptr_t q_bad,
-                        uintptr_t first_bad, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_k,
-                        int npad, int head_dim, int padded_head_dim, bool causal, bool out_bf16, uintptr_t stream) {
+void sage2_sm90_forward(uintptr_t q, int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_n, int q_channels,
+                        float q_mult, int q_max, int q_group_pairs, uintptr_t q_codes,
+                        uintptr_t q_scale, uintptr_t q_bad, uintptr_t k_codes,
+                        uintptr_t v_codes, uintptr_t k_scale, uintptr_t v_scale, uintptr_t out, int64_t out_stride_b,
+                        int64_t out_stride_h, int64_t out_stride_n, uintptr_t lse, uintptr_t first_bad, int batch,
+                        int heads_q, int heads_kv, int seqlen_q, int seqlen_k, int npad, int head_dim,
+                        int padded_head_dim, bool causal, bool out_bf16, uintptr_t stream) {
   sage_cuda::Sage2ForwardArgs a{};
+  a.q = ptr<const void>(q);
+  a.q_stride_b = q_stride_b, a.q_stride_h = q_stride_h, a.q_stride_n = q_stride_n;
+  a.q_channels = q_channels;
+  a.q_mult = q_mult, a.q_max = q_max, a.q_group_pairs = q_group_pairs;
   a.q_codes = ptr<const void>(q_codes);
+  a.q_scale = ptr<const float>(q_scale);
+  a.q_bad = ptr<const uint8_t>(q_bad);
   a.k_codes = ptr<const void>(k_codes);
   a.v_codes = ptr<const void>(v_codes);
-  a.q_scale = ptr<const float>(q_scale);
   a.k_scale = ptr<const float>(k_scale);
   a.v_scale = ptr<const float>(v_scale);
   a.out = ptr<void>(out);
-  a.out_stride_b = out_stride_b;
-  a.out_stride_h = out_stride_h;
-  a.out_stride_n = out_stride_n;
+  a.out_stride_b = out_stride_b, a.out_stride_h = out_stride_h, a.out_stride_n = out_stride_n;
   a.lse = ptr<float>(lse);
-  a.q_bad = ptr<const uint8_t>(q_bad);
   a.first_bad = ptr<const int32_t>(first_bad);
-  a.batch = batch;
-  a.heads_q = heads_q;
-  a.heads_kv = heads_kv;
-  a.seqlen_q = seqlen_q;
-  a.seqlen_k = seqlen_k;
-  a.npad = npad;
-  a.head_dim = head_dim;
-  a.padded_head_dim = padded_head_dim;
-  a.causal = causal;
-  a.out_bf16 = out_bf16;
+  a.batch = batch, a.heads_q = heads_q, a.heads_kv = heads_kv, a.seqlen_q = seqlen_q, a.seqlen_k = seqlen_k;
+  a.npad = npad, a.head_dim = head_dim, a.padded_head_dim = padded_head_dim;
+  a.causal = causal, a.out_bf16 = out_bf16;
   sage_cuda::sage2_sm90_forward(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -129,9 +126,12 @@ auto mismatch_check(Check check, std::array<const char*, N> names) {
 PYBIND11_MODULE(_sage_cuda, m) {
   m.doc() = "SageAttention CUDA kernels (see csrc/README.md); called through sage2.cuda";
   m.def("sage2_sm90_forward", &sage2_sm90_forward, "SageAttention2 forward, Hopper wgmma kernel (pointers: 0 = none)",
-        py::arg("q_codes"), py::arg("k_codes"), py::arg("v_codes"), py::arg("q_scale"), py::arg("k_scale"),
-        py::arg("v_scale"), py::arg("out"), py::arg("out_stride_b"), py::arg("out_stride_h"), py::arg("out_stride_n"),
-        py::arg("lse"), py::arg("q_bad"), py::arg("first_bad"), py::arg("batch"), py::arg("heads_q"),
+        py::arg("q"), py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_n"), py::arg("q_channels"),
+        py::arg("q_mult"), py::arg("q_max"), py::arg("q_group_pairs"), py::arg("q_codes"),
+        py::arg("q_scale"), py::arg("q_bad"), py::arg("k_codes"),
+        py::arg("v_codes"), py::arg("k_scale"), py::arg("v_scale"), py::arg("out"), py::arg("out_stride_b"),
+        py::arg("out_stride_h"), py::arg("out_stride_n"), py::arg("lse"), py::arg("first_bad"), py::arg("batch"),
+        py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
         py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
   m.def("sage3_p_scale_mismatches", mismatch_check<3>(sage_cuda::sage3_p_scale_mismatches, {"s", "s8", "inv"}),

@@ -3,7 +3,7 @@
     python -m experiments.bench_sage2_cuda [--seqlens 2048 8192 16384] [--dims 64 128] [--causal both]
 
 Per shape (B=4, H=32, fp16): TOPS of the whole call (quantization included) and of the attention
-kernel alone on pre-quantized inputs, and each whole call's ratio to cuDNN timed on the same
+kernel alone on pre-quantized inputs (the CUDA kernel with its own quantization of Q), and each whole call's ratio to cuDNN timed on the same
 inputs. Accuracy (cosine, relative L1) of the CUDA and Triton calls against exact attention on the
 first 1024 queries. Writes ``--out``/results.csv and tops.png (as bench_speed does) and prints a table.
 """
@@ -23,24 +23,27 @@ from common.metrics import accuracy
 from common.reference import attention_reference
 from common.timing import attention_flops, bench_ms, tops
 from experiments.baselines import sdpa
+from sage2.cuda import q_in_kernel
 from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 from sage2.quant_v import P_SCALE, quantize_v
 
 
 def kernel_only(q, k, v, causal, backend):
-    """A closure running only the attention kernel on inputs quantized once."""
+    """A closure running only the attention kernel on inputs quantized once (where the CUDA kernel
+    quantizes Q itself, sage2.cuda.q_in_kernel, it is timed with it)."""
     d = q.shape[-1]
     dp = padded_head_dim(d)
-    qk = quantize_qk(q, k, sm_scale=d ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
-                     warp_rows=WARP_Q, backend="triton")
     cuda = backend == "cuda"
+    qk = quantize_qk(q, k, sm_scale=d ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
+                     warp_rows=WARP_Q, backend="triton",
+                     quantize_q=not (cuda and q_in_kernel(is_causal=causal, head_dim=d)))
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=dp, npad_multiple=128 if cuda else 16,
                     wgmma_key_order=cuda)
     out = torch.empty_like(q)
     if cuda:
         from sage2.cuda import launch
 
-        return lambda: launch(qk, qv, out, is_causal=causal, return_lse=False)
+        return lambda: launch(q, qk, qv, out, granularity="per_thread", bits=8, is_causal=causal, return_lse=False)
     from sage2.kernel import PV_TWO_LEVEL, launch
 
     return lambda: launch(qk, qv, out, delta_s=None, is_causal=causal, pv_dtype="fp8_e4m3", pv_mode=PV_TWO_LEVEL,

@@ -2,9 +2,12 @@
 
 INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma (QGMMA) with P straight from registers, TMA loads
 and a producer warpgroup feeding two (head dim 128) or three (64) consumer warpgroups that take
-turns on the tensor cores. The quantization passes are the Triton
-ones of the Triton backend (same codes, same scales); only V^T's key order differs (see
-``quant_v.wgmma_key_position``). Built on first use by :mod:`common.build`.
+turns on the tensor cores. Non-causal at head dim 128, Q is quantized inside the kernel, by each
+consumer at the start of a work tile (the same codes and scales as the Triton pass, bit for bit;
+no pass over Q of its own: :func:`q_in_kernel`); elsewhere, and always for K and V, the kernel takes
+the Triton passes of the Triton backend (K's token mean and V's channel maxima need all of K and V
+first); only V^T's key order differs (see ``quant_v.wgmma_key_position``). Built on first use by
+:mod:`common.build`.
 
 What the kernel covers (others: ``backend="triton"``, which ``"auto"`` then picks): sm_90 GPUs;
 INT8, or INT4 codes without Q smoothing; every Q/K granularity but ``per_token``; ``fp8_e4m3``
@@ -45,42 +48,101 @@ def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype
     return None
 
 
-def _check_op_inputs(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out):
-    """The kernel reads every input through its shape alone (TMA maps of contiguous tensors)."""
-    for name, t, dtype in (("q_codes", q_codes, torch.int8), ("k_codes", k_codes, torch.int8),
-                           ("v_codes", v_codes, torch.uint8), ("q_scale", q_scale, torch.float32),
-                           ("k_scale", k_scale, torch.float32), ("v_scale", v_scale, torch.float32)):
+# Q's scale groups in the kernel, in pairs of query rows {16s + g, 16s + g + 8} (sage2's WARP_Q = 16
+# rows per warp, Q_BLOCK = 64 rows per block); per_tensor (one scale over all of Q) takes the pass's codes
+Q_GROUP_PAIRS = {"per_thread": 1, "per_warp": 8, "per_block": 32}
+
+
+def q_in_kernel(*, is_causal: bool, head_dim: int, granularity: str = "per_thread") -> bool:
+    """Whether the kernel quantizes Q itself: where that measured faster than the pass (csrc/NOTES.md,
+    v12: non-causal head dim 128, +4% at 8k-16k and +7% at 2k; causal, whose CTAs each run one work
+    tile, and head dim 64, whose third consumer waits on the others' quantization, lost 3-6%).
+    ``SAGE2_SM90_Q=kernel`` or ``=pass`` forces one (tests run both). Never at the per-tensor
+    granularity, whose one scale needs all of Q first."""
+    import os
+
+    forced = os.environ.get("SAGE2_SM90_Q", "")
+    if forced not in ("", "kernel", "pass"):
+        raise ValueError(f"sage2 cuda: SAGE2_SM90_Q must be 'kernel' or 'pass', got {forced!r}")
+    if granularity not in Q_GROUP_PAIRS:
+        return False
+    if forced:
+        return forced == "kernel"
+    return not is_causal and padded_head_dim(head_dim) == 128
+
+
+def _tma_ready(q: torch.Tensor) -> bool:
+    """The kernel reads Q by TMA: 16-byte aligned, channels contiguous, and every other stride (of a
+    dimension longer than 1) a positive multiple of 8 elements."""
+    return (q.stride(-1) == 1 and q.data_ptr() % 16 == 0
+            and all(size == 1 or (st > 0 and st % 8 == 0) for size, st in zip(q.shape[:3], q.stride()[:3])))
+
+
+def q_for_kernel(q: torch.Tensor, dp: int) -> torch.Tensor:
+    """Q ``[B, Hq, Nq, D]`` (an HND view, any layout) as the kernel can read it: itself where
+    :func:`_tma_ready`, else a contiguous copy padded to ``dp`` channels."""
+    if _tma_ready(q):
+        return q
+    return torch.nn.functional.pad(q, (0, dp - q.shape[-1])).contiguous()
+
+
+def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs):
+    """The kernel reads K, V, the pass's Q codes and their scales through their shapes alone (TMA maps
+    of contiguous tensors), and Q as given through its strides."""
+    given = [("k_codes", k_codes, torch.int8), ("v_codes", v_codes, torch.uint8), ("k_scale", k_scale, torch.float32),
+             ("v_scale", v_scale, torch.float32)]
+    if (q_codes is None) != (q_scale is None):
+        raise ValueError("sage2_sm90_fwd: q_codes and q_scale come together (the pass's Q), or neither (the "
+                         "kernel quantizes q)")
+    if q_codes is not None:
+        given += [("q_codes", q_codes, torch.int8), ("q_scale", q_scale, torch.float32)]
+    for name, t, dtype in given:
         if t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"sage2_sm90_fwd: {name} must be a contiguous {dtype} tensor, got {t.dtype} "
                              f"with strides {tuple(t.stride())}")
-    if q_codes.dim() != 4 or k_codes.dim() != 4 or v_codes.dim() != 4:
-        raise ValueError("sage2_sm90_fwd: q_codes, k_codes and v_codes must be 4-D ([B, H, N, DP], [B, H, DP, NPAD])")
+    if q.dim() != 4 or k_codes.dim() != 4 or v_codes.dim() != 4:
+        raise ValueError("sage2_sm90_fwd: q, k_codes and v_codes must be 4-D ([B, H, N, D], [B, H, N, DP], "
+                         "[B, H, DP, NPAD])")
     if out.dtype not in (torch.float16, torch.bfloat16) or out.stride(-1) != 1:
         raise ValueError(f"sage2_sm90_fwd: out must be fp16 or bf16 with a contiguous last dim, got {out.dtype} "
                          f"with strides {tuple(out.stride())}")
+    if q_codes is None and (q.dtype != out.dtype or not _tma_ready(q) or q.shape[-1] > k_codes.shape[-1]):
+        raise ValueError(f"sage2_sm90_fwd: q must have out's dtype ({out.dtype}), at most DP = {k_codes.shape[-1]} "
+                         "channels, contiguous channels, 16-byte alignment and other strides that are multiples "
+                         f"of 8 (sage2.cuda.q_for_kernel makes one), got {q.dtype} {tuple(q.shape)} with strides "
+                         f"{tuple(q.stride())}")
+    if q_max not in (127, 7) or q_group_pairs not in (1, 8, 32):
+        raise ValueError(f"sage2_sm90_fwd: q_max must be 127 or 7 and q_group_pairs 1, 8 or 32, got {q_max}, "
+                         f"{q_group_pairs}")
 
 
 @torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out",))
-def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, q_scale: torch.Tensor,
-                   k_scale: torch.Tensor, v_scale: torch.Tensor, out: torch.Tensor, q_bad: torch.Tensor | None,
-                   first_bad: torch.Tensor | None, causal: bool, return_lse: bool) -> torch.Tensor:
-    """The kernel on quantized inputs (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma
-    order); writes ``out`` ([B, Hq, Nq, D] view, any strides with a contiguous last dim) and
-    returns the log2-domain LSE ([B, Hq, Nq], or empty)."""
-    _check_op_inputs(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out)
-    B, Hq, Nq, DP = q_codes.shape
-    Hkv, Nk = k_codes.shape[1], k_codes.shape[2]
+def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch.Tensor | None,
+                   q_bad: torch.Tensor | None, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor,
+                   v_scale: torch.Tensor, out: torch.Tensor, first_bad: torch.Tensor | None, q_mult: float,
+                   q_max: int, q_group_pairs: int, causal: bool, return_lse: bool) -> torch.Tensor:
+    """The kernel on Q as given, quantized inside (times ``q_mult`` = sm_scale * log2(e), codes up to
+    ``q_max``, one scale per ``q_group_pairs`` pairs of rows), or on the pass's ``q_codes`` and per-row ``q_scale`` (``q_bad``: its NaN/Inf rows) where given;
+    and on quantized K, V (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma order). Writes
+    ``out`` ([B, Hq, Nq, D] view, any strides with a contiguous last dim) and returns the log2-domain
+    LSE ([B, Hq, Nq], or empty)."""
+    _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs)
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk, DP = k_codes.shape[1], k_codes.shape[2], k_codes.shape[3]
     D = out.shape[-1]
     lse = torch.empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32, device=out.device)
     from common import build
 
     with build.on_device(out.device):  # the launch goes to the current device
         build.load().sage2_sm90_forward(
-            q_codes=q_codes.data_ptr(), k_codes=k_codes.data_ptr(), v_codes=v_codes.data_ptr(),
-            q_scale=q_scale.data_ptr(), k_scale=k_scale.data_ptr(), v_scale=v_scale.data_ptr(),
-            out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1), out_stride_n=out.stride(2),
-            lse=lse.data_ptr() if return_lse else 0,
+            q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1), q_stride_n=q.stride(2),
+            q_channels=q.shape[-1], q_mult=q_mult, q_max=q_max, q_group_pairs=q_group_pairs,
+            q_codes=q_codes.data_ptr() if q_codes is not None else 0,
+            q_scale=q_scale.data_ptr() if q_scale is not None else 0,
             q_bad=q_bad.data_ptr() if q_bad is not None else 0,
+            k_codes=k_codes.data_ptr(), v_codes=v_codes.data_ptr(), k_scale=k_scale.data_ptr(),
+            v_scale=v_scale.data_ptr(), out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1),
+            out_stride_n=out.stride(2), lse=lse.data_ptr() if return_lse else 0,
             first_bad=first_bad.data_ptr() if first_bad is not None else 0,
             batch=B, heads_q=Hq, heads_kv=Hkv, seqlen_q=Nq, seqlen_k=Nk, npad=v_codes.shape[-1], head_dim=D,
             padded_head_dim=DP, causal=causal, out_bf16=out.dtype == torch.bfloat16,
@@ -89,17 +151,27 @@ def sage2_sm90_fwd(q_codes: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.
 
 
 @sage2_sm90_fwd.register_fake
-def _(q_codes, k_codes, v_codes, q_scale, k_scale, v_scale, out, q_bad, first_bad, causal, return_lse):
-    B, Hq, Nq, _ = q_codes.shape
-    return q_codes.new_empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32)
+def _(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max, q_group_pairs,
+      causal, return_lse):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32)
 
 
-def launch(qk, qv, out_hnd: torch.Tensor, *, is_causal: bool, return_lse: bool, flags=None):
-    """Run the kernel on sage2's quantized Q, K (common.int_qk) and V (quant_v, wgmma key order).
-    Returns the log2-domain LSE or None."""
-    q_scale = qk.q_scale_per_token().contiguous()
-    k_scale = qk.k_scale_per_token().contiguous()
-    lse = sage2_sm90_fwd(qk.q_codes, qk.k_codes, qv.codes.view(torch.uint8), q_scale, k_scale, qv.scale, out_hnd,
-                         flags.q_bad if flags is not None else None, flags.first_bad if flags is not None else None,
-                         is_causal, return_lse)
+def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, bits: int, is_causal: bool,
+           return_lse: bool, flags=None):
+    """Run the kernel on sage2's quantized K (``qk``, from common.int_qk.quantize_qk) and V (quant_v,
+    wgmma key order), and on Q: the pass's codes where ``qk`` holds them, else Q itself (an HND view,
+    quantized in the kernel: :func:`q_in_kernel`). Returns the log2-domain LSE or None."""
+    from common.quant import INT_QMAX
+
+    q_codes = q_scale = q_bad = None
+    if qk.q_codes is not None:
+        q_codes, q_scale = qk.q_codes, qk.q_scale_per_token().contiguous()
+        q_bad = flags.q_bad if flags is not None else None
+    else:
+        q = q_for_kernel(q, qk.k_codes.shape[-1])
+    lse = sage2_sm90_fwd(q, q_codes, q_scale, q_bad, qk.k_codes, qv.codes.view(torch.uint8),
+                         qk.k_scale_per_token().contiguous(), qv.scale, out_hnd,
+                         flags.first_bad if flags is not None else None, qk.q_multiplier, INT_QMAX[bits],
+                         Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse)
     return lse if return_lse else None

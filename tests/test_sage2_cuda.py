@@ -70,17 +70,50 @@ def test_v_pass_in_wgmma_key_order_is_the_natural_pass_permuted():
 def test_the_kernel_op_names_a_bad_argument():
     from sage2.cuda import sage2_sm90_fwd
 
-    q = torch.zeros(1, 2, 64, 64, dtype=torch.int8)
+    q = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
+    kc = torch.zeros(1, 2, 64, 64, dtype=torch.int8)
     s = torch.ones(1, 2, 64)
     v = torch.zeros(1, 2, 64, 128, dtype=torch.uint8)
     vs = torch.ones(1, 2, 64)
     out = torch.empty(1, 2, 64, 64, dtype=torch.float16)
+
+    def call(q=q, q_codes=None, q_scale=None, kc=kc, v=v, out=out, q_max=127, pairs=1):
+        sage2_sm90_fwd(q, q_codes, q_scale, None, kc, v, s, vs, out, None, 0.18, q_max, pairs, False, False)
+
     with pytest.raises(ValueError, match=r"k_codes must be a contiguous torch.int8 tensor, got torch.int8 with strides"):
-        sage2_sm90_fwd(q, q.transpose(-1, -2), v, s, s, vs, out, None, None, False, False)
+        call(kc=kc.transpose(-1, -2))
     with pytest.raises(ValueError, match=r"v_codes must be a contiguous torch.uint8 tensor, got torch.float8_e4m3fn"):
-        sage2_sm90_fwd(q, q, v.view(torch.float8_e4m3fn), s, s, vs, out, None, None, False, False)
+        call(v=v.view(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="out must be fp16 or bf16 with a contiguous last dim"):
-        sage2_sm90_fwd(q, q, v, s, s, vs, out.float(), None, None, False, False)
+        call(out=out.float())
+    with pytest.raises(ValueError, match=r"q must have out's dtype \(torch.float16\)"):
+        call(q=q.bfloat16())
+    with pytest.raises(ValueError, match=r"other strides that are multiples of 8 \(sage2.cuda.q_for_kernel"):
+        call(q=torch.zeros(1, 2, 64, 68, dtype=torch.float16)[..., :64])
+    with pytest.raises(ValueError, match="at most DP = 64 channels"):
+        call(q=torch.zeros(1, 2, 64, 72, dtype=torch.float16))
+    with pytest.raises(ValueError, match="q_codes and q_scale come together"):
+        call(q_codes=kc)
+    with pytest.raises(ValueError, match=r"q_codes must be a contiguous torch.int8 tensor, got torch.int8 with strides"):
+        call(q_codes=kc.transpose(-1, -2), q_scale=s)
+    with pytest.raises(ValueError, match="q_max must be 127 or 7 and q_group_pairs 1, 8 or 32, got 127, 4"):
+        call(pairs=4)
+
+
+def test_q_for_kernel_keeps_a_readable_view_and_copies_others():
+    from sage2.cuda import _tma_ready, q_for_kernel
+
+    nhd = torch.randn(2, 100, 4, 64, dtype=torch.float16)
+    view = nhd.transpose(1, 2)  # HND view of an NHD tensor: strides are multiples of 8
+    assert q_for_kernel(view, 64) is view
+    odd = torch.randn(2, 4, 100, 36, dtype=torch.float16)  # 36 channels: rows of 72 bytes
+    fixed = q_for_kernel(odd, 64)
+    assert fixed.shape == (2, 4, 100, 64) and _tma_ready(fixed)
+    assert torch.equal(fixed[..., :36], odd) and not fixed[..., 36:].any()
+    sliced = torch.randn(2, 4, 101, 64, dtype=torch.float16)[:, :, 1:]  # offset of 64 elements: aligned
+    assert q_for_kernel(sliced, 64) is sliced
+    unaligned = torch.randn(2 * 4 * 100 * 64 + 1, dtype=torch.float16)[1:].view(2, 4, 100, 64)
+    assert q_for_kernel(unaligned, 64) is not unaligned and _tma_ready(q_for_kernel(unaligned, 64))
 
 
 def test_unsupported_options_are_named():
@@ -113,6 +146,46 @@ CASES = [
     (FP16, False, (2, 2), "HND", (100, 300), 128, dict(qk_granularity="per_tensor")),
     (FP16, True, (2, 2), "HND", (17, 2000), 128, {}),
 ]
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("dtype,causal,heads,layout,lens,d,opts", [c for c in CASES if "per_tensor" not in str(c[-1])])
+def test_q_quantized_in_the_kernel_gives_the_passs_output_bit_for_bit(dtype, causal, heads, layout, lens, d, opts,
+                                                                      monkeypatch):
+    """SAGE2_SM90_Q=kernel (Q quantized by the consumers) and =pass (the Triton pass's codes): the same
+    codes, so the same output and LSE, also for rows with a NaN or an Inf."""
+    (hq, hkv), (nq, nk) = heads, lens
+    q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, dtype=dtype, layout=layout, seed=d + nq + 1,
+                       device="cuda")
+    qh = q if layout == "HND" else q.transpose(1, 2)
+    qh[0, 1, 3, 5] = float("nan")
+    qh[1, 0, nq - 1, 0] = float("inf")
+    qh[1, hq - 1, nq // 2] *= 300  # a row far above its group's others
+    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=True, **opts)
+    results = {}
+    for mode in ("kernel", "pass"):
+        monkeypatch.setenv("SAGE2_SM90_Q", mode)
+        results[mode] = sage2.sageattn(q, k, v, backend="cuda", **kw)
+    (out_k, lse_k), (out_p, lse_p) = results["kernel"], results["pass"]
+    assert torch.equal(out_k.isnan(), out_p.isnan()) and out_k.isnan().any()
+    assert torch.equal(out_k.nan_to_num(), out_p.nan_to_num())
+    assert torch.equal(lse_k.nan_to_num(), lse_p.nan_to_num())
+    monkeypatch.setenv("SAGE2_SM90_Q", "both")
+    with pytest.raises(ValueError, match="SAGE2_SM90_Q must be 'kernel' or 'pass'"):
+        sage2.sageattn(q, k, v, backend="cuda", **kw)
+
+
+def test_q_in_kernel_where_it_measured_faster(monkeypatch):
+    from sage2.cuda import q_in_kernel
+
+    monkeypatch.delenv("SAGE2_SM90_Q", raising=False)
+    assert q_in_kernel(is_causal=False, head_dim=128) and q_in_kernel(is_causal=False, head_dim=100)
+    assert not q_in_kernel(is_causal=True, head_dim=128) and not q_in_kernel(is_causal=False, head_dim=64)
+    assert not q_in_kernel(is_causal=False, head_dim=128, granularity="per_tensor")
+    monkeypatch.setenv("SAGE2_SM90_Q", "kernel")
+    assert q_in_kernel(is_causal=True, head_dim=64)
+    assert not q_in_kernel(is_causal=True, head_dim=64, granularity="per_tensor")
 
 
 @pytest.fixture
@@ -231,8 +304,8 @@ def _op_args():
 
     q, k, v = make_qkv(1, 2, 256, 128, device="cuda")
     qk = quantize_qk(q, k, sm_scale=128 ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
-                     warp_rows=WARP_Q, backend="triton")
+                     warp_rows=WARP_Q, backend="triton", quantize_q=False)
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128, npad_multiple=128, wgmma_key_order=True)
     out = torch.empty_like(q)
-    return (qk.q_codes, qk.k_codes, qv.codes.view(torch.uint8), qk.q_scale_per_token().contiguous(), qk.k_scale_per_token().contiguous(),
-            qv.scale, out, None, None, False, True)
+    return (q, None, None, None, qk.k_codes, qv.codes.view(torch.uint8), qk.k_scale_per_token().contiguous(), qv.scale,
+            out, None, qk.q_multiplier, 127, 1, False, True)

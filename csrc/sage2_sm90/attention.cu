@@ -3,12 +3,21 @@
 //
 // One work tile = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
 // consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp).
-// Warpgroup 0 only issues TMA copies: each work tile's Q, and the K and V^T tiles into a ring of
-// shared-memory stages;
-// it gives its registers to the consumers.
+// Warpgroup 0 only issues TMA copies: each work tile's Q as given (fp16/bf16), and the K and V^T
+// codes into a ring of shared-memory stages; it gives its registers to the consumers.
+//
+// Q is quantized here where that pays (q_fused; sage2.cuda.q_in_kernel: non-causal head dim 128),
+// not by a pass of its own (which reads Q and writes its codes: 0.33 ms of a 22 ms call at N=16k,
+// csrc/NOTES.md, v12): at the start of each work tile every consumer turns its 64 rows of Q (scaled
+// by sm_scale*log2(e)) into INT8 codes in shared memory and its scales into registers, with the
+// arithmetic of the Triton pass (common.triton_quant, quantize_int_kernel), so that the codes are
+// the same, bit for bit. Elsewhere the kernel takes the pass's codes: a CTA per causal work tile
+// exposes the quantization at every start, and at head dim 64 the third consumer's turn waits on it
+// (both measured slower). K and V keep their passes: K's token mean and V's channel maxima need a
+// whole read of K and V before any code.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
-// folded into Q's scales by the quantization pass):
+// folded into Q before it is quantized):
 //   S_int = Q_hat K_hat_j^T                        int32, wgmma s8 (k32 steps over the head dim)
 //   s     = S_int * (dq * dk)                      per-thread quantization: every value a thread
 //                                                  holds shares one Q scale and one K scale
@@ -84,20 +93,30 @@ constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_K
 
 template <int DP>
 struct Shared {
-  alignas(1024) int8_t q[2][Config<DP>::BLOCK_M * DP];  // two: the next work tile's Q loads during this one
+  // Q's codes (q_fused: each consumer writes and reads its own rows; else by TMA); two: the next work
+  // tile's load during this one
+  alignas(1024) int8_t q[2][Config<DP>::BLOCK_M * DP];
+  // q_fused: Q as loaded (fp16/bf16), DP / 64 boxes of BLOCK_M rows x 128 bytes, 128-byte swizzled
+  alignas(1024) uint8_t q_in[2][Config<DP>::BLOCK_M * DP * 2];
   alignas(1024) int8_t k[STAGES][BLOCK_N * DP];
   alignas(1024) uint8_t vt[STAGES][(DP + ONES_ROWS) * BLOCK_N];  // V^T from TMA, then ONES_ROWS rows of 1.0
-  uint64_t q_full[2], q_empty[2], k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
+  float q_block_max[Config<DP>::CONSUMERS][4];  // per warp, for Q scales over a whole warpgroup (per block)
+  uint64_t q_full[2], q_empty[2];
+  uint64_t k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
 };
 
 struct KernelParams {
-  const float* q_scale;
+  int q_fused;                // Q quantized here (map_q: Q as given), else map_q: the pass's codes
+  const float* q_scale;       // not q_fused: per query row
+  const uint8_t* q_bad;       // not q_fused: NaN/Inf query rows, or null (common.nonfinite)
+  float q_mult;               // sm_scale * log2(e)
+  int q_max;                  // 127 (INT8) or 7 (INT4)
+  int q_group_pairs;          // q_fused: row pairs per Q scale: 1 per thread, 8 per warp, 32 per block
   const float* k_scale;
   const float* v_scale;
   void* out;
   int64_t out_sb, out_sh, out_sn;
   float* lse;
-  const uint8_t* q_bad;
   const int32_t* first_bad;
   int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
   int m_blocks, n_work;  // row blocks per head; work tiles = m_blocks * batch * heads_q
@@ -256,6 +275,137 @@ __device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64
   softmax_tile<CAUSAL, MASKED>(s_int, j, m, a.qs, a.row, ks, a.seqlen_k, a.q_offset, a.t, p, alpha);
 }
 
+// ---- Q's quantization (each consumer warpgroup, its own rows, at the start of a work tile) ----
+
+// The 16-byte chunk c (8 channels) of row r of the loaded Q tile (128-byte swizzled boxes of 64
+// channels), by its shared-memory address (a generic load here cost a generic-to-shared check each).
+template <int DP>
+__device__ __forceinline__ uint4 q_in_chunk(uint32_t q_in, int r, int c) {
+  const uint32_t addr = q_in + (c / 8) * Config<DP>::BLOCK_M * 128 + r * 128 + (((c % 8) ^ (r % 8)) << 4);
+  uint4 w;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "r"(addr));
+  return w;
+}
+
+// Where byte `col` of row r of Q's codes goes: the layout wgmma reads (rows of DP bytes, 128-byte
+// swizzle at DP = 128, 64-byte at 64: the 16-byte unit's bits XOR the row's bits 0-2 or 1-2).
+template <int DP>
+__device__ __forceinline__ uint32_t q_code_offset(int r, int col) {
+  const int a = r * DP + col;
+  return uint32_t(a ^ (((a >> 7) & (DP == 128 ? 7 : 3)) << 4));
+}
+
+// max |h| over the 8 fp16/bf16 values of a chunk, pairwise and NaN-propagating (the max of |x * mult|
+// is max |h| times mult: rounding is monotonic)
+template <typename InT>
+struct Pair;
+template <>
+struct Pair<__half> {
+  using T = __half2;
+  static __device__ __forceinline__ float max_of(T m) { return __half2float(__hmax_nan(__low2half(m), __high2half(m))); }
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  using T = __nv_bfloat162;
+  static __device__ __forceinline__ float max_of(T m) {
+    return __bfloat162float(__hmax_nan(__low2bfloat16(m), __high2bfloat16(m)));
+  }
+};
+template <typename InT, typename P = typename Pair<InT>::T>
+__device__ __forceinline__ P chunk_absmax(const uint4& w) {
+  const P* h = reinterpret_cast<const P*>(&w);
+  return __hmax2_nan(__hmax2_nan(__habs2(h[0]), __habs2(h[1])), __hmax2_nan(__habs2(h[2]), __habs2(h[3])));
+}
+template <typename InT>
+__device__ __forceinline__ float2 to_float2(uint32_t word);
+template <>
+__device__ __forceinline__ float2 to_float2<__half>(uint32_t word) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&word));
+}
+template <>
+__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t word) {
+  return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
+}
+
+// round(x / scale) half away from zero, clamped to [-qmax, qmax], as the Triton pass computes it: x /
+// scale correctly rounded by the reciprocal and two FMA corrections (common.triton_quant.div_by_scale:
+// exact wherever the quotient is above 2^-41, i.e. for every nonzero code), then +-0.5 and truncation
+__device__ __forceinline__ uint32_t q_code(float x, float scale, float inv, float qmax) {
+  float q = x * inv;
+  q = fmaf(fmaf(-q, scale, x), inv, q);
+  q = fmaf(fmaf(-q, scale, x), inv, q);
+  q = __fadd_rn(q, copysignf(0.5f, q));  // (-0 gives -0.5 where the pass gives +0.5: code 0 either way)
+  return uint32_t(__float2int_rz(fminf(fmaxf(q, -qmax), qmax))) & 0xffu;
+}
+
+// Quantizes this thread's share of the warpgroup's 64 rows of Q: rows {16 warp + g, + 8} (the lane's
+// rows of the S accumulator, which share one scale at the per-thread granularity), channel chunks
+// t, t + 4, ... Writes the codes to `codes` (wgmma's layout) and returns the rows' scale in qs (the
+// scale of the lane's group) and whether each row holds a NaN/Inf (its codes are 0; its output rows
+// are NaN: the epilogue). The Triton pass's arithmetic (quantize_int_kernel), value by value: x =
+// float(q) * mult; scale = RN(absmax / qmax) over the group; code = trunc(clamp(RN(x / scale) +- 0.5)).
+template <int DP, typename InT>
+__device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, float (&block_max)[4], int wg_row0,
+                                                int warp, int lane, float q_mult, float qmax, int group_pairs,
+                                                float (&qs)[2], bool (&bad)[2]) {
+  constexpr int CHUNKS = DP / 8 / 4;  // per row and thread
+  const int g = lane / 4, t = lane % 4;
+  const int r0 = wg_row0 + warp * 16 + g;
+  uint4 w[2][CHUNKS];
+  float amax[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    w[i][0] = q_in_chunk<DP>(q_in, r0 + 8 * i, t);
+    auto h_max = chunk_absmax<InT>(w[i][0]);
+#pragma unroll
+    for (int c = 1; c < CHUNKS; ++c) {
+      w[i][c] = q_in_chunk<DP>(q_in, r0 + 8 * i, t + 4 * c);
+      h_max = __hmax2_nan(h_max, chunk_absmax<InT>(w[i][c]));
+    }
+    amax[i] = Pair<InT>::max_of(h_max) * q_mult;
+    amax[i] = amax[i] == amax[i] ? amax[i] : INFINITY;  // NaN counts as +inf
+#pragma unroll
+    for (int lanes = 1; lanes < 4; lanes *= 2) amax[i] = fmaxf(amax[i], __shfl_xor_sync(0xffffffff, amax[i], lanes));
+    bad[i] = amax[i] == INFINITY;
+  }
+  float group_max = fmaxf(bad[0] ? 0.f : amax[0], bad[1] ? 0.f : amax[1]);
+  if (group_pairs >= 8)  // per warp: the warp's 16 rows
+    for (int lanes = 4; lanes < 32; lanes *= 2)
+      group_max = fmaxf(group_max, __shfl_xor_sync(0xffffffff, group_max, lanes));
+  if (group_pairs == 32) {  // per block: the warpgroup's 64 rows
+    if (lane == 0) block_max[warp] = group_max;
+    named_barrier_sync(8 + wg_row0 / WG_ROWS, 128);
+    group_max = fmaxf(fmaxf(block_max[0], block_max[1]), fmaxf(block_max[2], block_max[3]));
+  }
+  const float scale = __fdiv_rn(group_max, qmax);
+  // a scale below 2^-60 is scaled by 2^64 with x (both exact), so that 1 / scale does not overflow
+  const float factor = scale < 8.673617379884035e-19f ? 1.8446744073709552e19f : 1.f;
+  const float divisor = (scale == 0.f ? 1.f : scale) * factor, inv = __frcp_rn(divisor);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const uint32_t words[4] = {w[i][c].x, w[i][c].y, w[i][c].z, w[i][c].w};
+      uint32_t packed[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        uint32_t bytes[4];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float2 h = to_float2<InT>(words[2 * k + e]);
+          // (h * mult) * factor: the pass's x * mult, then scaled exactly
+          bytes[2 * e] = q_code(bad[i] ? 0.f : h.x * q_mult * factor, divisor, inv, qmax);
+          bytes[2 * e + 1] = q_code(bad[i] ? 0.f : h.y * q_mult * factor, divisor, inv, qmax);
+        }
+        packed[k] = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
+      }
+      const uint32_t addr = codes + q_code_offset<DP>(r0 + 8 * i, 8 * (t + 4 * c));
+      asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(addr), "r"(packed[0]), "r"(packed[1]) : "memory");
+    }
+  }
+  qs[0] = qs[1] = scale;
+}
+
 // Persistent: a CTA runs work tiles blockIdx.x, blockIdx.x + gridDim.x, ... (launch() sizes the
 // grid: one CTA per SM non-causal, one per work tile causal; see grid_ctas). Across work tiles the
 // producer keeps the K/V ring full and loads the next work tile's Q into the other Q buffer, and each
@@ -310,8 +460,15 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         const CtaTiles cta = tile_at(tile);
         const int qb = done % 2;
         mbar_wait(&sm.q_empty[qb], ((done / 2) & 1) ^ 1);
-        mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP);
-        tma_load_3d(sm.q[qb], &map_q, &sm.q_full[qb], 0, cta.m_block * BLOCK_M, cta.bh);
+        if (p.q_fused) {
+          mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP * 2);
+          for (int box = 0; box < DP / 64; ++box)
+            tma_load_4d(sm.q_in[qb] + box * BLOCK_M * 128, &map_q, &sm.q_full[qb], box * 128, cta.m_block * BLOCK_M,
+                        cta.h, cta.b);
+        } else {
+          mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP);
+          tma_load_3d(sm.q[qb], &map_q, &sm.q_full[qb], 0, cta.m_block * BLOCK_M, cta.bh);
+        }
         for (int j = 0; j < cta.n_tiles; ++j, ++slot) {
           const int stage = slot % STAGES;
           const uint32_t phase = (slot / STAGES) & 1;
@@ -343,10 +500,29 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
     const bool pass_after_last = !last || tile + int(gridDim.x) < p.n_work;
 
-    const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
+    const int local_row0 = consumer * WG_ROWS + warp * 16 + g;  // in the work tile
+    const int row0 = m_block * BLOCK_M + local_row0;
     const int row[2] = {row0, row0 + 8};
-    const float* qs_row = p.q_scale + int64_t(bh) * p.seqlen_q;
-    const float qs[2] = {row[0] < p.seqlen_q ? qs_row[row[0]] : 0.f, row[1] < p.seqlen_q ? qs_row[row[1]] : 0.f};
+    // this warpgroup's rows of Q -> codes in sm.q, scales in qs (rows past the end are zeros: scale 0)
+    const int qb = done % 2;
+    mbar_wait(&sm.q_full[qb], (done / 2) & 1);
+    float qs[2];
+    bool q_row_bad[2];
+    if (p.q_fused) {
+      quantize_q_rows<DP, OutT>(smem_addr(sm.q_in[qb]), smem_addr(sm.q[qb]), sm.q_block_max[consumer],
+                                consumer * WG_ROWS, warp, lane, p.q_mult, float(p.q_max), p.q_group_pairs, qs,
+                                q_row_bad);
+      if (lane == 0) mbar_arrive(&sm.q_empty[qb]);  // read: the producer may load the work tile after next here
+      fence_proxy_async_shared();                   // the codes are read by wgmma (the async proxy)
+      named_barrier_sync(8 + consumer, 128);        // all of the warpgroup's codes are written
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = int64_t(bh) * p.seqlen_q + row[r];
+        qs[r] = row[r] < p.seqlen_q ? p.q_scale[at] : 0.f;
+        q_row_bad[r] = p.q_bad != nullptr && row[r] < p.seqlen_q && p.q_bad[at] != 0;
+      }
+    }
     const float* ks_row = p.k_scale + int64_t(kv_bh) * p.seqlen_k;
 
     float o[DP / 2];
@@ -354,8 +530,6 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-    const int qb = done % 2;
-    mbar_wait(&sm.q_full[qb], (done / 2) & 1);
     const uint64_t desc_q = smem_desc_kmajor(sm.q[qb] + consumer * WG_ROWS * DP, DP);
     // Section j (one turn on the tensor cores): issue S_j = Q K_j^T and P_{j-1} V_{j-1}, pass the
     // turn. Then, while both run (and the other warpgroup takes its turn), the softmax of S_j; then
@@ -443,11 +617,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     for (int r = 0; r < 2; ++r) {
       const float l_row = l[r];  // (the MMA's row sum covers all of the row's keys: no quad sum)
       if (row[r] >= p.seqlen_q) continue;
-      bool bad = false;
-      if (p.first_bad != nullptr) {
-        bad = p.q_bad[int64_t(bh) * p.seqlen_q + row[r]] != 0 ||
-              (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
-      }
+      const bool bad = q_row_bad[r] || (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
       const float inv_l = bad ? NAN : 1.f / (l_row == 0.f ? 1.f : l_row);
       OutT* out_row = out + int64_t(row[r]) * p.out_sn;
 #pragma unroll
@@ -461,8 +631,8 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       if (p.lse != nullptr && t == 0)
         p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
     }
-    // this Q buffer back to the producer (the work tile after next loads into it)
-    if (lane == 0) mbar_arrive(&sm.q_empty[qb]);
+    // the pass's Q codes back to the producer (the work tile after next loads into them)
+    if (!p.q_fused && lane == 0) mbar_arrive(&sm.q_empty[qb]);
   }
 }
 
@@ -502,8 +672,21 @@ int64_t grid_ctas(int64_t n_work, bool causal) {
 
 template <int DP, bool CAUSAL, typename OutT>
 void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
+  // Q as bytes [B][Hq][Nq][2 q_channels] (any strides that are multiples of 16 bytes; a dimension of
+  // size 1 may carry any), read in boxes of BLOCK_M rows x 128 bytes (64 channels)
+  auto stride_bytes = [](int size, int64_t stride, uint64_t packed) {
+    return cuuint64_t(size == 1 ? packed : uint64_t(stride) * 2);
+  };
+  const bool q_fused = a.q_codes == nullptr;
+  const uint64_t q_row = 2 * uint64_t(a.q_channels), q_head = q_row * a.seqlen_q, q_batch = q_head * a.heads_q;
   const CUtensorMap map_q =
-      byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, Config<DP>::BLOCK_M, "q_codes");
+      q_fused ? sage_cuda::byte_tensor_map<4>(
+                    a.q, {cuuint64_t(q_row), cuuint64_t(a.seqlen_q), cuuint64_t(a.heads_q), cuuint64_t(a.batch)},
+                    {stride_bytes(a.seqlen_q, a.q_stride_n, q_row), stride_bytes(a.heads_q, a.q_stride_h, q_head),
+                     stride_bytes(a.batch, a.q_stride_b, q_batch)},
+                    {128, Config<DP>::BLOCK_M, 1, 1}, "sage2 cuda: q")
+              : byte_tensor_map(a.q_codes, DP, a.seqlen_q, uint64_t(a.batch) * a.heads_q, DP, Config<DP>::BLOCK_M,
+                                "q_codes");
   const CUtensorMap map_k =
       byte_tensor_map(a.k_codes, DP, a.seqlen_k, uint64_t(a.batch) * a.heads_kv, DP, BLOCK_N, "k_codes");
   const CUtensorMap map_v =
@@ -512,9 +695,15 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const int64_t n_work = int64_t(m_blocks) * a.batch * a.heads_q;
   // (the kernel steps its work tile index by the grid size in int)
   if (n_work > INT_MAX / 2) throw std::invalid_argument("sage2 cuda: too many query blocks (batch * heads * row blocks)");
-  const KernelParams p{a.q_scale,      a.k_scale,  a.v_scale,  a.out,      a.out_stride_b, a.out_stride_h,
-                       a.out_stride_n, a.lse,      a.q_bad,    a.first_bad, a.heads_q,     a.heads_kv,
-                       a.seqlen_q,     a.seqlen_k, a.head_dim, m_blocks,   int(n_work)};
+  if (q_fused && (a.q_channels < 1 || a.q_channels > DP))
+    throw std::invalid_argument("sage2 cuda: q has " + std::to_string(a.q_channels) + " channels, more than " +
+                                std::to_string(DP));
+  if (!(a.q_max == 127 || a.q_max == 7) || !(a.q_group_pairs == 1 || a.q_group_pairs == 8 || a.q_group_pairs == 32))
+    throw std::invalid_argument("sage2 cuda: q_max must be 127 or 7 and q_group_pairs 1, 8 or 32");
+  const KernelParams p{int(q_fused),   a.q_scale,     a.q_bad,        a.q_mult,    a.q_max,    a.q_group_pairs,
+                       a.k_scale,       a.v_scale,     a.out,          a.out_stride_b, a.out_stride_h,
+                       a.out_stride_n,  a.lse,         a.first_bad,    a.heads_q,   a.heads_kv, a.seqlen_q,
+                       a.seqlen_k,      a.head_dim,    m_blocks,       int(n_work)};
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
   const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
