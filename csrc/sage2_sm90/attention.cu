@@ -3,8 +3,8 @@
 //
 // One work tile = 128 (head dim 128) or 192 (64) query rows of one (batch, query head) = two or three
 // consumer warpgroups of 64 rows (each is one of sage2's 64-row Q blocks, 16 rows per warp).
-// Warpgroup 0 only issues TMA copies: each work tile's Q as given (fp16/bf16), and the K and V^T
-// codes into a ring of shared-memory stages; it gives its registers to the consumers.
+// Warpgroup 0 only issues TMA copies: each work tile's Q (as given, fp16/bf16, or the pass's codes),
+// and the K and V^T codes into a ring of shared-memory stages; it gives its registers to the consumers.
 //
 // Q is quantized here where that pays (q_fused; sage2.cuda.q_in_kernel: non-causal head dim 128),
 // not by a pass of its own (which reads Q and writes its codes: 0.33 ms of a 22 ms call at N=16k,
@@ -500,8 +500,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
     const bool pass_after_last = !last || tile + int(gridDim.x) < p.n_work;
 
-    const int local_row0 = consumer * WG_ROWS + warp * 16 + g;  // in the work tile
-    const int row0 = m_block * BLOCK_M + local_row0;
+    const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
     const int row[2] = {row0, row0 + 8};
     // this warpgroup's rows of Q -> codes in sm.q, scales in qs (rows past the end are zeros: scale 0)
     const int qb = done % 2;
