@@ -55,8 +55,9 @@ Q_GROUP_PAIRS = {"per_thread": 1, "per_warp": 8, "per_block": 32}
 
 def q_in_kernel(*, is_causal: bool, head_dim: int, granularity: str = "per_thread") -> bool:
     """Whether the kernel quantizes Q itself: where that measured faster than the pass (csrc/NOTES.md,
-    v12: non-causal head dim 128, +4% at 8k-16k and +7% at 2k; causal, whose CTAs each run one work
-    tile, and head dim 64, whose third consumer waits on the others' quantization, lost 3-6%).
+    v12: non-causal head dim 128, +1-4% at 8k-16k and +4-7% at 2k, same-run A/B on an H100; causal,
+    whose CTAs each run one work tile, and head dim 64, whose third consumer waits on the others'
+    quantization, lost 3-6%).
     ``SAGE2_SM90_Q=kernel`` or ``=pass`` forces one (tests run both). Never at the per-tensor
     granularity, whose one scale needs all of Q first."""
     import os
