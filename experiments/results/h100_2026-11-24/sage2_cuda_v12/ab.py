@@ -1,4 +1,7 @@
-"""A/B: whole sage2 CUDA call and cuDNN, same inputs; prints one line per shape."""
+"""A/B: whole sage2 CUDA call and cuDNN, same inputs; prints one line per shape.
+
+    python ab.py TAG   (run from the checkout whose sage2 is timed; the shape list differed between runs)
+"""
 import sys, torch
 import sage2
 from common.inputs import make_qkv
@@ -10,8 +13,8 @@ shapes = [(128, True, 8192), (128, False, 16384), (128, True, 16384), (64, False
 for d, c, n in shapes:
     q, k, v = make_qkv(4, 32, n, d, kind="k_bias", device="cuda", seed=0)
     f = attention_flops(4, 32, n, n, d, c)
-    a = tops(f, bench_ms(lambda: sage2.sageattn(q, k, v, is_causal=c, backend="cuda"), rep_ms=80))
-    b = tops(f, bench_ms(lambda: cudnn(q, k, v, is_causal=c), rep_ms=80))
+    a = tops(f, bench_ms(lambda q=q, k=k, v=v: sage2.sageattn(q, k, v, is_causal=c, backend="cuda"), rep_ms=80))
+    b = tops(f, bench_ms(lambda q=q, k=k, v=v: cudnn(q, k, v, is_causal=c), rep_ms=80))
     print(f"{tag} D={d} causal={int(c)} N={n}: cuda {a:.0f} cudnn {b:.0f} ratio {a / b:.3f}", flush=True)
     del q, k, v
     torch.cuda.empty_cache()
