@@ -92,8 +92,7 @@ def finite_absmax(v: torch.Tensor, amax_bits: torch.Tensor, *, per_channel: bool
     B, H, N, D = v.shape
     if v.stride(-1) != 1:
         v = v.contiguous()
-    block = 64
-    tiles = min(8, -(-N // block))  # tiles per program: one atomic per channel for each 512 tokens
+    block, tiles = 64, 8  # tiles per program: one atomic per channel for each 512 tokens
     dp = max(16, 1 << (D - 1).bit_length())
     scan_v_kernel[(-(-N // (block * tiles)), B * H)](
         v, mean.reshape(B * H, D).contiguous() if mean is not None else v, amax_bits,

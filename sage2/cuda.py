@@ -73,9 +73,10 @@ def q_in_kernel(*, is_causal: bool, head_dim: int, granularity: str = "per_threa
 
 
 def _tma_ready(q: torch.Tensor) -> bool:
-    """The kernel reads Q by TMA: 16-byte aligned, channels contiguous, and every other stride (of a
-    dimension longer than 1) a positive multiple of 8 elements."""
-    return (q.stride(-1) == 1 and q.data_ptr() % 16 == 0
+    """The kernel reads Q by TMA: 16-byte aligned, channels contiguous and a multiple of 8 of them
+    (the kernel gives a dimension of size 1 the packed stride, which must be a multiple of 16 bytes
+    too), and every other stride (of a dimension longer than 1) a positive multiple of 8 elements."""
+    return (q.stride(-1) == 1 and q.data_ptr() % 16 == 0 and q.shape[-1] % 8 == 0
             and all(size == 1 or (st > 0 and st % 8 == 0) for size, st in zip(q.shape[:3], q.stride()[:3])))
 
 

@@ -114,6 +114,10 @@ def test_q_for_kernel_keeps_a_readable_view_and_copies_others():
     assert q_for_kernel(sliced, 64) is sliced
     unaligned = torch.randn(2 * 4 * 100 * 64 + 1, dtype=torch.float16)[1:].view(2, 4, 100, 64)
     assert q_for_kernel(unaligned, 64) is not unaligned and _tma_ready(q_for_kernel(unaligned, 64))
+    # 100 of 128 stored channels: strides are multiples of 8, but a head of size 1 gets the packed
+    # stride (200 bytes per row) in the tensor map, which is not a multiple of 16
+    narrow = torch.randn(2, 1, 101, 128, dtype=torch.float16)[..., :100]
+    assert q_for_kernel(narrow, 128).shape == (2, 1, 101, 128) and _tma_ready(q_for_kernel(narrow, 128))
 
 
 def test_unsupported_options_are_named():
@@ -150,11 +154,14 @@ CASES = [
 
 @gpu
 @hopper
+@pytest.mark.parametrize("grid", ["", "2"])
 @pytest.mark.parametrize("dtype,causal,heads,layout,lens,d,opts", [c for c in CASES if "per_tensor" not in str(c[-1])])
 def test_q_quantized_in_the_kernel_gives_the_passs_output_bit_for_bit(dtype, causal, heads, layout, lens, d, opts,
-                                                                      monkeypatch):
+                                                                      grid, monkeypatch):
     """SAGE2_SM90_Q=kernel (Q quantized by the consumers) and =pass (the Triton pass's codes): the same
-    codes, so the same output and LSE, also for rows with a NaN or an Inf."""
+    codes, so the same output and LSE, also for rows with a NaN or an Inf. grid "2": two CTAs, so that
+    each runs many work tiles (the codes, scales and per-block maxima reused across tiles)."""
+    monkeypatch.setenv("SAGE2_SM90_GRID", grid)
     (hq, hkv), (nq, nk) = heads, lens
     q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, dtype=dtype, layout=layout, seed=d + nq + 1,
                        device="cuda")
