@@ -102,7 +102,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_v=smooth_v, pv_dtype=pv_dtype,
             pv_accum=pv_accum, mask=mask, head_dim=D), "sage2")
         use_cuda = be == "cuda"
-        if use_cuda:  # the CUDA kernel takes the Triton passes' K and V, and quantizes Q itself
+        if use_cuda:  # the CUDA kernel takes the Triton passes' K and V, and Q's where it does not quantize Q
             be = "triton"
         # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
         check = nonfinite.CHECK_NONFINITE
@@ -111,8 +111,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         if be == "triton":
             amax = shape.batch * shape.heads_kv * D if pv_dtype != "fp16" else 0
             flags, amax_bits = kernel_buffers(shape, q.device, rows_in_kernel=rows_in_kernel, amax_entries=amax)
+        bits = 8 if qk_dtype == "int8" else 4
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
-                         bits=8 if qk_dtype == "int8" else 4, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
+                         bits=bits, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
                          backend=be, zero_nonfinite=check, flags=flags,
                          quantize_q=not (use_cuda and cuda_kernel.q_in_kernel(is_causal=is_causal, head_dim=D,
                                                                               granularity=qk_granularity)))
@@ -123,8 +124,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
                         wgmma_key_order=use_cuda, npad_multiple=128 if use_cuda else 16)
         log2_pscale = math.log2(P_SCALE[pv_dtype])
         if use_cuda:
-            lse2 = cuda_kernel.launch(qh, qk, qv, out_hnd, granularity=qk_granularity, bits=8 if qk_dtype == "int8" else 4,
-                                      is_causal=is_causal, return_lse=return_lse, flags=flags)
+            lse2 = cuda_kernel.launch(qh, qk, qv, out_hnd, granularity=qk_granularity, bits=bits, is_causal=is_causal,
+                                      return_lse=return_lse, flags=flags)
         elif be == "triton":
             from .kernel import PV_SINGLE, PV_TWO_LEVEL, launch
 

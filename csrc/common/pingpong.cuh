@@ -55,12 +55,13 @@ __device__ __forceinline__ __half to_out<__half>(float x) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Named barriers 1, 2, 3 (0 is __syncthreads): the consumer warpgroups take turns on the
-// tensor cores (FlashAttention-3's ping-pong), so that one's softmax runs under the other's MMAs.
-// all `threads` threads (a multiple of 32) that use barrier `id` wait for each other
+// All `threads` threads (a multiple of 32) that use named barrier `id` wait for each other.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+
+// Named barriers 1, 2, 3 (0 is __syncthreads): the consumer warpgroups take turns on the
+// tensor cores (FlashAttention-3's ping-pong), so that one's softmax runs under the other's MMAs.
 __device__ __forceinline__ void turn_wait(int consumer) {  // (bar.sync on mine: me + the one before me)
   asm volatile("bar.sync %0, 256;\n" ::"r"(1 + consumer) : "memory");
 }
