@@ -45,19 +45,20 @@ NO_BAD_KEY = 2 ** 31 - 1   # FIRST_BAD holds NO_BAD_KEY - (first bad key); 0: no
 @dataclass
 class NonfiniteFlags:
     """What the quantization passes record for the attention kernels' epilogue."""
-    q_bad: torch.Tensor        # uint8 [B, Hq, Nq]: the query token has a NaN/Inf
+    q_bad: torch.Tensor | None  # uint8 [B, Hq, Nq]: the query token has a NaN/Inf (None: no pass over Q)
     first_bad: torch.Tensor    # int32 [B * Hkv]: NO_BAD_KEY - first key with a NaN/Inf in k or v (0: none)
 
 
-def kernel_buffers(shape, device, *, rows_in_kernel: bool, amax_entries: int):
+def kernel_buffers(shape, device, *, rows_in_kernel: bool, amax_entries: int, q_rows: bool = True):
     """(NonfiniteFlags for the passes to fill, or None unless ``rows_in_kernel``; a zeroed int32
     [amax_entries] buffer for V's atomic max). All zeroed: the passes write only where they find a
-    NaN/Inf. ``shape``: common.checks.AttentionShape."""
+    NaN/Inf. ``shape``: common.checks.AttentionShape. ``q_rows=False``: no pass quantizes Q (the
+    kernel finds Q's NaN/Inf rows itself), so no ``q_bad``."""
     n_keys = shape.batch * shape.heads_kv if rows_in_kernel else 0
     buf = torch.zeros(n_keys + amax_entries, dtype=torch.int32, device=device)
     if not rows_in_kernel:
         return None, buf
-    q_bad = torch.zeros((shape.batch, shape.heads_q, shape.seqlen_q), dtype=torch.uint8, device=device)
+    q_bad = torch.zeros((shape.batch, shape.heads_q, shape.seqlen_q), dtype=torch.uint8, device=device) if q_rows else None
     return NonfiniteFlags(q_bad, buf[:n_keys]), buf[n_keys:]
 
 

@@ -23,8 +23,8 @@ void sage2_sm90_forward(uintptr_t q, int64_t q_stride_b, int64_t q_stride_h, int
                         float q_mult, int q_max, int q_group_pairs, uintptr_t q_codes,
                         uintptr_t q_scale, uintptr_t q_bad, uintptr_t k_codes,
                         uintptr_t v_codes, uintptr_t k_scale, uintptr_t v_scale, uintptr_t out, int64_t out_stride_b,
-                        int64_t out_stride_h, int64_t out_stride_n, uintptr_t lse, uintptr_t first_bad, int batch,
-                        int heads_q, int heads_kv, int seqlen_q, int seqlen_k, int npad, int head_dim,
+                        int64_t out_stride_h, int64_t out_stride_n, uintptr_t lse, uintptr_t first_bad,
+                        uintptr_t tile_counter, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_k, int npad, int head_dim,
                         int padded_head_dim, bool causal, bool out_bf16, uintptr_t stream) {
   sage_cuda::Sage2ForwardArgs a{};
   a.q = ptr<const void>(q);
@@ -42,6 +42,7 @@ void sage2_sm90_forward(uintptr_t q, int64_t q_stride_b, int64_t q_stride_h, int
   a.out_stride_b = out_stride_b, a.out_stride_h = out_stride_h, a.out_stride_n = out_stride_n;
   a.lse = ptr<float>(lse);
   a.first_bad = ptr<const int32_t>(first_bad);
+  a.tile_counter = ptr<int>(tile_counter);
   a.batch = batch, a.heads_q = heads_q, a.heads_kv = heads_kv, a.seqlen_q = seqlen_q, a.seqlen_k = seqlen_k;
   a.npad = npad, a.head_dim = head_dim, a.padded_head_dim = padded_head_dim;
   a.causal = causal, a.out_bf16 = out_bf16;
@@ -130,8 +131,8 @@ PYBIND11_MODULE(_sage_cuda, m) {
         py::arg("q_mult"), py::arg("q_max"), py::arg("q_group_pairs"), py::arg("q_codes"),
         py::arg("q_scale"), py::arg("q_bad"), py::arg("k_codes"),
         py::arg("v_codes"), py::arg("k_scale"), py::arg("v_scale"), py::arg("out"), py::arg("out_stride_b"),
-        py::arg("out_stride_h"), py::arg("out_stride_n"), py::arg("lse"), py::arg("first_bad"), py::arg("batch"),
-        py::arg("heads_q"),
+        py::arg("out_stride_h"), py::arg("out_stride_n"), py::arg("lse"), py::arg("first_bad"),
+        py::arg("tile_counter"), py::arg("batch"), py::arg("heads_q"),
         py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("npad"), py::arg("head_dim"),
         py::arg("padded_head_dim"), py::arg("causal"), py::arg("out_bf16"), py::arg("stream"));
   m.def("sage3_p_scale_mismatches", mismatch_check<3>(sage_cuda::sage3_p_scale_mismatches, {"s", "s8", "inv"}),

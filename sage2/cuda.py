@@ -118,17 +118,25 @@ def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, ou
                          f"{q_group_pairs}")
 
 
-@torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out",))
+@torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out", "tile_counter"))
 def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch.Tensor | None,
                    q_bad: torch.Tensor | None, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor,
                    v_scale: torch.Tensor, out: torch.Tensor, first_bad: torch.Tensor | None, q_mult: float,
-                   q_max: int, q_group_pairs: int, causal: bool, return_lse: bool) -> torch.Tensor:
+                   q_max: int, q_group_pairs: int, causal: bool, return_lse: bool,
+                   tile_counter: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel on Q as given, quantized inside (times ``q_mult`` = sm_scale * log2(e), codes up to
     ``q_max``, one scale per ``q_group_pairs`` pairs of rows), or on the pass's ``q_codes`` and per-row ``q_scale`` (``q_bad``: its NaN/Inf rows) where given;
     and on quantized K, V (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma order). Writes
     ``out`` ([B, Hq, Nq, D] view, any strides with a contiguous last dim) and returns the log2-domain
-    LSE ([B, Hq, Nq], or empty)."""
+    LSE ([B, Hq, Nq], or empty). ``tile_counter`` (one int32, zero; zero again afterwards): one CTA per
+    SM, each claiming work tiles on it as it finishes one (what causal calls use: its work tiles
+    differ in length); None: non-causal, one CTA per SM with tiles dealt round robin, causal one CTA
+    per work tile."""
     _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs)
+    if tile_counter is not None and (tile_counter.dtype != torch.int32 or tile_counter.numel() != 1
+                                     or tile_counter.device != out.device):
+        raise ValueError(f"sage2_sm90_fwd: tile_counter must be one int32 on {out.device}, got {tile_counter.dtype} "
+                         f"{tuple(tile_counter.shape)} on {tile_counter.device}")
     B, Hq, Nq, _ = q.shape
     Hkv, Nk, DP = k_codes.shape[1], k_codes.shape[2], k_codes.shape[3]
     D = out.shape[-1]
@@ -146,6 +154,7 @@ def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch
             v_scale=v_scale.data_ptr(), out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1),
             out_stride_n=out.stride(2), lse=lse.data_ptr() if return_lse else 0,
             first_bad=first_bad.data_ptr() if first_bad is not None else 0,
+            tile_counter=tile_counter.data_ptr() if tile_counter is not None else 0,
             batch=B, heads_q=Hq, heads_kv=Hkv, seqlen_q=Nq, seqlen_k=Nk, npad=v_codes.shape[-1], head_dim=D,
             padded_head_dim=DP, causal=causal, out_bf16=out.dtype == torch.bfloat16,
             stream=build.current_stream_handle(out.device.index))
@@ -154,16 +163,19 @@ def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch
 
 @sage2_sm90_fwd.register_fake
 def _(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max, q_group_pairs,
-      causal, return_lse):
+      causal, return_lse, tile_counter=None):
     B, Hq, Nq, _ = q.shape
     return q.new_empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32)
 
 
 def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, bits: int, is_causal: bool,
-           return_lse: bool, flags=None):
+           return_lse: bool, flags=None, tile_counter: torch.Tensor | None = None):
     """Run the kernel on sage2's quantized K (``qk``, from common.int_qk.quantize_qk) and V (quant_v,
     wgmma key order), and on Q: the pass's codes where ``qk`` holds them, else Q itself (an HND view,
-    quantized in the kernel: :func:`q_in_kernel`). Returns the log2-domain LSE or None."""
+    quantized in the kernel: :func:`q_in_kernel`). Returns the log2-domain LSE or None.
+    ``tile_counter`` (one zeroed int32): causal CTAs claim their work tiles on it (a fresh one is
+    made where it is None); ``SAGE2_SM90_GRID=tiles`` runs one CTA per work tile instead."""
+    import os
     from common.quant import INT_QMAX
 
     q_codes = q_scale = q_bad = None
@@ -172,8 +184,12 @@ def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, 
         q_bad = flags.q_bad if flags is not None else None
     else:
         q = q_for_kernel(q, qk.k_codes.shape[-1])
+    if not is_causal or os.environ.get("SAGE2_SM90_GRID", "") == "tiles":
+        tile_counter = None
+    elif tile_counter is None:
+        tile_counter = torch.zeros(1, dtype=torch.int32, device=out_hnd.device)
     lse = sage2_sm90_fwd(q, q_codes, q_scale, q_bad, qk.k_codes, qv.codes.view(torch.uint8),
                          qk.k_scale_per_token().contiguous(), qv.scale, out_hnd,
                          flags.first_bad if flags is not None else None, qk.q_multiplier, INT_QMAX[bits],
-                         Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse)
+                         Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse, tile_counter)
     return lse if return_lse else None

@@ -107,16 +107,19 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
         check = nonfinite.CHECK_NONFINITE
         rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE
-        flags, amax_bits = None, None
+        q_in_kernel = use_cuda and cuda_kernel.q_in_kernel(is_causal=is_causal, head_dim=D, granularity=qk_granularity)
+        flags, amax_bits, tile_counter = None, None, None
         if be == "triton":
             amax = shape.batch * shape.heads_kv * D if pv_dtype != "fp16" else 0
-            flags, amax_bits = kernel_buffers(shape, q.device, rows_in_kernel=rows_in_kernel, amax_entries=amax)
+            # (the CUDA kernel's causal tile counter rides in the same zeroed buffer: no fill of its own)
+            flags, amax_bits = kernel_buffers(shape, q.device, rows_in_kernel=rows_in_kernel,
+                                              amax_entries=amax + int(use_cuda), q_rows=not q_in_kernel)
+            if use_cuda:
+                amax_bits, tile_counter = amax_bits[:amax], amax_bits[amax:]
         bits = 8 if qk_dtype == "int8" else 4
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=bits, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
-                         backend=be, zero_nonfinite=check, flags=flags,
-                         quantize_q=not (use_cuda and cuda_kernel.q_in_kernel(is_causal=is_causal, head_dim=D,
-                                                                              granularity=qk_granularity)))
+                         backend=be, zero_nonfinite=check, flags=flags, quantize_q=not q_in_kernel)
         # (zeroed K: a NaN/Inf of a key nobody sees must not reach delta_s, which masks add to)
         delta_s = q_smoothing_delta_s(qk.q_block_mean, zeroed(kh) if check else kh, qk.k_mean) if smooth_q else None
         qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
@@ -125,7 +128,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         log2_pscale = math.log2(P_SCALE[pv_dtype])
         if use_cuda:
             lse2 = cuda_kernel.launch(qh, qk, qv, out_hnd, granularity=qk_granularity, bits=bits, is_causal=is_causal,
-                                      return_lse=return_lse, flags=flags)
+                                      return_lse=return_lse, flags=flags, tile_counter=tile_counter)
         elif be == "triton":
             from .kernel import PV_SINGLE, PV_TWO_LEVEL, launch
 

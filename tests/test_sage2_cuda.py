@@ -247,22 +247,73 @@ def test_cuda_accuracy_at_real_size(d, causal):
     (64, False, (2, 2), (450, 2000)),
 ])
 def test_cuda_persistent_grid_gives_what_one_cta_per_work_tile_gives(d, causal, heads, lens, monkeypatch):
-    """Each CTA loops over work tiles (its K/V ring, Q buffers and turn-taking carried across them);
-    with 1, 2 or 5 CTAs for many work tiles, the output and LSE are the one-CTA-per-tile kernel's,
-    bit for bit (each work tile's arithmetic is the same). (That the variable shrinks the grid is
-    not checked here: the default grid on these sizes is one CTA per work tile too.)"""
+    """Each CTA loops over work tiles (its K/V ring, Q buffers and turn-taking carried across them;
+    causal: claimed on a tile counter as CTAs finish theirs); with 1, 2 or 5 CTAs for many work
+    tiles, and on the default grid (one CTA per SM, or fewer where there are fewer work tiles), the
+    output and LSE are the one-CTA-per-tile kernel's, bit for bit (each work tile's arithmetic is the
+    same). (That the variable shrinks the grid is not checked here.)"""
     (hq, hkv), (nq, nk) = heads, lens
     q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, kind="k_bias", device="cuda", seed=nq + d)
     kw = dict(is_causal=causal, return_lse=True, backend="cuda")
     monkeypatch.setenv("SAGE2_SM90_GRID", "tiles")
     out_t, lse_t = sage2.sageattn(q, k, v, **kw)
-    for ctas in ("1", "2", "5"):
+    for ctas in ("1", "2", "5", ""):
         monkeypatch.setenv("SAGE2_SM90_GRID", ctas)
         out_p, lse_p = sage2.sageattn(q, k, v, **kw)
         assert torch.equal(out_p, out_t) and torch.equal(lse_p, lse_t), ctas
     monkeypatch.setenv("SAGE2_SM90_GRID", "0")
     with pytest.raises(ValueError, match="SAGE2_SM90_GRID must be 'tiles' or a positive CTA count"):
         sage2.sageattn(q, k, v, **kw)
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("q_in_kernel", [False, True])
+def test_cuda_tile_counter_claims_every_work_tile_once_and_is_zero_after(causal, q_in_kernel, monkeypatch):
+    """The op with a tile counter: CTAs claim work tiles on it (any grid, causal or not) and the
+    last claim puts it back to zero, so that the next call on the same counter claims from zero
+    again: three calls in a row on one counter give the one-CTA-per-tile output, bit for bit, at
+    grids of 1, 3 and 132 CTAs (a work tile claimed twice or never would change the output: the
+    output is filled with NaN first)."""
+    from common.int_qk import quantize_qk
+    from sage2 import cuda as cuda_kernel
+    from sage2.quant_v import quantize_v
+
+    B, hq, hkv, n, d = 2, 4, 2, 700, 128
+    q, k, v = make_qkv(B, hq, n, d, heads_kv=hkv, kind="k_bias", device="cuda", seed=11)
+    scale = d ** -0.5
+    qk = quantize_qk(q, k, sm_scale=scale, granularity="per_thread", q_block=64, k_block=128, warp_rows=16,
+                     backend="triton", quantize_q=not q_in_kernel)
+    qv = quantize_v(v, "fp8_e4m3", backend="triton", dp=d, wgmma_key_order=True, npad_multiple=128)
+
+    def run(counter):
+        out = torch.full_like(q, float("nan"))
+        cuda_kernel.launch(q, qk, qv, out, granularity="per_thread", bits=8, is_causal=causal, return_lse=False,
+                           tile_counter=counter)
+        return out
+
+    monkeypatch.setenv("SAGE2_SM90_GRID", "tiles")
+    expected = run(None)
+    assert not expected.isnan().any()
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for ctas in ("1", "3", "132"):
+        monkeypatch.setenv("SAGE2_SM90_GRID", ctas)
+        for _ in range(3):
+            out = torch.full_like(q, float("nan"))
+            lse = cuda_kernel.sage2_sm90_fwd(
+                q, qk.q_codes,
+                None if q_in_kernel else qk.q_scale_per_token().contiguous(), None, qk.k_codes,
+                qv.codes.view(torch.uint8), qk.k_scale_per_token().contiguous(), qv.scale, out, None,
+                qk.q_multiplier, 127, 1, causal, False, counter)
+            assert lse.numel() == 0
+            assert torch.equal(out, expected), ctas
+            assert counter.item() == 0
+    with pytest.raises(ValueError, match="tile_counter must be one int32"):
+        cuda_kernel.sage2_sm90_fwd(q, None, None, None, qk.k_codes, qv.codes.view(torch.uint8),
+                                   qk.k_scale_per_token().contiguous(), qv.scale, torch.empty_like(q), None,
+                                   qk.q_multiplier, 127, 1, causal, False, torch.zeros(2, dtype=torch.int32,
+                                                                                        device="cuda"))
 
 
 @gpu

@@ -2,6 +2,8 @@
 // CTA visits, quad reductions over the accumulator's row layout, the output conversion, and the named
 // barriers with which consumer warpgroups take turns on the tensor cores.
 #pragma once
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -54,6 +56,19 @@ template <>
 __device__ __forceinline__ __half to_out<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// two adjacent outputs, as one 32-bit word (x first)
+template <typename OutT>
+__device__ __forceinline__ uint32_t to_out2(float x, float y);
+template <>
+__device__ __forceinline__ uint32_t to_out2<__half>(float x, float y) {
+  const __half2 h = __floats2half2_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t to_out2<__nv_bfloat16>(float x, float y) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
 
 // All `threads` threads (a multiple of 32) that use named barrier `id` wait for each other.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {

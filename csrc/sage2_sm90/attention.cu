@@ -91,31 +91,34 @@ struct Config {
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
 constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
 
-template <int DP>
+template <int DP, bool Q_FUSED>
 struct Shared {
-  // Q's codes (q_fused: each consumer writes and reads its own rows; else by TMA); two: the next work
+  // Q's codes (Q_FUSED: each consumer writes and reads its own rows; else by TMA); two: the next work
   // tile's load during this one
   alignas(1024) int8_t q[2][Config<DP>::BLOCK_M * DP];
-  // q_fused: Q as loaded (fp16/bf16), DP / 64 boxes of BLOCK_M rows x 128 bytes, 128-byte swizzled
-  alignas(1024) uint8_t q_in[2][Config<DP>::BLOCK_M * DP * 2];
   alignas(1024) int8_t k[STAGES][BLOCK_N * DP];
   alignas(1024) uint8_t vt[STAGES][(DP + ONES_ROWS) * BLOCK_N];  // V^T from TMA, then ONES_ROWS rows of 1.0
+  // Q_FUSED: Q as loaded (fp16/bf16), DP / 64 boxes of BLOCK_M rows x 128 bytes, 128-byte swizzled
+  alignas(Q_FUSED ? 1024 : 16) uint8_t q_in[Q_FUSED ? 2 * Config<DP>::BLOCK_M * DP * 2 : 16];
   float q_block_max[Config<DP>::CONSUMERS][4];  // per warp, for Q scales over a whole warpgroup (per block)
+  int tile_of[2];  // the work tile whose Q is in q[b] (q_in[b]), or -1: none is left (see the producer)
   uint64_t q_full[2], q_empty[2];
   uint64_t k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
 };
 
 struct KernelParams {
-  int q_fused;                // Q quantized here (map_q: Q as given), else map_q: the pass's codes
-  const float* q_scale;       // not q_fused: per query row
-  const uint8_t* q_bad;       // not q_fused: NaN/Inf query rows, or null (common.nonfinite)
+  const float* q_scale;       // not Q_FUSED: per query row
+  const uint8_t* q_bad;       // not Q_FUSED: NaN/Inf query rows, or null (common.nonfinite)
   float q_mult;               // sm_scale * log2(e)
   int q_max;                  // 127 (INT8) or 7 (INT4)
-  int q_group_pairs;          // q_fused: row pairs per Q scale: 1 per thread, 8 per warp, 32 per block
+  int q_group_pairs;          // Q_FUSED: row pairs per Q scale: 1 per thread, 8 per warp, 32 per block
   const float* k_scale;
   const float* v_scale;
   void* out;
   int64_t out_sb, out_sh, out_sn;
+  int out_pairs;              // out's columns 2t, 2t + 1 (and V's scales) stored (loaded) as one word
+  int* tile_counter;          // work tiles claimed beyond the first gridDim.x (zero before and after), or
+                              // null: CTA i runs tiles i, i + gridDim.x, ...
   float* lse;
   const int32_t* first_bad;
   int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
@@ -127,8 +130,8 @@ struct KernelParams {
 // work tile's KV tiles (reduced modulo 2 * STAGES between work tiles) so that it cannot overflow.
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
-template <int DP>
-__device__ __forceinline__ void issue_qk(Shared<DP>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
+template <int DP, bool QF>
+__device__ __forceinline__ void issue_qk(Shared<DP, QF>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.k_full[stage], (slot / STAGES) & 1);
   const uint64_t desc_k = smem_desc_kmajor(sm.k[stage], DP);
@@ -140,8 +143,8 @@ __device__ __forceinline__ void issue_qk(Shared<DP>& sm, int slot, uint64_t desc
 
 // Issue P_j V_j into a fresh accumulator (two-level: the FP8 MMA's ~13-bit accumulator only ever
 // sums one tile); the caller waits, then adds it to O in fp32 (finish_pv).
-template <int DP>
-__device__ __forceinline__ void issue_pv(Shared<DP>& sm, int slot, const uint32_t (&pa)[4][4],
+template <int DP, bool QF>
+__device__ __forceinline__ void issue_pv(Shared<DP, QF>& sm, int slot, const uint32_t (&pa)[4][4],
                                          float (&o_tile)[Config<DP>::PV_REGS]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.v_full[stage], (slot / STAGES) & 1);
@@ -160,8 +163,8 @@ __device__ __forceinline__ void issue_pv(Shared<DP>& sm, int slot, const uint32_
 
 // After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j and
 // l = alpha * l + rowsum fp8(P_j) (the ones columns: 2t and 2t+1 of the last 8, rows g and g + 8).
-template <int DP>
-__device__ __forceinline__ void finish_pv(Shared<DP>& sm, int slot, const float (&alpha)[2],
+template <int DP, bool QF>
+__device__ __forceinline__ void finish_pv(Shared<DP, QF>& sm, int slot, const float (&alpha)[2],
                                           float (&o_tile)[Config<DP>::PV_REGS], float (&o)[DP / 2], float (&l)[2],
                                           int lane) {
   fence_registers(o_tile);
@@ -266,8 +269,8 @@ struct Softmax {  // (values, not references: a referenced local array would liv
 };
 
 // After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax.
-template <bool CAUSAL, bool MASKED, int DP>
-__device__ __forceinline__ void softmax_after_qk(Shared<DP>& sm, int (&s_int)[64], int j, int slot, float ks,
+template <bool CAUSAL, bool MASKED, int DP, bool QF>
+__device__ __forceinline__ void softmax_after_qk(Shared<DP, QF>& sm, int (&s_int)[64], int j, int slot, float ks,
                                                  float (&m)[2], const Softmax& a, int lane,
                                                  float (&p)[64], float (&alpha)[2]) {
   fence_registers(s_int);
@@ -406,20 +409,22 @@ __device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, f
   qs[0] = qs[1] = scale;
 }
 
-// Persistent: a CTA runs work tiles blockIdx.x, blockIdx.x + gridDim.x, ... (launch() sizes the
-// grid: one CTA per SM non-causal, one per work tile causal; see grid_ctas). Across work tiles the
-// producer keeps the K/V ring full and loads the next work tile's Q into the other Q buffer, and each
-// consumer passes the tensor-core turn on as soon as its last P V is issued: the other consumer
-// starts the next work tile while this one writes its output. (A fresh CTA per work tile exposes
-// its Q and first K loads, its unoverlapped first S and last P V and its output stores: 1-3% of the
-// kernel at 2k-8k keys, measured; csrc/NOTES.md, v10.)
-template <int DP, bool CAUSAL, typename OutT>
+// Persistent: a CTA runs work tile blockIdx.x, then the next one it claims on p.tile_counter (causal:
+// one CTA per SM, each claiming as it goes, so that the work tiles' unequal lengths balance out), or
+// without a counter tiles blockIdx.x + gridDim.x, ... (non-causal: tiles of equal work; launch() sizes
+// the grid, see grid_ctas). Across work tiles the producer keeps the K/V ring full and loads the next
+// work tile's Q into the other Q buffer, and each consumer passes the tensor-core turn on as soon as
+// its last P V is issued: the other consumer starts the next work tile while this one writes its
+// output. (A fresh CTA per work tile exposes its Q and first K loads, its unoverlapped first S and
+// last P V and its output stores: 1-3% of the kernel at 2k-8k keys, measured; csrc/NOTES.md, v10.)
+template <int DP, bool CAUSAL, bool Q_FUSED, typename OutT>
 __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     sage2_fwd_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
   extern __shared__ uint8_t smem_raw[];
   constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
-  Shared<DP>& sm = *reinterpret_cast<Shared<DP>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  using Smem = Shared<DP, Q_FUSED>;
+  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto tile_at = [&](int tile) {
     return work_tile<BLOCK_M, BLOCK_N, CAUSAL>(tile, p.m_blocks, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
   };
@@ -456,18 +461,36 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       prefetch_tensor_map(&map_k);
       prefetch_tensor_map(&map_v);
       int slot = 0;
-      for (int tile = blockIdx.x, done = 0; tile < p.n_work; tile += gridDim.x, ++done) {
-        const CtaTiles cta = tile_at(tile);
+      // The consumers learn each work tile from sm.tile_of, written before its Q buffer's arrival (the
+      // arrive releases it, their wait acquires it); -1, with an arrival of no bytes, ends their loop.
+      for (int tile = blockIdx.x, done = 0;; ++done) {
         const int qb = done % 2;
         mbar_wait(&sm.q_empty[qb], ((done / 2) & 1) ^ 1);
-        if (p.q_fused) {
+        if (tile >= p.n_work) {
+          sm.tile_of[qb] = -1;
+          mbar_arrive(&sm.q_full[qb]);
+          break;
+        }
+        sm.tile_of[qb] = tile;
+        const CtaTiles cta = tile_at(tile);
+        if constexpr (Q_FUSED) {
           mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP * 2);
           for (int box = 0; box < DP / 64; ++box)
-            tma_load_4d(sm.q_in[qb] + box * BLOCK_M * 128, &map_q, &sm.q_full[qb], box * 128, cta.m_block * BLOCK_M,
-                        cta.h, cta.b);
+            tma_load_4d(sm.q_in + qb * BLOCK_M * DP * 2 + box * BLOCK_M * 128, &map_q, &sm.q_full[qb], box * 128,
+                        cta.m_block * BLOCK_M, cta.h, cta.b);
         } else {
           mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP);
           tma_load_3d(sm.q[qb], &map_q, &sm.q_full[qb], 0, cta.m_block * BLOCK_M, cta.bh);
+        }
+        // the next work tile, claimed now: the atomic's round trip hides behind this one's K/V loads.
+        // The claims hand out 0, 1, ..., n_work - 1 (gridDim.x <= n_work): each CTA's last claim is the
+        // first that is too large, so the claim of n_work - 1 is the last of the launch, and its CTA
+        // puts the counter back to zero for the next.
+        int next = tile + int(gridDim.x);
+        if (p.tile_counter != nullptr) {
+          const int claim = atomicAdd(p.tile_counter, 1);
+          if (claim == p.n_work - 1) atomicExch(p.tile_counter, 0);
+          next = int(gridDim.x) + claim;
         }
         for (int j = 0; j < cta.n_tiles; ++j, ++slot) {
           const int stage = slot % STAGES;
@@ -480,6 +503,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
           tma_load_3d(sm.vt[stage], &map_v, &sm.v_full[stage], j * BLOCK_N, 0, cta.kv_bh);
         }
         slot %= 2 * STAGES;
+        tile = next;
       }
     }
     return;
@@ -491,36 +515,43 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   const bool last = consumer == CONSUMERS - 1;
   // The consumers take turns in a ring (consumer 0 first); each passes the turn once per section,
   // the last consumer once up front and not after its very last section, so that the passes and
-  // waits on each named barrier balance.
-  if (last && int(blockIdx.x) < p.n_work) turn_pass(consumer, CONSUMERS);
+  // waits on each named barrier balance. (gridDim.x <= n_work: every CTA has a work tile.)
+  if (last) turn_pass(consumer, CONSUMERS);
   int slot0 = 0;  // the ring slot of the work tile's first KV tile
-  for (int tile = blockIdx.x, done = 0; tile < p.n_work; tile += gridDim.x, ++done) {
+  for (int done = 0;; ++done) {
+    const int qb = done % 2;
+    mbar_wait(&sm.q_full[qb], (done / 2) & 1);
+    // (from lane 0: a value read from shared memory is not known to be warp-uniform, and all that
+    // derives from it, the ring's slots and barriers included, would leave the uniform datapath)
+    const int tile = __shfl_sync(0xffffffff, sm.tile_of[qb], 0);
+    if (tile < 0) break;
     const CtaTiles cta = tile_at(tile);
     const int m_block = cta.m_block, bh = cta.bh, b = cta.b, h = cta.h, kv_bh = cta.kv_bh;
     const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
-    const bool pass_after_last = !last || tile + int(gridDim.x) < p.n_work;
+    // whether another work tile follows (the last consumer's final turn pass): the next Q buffer's
+    // tile, which the producer wrote long before (it loads the next Q once this tile's K/V loads are out)
+    auto another_follows = [&]() {
+      if (!last) return true;
+      mbar_wait(&sm.q_full[qb ^ 1], ((done + 1) / 2) & 1);
+      return __shfl_sync(0xffffffff, sm.tile_of[qb ^ 1], 0) >= 0;
+    };
 
     const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;
     const int row[2] = {row0, row0 + 8};
     // this warpgroup's rows of Q -> codes in sm.q, scales in qs (rows past the end are zeros: scale 0)
-    const int qb = done % 2;
-    mbar_wait(&sm.q_full[qb], (done / 2) & 1);
     float qs[2];
-    bool q_row_bad[2];
-    if (p.q_fused) {
-      quantize_q_rows<DP, OutT>(smem_addr(sm.q_in[qb]), smem_addr(sm.q[qb]), sm.q_block_max[consumer],
-                                consumer * WG_ROWS, warp, lane, p.q_mult, float(p.q_max), p.q_group_pairs, qs,
-                                q_row_bad);
+    bool q_row_bad[2] = {false, false};  // (not Q_FUSED: read in the epilogue)
+    if constexpr (Q_FUSED) {
+      quantize_q_rows<DP, OutT>(smem_addr(sm.q_in + qb * BLOCK_M * DP * 2), smem_addr(sm.q[qb]),
+                                sm.q_block_max[consumer], consumer * WG_ROWS, warp, lane, p.q_mult, float(p.q_max),
+                                p.q_group_pairs, qs, q_row_bad);
       if (lane == 0) mbar_arrive(&sm.q_empty[qb]);  // read: the producer may load the work tile after next here
       fence_proxy_async_shared();                   // the codes are read by wgmma (the async proxy)
       named_barrier_sync(8 + consumer, 128);        // all of the warpgroup's codes are written
     } else {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t at = int64_t(bh) * p.seqlen_q + row[r];
-        qs[r] = row[r] < p.seqlen_q ? p.q_scale[at] : 0.f;
-        q_row_bad[r] = p.q_bad != nullptr && row[r] < p.seqlen_q && p.q_bad[at] != 0;
-      }
+      for (int r = 0; r < 2; ++r)
+        qs[r] = row[r] < p.seqlen_q ? p.q_scale[int64_t(bh) * p.seqlen_q + row[r]] : 0.f;
     }
     const float* ks_row = p.k_scale + int64_t(kv_bh) * p.seqlen_k;
 
@@ -598,18 +629,25 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       float o_tile[Config<DP>::PV_REGS];
       turn_wait(consumer);
       issue_pv(sm, slot0 + n_tiles - 1, pa, o_tile);
-      if (pass_after_last) turn_pass(consumer, CONSUMERS);
+      if (another_follows()) turn_pass(consumer, CONSUMERS);
       wgmma_wait<0>();
       finish_pv(sm, slot0 + n_tiles - 1, alpha_prev, o_tile, o, l, lane);
     } else {
       turn_wait(consumer);
-      if (pass_after_last) turn_pass(consumer, CONSUMERS);
+      if (another_follows()) turn_pass(consumer, CONSUMERS);
     }
     slot0 = (slot0 + n_tiles) % (2 * STAGES);
 
     // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
     int first_bad = NO_BAD_KEY;
     if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
+    if constexpr (!Q_FUSED) {
+      if (p.q_bad != nullptr) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          q_row_bad[r] = row[r] < p.seqlen_q && p.q_bad[int64_t(bh) * p.seqlen_q + row[r]] != 0;
+      }
+    }
     const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
     OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
 #pragma unroll
@@ -619,19 +657,31 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       const bool bad = q_row_bad[r] || (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
       const float inv_l = bad ? NAN : 1.f / (l_row == 0.f ? 1.f : l_row);
       OutT* out_row = out + int64_t(row[r]) * p.out_sn;
+      if (p.out_pairs) {  // columns 2t, 2t + 1 of each 8: one 32-bit store, one 64-bit load of V's scales
 #pragma unroll
-      for (int nt = 0; nt < DP / 8; ++nt) {
+        for (int nt = 0; nt < DP / 8; ++nt) {
+          const int col = 8 * nt + 2 * t;
+          if (col < p.head_dim) {
+            const float2 v2 = *reinterpret_cast<const float2*>(vs + col);
+            *reinterpret_cast<uint32_t*>(out_row + col) =
+                to_out2<OutT>(o[4 * nt + 2 * r] * v2.x * inv_l, o[4 * nt + 2 * r + 1] * v2.y * inv_l);
+          }
+        }
+      } else {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * nt + 2 * t + e;
-          if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * vs[col] * inv_l);
+        for (int nt = 0; nt < DP / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * nt + 2 * t + e;
+            if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * vs[col] * inv_l);
+          }
         }
       }
       if (p.lse != nullptr && t == 0)
         p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
     }
     // the pass's Q codes back to the producer (the work tile after next loads into them)
-    if (!p.q_fused && lane == 0) mbar_arrive(&sm.q_empty[qb]);
+    if (!Q_FUSED && lane == 0) mbar_arrive(&sm.q_empty[qb]);
   }
 }
 
@@ -644,14 +694,15 @@ CUtensorMap byte_tensor_map(const void* base, uint64_t d0, uint64_t d1, uint64_t
   return sage_cuda::byte_tensor_map<3>(base, {d0, d1, d2}, {d0, d0 * d1}, {box0, box1, 1}, std::string("sage2 cuda: ") + what);
 }
 
-// How many CTAs to launch. Non-causal: one per SM (a CTA takes the SM's registers), each looping
-// over work tiles of equal work. Causal: one per work tile, for the hardware to hand out as SMs
-// free up; a static round robin over causal work tiles (rows of unequal length) left SMs idle at
-// the end: head dim 64 at 4k has 22 row blocks and 132 = 6 * 22 SMs, so every CTA got the same row
-// block every time, and causal 4k fell from 376 to 243 TOPS (csrc/NOTES.md, v10).
+// How many CTAs to launch. One per SM (a CTA takes the SM's registers), each looping over work tiles:
+// of equal work (non-causal), or claimed on a counter as CTAs finish theirs (with a tile counter).
+// Causal without a counter: one per work tile, for the hardware to hand out as SMs free up; a
+// static round robin over causal work tiles (rows of unequal length) left SMs idle at the end: head
+// dim 64 at 4k has 22 row blocks and 132 = 6 * 22 SMs, so every CTA got the same row block every
+// time, and causal 4k fell from 376 to 243 TOPS (csrc/NOTES.md, v10).
 // SAGE2_SM90_GRID=tiles launches one CTA per work tile (the pre-persistent grid, for A/B timing);
 // SAGE2_SM90_GRID=<n> at most n (tests run many work tiles per CTA on small inputs so).
-int64_t grid_ctas(int64_t n_work, bool causal) {
+int64_t grid_ctas(int64_t n_work, bool causal, bool claims) {
   const char* env = std::getenv("SAGE2_SM90_GRID");
   if (env != nullptr && *env != '\0') {
     const std::string v(env);
@@ -662,21 +713,21 @@ int64_t grid_ctas(int64_t n_work, bool causal) {
       throw std::invalid_argument("sage2 cuda: SAGE2_SM90_GRID must be 'tiles' or a positive CTA count, got '" + v + "'");
     return std::min<int64_t>(n_work, n);
   }
-  if (causal) return n_work;
+  if (causal && !claims) return n_work;
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   return sms > 0 ? std::min<int64_t>(n_work, sms) : n_work;
 }
 
-template <int DP, bool CAUSAL, typename OutT>
+template <int DP, bool CAUSAL, bool Q_FUSED, typename OutT>
 void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   // Q as bytes [B][Hq][Nq][2 q_channels] (any strides that are multiples of 16 bytes; a dimension of
   // size 1 may carry any), read in boxes of BLOCK_M rows x 128 bytes (64 channels)
   auto stride_bytes = [](int size, int64_t stride, uint64_t packed) {
     return cuuint64_t(size == 1 ? packed : uint64_t(stride) * 2);
   };
-  const bool q_fused = a.q_codes == nullptr;
+  constexpr bool q_fused = Q_FUSED;
   const uint64_t q_row = 2 * uint64_t(a.q_channels), q_head = q_row * a.seqlen_q, q_batch = q_head * a.heads_q;
   const CUtensorMap map_q =
       q_fused ? sage_cuda::byte_tensor_map<4>(
@@ -699,24 +750,46 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
                                 std::to_string(DP));
   if (!(a.q_max == 127 || a.q_max == 7) || !(a.q_group_pairs == 1 || a.q_group_pairs == 8 || a.q_group_pairs == 32))
     throw std::invalid_argument("sage2 cuda: q_max must be 127 or 7 and q_group_pairs 1, 8 or 32");
-  const KernelParams p{int(q_fused),   a.q_scale,     a.q_bad,        a.q_mult,    a.q_max,    a.q_group_pairs,
-                       a.k_scale,       a.v_scale,     a.out,          a.out_stride_b, a.out_stride_h,
-                       a.out_stride_n,  a.lse,         a.first_bad,    a.heads_q,   a.heads_kv, a.seqlen_q,
-                       a.seqlen_k,      a.head_dim,    m_blocks,       int(n_work)};
-  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, OutT>;
-  const int smem = int(sizeof(Shared<DP>)) + 1024;  // + room to align the base to 1024
+  if (n_work == 0) return;
+  // out's two adjacent columns as one word: 4-byte aligned rows (every stride of a dimension longer
+  // than 1 even), an even head dim; V's scales then 8-byte aligned per KV head
+  auto even = [](int size, int64_t stride) { return size == 1 || stride % 2 == 0; };
+  const bool out_pairs = reinterpret_cast<uintptr_t>(a.out) % 4 == 0 && reinterpret_cast<uintptr_t>(a.v_scale) % 8 == 0 &&
+                         a.head_dim % 2 == 0 && even(a.batch, a.out_stride_b) && even(a.heads_q, a.out_stride_h) &&
+                         even(a.seqlen_q, a.out_stride_n);
+  KernelParams p{};
+  p.q_scale = a.q_scale, p.q_bad = a.q_bad, p.q_mult = a.q_mult, p.q_max = a.q_max, p.q_group_pairs = a.q_group_pairs;
+  p.k_scale = a.k_scale, p.v_scale = a.v_scale, p.out = a.out;
+  p.out_sb = a.out_stride_b, p.out_sh = a.out_stride_h, p.out_sn = a.out_stride_n, p.out_pairs = int(out_pairs);
+  p.tile_counter = a.tile_counter, p.lse = a.lse, p.first_bad = a.first_bad;
+  p.heads_q = a.heads_q, p.heads_kv = a.heads_kv, p.seqlen_q = a.seqlen_q, p.seqlen_k = a.seqlen_k;
+  p.head_dim = a.head_dim, p.m_blocks = m_blocks, p.n_work = int(n_work);
+  auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, Q_FUSED, OutT>;
+  const int smem = int(sizeof(Shared<DP, Q_FUSED>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
-  kernel<<<unsigned(grid_ctas(n_work, CAUSAL)), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+  const int64_t ctas = grid_ctas(n_work, CAUSAL, a.tile_counter != nullptr);
+  kernel<<<unsigned(ctas), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
   check_launch("sage2 cuda");
 }
 
-template <int DP>
+template <int DP, bool Q_FUSED>
 void dispatch_causal_dtype(const Sage2ForwardArgs& a, cudaStream_t stream) {
   if (a.causal) {
-    a.out_bf16 ? launch<DP, true, __nv_bfloat16>(a, stream) : launch<DP, true, __half>(a, stream);
+    a.out_bf16 ? launch<DP, true, Q_FUSED, __nv_bfloat16>(a, stream) : launch<DP, true, Q_FUSED, __half>(a, stream);
   } else {
-    a.out_bf16 ? launch<DP, false, __nv_bfloat16>(a, stream) : launch<DP, false, __half>(a, stream);
+    a.out_bf16 ? launch<DP, false, Q_FUSED, __nv_bfloat16>(a, stream) : launch<DP, false, Q_FUSED, __half>(a, stream);
+  }
+}
+
+// Q quantized here (q as given) or by the pass (q_codes): two builds of the kernel, so that neither
+// carries the other's code (csrc/NOTES.md, v13)
+template <int DP>
+void dispatch(const Sage2ForwardArgs& a, cudaStream_t stream) {
+  if (a.q_codes == nullptr) {
+    dispatch_causal_dtype<DP, true>(a, stream);
+  } else {
+    dispatch_causal_dtype<DP, false>(a, stream);
   }
 }
 
@@ -725,8 +798,8 @@ void dispatch_causal_dtype(const Sage2ForwardArgs& a, cudaStream_t stream) {
 void sage2_sm90_forward(const Sage2ForwardArgs& a, cudaStream_t stream) {
   check_attention_shape(a.heads_q, a.heads_kv, a.npad, BLOCK_N, a.seqlen_q, a.seqlen_k, "sage2 cuda", "v_codes");
   switch (a.padded_head_dim) {
-    case 64: return dispatch_causal_dtype<64>(a, stream);
-    case 128: return dispatch_causal_dtype<128>(a, stream);
+    case 64: return dispatch<64>(a, stream);
+    case 128: return dispatch<128>(a, stream);
     default:
       throw std::invalid_argument("sage2 cuda: padded head dim must be 64 or 128, got " +
                                   std::to_string(a.padded_head_dim));

@@ -29,6 +29,8 @@ struct Sage2ForwardArgs {
   int64_t out_stride_b, out_stride_h, out_stride_n;
   float* lse;                  // [B, Hq, Nq] log2-domain LSE, or null
   const int32_t* first_bad;    // [B * Hkv] NO_BAD_KEY - first key with a NaN/Inf, or null (common.nonfinite)
+  int* tile_counter;           // one int32, zero (and zero again after the kernel): CTAs claim work tiles
+                               // on it as they finish theirs, one CTA per SM; or null (causal: a CTA per tile)
   int batch, heads_q, heads_kv, seqlen_q, seqlen_k, npad, head_dim, padded_head_dim;
   bool causal, out_bf16;
 };
