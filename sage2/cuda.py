@@ -123,7 +123,7 @@ def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch
                    q_bad: torch.Tensor | None, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor,
                    v_scale: torch.Tensor, out: torch.Tensor, first_bad: torch.Tensor | None, q_mult: float,
                    q_max: int, q_group_pairs: int, causal: bool, return_lse: bool,
-                   tile_counter: torch.Tensor | None = None) -> torch.Tensor:
+                   tile_counter: torch.Tensor | None) -> torch.Tensor:
     """The kernel on Q as given, quantized inside (times ``q_mult`` = sm_scale * log2(e), codes up to
     ``q_max``, one scale per ``q_group_pairs`` pairs of rows), or on the pass's ``q_codes`` and per-row ``q_scale`` (``q_bad``: its NaN/Inf rows) where given;
     and on quantized K, V (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma order). Writes
@@ -163,7 +163,7 @@ def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch
 
 @sage2_sm90_fwd.register_fake
 def _(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max, q_group_pairs,
-      causal, return_lse, tile_counter=None):
+      causal, return_lse, tile_counter):
     B, Hq, Nq, _ = q.shape
     return q.new_empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32)
 

@@ -78,7 +78,7 @@ def test_the_kernel_op_names_a_bad_argument():
     out = torch.empty(1, 2, 64, 64, dtype=torch.float16)
 
     def call(q=q, q_codes=None, q_scale=None, kc=kc, v=v, out=out, q_max=127, pairs=1):
-        sage2_sm90_fwd(q, q_codes, q_scale, None, kc, v, s, vs, out, None, 0.18, q_max, pairs, False, False)
+        sage2_sm90_fwd(q, q_codes, q_scale, None, kc, v, s, vs, out, None, 0.18, q_max, pairs, False, False, None)
 
     with pytest.raises(ValueError, match=r"k_codes must be a contiguous torch.int8 tensor, got torch.int8 with strides"):
         call(kc=kc.transpose(-1, -2))
