@@ -40,11 +40,13 @@ def prefill_inputs(dev):
 
 def sage2_cuda_cases(q, k, v, q128, k128, v128, causal) -> int:
     """csrc/sage2_sm90 on its default grid, then on grids of 1, 2 and 3 CTAs (SAGE2_SM90_GRID): each
-    CTA loops over several work tiles, reusing both Q buffers (on these small inputs the default
-    grid gives every work tile its own CTA)."""
+    CTA loops over several work tiles (causal: claimed on the tile counter), reusing both Q buffers;
+    then Q quantized in the kernel (SAGE2_SM90_Q=kernel) and by the pass, each on 2 CTAs."""
     n = 0
-    for ctas in (None, "1", "2", "3"):
-        with mock.patch.dict(os.environ, {} if ctas is None else {"SAGE2_SM90_GRID": ctas}):
+    grids = [{}, {"SAGE2_SM90_GRID": "1"}, {"SAGE2_SM90_GRID": "2"}, {"SAGE2_SM90_GRID": "3"}]
+    q_paths = [{"SAGE2_SM90_GRID": "2", "SAGE2_SM90_Q": mode} for mode in ("kernel", "pass")]
+    for env in grids + q_paths:
+        with mock.patch.dict(os.environ, env):
             sage2.sageattn(q, k, v, is_causal=causal, return_lse=True, backend="cuda")
             sage2.sageattn(q128, k128, v128, tensor_layout="NHD", is_causal=causal, backend="cuda")
         n += 2

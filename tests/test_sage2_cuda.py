@@ -278,14 +278,14 @@ def test_cuda_tile_counter_claims_every_work_tile_once_and_is_zero_after(causal,
     output is filled with NaN first)."""
     from common.int_qk import quantize_qk
     from sage2 import cuda as cuda_kernel
-    from sage2.quant_v import quantize_v
+    from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 
     B, hq, hkv, n, d = 2, 4, 2, 700, 128
     q, k, v = make_qkv(B, hq, n, d, heads_kv=hkv, kind="k_bias", device="cuda", seed=11)
     scale = d ** -0.5
-    qk = quantize_qk(q, k, sm_scale=scale, granularity="per_thread", q_block=64, k_block=128, warp_rows=16,
-                     backend="triton", quantize_q=not q_in_kernel)
-    qv = quantize_v(v, "fp8_e4m3", backend="triton", dp=d, wgmma_key_order=True, npad_multiple=128)
+    qk = quantize_qk(q, k, sm_scale=scale, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
+                     warp_rows=WARP_Q, backend="triton", quantize_q=not q_in_kernel)
+    qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=d, npad_multiple=128, wgmma_key_order=True)
 
     def run(counter):
         out = torch.full_like(q, float("nan"))
@@ -366,4 +366,4 @@ def _op_args():
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128, npad_multiple=128, wgmma_key_order=True)
     out = torch.empty_like(q)
     return (q, None, None, None, qk.k_codes, qv.codes.view(torch.uint8), qk.k_scale_per_token().contiguous(), qv.scale,
-            out, None, qk.q_multiplier, 127, 1, False, True)
+            out, None, qk.q_multiplier, 127, 1, False, True, torch.zeros(1, dtype=torch.int32, device="cuda"))
