@@ -36,7 +36,7 @@ def kernel_only(q, k, v, causal, backend):
     cuda = backend == "cuda"
     qk = quantize_qk(q, k, sm_scale=d ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
                      warp_rows=WARP_Q, backend="triton",
-                     quantize_q=not (cuda and q_in_kernel(is_causal=causal, head_dim=d)))
+                     quantize_q=not (cuda and q_in_kernel(is_causal=causal, head_dim=d, seqlen_q=q.shape[2])))
     qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=dp, npad_multiple=128 if cuda else 16,
                     wgmma_key_order=cuda)
     out = torch.empty_like(q)

@@ -53,11 +53,17 @@ def unsupported(*, qk_granularity: str, smooth_q: bool, smooth_v: bool, pv_dtype
 Q_GROUP_PAIRS = {"per_thread": 1, "per_warp": 8, "per_block": 32}
 
 
-def q_in_kernel(*, is_causal: bool, head_dim: int, granularity: str = "per_thread") -> bool:
+# causal at head dim 128: Q quantized in the kernel from this many queries on (csrc/NOTES.md, v13)
+CAUSAL_Q_IN_KERNEL_FROM = 8192
+
+
+def q_in_kernel(*, is_causal: bool, head_dim: int, seqlen_q: int, granularity: str = "per_thread") -> bool:
     """Whether the kernel quantizes Q itself: where that measured faster than the pass (csrc/NOTES.md,
-    v12: non-causal head dim 128, +1-4% at 8k-16k and +4-7% at 2k, same-run A/B on an H100; causal,
-    whose CTAs each run one work tile, and head dim 64, whose third consumer waits on the others'
-    quantization, lost 3-6%).
+    v12 and v13, same-run A/B on an H100): non-causal head dim 128 (+1-4% at 8k-16k, +4-7% at 2k);
+    causal head dim 128 from :data:`CAUSAL_Q_IN_KERNEL_FROM` queries (+2-4% at 8k-16k; below, the
+    quantization at each work tile's start outweighs the pass: the kernel alone 8% slower at 4k, 14%
+    at 2k). Not at head dim 64, whose third consumer waits on the others' quantization (3-10%
+    slower).
     ``SAGE2_SM90_Q=kernel`` or ``=pass`` forces one (tests run both). Never at the per-tensor
     granularity, whose one scale needs all of Q first."""
     import os
@@ -69,7 +75,7 @@ def q_in_kernel(*, is_causal: bool, head_dim: int, granularity: str = "per_threa
         return False
     if forced:
         return forced == "kernel"
-    return not is_causal and padded_head_dim(head_dim) == 128
+    return padded_head_dim(head_dim) == 128 and (not is_causal or seqlen_q >= CAUSAL_Q_IN_KERNEL_FROM)
 
 
 def _tma_ready(q: torch.Tensor) -> bool:
@@ -118,20 +124,11 @@ def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, ou
                          f"{q_group_pairs}")
 
 
-@torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out", "tile_counter"))
-def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch.Tensor | None,
-                   q_bad: torch.Tensor | None, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor,
-                   v_scale: torch.Tensor, out: torch.Tensor, first_bad: torch.Tensor | None, q_mult: float,
-                   q_max: int, q_group_pairs: int, causal: bool, return_lse: bool,
-                   tile_counter: torch.Tensor | None) -> torch.Tensor:
-    """The kernel on Q as given, quantized inside (times ``q_mult`` = sm_scale * log2(e), codes up to
-    ``q_max``, one scale per ``q_group_pairs`` pairs of rows), or on the pass's ``q_codes`` and per-row ``q_scale`` (``q_bad``: its NaN/Inf rows) where given;
-    and on quantized K, V (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma order). Writes
-    ``out`` ([B, Hq, Nq, D] view, any strides with a contiguous last dim) and returns the log2-domain
-    LSE ([B, Hq, Nq], or empty). ``tile_counter`` (one int32, zero; zero again afterwards): one CTA per
-    SM, each claiming work tiles on it as it finishes one (what causal calls use: its work tiles
-    differ in length); None: non-causal, one CTA per SM with tiles dealt round robin, causal one CTA
-    per work tile."""
+def _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max,
+             q_group_pairs, causal, return_lse, tile_counter):
+    """:func:`sage2_sm90_fwd` without torch.library's dispatch, which measured ~0.1 ms of host time
+    per call on the H100's host (csrc/NOTES.md, v13): :func:`launch` calls this where it is not
+    being traced."""
     _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs)
     if tile_counter is not None and (tile_counter.dtype != torch.int32 or tile_counter.numel() != 1
                                      or tile_counter.device != out.device):
@@ -161,6 +158,24 @@ def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch
     return lse
 
 
+@torch.library.custom_op("sageattn_repro::sage2_sm90_fwd", mutates_args=("out", "tile_counter"))
+def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch.Tensor | None,
+                   q_bad: torch.Tensor | None, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor,
+                   v_scale: torch.Tensor, out: torch.Tensor, first_bad: torch.Tensor | None, q_mult: float,
+                   q_max: int, q_group_pairs: int, causal: bool, return_lse: bool,
+                   tile_counter: torch.Tensor | None) -> torch.Tensor:
+    """The kernel on Q as given, quantized inside (times ``q_mult`` = sm_scale * log2(e), codes up to
+    ``q_max``, one scale per ``q_group_pairs`` pairs of rows), or on the pass's ``q_codes`` and
+    per-row ``q_scale`` (``q_bad``: its NaN/Inf rows) where given; and on quantized K, V
+    (``v_codes``: V^T's E4M3 bytes as uint8, keys in the wgmma order). Writes ``out`` ([B, Hq, Nq, D]
+    view, any strides with a contiguous last dim) and returns the log2-domain LSE ([B, Hq, Nq], or
+    empty). ``tile_counter`` (one int32, zero; zero again afterwards): one CTA per SM, each claiming
+    work tiles on it as it finishes one (what causal calls use: its work tiles differ in length);
+    None: non-causal, one CTA per SM with tiles dealt round robin, causal one CTA per work tile."""
+    return _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max,
+                    q_group_pairs, causal, return_lse, tile_counter)
+
+
 @sage2_sm90_fwd.register_fake
 def _(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max, q_group_pairs,
       causal, return_lse, tile_counter):
@@ -188,8 +203,8 @@ def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, 
         tile_counter = None
     elif tile_counter is None:
         tile_counter = torch.zeros(1, dtype=torch.int32, device=out_hnd.device)
-    lse = sage2_sm90_fwd(q, q_codes, q_scale, q_bad, qk.k_codes, qv.codes.view(torch.uint8),
-                         qk.k_scale_per_token().contiguous(), qv.scale, out_hnd,
-                         flags.first_bad if flags is not None else None, qk.q_multiplier, INT_QMAX[bits],
-                         Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse, tile_counter)
+    fwd = sage2_sm90_fwd if torch.compiler.is_compiling() else _forward
+    lse = fwd(q, q_codes, q_scale, q_bad, qk.k_codes, qv.codes.view(torch.uint8), qk.k_scale_per_token().contiguous(),
+              qv.scale, out_hnd, flags.first_bad if flags is not None else None, qk.q_multiplier, INT_QMAX[bits],
+              Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse, tile_counter)
     return lse if return_lse else None

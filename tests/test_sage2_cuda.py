@@ -187,12 +187,17 @@ def test_q_in_kernel_where_it_measured_faster(monkeypatch):
     from sage2.cuda import q_in_kernel
 
     monkeypatch.delenv("SAGE2_SM90_Q", raising=False)
-    assert q_in_kernel(is_causal=False, head_dim=128) and q_in_kernel(is_causal=False, head_dim=100)
-    assert not q_in_kernel(is_causal=True, head_dim=128) and not q_in_kernel(is_causal=False, head_dim=64)
-    assert not q_in_kernel(is_causal=False, head_dim=128, granularity="per_tensor")
+    assert q_in_kernel(is_causal=False, head_dim=128, seqlen_q=1) and q_in_kernel(is_causal=False, head_dim=100, seqlen_q=1)
+    assert not q_in_kernel(is_causal=True, head_dim=128, seqlen_q=8191)
+    assert q_in_kernel(is_causal=True, head_dim=128, seqlen_q=8192)
+    assert not q_in_kernel(is_causal=False, head_dim=64, seqlen_q=16384)
+    assert not q_in_kernel(is_causal=True, head_dim=64, seqlen_q=16384)
+    assert not q_in_kernel(is_causal=False, head_dim=128, seqlen_q=1, granularity="per_tensor")
     monkeypatch.setenv("SAGE2_SM90_Q", "kernel")
-    assert q_in_kernel(is_causal=True, head_dim=64)
-    assert not q_in_kernel(is_causal=True, head_dim=64, granularity="per_tensor")
+    assert q_in_kernel(is_causal=True, head_dim=64, seqlen_q=1)
+    assert not q_in_kernel(is_causal=True, head_dim=64, seqlen_q=1, granularity="per_tensor")
+    monkeypatch.setenv("SAGE2_SM90_Q", "pass")
+    assert not q_in_kernel(is_causal=False, head_dim=128, seqlen_q=16384)
 
 
 @pytest.fixture

@@ -409,6 +409,15 @@ __device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, f
   qs[0] = qs[1] = scale;
 }
 
+// A shared word read by lane 0 alone and given to the warp: lane 0 is the lane that hands the buffer
+// back (q_empty), and an mbarrier arrival releases only its own thread's reads (racecheck: a WAR
+// hazard with the producer's next write where all lanes read); and the value is then known to be
+// warp-uniform, so that what derives from it (the ring's slots and barriers) stays on the uniform
+// datapath.
+__device__ __forceinline__ int lane0_read(const int& word, int lane) {
+  return __shfl_sync(0xffffffff, lane == 0 ? word : 0, 0);
+}
+
 // Persistent: a CTA runs work tile blockIdx.x, then the next one it claims on p.tile_counter (causal:
 // one CTA per SM, each claiming as it goes, so that the work tiles' unequal lengths balance out), or
 // without a counter tiles blockIdx.x + gridDim.x, ... (non-causal: tiles of equal work; launch() sizes
@@ -521,9 +530,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   for (int done = 0;; ++done) {
     const int qb = done % 2;
     mbar_wait(&sm.q_full[qb], (done / 2) & 1);
-    // (from lane 0: a value read from shared memory is not known to be warp-uniform, and all that
-    // derives from it, the ring's slots and barriers included, would leave the uniform datapath)
-    const int tile = __shfl_sync(0xffffffff, sm.tile_of[qb], 0);
+    const int tile = lane0_read(sm.tile_of[qb], lane);
     if (tile < 0) break;
     const CtaTiles cta = tile_at(tile);
     const int m_block = cta.m_block, bh = cta.bh, b = cta.b, h = cta.h, kv_bh = cta.kv_bh;
@@ -533,7 +540,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     auto another_follows = [&]() {
       if (!last) return true;
       mbar_wait(&sm.q_full[qb ^ 1], ((done + 1) / 2) & 1);
-      return __shfl_sync(0xffffffff, sm.tile_of[qb ^ 1], 0) >= 0;
+      return lane0_read(sm.tile_of[qb ^ 1], lane) >= 0;
     };
 
     const int row0 = m_block * BLOCK_M + consumer * WG_ROWS + warp * 16 + g;

@@ -22,7 +22,7 @@ for d in (128, 64):
             for mode in got:
                 os.environ["SAGE2_SM90_Q"] = mode
                 got[mode].append(tops(f, bench_ms(kernel_only(q, k, v, True, "cuda"), rep_ms=100)))
-        ref = tops(f, bench_ms(lambda: cudnn(q, k, v, is_causal=True), rep_ms=100))
+        ref = tops(f, bench_ms(lambda q=q, k=k, v=v: cudnn(q, k, v, is_causal=True), rep_ms=100))
         print(f"D={d} causal N={n}: kernel alone, Q by the pass {got['pass'][0]:.0f} {got['pass'][1]:.0f}, "
               f"in the kernel {got['kernel'][0]:.0f} {got['kernel'][1]:.0f} | cudnn {ref:.0f}", flush=True)
         del q, k, v

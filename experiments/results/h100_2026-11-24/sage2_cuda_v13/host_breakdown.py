@@ -36,6 +36,7 @@ for name in ("validate_call", "start_call", "resolve_mask", "kernel_buffers", "q
 timed(itf.build, "pick_cuda")
 timed(itf.cuda_kernel, "launch", "cuda launch (all)")
 timed(sage2.cuda, "sage2_sm90_fwd", "  the custom op")
+timed(sage2.cuda, "_forward", "  the kernel call (no custom-op dispatch)")
 timed(sage2.cuda, "q_for_kernel", "  q_for_kernel")
 timed(sage2.cuda, "_check_op_inputs", "    its input checks")
 timed(common.int_qk, "_quantize_triton", "  K (and Q) pass, Triton")
