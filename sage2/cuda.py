@@ -2,7 +2,8 @@
 
 INT8 Q K^T on wgmma (IGMMA), FP8 P V on wgmma (QGMMA) with P straight from registers, TMA loads
 and a producer warpgroup feeding two (head dim 128) or three (64) consumer warpgroups that take
-turns on the tensor cores. Non-causal at head dim 128, Q is quantized inside the kernel, by each
+turns on the tensor cores; causal calls on a persistent grid whose CTAs claim work tiles on a counter.
+At head dim 128 (non-causal, or causal from 8k queries) Q is quantized inside the kernel, by each
 consumer at the start of a work tile (the same codes and scales as the Triton pass, bit for bit;
 no pass over Q of its own: :func:`q_in_kernel`); elsewhere, and always for K and V, the kernel takes
 the Triton passes of the Triton backend (K's token mean and V's channel maxima need all of K and V

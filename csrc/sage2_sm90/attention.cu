@@ -6,14 +6,14 @@
 // Warpgroup 0 only issues TMA copies: each work tile's Q (as given, fp16/bf16, or the pass's codes),
 // and the K and V^T codes into a ring of shared-memory stages; it gives its registers to the consumers.
 //
-// Q is quantized here where that pays (q_fused; sage2.cuda.q_in_kernel: non-causal head dim 128),
-// not by a pass of its own (which reads Q and writes its codes: 0.33 ms of a 22 ms call at N=16k,
+// Q is quantized here where that pays (Q_FUSED; sage2.cuda.q_in_kernel: head dim 128, non-causal,
+// or causal from 8k queries), not by a pass of its own (which reads Q and writes its codes: 0.33 ms of a 22 ms call at N=16k,
 // csrc/NOTES.md, v12): at the start of each work tile every consumer turns its 64 rows of Q (scaled
 // by sm_scale*log2(e)) into INT8 codes in shared memory and its scales into registers, with the
 // arithmetic of the Triton pass (common.triton_quant, quantize_int_kernel), so that the codes are
-// the same, bit for bit. Elsewhere the kernel takes the pass's codes: a CTA per causal work tile
-// exposes the quantization at every start, and at head dim 64 the third consumer's turn waits on it
-// (both measured slower). K and V keep their passes: K's token mean and V's channel maxima need a
+// the same, bit for bit. Elsewhere the kernel takes the pass's codes: short causal work tiles expose
+// the quantization at every start, and at head dim 64 the third consumer's turn waits on it (both
+// measured slower). K and V keep their passes: K's token mean and V's channel maxima need a
 // whole read of K and V before any code.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
