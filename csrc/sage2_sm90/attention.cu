@@ -195,28 +195,28 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
   // dependent max instructions stalls the warp for their latency (ncu: "wait" stalls).
   constexpr int CHAINS = 4;
   auto chain = [](int i) { return i % 2 + 2 * ((i / 4) % 2); };
-  // MASKED: score i of row r is visible where its key's offset from the lane's first key of the
-  // tile, 8 (i / 4) + i % 2, is at most last[r] (keys past the end, and causal keys after the
-  // row's diagonal, are not)
-  int last[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-    last[r] = (CAUSAL ? min(seqlen_k - 1, row[r] + q_offset) : seqlen_k - 1) - (start_n + 2 * t);
-  auto visible = [&](int i) { return 8 * (i / 4) + i % 2 <= last[(i / 2) % 2]; };
-  // Scales are >= 0: the max of the integers, scaled once (rounding is monotonic: the same value as
-  // the max of the scaled scores). |S| < 2^22, so INT_MIN is no score: a row with no visible key
-  // in the tile gets -inf.
-  int part[2][CHAINS];
-#pragma unroll
-  for (int c = 0; c < CHAINS; ++c) part[0][c] = part[1][c] = INT_MIN;
-#pragma unroll
-  for (int i = 0; i < 64; ++i)
-    if (!MASKED || visible(i)) part[(i / 2) % 2][chain(i)] = max(part[(i / 2) % 2][chain(i)], s_int[i]);
   float tile_max[2];
+  if (MASKED) {
+    float part[2][CHAINS];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int top = max(max(part[r][0], part[r][1]), max(part[r][2], part[r][3]));
-    tile_max[r] = MASKED && top == INT_MIN ? -INFINITY : float(top) * sc[r];
+    for (int c = 0; c < CHAINS; ++c) part[0][c] = part[1][c] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i / 2) % 2;
+      const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
+      if (col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))
+        part[r][chain(i)] = fmaxf(part[r][chain(i)], (__int_as_float(s_int[i] + MAGIC_BITS) - MAGIC) * sc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) tile_max[r] = fmaxf(fmaxf(part[r][0], part[r][1]), fmaxf(part[r][2], part[r][3]));
+  } else {  // scales are >= 0: the max of the integers, scaled once
+    int part[2][CHAINS];
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) part[0][c] = part[1][c] = INT_MIN;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) part[(i / 2) % 2][chain(i)] = max(part[(i / 2) % 2][chain(i)], s_int[i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) tile_max[r] = float(max(max(part[r][0], part[r][1]), max(part[r][2], part[r][3]))) * sc[r];
   }
   float shift[2];
 #pragma unroll
@@ -236,7 +236,10 @@ __device__ __forceinline__ void softmax_tile(const int (&s_int)[64], int j, floa
   for (int i = 0; i < 64; ++i) {
     const int r = (i / 2) % 2;
     p[i] = fast_exp2(fmaf(__int_as_float(s_int[i] + MAGIC_BITS), sc[r], bias[r]));
-    if (MASKED && !visible(i)) p[i] = 0.f;
+    if (MASKED) {
+      const int col = start_n + 8 * (i / 4) + 2 * t + (i % 2);
+      if (!(col < seqlen_k && (!CAUSAL || col <= row[r] + q_offset))) p[i] = 0.f;
+    }
   }
 }
 
