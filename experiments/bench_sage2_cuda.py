@@ -43,7 +43,9 @@ def kernel_only(q, k, v, causal, backend):
     if cuda:
         from sage2.cuda import launch
 
-        return lambda: launch(q, qk, qv, out, granularity="per_thread", bits=8, is_causal=causal, return_lse=False)
+        counter = torch.zeros(1, dtype=torch.int32, device=q.device)  # (the kernel leaves it at zero)
+        return lambda: launch(q, qk, qv, out, granularity="per_thread", bits=8, is_causal=causal, return_lse=False,
+                              tile_counter=counter)
     from sage2.kernel import PV_TWO_LEVEL, launch
 
     return lambda: launch(qk, qv, out, delta_s=None, is_causal=causal, pv_dtype="fp8_e4m3", pv_mode=PV_TWO_LEVEL,

@@ -172,7 +172,10 @@ def sage2_sm90_fwd(q: torch.Tensor, q_codes: torch.Tensor | None, q_scale: torch
     view, any strides with a contiguous last dim) and returns the log2-domain LSE ([B, Hq, Nq], or
     empty). ``tile_counter`` (one int32, zero; zero again afterwards): one CTA per SM, each claiming
     work tiles on it as it finishes one (what causal calls use: its work tiles differ in length);
-    None: non-causal, one CTA per SM with tiles dealt round robin, causal one CTA per work tile."""
+    None: non-causal, one CTA per SM with tiles dealt round robin, causal one CTA per work tile.
+    The counter must be zero when the kernel starts (a nonzero one skips work tiles, whose output
+    rows are then left as they were) and belongs to one launch at a time: two launches in flight on
+    different streams must not share it. sage2.sageattn gives each call its own."""
     return _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max,
                     q_group_pairs, causal, return_lse, tile_counter)
 
@@ -182,6 +185,15 @@ def _(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first
       causal, return_lse, tile_counter):
     B, Hq, Nq, _ = q.shape
     return q.new_empty((B, Hq, Nq) if return_lse else (0,), dtype=torch.float32)
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` is being traced (torch.compile, a dispatch mode, fake tensors): then
+    only the custom op, with its fake implementation, may run."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or isinstance(t, FakeTensor)
 
 
 def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, bits: int, is_causal: bool,
@@ -204,7 +216,7 @@ def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, 
         tile_counter = None
     elif tile_counter is None:
         tile_counter = torch.zeros(1, dtype=torch.int32, device=out_hnd.device)
-    fwd = sage2_sm90_fwd if torch.compiler.is_compiling() else _forward
+    fwd = sage2_sm90_fwd if _traced(out_hnd) else _forward
     lse = fwd(q, q_codes, q_scale, q_bad, qk.k_codes, qv.codes.view(torch.uint8), qk.k_scale_per_token().contiguous(),
               qv.scale, out_hnd, flags.first_bad if flags is not None else None, qk.q_multiplier, INT_QMAX[bits],
               Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse, tile_counter)
