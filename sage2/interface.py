@@ -107,9 +107,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
         check = nonfinite.CHECK_NONFINITE
         rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE
-        q_in_kernel = use_cuda and cuda_kernel.q_in_kernel(is_causal=is_causal, head_dim=D,
-                                                                         seqlen_q=shape.seqlen_q,
-                                                                         granularity=qk_granularity)
+        q_in_kernel = use_cuda and cuda_kernel.q_in_kernel(is_causal=is_causal, head_dim=D, seqlen_q=shape.seqlen_q,
+                                                           granularity=qk_granularity)
         flags, amax_bits, tile_counter = None, None, None
         if be == "triton":
             amax = shape.batch * shape.heads_kv * D if pv_dtype != "fp16" else 0
