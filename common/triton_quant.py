@@ -276,17 +276,22 @@ def scan_v_kernel(V, MEAN, AMAX, FIRST_BAD, stride_vb, stride_vh, stride_vn, H, 
     (batch, head, channel) or of the whole tensor. Non-negative floats order as their bits, so an
     integer atomic max gives the exact maximum in any order (deterministic). Each program scans
     TILES tiles of BLOCK tokens and folds them into one atomic per channel (one per tile made the
-    scan run at 1.9 TB/s on the H100: csrc/NOTES.md, v12)."""
+    scan run at 1.9 TB/s on the H100: csrc/NOTES.md, v12). The tiles are read unrolled, with no
+    branch between them, so that their loads can be in flight together; a NaN/Inf anywhere in them
+    (rare) sends the program through them again, zeroing and recording (csrc/NOTES.md, v13)."""
     pid_bh = tl.program_id(1)
     col_absmax = tl.zeros([DP], dtype=tl.float32)
-    for i in range(TILES):
-        x, rows, cols, _ = load_tile_at(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
-                                        tl.program_id(0) * TILES + i, pid_bh, BLOCK, DP, HAS_MEAN, False)
-        tile_absmax = tl.max(abs_nan_as_inf(x), axis=0)
-        if tl.max(tile_absmax, axis=0) == float("inf"):  # rare: zero and record them
-            x = zero_nonfinite_centred(x, rows, cols, D, pid_bh, MEAN, FIRST_BAD, HAS_MEAN, FLAG)
-            tile_absmax = tl.max(tl.abs(x), axis=0)
-        col_absmax = tl.maximum(col_absmax, tile_absmax)
+    for i in tl.static_range(TILES):
+        x, _, _, _ = load_tile_at(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
+                                  tl.program_id(0) * TILES + i, pid_bh, BLOCK, DP, HAS_MEAN, False)
+        col_absmax = tl.maximum(col_absmax, tl.max(abs_nan_as_inf(x), axis=0))
+    if tl.max(col_absmax, axis=0) == float("inf"):  # rare: again, zeroing and recording them
+        col_absmax = tl.zeros([DP], dtype=tl.float32)
+        for tile in range(TILES):
+            y, y_rows, y_cols, _ = load_tile_at(V, MEAN, stride_vb, stride_vh, stride_vn, H, N, D,
+                                                tl.program_id(0) * TILES + tile, pid_bh, BLOCK, DP, HAS_MEAN, False)
+            y = zero_nonfinite_centred(y, y_rows, y_cols, D, pid_bh, MEAN, FIRST_BAD, HAS_MEAN, FLAG)
+            col_absmax = tl.maximum(col_absmax, tl.max(tl.abs(y), axis=0))
     cols = tl.arange(0, DP)
     if PER_CHANNEL:
         tl.atomic_max(AMAX + pid_bh * D + cols, col_absmax.to(tl.int32, bitcast=True), mask=cols < D)
