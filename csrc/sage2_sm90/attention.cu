@@ -7,11 +7,11 @@
 // and the K and V^T codes into a ring of shared-memory stages; it gives its registers to the consumers.
 //
 // Q is quantized here where that pays (Q_FUSED; sage2.cuda.q_in_kernel: head dim 128, non-causal,
-// or causal from 8k queries), not by a pass of its own (which reads Q and writes its codes: 0.33 ms of a 22 ms call at N=16k,
-// csrc/NOTES.md, v12): at the start of each work tile every consumer turns its 64 rows of Q (scaled
-// by sm_scale*log2(e)) into INT8 codes in shared memory and its scales into registers, with the
-// arithmetic of the Triton pass (common.triton_quant, quantize_int_kernel), so that the codes are
-// the same, bit for bit. Elsewhere the kernel takes the pass's codes: short causal work tiles expose
+// or causal from 8k queries), not by a pass of its own (which reads Q and writes its codes: 0.33 ms
+// of a 22 ms call at N=16k, csrc/NOTES.md, v12): at the start of each work tile every consumer turns
+// its 64 rows of Q (scaled by sm_scale*log2(e)) into INT8 codes in shared memory and its scales into
+// registers, with the arithmetic of the Triton pass (common.triton_quant, quantize_int_kernel), so
+// that the codes are the same, bit for bit. Elsewhere the kernel takes the pass's codes: short causal work tiles expose
 // the quantization at every start, and at head dim 64 the third consumer's turn waits on it (both
 // measured slower). K and V keep their passes: K's token mean and V's channel maxima need a
 // whole read of K and V before any code.
@@ -761,8 +761,9 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   // out's two adjacent columns as one word: 4-byte aligned rows (every stride of a dimension longer
   // than 1 even), an even head dim; V's scales then 8-byte aligned per KV head
   auto even = [](int size, int64_t stride) { return size == 1 || stride % 2 == 0; };
-  const bool out_pairs = reinterpret_cast<uintptr_t>(a.out) % 4 == 0 && reinterpret_cast<uintptr_t>(a.v_scale) % 8 == 0 &&
-                         a.head_dim % 2 == 0 && even(a.batch, a.out_stride_b) && even(a.heads_q, a.out_stride_h) &&
+  const bool out_pairs = reinterpret_cast<uintptr_t>(a.out) % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(a.v_scale) % 8 == 0 && a.head_dim % 2 == 0 &&
+                         even(a.batch, a.out_stride_b) && even(a.heads_q, a.out_stride_h) &&
                          even(a.seqlen_q, a.out_stride_n);
   KernelParams p{};
   p.q_scale = a.q_scale, p.q_bad = a.q_bad, p.q_mult = a.q_mult, p.q_max = a.q_max, p.q_group_pairs = a.q_group_pairs;
