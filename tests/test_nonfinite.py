@@ -209,3 +209,21 @@ def test_the_check_never_waits_for_the_gpu_and_holds_inside_a_cuda_graph(gen):
     want[1, :2, 100:] = True                                      # query heads 0, 1 share kv head 0
     assert torch.equal(torch.isnan(out).any(-1), want)
     assert torch.equal(out[~want], fn(q, k, v, is_causal=True)[~want])
+
+
+def test_kernel_buffers_are_zeroed_and_skip_q_rows_where_no_pass_reads_q():
+    """The buffers the passes fill: all zero (the passes write only where they find a NaN/Inf, and
+    V's atomic max starts from 0); without a pass over Q (the CUDA kernel quantizes Q itself) there
+    is no per-query flag buffer, and without the in-kernel rule no flags at all."""
+    from common.checks import AttentionShape
+    from common.nonfinite import kernel_buffers
+
+    shape = AttentionShape(batch=2, heads_q=4, heads_kv=2, seqlen_q=5, seqlen_k=7, head_dim=16, layout="HND")
+    flags, amax = kernel_buffers(shape, "cpu", rows_in_kernel=True, amax_entries=2 * 2 * 16 + 1)
+    assert flags.q_bad.shape == (2, 4, 5) and not flags.q_bad.any()
+    assert flags.first_bad.shape == (4,) and not flags.first_bad.any()
+    assert amax.shape == (65,) and amax.dtype == torch.int32 and not amax.any()
+    flags, amax = kernel_buffers(shape, "cpu", rows_in_kernel=True, amax_entries=64, q_rows=False)
+    assert flags.q_bad is None and flags.first_bad.shape == (4,) and amax.shape == (64,)
+    flags, amax = kernel_buffers(shape, "cpu", rows_in_kernel=False, amax_entries=64)
+    assert flags is None and amax.shape == (64,)
