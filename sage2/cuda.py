@@ -127,8 +127,8 @@ def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, ou
 
 def _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max,
              q_group_pairs, causal, return_lse, tile_counter):
-    """:func:`sage2_sm90_fwd` without torch.library's dispatch, which measured ~0.1 ms of host time
-    per call on the H100's host (csrc/NOTES.md, v13): :func:`launch` calls this where it is not
+    """:func:`sage2_sm90_fwd` without torch.library's dispatch, an estimated 40-110 us of host time per
+    call on the H100 machine's host (csrc/NOTES.md, v13): :func:`launch` calls this where it is not
     being traced."""
     _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs)
     if tile_counter is not None and (tile_counter.dtype != torch.int32 or tile_counter.numel() != 1
