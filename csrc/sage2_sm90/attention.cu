@@ -11,10 +11,10 @@
 // of a 22 ms call at N=16k, csrc/NOTES.md, v12): at the start of each work tile every consumer turns
 // its 64 rows of Q (scaled by sm_scale*log2(e)) into INT8 codes in shared memory and its scales into
 // registers, with the arithmetic of the Triton pass (common.triton_quant, quantize_int_kernel), so
-// that the codes are the same, bit for bit. Elsewhere the kernel takes the pass's codes: short causal work tiles expose
-// the quantization at every start, and at head dim 64 the third consumer's turn waits on it (both
-// measured slower). K and V keep their passes: K's token mean and V's channel maxima need a
-// whole read of K and V before any code.
+// that the codes are the same, bit for bit. Elsewhere the kernel takes the pass's codes: short causal
+// work tiles expose the quantization at every start, and at head dim 64 the third consumer's turn
+// waits on it (both measured slower). K and V keep their passes: K's token mean and V's channel
+// maxima need a whole read of K and V before any code.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
 // folded into Q before it is quantized):
@@ -734,10 +734,9 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   auto stride_bytes = [](int size, int64_t stride, uint64_t packed) {
     return cuuint64_t(size == 1 ? packed : uint64_t(stride) * 2);
   };
-  constexpr bool q_fused = Q_FUSED;
   const uint64_t q_row = 2 * uint64_t(a.q_channels), q_head = q_row * a.seqlen_q, q_batch = q_head * a.heads_q;
   const CUtensorMap map_q =
-      q_fused ? sage_cuda::byte_tensor_map<4>(
+      Q_FUSED ? sage_cuda::byte_tensor_map<4>(
                     a.q, {cuuint64_t(q_row), cuuint64_t(a.seqlen_q), cuuint64_t(a.heads_q), cuuint64_t(a.batch)},
                     {stride_bytes(a.seqlen_q, a.q_stride_n, q_row), stride_bytes(a.heads_q, a.q_stride_h, q_head),
                      stride_bytes(a.batch, a.q_stride_b, q_batch)},
@@ -752,7 +751,7 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   const int64_t n_work = int64_t(m_blocks) * a.batch * a.heads_q;
   // (the kernel steps its work tile index by the grid size in int)
   if (n_work > INT_MAX / 2) throw std::invalid_argument("sage2 cuda: too many query blocks (batch * heads * row blocks)");
-  if (q_fused && (a.q_channels < 1 || a.q_channels > DP))
+  if (Q_FUSED && (a.q_channels < 1 || a.q_channels > DP))
     throw std::invalid_argument("sage2 cuda: q has " + std::to_string(a.q_channels) + " channels, more than " +
                                 std::to_string(DP));
   if (!(a.q_max == 127 || a.q_max == 7) || !(a.q_group_pairs == 1 || a.q_group_pairs == 8 || a.q_group_pairs == 32))
