@@ -282,16 +282,11 @@ def test_cuda_tile_counter_claims_every_work_tile_once_and_is_zero_after(causal,
     grids of 1 and 7 CTAs and the default (one per SM; 144 work tiles, more than the H100's 132
     SMs). The output is filled with NaN first, so a work tile never run fails the comparison; the
     claims hand out exactly as many tiles as there are, so one run twice would leave another out."""
-    from common.int_qk import quantize_qk
     from sage2 import cuda as cuda_kernel
-    from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 
     B, hq, hkv, n, d = 2, 4, 2, 2200, 128  # 18 row blocks of 128: 144 work tiles
     q, k, v = make_qkv(B, hq, n, d, heads_kv=hkv, kind="k_bias", device="cuda", seed=11)
-    scale = d ** -0.5
-    qk = quantize_qk(q, k, sm_scale=scale, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
-                     warp_rows=WARP_Q, backend="triton", quantize_q=not q_in_kernel)
-    qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=d, npad_multiple=128, wgmma_key_order=True)
+    qk, qv = _kernel_inputs(q, k, v, quantize_q=not q_in_kernel)
 
     def run(counter):
         out = torch.full_like(q, float("nan"))
@@ -365,14 +360,23 @@ def test_the_kernel_op_has_a_fake_for_compile():
     torch.library.opcheck(sage2_sm90_fwd, _op_args(), test_utils=("test_schema", "test_faketensor"))
 
 
-def _op_args():
-    from common.int_qk import quantize_qk
+def _kernel_inputs(q, k, v, *, quantize_q):
+    """sage2's Triton passes as sage2.sageattn runs them for the CUDA kernel (per-thread INT8 Q, K;
+    V to E4M3 in the wgmma key order): (QuantizedQK, QuantizedV); Q's codes only if ``quantize_q``."""
+    from common.int_qk import padded_head_dim, quantize_qk
     from sage2.interface import K_BLOCK, Q_BLOCK, WARP_Q
 
+    d = q.shape[-1]
+    qk = quantize_qk(q, k, sm_scale=d ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
+                     warp_rows=WARP_Q, backend="triton", quantize_q=quantize_q)
+    qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=padded_head_dim(d), npad_multiple=128,
+                    wgmma_key_order=True)
+    return qk, qv
+
+
+def _op_args():
     q, k, v = make_qkv(1, 2, 256, 128, device="cuda")
-    qk = quantize_qk(q, k, sm_scale=128 ** -0.5, granularity="per_thread", q_block=Q_BLOCK, k_block=K_BLOCK,
-                     warp_rows=WARP_Q, backend="triton", quantize_q=False)
-    qv = quantize_v(v, "fp8_e4m3", smooth_v=False, backend="triton", dp=128, npad_multiple=128, wgmma_key_order=True)
+    qk, qv = _kernel_inputs(q, k, v, quantize_q=False)
     out = torch.empty_like(q)
     return (q, None, None, None, qk.k_codes, qv.codes.view(torch.uint8), qk.k_scale_per_token().contiguous(), qv.scale,
             out, None, qk.q_multiplier, 127, 1, False, True, torch.zeros(1, dtype=torch.int32, device="cuda"))
