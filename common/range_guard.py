@@ -92,12 +92,14 @@ def finite_absmax(v: torch.Tensor, amax_bits: torch.Tensor, *, per_channel: bool
     B, H, N, D = v.shape
     if v.stride(-1) != 1:
         v = v.contiguous()
-    block, tiles = 64, 8  # tiles per program: one atomic per channel for each 512 tokens
+    # tiles per program: one atomic per channel for each 512 tokens; two warps (H100, B=4 H=32 D=128:
+    # 190 us at 16k against 255 with four, the occupancy of smaller programs; csrc/NOTES.md, v13)
+    block, tiles = 64, 8
     dp = max(16, 1 << (D - 1).bit_length())
     scan_v_kernel[(-(-N // (block * tiles)), B * H)](
         v, mean.reshape(B * H, D).contiguous() if mean is not None else v, amax_bits,
         flags.first_bad if flags is not None else amax_bits, v.stride(0), v.stride(1), v.stride(2), H, N, D,
         BLOCK=block, DP=dp, HAS_MEAN=mean is not None, PER_CHANNEL=per_channel, FLAG=flags is not None,
-        TILES=tiles, num_warps=4)
+        TILES=tiles, num_warps=2)
     m = amax_bits.view(torch.float32)
     return m.view(B, H, D) if per_channel else m.view(())

@@ -81,7 +81,7 @@ def quantize_v(v: torch.Tensor, pv_dtype: str, *, smooth_v: bool, backend: str, 
     dtype = quant.FP8_FORMATS[fmt][0]
     out = torch.empty(B, H, dp, npad, dtype=dtype, device=v.device)
     scale = torch.empty(B, H, D, dtype=torch.float32, device=v.device)
-    block = 64
+    block = 32  # (H100, B=4 H=32 D=128: 305 us at 16k against 323 with 64 tokens, 47 against 53 at 2k)
     quantize_v_fp8_kernel[(-(-npad // block), B * H)](
         v, mean.reshape(B * H, D).contiguous() if mean is not None else scale, absmax, scale, out,
         v.stride(0), v.stride(1), v.stride(2), H, N, npad, D,

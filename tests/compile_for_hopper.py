@@ -125,9 +125,10 @@ def prefill():
                           ZERO=flags != 0, FLAGS=flags), warps=4 if block * 128 <= 8192 else 8)
     for per_channel in (False, True):
         compile_sm90(scan_v_kernel, dict(V="*fp16", MEAN=f32, AMAX=i32, FIRST_BAD=i32),
-                     dict(BLOCK=64, DP=128, HAS_MEAN=per_channel, PER_CHANNEL=per_channel, FLAG=True, TILES=8))
+                     dict(BLOCK=64, DP=128, HAS_MEAN=per_channel, PER_CHANNEL=per_channel, FLAG=True, TILES=8), warps=2)
     compile_sm90(quantize_v_fp8_kernel, dict(V="*fp16", MEAN=f32, ABSMAX=f32, SCALE=f32, OUT="*fp8e4nv"),
-                 dict(BLOCK=64, DP=128, HAS_MEAN=True, FP8_E5M2=False, FMAX=448.0, INTERPRET=False, ZERO=True))
+                 dict(BLOCK=32, DP=128, HAS_MEAN=True, FP8_E5M2=False, FMAX=448.0, INTERPRET=False, ZERO=True,
+                      WGMMA_KEY_ORDER=True))
     print("ok")
 
 
