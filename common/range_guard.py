@@ -93,7 +93,7 @@ def finite_absmax(v: torch.Tensor, amax_bits: torch.Tensor, *, per_channel: bool
     if v.stride(-1) != 1:
         v = v.contiguous()
     # tiles per program: one atomic per channel for each 512 tokens; two warps (H100, B=4 H=32 D=128:
-    # 190 us at 16k against 255 with four, the occupancy of smaller programs; csrc/NOTES.md, v13)
+    # 190 us at 16k against 255 with four, the occupancy of smaller programs; csrc/NOTES.md, v13.1)
     block, tiles = 64, 8
     dp = max(16, 1 << (D - 1).bit_length())
     scan_v_kernel[(-(-N // (block * tiles)), B * H)](
