@@ -1,3 +1,4 @@
+# .old/ab_kernel2.py: ../sage2_cuda_v13/ab_kernel.py with the shapes of README.md
 export PYTHONUNBUFFERED=1
 NEW=$PWD
 (cd .old/base && SAGE_CACHE_DIR=/tmp/sb PYTHONPATH=$PWD python -c "from common import build; build.load()") > $OUT/build_base.log 2>&1 &
@@ -6,7 +7,7 @@ wait
 (cd .old/base && SAGE_CACHE_DIR=/tmp/sb PYTHONPATH=$PWD python $NEW/.old/same_outputs.py save /tmp/base_out.pt) 2>&1 | grep -v Warn | tail -1
 SAGE_CACHE_DIR=/tmp/sc PYTHONPATH=$NEW python .old/same_outputs.py compare /tmp/base_out.pt 2>&1 | grep -v Warn | tail -1
 for r in 1 2; do
-(cd .old/base && SAGE_CACHE_DIR=/tmp/sb PYTHONPATH=$PWD python $NEW/.old/ab_kernel2.py  (= ../sage2_cuda_v13/ab_kernel.py with the shapes of README.md) base) 2>&1 | grep kernel
-SAGE_CACHE_DIR=/tmp/sc PYTHONPATH=$NEW python .old/ab_kernel2.py  (= ../sage2_cuda_v13/ab_kernel.py with the shapes of README.md) new 2>&1 | grep kernel
-SAGE2_SM90_SECTION=1 SAGE_CACHE_DIR=/tmp/sc PYTHONPATH=$NEW python .old/ab_kernel2.py  (= ../sage2_cuda_v13/ab_kernel.py with the shapes of README.md) new_s1 2>&1 | grep kernel
+(cd .old/base && SAGE_CACHE_DIR=/tmp/sb PYTHONPATH=$PWD python $NEW/.old/ab_kernel2.py base) 2>&1 | grep kernel
+SAGE_CACHE_DIR=/tmp/sc PYTHONPATH=$NEW python .old/ab_kernel2.py new 2>&1 | grep kernel
+SAGE2_SM90_SECTION=1 SAGE_CACHE_DIR=/tmp/sc PYTHONPATH=$NEW python .old/ab_kernel2.py new_s1 2>&1 | grep kernel
 done
