@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 MODULE = "_sage_cuda"
 # every compile unit; the kernels carry no torch headers, the binding carries no CUDA device code
-CUDA_SOURCES = ["sage2_sm90/attention.cu", "sage3_sm90/attention.cu", "decode/split_kv.cu", "common/exact_div_check.cu"]
+CUDA_SOURCES = ["sage2_sm90/attention.cu", "sage2_sm90/kv_pass.cu", "sage3_sm90/attention.cu", "decode/split_kv.cu", "common/exact_div_check.cu"]
 CXX_SOURCES = ["bindings.cpp"]
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]  # wgmma and setmaxnreg need sm_90a
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler=-fPIC", "-lineinfo", *ARCH_FLAGS]

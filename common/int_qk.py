@@ -168,7 +168,8 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
                 granularity: str = "per_block", bits: int = 8, q_block: int = 128, k_block: int = 64,
                 warp_rows: int = 32, backend: str = "torch",
                 k_mean_override: torch.Tensor | None = None, zero_nonfinite: bool = False,
-                flags: NonfiniteFlags | None = None, quantize_q: bool = True) -> QuantizedQK:
+                flags: NonfiniteFlags | None = None, quantize_q: bool = True,
+                k_quantized: tuple | None = None) -> QuantizedQK:
     """Quantize HND views of Q ``[B, Hq, Nq, D]`` and K ``[B, Hkv, Nk, D]`` to integer codes.
 
     ``k_mean_override`` lets a caller supply the mean to subtract (e.g. one mean over a packed
@@ -176,12 +177,16 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
     ``zero_nonfinite``: a token holding a NaN/Inf is quantized as a zero row (a non-finite channel
     of K's mean counts as 0); ``flags``: where to record them (common.nonfinite).
     ``quantize_q=False``: K only (a kernel that quantizes Q itself, sage2.cuda); the Q fields are None.
+    ``k_quantized``: K already quantized elsewhere, ``(codes, scale per key, mean)`` (sage2.cuda's
+    one-read K/V pass); only Q is quantized here.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"qk_granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
     dp = padded_head_dim(q.shape[-1])
     km = None
-    if smooth_k:
+    if k_quantized is not None:
+        km = k_quantized[2]
+    elif smooth_k:
         km = k_mean_override if k_mean_override is not None else k_mean(k)
         if zero_nonfinite:
             km = finite_mean(km)
@@ -191,7 +196,10 @@ def quantize_qk(q, k, *, sm_scale: float, smooth_k: bool = True, smooth_q: bool 
     qc, qs, qt, qbm = None, None, 0, None
     if quantize_q:
         qc, qs, qt, qbm = fn(q, None, smooth_q, mult, bits, granularity, q_block, dp, warp_rows, False, z, flags)
-    kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True, z, flags)
+    if k_quantized is not None:
+        (kc, ks, _), kt = k_quantized, 1
+    else:
+        kc, ks, kt, _ = fn(k, km, False, 1.0, bits, granularity, k_block, dp, warp_rows, True, z, flags)
     return QuantizedQK(qc, qs, qt, kc, ks, kt, km, mult, qbm, q_block if smooth_q else 0)
 
 

@@ -8,6 +8,7 @@
 
 #include "decode/split_kv.h"
 #include "sage2_sm90/attention.h"
+#include "sage2_sm90/kv_pass.h"
 #include "sage3_sm90/attention.h"
 
 namespace py = pybind11;
@@ -99,6 +100,28 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
   sage_cuda::decode_forward(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
+
+// positional: k, v, their strides, the outputs, the scratch and counters, then the sizes and flags
+void sage2_kv_pass(uintptr_t k, uintptr_t v, int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_n,
+                   int64_t v_stride_b, int64_t v_stride_h, int64_t v_stride_n, uintptr_t k_codes, uintptr_t k_scale,
+                   uintptr_t k_mean, uintptr_t v_codes, uintptr_t v_scale, uintptr_t k_partial, uintptr_t counters,
+                   uintptr_t v_amax, uintptr_t first_bad, int batch, int heads, int seqlen, int npad, int head_dim,
+                   int padded_head_dim, int chunks, int qmax, bool k_per_thread, bool zero_nonfinite, bool bf16,
+                   uintptr_t stream) {
+  sage_cuda::KvPassArgs a{};
+  a.k = reinterpret_cast<const void*>(k), a.v = reinterpret_cast<const void*>(v);
+  a.k_stride_b = k_stride_b, a.k_stride_h = k_stride_h, a.k_stride_n = k_stride_n;
+  a.v_stride_b = v_stride_b, a.v_stride_h = v_stride_h, a.v_stride_n = v_stride_n;
+  a.k_codes = reinterpret_cast<int8_t*>(k_codes), a.k_scale = reinterpret_cast<float*>(k_scale);
+  a.k_mean = reinterpret_cast<float*>(k_mean), a.v_codes = reinterpret_cast<uint8_t*>(v_codes);
+  a.v_scale = reinterpret_cast<float*>(v_scale), a.k_partial = reinterpret_cast<float*>(k_partial);
+  a.counters = reinterpret_cast<int32_t*>(counters), a.v_amax = reinterpret_cast<int32_t*>(v_amax);
+  a.first_bad = reinterpret_cast<int32_t*>(first_bad);
+  a.batch = batch, a.heads = heads, a.seqlen = seqlen, a.npad = npad, a.head_dim = head_dim;
+  a.padded_head_dim = padded_head_dim, a.chunks = chunks, a.qmax = qmax;
+  a.k_per_thread = k_per_thread, a.zero_nonfinite = zero_nonfinite, a.bf16 = bf16;
+  sage_cuda::sage2_kv_pass(a, reinterpret_cast<cudaStream_t>(stream));
+}
 }  // namespace
 
 namespace sage_cuda {  // csrc/common/exact_div_check.cu (its header holds device code)
@@ -144,6 +167,11 @@ PYBIND11_MODULE(_sage_cuda, m) {
         "{name: (mismatches, first bits)}");
   m.def("sage3_sm90_forward", &sage3_sm90_forward,
         "SageAttention3 forward (FP4 emulated exactly on 16-bit wgmma), Hopper kernel (positional; pointers: 0 = none)");
+  m.def("sage2_kv_pass", &sage2_kv_pass,
+        "SageAttention2's K and V quantization for the Hopper kernel, one launch reading each once (positional)");
+  m.def("sage2_kv_pass_chunk_tokens", &sage_cuda::kv_pass_chunk_tokens, "tokens per chunk of the K/V pass");
+  m.def("sage2_kv_pass_max_chunks", &sage_cuda::kv_pass_max_chunks,
+        "the most chunks per head one K/V pass launch takes on the current device");
   // positional arguments only: pybind11's keyword matching costs more host time than the launch
   m.def("decode_forward", &decode_forward,
         "Decode attention (common/decode.py's split-KV algorithm) into out/lse, one launch (pointers: 0 = none)");

@@ -221,3 +221,107 @@ def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, 
               qv.scale, out_hnd, flags.first_bad if flags is not None else None, qk.q_multiplier, INT_QMAX[bits],
               Q_GROUP_PAIRS.get(granularity, 1), is_causal, return_lse, tile_counter)
     return lse if return_lse else None
+
+
+# ---- K and V: one launch reading each once (csrc/sage2_sm90/kv_pass.cu) ----
+
+_KV_MAX_CHUNKS: dict[tuple[int, int], int] = {}
+
+
+def _kv_pass_limits(device: torch.device, dp: int) -> tuple[int, int]:
+    """(tokens per chunk, most chunks per head) of the K/V pass on ``device`` (cached: a query of the
+    occupancy per call would cost host time)."""
+    key = (device.index, dp)
+    if key not in _KV_MAX_CHUNKS:
+        from common import build
+
+        with build.on_device(device):
+            lib = build.load()
+            _KV_MAX_CHUNKS[key] = (lib.sage2_kv_pass_chunk_tokens(dp), lib.sage2_kv_pass_max_chunks(dp))
+    return _KV_MAX_CHUNKS[key]
+
+
+def _strides_for_pass(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """t's batch, head and token strides as the pass takes them (a dimension of size 1: 0), or None
+    where the pass cannot read t (channels not contiguous, a stride not a multiple of 8 elements, not
+    16-byte aligned, a head dim not a multiple of 8)."""
+    if t.stride(-1) != 1 or t.shape[-1] % 8 or t.data_ptr() % 16:
+        return None
+    strides = tuple(0 if size == 1 else st for size, st in zip(t.shape[:3], t.stride()[:3]))
+    return strides if all(st >= 0 and st % 8 == 0 for st in strides) else None
+
+
+def kv_pass_covers(k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool, granularity: str) -> bool:
+    """Whether the one-read K/V pass runs this call's K and V (HND views): K smoothed, K's scales per
+    block or per thread (sage2's per_warp is per block for K; not per_tensor), 16-bit K and V of
+    one dtype that the pass can read (:func:`_strides_for_pass`), and a head whose chunks all fit on
+    the GPU at once (beyond, ~40k keys at head dim 128 on an H100, the two-read Triton passes run:
+    there the passes are a small part of the call). ``SAGE2_SM90_KV=triton`` forces the Triton
+    passes, ``=cuda`` this one (an error where it cannot run; tests run both)."""
+    import os
+
+    forced = os.environ.get("SAGE2_SM90_KV", "")
+    if forced not in ("", "cuda", "triton"):
+        raise ValueError(f"sage2 cuda: SAGE2_SM90_KV must be 'cuda' or 'triton', got {forced!r}")
+    if forced == "triton":
+        return False
+    why = None
+    if not smooth_k:
+        why = "smooth_k=False"
+    elif granularity not in ("per_thread", "per_warp", "per_block"):
+        why = f"qk_granularity={granularity!r}"
+    elif k.dtype != v.dtype or k.dtype not in (torch.float16, torch.bfloat16) or k.shape[-1] != v.shape[-1]:
+        why = "K and V must be fp16 or bf16 of one dtype and head dim"
+    elif _strides_for_pass(k) is None or _strides_for_pass(v) is None:
+        why = "K and V need contiguous channels, a head dim and strides that are multiples of 8, 16-byte alignment"
+    else:
+        tokens, max_chunks = _kv_pass_limits(k.device, padded_head_dim(k.shape[-1]))
+        if -(-k.shape[-2] // tokens) > max_chunks:
+            why = f"{k.shape[-2]} keys: more than {tokens * max_chunks} in one launch"
+    if why is not None and forced == "cuda":
+        raise ValueError(f"sage2 cuda: SAGE2_SM90_KV=cuda, but the K/V pass cannot run: {why}")
+    return why is None
+
+
+def kv_counter_entries(batch: int, heads_kv: int) -> int:
+    """Zeroed int32 entries the K/V pass needs beside V's maxima: its ticket and per head K's and V's
+    arrivals (sage2.interface takes them from the call's one zeroed buffer)."""
+    return 1 + 2 * batch * heads_kv
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, bits: int, granularity: str, zero_nonfinite: bool,
+                first_bad: torch.Tensor | None, counters: torch.Tensor, v_amax: torch.Tensor):
+    """K and V (HND views ``[B, H, N, D]``, :func:`kv_pass_covers`) quantized as the Triton passes do
+    for the kernel, in one launch: ``((k_codes [B, H, N, DP] int8, k_scale [B, H, N] per key, k_mean
+    [B, H, 1, D] fp32), QuantizedV)`` with V^T's E4M3 codes in the wgmma key order. ``counters``: a
+    zeroed int32 buffer of :func:`kv_counter_entries`; ``v_amax``: a zeroed int32 [B * H * D];
+    ``first_bad``: common.nonfinite's per-head first bad key (int32 [B * H]) or None. Given the same
+    mean, codes and scales are the Triton passes' bit for bit; the mean is summed in a fixed order of
+    its own (deterministic; an ulp or so from torch.mean's)."""
+    from common import build
+    from common.quant import INT_QMAX
+
+    from .quant_v import QuantizedV
+
+    B, H, N, D = k.shape
+    dp = padded_head_dim(D)
+    tokens, _ = _kv_pass_limits(k.device, dp)
+    chunks = -(-N // tokens)
+    npad = -(-N // 128) * 128
+    if counters.numel() < kv_counter_entries(B, H) or v_amax.numel() < B * H * D:
+        raise ValueError("sage2 cuda: quantize_kv needs counters of kv_counter_entries(B, H) and v_amax of B*H*D")
+    k_codes = torch.empty(B, H, N, dp, dtype=torch.int8, device=k.device)
+    k_scale = torch.empty(B, H, N, dtype=torch.float32, device=k.device)
+    k_mean = torch.empty(B, H, 1, D, dtype=torch.float32, device=k.device)
+    v_codes = torch.empty(B, H, dp, npad, dtype=torch.float8_e4m3fn, device=k.device)
+    v_scale = torch.empty(B, H, D, dtype=torch.float32, device=k.device)
+    partial = torch.empty(B * H * chunks * dp, dtype=torch.float32, device=k.device)
+    ks, vs = _strides_for_pass(k), _strides_for_pass(v)
+    with build.on_device(k.device):
+        build.load().sage2_kv_pass(
+            k.data_ptr(), v.data_ptr(), *ks, *vs, k_codes.data_ptr(), k_scale.data_ptr(), k_mean.data_ptr(),
+            v_codes.data_ptr(), v_scale.data_ptr(), partial.data_ptr(), counters.data_ptr(), v_amax.data_ptr(),
+            first_bad.data_ptr() if first_bad is not None else 0, B, H, N, npad, D, dp, chunks, INT_QMAX[bits],
+            granularity == "per_thread", zero_nonfinite, k.dtype == torch.bfloat16,
+            build.current_stream_handle(k.device.index))
+    return (k_codes, k_scale, k_mean), QuantizedV(v_codes, v_scale, None, True)

@@ -109,23 +109,34 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE
         q_in_kernel = use_cuda and cuda_kernel.q_in_kernel(is_causal=is_causal, head_dim=D, seqlen_q=shape.seqlen_q,
                                                            granularity=qk_granularity)
-        flags, amax_bits, tile_counter = None, None, None
+        # K and V in one launch reading each once, where it covers them (sage2.cuda.quantize_kv)
+        kv_pass = use_cuda and cuda_kernel.kv_pass_covers(kh, vh, smooth_k=smooth_k, granularity=qk_granularity)
+        flags, amax_bits, tile_counter, kv_counters = None, None, None, None
         if be == "triton":
             amax = shape.batch * shape.heads_kv * D if pv_dtype != "fp16" else 0
-            # (the CUDA kernel's causal tile counter rides in the same zeroed buffer: no fill of its own)
+            # (the CUDA kernel's causal tile counter and the K/V pass's counters ride in the same zeroed
+            # buffer: no fill of their own)
+            kv_entries = cuda_kernel.kv_counter_entries(shape.batch, shape.heads_kv) if kv_pass else 0
             flags, amax_bits = kernel_buffers(shape, q.device, rows_in_kernel=rows_in_kernel,
-                                              amax_entries=amax + int(use_cuda), q_rows=not q_in_kernel)
+                                              amax_entries=amax + int(use_cuda) + kv_entries, q_rows=not q_in_kernel)
             if use_cuda:
-                amax_bits, tile_counter = amax_bits[:amax], amax_bits[amax:]
+                amax_bits, tile_counter, kv_counters = amax_bits[:amax], amax_bits[amax:amax + 1], amax_bits[amax + 1:]
         bits = 8 if qk_dtype == "int8" else 4
+        k_quantized = qv = None
+        if kv_pass:
+            k_quantized, qv = cuda_kernel.quantize_kv(
+                kh, vh, bits=bits, granularity=qk_granularity, zero_nonfinite=check,
+                first_bad=flags.first_bad if flags is not None else None, counters=kv_counters, v_amax=amax_bits)
         qk = quantize_qk(qh, kh, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=bits, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
-                         backend=be, zero_nonfinite=check, flags=flags, quantize_q=not q_in_kernel)
+                         backend=be, zero_nonfinite=check, flags=flags, quantize_q=not q_in_kernel,
+                         k_quantized=k_quantized)
         # (zeroed K: a NaN/Inf of a key nobody sees must not reach delta_s, which masks add to)
         delta_s = q_smoothing_delta_s(qk.q_block_mean, zeroed(kh) if check else kh, qk.k_mean) if smooth_q else None
-        qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
-                        flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None,
-                        wgmma_key_order=use_cuda, npad_multiple=128 if use_cuda else 16)
+        if qv is None:
+            qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
+                            flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None,
+                            wgmma_key_order=use_cuda, npad_multiple=128 if use_cuda else 16)
         log2_pscale = math.log2(P_SCALE[pv_dtype])
         if use_cuda:
             lse2 = cuda_kernel.launch(qh, qk, qv, out_hnd, granularity=qk_granularity, bits=bits, is_causal=is_causal,

@@ -58,6 +58,7 @@
 #include "../common/hopper.cuh"
 #include "../common/launch.h"
 #include "../common/pingpong.cuh"
+#include "../common/quant_codes.cuh"
 #include "../common/tensor_map.h"
 #include "../common/wgmma.cuh"
 #include "attention.h"
@@ -319,28 +320,6 @@ __device__ __forceinline__ P chunk_absmax(const uint4& w) {
   const P* h = reinterpret_cast<const P*>(&w);
   return __hmax2_nan(__hmax2_nan(__habs2(h[0]), __habs2(h[1])), __hmax2_nan(__habs2(h[2]), __habs2(h[3])));
 }
-template <typename InT>
-__device__ __forceinline__ float2 to_float2(uint32_t word);
-template <>
-__device__ __forceinline__ float2 to_float2<__half>(uint32_t word) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&word));
-}
-template <>
-__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t word) {
-  return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
-}
-
-// round(x / scale) half away from zero, clamped to [-qmax, qmax], as the Triton pass computes it: x /
-// scale correctly rounded by the reciprocal and two FMA corrections (common.triton_quant.div_by_scale:
-// exact wherever the quotient is above 2^-41, i.e. for every nonzero code), then +-0.5 and truncation
-__device__ __forceinline__ uint32_t q_code(float x, float scale, float inv, float qmax) {
-  float q = x * inv;
-  q = fmaf(fmaf(-q, scale, x), inv, q);
-  q = fmaf(fmaf(-q, scale, x), inv, q);
-  q = __fadd_rn(q, copysignf(0.5f, q));  // (-0 gives -0.5 where the pass gives +0.5: code 0 either way)
-  return uint32_t(__float2int_rz(fminf(fmaxf(q, -qmax), qmax))) & 0xffu;
-}
-
 // Quantizes this thread's share of the warpgroup's 64 rows of Q: rows {16 warp + g, + 8} (the lane's
 // rows of the S accumulator, which share one scale at the per-thread granularity), channel chunks
 // t, t + 4, ... Writes the codes to `codes` (wgmma's layout) and returns the rows' scale in qs (the
@@ -397,8 +376,8 @@ __device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, f
         for (int e = 0; e < 2; ++e) {
           const float2 h = to_float2<InT>(words[2 * k + e]);
           // (h * mult) * factor: the pass's x * mult, then scaled exactly
-          bytes[2 * e] = q_code(bad[i] ? 0.f : h.x * q_mult * factor, divisor, inv, qmax);
-          bytes[2 * e + 1] = q_code(bad[i] ? 0.f : h.y * q_mult * factor, divisor, inv, qmax);
+          bytes[2 * e] = int_code(bad[i] ? 0.f : h.x * q_mult * factor, divisor, inv, qmax);
+          bytes[2 * e + 1] = int_code(bad[i] ? 0.f : h.y * q_mult * factor, divisor, inv, qmax);
         }
         packed[k] = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
       }

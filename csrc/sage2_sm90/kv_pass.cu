@@ -1,0 +1,360 @@
+// SageAttention2's quantization of K and V for the Hopper kernel (attention.cu), reading each once.
+//
+// Both need a statistic over all of a head's tokens before any code: K's token mean (K smoothing:
+// K - mean_tokens(K) is what is quantized) and V's per-channel max (FP8 V's scales). The Triton passes
+// read K and V twice for it (a statistic pass, then the codes): 2.7 GB at B=4 H=32 N=16k D=128, ~1 ms
+// beside an 11-21 ms kernel. Here each CTA loads one chunk of one head into shared memory, adds its
+// share of the statistic, waits until every chunk of its head has, and writes the chunk's codes from
+// shared memory: K and V are read once.
+//
+// Waiting on other CTAs needs them resident: CTAs take their chunk from a ticket counter in the order
+// they start, so a CTA waits only for chunks of its own head, and every head before it has all its
+// chunks taken by running CTAs, which finish. It then suffices that a head's chunks fit on the GPU at
+// once (kv_pass_max_chunks; longer sequences take the Triton passes, sage2/cuda.py).
+//
+// Determinism: K's mean is the sum of the chunks' column sums in chunk order, by the last chunk of the
+// head to arrive (the others wait for its mean); V's maxima are integer atomic maxima of fp32 bits
+// (exact in any order). The codes are the Triton passes' arithmetic (common/quant_codes.cuh): given
+// the same mean, the same bits (tests/test_sage2_cuda.py).
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../common/hopper.cuh"
+#include "../common/launch.h"
+#include "../common/quant_codes.cuh"
+#include "kv_pass.h"
+
+namespace sage_cuda {
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int NO_BAD_KEY = INT_MAX;  // common.nonfinite: FIRST_BAD holds NO_BAD_KEY - key
+constexpr int K_BLOCK = 128;         // sage2's K block: per-block scales, and per-thread groups within it
+constexpr float E4M3_MAX = 448.f;
+
+template <int DP>
+__host__ __device__ constexpr int chunk_tokens() {
+  return DP == 128 ? 128 : 256;  // 32 KB of 16-bit values; multiples of 128 (npad's multiple, K_BLOCK)
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  // src_bytes = 0: 16 zero bytes (rows past the sequence, channels past D)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ int load_acquire_gpu(const int* word) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
+  return v;
+}
+// thread 0 waits until *counter >= target (the other threads at the barrier after)
+__device__ __forceinline__ void wait_for(const int* counter, int target) {
+  if (threadIdx.x == 0)
+    while (load_acquire_gpu(counter) < target) __nanosleep(64);
+  __syncthreads();
+}
+__device__ __forceinline__ bool finite(float x) { return fabsf(x) < INFINITY; }
+
+template <int DP>
+struct Smem {
+  uint32_t tile[chunk_tokens<DP>() * DP / 2];  // the chunk: rows of DP 16-bit values (zeros past N and D)
+  float2 part[THREADS];                        // per-thread column statistics, reduced in a fixed order
+  float col[DP];                               // K: the mean (0 past D)
+  float row_max[chunk_tokens<DP>()];           // K: each row's max |x| (+inf: a NaN/Inf in it)
+  float row_scale[chunk_tokens<DP>()], row_inv[chunk_tokens<DP>()], row_factor[chunk_tokens<DP>()];
+  float col_scale[DP], col_inv[DP], col_factor[DP];  // V
+  int item, last, bad_row;
+};
+
+template <int DP, typename InT>
+__device__ void load_chunk(Smem<DP>& sm, const InT* src, int64_t stride_n, int row0, int n, int d) {
+  constexpr int T = chunk_tokens<DP>(), WORDS = DP / 8;
+  for (int i = threadIdx.x; i < T * WORDS; i += THREADS) {
+    const int r = i / WORDS, w = i % WORDS;
+    const bool ok = row0 + r < n && w * 8 < d;
+    cp_async_16(smem_addr(sm.tile + r * (DP / 2) + w * 4), ok ? src + (row0 + r) * stride_n + w * 8 : src,
+                ok ? 16 : 0);
+  }
+  cp_async_wait_all();
+  __syncthreads();
+}
+
+// K: the chunk's column sums into k_partial, the head's mean (the last chunk to arrive sums them in
+// chunk order), then the codes: x = k - mean; per row max |x|; scales per 128 keys or per thread group;
+// codes as the Triton pass (common.triton_quant.quantize_int_kernel, HAS_MEAN, mult 1).
+template <int DP, typename InT>
+__device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) {
+  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, PARTS = THREADS / PAIRS, WORDS = DP / 8;
+  const int row0 = chunk * T, n = a.seqlen, d = a.head_dim;
+  {  // column sums, each thread a pair of channels over every PARTS-th row, then the parts in order
+    const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll 8
+    for (int r = part; r < T; r += PARTS) {
+      const float2 x = to_float2<InT>(sm.tile[r * PAIRS + p]);
+      s.x += x.x, s.y += x.y;
+    }
+    sm.part[threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.x < PAIRS) {
+      float2 t = sm.part[p];
+#pragma unroll
+      for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
+      reinterpret_cast<float2*>(a.k_partial)[(int64_t(head) * a.chunks + chunk) * PAIRS + p] = t;
+    }
+    __syncthreads();
+  }
+  int* arrived = a.counters + 1 + head;
+  if (threadIdx.x == 0) sm.last = atomic_add_acq_rel_gpu(arrived, 1) == a.chunks - 1;
+  __syncthreads();
+  if (sm.last) {  // every chunk's sums are in: the mean, summed in chunk order (PARTS ranges, then in order)
+    const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+    const int per = (a.chunks + PARTS - 1) / PARTS, j0 = part * per, j1 = min(a.chunks, j0 + per);
+    const float2* partial = reinterpret_cast<const float2*>(a.k_partial) + int64_t(head) * a.chunks * PAIRS + p;
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll 8
+    for (int j = j0; j < j1; ++j) {
+      const float2 x = __ldcg(partial + int64_t(j) * PAIRS);
+      s.x += x.x, s.y += x.y;
+    }
+    sm.part[threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.x < PAIRS) {
+      float2 t = sm.part[p];
+#pragma unroll
+      for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
+      float m[2] = {__fdiv_rn(t.x, float(n)), __fdiv_rn(t.y, float(n))};
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 2 * p + e;
+        if (a.zero_nonfinite && !finite(m[e])) m[e] = 0.f;  // common.nonfinite.finite_mean
+        if (c < d) a.k_mean[int64_t(head) * d + c] = m[e];
+        sm.col[c] = c < d ? m[e] : 0.f;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) atomic_add_acq_rel_gpu(arrived, 1);  // releases the mean: chunks + 1
+  } else {
+    wait_for(arrived, a.chunks + 1);
+    for (int c = threadIdx.x; c < DP; c += THREADS) sm.col[c] = c < d ? __ldcg(a.k_mean + int64_t(head) * d + c) : 0.f;
+    __syncthreads();
+  }
+  // each row's max |x| (a NaN counts as +inf): WORDS lanes per row, 8 channels each
+  const int w = threadIdx.x % WORDS;
+  for (int r = threadIdx.x / WORDS; r < T; r += THREADS / WORDS) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(sm.tile + r * PAIRS + w * 4);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 x = to_float2<InT>(words[e]);
+      const float x0 = x.x - sm.col[w * 8 + 2 * e], x1 = x.y - sm.col[w * 8 + 2 * e + 1];
+      amax = fmaxf(amax, fmaxf(x0 == x0 ? fabsf(x0) : INFINITY, x1 == x1 ? fabsf(x1) : INFINITY));
+    }
+    if (row0 + r >= n) amax = 0.f;  // (channels past D and rows past N are 0 - 0 already; kept explicit)
+#pragma unroll
+    for (int lanes = 1; lanes < WORDS; lanes *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, lanes));
+    if (w == 0) {
+      sm.row_max[r] = amax;
+      if (a.zero_nonfinite && amax == INFINITY && a.first_bad != nullptr)
+        atomicMax(a.first_bad + head, NO_BAD_KEY - (row0 + r));
+    }
+  }
+  __syncthreads();
+  // scales: the max over each row's group (a row with a NaN/Inf counts 0: it becomes a zero row)
+  for (int r = threadIdx.x; r < T; r += THREADS) {
+    const int b0 = r & ~(K_BLOCK - 1);
+    float g = 0.f;
+    for (int i = 0; i < K_BLOCK; ++i) {
+      const int rr = b0 + i;
+      if (a.k_per_thread && ((rr % 8) / 2) != ((r % 8) / 2)) continue;
+      const float m = sm.row_max[rr];
+      g = fmaxf(g, a.zero_nonfinite && m == INFINITY ? 0.f : m);
+    }
+    const float scale = __fdiv_rn(g, float(a.qmax));
+    if (row0 + r < n) a.k_scale[int64_t(head) * n + row0 + r] = scale;
+    const Divisor div(scale);
+    sm.row_scale[r] = div.scale, sm.row_inv[r] = div.inv, sm.row_factor[r] = div.factor;
+  }
+  __syncthreads();
+  // codes: 8 channels per thread, a row's WORDS threads writing its DP bytes together
+  const float qmax = float(a.qmax);
+  for (int r = threadIdx.x / WORDS; r < T && row0 + r < n; r += THREADS / WORDS) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(sm.tile + r * PAIRS + w * 4);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const bool bad = a.zero_nonfinite && sm.row_max[r] == INFINITY;
+    const float s = sm.row_scale[r], inv = sm.row_inv[r], f = sm.row_factor[r];
+    uint32_t bytes[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 x = to_float2<InT>(words[e]);
+      const float x0 = bad ? 0.f : x.x - sm.col[w * 8 + 2 * e], x1 = bad ? 0.f : x.y - sm.col[w * 8 + 2 * e + 1];
+      bytes[2 * e] = int_code(x0 * f, s, inv, qmax);
+      bytes[2 * e + 1] = int_code(x1 * f, s, inv, qmax);
+    }
+    uint2 packed;
+    packed.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
+    packed.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (bytes[7] << 24);
+    *reinterpret_cast<uint2*>(a.k_codes + (int64_t(head) * n + row0 + r) * DP + w * 8) = packed;
+  }
+}
+
+// V: the chunk's max |v| per channel over finite values into v_amax (atomic max of the bits), its
+// first NaN/Inf key into first_bad; once every chunk of the head has, the codes of V^T: E4M3 of
+// v / (amax / 448), keys in the wgmma order (common.triton_quant.quantize_v_fp8_kernel).
+template <int DP, typename InT>
+__device__ void v_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) {
+  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+  const int row0 = chunk * T, d = a.head_dim;
+  if (threadIdx.x == 0) sm.bad_row = INT_MAX;
+  __syncthreads();
+  {
+    const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+    float2 m = make_float2(0.f, 0.f);
+    int bad_row = INT_MAX;
+#pragma unroll 8
+    for (int r = part; r < T; r += PARTS) {
+      const float2 x = to_float2<InT>(sm.tile[r * PAIRS + p]);
+      const bool f0 = finite(x.x), f1 = finite(x.y);
+      m.x = fmaxf(m.x, f0 ? fabsf(x.x) : 0.f), m.y = fmaxf(m.y, f1 ? fabsf(x.y) : 0.f);
+      if (!(f0 && f1)) bad_row = min(bad_row, r);
+    }
+    sm.part[threadIdx.x] = m;
+    if (bad_row != INT_MAX) atomicMin(&sm.bad_row, bad_row);
+    __syncthreads();
+    if (threadIdx.x < PAIRS) {
+      float2 t = sm.part[p];
+#pragma unroll
+      for (int q = 1; q < PARTS; ++q) t.x = fmaxf(t.x, sm.part[q * PAIRS + p].x), t.y = fmaxf(t.y, sm.part[q * PAIRS + p].y);
+      if (2 * p < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p, __float_as_int(t.x));
+      if (2 * p + 1 < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p + 1, __float_as_int(t.y));
+    }
+    if (threadIdx.x == 0 && sm.bad_row != INT_MAX && a.first_bad != nullptr)
+      atomicMax(a.first_bad + head, NO_BAD_KEY - (row0 + sm.bad_row));
+    __syncthreads();
+  }
+  int* arrived = a.counters + 1 + a.batch * a.heads + head;
+  if (threadIdx.x == 0) atomic_add_acq_rel_gpu(arrived, 1);
+  wait_for(arrived, a.chunks);
+  for (int c = threadIdx.x; c < DP; c += THREADS) {
+    const float amax = c < d ? __int_as_float(load_relaxed_gpu(a.v_amax + int64_t(head) * d + c)) : 0.f;
+    const float scale = __fdiv_rn(amax, E4M3_MAX);
+    if (chunk == 0 && c < d) a.v_scale[int64_t(head) * d + c] = scale;
+    const Divisor div(scale);
+    sm.col_scale[c] = div.scale, sm.col_inv[c] = div.inv, sm.col_factor[c] = div.factor;
+  }
+  __syncthreads();
+  // codes: one channel and 32 keys per task (32 bytes of V^T's row); slot 16h + 4t + 2e + b of each 32
+  // holds key 16h + 8e + 2t + b (where the S fragment puts lane t's P)
+  for (int task = threadIdx.x; task < DP * (T / 32); task += THREADS) {
+    const int c = task % DP, g = task / DP;
+    if (row0 + 32 * g >= a.npad) break;
+    const float s = sm.col_scale[c], inv = sm.col_inv[c], f = sm.col_factor[c];
+    const __half_raw* col = reinterpret_cast<const __half_raw*>(sm.tile) + c;  // 16-bit values, any InT
+    uint32_t words[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {  // slots 4q .. 4q + 3: h = q / 4, t = q % 4, (e, b) = 00, 01, 10, 11
+      float y[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = 32 * g + 16 * (q / 4) + 8 * (j / 2) + 2 * (q % 4) + (j % 2);
+        const uint32_t bits = col[key * DP].x;
+        float x = to_float2<InT>(bits).x;
+        if (a.zero_nonfinite && !finite(x)) x = 0.f;
+        y[j] = div_by_scale(x * f, s, inv);
+      }
+      words[q] = pack_e4m3x4(y[0], y[1], y[2], y[3]);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(a.v_codes + (int64_t(head) * DP + c) * a.npad + row0 + 32 * g);
+    dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
+    dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
+  }
+}
+
+template <int DP, typename InT>
+__global__ void __launch_bounds__(THREADS) kv_pass_kernel(const KvPassArgs a) {
+  __shared__ __align__(16) Smem<DP> sm;
+  if (threadIdx.x == 0) sm.item = atomicAdd(a.counters, 1);  // chunks in the order CTAs start
+  __syncthreads();
+  const int heads = a.batch * a.heads, k_items = heads * a.chunks;
+  const bool is_k = sm.item < k_items;
+  const int item = is_k ? sm.item : sm.item - k_items;
+  const int head = item / a.chunks, chunk = item % a.chunks, b = head / a.heads, h = head % a.heads;
+  if (is_k) {
+    load_chunk<DP>(sm, static_cast<const InT*>(a.k) + b * a.k_stride_b + h * a.k_stride_h, a.k_stride_n,
+                   chunk * chunk_tokens<DP>(), a.seqlen, a.head_dim);
+    k_chunk<DP, InT>(a, sm, head, chunk);
+  } else {
+    load_chunk<DP>(sm, static_cast<const InT*>(a.v) + b * a.v_stride_b + h * a.v_stride_h, a.v_stride_n,
+                   chunk * chunk_tokens<DP>(), a.seqlen, a.head_dim);
+    v_chunk<DP, InT>(a, sm, head, chunk);
+  }
+}
+
+template <int DP, typename InT>
+int resident_ctas() {
+  static int cached[64] = {};
+  int device = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&device);
+  if (device < 64 && cached[device]) return cached[device];
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kv_pass_kernel<DP, InT>, THREADS, 0);
+  const int total = sms * per_sm;
+  if (device < 64) cached[device] = total;
+  return total;
+}
+
+template <int DP, typename InT>
+void launch(const KvPassArgs& a, cudaStream_t stream) {
+  const int grid = 2 * a.batch * a.heads * a.chunks;
+  kv_pass_kernel<DP, InT><<<grid, THREADS, 0, stream>>>(a);
+  check_launch("sage2_kv_pass");
+}
+
+}  // namespace
+
+int kv_pass_chunk_tokens(int padded_head_dim) {
+  if (padded_head_dim != 64 && padded_head_dim != 128)
+    throw std::invalid_argument("sage2_kv_pass: padded_head_dim must be 64 or 128");
+  return padded_head_dim == 128 ? chunk_tokens<128>() : chunk_tokens<64>();
+}
+
+int kv_pass_max_chunks(int padded_head_dim) {
+  kv_pass_chunk_tokens(padded_head_dim);
+  // fp16 and bf16 instantiations use the same resources; half the resident CTAs, a margin for others'
+  return (padded_head_dim == 128 ? resident_ctas<128, __half>() : resident_ctas<64, __half>()) / 2;
+}
+
+void sage2_kv_pass(const KvPassArgs& a, cudaStream_t stream) {
+  const std::string who = "sage2_kv_pass: ";
+  const int dp = a.padded_head_dim;
+  const int tokens = kv_pass_chunk_tokens(dp);
+  if (a.batch <= 0 || a.heads <= 0 || a.seqlen <= 0) throw std::invalid_argument(who + "empty K/V run no kernel");
+  if (a.head_dim <= 0 || a.head_dim > dp || a.head_dim % 8 != 0)
+    throw std::invalid_argument(who + "head_dim must be a multiple of 8, at most padded_head_dim");
+  if (a.chunks != (a.seqlen + tokens - 1) / tokens)
+    throw std::invalid_argument(who + "chunks must be ceil(seqlen / " + std::to_string(tokens) + ")");
+  if (a.npad % 128 != 0 || a.npad < a.seqlen || a.npad - a.seqlen >= 128)
+    throw std::invalid_argument(who + "npad must be seqlen rounded up to a multiple of 128");
+  if (a.qmax != 127 && a.qmax != 7) throw std::invalid_argument(who + "qmax must be 127 or 7");
+  if (a.chunks > kv_pass_max_chunks(dp))
+    throw std::invalid_argument(who + "seqlen is too long for one launch (kv_pass_max_chunks)");
+  const int64_t strides[6] = {a.k_stride_b, a.k_stride_h, a.k_stride_n, a.v_stride_b, a.v_stride_h, a.v_stride_n};
+  for (int64_t s : strides)
+    if (s % 8 != 0) throw std::invalid_argument(who + "K's and V's strides must be multiples of 8 elements");
+  if (reinterpret_cast<uintptr_t>(a.k) % 16 || reinterpret_cast<uintptr_t>(a.v) % 16)
+    throw std::invalid_argument(who + "k and v must be 16-byte aligned");
+  if (dp == 128)
+    a.bf16 ? launch<128, __nv_bfloat16>(a, stream) : launch<128, __half>(a, stream);
+  else
+    a.bf16 ? launch<64, __nv_bfloat16>(a, stream) : launch<64, __half>(a, stream);
+}
+
+}  // namespace sage_cuda
