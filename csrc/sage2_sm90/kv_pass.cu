@@ -68,6 +68,7 @@ struct Smem {
   float2 part[THREADS];                        // per-thread column statistics, reduced in a fixed order
   float col[DP];                               // K: the mean (0 past D)
   float row_max[chunk_tokens<DP>()];           // K: each row's max |x| (+inf: a NaN/Inf in it)
+  float group_max[chunk_tokens<DP>() / 32];    // K: the max of each scale group (4 per 128 rows at most)
   float row_scale[chunk_tokens<DP>()], row_inv[chunk_tokens<DP>()], row_factor[chunk_tokens<DP>()];
   float col_scale[DP], col_inv[DP], col_factor[DP];  // V
   int item, last, bad_row;
@@ -168,16 +169,25 @@ __device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
     }
   }
   __syncthreads();
-  // scales: the max over each row's group (a row with a NaN/Inf counts 0: it becomes a zero row)
-  for (int r = threadIdx.x; r < T; r += THREADS) {
-    const int b0 = r & ~(K_BLOCK - 1);
+  // each group's max (a row with a NaN/Inf counts 0: it becomes a zero row), one warp per group: per
+  // block, the 128 rows of each K block; per thread, rows 8m + 2t, 8m + 2t + 1 of a block for each t
+  const int groups = a.k_per_thread ? 4 : 1, lane = threadIdx.x % 32;
+  for (int gi = threadIdx.x / 32; gi < (T / K_BLOCK) * groups; gi += THREADS / 32) {
+    const int b0 = (gi / groups) * K_BLOCK, t = gi % groups;
     float g = 0.f;
-    for (int i = 0; i < K_BLOCK; ++i) {
-      const int rr = b0 + i;
-      if (a.k_per_thread && ((rr % 8) / 2) != ((r % 8) / 2)) continue;
-      const float m = sm.row_max[rr];
+#pragma unroll
+    for (int i = 0; i < K_BLOCK / 32; ++i) {
+      if (a.k_per_thread && i > 0) break;
+      const float m = sm.row_max[a.k_per_thread ? b0 + 8 * (lane / 2) + 2 * t + lane % 2 : b0 + lane + 32 * i];
       g = fmaxf(g, a.zero_nonfinite && m == INFINITY ? 0.f : m);
     }
+#pragma unroll
+    for (int lanes = 1; lanes < 32; lanes *= 2) g = fmaxf(g, __shfl_xor_sync(0xffffffff, g, lanes));
+    if (lane == 0) sm.group_max[gi] = g;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < T; r += THREADS) {
+    const float g = sm.group_max[(r / K_BLOCK) * groups + (a.k_per_thread ? (r % 8) / 2 : 0)];
     const float scale = __fdiv_rn(g, float(a.qmax));
     if (row0 + r < n) a.k_scale[int64_t(head) * n + row0 + r] = scale;
     const Divisor div(scale);
