@@ -120,7 +120,7 @@ __device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
     const int per = (a.chunks + PARTS - 1) / PARTS, j0 = part * per, j1 = min(a.chunks, j0 + per);
     const float2* partial = reinterpret_cast<const float2*>(a.k_partial) + int64_t(head) * a.chunks * PAIRS + p;
     float2 s = make_float2(0.f, 0.f);
-#pragma unroll 8
+#pragma unroll 16  // the loads in flight together: 127 CTAs of the head wait for this sum
     for (int j = j0; j < j1; ++j) {
       const float2 x = __ldcg(partial + int64_t(j) * PAIRS);
       s.x += x.x, s.y += x.y;
