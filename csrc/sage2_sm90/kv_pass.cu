@@ -3,30 +3,37 @@
 // Both need a statistic over all of a head's tokens before any code: K's token mean (K smoothing:
 // K - mean_tokens(K) is what is quantized) and V's per-channel max (FP8 V's scales). The Triton passes
 // read K and V twice for it (a statistic pass, then the codes): 2.7 GB at B=4 H=32 N=16k D=128, ~1 ms
-// beside an 11-21 ms kernel. Here each CTA loads one chunk of one head into shared memory, adds its
-// share of the statistic, waits until every chunk of its head has, and writes the chunk's codes from
-// shared memory: K and V are read once.
+// beside an 11-21 ms kernel. Here a chunk of one head (128 tokens, 256 at head dim 64) comes into
+// shared memory by TMA; its CTA adds the chunk's share of the statistic and, once every chunk of the
+// head has, writes the chunk's codes from shared memory: K and V are read once.
 //
-// Waiting on other CTAs needs them resident: CTAs take their chunk from a ticket counter in the order
-// they start, so a CTA waits only for chunks of its own head, and every head before it has all its
-// chunks taken by running CTAs, which finish. It then suffices that a head's chunks fit on the GPU at
-// once (kv_pass_max_chunks; longer sequences take the Triton passes, sage2/cuda.py).
+// Persistent CTAs with two chunk buffers: while a CTA waits for its chunk's head, its next chunk is
+// loading, and the CTA adds that chunk's statistic as soon as it lands (v1, one chunk per CTA, held
+// its shared memory idle through the wait: 1.6 TB/s). Chunks are claimed on a ticket in the order
+// CTAs take them, so the chunks a CTA waits for are all claimed by running CTAs, each of which adds
+// its chunks' statistics without waiting on anything; a head completes once all its chunks are
+// claimed, which needs no more chunks per head than CTAs running (kv_pass_max_chunks; longer
+// sequences take the Triton passes, sage2/cuda.py).
 //
 // Determinism: K's mean is the sum of the chunks' column sums in chunk order, by the last chunk of the
 // head to arrive (the others wait for its mean); V's maxima are integer atomic maxima of fp32 bits
 // (exact in any order). The codes are the Triton passes' arithmetic (common/quant_codes.cuh): given
 // the same mean, the same bits (tests/test_sage2_cuda.py).
+#include <algorithm>
 #include <climits>
 #include <stdexcept>
 #include <string>
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include "../common/hopper.cuh"
 #include "../common/launch.h"
 #include "../common/quant_codes.cuh"
+#include "../common/tensor_map.h"
 #include "kv_pass.h"
 
 namespace sage_cuda {
@@ -42,64 +49,76 @@ __host__ __device__ constexpr int chunk_tokens() {
   return DP == 128 ? 128 : 256;  // 32 KB of 16-bit values; multiples of 128 (npad's multiple, K_BLOCK)
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  // src_bytes = 0: 16 zero bytes (rows past the sequence, channels past D)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
 __device__ __forceinline__ int load_acquire_gpu(const int* word) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
   return v;
 }
-// thread 0 waits until *counter >= target (the other threads at the barrier after)
-__device__ __forceinline__ void wait_for(const int* counter, int target) {
-  if (threadIdx.x == 0)
-    while (load_acquire_gpu(counter) < target) __nanosleep(64);
-  __syncthreads();
+// whether the barrier's phase of the given parity has completed (no wait)
+__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
 }
 __device__ __forceinline__ bool finite(float x) { return fabsf(x) < INFINITY; }
 
 template <int DP>
 struct Smem {
-  uint32_t tile[chunk_tokens<DP>() * DP / 2];  // the chunk: rows of DP 16-bit values (zeros past N and D)
-  float2 part[THREADS];                        // per-thread column statistics, reduced in a fixed order
-  float col[DP];                               // K: the mean (0 past D)
-  float row_max[chunk_tokens<DP>()];           // K: each row's max |x| (+inf: a NaN/Inf in it)
-  float group_max[chunk_tokens<DP>() / 32];    // K: the max of each scale group (4 per 128 rows at most)
-  float row_scale[chunk_tokens<DP>()], row_inv[chunk_tokens<DP>()], row_factor[chunk_tokens<DP>()];
+  static constexpr int T = chunk_tokens<DP>();
+  uint32_t tile[2][T * DP / 2];  // two chunks: rows of DP 16-bit values (zeros past N and D: TMA's fill)
+  uint64_t full[2];              // each buffer's load
+  float2 part[THREADS];          // per-thread column statistics, reduced in a fixed order
+  float col[DP];                 // K: the mean (0 past D)
+  float row_max[T];              // K: each row's max |x| (+inf: a NaN/Inf in it)
+  float group_max[T / 32];       // K: the max of each scale group (4 per 128 rows at most)
+  float row_scale[T], row_inv[T], row_factor[T];
   float col_scale[DP], col_inv[DP], col_factor[DP];  // V
-  int item, last, bad_row;
+  int next_item, last, bad_row, poll;
 };
 
-template <int DP, typename InT>
-__device__ void load_chunk(Smem<DP>& sm, const InT* src, int64_t stride_n, int row0, int n, int d) {
-  constexpr int T = chunk_tokens<DP>(), WORDS = DP / 8;
-  for (int i = threadIdx.x; i < T * WORDS; i += THREADS) {
-    const int r = i / WORDS, w = i % WORDS;
-    const bool ok = row0 + r < n && w * 8 < d;
-    cp_async_16(smem_addr(sm.tile + r * (DP / 2) + w * 4), ok ? src + (row0 + r) * stride_n + w * 8 : src,
-                ok ? 16 : 0);
-  }
-  cp_async_wait_all();
-  __syncthreads();
+struct Chunk {
+  bool is_k;
+  int head, index, b, h;  // head = b * heads + h; index: the chunk within the head
+};
+__device__ __forceinline__ Chunk chunk_of(const KvPassArgs& a, int item) {
+  const int k_items = a.batch * a.heads * a.chunks;
+  Chunk c;
+  c.is_k = item < k_items;
+  const int i = c.is_k ? item : item - k_items;
+  c.head = i / a.chunks, c.index = i % a.chunks, c.b = c.head / a.heads, c.h = c.head % a.heads;
+  return c;
+}
+// this chunk's head has all its statistics (K: and its mean published)
+__device__ __forceinline__ bool head_done(const KvPassArgs& a, const Chunk& c) {
+  return c.is_k ? load_acquire_gpu(a.counters + 1 + c.head) > a.chunks
+                : load_acquire_gpu(a.counters + 1 + a.batch * a.heads + c.head) >= a.chunks;
 }
 
-// K: the chunk's column sums into k_partial, the head's mean (the last chunk to arrive sums them in
-// chunk order), then the codes: x = k - mean; per row max |x|; scales per 128 keys or per thread group;
-// codes as the Triton pass (common.triton_quant.quantize_int_kernel, HAS_MEAN, mult 1).
+// (thread 0) the chunk into buffer `buf` by one TMA box of T rows x DP channels
+template <int DP>
+__device__ __forceinline__ void issue_load(Smem<DP>& sm, int buf, const Chunk& c, const CUtensorMap* k_map,
+                                           const CUtensorMap* v_map) {
+  fence_proxy_async_shared();  // the CTA's reads of the buffer (before the caller's barrier) come first
+  mbar_arrive_expect_tx(&sm.full[buf], Smem<DP>::T * DP * 2);
+  tma_load_4d(sm.tile[buf], c.is_k ? k_map : v_map, &sm.full[buf], 0, c.index * Smem<DP>::T, c.h, c.b);
+}
+
+// K's statistic: the chunk's column sums into k_partial; the last chunk of the head to arrive sums
+// them in chunk order into the mean and publishes it (the arrival count goes to chunks + 1)
 template <int DP, typename InT>
-__device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, PARTS = THREADS / PAIRS, WORDS = DP / 8;
-  const int row0 = chunk * T, n = a.seqlen, d = a.head_dim;
-  {  // column sums, each thread a pair of channels over every PARTS-th row, then the parts in order
-    const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+__device__ void k_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+  const int n = a.seqlen, d = a.head_dim;
+  const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+  {  // each thread a pair of channels over every PARTS-th row, then the parts in order
     float2 s = make_float2(0.f, 0.f);
 #pragma unroll 8
     for (int r = part; r < T; r += PARTS) {
-      const float2 x = to_float2<InT>(sm.tile[r * PAIRS + p]);
+      const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
       s.x += x.x, s.y += x.y;
     }
     sm.part[threadIdx.x] = s;
@@ -115,42 +134,89 @@ __device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
   int* arrived = a.counters + 1 + head;
   if (threadIdx.x == 0) sm.last = atomic_add_acq_rel_gpu(arrived, 1) == a.chunks - 1;
   __syncthreads();
-  if (sm.last) {  // every chunk's sums are in: the mean, summed in chunk order (PARTS ranges, then in order)
-    const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
-    const int per = (a.chunks + PARTS - 1) / PARTS, j0 = part * per, j1 = min(a.chunks, j0 + per);
-    const float2* partial = reinterpret_cast<const float2*>(a.k_partial) + int64_t(head) * a.chunks * PAIRS + p;
-    float2 s = make_float2(0.f, 0.f);
-#pragma unroll 16  // the loads in flight together: 127 CTAs of the head wait for this sum
-    for (int j = j0; j < j1; ++j) {
-      const float2 x = __ldcg(partial + int64_t(j) * PAIRS);
-      s.x += x.x, s.y += x.y;
-    }
-    sm.part[threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.x < PAIRS) {
-      float2 t = sm.part[p];
-#pragma unroll
-      for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
-      float m[2] = {__fdiv_rn(t.x, float(n)), __fdiv_rn(t.y, float(n))};
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = 2 * p + e;
-        if (a.zero_nonfinite && !finite(m[e])) m[e] = 0.f;  // common.nonfinite.finite_mean
-        if (c < d) a.k_mean[int64_t(head) * d + c] = m[e];
-        sm.col[c] = c < d ? m[e] : 0.f;
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) atomic_add_acq_rel_gpu(arrived, 1);  // releases the mean: chunks + 1
-  } else {
-    wait_for(arrived, a.chunks + 1);
-    for (int c = threadIdx.x; c < DP; c += THREADS) sm.col[c] = c < d ? __ldcg(a.k_mean + int64_t(head) * d + c) : 0.f;
-    __syncthreads();
+  if (!sm.last) return;
+  // every chunk's sums are in: the mean, summed in chunk order (PARTS ranges, then the ranges in order)
+  const int per = (a.chunks + PARTS - 1) / PARTS, j0 = part * per, j1 = min(a.chunks, j0 + per);
+  const float2* partial = reinterpret_cast<const float2*>(a.k_partial) + int64_t(head) * a.chunks * PAIRS + p;
+  float2 s = make_float2(0.f, 0.f);
+#pragma unroll 16  // the loads in flight together: the head's other chunks wait for this sum
+  for (int j = j0; j < j1; ++j) {
+    const float2 x = __ldcg(partial + int64_t(j) * PAIRS);
+    s.x += x.x, s.y += x.y;
   }
+  __syncthreads();  // (sm.part: everyone's column sums were read above)
+  sm.part[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x < PAIRS) {
+    float2 t = sm.part[p];
+#pragma unroll
+    for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
+    float m[2] = {__fdiv_rn(t.x, float(n)), __fdiv_rn(t.y, float(n))};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = 2 * p + e;
+      if (a.zero_nonfinite && !finite(m[e])) m[e] = 0.f;  // common.nonfinite.finite_mean
+      if (c < d) a.k_mean[int64_t(head) * d + c] = m[e];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) atomic_add_acq_rel_gpu(arrived, 1);  // releases the mean: chunks + 1
+}
+
+// V's statistic: the chunk's max |v| per channel over finite values into v_amax (atomic max of the
+// bits), its first NaN/Inf key into first_bad, then the arrival
+template <int DP, typename InT>
+__device__ void v_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+  const int row0 = chunk * T, d = a.head_dim;
+  if (threadIdx.x == 0) sm.bad_row = INT_MAX;
+  __syncthreads();
+  const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+  float2 m = make_float2(0.f, 0.f);
+  int bad_row = INT_MAX;
+#pragma unroll 8
+  for (int r = part; r < T; r += PARTS) {
+    const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
+    const bool f0 = finite(x.x), f1 = finite(x.y);
+    m.x = fmaxf(m.x, f0 ? fabsf(x.x) : 0.f), m.y = fmaxf(m.y, f1 ? fabsf(x.y) : 0.f);
+    if (!(f0 && f1)) bad_row = min(bad_row, r);
+  }
+  sm.part[threadIdx.x] = m;
+  if (bad_row != INT_MAX) atomicMin(&sm.bad_row, bad_row);
+  __syncthreads();
+  if (threadIdx.x < PAIRS) {
+    float2 t = sm.part[p];
+#pragma unroll
+    for (int q = 1; q < PARTS; ++q) t.x = fmaxf(t.x, sm.part[q * PAIRS + p].x), t.y = fmaxf(t.y, sm.part[q * PAIRS + p].y);
+    if (2 * p < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p, __float_as_int(t.x));
+    if (2 * p + 1 < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p + 1, __float_as_int(t.y));
+  }
+  if (threadIdx.x == 0 && sm.bad_row != INT_MAX && a.first_bad != nullptr)
+    atomicMax(a.first_bad + head, NO_BAD_KEY - (row0 + sm.bad_row));
+  __syncthreads();
+  if (threadIdx.x == 0) atomic_add_acq_rel_gpu(a.counters + 1 + a.batch * a.heads + head, 1);
+}
+
+template <int DP, typename InT>
+__device__ __forceinline__ void stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, const Chunk& c) {
+  if (c.is_k)
+    k_stats<DP, InT>(a, sm, tile, c.head, c.index);
+  else
+    v_stats<DP, InT>(a, sm, tile, c.head, c.index);
+}
+
+// K's codes, once the head's mean is out: x = k - mean; per row max |x|; scales per 128 keys or per
+// thread group; codes as the Triton pass (common.triton_quant.quantize_int_kernel, HAS_MEAN, mult 1)
+template <int DP, typename InT>
+__device__ void k_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, WORDS = DP / 8;
+  const int row0 = chunk * T, n = a.seqlen, d = a.head_dim;
+  for (int c = threadIdx.x; c < DP; c += THREADS) sm.col[c] = c < d ? __ldcg(a.k_mean + int64_t(head) * d + c) : 0.f;
+  __syncthreads();
   // each row's max |x| (a NaN counts as +inf): WORDS lanes per row, 8 channels each
   const int w = threadIdx.x % WORDS;
   for (int r = threadIdx.x / WORDS; r < T; r += THREADS / WORDS) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(sm.tile + r * PAIRS + w * 4);
+    const uint4 raw = *reinterpret_cast<const uint4*>(tile + r * PAIRS + w * 4);
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
     float amax = 0.f;
 #pragma unroll
@@ -197,7 +263,7 @@ __device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
   // codes: 8 channels per thread, a row's WORDS threads writing its DP bytes together
   const float qmax = float(a.qmax);
   for (int r = threadIdx.x / WORDS; r < T && row0 + r < n; r += THREADS / WORDS) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(sm.tile + r * PAIRS + w * 4);
+    const uint4 raw = *reinterpret_cast<const uint4*>(tile + r * PAIRS + w * 4);
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
     const bool bad = a.zero_nonfinite && sm.row_max[r] == INFINITY;
     const float s = sm.row_scale[r], inv = sm.row_inv[r], f = sm.row_factor[r];
@@ -216,43 +282,13 @@ __device__ void k_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
   }
 }
 
-// V: the chunk's max |v| per channel over finite values into v_amax (atomic max of the bits), its
-// first NaN/Inf key into first_bad; once every chunk of the head has, the codes of V^T: E4M3 of
-// v / (amax / 448), keys in the wgmma order (common.triton_quant.quantize_v_fp8_kernel).
+
+// V's codes, once the head's maxima are in: E4M3 of v / (amax / 448), keys in the wgmma order, V^T
+// (common.triton_quant.quantize_v_fp8_kernel)
 template <int DP, typename InT>
-__device__ void v_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+__device__ void v_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
+  constexpr int T = Smem<DP>::T;
   const int row0 = chunk * T, d = a.head_dim;
-  if (threadIdx.x == 0) sm.bad_row = INT_MAX;
-  __syncthreads();
-  {
-    const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
-    float2 m = make_float2(0.f, 0.f);
-    int bad_row = INT_MAX;
-#pragma unroll 8
-    for (int r = part; r < T; r += PARTS) {
-      const float2 x = to_float2<InT>(sm.tile[r * PAIRS + p]);
-      const bool f0 = finite(x.x), f1 = finite(x.y);
-      m.x = fmaxf(m.x, f0 ? fabsf(x.x) : 0.f), m.y = fmaxf(m.y, f1 ? fabsf(x.y) : 0.f);
-      if (!(f0 && f1)) bad_row = min(bad_row, r);
-    }
-    sm.part[threadIdx.x] = m;
-    if (bad_row != INT_MAX) atomicMin(&sm.bad_row, bad_row);
-    __syncthreads();
-    if (threadIdx.x < PAIRS) {
-      float2 t = sm.part[p];
-#pragma unroll
-      for (int q = 1; q < PARTS; ++q) t.x = fmaxf(t.x, sm.part[q * PAIRS + p].x), t.y = fmaxf(t.y, sm.part[q * PAIRS + p].y);
-      if (2 * p < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p, __float_as_int(t.x));
-      if (2 * p + 1 < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p + 1, __float_as_int(t.y));
-    }
-    if (threadIdx.x == 0 && sm.bad_row != INT_MAX && a.first_bad != nullptr)
-      atomicMax(a.first_bad + head, NO_BAD_KEY - (row0 + sm.bad_row));
-    __syncthreads();
-  }
-  int* arrived = a.counters + 1 + a.batch * a.heads + head;
-  if (threadIdx.x == 0) atomic_add_acq_rel_gpu(arrived, 1);
-  wait_for(arrived, a.chunks);
   for (int c = threadIdx.x; c < DP; c += THREADS) {
     const float amax = c < d ? __int_as_float(load_relaxed_gpu(a.v_amax + int64_t(head) * d + c)) : 0.f;
     const float scale = __fdiv_rn(amax, E4M3_MAX);
@@ -267,7 +303,7 @@ __device__ void v_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
     const int c = task % DP, g = task / DP;
     if (row0 + 32 * g >= a.npad) break;
     const float s = sm.col_scale[c], inv = sm.col_inv[c], f = sm.col_factor[c];
-    const __half_raw* col = reinterpret_cast<const __half_raw*>(sm.tile) + c;  // 16-bit values, any InT
+    const __half_raw* col = reinterpret_cast<const __half_raw*>(tile) + c;  // 16-bit values, any InT
     uint32_t words[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) {  // slots 4q .. 4q + 3: h = q / 4, t = q % 4, (e, b) = 00, 01, 10, 11
@@ -288,23 +324,66 @@ __device__ void v_chunk(const KvPassArgs& a, Smem<DP>& sm, int head, int chunk) 
   }
 }
 
+
 template <int DP, typename InT>
-__global__ void __launch_bounds__(THREADS) kv_pass_kernel(const KvPassArgs a) {
-  __shared__ __align__(16) Smem<DP> sm;
-  if (threadIdx.x == 0) sm.item = atomicAdd(a.counters, 1);  // chunks in the order CTAs start
+__global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks each) per SM
+    kv_pass_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
+                   const KvPassArgs a) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  Smem<DP>& sm = *reinterpret_cast<Smem<DP>*>(smem_raw);
+  const int total = 2 * a.batch * a.heads * a.chunks;
+  if (threadIdx.x == 0) {
+    mbar_init(&sm.full[0], 1), mbar_init(&sm.full[1], 1);
+    fence_barrier_init();
+    sm.next_item = atomicAdd(a.counters, 1);  // chunks in the order CTAs take them
+    if (sm.next_item < total) issue_load(sm, 0, chunk_of(a, sm.next_item), &k_map, &v_map);
+  }
   __syncthreads();
-  const int heads = a.batch * a.heads, k_items = heads * a.chunks;
-  const bool is_k = sm.item < k_items;
-  const int item = is_k ? sm.item : sm.item - k_items;
-  const int head = item / a.chunks, chunk = item % a.chunks, b = head / a.heads, h = head % a.heads;
-  if (is_k) {
-    load_chunk<DP>(sm, static_cast<const InT*>(a.k) + b * a.k_stride_b + h * a.k_stride_h, a.k_stride_n,
-                   chunk * chunk_tokens<DP>(), a.seqlen, a.head_dim);
-    k_chunk<DP, InT>(a, sm, head, chunk);
-  } else {
-    load_chunk<DP>(sm, static_cast<const InT*>(a.v) + b * a.v_stride_b + h * a.v_stride_h, a.v_stride_n,
-                   chunk * chunk_tokens<DP>(), a.seqlen, a.head_dim);
-    v_chunk<DP, InT>(a, sm, head, chunk);
+  if (sm.next_item >= total) return;
+  Chunk cur = chunk_of(a, sm.next_item);
+  int buf = 0;
+  uint32_t parity = 0;  // bit i: the next phase of buffer i's barrier
+  mbar_wait(&sm.full[0], 0), parity ^= 1;
+  stats<DP, InT>(a, sm, sm.tile[0], cur);
+  while (true) {
+    __syncthreads();  // (everyone is done with the other buffer and has read next_item)
+    if (threadIdx.x == 0) {
+      sm.next_item = atomicAdd(a.counters, 1);
+      if (sm.next_item < total) issue_load(sm, buf ^ 1, chunk_of(a, sm.next_item), &k_map, &v_map);
+    }
+    __syncthreads();
+    const bool has_next = sm.next_item < total;
+    const Chunk next = has_next ? chunk_of(a, sm.next_item) : cur;
+    bool next_in = !has_next;  // the next chunk's statistic added
+    // wait for this chunk's head, adding the next chunk's statistic as soon as it lands
+    while (true) {
+      if (threadIdx.x == 0) {
+        int state = head_done(a, cur) ? 1 : 0;
+        if (!next_in && mbar_test(&sm.full[buf ^ 1], (parity >> (buf ^ 1)) & 1)) state |= 2;
+        if (state == 0) __nanosleep(32);
+        sm.poll = state;
+      }
+      __syncthreads();
+      const int state = sm.poll;
+      __syncthreads();  // (poll is written again)
+      if (state & 2) {
+        mbar_wait(&sm.full[buf ^ 1], (parity >> (buf ^ 1)) & 1), parity ^= 1u << (buf ^ 1);
+        stats<DP, InT>(a, sm, sm.tile[buf ^ 1], next);
+        next_in = true;
+      }
+      if (state & 1) break;
+    }
+    if (cur.is_k)
+      k_codes<DP, InT>(a, sm, sm.tile[buf], cur.head, cur.index);
+    else
+      v_codes<DP, InT>(a, sm, sm.tile[buf], cur.head, cur.index);
+    if (!has_next) break;
+    if (!next_in) {
+      mbar_wait(&sm.full[buf ^ 1], (parity >> (buf ^ 1)) & 1), parity ^= 1u << (buf ^ 1);
+      __syncthreads();  // (the codes' reads of shared statistics are done)
+      stats<DP, InT>(a, sm, sm.tile[buf ^ 1], next);
+    }
+    cur = next, buf ^= 1;
   }
 }
 
@@ -314,17 +393,47 @@ int resident_ctas() {
   int device = 0, sms = 0, per_sm = 0;
   cudaGetDevice(&device);
   if (device < 64 && cached[device]) return cached[device];
+  static uint64_t reserved = 0;
+  reserve_shared_memory(kv_pass_kernel<DP, InT>, int(sizeof(Smem<DP>)), reserved, "sage2_kv_pass");
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kv_pass_kernel<DP, InT>, THREADS, 0);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kv_pass_kernel<DP, InT>, THREADS, sizeof(Smem<DP>));
   const int total = sms * per_sm;
   if (device < 64) cached[device] = total;
   return total;
 }
 
+// K or V, [B][H][N][D] 16-bit values through strides (elements; a dimension of size 1 may carry any),
+// read in boxes of T rows x DP channels (channels past D and rows past N arrive as zeros)
+CUtensorMap chunk_map(const void* base, const KvPassArgs& a, int64_t stride_b, int64_t stride_h, int64_t stride_n,
+                      int tokens, const char* who) {
+  auto stride_bytes = [](int size, int64_t stride, uint64_t packed) {
+    return cuuint64_t(size == 1 ? packed : uint64_t(stride) * 2);
+  };
+  const uint64_t row = 2 * uint64_t(a.head_dim), head = row * a.seqlen, batch = head * a.heads;
+  const cuuint64_t dims[4] = {cuuint64_t(a.head_dim), cuuint64_t(a.seqlen), cuuint64_t(a.heads), cuuint64_t(a.batch)};
+  const cuuint64_t strides[3] = {stride_bytes(a.seqlen, stride_n, (row + 15) / 16 * 16),
+                                 stride_bytes(a.heads, stride_h, (head + 15) / 16 * 16),
+                                 stride_bytes(a.batch, stride_b, (batch + 15) / 16 * 16)};
+  const cuuint32_t box[4] = {cuuint32_t(a.padded_head_dim), cuuint32_t(tokens), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult rc = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims,
+                                           strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                           CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (rc != CUDA_SUCCESS)
+    throw std::runtime_error(std::string("sage2_kv_pass: ") + who + ": cuTensorMapEncodeTiled failed (error " +
+                             std::to_string(int(rc)) + ")");
+  return map;
+}
+
 template <int DP, typename InT>
 void launch(const KvPassArgs& a, cudaStream_t stream) {
-  const int grid = 2 * a.batch * a.heads * a.chunks;
-  kv_pass_kernel<DP, InT><<<grid, THREADS, 0, stream>>>(a);
+  const int total = 2 * a.batch * a.heads * a.chunks;
+  const int grid = std::min(total, resident_ctas<DP, InT>());  // (also reserves the shared memory)
+  const CUtensorMap k_map = chunk_map(a.k, a, a.k_stride_b, a.k_stride_h, a.k_stride_n, chunk_tokens<DP>(), "k");
+  const CUtensorMap v_map = chunk_map(a.v, a, a.v_stride_b, a.v_stride_h, a.v_stride_n, chunk_tokens<DP>(), "v");
+  kv_pass_kernel<DP, InT><<<grid, THREADS, sizeof(Smem<DP>), stream>>>(k_map, v_map, a);
   check_launch("sage2_kv_pass");
 }
 
