@@ -5,9 +5,11 @@ and a producer warpgroup feeding two (head dim 128) or three (64) consumer warpg
 turns on the tensor cores; causal calls on a persistent grid whose CTAs claim work tiles on a counter.
 At head dim 128 (non-causal, or causal from 8k queries) Q is quantized inside the kernel, by each
 consumer at the start of a work tile (the same codes and scales as the Triton pass, bit for bit;
-no pass over Q of its own: :func:`q_in_kernel`); elsewhere, and always for K and V, the kernel takes
-the Triton passes of the Triton backend (K's token mean and V's channel maxima need all of K and V
-first); only V^T's key order differs (see ``quant_v.wgmma_key_position``). Built on first use by
+no pass over Q of its own: :func:`q_in_kernel`); elsewhere the kernel takes the Triton backend's Q
+pass. K and V (K's token mean and V's channel maxima need all of K and V before any code) come from
+one CUDA launch that reads each once (:func:`quantize_kv`, csrc/sage2_sm90/kv_pass.cu; the Triton
+passes read them twice), or where it cannot run them, from the Triton passes; only V^T's key order
+differs from the Triton backend's (see ``quant_v.wgmma_key_position``). Built on first use by
 :mod:`common.build`.
 
 What the kernel covers (others: ``backend="triton"``, which ``"auto"`` then picks): sm_90 GPUs;
