@@ -23,12 +23,13 @@ __device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t word) {
 // x / scale correctly rounded, as common.triton_quant.div_by_scale: the product by inv = RN(1 / scale)
 // and two FMA corrections of its remainder (exact wherever the quotient is above 2^-41, i.e. for
 // every nonzero INT8/INT4/E4M3 code). x and scale come already multiplied by the pass's factor (2^64
-// for a scale below 2^-60). x = -0 gives -0 (FP8 keeps the sign of a zero).
+// for a scale below 2^-60). The quotient takes x's sign, so x = -0 gives -0 (FP8 keeps the sign of
+// a zero; for x != 0 the sign is the quotient's already).
 __device__ __forceinline__ float div_by_scale(float x, float scale, float inv) {
   float q = x * inv;
   q = fmaf(fmaf(-q, scale, x), inv, q);
   q = fmaf(fmaf(-q, scale, x), inv, q);
-  return x == 0.f ? x : q;
+  return copysignf(q, x);
 }
 
 // round(x / scale) half away from zero, clamped to [-qmax, qmax], as the Triton pass computes it:
@@ -39,6 +40,16 @@ __device__ __forceinline__ uint32_t int_code(float x, float scale, float inv, fl
   q = fmaf(fmaf(-q, scale, x), inv, q);
   q = __fadd_rn(q, copysignf(0.5f, q));  // (-0 gives -0.5 where the pass gives +0.5: code 0 either way)
   return uint32_t(__float2int_rz(fminf(fmaxf(q, -qmax), qmax))) & 0xffu;
+}
+
+// int_code without the clamp, where |x / scale| cannot round past qmax + 1/2 (scale = RN(max / qmax)
+// over finite values: the quotient is at most qmax (1 + 2^-23))
+__device__ __forceinline__ uint32_t int_code_unclamped(float x, float scale, float inv) {
+  float q = x * inv;
+  q = fmaf(fmaf(-q, scale, x), inv, q);
+  q = fmaf(fmaf(-q, scale, x), inv, q);
+  q = __fadd_rn(q, copysignf(0.5f, q));
+  return uint32_t(__float2int_rz(q)) & 0xffu;
 }
 
 // The pass's divisor for a scale: 1 where the scale is 0, times 2^64 below 2^-60 (so that 1 / scale

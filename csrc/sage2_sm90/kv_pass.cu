@@ -65,6 +65,20 @@ __device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
   return done != 0;
 }
 __device__ __forceinline__ bool finite(float x) { return fabsf(x) < INFINITY; }
+// max(m, |x|) of two packed 16-bit values, NaN-propagating (exact: |.| and max round nothing)
+template <typename InT>
+__device__ __forceinline__ uint32_t max_abs2(uint32_t m, uint32_t x);
+template <>
+__device__ __forceinline__ uint32_t max_abs2<__half>(uint32_t m, uint32_t x) {
+  const __half2 r = __hmax2_nan(*reinterpret_cast<const __half2*>(&m), __habs2(*reinterpret_cast<const __half2*>(&x)));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+template <>
+__device__ __forceinline__ uint32_t max_abs2<__nv_bfloat16>(uint32_t m, uint32_t x) {
+  const __nv_bfloat162 r = __hmax2_nan(*reinterpret_cast<const __nv_bfloat162*>(&m),
+                                       __habs2(*reinterpret_cast<const __nv_bfloat162*>(&x)));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
 
 template <int DP>
 struct Smem {
@@ -78,6 +92,7 @@ struct Smem {
   float row_scale[T], row_inv[T], row_factor[T];
   float col_scale[DP], col_inv[DP], col_factor[DP];  // V
   int next_item, last, bad_row, poll;
+  int nonfinite[2];  // V: whether the chunk in each buffer holds a NaN/Inf (its codes then zero them)
 };
 
 struct Chunk {
@@ -166,23 +181,30 @@ __device__ void k_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
 // V's statistic: the chunk's max |v| per channel over finite values into v_amax (atomic max of the
 // bits), its first NaN/Inf key into first_bad, then the arrival
 template <int DP, typename InT>
-__device__ void v_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
+__device__ void v_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int buf, int head, int chunk) {
   constexpr int T = Smem<DP>::T, PAIRS = DP / 2, PARTS = THREADS / PAIRS;
   const int row0 = chunk * T, d = a.head_dim;
-  if (threadIdx.x == 0) sm.bad_row = INT_MAX;
-  __syncthreads();
   const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
-  float2 m = make_float2(0.f, 0.f);
-  int bad_row = INT_MAX;
+  // max |v| on the packed 16-bit values (NaN-propagating): two values per instruction
+  uint32_t m2 = 0;
 #pragma unroll 8
-  for (int r = part; r < T; r += PARTS) {
-    const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
-    const bool f0 = finite(x.x), f1 = finite(x.y);
-    m.x = fmaxf(m.x, f0 ? fabsf(x.x) : 0.f), m.y = fmaxf(m.y, f1 ? fabsf(x.y) : 0.f);
-    if (!(f0 && f1)) bad_row = min(bad_row, r);
+  for (int r = part; r < T; r += PARTS) m2 = max_abs2<InT>(m2, tile[r * PAIRS + p]);
+  float2 m = to_float2<InT>(m2);
+  const bool nonfinite = __syncthreads_or(!(finite(m.x) && finite(m.y)));
+  if (threadIdx.x == 0) sm.nonfinite[buf] = nonfinite, sm.bad_row = INT_MAX;
+  if (nonfinite) {  // rare: the max over finite values, and the chunk's first key with a NaN/Inf
+    __syncthreads();
+    m = make_float2(0.f, 0.f);
+    int bad_row = INT_MAX;
+    for (int r = part; r < T; r += PARTS) {
+      const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
+      const bool f0 = finite(x.x), f1 = finite(x.y);
+      m.x = fmaxf(m.x, f0 ? fabsf(x.x) : 0.f), m.y = fmaxf(m.y, f1 ? fabsf(x.y) : 0.f);
+      if (!(f0 && f1)) bad_row = min(bad_row, r);
+    }
+    if (bad_row != INT_MAX) atomicMin(&sm.bad_row, bad_row);
   }
   sm.part[threadIdx.x] = m;
-  if (bad_row != INT_MAX) atomicMin(&sm.bad_row, bad_row);
   __syncthreads();
   if (threadIdx.x < PAIRS) {
     float2 t = sm.part[p];
@@ -198,11 +220,40 @@ __device__ void v_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
 }
 
 template <int DP, typename InT>
-__device__ __forceinline__ void stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, const Chunk& c) {
+__device__ __forceinline__ void stats(const KvPassArgs& a, Smem<DP>& sm, int buf, const Chunk& c) {
   if (c.is_k)
-    k_stats<DP, InT>(a, sm, tile, c.head, c.index);
+    k_stats<DP, InT>(a, sm, sm.tile[buf], c.head, c.index);
   else
-    v_stats<DP, InT>(a, sm, tile, c.head, c.index);
+    v_stats<DP, InT>(a, sm, sm.tile[buf], buf, c.head, c.index);
+}
+
+// K's codes of the chunk's rows from the scales in shared memory (k_codes)
+template <int DP, typename InT, bool CLAMP>
+__device__ __forceinline__ void k_code_rows(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head,
+                                            int row0) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, WORDS = DP / 8;
+  const int n = a.seqlen, w = threadIdx.x % WORDS;
+  const float qmax = float(a.qmax);
+  for (int r = threadIdx.x / WORDS; r < T && row0 + r < n; r += THREADS / WORDS) {
+    uint2 packed = make_uint2(0u, 0u);  // a row with a NaN/Inf: zero codes
+    if (!(a.zero_nonfinite && sm.row_max[r] == INFINITY)) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(tile + r * PAIRS + w * 4);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+      const float s = sm.row_scale[r], inv = sm.row_inv[r], f = sm.row_factor[r];
+      uint32_t bytes[8];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = to_float2<InT>(words[e]);
+        float x0 = x.x - sm.col[w * 8 + 2 * e], x1 = x.y - sm.col[w * 8 + 2 * e + 1];
+        if (f != 1.f) x0 *= f, x1 *= f;
+        bytes[2 * e] = CLAMP ? int_code(x0, s, inv, qmax) : int_code_unclamped(x0, s, inv);
+        bytes[2 * e + 1] = CLAMP ? int_code(x1, s, inv, qmax) : int_code_unclamped(x1, s, inv);
+      }
+      packed.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
+      packed.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (bytes[7] << 24);
+    }
+    *reinterpret_cast<uint2*>(a.k_codes + (int64_t(head) * n + row0 + r) * DP + w * 8) = packed;
+  }
 }
 
 // K's codes, once the head's mean is out: x = k - mean; per row max |x|; scales per 128 keys or per
@@ -218,13 +269,15 @@ __device__ void k_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
   for (int r = threadIdx.x / WORDS; r < T; r += THREADS / WORDS) {
     const uint4 raw = *reinterpret_cast<const uint4*>(tile + r * PAIRS + w * 4);
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    float amax = 0.f;
+    float amax = 0.f, nonfinite = 0.f;  // nonfinite: NaN once an x is NaN or +-inf (x * 0)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float2 x = to_float2<InT>(words[e]);
       const float x0 = x.x - sm.col[w * 8 + 2 * e], x1 = x.y - sm.col[w * 8 + 2 * e + 1];
-      amax = fmaxf(amax, fmaxf(x0 == x0 ? fabsf(x0) : INFINITY, x1 == x1 ? fabsf(x1) : INFINITY));
+      amax = fmaxf(amax, fmaxf(fabsf(x0), fabsf(x1)));
+      nonfinite = fmaf(x0, 0.f, fmaf(x1, 0.f, nonfinite));
     }
+    if (nonfinite != nonfinite) amax = INFINITY;  // (a NaN counts as +inf, as the Triton pass's)
     if (row0 + r >= n) amax = 0.f;  // (channels past D and rows past N are 0 - 0 already; kept explicit)
 #pragma unroll
     for (int lanes = 1; lanes < WORDS; lanes *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, lanes));
@@ -260,34 +313,21 @@ __device__ void k_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
     sm.row_scale[r] = div.scale, sm.row_inv[r] = div.inv, sm.row_factor[r] = div.factor;
   }
   __syncthreads();
-  // codes: 8 channels per thread, a row's WORDS threads writing its DP bytes together
-  const float qmax = float(a.qmax);
-  for (int r = threadIdx.x / WORDS; r < T && row0 + r < n; r += THREADS / WORDS) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(tile + r * PAIRS + w * 4);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    const bool bad = a.zero_nonfinite && sm.row_max[r] == INFINITY;
-    const float s = sm.row_scale[r], inv = sm.row_inv[r], f = sm.row_factor[r];
-    uint32_t bytes[8];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 x = to_float2<InT>(words[e]);
-      const float x0 = bad ? 0.f : x.x - sm.col[w * 8 + 2 * e], x1 = bad ? 0.f : x.y - sm.col[w * 8 + 2 * e + 1];
-      bytes[2 * e] = int_code(x0 * f, s, inv, qmax);
-      bytes[2 * e + 1] = int_code(x1 * f, s, inv, qmax);
-    }
-    uint2 packed;
-    packed.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
-    packed.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (bytes[7] << 24);
-    *reinterpret_cast<uint2*>(a.k_codes + (int64_t(head) * n + row0 + r) * DP + w * 8) = packed;
-  }
+  // codes: 8 channels per thread, a row's WORDS threads writing its DP bytes together. With NaN/Inf
+  // zeroed every group max is finite, and RN(x / RN(max / qmax)) is within an ulp of qmax, so the
+  // code needs no clamp (the Triton pass clamps; it never binds there)
+  if (a.zero_nonfinite)
+    k_code_rows<DP, InT, false>(a, sm, tile, head, row0);
+  else
+    k_code_rows<DP, InT, true>(a, sm, tile, head, row0);
 }
-
 
 // V's codes, once the head's maxima are in: E4M3 of v / (amax / 448), keys in the wgmma order, V^T
 // (common.triton_quant.quantize_v_fp8_kernel)
 template <int DP, typename InT>
-__device__ void v_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
-  constexpr int T = Smem<DP>::T;
+__device__ void v_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, bool nonfinite, int head,
+                        int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2;
   const int row0 = chunk * T, d = a.head_dim;
   for (int c = threadIdx.x; c < DP; c += THREADS) {
     const float amax = c < d ? __int_as_float(load_relaxed_gpu(a.v_amax + int64_t(head) * d + c)) : 0.f;
@@ -297,33 +337,43 @@ __device__ void v_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
     sm.col_scale[c] = div.scale, sm.col_inv[c] = div.inv, sm.col_factor[c] = div.factor;
   }
   __syncthreads();
-  // codes: one channel and 32 keys per task (32 bytes of V^T's row); slot 16h + 4t + 2e + b of each 32
-  // holds key 16h + 8e + 2t + b (where the S fragment puts lane t's P)
-  for (int task = threadIdx.x; task < DP * (T / 32); task += THREADS) {
-    const int c = task % DP, g = task / DP;
+  const bool zero = a.zero_nonfinite && nonfinite;
+  // one task: channels 2p, 2p + 1 and 32 keys (32 bytes of two rows of V^T); slot 16h + 4t + 2e + b of
+  // each 32 holds key 16h + 8e + 2t + b (where the S fragment puts lane t's P)
+  for (int task = threadIdx.x; task < PAIRS * (T / 32); task += THREADS) {
+    const int p = task % PAIRS, g = task / PAIRS;
     if (row0 + 32 * g >= a.npad) break;
-    const float s = sm.col_scale[c], inv = sm.col_inv[c], f = sm.col_factor[c];
-    const __half_raw* col = reinterpret_cast<const __half_raw*>(tile) + c;  // 16-bit values, any InT
-    uint32_t words[8];
+    float s[2], inv[2], f[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) s[e] = sm.col_scale[2 * p + e], inv[e] = sm.col_inv[2 * p + e], f[e] = sm.col_factor[2 * p + e];
+    const bool unit = f[0] == 1.f && f[1] == 1.f;
+    uint32_t words[2][8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) {  // slots 4q .. 4q + 3: h = q / 4, t = q % 4, (e, b) = 00, 01, 10, 11
-      float y[4];
+      float y[2][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int key = 32 * g + 16 * (q / 4) + 8 * (j / 2) + 2 * (q % 4) + (j % 2);
-        const uint32_t bits = col[key * DP].x;
-        float x = to_float2<InT>(bits).x;
-        if (a.zero_nonfinite && !finite(x)) x = 0.f;
-        y[j] = div_by_scale(x * f, s, inv);
+        const float2 x2 = to_float2<InT>(tile[key * PAIRS + p]);
+        float x[2] = {x2.x, x2.y};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (zero && !finite(x[e])) x[e] = 0.f;
+          if (!unit) x[e] *= f[e];
+          y[e][j] = div_by_scale(x[e], s[e], inv[e]);
+        }
       }
-      words[q] = pack_e4m3x4(y[0], y[1], y[2], y[3]);
+      words[0][q] = pack_e4m3x4(y[0][0], y[0][1], y[0][2], y[0][3]);
+      words[1][q] = pack_e4m3x4(y[1][0], y[1][1], y[1][2], y[1][3]);
     }
-    uint4* dst = reinterpret_cast<uint4*>(a.v_codes + (int64_t(head) * DP + c) * a.npad + row0 + 32 * g);
-    dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
-    dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      uint4* dst = reinterpret_cast<uint4*>(a.v_codes + (int64_t(head) * DP + 2 * p + e) * a.npad + row0 + 32 * g);
+      dst[0] = make_uint4(words[e][0], words[e][1], words[e][2], words[e][3]);
+      dst[1] = make_uint4(words[e][4], words[e][5], words[e][6], words[e][7]);
+    }
   }
 }
-
 
 template <int DP, typename InT>
 __global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks each) per SM
@@ -344,7 +394,7 @@ __global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks e
   int buf = 0;
   uint32_t parity = 0;  // bit i: the next phase of buffer i's barrier
   mbar_wait(&sm.full[0], 0), parity ^= 1;
-  stats<DP, InT>(a, sm, sm.tile[0], cur);
+  stats<DP, InT>(a, sm, 0, cur);
   while (true) {
     __syncthreads();  // (everyone is done with the other buffer and has read next_item)
     if (threadIdx.x == 0) {
@@ -368,7 +418,7 @@ __global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks e
       __syncthreads();  // (poll is written again)
       if (state & 2) {
         mbar_wait(&sm.full[buf ^ 1], (parity >> (buf ^ 1)) & 1), parity ^= 1u << (buf ^ 1);
-        stats<DP, InT>(a, sm, sm.tile[buf ^ 1], next);
+        stats<DP, InT>(a, sm, buf ^ 1, next);
         next_in = true;
       }
       if (state & 1) break;
@@ -376,12 +426,12 @@ __global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks e
     if (cur.is_k)
       k_codes<DP, InT>(a, sm, sm.tile[buf], cur.head, cur.index);
     else
-      v_codes<DP, InT>(a, sm, sm.tile[buf], cur.head, cur.index);
+      v_codes<DP, InT>(a, sm, sm.tile[buf], sm.nonfinite[buf], cur.head, cur.index);
     if (!has_next) break;
     if (!next_in) {
       mbar_wait(&sm.full[buf ^ 1], (parity >> (buf ^ 1)) & 1), parity ^= 1u << (buf ^ 1);
       __syncthreads();  // (the codes' reads of shared statistics are done)
-      stats<DP, InT>(a, sm, sm.tile[buf ^ 1], next);
+      stats<DP, InT>(a, sm, buf ^ 1, next);
     }
     cur = next, buf ^= 1;
   }
