@@ -257,7 +257,7 @@ def kv_pass_covers(k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool, granular
     """Whether the one-read K/V pass runs this call's K and V (HND views): K smoothed, K's scales per
     block or per thread (sage2's per_warp is per block for K; not per_tensor), 16-bit K and V of
     one dtype that the pass can read (:func:`_strides_for_pass`), and a head whose chunks all fit on
-    the GPU at once (beyond, ~40k keys at head dim 128 on an H100, the two-read Triton passes run:
+    the GPU at once (beyond, ~25k keys at head dim 128 and ~50k at 64 on an H100, the two-read Triton passes run:
     there the passes are a small part of the call). ``SAGE2_SM90_KV=triton`` forces the Triton
     passes, ``=cuda`` this one (an error where it cannot run; tests run both)."""
     import os
