@@ -46,7 +46,7 @@ def main():
         gbytes = 1.5 * 2 * B * H * n * d * 2 / 1e9
         print(f"{d} {n} | {t_tri:.0f} | {t_one:.0f} (fills {zero:.0f}) | {t_tri / t_one:.2f}x | "
               f"{gbytes / ((t_one - zero) * 1e-6) / 1e3:.2f}", flush=True)
-        del k, v
+        k = v = None  # (released before the next size)
         torch.cuda.empty_cache()
 
 

@@ -1,7 +1,7 @@
 """The fused K/V pass alone vs the separate passes (B=4, H=32, D=128), over its launch settings."""
 import sys, torch
 from common.inputs import make_qkv
-from common.int_qk import padded_head_dim, quantize_qk
+from common.int_qk import quantize_qk
 from common.nonfinite import NonfiniteFlags
 from common.timing import bench_ms
 from sage2 import kv_pass
@@ -33,5 +33,5 @@ for n in (16384, 8192, 2048):
         kv_pass.NUM_WARPS, kv_pass.STAT_BLOCK, kv_pass.MAXNREG = warps, stat, maxnreg
         ms = bench_ms(fused, rep_ms=300)
         print(f"N={n} fused warps={warps} stat_block={stat} maxnreg={maxnreg}: {ms * 1e3:7.1f} us  ({nbytes / ms / 1e9:.2f} TB/s)", flush=True)
-    del k, v
+    k = v = None  # (released before the next size)
     torch.cuda.empty_cache()

@@ -24,5 +24,5 @@ for n in (16384, 2048):
                                                            BLOCK=block, DP=128, QMAX=127, GRAN=3, WARP=16, HAS_MEAN=False, SMOOTH_BLOCK=False, ZERO=True, FLAGS=1, INTERPRET=False, num_warps=warps, **extra)
         ms = bench_ms(f, rep_ms=200)
         print(f"N={n} Q codes block={block} warps={warps} maxnreg={maxnreg}: {ms*1e3:.0f} us ({mb * 1.5 / ms / 1e3:.2f} TB/s)", flush=True)
-    del q, k, codes
+    q = k = codes = None  # (released before the next size)
     torch.cuda.empty_cache()

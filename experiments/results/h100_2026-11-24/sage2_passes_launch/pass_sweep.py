@@ -34,5 +34,5 @@ for n in (16384, 2048):
     f = lambda: torch.mean(k, dim=-2, keepdim=True, dtype=torch.float32)
     ms = bench_ms(f, rep_ms=200)
     print(f"N={n} torch.mean K: {ms*1e3:.0f} us ({mb / ms / 1e3:.2f} TB/s)", flush=True)
-    del k, v, codes, out
+    k = v = codes = out = None  # (released before the next size)
     torch.cuda.empty_cache()
