@@ -122,6 +122,19 @@ __device__ __forceinline__ void issue_load(Smem<DP>& sm, int buf, const Chunk& c
   tma_load_4d(sm.tile[buf], c.is_k ? k_map : v_map, &sm.full[buf], 0, c.index * Smem<DP>::T, c.h, c.b);
 }
 
+// each thread's pair of column sums added over the PARTS threads of its channel pair, in part order
+// (deterministic): thread p's result is pair p's (a barrier first; the caller's threads < PAIRS use it)
+template <int DP>
+__device__ __forceinline__ float2 sum_over_parts(Smem<DP>& sm, float2 s, int p) {
+  constexpr int PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+  sm.part[threadIdx.x] = s;
+  __syncthreads();
+  float2 t = sm.part[p];
+#pragma unroll
+  for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
+  return t;
+}
+
 // K's statistic: the chunk's column sums into k_partial; the last chunk of the head to arrive sums
 // them in chunk order into the mean and publishes it (the arrival count goes to chunks + 1)
 template <int DP, typename InT>
@@ -136,14 +149,8 @@ __device__ void k_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
       const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
       s.x += x.x, s.y += x.y;
     }
-    sm.part[threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.x < PAIRS) {
-      float2 t = sm.part[p];
-#pragma unroll
-      for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
-      reinterpret_cast<float2*>(a.k_partial)[(int64_t(head) * a.chunks + chunk) * PAIRS + p] = t;
-    }
+    const float2 t = sum_over_parts(sm, s, p);
+    if (threadIdx.x < PAIRS) reinterpret_cast<float2*>(a.k_partial)[(int64_t(head) * a.chunks + chunk) * PAIRS + p] = t;
     __syncthreads();
   }
   int* arrived = a.counters + 1 + head;
@@ -159,13 +166,8 @@ __device__ void k_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
     const float2 x = __ldcg(partial + int64_t(j) * PAIRS);
     s.x += x.x, s.y += x.y;
   }
-  __syncthreads();  // (sm.part: everyone's column sums were read above)
-  sm.part[threadIdx.x] = s;
-  __syncthreads();
+  const float2 t = sum_over_parts(sm, s, p);
   if (threadIdx.x < PAIRS) {
-    float2 t = sm.part[p];
-#pragma unroll
-    for (int q = 1; q < PARTS; ++q) t.x += sm.part[q * PAIRS + p].x, t.y += sm.part[q * PAIRS + p].y;
     float m[2] = {__fdiv_rn(t.x, float(n)), __fdiv_rn(t.y, float(n))};
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
