@@ -2,8 +2,9 @@
 
 CPU (CI): every CUDA source compiles for sm_90a (``python -m common.build --check``); V's wgmma key
 order is a permutation within each 32 keys that puts key n where lane t's P lands; bad requests get
-clear errors. GPU (H100): the kernel against the emulation and the Triton kernel on the same
-inputs, against exact attention, the NaN rule, torch.compile and CUDA graphs.
+clear errors; where the one-read K/V pass runs. GPU (H100): the kernel against the emulation and the
+Triton kernel on the same inputs, against exact attention, the NaN rule, torch.compile and CUDA
+graphs; the K/V pass (csrc/sage2_sm90/kv_pass.cu) against the Triton passes, bit for bit.
 """
 
 import pytest
