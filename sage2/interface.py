@@ -102,7 +102,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             qk_granularity=qk_granularity, smooth_q=smooth_q, smooth_v=smooth_v, pv_dtype=pv_dtype,
             pv_accum=pv_accum, mask=mask, head_dim=D), "sage2")
         use_cuda = be == "cuda"
-        if use_cuda:  # the CUDA kernel takes the Triton passes' K and V, and Q's where it does not quantize Q
+        if use_cuda:  # the CUDA kernel takes the Triton passes' Q where it does not quantize Q, and their K and V where
+            # the one-read K/V pass (below) cannot run
             be = "triton"
         # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
         check = nonfinite.CHECK_NONFINITE
