@@ -32,10 +32,11 @@ struct KvPassArgs {
   bool bf16;
 };
 
-// Tokens per chunk: each CTA holds one chunk of one head of K or V in shared memory (32 KB).
+// Tokens per chunk (32 KB of one head of K or V; each CTA holds two: its chunk and the next).
 int kv_pass_chunk_tokens(int padded_head_dim);
 // The most chunks per head that one launch takes on the current device: a CTA waits for the other
-// chunks of its head, which must all be resident (half of the CTAs that fit, kept as a margin).
+// chunks of its head, which running CTAs must hold; at most as many as CTAs fit (half of them: a
+// margin for SMs that other work holds).
 int kv_pass_max_chunks(int padded_head_dim);
 // Launches on `stream`; throws std::invalid_argument naming the argument on unsupported input.
 void sage2_kv_pass(const KvPassArgs& args, cudaStream_t stream);
