@@ -245,12 +245,14 @@ def _kv_pass_limits(device: torch.device, dp: int) -> tuple[int, int]:
 
 def _strides_for_pass(t: torch.Tensor) -> tuple[int, int, int] | None:
     """t's batch, head and token strides as the pass takes them (a dimension of size 1: 0), or None
-    where the pass cannot read t (channels not contiguous, a stride not a multiple of 8 elements, not
-    16-byte aligned, a head dim not a multiple of 8)."""
+    where the pass cannot read t (channels not contiguous, a stride not a positive multiple of 8
+    elements, not 16-byte aligned, a head dim not a multiple of 8)."""
     if t.stride(-1) != 1 or t.shape[-1] % 8 or t.data_ptr() % 16:
         return None
     strides = tuple(0 if size == 1 else st for size, st in zip(t.shape[:3], t.stride()[:3]))
-    return strides if all(st >= 0 and st % 8 == 0 for st in strides) else None
+    # (a broadcast dimension, stride 0 and longer than 1, is no tensor map's: the Triton passes take it)
+    readable = all(size == 1 or (st > 0 and st % 8 == 0) for size, st in zip(t.shape[:3], strides))
+    return strides if readable else None
 
 
 def kv_pass_covers(k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool, granularity: str) -> bool:

@@ -246,7 +246,7 @@ def test_cuda_accuracy_at_real_size(d, causal):
     assert a.rel_l1 <= 1.05 * t.rel_l1, (a, t)
 
 
-def _kv_by_both_passes(k, v, *, granularity, bits, layout):
+def _kv_by_both_passes(k, v, *, granularity, bits, layout, zero=True):
     """sage2.cuda.quantize_kv on HND views of k, v; and the Triton passes given its K mean."""
     from common.int_qk import padded_head_dim, quantize_qk
     from common.nonfinite import NonfiniteFlags
@@ -255,27 +255,32 @@ def _kv_by_both_passes(k, v, *, granularity, bits, layout):
     kh, vh = (k, v) if layout == "HND" else (k.transpose(1, 2), v.transpose(1, 2))
     B, H, N, D = kh.shape
     bufs = [torch.zeros(n, dtype=torch.int32, device="cuda") for n in (sc.kv_counter_entries(B, H), B * H * D, B * H)]
-    (kc, ks, km), qv = sc.quantize_kv(kh, vh, bits=bits, granularity=granularity, zero_nonfinite=True,
+    (kc, ks, km), qv = sc.quantize_kv(kh, vh, bits=bits, granularity=granularity, zero_nonfinite=zero,
                                       first_bad=bufs[2], counters=bufs[0], v_amax=bufs[1])
     flags = NonfiniteFlags(None, torch.zeros(B * H, dtype=torch.int32, device="cuda"))
     tri = quantize_qk(kh, kh, sm_scale=1.0, granularity=granularity, bits=bits, k_block=128, backend="triton",
-                      zero_nonfinite=True, flags=flags, quantize_q=False, k_mean_override=km)
-    tri_v = quantize_v(vh, "fp8_e4m3", smooth_v=False, backend="triton", dp=padded_head_dim(D), zero_nonfinite=True,
+                      zero_nonfinite=zero, flags=flags, quantize_q=False, k_mean_override=km)
+    tri_v = quantize_v(vh, "fp8_e4m3", smooth_v=False, backend="triton", dp=padded_head_dim(D), zero_nonfinite=zero,
                        flags=flags, wgmma_key_order=True, npad_multiple=128)
     return (kc, ks, km, qv, bufs[2]), (tri.k_codes, tri.k_scale_per_token(), tri_v, flags.first_bad)
 
 
 @gpu
 @hopper
-@pytest.mark.parametrize("dtype,heads,n,d,layout,granularity,bits", [
-    (FP16, (2, 3), 1000, 128, "HND", "per_thread", 8),
-    (BF16, (1, 2), 77, 64, "NHD", "per_block", 8),
-    (FP16, (2, 1), 4097, 40, "HND", "per_warp", 4),
-    (FP16, (1, 2), 300, 96, "NHD", "per_thread", 4),
-    (BF16, (2, 2), 20000, 128, "HND", "per_thread", 8),  # 157 chunks per head, the CTAs waiting on each other
-    (FP16, (1, 1), 1, 64, "HND", "per_thread", 8),
+@pytest.mark.parametrize("dtype,heads,n,d,layout,granularity,bits,special", [
+    (FP16, (2, 3), 1000, 128, "HND", "per_thread", 8, ""),
+    (BF16, (1, 2), 77, 64, "NHD", "per_block", 8, ""),
+    (FP16, (2, 1), 4097, 40, "HND", "per_warp", 4, ""),
+    (FP16, (1, 2), 300, 96, "NHD", "per_thread", 4, ""),
+    (BF16, (2, 2), 20000, 128, "HND", "per_thread", 8, ""),  # 157 chunks per head, the CTAs waiting on each other
+    (FP16, (1, 1), 1, 64, "HND", "per_thread", 8, ""),
+    # bf16 values near 2^-130: subnormal K and V scales (K's codes through the clamped form)
+    (BF16, (1, 2), 1000, 128, "HND", "per_thread", 8, "tiny"),
+    (BF16, (1, 2), 700, 64, "NHD", "per_block", 4, "tiny"),
+    # zero_nonfinite=False (CHECK_NONFINITE off: the clamped codes), finite inputs
+    (FP16, (2, 2), 1000, 128, "HND", "per_thread", 8, "no_zero"),
 ])
-def test_kv_pass_gives_the_triton_passes_codes_bit_for_bit(dtype, heads, n, d, layout, granularity, bits):
+def test_kv_pass_gives_the_triton_passes_codes_bit_for_bit(dtype, heads, n, d, layout, granularity, bits, special):
     """The one-read K/V pass (csrc/sage2_sm90/kv_pass.cu) against the Triton passes given its K mean:
     the same K codes and per-key scales, V^T's E4M3 bytes (wgmma key order) and scales, and the first
     key with a NaN/Inf per head, bit for bit, with keys that hold a NaN or an Inf, a key far above
@@ -289,20 +294,28 @@ def test_kv_pass_gives_the_triton_passes_codes_bit_for_bit(dtype, heads, n, d, l
     kh, vh = (k, v) if layout == "HND" else (k.transpose(1, 2), v.transpose(1, 2))
     kh[0, 0, n // 2] *= 500
     vh[0, h - 1, :, 1] = 0.25
-    if n > 10:
+    if special == "tiny":
+        kh[0, 0] *= 2.0 ** -130
+        vh[0, 0, :, 2] *= 2.0 ** -130
+    if n > 10 and special != "no_zero":
         kh[0, 0, n - 3, 2] = float("nan")
         kh[b - 1, h - 1, 5, 0] = float("inf")
         vh[0, 0, 7, d - 1] = float("-inf")
         vh[b - 1, h - 1, n - 1, 3] = float("nan")
+    zero = special != "no_zero"
     (kc, ks, km, qv, bad), (tkc, tks, tqv, tbad) = _kv_by_both_passes(k, v, granularity=granularity, bits=bits,
-                                                                      layout=layout)
+                                                                      layout=layout, zero=zero)
     assert torch.equal(kc, tkc) and torch.equal(ks, tks)
     assert torch.equal(qv.codes.view(torch.uint8), tqv.codes.view(torch.uint8)) and torch.equal(qv.scale, tqv.scale)
     assert torch.equal(bad, tbad)
-    if n > 10:
+    if special == "tiny":
+        sub = (ks[0, 0] > 0) & (ks[0, 0] < 2.0 ** -126)
+        assert sub.any() and 0 < qv.scale[0, 0, 2] < 2.0 ** -126  # subnormal scales
+    if n > 10 and zero:
         assert bad[0] == NO_BAD_KEY - 7 and bad[b * h - 1] == NO_BAD_KEY - 5  # V's key 7 before K's n - 3
     torch.testing.assert_close(km, finite_mean(k_mean(kh)), rtol=2e-6, atol=1e-6)
-    (kc2, ks2, km2, qv2, _), _ = _kv_by_both_passes(k, v, granularity=granularity, bits=bits, layout=layout)
+    (kc2, ks2, km2, qv2, _), _ = _kv_by_both_passes(k, v, granularity=granularity, bits=bits, layout=layout,
+                                                    zero=zero)
     assert torch.equal(km2, km) and torch.equal(kc2, kc) and torch.equal(qv2.codes.view(torch.uint8),
                                                                             qv.codes.view(torch.uint8))
 
@@ -340,6 +353,8 @@ def test_kv_pass_covers_names_what_it_cannot_run(monkeypatch):
     assert not covers(k, k, smooth_k=True, granularity="per_tensor")
     assert not covers(k, k.float(), smooth_k=True, granularity="per_thread")
     assert not covers(k[..., :100], k[..., :100], smooth_k=True, granularity="per_thread")  # strides of 128, D 100
+    wide = torch.zeros(1, 1, 512, 128, dtype=FP16).expand(1, 2, 512, 128)
+    assert not covers(wide, wide, smooth_k=True, granularity="per_thread")  # broadcast heads: stride 0
     off = torch.zeros(1 + k.numel(), dtype=FP16)[1:].view(k.shape)
     assert not covers(off, off, smooth_k=True, granularity="per_thread")  # 2 bytes past 16-byte alignment
     long = torch.zeros(1, 1, 513, 128, dtype=FP16)

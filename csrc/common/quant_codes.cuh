@@ -42,8 +42,9 @@ __device__ __forceinline__ uint32_t int_code(float x, float scale, float inv, fl
   return uint32_t(__float2int_rz(fminf(fmaxf(q, -qmax), qmax))) & 0xffu;
 }
 
-// int_code without the clamp, where |x / scale| cannot round past qmax + 1/2 (scale = RN(max / qmax)
-// over finite values: the quotient is at most qmax (1 + 2^-23))
+// int_code without the clamp, where |x / scale| cannot round past qmax + 1/2: scale = RN(max / qmax)
+// over finite values and normal (a subnormal scale has too few bits: callers take int_code for
+// scales below 2^-60), so the quotient is at most qmax (1 + 2^-23)
 __device__ __forceinline__ uint32_t int_code_unclamped(float x, float scale, float inv) {
   float q = x * inv;
   q = fmaf(fmaf(-q, scale, x), inv, q);

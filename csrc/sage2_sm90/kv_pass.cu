@@ -246,10 +246,13 @@ __device__ __forceinline__ void k_code_rows(const KvPassArgs& a, Smem<DP>& sm, c
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 x = to_float2<InT>(words[e]);
-        float x0 = x.x - sm.col[w * 8 + 2 * e], x1 = x.y - sm.col[w * 8 + 2 * e + 1];
-        if (f != 1.f) x0 *= f, x1 *= f;
-        bytes[2 * e] = CLAMP ? int_code(x0, s, inv, qmax) : int_code_unclamped(x0, s, inv);
-        bytes[2 * e + 1] = CLAMP ? int_code(x1, s, inv, qmax) : int_code_unclamped(x1, s, inv);
+        const float x0 = x.x - sm.col[w * 8 + 2 * e], x1 = x.y - sm.col[w * 8 + 2 * e + 1];
+        if (f != 1.f) {  // a scale below 2^-60 (rare): maybe subnormal, too coarse for the unclamped form
+          bytes[2 * e] = int_code(x0 * f, s, inv, qmax), bytes[2 * e + 1] = int_code(x1 * f, s, inv, qmax);
+        } else {
+          bytes[2 * e] = CLAMP ? int_code(x0, s, inv, qmax) : int_code_unclamped(x0, s, inv);
+          bytes[2 * e + 1] = CLAMP ? int_code(x1, s, inv, qmax) : int_code_unclamped(x1, s, inv);
+        }
       }
       packed.x = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (bytes[3] << 24);
       packed.y = bytes[4] | (bytes[5] << 8) | (bytes[6] << 16) | (bytes[7] << 24);
@@ -279,8 +282,10 @@ __device__ void k_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
       amax = fmaxf(amax, fmaxf(fabsf(x0), fabsf(x1)));
       nonfinite = fmaf(x0, 0.f, fmaf(x1, 0.f, nonfinite));
     }
-    if (nonfinite != nonfinite) amax = INFINITY;  // (a NaN counts as +inf, as the Triton pass's)
-    if (row0 + r >= n) amax = 0.f;  // (channels past D and rows past N are 0 - 0 already; kept explicit)
+    // a NaN/Inf makes the row a zero row (zero_nonfinite: +inf marks it, as the Triton pass's NaN-as-inf
+    // max); otherwise the max of |x| ignores NaN, as the pass's tl.max does
+    if (a.zero_nonfinite && nonfinite != nonfinite) amax = INFINITY;
+    if (row0 + r >= n) amax = 0.f;  // rows past N hold 0 - mean here; the pass's are 0
 #pragma unroll
     for (int lanes = 1; lanes < WORDS; lanes *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, lanes));
     if (w == 0) {
