@@ -9,7 +9,8 @@
 //
 // Persistent CTAs with two chunk buffers: while a CTA waits for its chunk's head, its next chunk is
 // loading, and the CTA adds that chunk's statistic as soon as it lands (v1, one chunk per CTA, held
-// its shared memory idle through the wait: 1.6 TB/s). Chunks are claimed on a ticket in the order
+// its shared memory idle through the wait: 1.6 TB/s; this one 1.9 TB/s, 860 us at 16k against the
+// Triton passes' 1035: csrc/NOTES.md, v13.2). Chunks are claimed on a ticket in the order
 // CTAs take them, so the chunks a CTA waits for are all claimed by running CTAs, each of which adds
 // its chunks' statistics without waiting on anything; a head completes once all its chunks are
 // claimed, which needs no more chunks per head than CTAs running (kv_pass_max_chunks; longer
