@@ -82,9 +82,10 @@ def q_in_kernel(*, is_causal: bool, head_dim: int, seqlen_q: int, granularity: s
 
 
 def _tma_ready(q: torch.Tensor) -> bool:
-    """The kernel reads Q by TMA: 16-byte aligned, channels contiguous and a multiple of 8 of them
-    (the kernel gives a dimension of size 1 the packed stride, which must be a multiple of 16 bytes
-    too), and every other stride (of a dimension longer than 1) a positive multiple of 8 elements."""
+    """The kernel reads Q (and the K/V pass K and V) by TMA: 16-byte aligned, channels contiguous and
+    a multiple of 8 of them (the kernels give a dimension of size 1 the packed stride, which must be a
+    multiple of 16 bytes too), and every other stride (of a dimension longer than 1) a positive
+    multiple of 8 elements."""
     return (q.stride(-1) == 1 and q.data_ptr() % 16 == 0 and q.shape[-1] % 8 == 0
             and all(size == 1 or (st > 0 and st % 8 == 0) for size, st in zip(q.shape[:3], q.stride()[:3])))
 
@@ -227,7 +228,7 @@ def launch(q: torch.Tensor, qk, qv, out_hnd: torch.Tensor, *, granularity: str, 
 
 # ---- K and V: one launch reading each once (csrc/sage2_sm90/kv_pass.cu) ----
 
-_KV_MAX_CHUNKS: dict[tuple[int, int], int] = {}
+_KV_MAX_CHUNKS: dict[tuple[int, int], tuple[int, int]] = {}
 
 
 def _kv_pass_limits(device: torch.device, dp: int) -> tuple[int, int]:
@@ -245,14 +246,10 @@ def _kv_pass_limits(device: torch.device, dp: int) -> tuple[int, int]:
 
 def _strides_for_pass(t: torch.Tensor) -> tuple[int, int, int] | None:
     """t's batch, head and token strides as the pass takes them (a dimension of size 1: 0), or None
-    where the pass cannot read t (channels not contiguous, a stride not a positive multiple of 8
-    elements, not 16-byte aligned, a head dim not a multiple of 8)."""
-    if t.stride(-1) != 1 or t.shape[-1] % 8 or t.data_ptr() % 16:
+    where TMA cannot read t (:func:`_tma_ready`: a broadcast dimension, say, goes to the Triton passes)."""
+    if not _tma_ready(t):
         return None
-    strides = tuple(0 if size == 1 else st for size, st in zip(t.shape[:3], t.stride()[:3]))
-    # (a broadcast dimension, stride 0 and longer than 1, is no tensor map's: the Triton passes take it)
-    readable = all(size == 1 or (st > 0 and st % 8 == 0) for size, st in zip(t.shape[:3], strides))
-    return strides if readable else None
+    return tuple(0 if size == 1 else st for size, st in zip(t.shape[:3], t.stride()[:3]))
 
 
 def kv_pass_covers(k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool, granularity: str) -> bool:

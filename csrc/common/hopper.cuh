@@ -36,6 +36,17 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// whether the barrier's phase of the given parity has completed (no wait)
+__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // ---- a counter shared by programs: the add releases this thread's earlier writes (and, after a
 // barrier, the block's) and acquires those released by earlier adds; returns the old value ----
 __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* counter, int value) {
@@ -49,6 +60,13 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* counter, int value) {
 __device__ __forceinline__ int load_relaxed_gpu(const int* word) {
   int v;
   asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
+  return v;
+}
+
+// ---- a read of such a counter that acquires what the adds before it released ----
+__device__ __forceinline__ int load_acquire_gpu(const int* word) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
   return v;
 }
 

@@ -13,8 +13,8 @@
 // registers, with the arithmetic of the Triton pass (common.triton_quant, quantize_int_kernel), so
 // that the codes are the same, bit for bit. Elsewhere the kernel takes the pass's codes: short causal
 // work tiles expose the quantization at every start, and at head dim 64 the third consumer's turn
-// waits on it (both measured slower). K and V keep their passes: K's token mean and V's channel
-// maxima need a whole read of K and V before any code.
+// waits on it (both measured slower). K and V come from their own pass (kv_pass.cu, or the Triton
+// passes): K's token mean and V's channel maxima need a whole read of K and V before any code.
 //
 // Per 128-key tile j, in each consumer warpgroup (scores in the log2 domain, sm_scale*log2(e)
 // folded into Q before it is quantized):

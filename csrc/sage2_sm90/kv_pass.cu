@@ -50,21 +50,6 @@ __host__ __device__ constexpr int chunk_tokens() {
   return DP == 128 ? 128 : 256;  // 32 KB of 16-bit values; multiples of 128 (npad's multiple, K_BLOCK)
 }
 
-__device__ __forceinline__ int load_acquire_gpu(const int* word) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(word) : "memory");
-  return v;
-}
-// whether the barrier's phase of the given parity has completed (no wait)
-__device__ __forceinline__ bool mbar_test(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(smem_addr(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
 __device__ __forceinline__ bool finite(float x) { return fabsf(x) < INFINITY; }
 // max(m, |x|) of two packed 16-bit values, NaN-propagating (exact: |.| and max round nothing)
 template <typename InT>
