@@ -117,7 +117,7 @@ struct KernelParams {
   const float* v_scale;
   void* out;
   int64_t out_sb, out_sh, out_sn;
-  int out_pairs;              // out's columns 2t, 2t + 1 (and V's scales) stored (loaded) as one word
+  int out_pairs;              // out's columns 2t, 2t + 1 stored as one word
   int* tile_counter;          // work tiles claimed beyond the first gridDim.x (zero before and after), or
                               // null: CTA i runs tiles i, i + gridDim.x, ...
   float* lse;
@@ -634,7 +634,17 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
           q_row_bad[r] = row[r] < p.seqlen_q && p.q_bad[int64_t(bh) * p.seqlen_q + row[r]] != 0;
       }
     }
+    // V's scales of the lane's columns {8 nt + 2t, + 1}, all loaded before the first store: read
+    // between the stores, they came one round trip after another (a load may not move above a store
+    // that could alias it), ~3 us of each work tile (csrc/NOTES.md, v13.3)
     const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
+    float v_scale[DP / 4];
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; ++nt) {
+      const int col = 8 * nt + 2 * t;
+      v_scale[2 * nt] = col < p.head_dim ? __ldg(vs + col) : 0.f;
+      v_scale[2 * nt + 1] = col + 1 < p.head_dim ? __ldg(vs + col + 1) : 0.f;
+    }
     OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -643,15 +653,13 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       const bool bad = q_row_bad[r] || (first_bad < p.seqlen_k && (!CAUSAL || first_bad <= row[r] + q_offset));
       const float inv_l = bad ? NAN : 1.f / (l_row == 0.f ? 1.f : l_row);
       OutT* out_row = out + int64_t(row[r]) * p.out_sn;
-      if (p.out_pairs) {  // columns 2t, 2t + 1 of each 8: one 32-bit store, one 64-bit load of V's scales
+      if (p.out_pairs) {  // columns 2t, 2t + 1 of each 8: one 32-bit store
 #pragma unroll
         for (int nt = 0; nt < DP / 8; ++nt) {
           const int col = 8 * nt + 2 * t;
-          if (col < p.head_dim) {
-            const float2 v2 = *reinterpret_cast<const float2*>(vs + col);
-            *reinterpret_cast<uint32_t*>(out_row + col) =
-                to_out2<OutT>(o[4 * nt + 2 * r] * v2.x * inv_l, o[4 * nt + 2 * r + 1] * v2.y * inv_l);
-          }
+          if (col < p.head_dim)
+            *reinterpret_cast<uint32_t*>(out_row + col) = to_out2<OutT>(o[4 * nt + 2 * r] * v_scale[2 * nt] * inv_l,
+                                                                        o[4 * nt + 2 * r + 1] * v_scale[2 * nt + 1] * inv_l);
         }
       } else {
 #pragma unroll
@@ -659,7 +667,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 8 * nt + 2 * t + e;
-            if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * vs[col] * inv_l);
+            if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * v_scale[2 * nt + e] * inv_l);
           }
         }
       }
@@ -737,10 +745,9 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
     throw std::invalid_argument("sage2 cuda: q_max must be 127 or 7 and q_group_pairs 1, 8 or 32");
   if (n_work == 0) return;
   // out's two adjacent columns as one word: 4-byte aligned rows (every stride of a dimension longer
-  // than 1 even), an even head dim; V's scales then 8-byte aligned per KV head
+  // than 1 even), an even head dim
   auto even = [](int size, int64_t stride) { return size == 1 || stride % 2 == 0; };
-  const bool out_pairs = reinterpret_cast<uintptr_t>(a.out) % 4 == 0 &&
-                         reinterpret_cast<uintptr_t>(a.v_scale) % 8 == 0 && a.head_dim % 2 == 0 &&
+  const bool out_pairs = reinterpret_cast<uintptr_t>(a.out) % 4 == 0 && a.head_dim % 2 == 0 &&
                          even(a.batch, a.out_stride_b) && even(a.heads_q, a.out_stride_h) &&
                          even(a.seqlen_q, a.out_stride_n);
   KernelParams p{};
