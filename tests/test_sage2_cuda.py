@@ -161,7 +161,7 @@ def test_q_quantized_in_the_kernel_gives_the_passs_output_bit_for_bit(dtype, cau
                                                                       grid, monkeypatch):
     """SAGE2_SM90_Q=kernel (Q quantized by the consumers) and =pass (the Triton pass's codes): the same
     codes, so the same output and LSE, also for rows with a NaN or an Inf and (bf16) for a head of tiny
-    values, whose scales take the kernel's careful path. grid "2": two CTAs, so that each runs many
+    values, whose scales are below 2^-60 (divided with the 2^64 factor). grid "2": two CTAs, so that each runs many
     work tiles (the codes, scales and per-block maxima reused across tiles)."""
     monkeypatch.setenv("SAGE2_SM90_GRID", grid)
     (hq, hkv), (nq, nk) = heads, lens
@@ -171,8 +171,8 @@ def test_q_quantized_in_the_kernel_gives_the_passs_output_bit_for_bit(dtype, cau
     qh[0, 1, 3, 5] = float("nan")
     qh[1, 0, nq - 1, 0] = float("inf")
     qh[1, hq - 1, nq // 2] *= 300  # a row far above its group's others
-    if dtype == BF16:  # one head's Q scales below 2^-60 (the kernel's careful path: 2^64 factor, clamp),
-        qh[0, 0] *= 2.0 ** -110  # its K as large, so that its scores, and so its codes, count
+    if dtype == BF16:  # one head's Q scales below 2^-60 (the division's 2^64 factor), its K as large,
+        qh[0, 0] *= 2.0 ** -110  # so that its scores, and so its codes, count
         (k if layout == "HND" else k.transpose(1, 2))[0, 0] *= 2.0 ** 110
     kw = dict(tensor_layout=layout, is_causal=causal, return_lse=True, **opts)
     results = {}
