@@ -161,8 +161,8 @@ def test_q_quantized_in_the_kernel_gives_the_passs_output_bit_for_bit(dtype, cau
                                                                       grid, monkeypatch):
     """SAGE2_SM90_Q=kernel (Q quantized by the consumers) and =pass (the Triton pass's codes): the same
     codes, so the same output and LSE, also for rows with a NaN or an Inf and (bf16) for a head of tiny
-    values, whose scales are below 2^-60 (divided with the 2^64 factor). grid "2": two CTAs, so that each runs many
-    work tiles (the codes, scales and per-block maxima reused across tiles)."""
+    values, whose scales are below 2^-60 (divided with the 2^64 factor). grid "2": two CTAs, so that
+    each runs many work tiles (the codes, scales and per-block maxima reused across tiles)."""
     monkeypatch.setenv("SAGE2_SM90_GRID", grid)
     (hq, hkv), (nq, nk) = heads, lens
     q, k, v = make_qkv(2, hq, nq, d, seqlen_k=nk, heads_kv=hkv, dtype=dtype, layout=layout, seed=d + nq + 1,
