@@ -92,7 +92,7 @@ struct Config {
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
 constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
 
-template <int DP, bool Q_FUSED>
+template <int DP, bool Q_FUSED, bool EPI_WITH_Q>
 struct Shared {
   // Q's codes (Q_FUSED: each consumer writes and reads its own rows; else by TMA); two: the next work
   // tile's load during this one
@@ -102,6 +102,11 @@ struct Shared {
   // Q_FUSED: Q as loaded (fp16/bf16), DP / 64 boxes of BLOCK_M rows x 128 bytes, 128-byte swizzled
   alignas(Q_FUSED ? 1024 : 16) uint8_t q_in[Q_FUSED ? 2 * Config<DP>::BLOCK_M * DP * 2 : 16];
   float q_block_max[Config<DP>::CONSUMERS][4];  // per warp, for Q scales over a whole warpgroup (per block)
+  // EPI_WITH_Q: with each Q buffer, what its work tile's epilogue reads: V's scales (by the copy
+  // engine, where KernelParams::v_scale_copy) and the head's first NaN/Inf key (common.nonfinite:
+  // NO_BAD_KEY - key). (Else no bytes: the other members keep their offsets.)
+  alignas(16) float v_scale_of[EPI_WITH_Q ? 2 : 0][DP];
+  int first_bad_of[EPI_WITH_Q ? 2 : 0];
   int tile_of[2];  // the work tile whose Q is in q[b] (q_in[b]), or -1: none is left (see the producer)
   uint64_t q_full[2], q_empty[2];
   uint64_t k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
@@ -118,6 +123,7 @@ struct KernelParams {
   void* out;
   int64_t out_sb, out_sh, out_sn;
   int out_pairs;              // out's columns 2t, 2t + 1 stored as one word
+  int v_scale_copy;           // V's scales reach shared memory with Q (rows of a multiple of 16 bytes)
   int* tile_counter;          // work tiles claimed beyond the first gridDim.x (zero before and after), or
                               // null: CTA i runs tiles i, i + gridDim.x, ...
   float* lse;
@@ -131,8 +137,8 @@ struct KernelParams {
 // work tile's KV tiles (reduced modulo 2 * STAGES between work tiles) so that it cannot overflow.
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
-template <int DP, bool QF>
-__device__ __forceinline__ void issue_qk(Shared<DP, QF>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
+template <int DP, bool QF, bool E>
+__device__ __forceinline__ void issue_qk(Shared<DP, QF, E>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.k_full[stage], (slot / STAGES) & 1);
   const uint64_t desc_k = smem_desc_kmajor(sm.k[stage], DP);
@@ -144,8 +150,8 @@ __device__ __forceinline__ void issue_qk(Shared<DP, QF>& sm, int slot, uint64_t 
 
 // Issue P_j V_j into a fresh accumulator (two-level: the FP8 MMA's ~13-bit accumulator only ever
 // sums one tile); the caller waits, then adds it to O in fp32 (finish_pv).
-template <int DP, bool QF>
-__device__ __forceinline__ void issue_pv(Shared<DP, QF>& sm, int slot, const uint32_t (&pa)[4][4],
+template <int DP, bool QF, bool E>
+__device__ __forceinline__ void issue_pv(Shared<DP, QF, E>& sm, int slot, const uint32_t (&pa)[4][4],
                                          float (&o_tile)[Config<DP>::PV_REGS]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.v_full[stage], (slot / STAGES) & 1);
@@ -164,8 +170,8 @@ __device__ __forceinline__ void issue_pv(Shared<DP, QF>& sm, int slot, const uin
 
 // After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j and
 // l = alpha * l + rowsum fp8(P_j) (the ones columns: 2t and 2t+1 of the last 8, rows g and g + 8).
-template <int DP, bool QF>
-__device__ __forceinline__ void finish_pv(Shared<DP, QF>& sm, int slot, const float (&alpha)[2],
+template <int DP, bool QF, bool E>
+__device__ __forceinline__ void finish_pv(Shared<DP, QF, E>& sm, int slot, const float (&alpha)[2],
                                           float (&o_tile)[Config<DP>::PV_REGS], float (&o)[DP / 2], float (&l)[2],
                                           int lane) {
   fence_registers(o_tile);
@@ -270,8 +276,8 @@ struct Softmax {  // (values, not references: a referenced local array would liv
 };
 
 // After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax.
-template <bool CAUSAL, bool MASKED, int DP, bool QF>
-__device__ __forceinline__ void softmax_after_qk(Shared<DP, QF>& sm, int (&s_int)[64], int j, int slot, float ks,
+template <bool CAUSAL, bool MASKED, int DP, bool QF, bool E>
+__device__ __forceinline__ void softmax_after_qk(Shared<DP, QF, E>& sm, int (&s_int)[64], int j, int slot, float ks,
                                                  float (&m)[2], const Softmax& a, int lane,
                                                  float (&p)[64], float (&alpha)[2]) {
   fence_registers(s_int);
@@ -411,7 +417,10 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
   extern __shared__ uint8_t smem_raw[];
   constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
-  using Smem = Shared<DP, Q_FUSED>;
+  // The epilogue's inputs with Q (causal only: measured +2-4% there; the non-causal build lost 3%
+  // through its register allocation, csrc/NOTES.md, v13.4)
+  constexpr bool EPI_WITH_Q = CAUSAL;
+  using Smem = Shared<DP, Q_FUSED, EPI_WITH_Q>;
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto tile_at = [&](int tile) {
     return work_tile<BLOCK_M, BLOCK_N, CAUSAL>(tile, p.m_blocks, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
@@ -461,14 +470,26 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         }
         sm.tile_of[qb] = tile;
         const CtaTiles cta = tile_at(tile);
+        // the epilogue's inputs ride with Q (written or copied before the buffer's arrival, which
+        // releases them): the epilogue then reads them from shared memory, not by a round trip
+        // after the tile's last P V (csrc/NOTES.md, v13.4)
+        uint32_t v_bytes = 0;  // (in the Q load's count)
+        if constexpr (EPI_WITH_Q) {
+          sm.first_bad_of[qb] = p.first_bad != nullptr ? NO_BAD_KEY - p.first_bad[cta.kv_bh] : NO_BAD_KEY;
+          v_bytes = p.v_scale_copy ? uint32_t(p.head_dim) * 4 : 0;
+        }
         if constexpr (Q_FUSED) {
-          mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP * 2);
+          mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP * 2 + v_bytes);
           for (int box = 0; box < DP / 64; ++box)
             tma_load_4d(sm.q_in + qb * BLOCK_M * DP * 2 + box * BLOCK_M * 128, &map_q, &sm.q_full[qb], box * 128,
                         cta.m_block * BLOCK_M, cta.h, cta.b);
         } else {
-          mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP);
+          mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP + v_bytes);
           tma_load_3d(sm.q[qb], &map_q, &sm.q_full[qb], 0, cta.m_block * BLOCK_M, cta.bh);
+        }
+        if constexpr (EPI_WITH_Q) {
+          if (v_bytes > 0)
+            bulk_load(sm.v_scale_of[qb], p.v_scale + int64_t(cta.kv_bh) * p.head_dim, v_bytes, &sm.q_full[qb]);
         }
         // the next work tile, claimed now: the atomic's round trip hides behind this one's K/V loads.
         // The claims hand out 0, 1, ..., n_work - 1 (gridDim.x <= n_work): each CTA's last claim is the
@@ -531,7 +552,8 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       quantize_q_rows<DP, OutT>(smem_addr(sm.q_in + qb * BLOCK_M * DP * 2), smem_addr(sm.q[qb]),
                                 sm.q_block_max[consumer], consumer * WG_ROWS, warp, lane, p.q_mult, float(p.q_max),
                                 p.q_group_pairs, qs, q_row_bad);
-      if (lane == 0) mbar_arrive(&sm.q_empty[qb]);  // read: the producer may load the work tile after next here
+      // read: the producer may load the work tile after next here (EPI_WITH_Q: after the epilogue)
+      if (!EPI_WITH_Q && lane == 0) mbar_arrive(&sm.q_empty[qb]);
       fence_proxy_async_shared();                   // the codes are read by wgmma (the async proxy)
       named_barrier_sync(8 + consumer, 128);        // all of the warpgroup's codes are written
     } else {
@@ -626,7 +648,11 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
 
     // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
     int first_bad = NO_BAD_KEY;
-    if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
+    if constexpr (EPI_WITH_Q) {
+      first_bad = lane0_read(sm.first_bad_of[qb], lane);
+    } else {
+      if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
+    }
     if constexpr (!Q_FUSED) {
       if (p.q_bad != nullptr) {
 #pragma unroll
@@ -637,13 +663,24 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     // V's scales of the lane's columns {8 nt + 2t, + 1}, all loaded before the first store: read
     // between the stores, they came one round trip after another (a load may not move above a store
     // that could alias it), ~3 us of each work tile (csrc/NOTES.md, v13.3)
-    const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
     float v_scale[DP / 4];
+    if (EPI_WITH_Q && p.v_scale_copy) {  // from shared memory (they came with Q)
 #pragma unroll
-    for (int nt = 0; nt < DP / 8; ++nt) {
-      const int col = 8 * nt + 2 * t;
-      v_scale[2 * nt] = col < p.head_dim ? __ldg(vs + col) : 0.f;
-      v_scale[2 * nt + 1] = col + 1 < p.head_dim ? __ldg(vs + col + 1) : 0.f;
+      for (int nt = 0; nt < DP / 8; ++nt) {
+        const int col = 8 * nt + 2 * t;
+        if constexpr (EPI_WITH_Q) {
+          v_scale[2 * nt] = col < p.head_dim ? sm.v_scale_of[qb][col] : 0.f;
+          v_scale[2 * nt + 1] = col + 1 < p.head_dim ? sm.v_scale_of[qb][col + 1] : 0.f;
+        }
+      }
+    } else {
+      const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
+#pragma unroll
+      for (int nt = 0; nt < DP / 8; ++nt) {
+        const int col = 8 * nt + 2 * t;
+        v_scale[2 * nt] = col < p.head_dim ? __ldg(vs + col) : 0.f;
+        v_scale[2 * nt + 1] = col + 1 < p.head_dim ? __ldg(vs + col + 1) : 0.f;
+      }
     }
     OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_sb + h * p.out_sh;
 #pragma unroll
@@ -674,8 +711,9 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       if (p.lse != nullptr && t == 0)
         p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
     }
-    // the pass's Q codes back to the producer (the work tile after next loads into them)
-    if (!Q_FUSED && lane == 0) mbar_arrive(&sm.q_empty[qb]);
+    // the Q buffer (and the epilogue's inputs beside it) back to the producer: the work tile after
+    // next loads into it (Q_FUSED without EPI_WITH_Q: after Q's quantization, above)
+    if ((EPI_WITH_Q || !Q_FUSED) && lane == 0) mbar_arrive(&sm.q_empty[qb]);
   }
 }
 
@@ -754,11 +792,13 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   p.q_scale = a.q_scale, p.q_bad = a.q_bad, p.q_mult = a.q_mult, p.q_max = a.q_max, p.q_group_pairs = a.q_group_pairs;
   p.k_scale = a.k_scale, p.v_scale = a.v_scale, p.out = a.out;
   p.out_sb = a.out_stride_b, p.out_sh = a.out_stride_h, p.out_sn = a.out_stride_n, p.out_pairs = int(out_pairs);
+  // V's scales by the copy engine: each KV head's row 16-byte aligned and a multiple of 16 bytes
+  p.v_scale_copy = int(reinterpret_cast<uintptr_t>(a.v_scale) % 16 == 0 && a.head_dim % 4 == 0);
   p.tile_counter = a.tile_counter, p.lse = a.lse, p.first_bad = a.first_bad;
   p.heads_q = a.heads_q, p.heads_kv = a.heads_kv, p.seqlen_q = a.seqlen_q, p.seqlen_k = a.seqlen_k;
   p.head_dim = a.head_dim, p.m_blocks = m_blocks, p.n_work = int(n_work);
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, Q_FUSED, OutT>;
-  const int smem = int(sizeof(Shared<DP, Q_FUSED>)) + 1024;  // + room to align the base to 1024
+  const int smem = int(sizeof(Shared<DP, Q_FUSED, CAUSAL>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
   const int64_t ctas = grid_ctas(n_work, CAUSAL, a.tile_counter != nullptr);
