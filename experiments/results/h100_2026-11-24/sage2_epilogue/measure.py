@@ -1,6 +1,6 @@
 """One variant: kernel alone at (Nq, Nk) and the whole call vs cuDNN (D=128, B=4 H=32, k_bias-like inputs
 drawn on the GPU)."""
-import sys, math, time
+import sys, math
 import torch
 sys.path.insert(0, ".")
 import sage2
