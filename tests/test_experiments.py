@@ -252,3 +252,28 @@ def test_sage2_cuda_variants_checks_its_variants_and_passes_flags_to_the_build(m
     out = capsys.readouterr().out.splitlines()
     assert any(ln.startswith("[build c] FAILED") for ln in out) and "nvcc error: BAD" in out
     assert [ln.split()[:2] for ln in out[-4:]] == [["a", "r1"], ["b", "r1"], ["a", "r2"], ["b", "r2"]]
+
+
+def test_tile_cost_fit_recovers_the_per_tile_and_per_work_tile_costs():
+    from experiments.sage2_tile_cost import fit_tile_cost
+
+    points = [(kv, 5.4 + 1.24 * kv) for kv in (16, 32, 64, 128)]
+    x, c = fit_tile_cost(points)
+    assert math.isclose(x, 5.4, rel_tol=1e-9) and math.isclose(c, 1.24, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="two or more KV lengths"):
+        fit_tile_cost([(64, 80.0), (64, 81.0)])
+
+
+def test_tile_cost_trace_summary_takes_medians_without_the_first_work_tile():
+    from experiments.sage2_tile_cost import PHASES, summarize_trace
+
+    def line(consumer, tile, base):
+        vals = " | ".join(f"{p} {base + i}" for i, p in enumerate(PHASES))
+        return f"SAGE2_TRACE consumer {consumer} work_tile {tile} kv_tiles 64 | {vals}"
+
+    text = "\n".join([line(0, 0, 10**6), line(1, 0, 10**6), "unrelated output",
+                      line(0, 1, 100), line(1, 1, 200), line(0, 2, 300), line(1, 2, 400), line(0, 3, 500)])
+    got = summarize_trace(text)
+    assert set(got) == {0, 1}
+    assert got[0]["gap"] == 300 and got[0]["epilogue"] == 306  # the median of 100, 300, 500 (+ the phase's index)
+    assert got[1]["q"] == 301  # the median of 201 and 401

@@ -7,6 +7,8 @@ Triton kernel on the same inputs, against exact attention, the NaN rule, torch.c
 graphs; the K/V pass (csrc/sage2_sm90/kv_pass.cu) against the Triton passes, bit for bit.
 """
 
+import subprocess
+
 import pytest
 import torch
 
@@ -25,6 +27,17 @@ FP16, BF16 = torch.float16, torch.bfloat16
 @pytest.mark.skipif(build.missing_tools() != [], reason="needs nvcc, ninja and pybind11")
 def test_every_cuda_source_compiles_for_sm90a(capsys):
     assert build.check(verbose=False) == 0
+
+
+@pytest.mark.skipif(build.missing_tools() != [], reason="needs nvcc, ninja and pybind11")
+def test_the_profiling_build_of_the_kernel_compiles(tmp_path):
+    """-DSAGE2_TRACE (experiments/sage2_tile_cost.py --trace) compiles, and without a call in the
+    kernel: ptxas would serialize the wgmma around one (C7510), and the trace would time another kernel."""
+    cmd = [build.find_nvcc(), *build.nvcc_flags(), *build._includes(), "-DSAGE2_TRACE",
+           "-cubin", str(build.CSRC / "sage2_sm90" / "attention.cu"), "-o", str(tmp_path / "trace.cubin")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "C7510" not in done.stderr
 
 
 def test_a_machine_without_nvcc_gets_a_clear_message(monkeypatch, tmp_path):

@@ -48,6 +48,10 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#ifdef SAGE2_TRACE
+#include <cstdio>
+#include <vector>
+#endif
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -130,6 +134,9 @@ struct KernelParams {
   const int32_t* first_bad;
   int heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
   int m_blocks, n_work;  // row blocks per head; work tiles = m_blocks * batch * heads_q
+#ifdef SAGE2_TRACE
+  long long* trace;  // [work tile of CTA 0][consumer][TRACE_WORDS]
+#endif
 };
 
 // The K and V stages form one ring over all the KV tiles a CTA visits, work tile after work tile:
@@ -394,6 +401,19 @@ __device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, f
   qs[0] = qs[1] = scale;
 }
 
+// SAGE2_TRACE (a profiling build, experiments/sage2_tile_cost.py --trace): consumer warp 0's lane 0 of
+// CTA 0 records clock64() at each phase of every work tile into KernelParams::trace, which launch()
+// prints once the kernel is done, to see where a work tile's time beyond its KV tiles goes
+// (csrc/NOTES.md, v13.3). Plain stores, no printf in the kernel: a call there serializes the wgmma
+// (ptxas C7510) and so the timing. Off: no code.
+#ifdef SAGE2_TRACE
+#define TRACE_MARK(i) \
+  if (blockIdx.x == 0 && tid == 0) trace[i] = clock64();
+constexpr int TRACE_WORDS = 8;  // per work tile and consumer: the 7 marks' differences and the KV tiles
+#else
+#define TRACE_MARK(i)
+#endif
+
 // A shared word read by lane 0 alone and given to the warp: lane 0 is the lane that hands the buffer
 // back (q_empty), and an mbarrier arrival releases only its own thread's reads (racecheck: a WAR
 // hazard with the producer's next write where all lanes read); and the value is then known to be
@@ -527,11 +547,18 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   // waits on each named barrier balance. (gridDim.x <= n_work: every CTA has a work tile.)
   if (last) turn_pass(consumer, CONSUMERS);
   int slot0 = 0;  // the ring slot of the work tile's first KV tile
+#ifdef SAGE2_TRACE
+  long long trace_end = clock64();  // the last work tile's end
+#endif
   for (int done = 0;; ++done) {
     const int qb = done % 2;
     mbar_wait(&sm.q_full[qb], (done / 2) & 1);
     const int tile = lane0_read(sm.tile_of[qb], lane);
     if (tile < 0) break;
+#ifdef SAGE2_TRACE
+    long long trace[7] = {0, 0, 0, 0, 0, 0, 0};
+#endif
+    TRACE_MARK(0)
     const CtaTiles cta = tile_at(tile);
     const int m_block = cta.m_block, bh = cta.bh, b = cta.b, h = cta.h, kv_bh = cta.kv_bh;
     const int q_offset = cta.q_offset, n_tiles = cta.n_tiles, n_unmasked = cta.n_unmasked;
@@ -562,6 +589,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         qs[r] = row[r] < p.seqlen_q ? p.q_scale[int64_t(bh) * p.seqlen_q + row[r]] : 0.f;
     }
     const float* ks_row = p.k_scale + int64_t(kv_bh) * p.seqlen_k;
+    TRACE_MARK(1)
 
     float o[DP / 2];
 #pragma unroll
@@ -631,15 +659,19 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         pack_p(p_tile, pa);
         ks = ks_next;
       }
+      TRACE_MARK(2)
       const int unmasked_end = min(n_unmasked, n_tiles);
       for (int j = 1; j < unmasked_end; ++j) section(j, ks, std::false_type{});
       for (int j = max(1, unmasked_end); j < n_tiles; ++j) section(j, ks, std::true_type{});
       float o_tile[Config<DP>::PV_REGS];
+      TRACE_MARK(3)
       turn_wait(consumer);
+      TRACE_MARK(4)
       issue_pv(sm, slot0 + n_tiles - 1, pa, o_tile);
       if (another_follows()) turn_pass(consumer, CONSUMERS);
       wgmma_wait<0>();
       finish_pv(sm, slot0 + n_tiles - 1, alpha_prev, o_tile, o, l, lane);
+      TRACE_MARK(5)
     } else {
       turn_wait(consumer);
       if (another_follows()) turn_pass(consumer, CONSUMERS);
@@ -711,6 +743,16 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       if (p.lse != nullptr && t == 0)
         p.lse[int64_t(bh) * p.seqlen_q + row[r]] = bad ? NAN : m[r] + log2f(l_row) - LOG2_P_SCALE;
     }
+    TRACE_MARK(6)
+#ifdef SAGE2_TRACE
+    if (blockIdx.x == 0 && tid == 0) {
+      long long* w = p.trace + (int64_t(done) * CONSUMERS + consumer) * TRACE_WORDS;
+      w[0] = trace[0] - trace_end;
+      for (int i = 1; i < 7; ++i) w[i] = trace[i] - trace[i - 1];
+      w[7] = n_tiles;
+      trace_end = clock64();
+    }
+#endif
     // the Q buffer (and the epilogue's inputs beside it) back to the producer: the work tile after
     // next loads into it (Q_FUSED without EPI_WITH_Q: after Q's quantization, above)
     if ((EPI_WITH_Q || !Q_FUSED) && lane == 0) mbar_arrive(&sm.q_empty[qb]);
@@ -802,8 +844,28 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
   const int64_t ctas = grid_ctas(n_work, CAUSAL, a.tile_counter != nullptr);
+#ifdef SAGE2_TRACE
+  const size_t trace_words = size_t(n_work) * Config<DP>::CONSUMERS * TRACE_WORDS;
+  cudaMalloc(&p.trace, trace_words * sizeof(long long));
+  cudaMemsetAsync(p.trace, 0, trace_words * sizeof(long long), stream);
+#endif
   kernel<<<unsigned(ctas), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
   check_launch("sage2 cuda");
+#ifdef SAGE2_TRACE
+  std::vector<long long> w(trace_words);
+  cudaStreamSynchronize(stream);
+  cudaMemcpy(w.data(), p.trace, trace_words * sizeof(long long), cudaMemcpyDeviceToHost);
+  cudaFree(p.trace);
+  for (size_t e = 0; e < trace_words / TRACE_WORDS; ++e) {
+    const long long* x = w.data() + e * TRACE_WORDS;
+    if (x[1] == 0 && x[7] == 0) break;  // CTA 0's work tiles end here
+    std::printf("SAGE2_TRACE consumer %d work_tile %d kv_tiles %lld | gap %lld | q %lld | first %lld | loop %lld | "
+                "turn %lld | last_pv %lld | epilogue %lld\n",
+                int(e % Config<DP>::CONSUMERS), int(e / Config<DP>::CONSUMERS), x[7], x[0], x[1], x[2], x[3], x[4],
+                x[5], x[6]);
+  }
+  std::fflush(stdout);
+#endif
 }
 
 template <int DP, bool Q_FUSED>
