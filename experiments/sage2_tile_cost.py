@@ -111,8 +111,11 @@ def run_trace_child(seqlens) -> None:
 
 def run_trace(seqlens) -> None:
     env = dict(os.environ, SAGE_NVCC_FLAGS=(os.environ.get("SAGE_NVCC_FLAGS", "") + " -DSAGE2_TRACE").strip())
-    out = subprocess.run([sys.executable, "-m", "experiments.sage2_tile_cost", "trace-child", "--seqlens",
-                          *map(str, seqlens)], env=env, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([sys.executable, "-m", "experiments.sage2_tile_cost", "trace-child", "--seqlens",
+                           *map(str, seqlens)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the traced run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    out = done.stdout
     for section in out.split("=== N=")[1:]:
         n, body = section.split("\n", 1)
         body = body.split("=== end")[0]  # (the next length's first launch prints after it)
