@@ -401,6 +401,10 @@ __device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, f
   qs[0] = qs[1] = scale;
 }
 
+#ifndef SAGE2_EPI_WITH_Q_ALL
+#define SAGE2_EPI_WITH_Q_ALL 0
+#endif
+
 // SAGE2_TRACE (a profiling build, experiments/sage2_tile_cost.py --trace): consumer warp 0's lane 0 of
 // CTA 0 records clock64() at each phase of every work tile into KernelParams::trace, which launch()
 // prints once the kernel is done, to see where a work tile's time beyond its KV tiles goes
@@ -438,8 +442,9 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   extern __shared__ uint8_t smem_raw[];
   constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
   // The epilogue's inputs with Q (causal only: measured +2-4% there; the non-causal build lost 3%
-  // through its register allocation, csrc/NOTES.md, v13.4)
-  constexpr bool EPI_WITH_Q = CAUSAL;
+  // through its register allocation, csrc/NOTES.md, v13.4). -DSAGE2_EPI_WITH_Q_ALL=1 (a tuning
+  // build: experiments.sage2_cuda_variants) gives them to the non-causal kernels too.
+  constexpr bool EPI_WITH_Q = CAUSAL || SAGE2_EPI_WITH_Q_ALL;
   using Smem = Shared<DP, Q_FUSED, EPI_WITH_Q>;
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto tile_at = [&](int tile) {
