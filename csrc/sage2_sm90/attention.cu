@@ -96,6 +96,16 @@ struct Config {
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
 constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
 
+// Whether the epilogue's inputs come with Q (Shared::v_scale_of, first_bad_of): the causal kernels
+// (measured +2-4%; the non-causal build lost 3% through its register allocation, csrc/NOTES.md,
+// v13.4). -DSAGE2_EPI_WITH_Q_ALL=1 (a tuning build: experiments.sage2_cuda_variants) gives them to
+// the non-causal kernels too. One rule for the kernel's layout and launch()'s shared-memory size.
+#ifndef SAGE2_EPI_WITH_Q_ALL
+#define SAGE2_EPI_WITH_Q_ALL 0
+#endif
+template <bool CAUSAL>
+constexpr bool EPI_WITH_Q_FOR = CAUSAL || SAGE2_EPI_WITH_Q_ALL;
+
 template <int DP, bool Q_FUSED, bool EPI_WITH_Q>
 struct Shared {
   // Q's codes (Q_FUSED: each consumer writes and reads its own rows; else by TMA); two: the next work
@@ -401,10 +411,6 @@ __device__ __forceinline__ void quantize_q_rows(uint32_t q_in, uint32_t codes, f
   qs[0] = qs[1] = scale;
 }
 
-#ifndef SAGE2_EPI_WITH_Q_ALL
-#define SAGE2_EPI_WITH_Q_ALL 0
-#endif
-
 // SAGE2_TRACE (a profiling build, experiments/sage2_tile_cost.py --trace): consumer warp 0's lane 0 of
 // CTA 0 records clock64() at each phase of every work tile into KernelParams::trace, which launch()
 // prints once the kernel is done, to see where a work tile's time beyond its KV tiles goes
@@ -441,10 +447,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
   extern __shared__ uint8_t smem_raw[];
   constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
-  // The epilogue's inputs with Q (causal only: measured +2-4% there; the non-causal build lost 3%
-  // through its register allocation, csrc/NOTES.md, v13.4). -DSAGE2_EPI_WITH_Q_ALL=1 (a tuning
-  // build: experiments.sage2_cuda_variants) gives them to the non-causal kernels too.
-  constexpr bool EPI_WITH_Q = CAUSAL || SAGE2_EPI_WITH_Q_ALL;
+  constexpr bool EPI_WITH_Q = EPI_WITH_Q_FOR<CAUSAL>;
   using Smem = Shared<DP, Q_FUSED, EPI_WITH_Q>;
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto tile_at = [&](int tile) {
@@ -845,7 +848,7 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   p.heads_q = a.heads_q, p.heads_kv = a.heads_kv, p.seqlen_q = a.seqlen_q, p.seqlen_k = a.seqlen_k;
   p.head_dim = a.head_dim, p.m_blocks = m_blocks, p.n_work = int(n_work);
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, Q_FUSED, OutT>;
-  const int smem = int(sizeof(Shared<DP, Q_FUSED, CAUSAL>)) + 1024;  // + room to align the base to 1024
+  const int smem = int(sizeof(Shared<DP, Q_FUSED, EPI_WITH_Q_FOR<CAUSAL>>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
   const int64_t ctas = grid_ctas(n_work, CAUSAL, a.tile_counter != nullptr);
