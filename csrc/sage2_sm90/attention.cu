@@ -461,7 +461,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbar_init(&sm.q_full[b], 1);
-      mbar_init(&sm.q_empty[b], 4 * CONSUMERS);  // one arrival per consumer warp
+      mbar_init(&sm.q_empty[b], (EPI_WITH_Q ? 128 : 4) * CONSUMERS);  // per consumer thread / warp
     }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&sm.k_full[s], 1);
@@ -762,8 +762,12 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     }
 #endif
     // the Q buffer (and the epilogue's inputs beside it) back to the producer: the work tile after
-    // next loads into it (Q_FUSED without EPI_WITH_Q: after Q's quantization, above)
-    if ((EPI_WITH_Q || !Q_FUSED) && lane == 0) mbar_arrive(&sm.q_empty[qb]);
+    // next loads into it (Q_FUSED without EPI_WITH_Q: after Q's quantization, above). EPI_WITH_Q:
+    // every lane read V's scales there and an arrival releases only its own thread's reads, so every
+    // thread arrives (racecheck found the WAR hazard with the next bulk copy when lane 0 alone did, a
+    // __syncwarp before it included: it compiles to a NOP).
+    if constexpr (EPI_WITH_Q) mbar_arrive(&sm.q_empty[qb]);
+    else if (!Q_FUSED && lane == 0) mbar_arrive(&sm.q_empty[qb]);
   }
 }
 
