@@ -251,24 +251,49 @@ def fp16_guard(vmax: torch.Tensor, t_eff: int) -> torch.Tensor:
     return ((127 - e) << 23).view(torch.float32)
 
 
-def _tile_pv(p: torch.Tensor, v: torch.Tensor, pv: str) -> torch.Tensor:
-    """The tile's P V in fp32 (p [.., Nq, T] fp32; v [.., T, D] fp32, finite)."""
+def quantize_k_tile(k: torch.Tensor, valid: torch.Tensor, cnt: torch.Tensor, spec: DecodeSpec):
+    """One KV tile's K (k [.., T, D] fp32, finite; ``valid`` [.., T, 1] its keys in the sequence; ``cnt``
+    how many, as fp32 broadcastable to [.., 1, D]) -> (INT codes (float), scales [.., T] per token or
+    [..] per tile, the tile's token mean [.., 1, D] or None, k minus that mean)."""
+    if spec.smooth_k:
+        mk = k.sum(-2, keepdim=True) * _reciprocal(cnt)
+        kc = torch.where(valid, k - mk, 0.0)
+    else:
+        mk, kc = None, k
+    if spec.k_per_token:
+        sk = div_rn(kc.abs().amax(-1), spec.qmax)
+        return _int_codes(kc, sk[..., None], spec.qmax), sk, mk, kc
+    sk = div_rn(kc.abs().amax(dim=(-2, -1)), spec.qmax)
+    return _int_codes(kc, sk[..., None, None], spec.qmax), sk, mk, kc
+
+
+def quantize_v_tile_fp8(v: torch.Tensor, pv: str):
+    """One KV tile's V (v [.., T, D] fp32, finite) -> (FP8 codes, one scale per channel [.., 1, D])."""
+    fp8, fmax = (torch.float8_e4m3fn, 448.0) if pv == "fp8_e4m3" else (torch.float8_e5m2, 57344.0)
+    sv = div_rn(v.abs().amax(dim=-2, keepdim=True), fmax)
+    return (v * _reciprocal(sv)).to(fp8), sv
+
+
+def _tile_pv(p: torch.Tensor, v: torch.Tensor, pv: str, v_codes=None) -> torch.Tensor:
+    """The tile's P V in fp32 (p [.., Nq, T] fp32; v [.., T, D] fp32, finite; or FP8 ``v_codes``
+    (codes, scales) already made by :func:`quantize_v_tile_fp8`)."""
     if pv in ("fp16_acc16", "fp16_acc32"):
         vmax = v.abs().amax(dim=(-2, -1), keepdim=True)
         gv = fp16_guard(vmax, v.shape[-2] if pv == "fp16_acc16" else 1)
         v16, p16 = (v * gv).half(), p.half()
         prod = fp16_accumulated_matmul(p16, v16) if pv == "fp16_acc16" else p16.float() @ v16.float()
         return prod / gv
-    fp8, fmax = (torch.float8_e4m3fn, 448.0) if pv == "fp8_e4m3" else (torch.float8_e5m2, 57344.0)
-    sv = div_rn(v.abs().amax(dim=-2, keepdim=True), fmax)                      # [.., 1, D]
-    v8 = (v * _reciprocal(sv)).to(fp8)
+    v8, sv = v_codes if v_codes is not None else quantize_v_tile_fp8(v, pv)
+    fp8 = torch.float8_e4m3fn if pv == "fp8_e4m3" else torch.float8_e5m2
     return (p.to(fp8).float() @ v8.float()) * sv
 
 
 def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal: bool, mask: MaskSpec,
-                    tiles_per_split: int):
+                    tiles_per_split: int, cache=None):
     """Returns (out fp32 [B, Hq, Nq, D], natural LSE [B, Hq, Nq]): the decode kernel's algorithm,
-    split for split (each split's own online softmax, merged by LSE)."""
+    split for split (each split's own online softmax, merged by LSE). ``cache``: a
+    :class:`common.kv_cache.QuantizedKVCache` whose quantized tiles stand in for those of kh and vh
+    (which then hold the cache's keys past them: :meth:`~common.kv_cache.QuantizedKVCache.emulation_views`)."""
     from .reference import exact_fp32_matmul
 
     B, Hq, Nq, D = qh.shape
@@ -278,7 +303,10 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
     int_dt = torch.float64 if dev.type == "cpu" else torch.float32
     ql, kl = mask.lens_or_full(B, Nq, Nk, dev)
     row_ok = (torch.arange(Nq, device=dev)[None, :] < ql[:, None])[:, None, :, None]  # [B, 1, Nq, 1]
-    bad = nan_rows(qh, kh, vh, is_causal=is_causal, mask=mask)
+    if cache is None:
+        bad = nan_rows(qh, kh, vh, is_causal=is_causal, mask=mask)
+    else:
+        bad = cache.nan_rows(qh, is_causal=is_causal)
 
     def finite(x):
         return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -312,23 +340,15 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
             for j0, j1 in kv_tiles(min(Nk, s0 + span), DECODE_TILE):
                 if j0 < s0:
                     continue
-                k, v = k_all[:, :, j0:j1], v_all[:, :, j0:j1]
-                valid = in_seq[:, :, j0:j1]
-                s = None
-                if spec.smooth_k:
+                v_codes = None
+                if cache is not None and j1 <= cache.quantized_keys:  # a tile the cache holds as codes
+                    k8, sk, mk, v8, sv = cache.tile(j0, j1)
+                    kc, v_codes = None, (rep(v8), rep(sv))
+                else:
+                    k, v = k_all[:, :, j0:j1], v_all[:, :, j0:j1]
                     cnt = (kl - j0).clamp(1, j1 - j0).float()[:, None, None, None]
-                    mk = k.sum(-2, keepdim=True) * _reciprocal(cnt)          # [B, Hkv, 1, D]
-                    kc = torch.where(valid, k - mk, 0.0)
-                else:
-                    kc = k
-                if spec.k_per_token:
-                    sk = div_rn(kc.abs().amax(-1), spec.qmax)                       # [B, Hkv, T]
-                    k8 = _int_codes(kc, sk[..., None], spec.qmax)
-                    sk_b = rep(sk)[:, :, None, :]
-                else:
-                    sk = div_rn(kc.abs().amax(dim=(-2, -1)), spec.qmax)             # [B, Hkv]
-                    k8 = _int_codes(kc, sk[..., None, None], spec.qmax)
-                    sk_b = rep(sk)[:, :, None, None]
+                    k8, sk, mk, kc = quantize_k_tile(k, in_seq[:, :, j0:j1], cnt, spec)
+                sk_b = rep(sk)[:, :, None, :] if spec.k_per_token else rep(sk)[:, :, None, None]
                 s = (q8 @ rep(k8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] * sk_b
                 if spec.smooth_k:
                     s = s + (q * rep(mk)).sum(-1, keepdim=True)
@@ -337,7 +357,8 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
                     s = s + mu @ rep(kc).transpose(-1, -2)
                     torch.backends.cuda.matmul.allow_tf32 = False
                 p, alpha, beta = sm.update_own_max(sm.mask(s, j0, j1))  # P after the tile's own max
-                acc = acc * alpha[..., None] + _tile_pv(p, rep(v), spec.pv) * beta[..., None]
+                pv = _tile_pv(p, None if v_codes is not None else rep(v), spec.pv, v_codes)
+                acc = acc * alpha[..., None] + pv * beta[..., None]
             parts.append((sm.normalize(acc), sm.lse2()))
     # merge the splits by their LSE (log2 domain)
     m = torch.stack([lse for _, lse in parts]).amax(0)

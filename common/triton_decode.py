@@ -56,6 +56,26 @@ def _fp16_guard(vmax, T_EFF: tl.constexpr):
 
 
 @triton.jit
+def _own_max_update(s, m_i, l_i, log2_pscale, MASKED: tl.constexpr):
+    """P of a tile's scores after the tile's own row max m_t, and the running state's update:
+    (p, alpha, beta, m', l'); the tile enters as alpha * state + beta * tile, beta = exp2(m_t - m')."""
+    m_t = tl.max(s, axis=1)
+    m_new = tl.maximum(m_i, m_t)
+    if MASKED:
+        t_use = tl.where(m_t == float("-inf"), 0.0, m_t)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        beta = tl.where(m_t == float("-inf"), 0.0, tl.math.exp2(t_use - m_use))
+    else:
+        t_use = m_t  # every row saw a key: finite
+        m_use = m_new
+        beta = tl.math.exp2(t_use - m_use)
+    p = tl.math.exp2(s - (t_use - log2_pscale)[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1) * beta
+    return p, alpha, beta, m_new, l_i
+
+
+@triton.jit
 def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, start,
           log2_pscale, dcols, dm, T: tl.constexpr, QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr,
           SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -112,19 +132,7 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         s = tl.where(visible, s, float("-inf"))
     # P after the tile's own row max m_t (common.online_softmax.OnlineSoftmax.update_own_max): the
     # tile enters the running state scaled by beta = exp2(m_t - m')
-    m_t = tl.max(s, axis=1)
-    m_new = tl.maximum(m_i, m_t)
-    if MASKED:
-        t_use = tl.where(m_t == float("-inf"), 0.0, m_t)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        beta = tl.where(m_t == float("-inf"), 0.0, tl.math.exp2(t_use - m_use))
-    else:
-        t_use = m_t  # every row saw a key: finite
-        m_use = m_new
-        beta = tl.math.exp2(t_use - m_use)
-    p = tl.math.exp2(s - (t_use - log2_pscale)[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1) * beta
+    p, alpha, beta, m_new, l_i = _own_max_update(s, m_i, l_i, log2_pscale, MASKED)
     if MASKED or not EVEN_D:
         v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0)
     else:
@@ -216,6 +224,29 @@ def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
 
 
 @triton.jit
+def _quantized_q(Q, b, hk, g, i, row_ok, nq, sqb, sqh, sqn, G, qk_mult, dcols, dm, BLOCK_M: tl.constexpr,
+                 NQP: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr, SMOOTH_Q: tl.constexpr):
+    """The program's rows of Q: (q log2-scaled fp32 with non-finite values zeroed, INT codes, their
+    per-row scales, each row's head mean (SMOOTH_Q), rows with a non-finite value (NaN at the end))."""
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
+                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
+    bad = _nonfinite_rows(q)
+    q = zero_nonfinite(q)
+    if SMOOTH_Q:  # each head's mean over its queries; mean_q . (k - m_j) is added back in fp32
+        q3 = tl.reshape(q, (BLOCK_M // NQP, NQP, DP))
+        mu = tl.sum(q3, axis=1) / tl.maximum(nq, 1).to(tl.float32)
+        mu_rows = tl.reshape(tl.broadcast_to(mu[:, None, :], (BLOCK_M // NQP, NQP, DP)), (BLOCK_M, DP))
+        mu_rows = tl.where(row_ok[:, None], mu_rows, 0.0)
+        qc = tl.where(row_ok[:, None], q - mu_rows, 0.0)
+    else:
+        qc = q
+        mu_rows = q  # unused
+    sq = tl.math.div_rn(tl.max(tl.abs(qc), axis=1), QMAX * 1.0)
+    q8 = _round_int(qc * tl.math.div_rn(1.0, tl.where(sq == 0.0, 1.0, sq))[:, None])
+    return q, q8, sq, mu_rows, bad
+
+
+@triton.jit
 def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
@@ -235,22 +266,8 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
     dcols = tl.arange(0, DP)
     dm = dcols < D
 
-    # Q: log2-scaled fp32, non-finite values zeroed (their rows are NaN at the end), then INT codes
-    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
-    bad = _nonfinite_rows(q)
-    q = zero_nonfinite(q)
-    if SMOOTH_Q:  # each head's mean over its queries; mean_q . (k - m_j) is added back in fp32
-        q3 = tl.reshape(q, (BLOCK_M // NQP, NQP, DP))
-        mu = tl.sum(q3, axis=1) / tl.maximum(nq, 1).to(tl.float32)
-        mu_rows = tl.reshape(tl.broadcast_to(mu[:, None, :], (BLOCK_M // NQP, NQP, DP)), (BLOCK_M, DP))
-        mu_rows = tl.where(row_ok[:, None], mu_rows, 0.0)
-        qc = tl.where(row_ok[:, None], q - mu_rows, 0.0)
-    else:
-        qc = q
-        mu_rows = q  # unused
-    sq = tl.math.div_rn(tl.max(tl.abs(qc), axis=1), QMAX * 1.0)
-    q8 = _round_int(qc * tl.math.div_rn(1.0, tl.where(sq == 0.0, 1.0, sq))[:, None])
+    q, q8, sq, mu_rows, bad = _quantized_q(Q, b, hk, g, i, row_ok, nq, sqb, sqh, sqn, G, qk_mult, dcols, dm,
+                                           BLOCK_M, NQP, DP, QMAX, SMOOTH_Q)
 
     # the keys this program's rows may see: [0, hi) (causal: up to the last valid row's diagonal)
     hi = nk
@@ -297,6 +314,21 @@ def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, O, LSE, n_splits,
                             BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
                             PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, True, EVEN_D)
     tl.debug_barrier()  # the redone partials were written by other threads of this program
+    _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M, NQP, DP, RETURN_LSE)
+
+
+@triton.jit
+def decode_merge_kernel(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M: tl.constexpr,
+                        NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """Merge the splits of one (KV head, row tile) by their LSE (no splits to redo: the cached
+    sweep checks as it goes); the output in the caller's layout and dtype."""
+    _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M, NQP, DP, RETURN_LSE)
+
+
+@triton.jit
+def _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M: tl.constexpr,
+                  NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr):
+    kv_bh = tl.program_id(0)
     b = kv_bh // Hkv
     hk = kv_bh % Hkv
     R = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -331,3 +363,104 @@ def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, O, LSE, n_splits,
         lse_out = (m + tl.math.log2(den)) * 0.6931471805599453
         lse_out = tl.where(bad != 0, float("nan"), lse_out)
         tl.store(LSE + (b * Hkv * G + h) * Nq + i, lse_out, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode from a quantized KV cache (common.kv_cache): the tiles the cache holds as codes are read
+# as codes; the keys past them (fewer than T) are quantized here, as above
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_cached(acc, l_i, m_i, q, q8, sq, i, k_codes, k_scales, k_means, v_codes, v_scales, scn, start, q_offset,
+                 log2_pscale, dcols, T: tl.constexpr, DP: tl.constexpr, PV: tl.constexpr, INTERPRET: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One KV tile the cache holds as codes (pointers at the program's KV head): INT8 codes of
+    k - m_j with a scale per token and m_j the tile's token mean (fp32), FP8 codes of V with a scale
+    per channel. The same scores and P V as :func:`_tile` computes from the keys themselves.
+    MASKED: causal, some row does not see some of the tile's keys."""
+    cols = start + tl.arange(0, T)
+    tile = start // T
+    k8 = tl.load(k_codes + cols[:, None] * scn + dcols[None, :])
+    sk = tl.load(k_scales + cols)
+    mk = tl.load(k_means + tile * DP + dcols)
+    s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32) * sq[:, None] * sk[None, :]
+    s = s + tl.sum(q * mk[None, :], axis=1)[:, None]
+    if MASKED:
+        s = tl.where(cols[None, :] <= i[:, None] + q_offset, s, float("-inf"))
+    p, alpha, beta, m_new, l_i = _own_max_update(s, m_i, l_i, log2_pscale, MASKED)
+    v8 = tl.load(v_codes + cols[:, None] * scn + dcols[None, :])
+    sv = tl.load(v_scales + tile * DP + dcols)
+    p8 = to_fp8(p, PV == 3, INTERPRET)  # FP8 values are exact in fp16: 16-bit tensor cores, fp32 sums
+    pv = tl.dot(p8.to(tl.float16), v8.to(tl.float16), out_dtype=tl.float32) * sv[None, :]
+    acc = acc * alpha[:, None] + pv * beta[:, None]
+    return acc, l_i, m_new
+
+
+@triton.jit
+def decode_cached_split_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL,
+                               sqb, sqh, sqn, scb, sch, scn, ssb, ssh, smb, smh, stb, sth, stn,
+                               Hkv, Nq, Nk, n_cached, D, G, qk_mult, tiles_per_split, log2_pscale,
+                               BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
+                               PV: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                               EVEN_D: tl.constexpr):
+    """Grid (splits, B*Hkv, row tiles), as decode_split_kernel. KC/VC: the cache's K and V codes
+    [B, Hkv, capacity, DP] (strides scb, sch, scn); KS: K's scales [B, Hkv, capacity]; KM, VS: K's
+    tile means and V's channel scales [B, Hkv, tiles, DP]; KT, VT: the keys past the n_cached
+    quantized ones, [B, Hkv, T, D] in the input dtype; FIRST_BAD: per (batch, KV head) the first key
+    with a non-finite value (quantized as zeros), or a value >= Nk. Cached tiles have no NaN/Inf
+    and no fp16 range to guard, so the only careful tile is the last, partial one."""
+    split = tl.program_id(0)
+    kv_bh = tl.program_id(1)
+    row_tile = tl.program_id(2)
+    b = kv_bh // Hkv
+    hk = kv_bh % Hkv
+    R = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = R // NQP
+    i = R % NQP
+    row_ok = (g < G) & (i < Nq)
+    q_offset = Nk - Nq
+    dcols = tl.arange(0, DP)
+    dm = dcols < D
+    q, q8, sq, mu_rows, bad = _quantized_q(Q, b, hk, g, i, row_ok, Nq, sqb, sqh, sqn, G, qk_mult, dcols, dm,
+                                           BLOCK_M, NQP, DP, 127, False)
+    first_bad = tl.load(FIRST_BAD + kv_bh)
+    if IS_CAUSAL:
+        bad = bad | tl.where(first_bad <= i + q_offset, 1, 0)
+    else:
+        bad = bad | tl.where(first_bad < Nk, 1, 0)
+
+    hi = Nk
+    if IS_CAUSAL:
+        hi = tl.minimum(Nk, Nq + q_offset)
+    t_begin = split * tiles_per_split * T
+    t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
+    full, _ = kv_bounds_from(0, q_offset, Nk, 1, T, IS_CAUSAL)  # tiles [0, full): every row sees them whole
+    c_end = tl.maximum(tl.minimum(t_end, n_cached), t_begin)
+    u_end = tl.maximum(tl.minimum(full, c_end), t_begin)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    kc = KC + b * scb + hk * sch
+    vc = VC + b * scb + hk * sch
+    ks = KS + b * ssb + hk * ssh
+    km = KM + b * smb + hk * smh
+    vs = VS + b * smb + hk * smh
+    for start in range(t_begin, u_end, T):
+        acc, l_i, m_i = _tile_cached(acc, l_i, m_i, q, q8, sq, i, kc, ks, km, vc, vs, scn, start, q_offset,
+                                     log2_pscale, dcols, T, DP, PV, INTERPRET, False)
+    for start in range(u_end, c_end, T):
+        acc, l_i, m_i = _tile_cached(acc, l_i, m_i, q, q8, sq, i, kc, ks, km, vc, vs, scn, start, q_offset,
+                                     log2_pscale, dcols, T, DP, PV, INTERPRET, True)
+    if (t_end > n_cached) & (t_begin <= n_cached):  # the last, partial tile: its keys in the input dtype, checked as they are read
+        kt = KT + b * stb + hk * sth - n_cached * stn  # (indexed by the key's position in the sequence)
+        vt = VT + b * stb + hk * sth - n_cached * stn
+        kacc = tl.zeros([DP], dtype=tl.float32)
+        acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, kt, vt, stn, stn,
+                                         Nk, q_offset, n_cached, log2_pscale, dcols, dm, T, 127, True, True, False,
+                                         PV, IS_CAUSAL, INTERPRET, "tf32x3", True, True, EVEN_D)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse2 = m_i + tl.math.log2(l_i) - log2_pscale
+    lse2 = tl.where(bad != 0, float("nan"), lse2)
+    base = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) * BLOCK_M + R
+    tl.store(PO + base[:, None] * DP + dcols[None, :], out)
+    tl.store(PL + base, lse2)

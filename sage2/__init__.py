@@ -18,6 +18,9 @@ e4m3). INT4 has no fast tensor-core path on Hopper (52 TOPS measured), so INT4-q
 are multiplied on the INT8 tensor cores: numerically an INT4 matmul, at INT8 speed.
 """
 
-from .interface import sageattn, sageattn_varlen
+from common.kv_cache import QuantizedKVCache
 
-__all__ = ["sageattn", "sageattn_varlen"]
+from .interface import sageattn, sageattn_varlen
+from .kvcache import sageattn_kvcache
+
+__all__ = ["sageattn", "sageattn_varlen", "sageattn_kvcache", "QuantizedKVCache"]

@@ -1,0 +1,282 @@
+"""A quantized KV cache for decode: K and V kept in the decode path's own tile format.
+
+Why. Decode (a few queries against a long cache) is bound by reading K and V once. The decode path
+(:mod:`common.decode`) reads them in fp16 and quantizes each 64-key tile in registers, so it reads
+as many bytes as SDPA and cannot be faster than SDPA's fused kernels (H100: 0.94-0.98x cuDNN at 16k
+keys, DECODE_NOTES.md). A serving loop appends a token per step to a cache that it reads at every
+step: quantizing each tile once, when it fills, and keeping only the codes cuts the bytes that every
+later step reads, and the cache's memory, to 0.54x.
+
+What is stored, per KV head and 64-key tile: exactly what the decode kernel computes in registers
+for that tile (:func:`common.decode.quantize_k_tile`, :func:`common.decode.quantize_v_tile_fp8`),
+so decoding from the cache is the decode path's algorithm, tile for tile:
+
+* K: INT8 codes of ``k - m_j`` (``m_j`` the tile's token mean, kept in fp32 and added back to the
+  scores as ``q . m_j``, so the scores and the LSE are the true ones), one scale per token;
+* V: FP8 codes (E4M3, or E5M2) with one scale per channel per tile.
+
+At head dim 128 that is 128 + 4 + 128 bytes per key and KV head plus 2 x 512 per tile (8 per key):
+276 bytes against fp16's 512. The keys past the last full tile (fewer than 64) are kept in the
+input dtype and quantized by the kernel at each step, as the decode path does. A key with a NaN or
+Inf in k or v is stored as zeros and remembered (the first per KV head): the rows that see it are
+NaN, the rule of :mod:`common.nonfinite`.
+
+What it covers: sage2's decode spec for INT8 Q/K (per-token K scales, K smoothing, no Q
+smoothing) with FP8 P/V; one length for the whole batch (sequences of different lengths need a
+cache each, or the dense call with key lengths); ``Nq <= DECODE_MAX_QUERIES`` queries per call,
+causal bottom-right or not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import SUPPORTED_DTYPES, interpreter_enabled
+from .decode import (DECODE_MAX_QUERIES, DECODE_TILE, LOG2_P_SCALE, PV_KINDS, DecodeSpec, _row_layout,
+                     decode_emulated, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
+from .int_qk import LOG2E, padded_head_dim
+from .masking import NO_MASK
+
+CACHE_PV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+NO_BAD_KEY = 2**31 - 1
+
+
+def _finite_fp32(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class QuantizedKVCache:
+    """K and V of ``batch`` sequences of up to ``max_seqlen`` keys, ``kv_heads`` heads of
+    ``head_dim`` channels, quantized per 64-key tile as the decode path quantizes them.
+
+    ``append(k, v)`` adds keys (a prefill's, then one or a few per decode step); the decode call is
+    ``sage2.sageattn_kvcache(q, cache)``. The cache never modifies the tensors it is given."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, max_seqlen: int, *, dtype=torch.float16,
+                 device="cuda", pv_dtype: str = "fp8_e4m3"):
+        for name, n in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("max_seqlen", max_seqlen)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if head_dim > 256:
+            raise ValueError(f"head_dim must be at most 256, got {head_dim}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        if pv_dtype not in CACHE_PV_DTYPES:
+            raise ValueError(f"pv_dtype must be one of {CACHE_PV_DTYPES}, got {pv_dtype!r}")
+        T = DECODE_TILE
+        tiles = -(-max_seqlen // T)
+        dp = padded_head_dim(head_dim)
+        dev = torch.device(device)
+        fp8 = torch.float8_e4m3fn if pv_dtype == "fp8_e4m3" else torch.float8_e5m2
+        self.batch, self.kv_heads, self.head_dim, self.max_seqlen = batch, kv_heads, head_dim, max_seqlen
+        self.dtype, self.device, self.pv_dtype = dtype, dev, pv_dtype
+        self.spec = DecodeSpec(127, k_per_token=True, smooth_k=True, smooth_q=False, pv=pv_dtype)
+        # codes and scales of the full tiles (channels padded to dp with zeros: the kernel's tile width)
+        self.k_codes = torch.zeros(batch, kv_heads, tiles * T, dp, dtype=torch.int8, device=dev)
+        self.k_scale = torch.zeros(batch, kv_heads, tiles * T, dtype=torch.float32, device=dev)
+        self.k_mean = torch.zeros(batch, kv_heads, tiles, dp, dtype=torch.float32, device=dev)
+        self.v_codes = torch.zeros(batch, kv_heads, tiles * T, dp, dtype=fp8, device=dev)
+        self.v_scale = torch.zeros(batch, kv_heads, tiles, dp, dtype=torch.float32, device=dev)
+        # the keys of the tile being filled, as given
+        self.tail_k = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
+        self.tail_v = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
+        self.first_bad = torch.full((batch, kv_heads), NO_BAD_KEY, dtype=torch.int32, device=dev)
+        self.length = 0
+
+    @property
+    def quantized_keys(self) -> int:
+        """Keys held as codes: the full tiles."""
+        return self.length // DECODE_TILE * DECODE_TILE
+
+    def nbytes(self) -> int:
+        """Bytes of the cache's storage."""
+        return sum(t.numel() * t.element_size() for t in (self.k_codes, self.k_scale, self.k_mean, self.v_codes,
+                                                          self.v_scale, self.tail_k, self.tail_v, self.first_bad))
+
+    def reset(self) -> None:
+        """Empty the cache (the storage is kept)."""
+        self.length = 0
+        self.first_bad.fill_(NO_BAD_KEY)
+
+    @torch.no_grad()
+    def append(self, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND") -> None:
+        """Add keys: k and v ``[B, Hkv, n, D]`` (``"HND"``) or ``[B, n, Hkv, D]`` (``"NHD"``), in the
+        cache's dtype and on its device. Each tile that fills is quantized once, here."""
+        kh, vh = self._check_keys(k, v, tensor_layout)
+        n = kh.shape[2]
+        if n == 0:
+            return
+        T = DECODE_TILE
+        l0, l1 = self.length, self.length + n
+        key_bad = ~(torch.isfinite(kh).all(-1) & torch.isfinite(vh).all(-1))        # [B, Hkv, n]
+        pos = torch.arange(l0, l1, dtype=torch.int32, device=self.device)
+        first = torch.where(key_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
+        torch.minimum(self.first_bad, first, out=self.first_bad)
+        t0 = l0 // T * T  # the first key of the tile being filled
+        keys_k = torch.cat([self.tail_k[:, :, :l0 - t0], kh], dim=2)                 # keys [t0, l1)
+        keys_v = torch.cat([self.tail_v[:, :, :l0 - t0], vh], dim=2)
+        full = l1 // T * T - t0
+        if full:
+            self._quantize_tiles(keys_k[:, :, :full], keys_v[:, :, :full], t0)
+        rest = l1 - t0 - full
+        self.tail_k[:, :, :rest] = keys_k[:, :, full:]
+        self.tail_v[:, :, :rest] = keys_v[:, :, full:]
+        self.length = l1
+
+    def _quantize_tiles(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+        B, H, n, D = k.shape
+        T, nt = DECODE_TILE, n // DECODE_TILE
+        kf = _finite_fp32(k).view(B, H, nt, T, D)
+        vf = _finite_fp32(v).view(B, H, nt, T, D)
+        every = torch.ones(1, 1, 1, T, 1, dtype=torch.bool, device=k.device)
+        k8, sk, mk, _ = quantize_k_tile(kf, every, torch.tensor(float(T), device=k.device), self.spec)
+        v8, sv = quantize_v_tile_fp8(vf, self.spec.pv)
+        j0, c0 = t0 // T, t0
+        self.k_codes[:, :, c0:c0 + n, :D] = k8.view(B, H, n, D).to(torch.int8)
+        self.k_scale[:, :, c0:c0 + n] = sk.view(B, H, n)
+        self.k_mean[:, :, j0:j0 + nt, :D] = mk.view(B, H, nt, D)
+        self.v_codes[:, :, c0:c0 + n, :D] = v8.view(B, H, n, D)
+        self.v_scale[:, :, j0:j0 + nt, :D] = sv.view(B, H, nt, D)
+
+    def _check_keys(self, k, v, tensor_layout):
+        from .checks import LAYOUTS, check_choice, to_hnd
+
+        check_choice("tensor_layout", tensor_layout, LAYOUTS)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must have rank 4 ([B, Hkv, n, D] for tensor_layout={tensor_layout!r} "
+                                 "HND, [B, n, Hkv, D] for NHD), got shape {tuple(t.shape)}")
+            if t.dtype != self.dtype:
+                raise ValueError(f"{name}.dtype must be the cache's dtype {self.dtype}, got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} must be on the cache's device {self.device}, got {t.device}")
+        kh, vh = to_hnd(k, tensor_layout), to_hnd(v, tensor_layout)
+        want = (self.batch, self.kv_heads, self.head_dim)
+        for name, t in (("k", kh), ("v", vh)):
+            if (t.shape[0], t.shape[1], t.shape[3]) != want:
+                raise ValueError(f"{name} must have batch {self.batch}, {self.kv_heads} KV heads and head_dim "
+                                 f"{self.head_dim} (the cache's), got shape {tuple(t.shape)} ({tensor_layout})")
+        if kh.shape != vh.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if self.length + kh.shape[2] > self.max_seqlen:
+            raise ValueError(f"the cache holds at most max_seqlen={self.max_seqlen} keys: {self.length} held, "
+                             f"{kh.shape[2]} more given")
+        return kh, vh
+
+    # -- what the emulation (backend="torch") reads -------------------------------------------------
+
+    def tile(self, j0: int, j1: int):
+        """A quantized tile's (K codes (float) [B, Hkv, T, D], K scales [B, Hkv, T], K mean
+        [B, Hkv, 1, D], V codes (FP8) [B, Hkv, T, D], V scales [B, Hkv, 1, D])."""
+        D, j = self.head_dim, j0 // DECODE_TILE
+        return (self.k_codes[:, :, j0:j1, :D].float(), self.k_scale[:, :, j0:j1], self.k_mean[:, :, j:j + 1, :D],
+                self.v_codes[:, :, j0:j1, :D], self.v_scale[:, :, j:j + 1, :D])
+
+    def emulation_views(self):
+        """(k, v) [B, Hkv, length, D] in the cache's dtype: the keys past the quantized tiles in
+        place, zeros where the tiles are (:func:`common.decode.decode_emulated` reads those from
+        :meth:`tile`)."""
+        shape = (self.batch, self.kv_heads, self.length, self.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        n0 = self.quantized_keys
+        k[:, :, n0:] = self.tail_k[:, :, :self.length - n0]
+        v[:, :, n0:] = self.tail_v[:, :, :self.length - n0]
+        return k, v
+
+    def nan_rows(self, qh: torch.Tensor, *, is_causal: bool) -> torch.Tensor:
+        """bool [B, Hq, Nq]: rows with a non-finite query value or that see a key with one."""
+        B, Hq, Nq, _ = qh.shape
+        first = self.first_bad.repeat_interleave(Hq // self.kv_heads, dim=1)[..., None]   # [B, Hq, 1]
+        i = torch.arange(Nq, device=qh.device)[None, None, :]
+        reach = first <= i + (self.length - Nq) if is_causal else (first < self.length).expand(B, Hq, Nq)
+        return ~torch.isfinite(qh).all(-1) | reach
+
+
+def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.Tensor, *, sm_scale: float,
+                      is_causal: bool, return_lse: bool, backend: str):
+    """Decode attention of qh [B, Hq, Nq, D] over the cache into ``out_hnd``; returns the natural
+    LSE [B, Hq, Nq] (or None). backend: ``"triton"`` or ``"torch"`` (the emulation)."""
+    B, Hq, Nq, D = qh.shape
+    Hkv, Nk, spec = cache.kv_heads, cache.length, cache.spec
+    nqp, block_m, row_tiles = _row_layout(Hq // Hkv, Nq)
+    tps = split_tiles(B * Hkv, row_tiles, Nk, qh.device)
+    if backend == "torch":
+        kh, vh = cache.emulation_views()
+        out, lse = decode_emulated(qh, kh, vh, spec, sm_scale=sm_scale, is_causal=is_causal, mask=NO_MASK,
+                                   tiles_per_split=tps, cache=cache)
+        out_hnd.copy_(out)
+        return lse if return_lse else None
+
+    from .checks import kernel_store_dtype
+    from .triton_decode import decode_cached_split_kernel, decode_merge_kernel
+
+    qh = qh if qh.stride(-1) == 1 else qh.contiguous()
+    dp = cache.k_codes.shape[-1]
+    splits = -(-(-(-Nk // DECODE_TILE)) // tps)
+    rows_total = row_tiles * block_m
+    part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
+    part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
+    interp = interpreter_enabled()
+    opts = {} if interp else {"enable_fp_fusion": False}  # x * (1/scale) rounds first, as in the emulation
+    log2_pscale = LOG2_P_SCALE[spec.pv]
+    kc, ks, km, tk = cache.k_codes, cache.k_scale, cache.k_mean, cache.tail_k
+    decode_cached_split_kernel[(splits, B * Hkv, row_tiles)](
+        qh, kc, ks, km, cache.v_codes, cache.v_scale, tk, cache.tail_v, cache.first_bad, part_o, part_l,
+        qh.stride(0), qh.stride(1), qh.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1),
+        km.stride(0), km.stride(1), tk.stride(0), tk.stride(1), tk.stride(2),
+        Hkv, Nq, Nk, cache.quantized_keys, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
+        BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, PV=PV_KINDS.index(spec.pv), IS_CAUSAL=is_causal,
+        INTERPRET=interp, EVEN_D=D == dp, num_warps=4, num_stages=2, **opts)
+    target = out_hnd
+    if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host
+        target = torch.empty(out_hnd.shape, dtype=torch.float32)
+    decode_merge_kernel[(B * Hkv, row_tiles)](
+        part_o, part_l, target, lse, splits, target.stride(0), target.stride(1), target.stride(2), Hkv, Nq, D,
+        Hq // Hkv, BLOCK_M=block_m, NQP=nqp, DP=dp, RETURN_LSE=return_lse, num_warps=4)
+    if target is not out_hnd:
+        out_hnd.copy_(target)
+    return lse if return_lse else None
+
+
+def check_query(q: torch.Tensor, cache: QuantizedKVCache, tensor_layout: str):
+    """q's HND view, after the checks a decode call over ``cache`` needs."""
+    from .checks import LAYOUTS, check_choice, to_hnd
+
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    check_choice("tensor_layout", tensor_layout, LAYOUTS)
+    if q.dim() != 4:
+        raise ValueError(f"q must have rank 4 ([B, H, N, D] for HND, [B, N, H, D] for NHD), got shape {tuple(q.shape)}")
+    if q.dtype != cache.dtype:
+        raise ValueError(f"q.dtype must be the cache's dtype {cache.dtype}, got {q.dtype}")
+    if q.device != cache.device:
+        raise ValueError(f"q must be on the cache's device {cache.device}, got {q.device}")
+    qh = to_hnd(q, tensor_layout)
+    B, Hq, Nq, D = qh.shape
+    if B != cache.batch:
+        raise ValueError(f"q must have the cache's batch size {cache.batch}, got {B}")
+    if D != cache.head_dim:
+        raise ValueError(f"q must have the cache's head_dim {cache.head_dim}, got {D}")
+    if Hq == 0 or Hq % cache.kv_heads:
+        raise ValueError(f"q's heads must be a positive multiple of the cache's {cache.kv_heads} KV heads, got {Hq}")
+    if Nq > DECODE_MAX_QUERIES:
+        raise ValueError(f"a decode call over a cache takes at most {DECODE_MAX_QUERIES} queries, got {Nq}; "
+                         "run the prefill with sageattn on the keys themselves")
+    return qh
+
+
+def bytes_per_key(head_dim: int) -> float:
+    """Bytes the decode kernel reads per key and KV head from the cache's full tiles (codes, K's
+    scale, and the tile's K mean and V scales spread over its keys)."""
+    dp = padded_head_dim(head_dim)
+    return 2 * dp + 4 + 2 * dp * 4 / DECODE_TILE
+
+
+__all__ = ["QuantizedKVCache", "decode_from_cache", "check_query", "bytes_per_key", "CACHE_PV_DTYPES",
+           "NO_BAD_KEY"]

@@ -1,0 +1,66 @@
+"""Decode from a quantized KV cache (common.kv_cache): sage2's decode with K and V quantized once,
+when each 64-key tile fills, instead of at every step.
+
+    cache = sage2.QuantizedKVCache(batch, kv_heads, head_dim, max_seqlen, dtype=torch.float16)
+    cache.append(k_prefill, v_prefill)            # [B, Hkv, N, D]
+    for step in ...:
+        cache.append(k_new, v_new)                # [B, Hkv, 1, D]
+        out = sage2.sageattn_kvcache(q_new, cache)  # q_new [B, Hq, 1, D]
+
+The same algorithm as ``sage2.sageattn(q, k, v)`` on ``Nq <= 16`` queries (INT8 Q and K with K
+smoothing per tile and per-token K scales, FP8 P and V per channel per tile): a tile's codes are the
+ones the decode kernel would compute from it, so the outputs agree with the plain call's to fp32
+rounding. The kernel reads 276 bytes per key and KV head at head dim 128 instead of 512.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.api import new_output
+from common.checks import check_choice
+from common.kv_cache import QuantizedKVCache, check_query, decode_from_cache
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout: str = "HND", is_causal: bool = False,
+                     sm_scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Attention of ``q`` (``Nq <= 16`` queries; ``[B, Hq, Nq, D]`` for ``"HND"``, ``[B, Nq, Hq, D]``
+    for ``"NHD"``) over the keys appended to ``cache``.
+
+    is_causal: bottom-right (query i sees the keys up to ``cache.length - Nq + i``), as SDPA's
+        ``is_causal`` with Nq queries at the end of the sequence.
+    sm_scale: default ``1 / sqrt(D)``. return_lse: also the natural log-sum-exp ``[B, Hq, Nq]``.
+    backend: ``"triton"`` (GPU; the CPU interpreter under TRITON_INTERPRET=1), ``"torch"`` (the
+        emulation), ``"auto"`` (Triton on a GPU, else the emulation).
+    Returns the output in q's layout and dtype (and the LSE). No keys: zeros (LSE -inf).
+    """
+    qh = check_query(q, cache, tensor_layout)
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_choice("backend", backend, BACKENDS)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(qh.shape[-1])
+    elif not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool) or not math.isfinite(sm_scale) \
+            or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
+    if backend == "triton" and q.device.type != "cuda":
+        from common.checks import interpreter_enabled
+
+        if not interpreter_enabled():
+            raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got q on {q.device}")
+    be = backend if backend != "auto" else ("triton" if q.device.type == "cuda" else "torch")
+    with torch.no_grad():
+        out, out_hnd = new_output(q, tensor_layout)
+        B, Hq, Nq, _ = qh.shape
+        if cache.length == 0 or out.numel() == 0:
+            out.zero_()
+            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
+            return (out, lse) if return_lse else out
+        lse = decode_from_cache(qh, cache, out_hnd, sm_scale=float(sm_scale), is_causal=is_causal,
+                                return_lse=return_lse, backend=be)
+        return (out, lse) if return_lse else out
