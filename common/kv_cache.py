@@ -18,8 +18,9 @@ so decoding from the cache is the decode path's algorithm, tile for tile:
 At head dim 128 that is 128 + 4 + 128 bytes per key and KV head plus 2 x 512 per tile (8 per key):
 276 bytes against fp16's 512. The keys past the last full tile (fewer than 64) are kept in the
 input dtype and quantized by the kernel at each step, as the decode path does. A key with a NaN or
-Inf in k or v is stored as zeros and remembered (the first per KV head): the rows that see it are
-NaN, the rule of :mod:`common.nonfinite`.
+Inf in k or v is quantized as zeros and remembered (the first per KV head) when its tile is
+quantized; in the last, partial tile the kernel checks the keys as it reads them. The rows that see
+such a key are NaN: the rule of :mod:`common.nonfinite`.
 
 What it covers: sage2's decode spec for INT8 Q/K (per-token K scales, K smoothing, no Q
 smoothing) with FP8 P/V; one length for the whole batch (sequences of different lengths need a
@@ -38,6 +39,10 @@ from .int_qk import LOG2E, padded_head_dim
 from .masking import NO_MASK
 
 CACHE_PV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+# launch settings of the cached split kernel (experiments/bench_kvcache.py --sweep)
+CACHE_WARPS = 4
+CACHE_STAGES = 2
+CACHE_MAXNREG = None
 NO_BAD_KEY = 2**31 - 1
 
 
@@ -108,16 +113,16 @@ class QuantizedKVCache:
             return
         T = DECODE_TILE
         l0, l1 = self.length, self.length + n
-        key_bad = ~(torch.isfinite(kh).all(-1) & torch.isfinite(vh).all(-1))        # [B, Hkv, n]
-        pos = torch.arange(l0, l1, dtype=torch.int32, device=self.device)
-        first = torch.where(key_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
-        torch.minimum(self.first_bad, first, out=self.first_bad)
         t0 = l0 // T * T  # the first key of the tile being filled
+        if l1 - t0 < T:  # no tile fills (most decode steps): two copies. The kernel checks these keys
+            self.tail_k[:, :, l0 - t0:l1 - t0] = kh  # for NaN/Inf as it reads them
+            self.tail_v[:, :, l0 - t0:l1 - t0] = vh
+            self.length = l1
+            return
         keys_k = torch.cat([self.tail_k[:, :, :l0 - t0], kh], dim=2)                 # keys [t0, l1)
         keys_v = torch.cat([self.tail_v[:, :, :l0 - t0], vh], dim=2)
         full = l1 // T * T - t0
-        if full:
-            self._quantize_tiles(keys_k[:, :, :full], keys_v[:, :, :full], t0)
+        self._quantize_tiles(keys_k[:, :, :full], keys_v[:, :, :full], t0)
         rest = l1 - t0 - full
         self.tail_k[:, :, :rest] = keys_k[:, :, full:]
         self.tail_v[:, :, :rest] = keys_v[:, :, full:]
@@ -126,6 +131,8 @@ class QuantizedKVCache:
     def _quantize_tiles(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
         B, H, n, D = k.shape
         T, nt = DECODE_TILE, n // DECODE_TILE
+        # the codes hold a NaN/Inf as 0: remember the first key with one (the rows that see it are NaN)
+        self._fold_first_bad(k, v, t0)
         kf = _finite_fp32(k).view(B, H, nt, T, D)
         vf = _finite_fp32(v).view(B, H, nt, T, D)
         every = torch.ones(1, 1, 1, T, 1, dtype=torch.bool, device=k.device)
@@ -137,6 +144,12 @@ class QuantizedKVCache:
         self.k_mean[:, :, j0:j0 + nt, :D] = mk.view(B, H, nt, D)
         self.v_codes[:, :, c0:c0 + n, :D] = v8.view(B, H, n, D)
         self.v_scale[:, :, j0:j0 + nt, :D] = sv.view(B, H, nt, D)
+
+    def _fold_first_bad(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+        key_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))          # [B, Hkv, n]
+        pos = torch.arange(t0, t0 + k.shape[2], dtype=torch.int32, device=self.device)
+        first = torch.where(key_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
+        torch.minimum(self.first_bad, first, out=self.first_bad)
 
     def _check_keys(self, k, v, tensor_layout):
         from .checks import LAYOUTS, check_choice, to_hnd
@@ -189,7 +202,13 @@ class QuantizedKVCache:
     def nan_rows(self, qh: torch.Tensor, *, is_causal: bool) -> torch.Tensor:
         """bool [B, Hq, Nq]: rows with a non-finite query value or that see a key with one."""
         B, Hq, Nq, _ = qh.shape
-        first = self.first_bad.repeat_interleave(Hq // self.kv_heads, dim=1)[..., None]   # [B, Hq, 1]
+        n0 = self.quantized_keys
+        tail_k, tail_v = self.tail_k[:, :, :self.length - n0], self.tail_v[:, :, :self.length - n0]
+        tail_bad = ~(torch.isfinite(tail_k).all(-1) & torch.isfinite(tail_v).all(-1))
+        pos = torch.arange(n0, self.length, dtype=torch.int32, device=self.device)
+        first = torch.minimum(self.first_bad, torch.where(tail_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
+                              if self.length > n0 else self.first_bad)
+        first = first.repeat_interleave(Hq // self.kv_heads, dim=1)[..., None]           # [B, Hq, 1]
         i = torch.arange(Nq, device=qh.device)[None, None, :]
         reach = first <= i + (self.length - Nq) if is_causal else (first < self.length).expand(B, Hq, Nq)
         return ~torch.isfinite(qh).all(-1) | reach
@@ -222,6 +241,8 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     interp = interpreter_enabled()
     opts = {} if interp else {"enable_fp_fusion": False}  # x * (1/scale) rounds first, as in the emulation
+    if CACHE_MAXNREG and not interp:
+        opts["maxnreg"] = CACHE_MAXNREG
     log2_pscale = LOG2_P_SCALE[spec.pv]
     kc, ks, km, tk = cache.k_codes, cache.k_scale, cache.k_mean, cache.tail_k
     decode_cached_split_kernel[(splits, B * Hkv, row_tiles)](
@@ -230,7 +251,7 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
         km.stride(0), km.stride(1), tk.stride(0), tk.stride(1), tk.stride(2),
         Hkv, Nq, Nk, cache.quantized_keys, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
         BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, PV=PV_KINDS.index(spec.pv), IS_CAUSAL=is_causal,
-        INTERPRET=interp, EVEN_D=D == dp, num_warps=4, num_stages=2, **opts)
+        INTERPRET=interp, EVEN_D=D == dp, num_warps=CACHE_WARPS, num_stages=CACHE_STAGES, **opts)
     target = out_hnd
     if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)

@@ -4,6 +4,7 @@ tests/test_sage3_train.py).
     python tests/compile_for_hopper.py '[DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP]'
     python tests/compile_for_hopper.py prefill    # sage1, sage2 and the quantization passes
     python tests/compile_for_hopper.py sagebwd    # SageBwd's forward and backward kernels
+    python tests/compile_for_hopper.py kvcache    # decode over the quantized KV cache
     python tests/compile_for_hopper.py sagebwd --regs   # and each kernel's registers and spills (ptxas -v)
     python tests/compile_for_hopper.py sagebwd --regs --sass   # and its SASS instruction counts (cuobjdump)
 
@@ -163,6 +164,25 @@ def sagebwd():
     print("ok")
 
 
+def kvcache():
+    """The decode kernel over a quantized KV cache (common.kv_cache) and its merge, causal or not,
+    E4M3 or E5M2, GQA packing of 16 and 64 rows."""
+    from common.triton_decode import decode_cached_split_kernel, decode_merge_kernel
+
+    f32 = "*fp32"
+    types = dict(Q="*fp16", KC="*i8", KS=f32, KM=f32, VC="*fp8e4nv", VS=f32, KT="*fp16", VT="*fp16", FIRST_BAD="*i32",
+                 PO=f32, PL=f32, qk_mult="fp32", log2_pscale="fp32")
+    for causal, pv, block_m, nqp in ((False, 2, 16, 1), (True, 2, 16, 4), (False, 3, 64, 1)):
+        t = dict(types, VC="*fp8e5" if pv == 3 else "*fp8e4nv")
+        k = compile_sm90(decode_cached_split_kernel, t,
+                         dict(BLOCK_M=block_m, NQP=nqp, T=decode.DECODE_TILE, DP=128, PV=pv, IS_CAUSAL=causal,
+                              INTERPRET=False, EVEN_D=True), enable_fp_fusion=False)
+        assert "mma" in k.asm["ptx"]
+    compile_sm90(decode_merge_kernel, dict(PO=f32, PL=f32, O="*bf16", LSE=f32),
+                 dict(BLOCK_M=16, NQP=1, DP=128, RETURN_LSE=True))
+    print("ok")
+
+
 def main(case):
     dp, pv, kpt, sq, causal, lens, even, qmax, nqp = case
     const = dict(BLOCK_M=64 if nqp >= 8 else 16, NQP=nqp, T=decode.DECODE_TILE, DP=dp, QMAX=qmax, K_PER_TOKEN=kpt,
@@ -181,4 +201,4 @@ def main(case):
 
 
 if __name__ == "__main__":
-    {"prefill": prefill, "sagebwd": sagebwd}.get(sys.argv[1], lambda: main(json.loads(sys.argv[1])))()
+    {"prefill": prefill, "sagebwd": sagebwd, "kvcache": kvcache}.get(sys.argv[1], lambda: main(json.loads(sys.argv[1])))()

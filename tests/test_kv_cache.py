@@ -1,0 +1,184 @@
+"""The quantized KV cache (common.kv_cache, sage2.sageattn_kvcache): K and V quantized once per
+64-key tile, decoded by a split-KV kernel that reads the codes.
+
+The cache stores what the decode path computes in registers for each tile, so decoding from it is
+the decode path's algorithm: its emulation must equal ``sage2.sageattn(q, k, v)``'s decode emulation
+exactly, the Triton kernel (GPU, or the interpreter) must agree with it to fp32 rounding, and both
+must stay as close to exact attention as the decode path. Then the cases: appends of any size in any
+order, GQA, causal with Nq > 1, both layouts, bf16, E5M2, odd head dims, NaN/Inf (the rows that see
+a bad key are NaN, in a quantized tile or in the partial one), an empty cache and bad arguments."""
+
+import pytest
+import torch
+
+import sage2
+from common.inputs import make_qkv
+from common.kv_cache import NO_BAD_KEY, QuantizedKVCache, bytes_per_key
+from common.masking import NO_MASK
+from common.metrics import accuracy
+from common.nonfinite import nan_rows
+from common.reference import attention_reference
+from conftest import KERNEL_DEVICE, gpu
+
+
+def _cache_of(k, v, *, chunks=(None,), pv_dtype="fp8_e4m3", layout="HND", max_seqlen=None):
+    """A cache holding k and v ([B, Hkv, N, D] HND, or NHD), appended in pieces of the given sizes
+    (None: the rest)."""
+    n_axis = 2 if layout == "HND" else 1
+    B, N = k.shape[0], k.shape[n_axis]
+    Hkv, D = (k.shape[1], k.shape[3]) if layout == "HND" else (k.shape[2], k.shape[3])
+    cache = QuantizedKVCache(B, Hkv, D, max_seqlen or N + 5, dtype=k.dtype, device=k.device, pv_dtype=pv_dtype)
+    at = 0
+    for size in chunks:
+        size = N - at if size is None else size
+        cache.append(k.narrow(n_axis, at, size), v.narrow(n_axis, at, size), tensor_layout=layout)
+        at += size
+    assert cache.length == N
+    return cache
+
+
+def _plain(q, k, v, pv_dtype="fp8_e4m3", **kw):
+    return sage2.sageattn(q, k, v, backend="torch", pv_dtype=pv_dtype, return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("n_q,heads,heads_kv,n_k,causal,d", [
+    (1, 8, 2, 333, False, 64), (1, 8, 2, 333, True, 128), (4, 4, 4, 200, True, 64), (16, 8, 1, 130, False, 64),
+    (3, 32, 1, 97, True, 80), (1, 2, 2, 64, False, 40), (2, 4, 2, 63, True, 64)])
+def test_cache_emulation_is_the_decode_paths_emulation(n_q, heads, heads_kv, n_k, causal, d):
+    q, k, v = make_qkv(2, heads, n_q, d, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=n_q + n_k)
+    cache = _cache_of(k, v, chunks=(n_k // 3, 1, None))
+    out_c, lse_c = sage2.sageattn_kvcache(q, cache, is_causal=causal, return_lse=True, backend="torch")
+    out_p, lse_p = _plain(q, k, v, is_causal=causal)
+    assert torch.equal(out_c, out_p)
+    assert torch.equal(lse_c, lse_p)
+    e = accuracy(attention_reference(q, k, v, is_causal=causal), out_c)
+    assert e.cos_sim > 0.998, e
+
+
+@pytest.mark.parametrize("pv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("n_q,heads,heads_kv,n_k,causal,d,layout", [
+    (1, 8, 2, 333, False, 64, "HND"), (1, 8, 2, 333, True, 128, "NHD"), (5, 4, 4, 200, True, 64, "HND"),
+    (16, 8, 1, 130, False, 64, "NHD"), (3, 32, 1, 97, True, 80, "HND"), (1, 4, 4, 64 * 5, False, 64, "HND")])
+def test_kernel_matches_emulation(pv_dtype, n_q, heads, heads_kv, n_k, causal, d, layout):
+    q, k, v = make_qkv(2, heads, n_q, d, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=n_k, layout=layout)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    cache = _cache_of(k, v, chunks=(70, None), pv_dtype=pv_dtype, layout=layout)
+    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=True)
+    out_k, lse_k = sage2.sageattn_kvcache(q, cache, backend="triton", **kw)
+    out_e, lse_e = sage2.sageattn_kvcache(q, cache, backend="torch", **kw)
+    assert out_k.shape == q.shape and out_k.dtype == q.dtype
+    assert torch.isfinite(lse_e).all() and (lse_k - lse_e).abs().max() < 1e-3
+    assert accuracy(out_e.double(), out_k).rel_l1 < 2e-3
+    ref = attention_reference(q, k, v, tensor_layout=layout, is_causal=causal)
+    assert accuracy(ref, out_k).cos_sim > (0.998 if pv_dtype == "fp8_e4m3" else 0.99)
+
+
+def test_appends_of_any_size_give_the_same_cache():
+    """One append, one key at a time, and uneven pieces: the same codes, scales and tail."""
+    _, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=200, seed=3)
+    whole = _cache_of(k, v)
+    for chunks in ([1] * 200, [63, 1, 64, 7, 65]):
+        other = _cache_of(k, v, chunks=chunks)
+        for name in ("k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad"):
+            a, b = getattr(whole, name), getattr(other, name)
+            if name.startswith("tail"):  # past the tile being filled: whatever an earlier tile left
+                a, b = a[:, :, :8], b[:, :, :8]
+            assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                               b.view(torch.uint8) if b.element_size() == 1 else b), name
+    assert whole.quantized_keys == 192 and whole.length == 200
+
+
+def test_the_cache_does_not_modify_its_inputs_and_is_smaller():
+    q, k, v = make_qkv(1, 4, 1, 128, heads_kv=2, seqlen_k=256, seed=4)
+    k[0, 0, 5, 3] = float("nan")
+    before = [t.clone() for t in (q, k, v)]
+    cache = _cache_of(k, v)
+    sage2.sageattn_kvcache(q, cache, backend="torch")
+    assert all(torch.equal(a, b, ) or torch.equal(a.isnan(), b.isnan()) for a, b in zip(before, (q, k, v)))
+    assert torch.equal(torch.nan_to_num(before[1]), torch.nan_to_num(k))
+    assert bytes_per_key(128) == 276.0  # against 512 in fp16
+
+
+@pytest.mark.parametrize("where", ["quantized", "tail"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_keys_make_exactly_the_rows_that_see_them_nan(where, causal, backend):
+    q, k, v = make_qkv(2, 4, 4, 64, heads_kv=2, seqlen_k=150, seed=5)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    bad_key = 20 if where == "quantized" else 148  # (keys 128-149 are the partial tile)
+    k[0, 1, bad_key, 7] = float("inf")
+    v[1, 0, bad_key - 1, 2] = float("nan")
+    q[1, 3, 0, 0] = float("nan")
+    cache = _cache_of(k, v, chunks=(100, None))
+    if where == "quantized":
+        assert cache.first_bad[0, 1] == bad_key and cache.first_bad[1, 0] == bad_key - 1
+        assert cache.first_bad[0, 0] == NO_BAD_KEY
+    out, lse = sage2.sageattn_kvcache(q, cache, is_causal=causal, return_lse=True, backend=backend)
+    # the other rows: as accurate as on the inputs with the bad values zeroed (SDPA's math backend
+    # would spread V's NaN through masked keys as 0 * NaN; common.nonfinite)
+    ref = attention_reference(*(torch.nan_to_num(t.cpu(), nan=0.0, posinf=0.0, neginf=0.0) for t in (q, k, v)),
+                              is_causal=causal)
+    want = nan_rows(q.cpu(), k.cpu(), v.cpu(), is_causal=causal, mask=NO_MASK)  # the rule (Inf as NaN)
+    assert want.any() and not want.all()
+    assert torch.equal(out.float().cpu().isnan().any(-1), want)
+    assert torch.equal(lse.cpu().isnan(), want)
+    fin = ~want
+    assert accuracy(ref[fin], out.float().cpu()[fin]).cos_sim > 0.998
+
+
+def test_empty_cache_and_zero_queries():
+    cache = QuantizedKVCache(2, 2, 64, 100, device="cpu")
+    q = torch.randn(2, 4, 1, 64, dtype=torch.float16)
+    out, lse = sage2.sageattn_kvcache(q, cache, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.equal(lse, torch.full((2, 4, 1), float("-inf")))
+    cache.append(*make_qkv(2, 2, 1, 64, seqlen_k=10)[1:])
+    assert sage2.sageattn_kvcache(q[:, :, :0], cache).shape == (2, 4, 0, 64)
+    cache.reset()
+    assert cache.length == 0 and sage2.sageattn_kvcache(q, cache).abs().max() == 0
+
+
+def test_bad_arguments_name_the_argument():
+    cache = QuantizedKVCache(2, 2, 64, 100, device="cpu")
+    k = torch.randn(2, 2, 10, 64, dtype=torch.float16)
+    q = torch.randn(2, 4, 1, 64, dtype=torch.float16)
+    cases = [
+        (lambda: QuantizedKVCache(0, 2, 64, 100, device="cpu"), "batch must be a positive int"),
+        (lambda: QuantizedKVCache(2, 2, 64, 100, device="cpu", dtype=torch.float32), "dtype must be"),
+        (lambda: QuantizedKVCache(2, 2, 64, 100, device="cpu", pv_dtype="fp16"), "pv_dtype must be one of"),
+        (lambda: QuantizedKVCache(2, 2, 512, 100, device="cpu"), "head_dim must be at most 256"),
+        (lambda: cache.append(k.float(), k.float()), r"k.dtype must be the cache's dtype"),
+        (lambda: cache.append(k[:1], k[:1]), "must have batch 2, 2 KV heads and head_dim 64"),
+        (lambda: cache.append(k, k[:, :, :5]), "k and v must have the same shape"),
+        (lambda: cache.append(k[0], k[0]), "k must have rank 4"),
+        (lambda: cache.append(k, k, tensor_layout="BHSD"), "tensor_layout"),
+        (lambda: cache.append(torch.randn(2, 2, 101, 64, dtype=torch.float16),
+                              torch.randn(2, 2, 101, 64, dtype=torch.float16)), "at most max_seqlen=100"),
+        (lambda: sage2.sageattn_kvcache(q.float(), cache), "q.dtype must be the cache's dtype"),
+        (lambda: sage2.sageattn_kvcache(q[:1], cache), "batch size 2"),
+        (lambda: sage2.sageattn_kvcache(q[:, :3], cache), "positive multiple of the cache's 2 KV heads"),
+        (lambda: sage2.sageattn_kvcache(q[..., :32], cache), "head_dim 64"),
+        (lambda: sage2.sageattn_kvcache(torch.randn(2, 4, 17, 64, dtype=torch.float16), cache), "at most 16 queries"),
+        (lambda: sage2.sageattn_kvcache(q, cache, backend="cuda"), "backend must be one of"),
+        (lambda: sage2.sageattn_kvcache(q, cache, sm_scale=-1.0), "sm_scale must be a positive"),
+        (lambda: sage2.sageattn_kvcache(q, cache, is_causal=1), "is_causal must be a bool"),
+        (lambda: sage2.sageattn_kvcache(q, k), "cache must be a QuantizedKVCache"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            fn()
+    assert cache.length == 0  # a refused append changes nothing
+
+
+@gpu
+@pytest.mark.parametrize("n_k,heads_kv,n_q,causal", [(16384, 8, 1, False), (4097, 32, 1, False), (8191, 8, 4, True)])
+def test_gpu_cache_agrees_with_the_dense_decode_call(n_k, heads_kv, n_q, causal):
+    """At serving sizes on the GPU: the cache's kernel against sage2.sageattn on the same keys (the
+    CUDA or Triton decode sweep, same per-tile codes up to rounding) and against exact attention."""
+    q, k, v = make_qkv(4, 32, n_q, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", device="cuda", seed=n_k)
+    cache = _cache_of(k, v, chunks=(n_k - 3, 1, None))
+    out = sage2.sageattn_kvcache(q, cache, is_causal=causal)
+    dense = sage2.sageattn(q, k, v, is_causal=causal)
+    ref = attention_reference(q, k, v, is_causal=causal)
+    a_dense, a_cache = accuracy(ref, dense), accuracy(ref, out)
+    assert accuracy(dense.double(), out).rel_l1 < 5e-3
+    assert a_cache.cos_sim > 0.9985 and a_cache.rel_l1 < a_dense.rel_l1 * 1.05 + 1e-4, (a_cache, a_dense)
