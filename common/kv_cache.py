@@ -41,7 +41,7 @@ from .masking import NO_MASK
 CACHE_PV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 # launch settings of the cached split kernel (experiments/bench_kvcache.py --sweep)
 CACHE_WARPS = 4
-CACHE_STAGES = 2
+CACHE_STAGES = 3
 CACHE_MAXNREG = None
 NO_BAD_KEY = 2**31 - 1
 
@@ -72,6 +72,8 @@ class QuantizedKVCache:
         tiles = -(-max_seqlen // T)
         dp = padded_head_dim(head_dim)
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device: compare as "cuda:N"
+            dev = torch.device("cuda", torch.cuda.current_device())
         fp8 = torch.float8_e4m3fn if pv_dtype == "fp8_e4m3" else torch.float8_e5m2
         self.batch, self.kv_heads, self.head_dim, self.max_seqlen = batch, kv_heads, head_dim, max_seqlen
         self.dtype, self.device, self.pv_dtype = dtype, dev, pv_dtype
@@ -97,6 +99,20 @@ class QuantizedKVCache:
         """Bytes of the cache's storage."""
         return sum(t.numel() * t.element_size() for t in (self.k_codes, self.k_scale, self.k_mean, self.v_codes,
                                                           self.v_scale, self.tail_k, self.tail_v, self.first_bad))
+
+    def launch_buffers(self, splits: int, rows: int, row_tiles: int):
+        """The kernel's split partials and merge counters, kept between calls (the counters are zero
+        again when a launch ends). One decode stream per cache: concurrent calls on different streams
+        would share them."""
+        key = (splits, rows, row_tiles)
+        if getattr(self, "_buffers_key", None) != key:
+            n = self.batch * self.kv_heads
+            dp = self.k_codes.shape[-1]
+            self._buffers = (torch.empty(splits, n, rows, dp, dtype=torch.float32, device=self.device),
+                             torch.empty(splits, n, rows, dtype=torch.float32, device=self.device),
+                             torch.zeros(n * row_tiles, dtype=torch.int32, device=self.device))
+            self._buffers_key = key
+        return self._buffers
 
     def reset(self) -> None:
         """Empty the cache (the storage is kept)."""
@@ -230,34 +246,30 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
         return lse if return_lse else None
 
     from .checks import kernel_store_dtype
-    from .triton_decode import decode_cached_split_kernel, decode_merge_kernel
+    from .triton_decode import decode_cached_kernel
 
     qh = qh if qh.stride(-1) == 1 else qh.contiguous()
     dp = cache.k_codes.shape[-1]
     splits = -(-(-(-Nk // DECODE_TILE)) // tps)
-    rows_total = row_tiles * block_m
-    part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
-    part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
+    part_o, part_l, count = cache.launch_buffers(splits, row_tiles * block_m, row_tiles)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     interp = interpreter_enabled()
     opts = {} if interp else {"enable_fp_fusion": False}  # x * (1/scale) rounds first, as in the emulation
     if CACHE_MAXNREG and not interp:
         opts["maxnreg"] = CACHE_MAXNREG
-    log2_pscale = LOG2_P_SCALE[spec.pv]
-    kc, ks, km, tk = cache.k_codes, cache.k_scale, cache.k_mean, cache.tail_k
-    decode_cached_split_kernel[(splits, B * Hkv, row_tiles)](
-        qh, kc, ks, km, cache.v_codes, cache.v_scale, tk, cache.tail_v, cache.first_bad, part_o, part_l,
-        qh.stride(0), qh.stride(1), qh.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1),
-        km.stride(0), km.stride(1), tk.stride(0), tk.stride(1), tk.stride(2),
-        Hkv, Nq, Nk, cache.quantized_keys, D, Hq // Hkv, sm_scale * LOG2E, tps, log2_pscale,
-        BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, PV=PV_KINDS.index(spec.pv), IS_CAUSAL=is_causal,
-        INTERPRET=interp, EVEN_D=D == dp, num_warps=CACHE_WARPS, num_stages=CACHE_STAGES, **opts)
     target = out_hnd
     if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host
         target = torch.empty(out_hnd.shape, dtype=torch.float32)
-    decode_merge_kernel[(B * Hkv, row_tiles)](
-        part_o, part_l, target, lse, splits, target.stride(0), target.stride(1), target.stride(2), Hkv, Nq, D,
-        Hq // Hkv, BLOCK_M=block_m, NQP=nqp, DP=dp, RETURN_LSE=return_lse, num_warps=4)
+    kc, ks, km, tk = cache.k_codes, cache.k_scale, cache.k_mean, cache.tail_k
+    decode_cached_kernel[(splits, B * Hkv, row_tiles)](
+        qh, kc, ks, km, cache.v_codes, cache.v_scale, tk, cache.tail_v, cache.first_bad, part_o, part_l, count,
+        target, lse, qh.stride(0), qh.stride(1), qh.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        ks.stride(0), ks.stride(1), km.stride(0), km.stride(1), tk.stride(0), tk.stride(1), tk.stride(2),
+        target.stride(0), target.stride(1), target.stride(2),
+        Hkv, Nq, Nk, cache.quantized_keys, D, Hq // Hkv, sm_scale * LOG2E, tps, LOG2_P_SCALE[spec.pv],
+        BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, PV=PV_KINDS.index(spec.pv), IS_CAUSAL=is_causal,
+        INTERPRET=interp, EVEN_D=D == dp, RETURN_LSE=return_lse, num_warps=CACHE_WARPS, num_stages=CACHE_STAGES,
+        **opts)
     if target is not out_hnd:
         out_hnd.copy_(target)
     return lse if return_lse else None

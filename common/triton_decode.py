@@ -314,38 +314,33 @@ def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, O, LSE, n_splits,
                             BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
                             PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, True, EVEN_D)
     tl.debug_barrier()  # the redone partials were written by other threads of this program
-    _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M, NQP, DP, RETURN_LSE)
+    _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, kv_bh, tl.program_id(1),
+                  tl.num_programs(0), tl.num_programs(1), BLOCK_M, NQP, DP, RETURN_LSE, "")
 
 
 @triton.jit
-def decode_merge_kernel(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M: tl.constexpr,
-                        NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """Merge the splits of one (KV head, row tile) by their LSE (no splits to redo: the cached
-    sweep checks as it goes); the output in the caller's layout and dtype."""
-    _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M, NQP, DP, RETURN_LSE)
-
-
-@triton.jit
-def _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, BLOCK_M: tl.constexpr,
-                  NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr):
-    kv_bh = tl.program_id(0)
+def _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, kv_bh, row_tile, n_kv_bh, n_row_tiles,
+                  BLOCK_M: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, RETURN_LSE: tl.constexpr,
+                  PART_CACHE: tl.constexpr):
+    """The output rows of one (KV head, row tile): its splits' partials merged by their LSE, in the
+    caller's layout and dtype. PART_CACHE: the partials' load cache modifier ("": default)."""
     b = kv_bh // Hkv
     hk = kv_bh % Hkv
-    R = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    R = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     g = R // NQP
     i = R % NQP
     dcols = tl.arange(0, DP)
-    stride_split = tl.num_programs(0) * tl.num_programs(1) * BLOCK_M
-    base = kv_bh * tl.num_programs(1) * BLOCK_M + R
+    stride_split = n_kv_bh * n_row_tiles * BLOCK_M
+    base = kv_bh * n_row_tiles * BLOCK_M + R
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     for s in range(0, n_splits):
-        lse = tl.load(PL + s * stride_split + base)
+        lse = tl.load(PL + s * stride_split + base, cache_modifier=PART_CACHE)
         bad = bad | tl.where(lse != lse, 1, 0)
         lse = tl.where(lse != lse, float("-inf"), lse)
-        o = tl.load(PO + (s * stride_split + base)[:, None] * DP + dcols[None, :])
+        o = tl.load(PO + (s * stride_split + base)[:, None] * DP + dcols[None, :], cache_modifier=PART_CACHE)
         m_new = tl.maximum(m, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
@@ -397,18 +392,23 @@ def _tile_cached(acc, l_i, m_i, q, q8, sq, i, k_codes, k_scales, k_means, v_code
 
 
 @triton.jit
-def decode_cached_split_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL,
-                               sqb, sqh, sqn, scb, sch, scn, ssb, ssh, smb, smh, stb, sth, stn,
-                               Hkv, Nq, Nk, n_cached, D, G, qk_mult, tiles_per_split, log2_pscale,
-                               BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
-                               PV: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                               EVEN_D: tl.constexpr):
+def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL, COUNT, O, LSE,
+                         sqb, sqh, sqn, scb, sch, scn, ssb, ssh, smb, smh, stb, sth, stn, sob, soh, son,
+                         Hkv, Nq, Nk, n_cached, D, G, qk_mult, tiles_per_split, log2_pscale,
+                         BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
+                         PV: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                         EVEN_D: tl.constexpr, RETURN_LSE: tl.constexpr):
     """Grid (splits, B*Hkv, row tiles), as decode_split_kernel. KC/VC: the cache's K and V codes
     [B, Hkv, capacity, DP] (strides scb, sch, scn); KS: K's scales [B, Hkv, capacity]; KM, VS: K's
     tile means and V's channel scales [B, Hkv, tiles, DP]; KT, VT: the keys past the n_cached
     quantized ones, [B, Hkv, T, D] in the input dtype; FIRST_BAD: per (batch, KV head) the first key
     with a non-finite value (quantized as zeros), or a value >= Nk. Cached tiles have no NaN/Inf
-    and no fp16 range to guard, so the only careful tile is the last, partial one."""
+    and no fp16 range to guard, so the only careful tile is the last, partial one.
+
+    One launch: each program writes its split's partial (PO, PL) and takes a ticket on its (KV head,
+    row tile)'s counter (COUNT, zero between calls); the last program of each merges the splits
+    into O (and LSE) and puts the counter back to zero. (A second launch for the merge cost ~30 us
+    of host time per call: the eager call was host-bound at 16k keys.)"""
     split = tl.program_id(0)
     kv_bh = tl.program_id(1)
     row_tile = tl.program_id(2)
@@ -464,3 +464,13 @@ def decode_cached_split_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL,
     base = (split * tl.num_programs(1) + kv_bh) * tl.num_programs(2) * BLOCK_M + R
     tl.store(PO + base[:, None] * DP + dcols[None, :], out)
     tl.store(PL + base, lse2)
+    # the last of the (KV head, row tile)'s programs to finish merges: the barrier orders this
+    # program's stores before its ticket (release), the ticket's acquire orders the others' before
+    # the merge's loads, which skip L1 (.cg: lines an earlier call left there would be stale)
+    tl.debug_barrier()
+    counter = COUNT + kv_bh * tl.num_programs(2) + row_tile
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(counter, 0)
+        _merge_splits(PO, PL, O, LSE, tl.num_programs(0), sob, soh, son, Hkv, Nq, D, G, kv_bh, row_tile,
+                      tl.num_programs(1), tl.num_programs(2), BLOCK_M, NQP, DP, RETURN_LSE, ".cg")

@@ -106,9 +106,9 @@ def sweep(D: int) -> None:
     best = min(bench_ms(graph_replay(lambda f=sdpa_fn(n): f(q, k, v, False))) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA (graph) {best:.4f} ms", flush=True)
     default = kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, decode.PROGRAMS_PER_SM
-    for warps, stages, maxnreg, per_sm in ((4, 2, None, 2), (4, 3, None, 2), (4, 2, 168, 3), (4, 2, 128, 4),
-                                           (8, 2, None, 1), (8, 2, None, 2), (8, 3, None, 1), (4, 1, None, 2),
-                                           (4, 2, None, 4), (2, 2, None, 4)):
+    for warps, stages, maxnreg, per_sm in ((4, 3, None, 2), (4, 2, None, 2), (4, 4, None, 2), (4, 3, 168, 3),
+                                           (4, 2, 168, 3), (4, 3, 128, 4), (8, 3, None, 1), (8, 4, None, 1),
+                                           (4, 3, None, 4), (4, 3, None, 1)):
         kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, decode.PROGRAMS_PER_SM = \
             warps, stages, maxnreg, per_sm
         ms = bench_ms(graph_replay(lambda: sage2.sageattn_kvcache(q, cache)))

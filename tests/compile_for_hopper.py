@@ -165,21 +165,21 @@ def sagebwd():
 
 
 def kvcache():
-    """The decode kernel over a quantized KV cache (common.kv_cache) and its merge, causal or not,
-    E4M3 or E5M2, GQA packing of 16 and 64 rows."""
-    from common.triton_decode import decode_cached_split_kernel, decode_merge_kernel
+    """The decode kernel over a quantized KV cache (common.kv_cache), causal or not, E4M3 or E5M2,
+    GQA packing of 16 and 64 rows, in its launch settings."""
+    from common import kv_cache
+    from common.triton_decode import decode_cached_kernel
 
     f32 = "*fp32"
     types = dict(Q="*fp16", KC="*i8", KS=f32, KM=f32, VC="*fp8e4nv", VS=f32, KT="*fp16", VT="*fp16", FIRST_BAD="*i32",
-                 PO=f32, PL=f32, qk_mult="fp32", log2_pscale="fp32")
+                 PO=f32, PL=f32, COUNT="*i32", O="*fp16", LSE=f32, qk_mult="fp32", log2_pscale="fp32")
     for causal, pv, block_m, nqp in ((False, 2, 16, 1), (True, 2, 16, 4), (False, 3, 64, 1)):
         t = dict(types, VC="*fp8e5" if pv == 3 else "*fp8e4nv")
-        k = compile_sm90(decode_cached_split_kernel, t,
+        k = compile_sm90(decode_cached_kernel, t,
                          dict(BLOCK_M=block_m, NQP=nqp, T=decode.DECODE_TILE, DP=128, PV=pv, IS_CAUSAL=causal,
-                              INTERPRET=False, EVEN_D=True), enable_fp_fusion=False)
-        assert "mma" in k.asm["ptx"]
-    compile_sm90(decode_merge_kernel, dict(PO=f32, PL=f32, O="*bf16", LSE=f32),
-                 dict(BLOCK_M=16, NQP=1, DP=128, RETURN_LSE=True))
+                              INTERPRET=False, EVEN_D=True, RETURN_LSE=causal),
+                         warps=kv_cache.CACHE_WARPS, stages=kv_cache.CACHE_STAGES, enable_fp_fusion=False)
+        assert "mma" in k.asm["ptx"] and "atom" in k.asm["ptx"]
     print("ok")
 
 
