@@ -142,11 +142,12 @@ def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: Deco
     return "cuda" if build.usable_for_auto(qh.device, who) else "triton"
 
 
-def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device) -> int:
-    """Tiles per split: about PROGRAMS_PER_SM programs per SM (132 SMs assumed off-GPU)."""
+def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device, per_sm: int | None = None) -> int:
+    """Tiles per split: about ``per_sm`` (default PROGRAMS_PER_SM) programs per SM (132 SMs assumed
+    off-GPU)."""
     n_tiles = -(-n_k // DECODE_TILE)
     sms = sm_count(device) if device.type == "cuda" else 132
-    splits = max(1, min(n_tiles, (PROGRAMS_PER_SM * sms) // max(1, batch_kv_heads * row_tiles)))
+    splits = max(1, min(n_tiles, ((per_sm or PROGRAMS_PER_SM) * sms) // max(1, batch_kv_heads * row_tiles)))
     return -(-n_tiles // splits)
 
 

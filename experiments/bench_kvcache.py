@@ -97,7 +97,7 @@ def run_shape(B, Hq, Hkv, Nq, Nk, causal, D, n, total):
 
 def sweep(D: int) -> None:
     """The cached kernel's launch settings at B=4 32/8 Nk=16k (graph replay, ms), best SDPA alongside."""
-    from common import decode, kv_cache
+    from common import kv_cache
 
     B, Hq, Hkv, Nk = 4, 32, 8, 16384 - TAIL_SHORT
     q, k, v = make_qkv(B, Hq, 1, D, heads_kv=Hkv, seqlen_k=Nk, kind="k_bias", device="cuda", seed=0)
@@ -105,16 +105,16 @@ def sweep(D: int) -> None:
     cache.append(k, v)
     best = min(bench_ms(graph_replay(lambda f=sdpa_fn(n): f(q, k, v, False))) for n in ("flash", "cudnn"))
     print(f"sweep B={B} {Hq}/{Hkv} Nk={Nk} D={D}: best SDPA (graph) {best:.4f} ms", flush=True)
-    default = kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, decode.PROGRAMS_PER_SM
+    default = kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, kv_cache.CACHE_PROGRAMS_PER_SM
     for warps, stages, maxnreg, per_sm in ((4, 3, None, 2), (4, 2, None, 2), (4, 4, None, 2), (4, 3, 168, 3),
                                            (4, 2, 168, 3), (4, 3, 128, 4), (8, 3, None, 1), (8, 4, None, 1),
                                            (4, 3, None, 4), (4, 3, None, 1)):
-        kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, decode.PROGRAMS_PER_SM = \
+        kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, kv_cache.CACHE_PROGRAMS_PER_SM = \
             warps, stages, maxnreg, per_sm
         ms = bench_ms(graph_replay(lambda: sage2.sageattn_kvcache(q, cache)))
         print(f"  warps={warps} stages={stages} maxnreg={maxnreg} programs/SM={per_sm}: {ms:.4f} ms "
               f"({best / ms:.3f}x)", flush=True)
-    kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, decode.PROGRAMS_PER_SM = default
+    kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, kv_cache.CACHE_PROGRAMS_PER_SM = default
 
 
 def main(argv=None):
