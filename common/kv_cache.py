@@ -258,7 +258,7 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     interp = interpreter_enabled()
     opts = {} if interp else {"enable_fp_fusion": False}  # x * (1/scale) rounds first, as in the emulation
-    if CACHE_MAXNREG and not interp:
+    if CACHE_MAXNREG and not interp and block_m <= 16 and dp <= 128:  # (64 rows spill 2.5 KB at 168)
         opts["maxnreg"] = CACHE_MAXNREG
     target = out_hnd
     if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host

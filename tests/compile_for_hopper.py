@@ -178,7 +178,8 @@ def kvcache():
         k = compile_sm90(decode_cached_kernel, t,
                          dict(BLOCK_M=block_m, NQP=nqp, T=decode.DECODE_TILE, DP=128, PV=pv, IS_CAUSAL=causal,
                               INTERPRET=False, EVEN_D=True, RETURN_LSE=causal),
-                         warps=kv_cache.CACHE_WARPS, stages=kv_cache.CACHE_STAGES, enable_fp_fusion=False)
+                         warps=kv_cache.CACHE_WARPS, stages=kv_cache.CACHE_STAGES, enable_fp_fusion=False,
+                         **({"maxnreg": kv_cache.CACHE_MAXNREG} if kv_cache.CACHE_MAXNREG and block_m <= 16 else {}))
         assert "mma" in k.asm["ptx"] and "atom" in k.asm["ptx"]
     print("ok")
 
