@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer (memcheck and racecheck) over every Triton kernel of sage1, sage2, sage3 and
 # SageBwd and the CUDA kernels (csrc/sage2_sm90, csrc/sage3_sm90, csrc/decode), on small cases (GQA, causal, masks, varlen, odd lengths), on a GPU machine:
-#   bash experiments/sanitize.sh [OUTDIR] [--decode-only | --sage3-only | --sage2-cuda-only]
+#   bash experiments/sanitize.sh [OUTDIR] [--decode-only | --sage3-only | --sage2-cuda-only | --kv-cache-only]
 # Exits non-zero if any tool reports an error. Triton's autotuning and compilation run outside the
 # sanitizer first (a warm-up run), so the sanitized run only launches cached kernels.
 set -u

@@ -1,11 +1,12 @@
 """Small calls that launch every Triton and CUDA kernel once (run under compute-sanitizer by sanitize.sh):
 the Q/K/V quantization passes and V's scan, the attention kernels of sage1, sage2 (8b, 4b, fp16 PV,
 masks, varlen), sage3 (Triton and csrc/sage3_sm90) and SageBwd (forward, backward, atomic dQ),
-the decode kernels (split and combine), and all of them again on inputs with NaN/Inf, so that the
+the decode kernels (split and combine, and over the quantized KV cache), and all of them again on inputs with NaN/Inf, so that the
 passes' recording stores and atomics, the epilogue's NaN rows and decode's careful sweep run too.
 ``--decode-only``: the decode calls alone (after a change to csrc/decode); ``--sage3-only``: sage3's
 inference kernels alone (after a change to csrc/sage3_sm90); ``--sage2-cuda-only``: csrc/sage2_sm90
-alone, on small grids that loop over work tiles."""
+alone, on small grids that loop over work tiles; ``--kv-cache-only``: the quantized KV cache's decode
+kernel alone."""
 
 import os
 import sys
@@ -19,9 +20,12 @@ import sage3
 from common.inputs import make_qkv
 
 
-def main(decode_only: bool = False, sage3_only: bool = False, sage2_cuda_only: bool = False):
+def main(decode_only: bool = False, sage3_only: bool = False, sage2_cuda_only: bool = False,
+         kv_cache_only: bool = False):
     dev = "cuda"
-    if sage2_cuda_only or sage3_only:
+    if kv_cache_only:
+        n = kv_cache_cases(dev)
+    elif sage2_cuda_only or sage3_only:
         cases = sage2_cuda_cases if sage2_cuda_only else sage3_cases
         n = sum(cases(*prefill_inputs(dev), causal) for causal in (False, True))
     else:
@@ -161,9 +165,33 @@ def decode_cases(dev) -> int:
     sage2.sageattn(qh, kh, vh, qk_dtype="int4")
     kh[4, 7, 900, 3] = float("nan")
     sage2.sageattn(qh, kh, vh)
-    return n + 6
+    return n + 6 + kv_cache_cases(dev)
+
+
+def kv_cache_cases(dev) -> int:
+    """The quantized KV cache's decode kernel (common.kv_cache): one split and many (the merge by the
+    last program's ticket), a partial last tile, causal Nq = 4, a NaN in a quantized tile and one in
+    the partial tile, E5M2, and the same call twice (the counters back at zero)."""
+    from common.kv_cache import QuantizedKVCache
+
+    n = 0
+    for n_k, heads_kv, pv_dtype in ((700, 2, "fp8_e4m3"), (5000, 1, "fp8_e5m2")):
+        q, k, v = make_qkv(2, 4, 4, 64, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", device=dev, seed=n_k)
+        k[1, 0, 100, 1] = float("nan")
+        v[0, heads_kv - 1, n_k - 3, 2] = float("inf")
+        cache = QuantizedKVCache(2, heads_kv, 64, n_k, device=dev, pv_dtype=pv_dtype)
+        cache.append(k[:, :, :n_k - 1], v[:, :, :n_k - 1])
+        cache.append(k[:, :, n_k - 1:], v[:, :, n_k - 1:])
+        for causal in (False, True):
+            sage2.sageattn_kvcache(q, cache, is_causal=causal, return_lse=True)
+            sage2.sageattn_kvcache(q[:, :, :1], cache, is_causal=causal)
+            sage2.sageattn_kvcache(q[:, :, :1], cache, is_causal=causal)
+            n += 3
+    return n
+
+
 
 
 if __name__ == "__main__":
     main(decode_only="--decode-only" in sys.argv[1:], sage3_only="--sage3-only" in sys.argv[1:],
-         sage2_cuda_only="--sage2-cuda-only" in sys.argv[1:])
+         sage2_cuda_only="--sage2-cuda-only" in sys.argv[1:], kv_cache_only="--kv-cache-only" in sys.argv[1:])
