@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import SUPPORTED_DTYPES, interpreter_enabled
+from .checks import SUPPORTED_DTYPES, interpreter_enabled, sm_count
 from .decode import (DECODE_MAX_QUERIES, DECODE_TILE, LOG2_P_SCALE, PV_KINDS, DecodeSpec, _row_layout,
                      decode_emulated, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
 from .int_qk import LOG2E, padded_head_dim
@@ -233,6 +233,28 @@ class QuantizedKVCache:
         return ~torch.isfinite(qh).all(-1) | reach
 
 
+def launch_residency(programs_per_split: int, n_k: int, device) -> tuple[int, bool]:
+    """(programs per SM the split plan aims at, whether the kernel is capped at CACHE_MAXNREG
+    registers). The cap fits three programs per SM (faster where the split plan fills the GPU); but
+    with one program per KV head (so many KV heads that a split each is all that fits), the waves
+    decide: 512 KV heads ran 1.09x SDPA at three per SM (1.3 waves) against 1.36x at two (1.94
+    waves) in two H100 runs (DECODE_NOTES.md, k3), so there the occupancy with the fuller last wave
+    is taken."""
+    if not CACHE_MAXNREG:
+        return CACHE_PROGRAMS_PER_SM, False
+    sms = sm_count(device) if device.type == "cuda" else 132
+    if split_tiles(programs_per_split, 1, n_k, device, CACHE_PROGRAMS_PER_SM) < -(-n_k // DECODE_TILE):
+        return CACHE_PROGRAMS_PER_SM, True  # several splits per KV head: the plan fills the GPU
+
+    def last_wave_fill(per_sm):
+        resident = per_sm * sms
+        return programs_per_split / (-(-programs_per_split // resident) * resident)
+
+    if last_wave_fill(2) > last_wave_fill(CACHE_PROGRAMS_PER_SM):
+        return 2, False  # (uncapped: ~250 registers, two programs per SM)
+    return CACHE_PROGRAMS_PER_SM, True
+
+
 def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.Tensor, *, sm_scale: float,
                       is_causal: bool, return_lse: bool, backend: str):
     """Decode attention of qh [B, Hq, Nq, D] over the cache into ``out_hnd``; returns the natural
@@ -240,7 +262,8 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     B, Hq, Nq, D = qh.shape
     Hkv, Nk, spec = cache.kv_heads, cache.length, cache.spec
     nqp, block_m, row_tiles = _row_layout(Hq // Hkv, Nq)
-    tps = split_tiles(B * Hkv, row_tiles, Nk, qh.device, CACHE_PROGRAMS_PER_SM)
+    per_sm, capped = launch_residency(B * Hkv * row_tiles, Nk, qh.device)
+    tps = split_tiles(B * Hkv, row_tiles, Nk, qh.device, per_sm)
     if backend == "torch":
         kh, vh = cache.emulation_views()
         out, lse = decode_emulated(qh, kh, vh, spec, sm_scale=sm_scale, is_causal=is_causal, mask=NO_MASK,
@@ -258,7 +281,7 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
     interp = interpreter_enabled()
     opts = {} if interp else {"enable_fp_fusion": False}  # x * (1/scale) rounds first, as in the emulation
-    if CACHE_MAXNREG and not interp and block_m <= 16 and dp <= 128:  # (64 rows spill 2.5 KB at 168)
+    if capped and not interp and block_m <= 16 and dp <= 128:  # (64 rows spill 2.5 KB at 168)
         opts["maxnreg"] = CACHE_MAXNREG
     target = out_hnd
     if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host

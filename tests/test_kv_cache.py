@@ -201,3 +201,12 @@ def test_cache_kernel_compiles_for_hopper():
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "compile_for_hopper.py"), "kvcache"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_launch_residency_takes_the_fuller_last_wave():
+    from common.kv_cache import CACHE_PROGRAMS_PER_SM, launch_residency
+
+    cpu = torch.device("cpu")  # (132 SMs assumed)
+    assert launch_residency(32, 16357, cpu) == (CACHE_PROGRAMS_PER_SM, True)   # 12 splits per KV head
+    assert launch_residency(512, 4069, cpu) == (2, False)    # one each: 1.94 waves at 2 per SM, 1.3 at 3
+    assert launch_residency(288, 4000, cpu) == (CACHE_PROGRAMS_PER_SM, True)  # one wave at 3 per SM
