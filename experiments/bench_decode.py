@@ -16,7 +16,6 @@ sees i + 1 keys, not a decode), so SDPA runs non-causal there, the same work to 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -170,19 +169,10 @@ def main(argv=None):
             rows.append(r)
             print(f"  {name:16s} {ms:8.4f} ms {r['kv_gbps']:8.1f} GB/s  {r['x_best_sdpa']:.2f}x best SDPA", flush=True)
         q = k = v = None  # free before the next shape
-    print("\n| case | impl | ms | K+V GB/s | x best SDPA |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['impl']} | {r['ms']} | {r['kv_gbps']} | {r['x_best_sdpa']} |")
-    if args.out:
-        from experiments.outputs import bar_groups, write_results
+    from experiments.outputs import report_by_case
 
-        os.makedirs(args.out, exist_ok=True)
-        write_results(rows, args.out, name="decode", title="Decode: ours vs SDPA (same run)")
-        groups = {}
-        for r in rows:
-            groups.setdefault(r["case"], {})[r["impl"]] = r["x_best_sdpa"]
-        bar_groups(os.path.join(args.out, "decode.png"), groups, "speed / best SDPA backend", "Decode on the H100")
-
+    report_by_case(rows, args.out, "decode", "Decode: ours vs SDPA (same run)",
+                   ["case", "impl", "ms", "kv_gbps", "x_best_sdpa"], "speed / best SDPA backend", "Decode on the H100")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ same work to within Nq keys.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -131,20 +130,11 @@ def main(argv=None):
     for n, shape in enumerate(picked, 1):
         rows += run_shape(*shape, args.d, n, len(picked))
         torch.cuda.empty_cache()
-    print("\n| case | impl | ms | x best SDPA |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['impl']} | {r['ms']} | {r['x_best_sdpa']} |")
-    if args.out:
-        from experiments.outputs import bar_groups, write_results
+    from experiments.outputs import report_by_case
 
-        os.makedirs(args.out, exist_ok=True)
-        write_results(rows, args.out, name="kvcache", title="Decode from the quantized KV cache vs SDPA (same run)")
-        groups = {}
-        for r in rows:
-            if "graph" in r["impl"] or "step" in r["impl"]:
-                groups.setdefault(r["case"], {})[r["impl"]] = r["x_best_sdpa"]
-        bar_groups(os.path.join(args.out, "kvcache.png"), groups, "speed / best SDPA", "Decode from a quantized KV cache (H100)")
-
+    report_by_case(rows, args.out, "kvcache", "Decode from the quantized KV cache vs SDPA (same run)",
+                   ["case", "impl", "ms", "x_best_sdpa"], "speed / best SDPA", "Decode from a quantized KV cache (H100)",
+                   plotted=lambda r: "graph" in r["impl"] or "step" in r["impl"])
 
 if __name__ == "__main__":
     main()

@@ -124,6 +124,25 @@ def bar_groups(path, groups: dict, ylabel: str, title: str, xlabel: str = "") ->
     plt.close(fig)
 
 
+def report_by_case(rows: list[dict], out_dir, name: str, title: str, columns: list[str], ylabel: str,
+                   plot_title: str, plotted=lambda row: True) -> None:
+    """Print ``rows`` as a markdown table of ``columns`` and, with ``out_dir``, write them
+    (``name``.csv/.md/.jsonl) and plot their ``x_best_sdpa`` grouped by ``case`` (the rows
+    ``plotted`` keeps) in ``name``.png."""
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in columns) + " |")
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    write_results(rows, out_dir, name=name, title=title)
+    groups = {}
+    for r in rows:
+        if plotted(r):
+            groups.setdefault(r["case"], {})[r["impl"]] = r["x_best_sdpa"]
+    bar_groups(os.path.join(out_dir, f"{name}.png"), groups, ylabel, plot_title)
+
+
 def speed_plot(rows, path, title: str) -> None:
     """TOPS bars by sequence length (and head dim, causal) per attention, like the papers' speed
     figures; the generations first, then the baselines. Rows without a number are left out."""
