@@ -47,6 +47,7 @@ CACHE_STAGES = 3
 CACHE_MAXNREG = 168
 CACHE_PROGRAMS_PER_SM = 3
 NO_BAD_KEY = 2**31 - 1
+QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
 
 
 def _finite_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,11 @@ class QuantizedKVCache:
         T = DECODE_TILE
         tiles = -(-max_seqlen // T)
         dp = padded_head_dim(head_dim)
+        if batch * kv_heads * tiles * T * dp >= 2**31:  # the kernel's offsets are 32-bit
+            raise ValueError(f"a cache of batch={batch}, kv_heads={kv_heads}, max_seqlen={max_seqlen} and head_dim="
+                             f"{head_dim} holds {batch * kv_heads * tiles * T * dp} codes per tensor, more than the "
+                             "kernel's 32-bit offsets reach (2^31): use a smaller max_seqlen or a cache per part of "
+                             "the batch")
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device: compare as "cuda:N"
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -92,6 +98,7 @@ class QuantizedKVCache:
         self.tail_v = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
         self.first_bad = torch.full((batch, kv_heads), NO_BAD_KEY, dtype=torch.int32, device=dev)
         self.length = 0
+        self._buffers = {}  # the decode kernel's partials and counters per launch shape (launch_buffers)
 
     @property
     def quantized_keys(self) -> int:
@@ -104,18 +111,18 @@ class QuantizedKVCache:
                                                           self.v_scale, self.tail_k, self.tail_v, self.first_bad))
 
     def launch_buffers(self, splits: int, rows: int, row_tiles: int):
-        """The kernel's split partials and merge counters, kept between calls (the counters are zero
-        again when a launch ends). One decode stream per cache: concurrent calls on different streams
-        would share them."""
+        """The kernel's split partials and merge counters for one launch shape, kept for the cache's
+        life (the counters are zero again when a launch ends; a CUDA graph captured with them stays
+        valid whatever other shapes run meanwhile). One decode stream per cache: concurrent calls on
+        different streams would share them."""
         key = (splits, rows, row_tiles)
-        if getattr(self, "_buffers_key", None) != key:
+        if key not in self._buffers:
             n = self.batch * self.kv_heads
             dp = self.k_codes.shape[-1]
-            self._buffers = (torch.empty(splits, n, rows, dp, dtype=torch.float32, device=self.device),
-                             torch.empty(splits, n, rows, dtype=torch.float32, device=self.device),
-                             torch.zeros(n * row_tiles, dtype=torch.int32, device=self.device))
-            self._buffers_key = key
-        return self._buffers
+            self._buffers[key] = (torch.empty(splits, n, rows, dp, dtype=torch.float32, device=self.device),
+                                  torch.empty(splits, n, rows, dtype=torch.float32, device=self.device),
+                                  torch.zeros(n * row_tiles, dtype=torch.int32, device=self.device))
+        return self._buffers[key]
 
     def reset(self) -> None:
         """Empty the cache (the storage is kept)."""
@@ -141,7 +148,9 @@ class QuantizedKVCache:
         keys_k = torch.cat([self.tail_k[:, :, :l0 - t0], kh], dim=2)                 # keys [t0, l1)
         keys_v = torch.cat([self.tail_v[:, :, :l0 - t0], vh], dim=2)
         full = l1 // T * T - t0
-        self._quantize_tiles(keys_k[:, :, :full], keys_v[:, :, :full], t0)
+        for c0 in range(0, full, QUANTIZE_CHUNK):  # (a prefill's fp32 copies a chunk at a time)
+            c1 = min(full, c0 + QUANTIZE_CHUNK)
+            self._quantize_tiles(keys_k[:, :, c0:c1], keys_v[:, :, c0:c1], t0 + c0)
         rest = l1 - t0 - full
         self.tail_k[:, :, :rest] = keys_k[:, :, full:]
         self.tail_v[:, :, :rest] = keys_v[:, :, full:]
@@ -178,8 +187,8 @@ class QuantizedKVCache:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 4:
-                raise ValueError(f"{name} must have rank 4 ([B, Hkv, n, D] for tensor_layout={tensor_layout!r} "
-                                 "HND, [B, n, Hkv, D] for NHD), got shape {tuple(t.shape)}")
+                raise ValueError(f"{name} must have rank 4 ([B, Hkv, n, D] for tensor_layout='HND', [B, n, Hkv, D] "
+                                 f"for 'NHD'), got shape {tuple(t.shape)}")
             if t.dtype != self.dtype:
                 raise ValueError(f"{name}.dtype must be the cache's dtype {self.dtype}, got {t.dtype}")
             if t.device != self.device:
@@ -285,7 +294,7 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
         opts["maxnreg"] = CACHE_MAXNREG
     target = out_hnd
     if kernel_store_dtype(out_hnd.dtype) != out_hnd.dtype:  # round on the host
-        target = torch.empty(out_hnd.shape, dtype=torch.float32)
+        target = torch.empty(out_hnd.shape, dtype=torch.float32, device=out_hnd.device)
     kc, ks, km, tk = cache.k_codes, cache.k_scale, cache.k_mean, cache.tail_k
     decode_cached_kernel[(splits, B * Hkv, row_tiles)](
         qh, kc, ks, km, cache.v_codes, cache.v_scale, tk, cache.tail_v, cache.first_bad, part_o, part_l, count,

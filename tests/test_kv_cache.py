@@ -45,6 +45,8 @@ def _plain(q, k, v, pv_dtype="fp8_e4m3", **kw):
     (1, 8, 2, 333, False, 64), (1, 8, 2, 333, True, 128), (4, 4, 4, 200, True, 64), (16, 8, 1, 130, False, 64),
     (3, 32, 1, 97, True, 80), (1, 2, 2, 64, False, 40), (2, 4, 2, 63, True, 64)])
 def test_cache_emulation_is_the_decode_paths_emulation(n_q, heads, heads_kv, n_k, causal, d):
+    # (bit for bit where both split plans give one tile per split, as at these sizes: the cache plans
+    # three programs per SM, the dense path two, and the merge order is fp32 rounding)
     q, k, v = make_qkv(2, heads, n_q, d, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=n_q + n_k)
     cache = _cache_of(k, v, chunks=(n_k // 3, 1, None))
     out_c, lse_c = sage2.sageattn_kvcache(q, cache, is_causal=causal, return_lse=True, backend="torch")
@@ -75,11 +77,35 @@ def test_kernel_matches_emulation(pv_dtype, n_q, heads, heads_kv, n_k, causal, d
     assert accuracy(ref, out_k).cos_sim > (0.998 if pv_dtype == "fp8_e4m3" else 0.99)
 
 
-def test_appends_of_any_size_give_the_same_cache():
-    """One append, one key at a time, and uneven pieces: the same codes, scales and tail."""
+@pytest.mark.parametrize("tiles_per_split", [2, 3])
+@pytest.mark.parametrize("n_q,n_k,causal", [(1, 333, False), (4, 333, True), (5, 200, True), (16, 320, False)])
+def test_kernel_matches_emulation_over_many_tiles_per_split(tiles_per_split, n_q, n_k, causal, monkeypatch):
+    """Small shapes give one tile per split (the GPU's worth of programs): here splits of 2 and 3
+    tiles, so that one program runs unmasked tiles, masked ones and the partial tile in turn."""
+    from common import kv_cache
+
+    monkeypatch.setattr(kv_cache, "split_tiles", lambda *a, **kw: tiles_per_split)
+    q, k, v = make_qkv(2, 4, n_q, 64, heads_kv=2, seqlen_k=n_k, kind="k_bias", seed=n_k + n_q)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    k[1, 0, 70, 3] = float("nan")
+    cache = _cache_of(k, v)
+    out_k, lse_k = sage2.sageattn_kvcache(q, cache, backend="triton", is_causal=causal, return_lse=True)
+    out_e, lse_e = sage2.sageattn_kvcache(q, cache, backend="torch", is_causal=causal, return_lse=True)
+    assert torch.equal(lse_k.isnan(), lse_e.isnan()) and lse_e.isnan().any()
+    fin = ~lse_e.isnan()
+    assert (lse_k - lse_e)[fin].abs().max() < 1e-3
+    assert accuracy(out_e[fin].double(), out_k[fin]).rel_l1 < 2e-3
+
+
+def test_appends_of_any_size_give_the_same_cache(monkeypatch):
+    """One append, one key at a time, and uneven pieces, and a long append quantized a chunk of
+    tiles at a time: the same codes, scales and tail."""
+    from common import kv_cache
+
     _, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=200, seed=3)
     whole = _cache_of(k, v)
-    for chunks in ([1] * 200, [63, 1, 64, 7, 65]):
+    monkeypatch.setattr(kv_cache, "QUANTIZE_CHUNK", 64)
+    for chunks in ([1] * 200, [63, 1, 64, 7, 65], [10, 0, 150, 40], [None]):  # (150 from mid-tile: two boundaries)
         other = _cache_of(k, v, chunks=chunks)
         for name in ("k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad"):
             a, b = getattr(whole, name), getattr(other, name)
@@ -90,15 +116,21 @@ def test_appends_of_any_size_give_the_same_cache():
     assert whole.quantized_keys == 192 and whole.length == 200
 
 
-def test_the_cache_does_not_modify_its_inputs_and_is_smaller():
-    q, k, v = make_qkv(1, 4, 1, 128, heads_kv=2, seqlen_k=256, seed=4)
-    k[0, 0, 5, 3] = float("nan")
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_cache_does_not_modify_its_inputs_and_is_smaller(layout, backend):
+    q, k, v = make_qkv(1, 4, 1, 128, heads_kv=2, seqlen_k=256 + 9, seed=4, layout=layout)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    (k[0, 0, 5, 3] if layout == "HND" else k[0, 5, 0, 3]).fill_(float("nan"))  # (codes: zeroed)
+    (v[0, 1, 260, 3] if layout == "HND" else v[0, 260, 1, 3]).fill_(float("inf"))  # (the partial tile)
     before = [t.clone() for t in (q, k, v)]
-    cache = _cache_of(k, v)
-    sage2.sageattn_kvcache(q, cache, backend="torch")
-    assert all(torch.equal(a, b, ) or torch.equal(a.isnan(), b.isnan()) for a, b in zip(before, (q, k, v)))
-    assert torch.equal(torch.nan_to_num(before[1]), torch.nan_to_num(k))
+    cache = _cache_of(k, v, chunks=(100, None), layout=layout)
+    sage2.sageattn_kvcache(q, cache, backend=backend, tensor_layout=layout)
+    for a, b in zip(before, (q, k, v)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
     assert bytes_per_key(128) == 276.0  # against 512 in fp16
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        QuantizedKVCache(64, 8, 128, 65536, device="meta")
 
 
 @pytest.mark.parametrize("where", ["quantized", "tail"])
