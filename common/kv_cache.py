@@ -30,6 +30,10 @@ causal bottom-right or not.
 
 from __future__ import annotations
 
+import copy
+import itertools
+import weakref
+
 import torch
 
 from .checks import SUPPORTED_DTYPES, interpreter_enabled, sm_count
@@ -48,6 +52,10 @@ CACHE_MAXNREG = 168
 CACHE_PROGRAMS_PER_SM = 3
 NO_BAD_KEY = 2**31 - 1
 QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
+
+
+_CACHES: "weakref.WeakValueDictionary[int, QuantizedKVCache]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 def _finite_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +107,8 @@ class QuantizedKVCache:
         self.first_bad = torch.full((batch, kv_heads), NO_BAD_KEY, dtype=torch.int32, device=dev)
         self.length = 0
         self._buffers = {}  # the decode kernel's partials and counters per launch shape (launch_buffers)
+        self.handle = next(_HANDLES)  # how the compiled ops find the cache (common.kv_cache._CACHES)
+        _CACHES[self.handle] = self
 
     @property
     def quantized_keys(self) -> int:
@@ -129,10 +139,31 @@ class QuantizedKVCache:
         self.length = 0
         self.first_bad.fill_(NO_BAD_KEY)
 
-    @torch.no_grad()
     def append(self, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND") -> None:
         """Add keys: k and v ``[B, Hkv, n, D]`` (``"HND"``) or ``[B, n, Hkv, D]`` (``"NHD"``), in the
         cache's dtype and on its device. Each tile that fills is quantized once, here."""
+        if torch.compiler.is_compiling():  # one opaque op: the length stays out of the graph's guards
+            torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout)
+            return
+        self._append(k, v, tensor_layout)
+
+    _STATE_NAMES = ("k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad")
+
+    def state_tensors(self):
+        """The tensors a decode call reads and an append writes (the compiled ops take them, so that
+        the compiler orders appends and calls)."""
+        return tuple(getattr(self, n) for n in self._STATE_NAMES)
+
+    def _over(self, tensors) -> "QuantizedKVCache":
+        """This cache's view over other state tensors (what a compiled op is given: functionalization
+        may hand it copies, written back after the graph), sharing everything else."""
+        view = copy.copy(self)
+        for name, t in zip(self._STATE_NAMES, tensors):
+            setattr(view, name, t)
+        return view
+
+    @torch.no_grad()
+    def _append(self, k: torch.Tensor, v: torch.Tensor, tensor_layout: str) -> None:
         kh, vh = self._check_keys(k, v, tensor_layout)
         n = kh.shape[2]
         if n == 0:
@@ -337,6 +368,62 @@ def check_query(q: torch.Tensor, cache: QuantizedKVCache, tensor_layout: str):
         raise ValueError(f"a decode call over a cache takes at most {DECODE_MAX_QUERIES} queries, got {Nq}; "
                          "run the prefill with sageattn on the keys themselves")
     return qh
+
+
+# ---- torch.compile: the cache's append and decode call as opaque custom ops ---------------------
+# Under tracing the cache's length (a host int that every append changes) would become a guard, and
+# a compiled decode step would recompile at every token. The ops take the cache's tensors (so the
+# compiler orders appends before the calls that read them) and its handle; the length is read when
+# they run. Tagged cudagraph-unsafe where torch has the tag: a captured graph would replay one length.
+
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+_STATE = "Tensor(a!) k_codes, Tensor(b!) k_scale, Tensor(c!) k_mean, Tensor(d!) v_codes, Tensor(e!) v_scale, " \
+         "Tensor(f!) tail_k, Tensor(g!) tail_v, Tensor(h!) first_bad"
+_STATE_READ = "Tensor k_codes, Tensor k_scale, Tensor k_mean, Tensor v_codes, Tensor v_scale, Tensor tail_k, " \
+              "Tensor tail_v, Tensor first_bad"
+
+
+def _cache_of(handle: int) -> QuantizedKVCache:
+    cache = _CACHES.get(handle)
+    if cache is None:
+        raise RuntimeError(f"the QuantizedKVCache with handle {handle} no longer exists")
+    return cache
+
+
+@torch.library.custom_op("sageattn_repro::kvcache_append", mutates_args=(
+        "k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad"),
+        schema=f"({_STATE}, Tensor k, Tensor v, int handle, str tensor_layout) -> ()", tags=_TAGS)
+def _append_op(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, k, v, handle, tensor_layout):
+    cache = _cache_of(handle)
+    view = cache._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad))
+    view._append(k, v, tensor_layout)
+    cache.length = view.length
+
+
+@_append_op.register_fake
+def _(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, k, v, handle, tensor_layout):
+    return None
+
+
+@torch.library.custom_op("sageattn_repro::kvcache_attention", mutates_args=(), schema=(
+        f"(Tensor q, {_STATE_READ}, int handle, str tensor_layout, bool is_causal, float? sm_scale, "
+        "bool return_lse, str backend) -> (Tensor, Tensor)"), tags=_TAGS)
+def _attention_op(q, k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, handle, tensor_layout,
+                  is_causal, sm_scale, return_lse, backend):
+    from sage2.kvcache import sageattn_kvcache
+
+    view = _cache_of(handle)._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad))
+    res = sageattn_kvcache(q, view, tensor_layout=tensor_layout, is_causal=is_causal,
+                           sm_scale=sm_scale, return_lse=return_lse, backend=backend)
+    return res if return_lse else (res, q.new_empty(0, dtype=torch.float32))
+
+
+@_attention_op.register_fake
+def _(q, k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, handle, tensor_layout, is_causal,
+      sm_scale, return_lse, backend):
+    b, n, h = (0, 2, 1) if tensor_layout == "HND" else (0, 1, 2)
+    lse = (q.shape[b], q.shape[h], q.shape[n]) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse, dtype=torch.float32)
 
 
 def bytes_per_key(head_dim: int) -> float:

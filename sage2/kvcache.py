@@ -38,6 +38,12 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
         emulation), ``"auto"`` (Triton on a GPU, else the emulation).
     Returns the output in q's layout and dtype (and the LSE). No keys: zeros (LSE -inf).
     """
+    if torch.compiler.is_compiling():  # one opaque op (common.kv_cache): the cache's length is read when it runs
+        if not isinstance(cache, QuantizedKVCache):
+            raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
+        out, lse = torch.ops.sageattn_repro.kvcache_attention(q, *cache.state_tensors(), cache.handle, tensor_layout,
+                                                              is_causal, sm_scale, return_lse, backend)
+        return (out, lse) if return_lse else out
     qh = check_query(q, cache, tensor_layout)
     for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):

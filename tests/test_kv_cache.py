@@ -242,3 +242,28 @@ def test_launch_residency_takes_the_fuller_last_wave():
     assert launch_residency(32, 16357, cpu) == (CACHE_PROGRAMS_PER_SM, True)   # 12 splits per KV head
     assert launch_residency(512, 4069, cpu) == (2, False)    # one each: 1.94 waves at 2 per SM, 1.3 at 3
     assert launch_residency(288, 4000, cpu) == (CACHE_PROGRAMS_PER_SM, True)  # one wave at 3 per SM
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_compiled_decode_step_has_no_graph_break_and_no_recompile_per_token(backend):
+    """torch.compile(fullgraph=True) over a decode step (append one key, attend): the append and the
+    call are opaque custom ops that take the cache's tensors, so the cache's length is no guard; the
+    steps cross a tile boundary (a tile quantized inside the compiled step) and give the eager
+    cache's outputs."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=140, kind="k_bias", seed=8)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    compiled_cache, eager_cache = (_cache_of(k[:, :, :120], v[:, :, :120], max_seqlen=200) for _ in range(2))
+
+    def step(cache, q, k1, v1):
+        cache.append(k1, v1)
+        return sage2.sageattn_kvcache(q, cache, backend=backend) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for i in range(120, 140):  # (the step of i = 127 fills tile 64-127: quantized inside the compiled step)
+        out = compiled(compiled_cache, q, k[:, :, i:i + 1], v[:, :, i:i + 1])
+        assert torch.equal(out, step(eager_cache, q, k[:, :, i:i + 1], v[:, :, i:i + 1]))
+    assert compiled_cache.length == 140 and counters["stats"]["unique_graphs"] <= 2
