@@ -18,6 +18,11 @@ and writes its normalized partial output and log2 LSE. That sweep is the fast on
 no fp16 range guard; a flag per program says whether either was needed). ``decode_combine_kernel``
 redoes the flagged programs with the careful sweep (NaN for a row that sees a non-finite value),
 merges the splits by their LSE and writes the output in the caller's layout and dtype.
+
+``decode_cached_kernel``: the same sweep over a quantized KV cache (common.kv_cache): the tiles it
+holds as codes are read as codes (no quantization, 0.54x the bytes), the partial last tile is
+quantized here by the careful tile, and the last program of each KV head merges the splits (one
+launch).
 """
 
 from __future__ import annotations
