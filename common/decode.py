@@ -341,24 +341,38 @@ def decode_emulated(qh, kh, vh, spec: DecodeSpec, *, sm_scale: float, is_causal:
             for j0, j1 in kv_tiles(min(Nk, s0 + span), DECODE_TILE):
                 if j0 < s0:
                     continue
-                v_codes = None
-                if cache is not None and j1 <= cache.quantized_keys:  # a tile the cache holds as codes
-                    k8, sk, mk, v8, sv = cache.tile(j0, j1)
-                    kc, v_codes = None, (rep(v8), rep(sv))
-                else:
+                # the cache's sequences that hold this tile as codes (the others: their partial tile,
+                # quantized here from its keys, as without a cache)
+                coded = None if cache is None else torch.tensor([j1 <= n for n in cache.quantized], device=dev)
+                if coded is not None and coded.any():
+                    c8, csk, cmk, v8, sv = cache.tile(j0, j1)
+                    v_codes = (rep(v8), rep(sv))
+                    s_coded = (q8 @ rep(c8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] \
+                        * rep(csk)[:, :, None, :] + (q * rep(cmk)).sum(-1, keepdim=True)
+                if coded is None or not coded.all():
                     k, v = k_all[:, :, j0:j1], v_all[:, :, j0:j1]
                     cnt = (kl - j0).clamp(1, j1 - j0).float()[:, None, None, None]
                     k8, sk, mk, kc = quantize_k_tile(k, in_seq[:, :, j0:j1], cnt, spec)
-                sk_b = rep(sk)[:, :, None, :] if spec.k_per_token else rep(sk)[:, :, None, None]
-                s = (q8 @ rep(k8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] * sk_b
-                if spec.smooth_k:
-                    s = s + (q * rep(mk)).sum(-1, keepdim=True)
+                    sk_b = rep(sk)[:, :, None, :] if spec.k_per_token else rep(sk)[:, :, None, None]
+                    s = (q8 @ rep(k8).to(int_dt).transpose(-1, -2)).float() * sq[..., None] * sk_b
+                    if spec.smooth_k:
+                        s = s + (q * rep(mk)).sum(-1, keepdim=True)
+                    if coded is not None and coded.any():
+                        s = torch.where(coded[:, None, None, None], s_coded, s)
+                else:
+                    s = s_coded
                 if spec.smooth_q:  # the kernel's tensor-core product: TF32 operands on the GPU
                     torch.backends.cuda.matmul.allow_tf32 = tf32_delta
                     s = s + mu @ rep(kc).transpose(-1, -2)
                     torch.backends.cuda.matmul.allow_tf32 = False
                 p, alpha, beta = sm.update_own_max(sm.mask(s, j0, j1))  # P after the tile's own max
-                pv = _tile_pv(p, None if v_codes is not None else rep(v), spec.pv, v_codes)
+                if coded is None or not coded.any():
+                    pv = _tile_pv(p, rep(v), spec.pv)
+                elif coded.all():
+                    pv = _tile_pv(p, None, spec.pv, v_codes)
+                else:
+                    pv = torch.where(coded[:, None, None, None], _tile_pv(p, None, spec.pv, v_codes),
+                                     _tile_pv(p, rep(v), spec.pv))
                 acc = acc * alpha[..., None] + pv * beta[..., None]
             parts.append((sm.normalize(acc), sm.lse2()))
     # merge the splits by their LSE (log2 domain)

@@ -23,9 +23,10 @@ quantized; in the last, partial tile the kernel checks the keys as it reads them
 such a key are NaN: the rule of :mod:`common.nonfinite`.
 
 What it covers: sage2's decode spec for INT8 Q/K (per-token K scales, K smoothing, no Q
-smoothing) with FP8 P/V; one length for the whole batch (sequences of different lengths need a
-cache each, or the dense call with key lengths); ``Nq <= DECODE_MAX_QUERIES`` queries per call,
-causal bottom-right or not.
+smoothing) with FP8 P/V; sequences of different lengths (``append(..., lengths=)``; the kernel
+reads each one's length from ``seqlens`` on the device, the host keeps ``lengths`` for the split
+plan and the tile fills); ``Nq <= DECODE_MAX_QUERIES`` queries per call, causal bottom-right per
+sequence or not.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .checks import SUPPORTED_DTYPES, interpreter_enabled, sm_count
 from .decode import (DECODE_MAX_QUERIES, DECODE_TILE, LOG2_P_SCALE, PV_KINDS, DecodeSpec, _row_layout,
                      decode_emulated, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
 from .int_qk import LOG2E, padded_head_dim
-from .masking import NO_MASK
+from .masking import NO_MASK, MaskSpec
 
 CACHE_PV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 # launch settings of the cache's decode kernel (experiments/bench_kvcache.py --sweep; H100, B=4 32/8,
@@ -105,20 +106,37 @@ class QuantizedKVCache:
         self.tail_k = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
         self.tail_v = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
         self.first_bad = torch.full((batch, kv_heads), NO_BAD_KEY, dtype=torch.int32, device=dev)
-        self.length = 0
+        self.lengths = [0] * batch  # keys held per sequence (host), and on the device for the kernel
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=dev)
         self._buffers = {}  # the decode kernel's partials and counters per launch shape (launch_buffers)
         self.handle = next(_HANDLES)  # how the compiled ops find the cache (common.kv_cache._CACHES)
         _CACHES[self.handle] = self
 
     @property
+    def length(self) -> int:
+        """The longest sequence's keys (all of them when the sequences are of one length)."""
+        return max(self.lengths)
+
+    @length.setter
+    def length(self, n: int) -> None:  # every sequence back (or on) to n keys, as held before
+        self.lengths = [n] * self.batch
+        self.seqlens.fill_(n)
+
+    @property
+    def quantized(self) -> list[int]:
+        """Keys held as codes per sequence: its full tiles."""
+        return [n // DECODE_TILE * DECODE_TILE for n in self.lengths]
+
+    @property
     def quantized_keys(self) -> int:
-        """Keys held as codes: the full tiles."""
-        return self.length // DECODE_TILE * DECODE_TILE
+        """Keys held as codes in every sequence."""
+        return min(self.quantized)
 
     def nbytes(self) -> int:
         """Bytes of the cache's storage."""
         return sum(t.numel() * t.element_size() for t in (self.k_codes, self.k_scale, self.k_mean, self.v_codes,
-                                                          self.v_scale, self.tail_k, self.tail_v, self.first_bad))
+                                                          self.v_scale, self.tail_k, self.tail_v, self.first_bad,
+                                                          self.seqlens))
 
     def launch_buffers(self, splits: int, rows: int, row_tiles: int):
         """The kernel's split partials and merge counters for one launch shape, kept for the cache's
@@ -139,15 +157,17 @@ class QuantizedKVCache:
         self.length = 0
         self.first_bad.fill_(NO_BAD_KEY)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND") -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND", lengths=None) -> None:
         """Add keys: k and v ``[B, Hkv, n, D]`` (``"HND"``) or ``[B, n, Hkv, D]`` (``"NHD"``), in the
-        cache's dtype and on its device. Each tile that fills is quantized once, here."""
-        if torch.compiler.is_compiling():  # one opaque op: the length stays out of the graph's guards
-            torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout)
+        cache's dtype and on its device; sequence b takes the first ``lengths[b]`` of its n keys (a
+        right-padded batch; default all n). Each tile that fills is quantized once, here."""
+        if torch.compiler.is_compiling():  # one opaque op: the lengths stay out of the graph's guards
+            torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout,
+                                                    None if lengths is None else [int(n) for n in lengths])
             return
-        self._append(k, v, tensor_layout)
+        self._append(k, v, tensor_layout, lengths)
 
-    _STATE_NAMES = ("k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad")
+    _STATE_NAMES = ("k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad", "seqlens")
 
     def state_tensors(self):
         """The tensors a decode call reads and an append writes (the compiled ops take them, so that
@@ -163,52 +183,81 @@ class QuantizedKVCache:
         return view
 
     @torch.no_grad()
-    def _append(self, k: torch.Tensor, v: torch.Tensor, tensor_layout: str) -> None:
+    def _append(self, k: torch.Tensor, v: torch.Tensor, tensor_layout: str, lengths=None) -> None:
         kh, vh = self._check_keys(k, v, tensor_layout)
-        n = kh.shape[2]
-        if n == 0:
+        n, T = kh.shape[2], DECODE_TILE
+        counts = [n] * self.batch if lengths is None else self._check_counts(lengths, n)
+        if max(counts) == 0:
             return
-        T = DECODE_TILE
-        l0, l1 = self.length, self.length + n
+        if any(l0 + c > self.max_seqlen for l0, c in zip(self.lengths, counts)):
+            raise ValueError(f"the cache holds at most max_seqlen={self.max_seqlen} keys per sequence: "
+                             f"{self.lengths} held, {counts} more given")
+        if len(set(self.lengths)) == 1 and len(set(counts)) == 1:  # one length: the whole batch at once
+            self._append_rows(slice(None), kh[:, :, :counts[0]], vh[:, :, :counts[0]], self.lengths[0])
+            self.seqlens.add_(counts[0])
+        elif all(c == 1 and l0 % T + 1 < T for l0, c in zip(self.lengths, counts)):
+            # a decode step over sequences of several lengths that fills no tile: one indexed copy each
+            rows = torch.arange(self.batch, device=self.device)
+            at = torch.tensor([l0 % T for l0 in self.lengths], device=self.device)
+            self.tail_k[rows, :, at] = kh[:, :, 0]
+            self.tail_v[rows, :, at] = vh[:, :, 0]
+            self.seqlens.add_(1)
+        else:
+            for b, (l0, c) in enumerate(zip(self.lengths, counts)):
+                if c:
+                    self._append_rows(slice(b, b + 1), kh[b:b + 1, :, :c], vh[b:b + 1, :, :c], l0)
+            self.seqlens.copy_(torch.tensor([l0 + c for l0, c in zip(self.lengths, counts)], dtype=torch.int32))
+        self.lengths = [l0 + c for l0, c in zip(self.lengths, counts)]
+
+    def _check_counts(self, lengths, n: int) -> list[int]:
+        counts = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+        if len(counts) != self.batch or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= n
+                                                for c in counts):
+            raise ValueError(f"lengths must hold {self.batch} ints in [0, {n}] (the keys each sequence takes of "
+                             f"the {n} given), got {lengths!r}")
+        return counts
+
+    def _append_rows(self, bs: slice, kh: torch.Tensor, vh: torch.Tensor, l0: int) -> None:
+        """Keys [l0, l0 + n) of the sequences ``bs`` (all of them at ``l0`` keys)."""
+        T, n = DECODE_TILE, kh.shape[2]
+        l1 = l0 + n
         t0 = l0 // T * T  # the first key of the tile being filled
         if l1 - t0 < T:  # no tile fills (most decode steps): two copies. The kernel checks these keys
-            self.tail_k[:, :, l0 - t0:l1 - t0] = kh  # for NaN/Inf as it reads them
-            self.tail_v[:, :, l0 - t0:l1 - t0] = vh
-            self.length = l1
+            self.tail_k[bs, :, l0 - t0:l1 - t0] = kh  # for NaN/Inf as it reads them
+            self.tail_v[bs, :, l0 - t0:l1 - t0] = vh
             return
-        keys_k = torch.cat([self.tail_k[:, :, :l0 - t0], kh], dim=2)                 # keys [t0, l1)
-        keys_v = torch.cat([self.tail_v[:, :, :l0 - t0], vh], dim=2)
+        keys_k = torch.cat([self.tail_k[bs, :, :l0 - t0], kh], dim=2)                 # keys [t0, l1)
+        keys_v = torch.cat([self.tail_v[bs, :, :l0 - t0], vh], dim=2)
         full = l1 // T * T - t0
         for c0 in range(0, full, QUANTIZE_CHUNK):  # (a prefill's fp32 copies a chunk at a time)
             c1 = min(full, c0 + QUANTIZE_CHUNK)
-            self._quantize_tiles(keys_k[:, :, c0:c1], keys_v[:, :, c0:c1], t0 + c0)
+            self._quantize_tiles(bs, keys_k[:, :, c0:c1], keys_v[:, :, c0:c1], t0 + c0)
         rest = l1 - t0 - full
-        self.tail_k[:, :, :rest] = keys_k[:, :, full:]
-        self.tail_v[:, :, :rest] = keys_v[:, :, full:]
-        self.length = l1
+        self.tail_k[bs, :, :rest] = keys_k[:, :, full:]
+        self.tail_v[bs, :, :rest] = keys_v[:, :, full:]
 
-    def _quantize_tiles(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+    def _quantize_tiles(self, bs: slice, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
         B, H, n, D = k.shape
         T, nt = DECODE_TILE, n // DECODE_TILE
         # the codes hold a NaN/Inf as 0: remember the first key with one (the rows that see it are NaN)
-        self._fold_first_bad(k, v, t0)
+        self._fold_first_bad(bs, k, v, t0)
         kf = _finite_fp32(k).view(B, H, nt, T, D)
         vf = _finite_fp32(v).view(B, H, nt, T, D)
         every = torch.ones(1, 1, 1, T, 1, dtype=torch.bool, device=k.device)
         k8, sk, mk, _ = quantize_k_tile(kf, every, torch.tensor(float(T), device=k.device), self.spec)
         v8, sv = quantize_v_tile_fp8(vf, self.spec.pv)
         j0, c0 = t0 // T, t0
-        self.k_codes[:, :, c0:c0 + n, :D] = k8.view(B, H, n, D).to(torch.int8)
-        self.k_scale[:, :, c0:c0 + n] = sk.view(B, H, n)
-        self.k_mean[:, :, j0:j0 + nt, :D] = mk.view(B, H, nt, D)
-        self.v_codes[:, :, c0:c0 + n, :D] = v8.view(B, H, n, D)
-        self.v_scale[:, :, j0:j0 + nt, :D] = sv.view(B, H, nt, D)
+        self.k_codes[bs, :, c0:c0 + n, :D] = k8.view(B, H, n, D).to(torch.int8)
+        self.k_scale[bs, :, c0:c0 + n] = sk.view(B, H, n)
+        self.k_mean[bs, :, j0:j0 + nt, :D] = mk.view(B, H, nt, D)
+        self.v_codes[bs, :, c0:c0 + n, :D] = v8.view(B, H, n, D)
+        self.v_scale[bs, :, j0:j0 + nt, :D] = sv.view(B, H, nt, D)
 
-    def _fold_first_bad(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
-        key_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))          # [B, Hkv, n]
+    def _fold_first_bad(self, bs: slice, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+        key_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))          # [b, Hkv, n]
         pos = torch.arange(t0, t0 + k.shape[2], dtype=torch.int32, device=self.device)
         first = torch.where(key_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
-        torch.minimum(self.first_bad, first, out=self.first_bad)
+        self.first_bad[bs] = torch.minimum(self.first_bad[bs], first)
 
     def _check_keys(self, k, v, tensor_layout):
         from .checks import LAYOUTS, check_choice, to_hnd
@@ -232,9 +281,6 @@ class QuantizedKVCache:
                                  f"{self.head_dim} (the cache's), got shape {tuple(t.shape)} ({tensor_layout})")
         if kh.shape != vh.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        if self.length + kh.shape[2] > self.max_seqlen:
-            raise ValueError(f"the cache holds at most max_seqlen={self.max_seqlen} keys: {self.length} held, "
-                             f"{kh.shape[2]} more given")
         return kh, vh
 
     # -- what the emulation (backend="torch") reads -------------------------------------------------
@@ -247,29 +293,30 @@ class QuantizedKVCache:
                 self.v_codes[:, :, j0:j1, :D], self.v_scale[:, :, j:j + 1, :D])
 
     def emulation_views(self):
-        """(k, v) [B, Hkv, length, D] in the cache's dtype: the keys past the quantized tiles in
-        place, zeros where the tiles are (:func:`common.decode.decode_emulated` reads those from
-        :meth:`tile`)."""
+        """(k, v) [B, Hkv, length, D] in the cache's dtype: each sequence's keys past its quantized
+        tiles in place, zeros where its tiles are and past its length (:func:`common.decode.decode_emulated`
+        reads the tiles from :meth:`tile`)."""
         shape = (self.batch, self.kv_heads, self.length, self.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        n0 = self.quantized_keys
-        k[:, :, n0:] = self.tail_k[:, :, :self.length - n0]
-        v[:, :, n0:] = self.tail_v[:, :, :self.length - n0]
+        for b, (n0, n) in enumerate(zip(self.quantized, self.lengths)):
+            k[b, :, n0:n] = self.tail_k[b, :, :n - n0]
+            v[b, :, n0:n] = self.tail_v[b, :, :n - n0]
         return k, v
 
     def nan_rows(self, qh: torch.Tensor, *, is_causal: bool) -> torch.Tensor:
         """bool [B, Hq, Nq]: rows with a non-finite query value or that see a key with one."""
         B, Hq, Nq, _ = qh.shape
-        n0 = self.quantized_keys
-        tail_k, tail_v = self.tail_k[:, :, :self.length - n0], self.tail_v[:, :, :self.length - n0]
-        tail_bad = ~(torch.isfinite(tail_k).all(-1) & torch.isfinite(tail_v).all(-1))
-        pos = torch.arange(n0, self.length, dtype=torch.int32, device=self.device)
-        first = torch.minimum(self.first_bad, torch.where(tail_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
-                              if self.length > n0 else self.first_bad)
+        first = self.first_bad.clone()
+        for b, (n0, n) in enumerate(zip(self.quantized, self.lengths)):  # the keys of the partial tile
+            tail_bad = ~(torch.isfinite(self.tail_k[b, :, :n - n0]).all(-1) & torch.isfinite(self.tail_v[b, :, :n - n0]).all(-1))
+            pos = torch.arange(n0, n, dtype=torch.int32, device=self.device)
+            if n > n0:
+                first[b] = torch.minimum(first[b], torch.where(tail_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32))
         first = first.repeat_interleave(Hq // self.kv_heads, dim=1)[..., None]           # [B, Hq, 1]
+        lens = torch.tensor(self.lengths, device=qh.device)[:, None, None]
         i = torch.arange(Nq, device=qh.device)[None, None, :]
-        reach = first <= i + (self.length - Nq) if is_causal else (first < self.length).expand(B, Hq, Nq)
+        reach = first <= i + (lens - Nq) if is_causal else (first < lens).expand(B, Hq, Nq)
         return ~torch.isfinite(qh).all(-1) | reach
 
 
@@ -306,7 +353,9 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     tps = split_tiles(B * Hkv, row_tiles, Nk, qh.device, per_sm)
     if backend == "torch":
         kh, vh = cache.emulation_views()
-        out, lse = decode_emulated(qh, kh, vh, spec, sm_scale=sm_scale, is_causal=is_causal, mask=NO_MASK,
+        mask = NO_MASK if len(set(cache.lengths)) == 1 else MaskSpec(  # per sequence: its keys, its causal offset
+            q_lens=torch.full((B,), Nq, dtype=torch.int32, device=qh.device), k_lens=cache.seqlens)
+        out, lse = decode_emulated(qh, kh, vh, spec, sm_scale=sm_scale, is_causal=is_causal, mask=mask,
                                    tiles_per_split=tps, cache=cache)
         out_hnd.copy_(out)
         return lse if return_lse else None
@@ -328,11 +377,12 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
         target = torch.empty(out_hnd.shape, dtype=torch.float32, device=out_hnd.device)
     kc, ks, km, tk = cache.k_codes, cache.k_scale, cache.k_mean, cache.tail_k
     decode_cached_kernel[(splits, B * Hkv, row_tiles)](
-        qh, kc, ks, km, cache.v_codes, cache.v_scale, tk, cache.tail_v, cache.first_bad, part_o, part_l, count,
+        qh, kc, ks, km, cache.v_codes, cache.v_scale, tk, cache.tail_v, cache.first_bad, cache.seqlens, part_o,
+        part_l, count,
         target, lse, qh.stride(0), qh.stride(1), qh.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
         ks.stride(0), ks.stride(1), km.stride(0), km.stride(1), tk.stride(0), tk.stride(1), tk.stride(2),
         target.stride(0), target.stride(1), target.stride(2),
-        Hkv, Nq, Nk, cache.quantized_keys, D, Hq // Hkv, sm_scale * LOG2E, tps, LOG2_P_SCALE[spec.pv],
+        Hkv, Nq, D, Hq // Hkv, sm_scale * LOG2E, tps, LOG2_P_SCALE[spec.pv],
         BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, PV=PV_KINDS.index(spec.pv), IS_CAUSAL=is_causal,
         INTERPRET=interp, EVEN_D=D == dp, RETURN_LSE=return_lse, num_warps=CACHE_WARPS, num_stages=CACHE_STAGES,
         **opts)
@@ -378,9 +428,9 @@ def check_query(q: torch.Tensor, cache: QuantizedKVCache, tensor_layout: str):
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 _STATE = "Tensor(a!) k_codes, Tensor(b!) k_scale, Tensor(c!) k_mean, Tensor(d!) v_codes, Tensor(e!) v_scale, " \
-         "Tensor(f!) tail_k, Tensor(g!) tail_v, Tensor(h!) first_bad"
+         "Tensor(f!) tail_k, Tensor(g!) tail_v, Tensor(h!) first_bad, Tensor(i!) seqlens"
 _STATE_READ = "Tensor k_codes, Tensor k_scale, Tensor k_mean, Tensor v_codes, Tensor v_scale, Tensor tail_k, " \
-              "Tensor tail_v, Tensor first_bad"
+              "Tensor tail_v, Tensor first_bad, Tensor seqlens"
 
 
 def _cache_of(handle: int) -> QuantizedKVCache:
@@ -390,37 +440,39 @@ def _cache_of(handle: int) -> QuantizedKVCache:
     return cache
 
 
-@torch.library.custom_op("sageattn_repro::kvcache_append", mutates_args=(
-        "k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "tail_k", "tail_v", "first_bad"),
-        schema=f"({_STATE}, Tensor k, Tensor v, int handle, str tensor_layout) -> ()", tags=_TAGS)
-def _append_op(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, k, v, handle, tensor_layout):
+@torch.library.custom_op("sageattn_repro::kvcache_append", mutates_args=QuantizedKVCache._STATE_NAMES,
+                         schema=f"({_STATE}, Tensor k, Tensor v, int handle, str tensor_layout, int[]? lengths) -> ()",
+                         tags=_TAGS)
+def _append_op(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens, k, v, handle,
+               tensor_layout, lengths):
     cache = _cache_of(handle)
-    view = cache._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad))
-    view._append(k, v, tensor_layout)
-    cache.length = view.length
+    view = cache._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens))
+    view._append(k, v, tensor_layout, lengths)
+    cache.lengths = view.lengths
 
 
 @_append_op.register_fake
-def _(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, k, v, handle, tensor_layout):
+def _(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens, k, v, handle, tensor_layout,
+      lengths):
     return None
 
 
 @torch.library.custom_op("sageattn_repro::kvcache_attention", mutates_args=(), schema=(
         f"(Tensor q, {_STATE_READ}, int handle, str tensor_layout, bool is_causal, float? sm_scale, "
         "bool return_lse, str backend) -> (Tensor, Tensor)"), tags=_TAGS)
-def _attention_op(q, k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, handle, tensor_layout,
-                  is_causal, sm_scale, return_lse, backend):
+def _attention_op(q, k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens, handle,
+                  tensor_layout, is_causal, sm_scale, return_lse, backend):
     from sage2.kvcache import sageattn_kvcache
 
-    view = _cache_of(handle)._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad))
+    view = _cache_of(handle)._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens))
     res = sageattn_kvcache(q, view, tensor_layout=tensor_layout, is_causal=is_causal,
                            sm_scale=sm_scale, return_lse=return_lse, backend=backend)
     return res if return_lse else (res, q.new_empty(0, dtype=torch.float32))
 
 
 @_attention_op.register_fake
-def _(q, k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, handle, tensor_layout, is_causal,
-      sm_scale, return_lse, backend):
+def _(q, k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens, handle, tensor_layout,
+      is_causal, sm_scale, return_lse, backend):
     b, n, h = (0, 2, 1) if tensor_layout == "HND" else (0, 1, 2)
     lse = (q.shape[b], q.shape[h], q.shape[n]) if return_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse, dtype=torch.float32)

@@ -397,9 +397,9 @@ def _tile_cached(acc, l_i, m_i, q, q8, sq, i, k_codes, k_scales, k_means, v_code
 
 
 @triton.jit
-def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL, COUNT, O, LSE,
+def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, SEQLENS, PO, PL, COUNT, O, LSE,
                          sqb, sqh, sqn, scb, sch, scn, ssb, ssh, smb, smh, stb, sth, stn, sob, soh, son,
-                         Hkv, Nq, Nk, n_cached, D, G, qk_mult, tiles_per_split, log2_pscale,
+                         Hkv, Nq, D, G, qk_mult, tiles_per_split, log2_pscale,
                          BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
                          PV: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
                          EVEN_D: tl.constexpr, RETURN_LSE: tl.constexpr):
@@ -407,7 +407,8 @@ def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL, COUNT
     [B, Hkv, capacity, DP] (strides scb, sch, scn); KS: K's scales [B, Hkv, capacity]; KM, VS: K's
     tile means and V's channel scales [B, Hkv, tiles, DP]; KT, VT: the keys past the n_cached
     quantized ones, [B, Hkv, T, D] in the input dtype; FIRST_BAD: per (batch, KV head) the first key
-    with a non-finite value (quantized as zeros), or a value >= Nk. Cached tiles have no NaN/Inf
+    with a non-finite value (quantized as zeros), or a value >= Nk; SEQLENS: each sequence's keys
+    Nk (its first Nk // T * T as codes), read here: the launch depends on the longest only. Cached tiles have no NaN/Inf
     and no fp16 range to guard, so the only careful tile is the last, partial one.
 
     One launch: each program writes its split's partial (PO, PL) and takes a ticket on its (KV head,
@@ -423,6 +424,8 @@ def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL, COUNT
     g = R // NQP
     i = R % NQP
     row_ok = (g < G) & (i < Nq)
+    Nk = tl.load(SEQLENS + b)
+    n_cached = Nk // T * T
     q_offset = Nk - Nq
     dcols = tl.arange(0, DP)
     dm = dcols < D
@@ -437,6 +440,7 @@ def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, PO, PL, COUNT
     hi = Nk
     if IS_CAUSAL:
         hi = tl.minimum(Nk, Nq + q_offset)
+    hi = tl.maximum(hi, 0)
     t_begin = split * tiles_per_split * T
     t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
     full, _ = kv_bounds_from(0, q_offset, Nk, 1, T, IS_CAUSAL)  # tiles [0, full): every row sees them whole

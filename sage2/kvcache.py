@@ -31,12 +31,14 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
     """Attention of ``q`` (``Nq <= 16`` queries; ``[B, Hq, Nq, D]`` for ``"HND"``, ``[B, Nq, Hq, D]``
     for ``"NHD"``) over the keys appended to ``cache``.
 
-    is_causal: bottom-right (query i sees the keys up to ``cache.length - Nq + i``), as SDPA's
-        ``is_causal`` with Nq queries at the end of the sequence.
+    is_causal: bottom-right per sequence (query i of sequence b sees its keys up to
+        ``cache.lengths[b] - Nq + i``), as SDPA's ``is_causal`` with Nq queries at the end of the
+        sequence.
     sm_scale: default ``1 / sqrt(D)``. return_lse: also the natural log-sum-exp ``[B, Hq, Nq]``.
     backend: ``"triton"`` (GPU; the CPU interpreter under TRITON_INTERPRET=1), ``"torch"`` (the
         emulation), ``"auto"`` (Triton on a GPU, else the emulation).
-    Returns the output in q's layout and dtype (and the LSE). No keys: zeros (LSE -inf).
+    Returns the output in q's layout and dtype (and the LSE). A sequence (or a row) with no keys:
+    zeros (LSE -inf).
     """
     if torch.compiler.is_compiling():  # one opaque op (common.kv_cache): the cache's length is read when it runs
         if not isinstance(cache, QuantizedKVCache):

@@ -172,7 +172,7 @@ def kvcache():
 
     f32 = "*fp32"
     types = dict(Q="*fp16", KC="*i8", KS=f32, KM=f32, VC="*fp8e4nv", VS=f32, KT="*fp16", VT="*fp16", FIRST_BAD="*i32",
-                 PO=f32, PL=f32, COUNT="*i32", O="*fp16", LSE=f32, qk_mult="fp32", log2_pscale="fp32")
+                 SEQLENS="*i32", PO=f32, PL=f32, COUNT="*i32", O="*fp16", LSE=f32, qk_mult="fp32", log2_pscale="fp32")
     for causal, pv, block_m, nqp in ((False, 2, 16, 1), (True, 2, 16, 4), (False, 3, 64, 1)):
         t = dict(types, VC="*fp8e5" if pv == 3 else "*fp8e4nv")
         k = compile_sm90(decode_cached_kernel, t,

@@ -267,3 +267,47 @@ def test_a_compiled_decode_step_has_no_graph_break_and_no_recompile_per_token(ba
         out = compiled(compiled_cache, q, k[:, :, i:i + 1], v[:, :, i:i + 1])
         assert torch.equal(out, step(eager_cache, q, k[:, :, i:i + 1], v[:, :, i:i + 1]))
     assert compiled_cache.length == 140 and counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("causal,n_q", [(False, 1), (True, 1), (True, 4)])
+def test_sequences_of_different_lengths(causal, n_q):
+    """A right-padded prefill (``lengths``), then decode steps of one key per sequence: steps that
+    fill no tile (one indexed copy for the batch) and steps that fill one in some sequences. Each
+    sequence's rows equal those of a cache holding that sequence alone (same codes; the split plans
+    differ, so to fp32 rounding), in the emulation and in the kernel; a sequence with no keys gives
+    zeros and an LSE of -inf; a NaN in one sequence reaches only its rows."""
+    lens = [200, 61, 0]
+    q, k, v = make_qkv(3, 4, n_q, 64, heads_kv=2, seqlen_k=210, kind="k_bias", seed=11)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    k[1, 0, 30, 5] = float("nan")
+    cache = QuantizedKVCache(3, 2, 64, 300, device=KERNEL_DEVICE)
+    cache.append(k[:, :, :200], v[:, :, :200], lengths=torch.tensor(lens))
+    for step in range(3):  # sequence 1 fills its tile 0-63 at the third step (61 + 3 = 64)
+        cache.append(k[:, :, 200 + step:201 + step], v[:, :, 200 + step:201 + step])
+    assert cache.lengths == [203, 64, 3] and cache.seqlens.tolist() == [203, 64, 3] and cache.quantized == [192, 64, 0]
+    outs = {be: sage2.sageattn_kvcache(q, cache, is_causal=causal, return_lse=True, backend=be)
+            for be in ("torch", "triton")}
+    for b, n in enumerate(cache.lengths):
+        alone = QuantizedKVCache(1, 2, 64, 300, device=KERNEL_DEVICE)
+        idx = list(range(lens[b])) + list(range(200, 203))
+        alone.append(k[b:b + 1, :, idx], v[b:b + 1, :, idx])
+        want, want_lse = sage2.sageattn_kvcache(q[b:b + 1], alone, is_causal=causal, return_lse=True, backend="torch")
+        for be, (out, lse) in outs.items():
+            assert torch.equal(lse[b:b + 1].isnan(), want_lse.isnan()), (be, b)
+            assert torch.equal(lse[b:b + 1].isinf(), want_lse.isinf()), (be, b)  # (rows that see no key)
+            fin = torch.isfinite(want_lse)
+            assert (lse[b:b + 1] - want_lse)[fin].abs().max() < 1e-3, (be, b)
+            assert accuracy(want[fin].double(), out[b:b + 1][fin]).rel_l1 < (1e-5 if be == "torch" else 2e-3), (be, b)
+    assert outs["torch"][1][1].isnan().any() and not outs["torch"][1][0].isnan().any()
+    with pytest.raises(ValueError, match=r"lengths must hold 3 ints in \[0, 1\]"):
+        cache.append(k[:, :, :1], v[:, :, :1], lengths=[1, 2, 0])
+
+
+def test_an_empty_sequence_beside_others_gives_zeros():
+    q, k, v = make_qkv(2, 2, 1, 64, seqlen_k=100, seed=12)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    cache = QuantizedKVCache(2, 2, 64, 200, device=KERNEL_DEVICE)
+    cache.append(k, v, lengths=[100, 0])
+    for be in ("torch", "triton"):
+        out, lse = sage2.sageattn_kvcache(q, cache, return_lse=True, backend=be)
+        assert out[1].abs().max() == 0 and torch.isinf(lse[1]).all() and torch.isfinite(lse[0]).all()
