@@ -229,6 +229,18 @@ def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
 
 
 @triton.jit
+def _split_keys(split, tiles_per_split, nk, nq, q_offset, T: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """The keys [t_begin, t_end) of a program's split: its tiles, cut at the keys its rows may see
+    ([0, nk); causal: up to the last valid row's diagonal)."""
+    hi = nk
+    if IS_CAUSAL:
+        hi = tl.minimum(nk, nq + q_offset)
+    hi = tl.maximum(hi, 0)
+    t_begin = split * tiles_per_split * T
+    return t_begin, tl.minimum(t_begin + tiles_per_split * T, hi)
+
+
+@triton.jit
 def _quantized_q(Q, b, hk, g, i, row_ok, nq, sqb, sqh, sqn, G, qk_mult, dcols, dm, BLOCK_M: tl.constexpr,
                  NQP: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr, SMOOTH_Q: tl.constexpr):
     """The program's rows of Q: (q log2-scaled fp32 with non-finite values zeroed, INT codes, their
@@ -274,13 +286,7 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
     q, q8, sq, mu_rows, bad = _quantized_q(Q, b, hk, g, i, row_ok, nq, sqb, sqh, sqn, G, qk_mult, dcols, dm,
                                            BLOCK_M, NQP, DP, QMAX, SMOOTH_Q)
 
-    # the keys this program's rows may see: [0, hi) (causal: up to the last valid row's diagonal)
-    hi = nk
-    if IS_CAUSAL:
-        hi = tl.minimum(nk, nq + q_offset)
-    hi = tl.maximum(hi, 0)
-    t_begin = split * tiles_per_split * T
-    t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
+    t_begin, t_end = _split_keys(split, tiles_per_split, nk, nq, q_offset, T, IS_CAUSAL)
 
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -437,12 +443,7 @@ def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, SEQLENS, PO, 
     else:
         bad = bad | tl.where(first_bad < Nk, 1, 0)
 
-    hi = Nk
-    if IS_CAUSAL:
-        hi = tl.minimum(Nk, Nq + q_offset)
-    hi = tl.maximum(hi, 0)
-    t_begin = split * tiles_per_split * T
-    t_end = tl.minimum(t_begin + tiles_per_split * T, hi)
+    t_begin, t_end = _split_keys(split, tiles_per_split, Nk, Nq, q_offset, T, IS_CAUSAL)
     full, _ = kv_bounds_from(0, q_offset, Nk, 1, T, IS_CAUSAL)  # tiles [0, full): every row sees them whole
     c_end = tl.maximum(tl.minimum(t_end, n_cached), t_begin)
     u_end = tl.maximum(tl.minimum(full, c_end), t_begin)
