@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import numbers
 import weakref
 
 import torch
@@ -106,20 +107,33 @@ class QuantizedKVCache:
         self.tail_k = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
         self.tail_v = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
         self.first_bad = torch.full((batch, kv_heads), NO_BAD_KEY, dtype=torch.int32, device=dev)
-        self.lengths = [0] * batch  # keys held per sequence (host), and on the device for the kernel
+        self._lengths = (0,) * batch  # keys held per sequence (host), and on the device for the kernel
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=dev)
         self._buffers = {}  # the decode kernel's partials and counters per launch shape (launch_buffers)
         self.handle = next(_HANDLES)  # how the compiled ops find the cache (common.kv_cache._CACHES)
         _CACHES[self.handle] = self
 
     @property
+    def lengths(self) -> tuple[int, ...]:
+        """Keys held per sequence (read-only: appends change it, together with ``seqlens``)."""
+        return self._lengths
+
+    def _set_lengths(self, lengths) -> None:
+        self._lengths = tuple(lengths)
+
+    @property
     def length(self) -> int:
         """The longest sequence's keys (all of them when the sequences are of one length)."""
-        return max(self.lengths)
+        return max(self._lengths)
 
     @length.setter
-    def length(self, n: int) -> None:  # every sequence back (or on) to n keys, as held before
-        self.lengths = [n] * self.batch
+    def length(self, n: int) -> None:
+        """Back to ``n`` keys in every sequence (0: empty; else only where every sequence held n or
+        more keys with the same ones before n, i.e. all of one length: a rollback)."""
+        if n and (len(set(self._lengths)) != 1 or not 0 <= n <= self._lengths[0]):
+            raise ValueError(f"length can be set to 0, or back to n <= the one length of all sequences; the cache "
+                             f"holds {self._lengths}, got {n}")
+        self._set_lengths((n,) * self.batch)
         self.seqlens.fill_(n)
 
     @property
@@ -162,8 +176,10 @@ class QuantizedKVCache:
         cache's dtype and on its device; sequence b takes the first ``lengths[b]`` of its n keys (a
         right-padded batch; default all n). Each tile that fills is quantized once, here."""
         if torch.compiler.is_compiling():  # one opaque op: the lengths stay out of the graph's guards
-            torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout,
-                                                    None if lengths is None else [int(n) for n in lengths])
+            if lengths is not None and not isinstance(lengths, torch.Tensor):
+                raise TypeError("under torch.compile, append's lengths must be a tensor (a list's values would "
+                                "be guarded on: a recompile per pattern of counts)")
+            torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout, lengths)
             return
         self._append(k, v, tensor_layout, lengths)
 
@@ -207,15 +223,15 @@ class QuantizedKVCache:
                 if c:
                     self._append_rows(slice(b, b + 1), kh[b:b + 1, :, :c], vh[b:b + 1, :, :c], l0)
             self.seqlens.copy_(torch.tensor([l0 + c for l0, c in zip(self.lengths, counts)], dtype=torch.int32))
-        self.lengths = [l0 + c for l0, c in zip(self.lengths, counts)]
+        self._set_lengths(l0 + c for l0, c in zip(self._lengths, counts))
 
     def _check_counts(self, lengths, n: int) -> list[int]:
         counts = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
-        if len(counts) != self.batch or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= n
-                                                for c in counts):
+        if len(counts) != self.batch or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
+                                                and 0 <= c <= n for c in counts):
             raise ValueError(f"lengths must hold {self.batch} ints in [0, {n}] (the keys each sequence takes of "
                              f"the {n} given), got {lengths!r}")
-        return counts
+        return [int(c) for c in counts]
 
     def _append_rows(self, bs: slice, kh: torch.Tensor, vh: torch.Tensor, l0: int) -> None:
         """Keys [l0, l0 + n) of the sequences ``bs`` (all of them at ``l0`` keys)."""
@@ -441,14 +457,14 @@ def _cache_of(handle: int) -> QuantizedKVCache:
 
 
 @torch.library.custom_op("sageattn_repro::kvcache_append", mutates_args=QuantizedKVCache._STATE_NAMES,
-                         schema=f"({_STATE}, Tensor k, Tensor v, int handle, str tensor_layout, int[]? lengths) -> ()",
+                         schema=f"({_STATE}, Tensor k, Tensor v, int handle, str tensor_layout, Tensor? lengths) -> ()",
                          tags=_TAGS)
 def _append_op(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens, k, v, handle,
                tensor_layout, lengths):
     cache = _cache_of(handle)
     view = cache._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens))
     view._append(k, v, tensor_layout, lengths)
-    cache.lengths = view.lengths
+    cache._set_lengths(view.lengths)
 
 
 @_append_op.register_fake

@@ -37,8 +37,8 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
     sm_scale: default ``1 / sqrt(D)``. return_lse: also the natural log-sum-exp ``[B, Hq, Nq]``.
     backend: ``"triton"`` (GPU; the CPU interpreter under TRITON_INTERPRET=1), ``"torch"`` (the
         emulation), ``"auto"`` (Triton on a GPU, else the emulation).
-    Returns the output in q's layout and dtype (and the LSE). A sequence (or a row) with no keys:
-    zeros (LSE -inf).
+    Returns the output in q's layout and dtype (and the LSE). A row that sees no key: zeros (LSE
+    -inf); a row with a non-finite query value: NaN, keys or not.
     """
     if torch.compiler.is_compiling():  # one opaque op (common.kv_cache): the cache's length is read when it runs
         if not isinstance(cache, QuantizedKVCache):
@@ -65,9 +65,10 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
     with torch.no_grad():
         out, out_hnd = new_output(q, tensor_layout)
         B, Hq, Nq, _ = qh.shape
-        if cache.length == 0 or out.numel() == 0:
-            out.zero_()
-            lse = torch.full((B, Hq, Nq), float("-inf"), device=q.device)
+        if cache.length == 0 or out.numel() == 0:  # (no keys: zeros, and NaN rows for a non-finite query)
+            bad = ~torch.isfinite(qh).all(-1)
+            out_hnd.copy_(torch.where(bad[..., None], float("nan"), 0.0))
+            lse = torch.where(bad, float("nan"), float("-inf")).float()
             return (out, lse) if return_lse else out
         lse = decode_from_cache(qh, cache, out_hnd, sm_scale=float(sm_scale), is_causal=is_causal,
                                 return_lse=return_lse, backend=be)

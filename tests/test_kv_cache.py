@@ -165,6 +165,10 @@ def test_empty_cache_and_zero_queries():
     q = torch.randn(2, 4, 1, 64, dtype=torch.float16)
     out, lse = sage2.sageattn_kvcache(q, cache, return_lse=True)
     assert torch.equal(out, torch.zeros_like(q)) and torch.equal(lse, torch.full((2, 4, 1), float("-inf")))
+    q_nan = q.clone()
+    q_nan[1, 2, 0, 5] = float("nan")  # a non-finite query row is NaN, keys or not (as beside longer sequences)
+    out, lse = sage2.sageattn_kvcache(q_nan, cache, return_lse=True)
+    assert out[1, 2].isnan().all() and lse[1, 2].isnan().all() and (out[0] == 0).all() and (lse[0] == float("-inf")).all()
     cache.append(*make_qkv(2, 2, 1, 64, seqlen_k=10)[1:])
     assert sage2.sageattn_kvcache(q[:, :, :0], cache).shape == (2, 4, 0, 64)
     cache.reset()
@@ -284,7 +288,7 @@ def test_sequences_of_different_lengths(causal, n_q):
     cache.append(k[:, :, :200], v[:, :, :200], lengths=torch.tensor(lens))
     for step in range(3):  # sequence 1 fills its tile 0-63 at the third step (61 + 3 = 64)
         cache.append(k[:, :, 200 + step:201 + step], v[:, :, 200 + step:201 + step])
-    assert cache.lengths == [203, 64, 3] and cache.seqlens.tolist() == [203, 64, 3] and cache.quantized == [192, 64, 0]
+    assert cache.lengths == (203, 64, 3) and cache.seqlens.tolist() == [203, 64, 3] and cache.quantized == [192, 64, 0]
     outs = {be: sage2.sageattn_kvcache(q, cache, is_causal=causal, return_lse=True, backend=be)
             for be in ("torch", "triton")}
     for b, n in enumerate(cache.lengths):
@@ -301,6 +305,9 @@ def test_sequences_of_different_lengths(causal, n_q):
     assert outs["torch"][1][1].isnan().any() and not outs["torch"][1][0].isnan().any()
     with pytest.raises(ValueError, match=r"lengths must hold 3 ints in \[0, 1\]"):
         cache.append(k[:, :, :1], v[:, :, :1], lengths=[1, 2, 0])
+    with pytest.raises(ValueError, match="length can be set to 0, or back to"):
+        cache.length = 3  # (sequences of several lengths: no common point to roll back to)
+    assert cache.lengths == (203, 64, 3)
 
 
 def test_an_empty_sequence_beside_others_gives_zeros():
@@ -311,3 +318,31 @@ def test_an_empty_sequence_beside_others_gives_zeros():
     for be in ("torch", "triton"):
         out, lse = sage2.sageattn_kvcache(q, cache, return_lse=True, backend=be)
         assert out[1].abs().max() == 0 and torch.isinf(lse[1]).all() and torch.isfinite(lse[0]).all()
+
+
+def test_a_compiled_step_over_sequences_of_several_lengths_takes_lengths_as_a_tensor():
+    """Under torch.compile, per-sequence counts as a tensor (read when the op runs): idle sequences
+    (count 0) in any pattern, no recompile; a list is refused there (its values would be guards)."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(4, 4, 1, 64, heads_kv=2, seqlen_k=100, kind="k_bias", seed=13)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    caches = [QuantizedKVCache(4, 2, 64, 200, device=KERNEL_DEVICE) for _ in range(2)]
+    for c in caches:
+        c.append(k[:, :, :60], v[:, :, :60], lengths=torch.tensor([60, 10, 0, 59]))
+
+    def step(cache, q, k1, v1, counts):
+        cache.append(k1, v1, lengths=counts)
+        return sage2.sageattn_kvcache(q, cache, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    for i in range(60, 72):
+        counts = torch.randint(0, 2, (4,), generator=g)
+        out = compiled(caches[0], q, k[:, :, i:i + 1], v[:, :, i:i + 1], counts)
+        assert torch.equal(out, step(caches[1], q, k[:, :, i:i + 1], v[:, :, i:i + 1], counts))
+    assert caches[0].lengths == caches[1].lengths and counters["stats"]["unique_graphs"] <= 2
+    with pytest.raises(Exception, match="lengths must be a tensor"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(caches[0], q, k[:, :, :1], v[:, :, :1], [1, 1, 1, 1])
