@@ -142,11 +142,16 @@ def resolve_decode_backend(requested: str, resolved: str, qh, kh, vh, spec: Deco
     return "cuda" if build.usable_for_auto(qh.device, who) else "triton"
 
 
+def planned_sms(device) -> int:
+    """The SMs a launch plan spreads programs over: the GPU's, or an H100's 132 off the GPU (the
+    interpreter then runs the plan a GPU would)."""
+    return sm_count(device) if device.type == "cuda" else 132
+
+
 def split_tiles(batch_kv_heads: int, row_tiles: int, n_k: int, device, per_sm: int | None = None) -> int:
-    """Tiles per split: about ``per_sm`` (default PROGRAMS_PER_SM) programs per SM (132 SMs assumed
-    off-GPU)."""
+    """Tiles per split: about ``per_sm`` (default PROGRAMS_PER_SM) programs per SM."""
     n_tiles = -(-n_k // DECODE_TILE)
-    sms = sm_count(device) if device.type == "cuda" else 132
+    sms = planned_sms(device)
     splits = max(1, min(n_tiles, ((per_sm or PROGRAMS_PER_SM) * sms) // max(1, batch_kv_heads * row_tiles)))
     return -(-n_tiles // splits)
 
@@ -156,7 +161,7 @@ def cuda_plan(batch_kv_heads: int, n_tiles: int, tiles_per_split: int, dynamic: 
     programs per KV head and no helpers, or, with one program per KV head and dynamic tiles, 1 +
     HELPERS_PER_KV_HEAD slots and PROGRAMS_PER_SM * SMs helpers."""
     splits = -(-n_tiles // tiles_per_split)
-    resident = PROGRAMS_PER_SM * (sm_count(device) if device.type == "cuda" else 132)
+    resident = PROGRAMS_PER_SM * planned_sms(device)
     if splits > 1 or not dynamic or HELPERS_PER_KV_HEAD <= 0 or n_tiles < HELPER_MIN_TILES \
             or batch_kv_heads > HELPER_MAX_WAVES * resident:
         return splits, 0

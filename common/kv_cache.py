@@ -38,9 +38,9 @@ import weakref
 
 import torch
 
-from .checks import SUPPORTED_DTYPES, interpreter_enabled, sm_count
+from .checks import SUPPORTED_DTYPES, interpreter_enabled
 from .decode import (DECODE_MAX_QUERIES, DECODE_TILE, LOG2_P_SCALE, PV_KINDS, DecodeSpec, _row_layout,
-                     decode_emulated, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
+                     decode_emulated, planned_sms, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
 from .int_qk import LOG2E, padded_head_dim
 from .masking import NO_MASK, MaskSpec
 
@@ -58,6 +58,14 @@ QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
 
 _CACHES: "weakref.WeakValueDictionary[int, QuantizedKVCache]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
+
+
+def _first_nonfinite_key(k: torch.Tensor, v: torch.Tensor, t0: int) -> torch.Tensor:
+    """Per head (k, v [.., n, D] holding keys t0, t0 + 1, ...), the first key with a NaN/Inf in k or
+    v, else NO_BAD_KEY (int32 [..])."""
+    key_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    pos = torch.arange(t0, t0 + k.shape[-2], dtype=torch.int32, device=k.device)
+    return torch.where(key_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
 
 
 def _finite_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -270,10 +278,7 @@ class QuantizedKVCache:
         self.v_scale[bs, :, j0:j0 + nt, :D] = sv.view(B, H, nt, D)
 
     def _fold_first_bad(self, bs: slice, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
-        key_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))          # [b, Hkv, n]
-        pos = torch.arange(t0, t0 + k.shape[2], dtype=torch.int32, device=self.device)
-        first = torch.where(key_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32)
-        self.first_bad[bs] = torch.minimum(self.first_bad[bs], first)
+        self.first_bad[bs] = torch.minimum(self.first_bad[bs], _first_nonfinite_key(k, v, t0))
 
     def _check_keys(self, k, v, tensor_layout):
         from .checks import LAYOUTS, check_choice, to_hnd
@@ -325,10 +330,9 @@ class QuantizedKVCache:
         B, Hq, Nq, _ = qh.shape
         first = self.first_bad.clone()
         for b, (n0, n) in enumerate(zip(self.quantized, self.lengths)):  # the keys of the partial tile
-            tail_bad = ~(torch.isfinite(self.tail_k[b, :, :n - n0]).all(-1) & torch.isfinite(self.tail_v[b, :, :n - n0]).all(-1))
-            pos = torch.arange(n0, n, dtype=torch.int32, device=self.device)
             if n > n0:
-                first[b] = torch.minimum(first[b], torch.where(tail_bad, pos, NO_BAD_KEY).amin(-1).to(torch.int32))
+                first[b] = torch.minimum(first[b], _first_nonfinite_key(self.tail_k[b, :, :n - n0],
+                                                                        self.tail_v[b, :, :n - n0], n0))
         first = first.repeat_interleave(Hq // self.kv_heads, dim=1)[..., None]           # [B, Hq, 1]
         lens = torch.tensor(self.lengths, device=qh.device)[:, None, None]
         i = torch.arange(Nq, device=qh.device)[None, None, :]
@@ -345,7 +349,7 @@ def launch_residency(programs_per_split: int, n_k: int, device) -> tuple[int, bo
     is taken."""
     if not CACHE_MAXNREG:
         return CACHE_PROGRAMS_PER_SM, False
-    sms = sm_count(device) if device.type == "cuda" else 132
+    sms = planned_sms(device)
     if split_tiles(programs_per_split, 1, n_k, device, CACHE_PROGRAMS_PER_SM) < -(-n_k // DECODE_TILE):
         return CACHE_PROGRAMS_PER_SM, True  # several splits per KV head: the plan fills the GPU
 

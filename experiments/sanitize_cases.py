@@ -190,8 +190,6 @@ def kv_cache_cases(dev) -> int:
     return n
 
 
-
-
 if __name__ == "__main__":
     main(decode_only="--decode-only" in sys.argv[1:], sage3_only="--sage3-only" in sys.argv[1:],
          sage2_cuda_only="--sage2-cuda-only" in sys.argv[1:], kv_cache_only="--kv-cache-only" in sys.argv[1:])

@@ -15,12 +15,10 @@ rounding. The kernel reads 276 bytes per key and KV head at head dim 128 instead
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from common.api import new_output
-from common.checks import check_choice
+from common.checks import check_flag, check_no_grad, device_capability, resolve_backend, resolve_sm_scale
 from common.kv_cache import QuantizedKVCache, check_query, decode_from_cache
 
 BACKENDS = ("auto", "triton", "torch")
@@ -47,21 +45,14 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
                                                               is_causal, sm_scale, return_lse, backend)
         return (out, lse) if return_lse else out
     qh = check_query(q, cache, tensor_layout)
-    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    check_choice("backend", backend, BACKENDS)
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(qh.shape[-1])
-    elif not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool) or not math.isfinite(sm_scale) \
-            or sm_scale <= 0:
-        raise ValueError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
-    if backend == "triton" and q.device.type != "cuda":
-        from common.checks import interpreter_enabled
-
-        if not interpreter_enabled():
-            raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got q on {q.device}")
-    be = backend if backend != "auto" else ("triton" if q.device.type == "cuda" else "torch")
+    check_flag("is_causal", is_causal)
+    check_flag("return_lse", return_lse)
+    sm_scale = resolve_sm_scale(sm_scale, qh.shape[-1])
+    be = resolve_backend(backend, q.device, BACKENDS)
+    if be == "triton" and q.device.type == "cuda" and device_capability(q.device) < (8, 9):
+        raise ValueError("the quantized KV cache's kernel multiplies FP8 P and V: it needs compute capability 8.9+ "
+                         "(FP8 tensor cores); use backend='torch'")
+    check_no_grad(q, q, q, "sage3.sageattn_train")
     with torch.no_grad():
         out, out_hnd = new_output(q, tensor_layout)
         B, Hq, Nq, _ = qh.shape
@@ -70,6 +61,6 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
             out_hnd.copy_(torch.where(bad[..., None], float("nan"), 0.0))
             lse = torch.where(bad, float("nan"), float("-inf")).float()
             return (out, lse) if return_lse else out
-        lse = decode_from_cache(qh, cache, out_hnd, sm_scale=float(sm_scale), is_causal=is_causal,
+        lse = decode_from_cache(qh, cache, out_hnd, sm_scale=sm_scale, is_causal=is_causal,
                                 return_lse=return_lse, backend=be)
         return (out, lse) if return_lse else out

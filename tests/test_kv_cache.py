@@ -197,7 +197,7 @@ def test_bad_arguments_name_the_argument():
         (lambda: sage2.sageattn_kvcache(q[..., :32], cache), "head_dim 64"),
         (lambda: sage2.sageattn_kvcache(torch.randn(2, 4, 17, 64, dtype=torch.float16), cache), "at most 16 queries"),
         (lambda: sage2.sageattn_kvcache(q, cache, backend="cuda"), "backend must be one of"),
-        (lambda: sage2.sageattn_kvcache(q, cache, sm_scale=-1.0), "sm_scale must be a positive"),
+        (lambda: sage2.sageattn_kvcache(q, cache, sm_scale=-1.0), "sm_scale must be a finite positive number"),
         (lambda: sage2.sageattn_kvcache(q, cache, is_causal=1), "is_causal must be a bool"),
         (lambda: sage2.sageattn_kvcache(q, k), "cache must be a QuantizedKVCache"),
     ]
