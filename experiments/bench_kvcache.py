@@ -116,13 +116,94 @@ def sweep(D: int) -> None:
     kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, kv_cache.CACHE_PROGRAMS_PER_SM = default
 
 
+def host(D: int) -> None:
+    """Host time per call (us, a loop of calls without waiting on the GPU) at B=4 32/8 Nk=4k-27, and
+    its parts: the Python front end (the launch stubbed out), the Triton launch alone (through the
+    JIT's dispatch, and through the compiled kernel's runner), the append of one key; then a
+    cProfile of the call. The eager columns of the table are host-bound where this exceeds the GPU
+    time."""
+    import cProfile
+    import pstats
+    import time
+
+    from common import triton_decode
+
+    B, Hq, Hkv, Nk = 4, 32, 8, 4096 - TAIL_SHORT
+    q, k, v = make_qkv(B, Hq, 1, D, heads_kv=Hkv, seqlen_k=Nk + 1, kind="k_bias", device="cuda", seed=0)
+    k_new, v_new = k[:, :, Nk:], v[:, :, Nk:]
+    k, v = k[:, :, :Nk].contiguous(), v[:, :, :Nk].contiguous()
+    cache = QuantizedKVCache(B, Hkv, D, Nk + 64, dtype=k.dtype, device="cuda")
+    cache.append(k, v)
+
+    def host_us(fn, n=500):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return dt / n * 1e6
+
+    real = triton_decode.decode_cached_kernel
+    recorded = {}
+
+    class Recorder:  # the front end alone: records the launch's grid and arguments, launches nothing
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                recorded.update(grid=grid, args=args, kwargs=kwargs)
+            return launch
+
+    def append_step():
+        cache.length = Nk
+        cache.append(k_new, v_new)
+
+    call = lambda: sage2.sageattn_kvcache(q, cache)  # noqa: E731
+    times = {"SDPA cudnn": host_us(lambda: sdpa_fn("cudnn")(q, k, v, False)),
+             "sage2 dense decode": host_us(lambda: sage2.sageattn(q, k, v)),
+             "sage2_kvcache": host_us(call)}
+    triton_decode.decode_cached_kernel = Recorder()
+    try:
+        times["  front end (launch stubbed)"] = host_us(call)
+    finally:
+        triton_decode.decode_cached_kernel = real
+    grid, args, kwargs = recorded["grid"], recorded["args"], recorded["kwargs"]
+    times["  Triton launch (JIT dispatch)"] = host_us(lambda: real[grid](*args, **kwargs))
+    compiled = real[grid](*args, **kwargs)
+    try:  # the compiled kernel's own runner: every parameter in order, the constexprs included
+        names = real.arg_names
+        ordered = list(args) + [kwargs[name] for name in names[len(args):]]
+        runner = compiled[grid]
+        times["  Triton launch (compiled runner)"] = host_us(lambda: runner(*ordered))
+    except Exception as e:  # (the runner's calling convention is Triton's, not a public API)
+        print(f"  compiled runner: {type(e).__name__}: {e}", flush=True)
+    times["append one key (+ rollback)"] = host_us(append_step)
+    print(f"host time per call, B={B} {Hq}/{Hkv} Nk={Nk} D={D}:", flush=True)
+    for name, us in times.items():
+        print(f"  {name:36s} {us:8.1f} us", flush=True)
+    for name, fn in (("sage2_kvcache", call), ("append", append_step)):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"cProfile, {name} x200:", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(16)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write kvcache.csv/.md and kvcache.png here")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     ap.add_argument("--sweep", action="store_true", help="time the cached kernel's launch settings first")
+    ap.add_argument("--host", action="store_true", help="host time per call and its parts, then exit")
     args = ap.parse_args(argv)
+    if args.host:
+        host(args.d)
+        return
     if args.sweep:
         sweep(args.d)
     picked = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
