@@ -33,7 +33,7 @@ def test_every_cuda_source_compiles_for_sm90a(capsys):
 def test_the_profiling_build_of_the_kernel_compiles(tmp_path):
     """-DSAGE2_TRACE (experiments/sage2_tile_cost.py --trace) compiles, and without a call in the
     kernel: ptxas would serialize the wgmma around one (C7510), and the trace would time another kernel."""
-    cmd = [build.find_nvcc(), *build.nvcc_flags(), *build._includes(), "-DSAGE2_TRACE",
+    cmd = [build.find_nvcc(), *build.unit_flags("sage2_sm90/attention.cu"), *build._includes(), "-DSAGE2_TRACE",
            "-cubin", str(build.CSRC / "sage2_sm90" / "attention.cu"), "-o", str(tmp_path / "trace.cubin")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -96,17 +96,11 @@ struct Config {
 constexpr float LOG2_P_SCALE = 8.807354922057604f;  // log2(448), E4M3's largest value
 constexpr int32_t NO_BAD_KEY = 0x7fffffff;          // common.nonfinite.NO_BAD_KEY
 
-// Whether the epilogue's inputs come with Q (Shared::v_scale_of, first_bad_of): the causal kernels
-// (measured +2-4%; the non-causal build lost 3% through its register allocation, csrc/NOTES.md,
-// v13.4). -DSAGE2_EPI_WITH_Q_ALL=1 (a tuning build: experiments.sage2_cuda_variants) gives them to
-// the non-causal kernels too. One rule for the kernel's layout and launch()'s shared-memory size.
-#ifndef SAGE2_EPI_WITH_Q_ALL
-#define SAGE2_EPI_WITH_Q_ALL 0
-#endif
-template <bool CAUSAL>
-constexpr bool EPI_WITH_Q_FOR = CAUSAL || SAGE2_EPI_WITH_Q_ALL;
-
-template <int DP, bool Q_FUSED, bool EPI_WITH_Q>
+// The epilogue's inputs come with Q (Shared::v_scale_of, first_bad_of), not by a round trip after
+// the work tile's last P V. This file is compiled with ptxas --register-usage-level=2
+// (common/build.py, SOURCE_FLAGS): at the default level the non-causal kernels lost 3% with these
+// inputs (their spills grew), at level 2 they gained 2-4% (csrc/NOTES.md, v13.6).
+template <int DP, bool Q_FUSED>
 struct Shared {
   // Q's codes (Q_FUSED: each consumer writes and reads its own rows; else by TMA); two: the next work
   // tile's load during this one
@@ -116,11 +110,10 @@ struct Shared {
   // Q_FUSED: Q as loaded (fp16/bf16), DP / 64 boxes of BLOCK_M rows x 128 bytes, 128-byte swizzled
   alignas(Q_FUSED ? 1024 : 16) uint8_t q_in[Q_FUSED ? 2 * Config<DP>::BLOCK_M * DP * 2 : 16];
   float q_block_max[Config<DP>::CONSUMERS][4];  // per warp, for Q scales over a whole warpgroup (per block)
-  // EPI_WITH_Q: with each Q buffer, what its work tile's epilogue reads: V's scales (by the copy
-  // engine, where KernelParams::v_scale_copy) and the head's first NaN/Inf key (common.nonfinite:
-  // NO_BAD_KEY - key). (Else no bytes: the other members keep their offsets.)
-  alignas(16) float v_scale_of[EPI_WITH_Q ? 2 : 0][DP];
-  int first_bad_of[EPI_WITH_Q ? 2 : 0];
+  // with each Q buffer, what its work tile's epilogue reads: V's scales (by the copy engine, where
+  // KernelParams::v_scale_copy) and the head's first NaN/Inf key (common.nonfinite: NO_BAD_KEY - key)
+  alignas(16) float v_scale_of[2][DP];
+  int first_bad_of[2];
   int tile_of[2];  // the work tile whose Q is in q[b] (q_in[b]), or -1: none is left (see the producer)
   uint64_t q_full[2], q_empty[2];
   uint64_t k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
@@ -154,8 +147,8 @@ struct KernelParams {
 // work tile's KV tiles (reduced modulo 2 * STAGES between work tiles) so that it cannot overflow.
 
 // S_j = Q K_j^T (int32): issue the k32 steps over the head dim; the caller waits.
-template <int DP, bool QF, bool E>
-__device__ __forceinline__ void issue_qk(Shared<DP, QF, E>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
+template <int DP, bool QF>
+__device__ __forceinline__ void issue_qk(Shared<DP, QF>& sm, int slot, uint64_t desc_q, int (&s_int)[64]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.k_full[stage], (slot / STAGES) & 1);
   const uint64_t desc_k = smem_desc_kmajor(sm.k[stage], DP);
@@ -167,8 +160,8 @@ __device__ __forceinline__ void issue_qk(Shared<DP, QF, E>& sm, int slot, uint64
 
 // Issue P_j V_j into a fresh accumulator (two-level: the FP8 MMA's ~13-bit accumulator only ever
 // sums one tile); the caller waits, then adds it to O in fp32 (finish_pv).
-template <int DP, bool QF, bool E>
-__device__ __forceinline__ void issue_pv(Shared<DP, QF, E>& sm, int slot, const uint32_t (&pa)[4][4],
+template <int DP, bool QF>
+__device__ __forceinline__ void issue_pv(Shared<DP, QF>& sm, int slot, const uint32_t (&pa)[4][4],
                                          float (&o_tile)[Config<DP>::PV_REGS]) {
   const int stage = slot % STAGES;
   mbar_wait(&sm.v_full[stage], (slot / STAGES) & 1);
@@ -187,8 +180,8 @@ __device__ __forceinline__ void issue_pv(Shared<DP, QF, E>& sm, int slot, const 
 
 // After the wait: V_j's stage goes back to the producer, O = alpha * O + P_j V_j and
 // l = alpha * l + rowsum fp8(P_j) (the ones columns: 2t and 2t+1 of the last 8, rows g and g + 8).
-template <int DP, bool QF, bool E>
-__device__ __forceinline__ void finish_pv(Shared<DP, QF, E>& sm, int slot, const float (&alpha)[2],
+template <int DP, bool QF>
+__device__ __forceinline__ void finish_pv(Shared<DP, QF>& sm, int slot, const float (&alpha)[2],
                                           float (&o_tile)[Config<DP>::PV_REGS], float (&o)[DP / 2], float (&l)[2],
                                           int lane) {
   fence_registers(o_tile);
@@ -293,8 +286,8 @@ struct Softmax {  // (values, not references: a referenced local array would liv
 };
 
 // After S_j's wgmma completed: K_j's stage goes back to the producer, then the softmax.
-template <bool CAUSAL, bool MASKED, int DP, bool QF, bool E>
-__device__ __forceinline__ void softmax_after_qk(Shared<DP, QF, E>& sm, int (&s_int)[64], int j, int slot, float ks,
+template <bool CAUSAL, bool MASKED, int DP, bool QF>
+__device__ __forceinline__ void softmax_after_qk(Shared<DP, QF>& sm, int (&s_int)[64], int j, int slot, float ks,
                                                  float (&m)[2], const Softmax& a, int lane,
                                                  float (&p)[64], float (&alpha)[2]) {
   fence_registers(s_int);
@@ -424,11 +417,9 @@ constexpr int TRACE_WORDS = 8;  // per work tile and consumer: the 7 marks' diff
 #define TRACE_MARK(i)
 #endif
 
-// A shared word read by lane 0 alone and given to the warp: lane 0 is the lane that hands the buffer
-// back (q_empty), and an mbarrier arrival releases only its own thread's reads (racecheck: a WAR
-// hazard with the producer's next write where all lanes read); and the value is then known to be
+// A shared word read by lane 0 alone and given to the warp: the value is then known to be
 // warp-uniform, so that what derives from it (the ring's slots and barriers) stays on the uniform
-// datapath.
+// datapath (and one read, not 32, has to be released before the producer writes the word again).
 __device__ __forceinline__ int lane0_read(const int& word, int lane) {
   return __shfl_sync(0xffffffff, lane == 0 ? word : 0, 0);
 }
@@ -447,8 +438,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
                      const __grid_constant__ CUtensorMap map_v, const KernelParams p) {
   extern __shared__ uint8_t smem_raw[];
   constexpr int BLOCK_M = Config<DP>::BLOCK_M, CONSUMERS = Config<DP>::CONSUMERS;
-  constexpr bool EPI_WITH_Q = EPI_WITH_Q_FOR<CAUSAL>;
-  using Smem = Shared<DP, Q_FUSED, EPI_WITH_Q>;
+  using Smem = Shared<DP, Q_FUSED>;
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto tile_at = [&](int tile) {
     return work_tile<BLOCK_M, BLOCK_N, CAUSAL>(tile, p.m_blocks, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
@@ -461,7 +451,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbar_init(&sm.q_full[b], 1);
-      mbar_init(&sm.q_empty[b], (EPI_WITH_Q ? 128 : 4) * CONSUMERS);  // per consumer thread / warp
+      mbar_init(&sm.q_empty[b], 128 * CONSUMERS);  // every consumer thread arrives (the epilogue)
     }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&sm.k_full[s], 1);
@@ -501,11 +491,9 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         // the epilogue's inputs ride with Q (written or copied before the buffer's arrival, which
         // releases them): the epilogue then reads them from shared memory, not by a round trip
         // after the tile's last P V (csrc/NOTES.md, v13.4)
-        uint32_t v_bytes = 0;  // (in the Q load's count)
-        if constexpr (EPI_WITH_Q) {
-          sm.first_bad_of[qb] = p.first_bad != nullptr ? NO_BAD_KEY - p.first_bad[cta.kv_bh] : NO_BAD_KEY;
-          v_bytes = p.v_scale_copy ? uint32_t(p.head_dim) * 4 : 0;
-        }
+        uint32_t v_bytes = 0;  // (in the Q load's count; declared first: the SASS measured, v13.6)
+        sm.first_bad_of[qb] = p.first_bad != nullptr ? NO_BAD_KEY - p.first_bad[cta.kv_bh] : NO_BAD_KEY;
+        v_bytes = p.v_scale_copy ? uint32_t(p.head_dim) * 4 : 0;
         if constexpr (Q_FUSED) {
           mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP * 2 + v_bytes);
           for (int box = 0; box < DP / 64; ++box)
@@ -515,10 +503,8 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
           mbar_arrive_expect_tx(&sm.q_full[qb], BLOCK_M * DP + v_bytes);
           tma_load_3d(sm.q[qb], &map_q, &sm.q_full[qb], 0, cta.m_block * BLOCK_M, cta.bh);
         }
-        if constexpr (EPI_WITH_Q) {
-          if (v_bytes > 0)
-            bulk_load(sm.v_scale_of[qb], p.v_scale + int64_t(cta.kv_bh) * p.head_dim, v_bytes, &sm.q_full[qb]);
-        }
+        if (v_bytes > 0)
+          bulk_load(sm.v_scale_of[qb], p.v_scale + int64_t(cta.kv_bh) * p.head_dim, v_bytes, &sm.q_full[qb]);
         // the next work tile, claimed now: the atomic's round trip hides behind this one's K/V loads.
         // The claims hand out 0, 1, ..., n_work - 1 (gridDim.x <= n_work): each CTA's last claim is the
         // first that is too large, so the claim of n_work - 1 is the last of the launch, and its CTA
@@ -587,8 +573,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       quantize_q_rows<DP, OutT>(smem_addr(sm.q_in + qb * BLOCK_M * DP * 2), smem_addr(sm.q[qb]),
                                 sm.q_block_max[consumer], consumer * WG_ROWS, warp, lane, p.q_mult, float(p.q_max),
                                 p.q_group_pairs, qs, q_row_bad);
-      // read: the producer may load the work tile after next here (EPI_WITH_Q: after the epilogue)
-      if (!EPI_WITH_Q && lane == 0) mbar_arrive(&sm.q_empty[qb]);
+      // (the buffer goes back to the producer after the epilogue, which reads V's scales beside it)
       fence_proxy_async_shared();                   // the codes are read by wgmma (the async proxy)
       named_barrier_sync(8 + consumer, 128);        // all of the warpgroup's codes are written
     } else {
@@ -687,12 +672,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     slot0 = (slot0 + n_tiles) % (2 * STAGES);
 
     // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
-    int first_bad = NO_BAD_KEY;
-    if constexpr (EPI_WITH_Q) {
-      first_bad = lane0_read(sm.first_bad_of[qb], lane);
-    } else {
-      if (p.first_bad != nullptr) first_bad = NO_BAD_KEY - p.first_bad[kv_bh];
-    }
+    const int first_bad = lane0_read(sm.first_bad_of[qb], lane);
     if constexpr (!Q_FUSED) {
       if (p.q_bad != nullptr) {
 #pragma unroll
@@ -704,14 +684,12 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     // between the stores, they came one round trip after another (a load may not move above a store
     // that could alias it), ~3 us of each work tile (csrc/NOTES.md, v13.3)
     float v_scale[DP / 4];
-    if (EPI_WITH_Q && p.v_scale_copy) {  // from shared memory (they came with Q)
+    if (p.v_scale_copy) {  // from shared memory (they came with Q)
 #pragma unroll
       for (int nt = 0; nt < DP / 8; ++nt) {
         const int col = 8 * nt + 2 * t;
-        if constexpr (EPI_WITH_Q) {
-          v_scale[2 * nt] = col < p.head_dim ? sm.v_scale_of[qb][col] : 0.f;
-          v_scale[2 * nt + 1] = col + 1 < p.head_dim ? sm.v_scale_of[qb][col + 1] : 0.f;
-        }
+        v_scale[2 * nt] = col < p.head_dim ? sm.v_scale_of[qb][col] : 0.f;
+        v_scale[2 * nt + 1] = col + 1 < p.head_dim ? sm.v_scale_of[qb][col + 1] : 0.f;
       }
     } else {
       const float* vs = p.v_scale + int64_t(kv_bh) * p.head_dim;
@@ -762,12 +740,10 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     }
 #endif
     // the Q buffer (and the epilogue's inputs beside it) back to the producer: the work tile after
-    // next loads into it (Q_FUSED without EPI_WITH_Q: after Q's quantization, above). EPI_WITH_Q:
-    // every lane read V's scales there and an arrival releases only its own thread's reads, so every
-    // thread arrives (racecheck found the WAR hazard with the next bulk copy when lane 0 alone did, a
-    // __syncwarp before it included: it compiles to a NOP).
-    if constexpr (EPI_WITH_Q) mbar_arrive(&sm.q_empty[qb]);
-    else if (!Q_FUSED && lane == 0) mbar_arrive(&sm.q_empty[qb]);
+    // next loads into it. Every lane read V's scales there and an arrival releases only its own
+    // thread's reads, so every thread arrives (racecheck found the WAR hazard with the next bulk
+    // copy when lane 0 alone did, a __syncwarp before it included: it compiles to a NOP).
+    mbar_arrive(&sm.q_empty[qb]);
   }
 }
 
@@ -852,7 +828,7 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   p.heads_q = a.heads_q, p.heads_kv = a.heads_kv, p.seqlen_q = a.seqlen_q, p.seqlen_k = a.seqlen_k;
   p.head_dim = a.head_dim, p.m_blocks = m_blocks, p.n_work = int(n_work);
   auto* kernel = &sage2_fwd_kernel<DP, CAUSAL, Q_FUSED, OutT>;
-  const int smem = int(sizeof(Shared<DP, Q_FUSED, EPI_WITH_Q_FOR<CAUSAL>>)) + 1024;  // + room to align the base to 1024
+  const int smem = int(sizeof(Shared<DP, Q_FUSED>)) + 1024;  // + room to align the base to 1024
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, smem, reserved, "sage2 cuda");
   const int64_t ctas = grid_ctas(n_work, CAUSAL, a.tile_counter != nullptr);
