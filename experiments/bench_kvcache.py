@@ -118,15 +118,15 @@ def sweep(D: int) -> None:
 
 def host(D: int) -> None:
     """Host time per call (us, a loop of calls without waiting on the GPU) at B=4 32/8 Nk=4k-27, and
-    its parts: the Python front end (the launch stubbed out), the Triton launch alone (through the
-    JIT's dispatch, and through the compiled kernel's runner), the append of one key; then a
-    cProfile of the call. The eager columns of the table are host-bound where this exceeds the GPU
+    its parts: the Python front end (the launch stubbed out), the launch alone (through Triton's
+    JIT, and through common.triton_launch.FastLauncher, which the call uses), the append of one key;
+    then a cProfile of the call. The eager columns of the table are host-bound where this exceeds the GPU
     time."""
     import cProfile
     import pstats
     import time
 
-    from common import triton_decode
+    from common import kv_cache, triton_decode
 
     B, Hq, Hkv, Nk = 4, 32, 8, 4096 - TAIL_SHORT
     q, k, v = make_qkv(B, Hq, 1, D, heads_kv=Hkv, seqlen_k=Nk + 1, kind="k_bias", device="cuda", seed=0)
@@ -146,14 +146,10 @@ def host(D: int) -> None:
         torch.cuda.synchronize()
         return dt / n * 1e6
 
-    real = triton_decode.decode_cached_kernel
     recorded = {}
 
-    class Recorder:  # the front end alone: records the launch's grid and arguments, launches nothing
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                recorded.update(grid=grid, args=args, kwargs=kwargs)
-            return launch
+    def record(grid, *args, **kwargs):  # the front end alone: records the launch, launches nothing
+        recorded.update(grid=grid, args=args, kwargs=kwargs)
 
     def append_step():
         cache.length = Nk
@@ -163,21 +159,15 @@ def host(D: int) -> None:
     times = {"SDPA cudnn": host_us(lambda: sdpa_fn("cudnn")(q, k, v, False)),
              "sage2 dense decode": host_us(lambda: sage2.sageattn(q, k, v)),
              "sage2_kvcache": host_us(call)}
-    triton_decode.decode_cached_kernel = Recorder()
+    launch = kv_cache._launch_cached
+    kv_cache._launch_cached = record
     try:
         times["  front end (launch stubbed)"] = host_us(call)
     finally:
-        triton_decode.decode_cached_kernel = real
+        kv_cache._launch_cached = launch
     grid, args, kwargs = recorded["grid"], recorded["args"], recorded["kwargs"]
-    times["  Triton launch (JIT dispatch)"] = host_us(lambda: real[grid](*args, **kwargs))
-    compiled = real[grid](*args, **kwargs)
-    try:  # the compiled kernel's own runner: every parameter in order, the constexprs included
-        names = real.arg_names
-        ordered = list(args) + [kwargs[name] for name in names[len(args):]]
-        runner = compiled[grid]
-        times["  Triton launch (compiled runner)"] = host_us(lambda: runner(*ordered))
-    except Exception as e:  # (the runner's calling convention is Triton's, not a public API)
-        print(f"  compiled runner: {type(e).__name__}: {e}", flush=True)
+    times["  launch through Triton's JIT"] = host_us(lambda: triton_decode.decode_cached_kernel[grid](*args, **kwargs))
+    times["  launch through FastLauncher"] = host_us(lambda: launch(grid, *args, **kwargs))
     times["append one key (+ rollback)"] = host_us(append_step)
     print(f"host time per call, B={B} {Hq}/{Hkv} Nk={Nk} D={D}:", flush=True)
     for name, us in times.items():

@@ -52,15 +52,13 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
     if be == "triton" and q.device.type == "cuda" and device_capability(q.device) < (8, 9):
         raise ValueError("the quantized KV cache's kernel multiplies FP8 P and V: it needs compute capability 8.9+ "
                          "(FP8 tensor cores); use backend='torch'")
-    check_no_grad(q, q, q, "sage3.sageattn_train")
-    with torch.no_grad():
-        out, out_hnd = new_output(q, tensor_layout)
-        B, Hq, Nq, _ = qh.shape
-        if cache.length == 0 or out.numel() == 0:  # (no keys: zeros, and NaN rows for a non-finite query)
-            bad = ~torch.isfinite(qh).all(-1)
-            out_hnd.copy_(torch.where(bad[..., None], float("nan"), 0.0))
-            lse = torch.where(bad, float("nan"), float("-inf")).float()
-            return (out, lse) if return_lse else out
-        lse = decode_from_cache(qh, cache, out_hnd, sm_scale=sm_scale, is_causal=is_causal,
-                                return_lse=return_lse, backend=be)
+    check_no_grad(q, q, q, "sage3.sageattn_train")  # (then nothing here records a graph: no no_grad needed)
+    out, out_hnd = new_output(q, tensor_layout)
+    if cache.length == 0 or out.numel() == 0:  # (no keys: zeros, and NaN rows for a non-finite query)
+        bad = ~torch.isfinite(qh).all(-1)
+        out_hnd.copy_(torch.where(bad[..., None], float("nan"), 0.0))
+        lse = torch.where(bad, float("nan"), float("-inf")).float()
         return (out, lse) if return_lse else out
+    lse = decode_from_cache(qh, cache, out_hnd, sm_scale=sm_scale, is_causal=is_causal,
+                            return_lse=return_lse, backend=be)
+    return (out, lse) if return_lse else out

@@ -346,3 +346,117 @@ def test_a_compiled_step_over_sequences_of_several_lengths_takes_lengths_as_a_te
     assert caches[0].lengths == caches[1].lengths and counters["stats"]["unique_graphs"] <= 2
     with pytest.raises(Exception, match="lengths must be a tensor"):
         torch.compile(step, fullgraph=True, backend="aot_eager")(caches[0], q, k[:, :, :1], v[:, :, :1], [1, 1, 1, 1])
+
+
+def test_one_key_steps_take_the_short_path_and_give_the_same_cache():
+    """The decode step's short append (one key per sequence, no tile fills): the same state as the
+    general path, in both layouts; what it does not cover (a key that requires grad, a wrong shape,
+    a tile that fills, a bad layout) takes the general path, with its checks."""
+    from common import kv_cache
+
+    _, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=70, seed=5)
+    whole = _cache_of(k, v)
+    calls = []
+    general = kv_cache.QuantizedKVCache._append
+    for layout in ("HND", "NHD"):
+        kl, vl = (k, v) if layout == "HND" else (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+        cache = QuantizedKVCache(2, 2, 64, 80, dtype=k.dtype, device=k.device)
+        cache._append = lambda *a, cache=cache: calls.append(a[-1]) or general(cache, *a)  # (counts the general path)
+        calls.clear()
+        for i in range(70):
+            cache.append(kl.narrow(2 if layout == "HND" else 1, i, 1), vl.narrow(2 if layout == "HND" else 1, i, 1),
+                         tensor_layout=layout)
+        assert len(calls) == 1  # key 63, which fills tile 0
+        for name in ("k_codes", "k_scale", "k_mean", "v_codes", "v_scale", "first_bad", "seqlens"):
+            assert torch.equal(getattr(whole, name).view(torch.uint8) if name.endswith("codes") else getattr(whole, name),
+                               getattr(cache, name).view(torch.uint8) if name.endswith("codes") else getattr(cache, name)), name
+        assert torch.equal(whole.tail_k[:, :, :6], cache.tail_k[:, :, :6]) and cache.lengths == (70, 70)
+    cache = _cache_of(k[:, :, :5], v[:, :, :5], max_seqlen=10)
+    with torch.enable_grad():
+        kg = k[:, :, 5:6].clone().requires_grad_()
+        cache.append(kg, v[:, :, 5:6])
+    assert not cache.tail_k.requires_grad and torch.equal(cache.tail_k[:, :, 5], k[:, :, 5]) and cache.length == 6
+    with pytest.raises(ValueError, match="must have batch 2, 2 KV heads and head_dim 64"):
+        cache.append(k[:, :1, 6:7], v[:, :1, 6:7])
+    with pytest.raises(ValueError, match="tensor_layout"):
+        cache.append(k[:, :, 6:7], v[:, :, 6:7], tensor_layout="BHND")
+    assert cache.length == 6 and cache.seqlens.tolist() == [6, 6]
+
+
+def test_fast_launcher_keys_on_what_triton_specializes():
+    """common.triton_launch.FastLauncher with a stand-in for a JIT function: the first launch of a
+    specialization goes through the JIT, the next ones through the compiled kernel's launcher with
+    every parameter in order (keywords and defaults included); another int value, dtype, tensor
+    alignment, constexpr or launch option is another specialization; a launcher that fails sends
+    every later launch through the JIT, with one warning."""
+    from common import triton_launch
+
+    log = []
+
+    def kernel_fn(X, n, scale, BLOCK: int, FLAG: bool = True):
+        pass
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: log.append(("fast", grid, args))
+
+    class Jit:
+        fn = staticmethod(kernel_fn)  # (an attribute of the JIT function, not a method)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: log.append(("jit", grid, args, tuple(sorted(kw)))) or Compiled()
+
+    launcher = triton_launch.FastLauncher(Jit())
+    launcher.broken = False  # (the tests run under the interpreter, where it starts broken)
+    x = torch.zeros(64)
+    launcher((1,), x, 16, 0.5, BLOCK=32, num_warps=4)
+    launcher((2,), x, 16, 0.25, BLOCK=32, num_warps=4)
+    assert [e[0] for e in log] == ["jit", "fast"] and log[1] == ("fast", (2,), (x, 16, 0.25, 32, True))
+    for args, kw in (((x, 17, 0.5), {"BLOCK": 32, "num_warps": 4}), ((x[1:], 16, 0.5), {"BLOCK": 32, "num_warps": 4}),
+                     ((x.double(), 16, 0.5), {"BLOCK": 32, "num_warps": 4}), ((x, 16, 0.5), {"BLOCK": 64, "num_warps": 4}),
+                     ((x, 16, 0.5), {"BLOCK": 32, "num_warps": 8})):
+        log.clear()
+        launcher((1,), *args, **kw)
+        launcher((1,), *args, **kw)
+        assert [e[0] for e in log] == ["jit", "fast"], (args, kw)
+
+    class BadCompiled:
+        def __getitem__(self, grid):
+            raise AttributeError("moved")
+
+    launcher.compiled = {k_: (BadCompiled(), rest) for k_, (_, rest) in launcher.compiled.items()}
+    log.clear()
+    with pytest.warns(RuntimeWarning, match="launching through the JIT from now on"):
+        launcher((1,), x, 16, 0.5, BLOCK=32, num_warps=4)
+    launcher((1,), x, 16, 0.5, BLOCK=32, num_warps=4)
+    assert [e[0] for e in log] == ["jit", "jit"] and launcher.broken
+
+
+@gpu
+def test_gpu_fast_launches_give_the_jit_launch_outputs():
+    """On the GPU the cache's kernel is launched through the compiled kernel's launcher after its
+    first launch: outputs bit-identical to a fresh launch through the JIT, across a new tile plan
+    and a query that is a strided view."""
+    from common import kv_cache
+
+    q, k, v = make_qkv(4, 32, 1, 128, heads_kv=8, seqlen_k=4100, kind="k_bias", device="cuda", seed=6)
+    cache = _cache_of(k[:, :, :4000], v[:, :, :4000], max_seqlen=4200)
+    outs = [sage2.sageattn_kvcache(q, cache) for _ in range(3)]
+    qs = torch.cat([q, q], dim=-1)[..., ::2]  # (a strided view: other strides, another specialization)
+    outs.append(sage2.sageattn_kvcache(qs, cache))
+    cache.append(k[:, :, 4000:4100], v[:, :, 4000:4100])
+    outs.append(sage2.sageattn_kvcache(q, cache))
+    assert kv_cache._launcher is not None and not kv_cache._launcher.broken and kv_cache._launcher.compiled
+    jit = kv_cache._launcher
+    kv_cache._launcher = type(jit)(jit.kernel)
+    kv_cache._launcher.broken = True  # every launch through the JIT
+    try:
+        cache.length = 4000
+        ref = [sage2.sageattn_kvcache(q, cache), sage2.sageattn_kvcache(qs, cache)]
+        cache.append(k[:, :, 4000:4100], v[:, :, 4000:4100])
+        ref.append(sage2.sageattn_kvcache(q, cache))
+    finally:
+        kv_cache._launcher = jit
+    for a, b in zip([outs[0], outs[3], outs[4]], ref):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
