@@ -114,6 +114,12 @@ class QuantizedKVCache:
         # the keys of the tile being filled, as given
         self.tail_k = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
         self.tail_v = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
+        # the keys of the last tile quantized, as given: a rollback into that tile (a rejected draft
+        # in speculative decoding that crossed a tile boundary) puts them back into the tail
+        self.last_tile_k = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
+        self.last_tile_v = torch.zeros(batch, kv_heads, T, head_dim, dtype=dtype, device=dev)
+        self._last_tile = [-1] * batch  # which tile they are per sequence, or -1: none (changed in place:
+        # a view of the cache for a compiled op shares the list)
         self.first_bad = torch.full((batch, kv_heads), NO_BAD_KEY, dtype=torch.int32, device=dev)
         self._set_lengths((0,) * batch)  # keys held per sequence (host), and on the device for the kernel
         self._step_shape = torch.Size((batch, kv_heads, 1, head_dim))  # one decode step's k and v (HND)
@@ -139,13 +145,27 @@ class QuantizedKVCache:
 
     @length.setter
     def length(self, n: int) -> None:
-        """Back to ``n`` keys in every sequence (0: empty; else only where every sequence held n or
-        more keys with the same ones before n, i.e. all of one length: a rollback)."""
+        """Back to ``n`` keys in every sequence (0: empty; else a rollback, where every sequence holds
+        the same ``n`` or more keys: its keys past n are dropped, exactly). A rollback reaches back
+        into the tile being filled, to a tile boundary, or into the last tile quantized (whose keys
+        the cache keeps as given): any rollback of up to 64 keys."""
         if n and (len(set(self._lengths)) != 1 or not 0 <= n <= self._lengths[0]):
             raise ValueError(f"length can be set to 0, or back to n <= the one length of all sequences; the cache "
                              f"holds {self._lengths}, got {n}")
+        T, held = DECODE_TILE, self._lengths[0]
+        j = n // T
+        if n and n % T and j < held // T:  # the tile of key n was quantized since: its keys back into the tail
+            if any(t != j for t in self._last_tile):
+                raise ValueError(f"cannot roll back from {held} to {n} keys: the keys of tile {j} (keys {j * T} to "
+                                 f"{j * T + T - 1}) are held only as codes; a rollback reaches back into the last "
+                                 f"tile quantized or to a multiple of {T}")
+            self.tail_k[:, :, :n % T] = self.last_tile_k[:, :, :n % T]
+            self.tail_v[:, :, :n % T] = self.last_tile_v[:, :, :n % T]
+            self._last_tile[:] = [-1] * self.batch
         self._set_lengths((n,) * self.batch)
         self.seqlens.fill_(n)
+        if n < held:  # a NaN/Inf key past n is gone with it
+            self.first_bad.masked_fill_(self.first_bad >= n, NO_BAD_KEY)
 
     @property
     def quantized(self) -> list[int]:
@@ -181,6 +201,7 @@ class QuantizedKVCache:
         """Empty the cache (the storage is kept)."""
         self.length = 0
         self.first_bad.fill_(NO_BAD_KEY)
+        self._last_tile[:] = [-1] * self.batch
 
     def append(self, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND", lengths=None) -> None:
         """Add keys: k and v ``[B, Hkv, n, D]`` (``"HND"``) or ``[B, n, Hkv, D]`` (``"NHD"``), in the
@@ -285,6 +306,10 @@ class QuantizedKVCache:
         for c0 in range(0, full, QUANTIZE_CHUNK):  # (a prefill's fp32 copies a chunk at a time)
             c1 = min(full, c0 + QUANTIZE_CHUNK)
             self._quantize_tiles(bs, keys_k[:, :, c0:c1], keys_v[:, :, c0:c1], t0 + c0)
+        self.last_tile_k[bs] = keys_k[:, :, full - T:full]
+        self.last_tile_v[bs] = keys_v[:, :, full - T:full]
+        for b in range(self.batch)[bs]:
+            self._last_tile[b] = (t0 + full) // T - 1
         rest = l1 - t0 - full
         self.tail_k[bs, :, :rest] = keys_k[:, :, full:]
         self.tail_v[bs, :, :rest] = keys_v[:, :, full:]

@@ -451,12 +451,55 @@ def test_gpu_fast_launches_give_the_jit_launch_outputs():
     kv_cache._launcher = type(jit)(jit.kernel)
     kv_cache._launcher.broken = True  # every launch through the JIT
     try:
-        cache.length = 4000
-        ref = [sage2.sageattn_kvcache(q, cache), sage2.sageattn_kvcache(qs, cache)]
-        cache.append(k[:, :, 4000:4100], v[:, :, 4000:4100])
-        ref.append(sage2.sageattn_kvcache(q, cache))
+        fresh = _cache_of(k[:, :, :4000], v[:, :, :4000], max_seqlen=4200)
+        ref = [sage2.sageattn_kvcache(q, fresh), sage2.sageattn_kvcache(qs, fresh)]
+        fresh.append(k[:, :, 4000:4100], v[:, :, 4000:4100])
+        ref.append(sage2.sageattn_kvcache(q, fresh))
     finally:
         kv_cache._launcher = jit
     for a, b in zip([outs[0], outs[3], outs[4]], ref):
         assert torch.equal(a, b)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_rollback_drops_keys_exactly(backend):
+    """length = n (speculative decoding's rejected drafts): within the tile being filled, to a tile
+    boundary, and back into the last tile quantized (its keys as given come back into the tail) the
+    cache equals one that never held the dropped keys, then and after more appends; a NaN key that
+    is dropped no longer makes rows NaN; further back than the last tile quantized is refused."""
+    q, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=200, kind="k_bias", seed=9)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    k[1, 0, 110, 5] = float("nan")  # (in tile 1: quantized by the appends below, dropped by the rollbacks)
+
+    def same(a, b):
+        n = a.length
+        assert a.lengths == b.lengths and torch.equal(a.seqlens, b.seqlens) and torch.equal(a.first_bad, b.first_bad)
+        for name in ("k_codes", "v_codes", "k_scale"):
+            x, y = getattr(a, name)[:, :, :n // 64 * 64], getattr(b, name)[:, :, :n // 64 * 64]
+            assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
+                               y.view(torch.uint8) if y.element_size() == 1 else y), name
+        assert torch.equal(a.tail_k[:, :, :n % 64], b.tail_k[:, :, :n % 64])
+        assert torch.equal(a.tail_v[:, :, :n % 64], b.tail_v[:, :, :n % 64])
+        for name in ("k_mean", "v_scale"):
+            assert torch.equal(getattr(a, name)[:, :, :n // 64], getattr(b, name)[:, :, :n // 64]), name
+        out_a, out_b = (sage2.sageattn_kvcache(q, c, backend=backend) for c in (a, b))
+        assert torch.equal(out_a.nan_to_num(), out_b.nan_to_num()) and torch.equal(out_a.isnan(), out_b.isnan())
+        # (query heads 0 and 1 of sequence 1 see KV head 0, which holds the NaN key 110 or not)
+        assert out_a[1, :2].isnan().all() == (n > 110) and out_a.isnan().sum() == out_a[1, :2].isnan().sum()
+
+    for held, n in ((130, 129), (130, 128), (130, 100), (140, 70), (127, 64), (68, 5)):
+        cache = _cache_of(k[:, :, :held], v[:, :, :held], chunks=[60, 1, 2, None], max_seqlen=200)
+        cache.length = n
+        same(cache, _cache_of(k[:, :, :n], v[:, :, :n], max_seqlen=200))
+        cache.append(k[:, :, n:n + 70], v[:, :, n:n + 70])  # (past the next tile boundary)
+        same(cache, _cache_of(k[:, :, :n + 70], v[:, :, :n + 70], max_seqlen=200))
+    cache = _cache_of(k[:, :, :150], v[:, :, :150], max_seqlen=200)
+    with pytest.raises(ValueError, match=r"cannot roll back from 150 to 60 keys: the keys of tile 0 .* only as codes"):
+        cache.length = 60
+    cache.length = 100  # (tile 1 back in the tail: tile 0's keys are held as codes only)
+    cache.length = 90
+    with pytest.raises(ValueError, match="cannot roll back from 90 to 30 keys"):
+        cache.length = 30
+    cache.length = 64
+    assert cache.length == 64 and cache.quantized_keys == 64
