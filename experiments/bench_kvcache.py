@@ -116,6 +116,31 @@ def sweep(D: int) -> None:
     kv_cache.CACHE_WARPS, kv_cache.CACHE_STAGES, kv_cache.CACHE_MAXNREG, kv_cache.CACHE_PROGRAMS_PER_SM = default
 
 
+def sweep_splits(D: int) -> None:
+    """Tiles per split at short contexts (B=4 32/8, graph replay, ms), the plan's own first: where
+    fixed per-program costs (Q's quantization, the partial tile, the merge) weigh most."""
+    from common import kv_cache
+
+    B, Hq, Hkv = 4, 32, 8
+    for Nk in (1024 - TAIL_SHORT, 2048 - TAIL_SHORT, 4096 - TAIL_SHORT):
+        q, k, v = make_qkv(B, Hq, 1, D, heads_kv=Hkv, seqlen_k=Nk, kind="k_bias", device="cuda", seed=0)
+        best = min(bench_ms(graph_replay(lambda f=sdpa_fn(n): f(q, k, v, False))) for n in ("flash", "cudnn"))
+        cache = QuantizedKVCache(B, Hkv, D, Nk, dtype=k.dtype, device="cuda")
+        cache.append(k, v)
+        plan = kv_cache.launch_plan(cache, 1, -(-Nk // 64), q.device)
+        line = [f"plan (tps={plan[2]}) {bench_ms(graph_replay(lambda: sage2.sageattn_kvcache(q, cache))):.4f}"]
+        split_tiles = kv_cache.split_tiles
+        try:
+            for tps in (1, 2, 3, 4, 6, 8, 16):
+                kv_cache.split_tiles = lambda *a, tps=tps, **kw: tps
+                cache._plans.clear()
+                line.append(f"{tps}: {bench_ms(graph_replay(lambda: sage2.sageattn_kvcache(q, cache))):.4f}")
+        finally:
+            kv_cache.split_tiles = split_tiles
+            cache._plans.clear()
+        print(f"splits B={B} {Hq}/{Hkv} Nk={Nk}: best SDPA (graph) {best:.4f} ms | " + " | ".join(line), flush=True)
+
+
 def host(D: int) -> None:
     """Host time per call (us, a loop of calls without waiting on the GPU) at B=4 32/8 Nk=4k-27, and
     its parts: the Python front end (the launch stubbed out), the launch alone (through Triton's
@@ -190,9 +215,10 @@ def main(argv=None):
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all)")
     ap.add_argument("--sweep", action="store_true", help="time the cached kernel's launch settings first")
     ap.add_argument("--host", action="store_true", help="host time per call and its parts, then exit")
+    ap.add_argument("--sweep-splits", action="store_true", help="tiles per split at 1k-4k keys, then exit")
     args = ap.parse_args(argv)
-    if args.host:
-        host(args.d)
+    if args.host or args.sweep_splits:
+        (host if args.host else sweep_splits)(args.d)
         return
     if args.sweep:
         sweep(args.d)
