@@ -52,6 +52,12 @@ CACHE_WARPS = 4
 CACHE_STAGES = 3
 CACHE_MAXNREG = 168
 CACHE_PROGRAMS_PER_SM = 3
+# at most this many splits per KV head, or a sixth of its tiles if more: with few tiles per head the
+# plan's splits of one or two tiles pay more in per-program costs (Q's quantization, the partial
+# tile, the merge's reads of every split) than the extra programs gain (H100, B=4 32/8, graph
+# replay, `bench_kvcache --sweep-splits`: 1k keys 26.6 -> 22.4 us at 6 splits, 2k 32.9 -> 26.1 us,
+# 4k unchanged at 10-11; DECODE_NOTES.md, k5)
+CACHE_SHORT_SPLITS = 6
 NO_BAD_KEY = 2**31 - 1
 QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
 
@@ -420,12 +426,15 @@ def launch_plan(cache: QuantizedKVCache, row_tiles: int, n_tiles: int, device) -
     """(programs per SM, capped at CACHE_MAXNREG, tiles per split, splits) of a launch over n_tiles
     tiles, kept by the cache (a decode loop asks for the same plan for 64 steps, and each call's
     host time counts at short contexts)."""
-    key = (row_tiles, n_tiles, device, CACHE_PROGRAMS_PER_SM, CACHE_MAXNREG)
+    key = (row_tiles, n_tiles, device, CACHE_PROGRAMS_PER_SM, CACHE_MAXNREG, CACHE_SHORT_SPLITS)
     plan = cache._plans.get(key)
     if plan is None:
         n_k, bkv = n_tiles * DECODE_TILE, cache.batch * cache.kv_heads
         per_sm, capped = launch_residency(bkv * row_tiles, n_k, device)
         tps = split_tiles(bkv, row_tiles, n_k, device, per_sm)
+        most = max(CACHE_SHORT_SPLITS, n_tiles // max(1, CACHE_SHORT_SPLITS))
+        if CACHE_SHORT_SPLITS and -(-n_tiles // tps) > most:
+            tps = -(-n_tiles // most)
         plan = cache._plans[key] = (per_sm, capped, tps, -(-n_tiles // tps))
     return plan
 

@@ -503,3 +503,15 @@ def test_a_rollback_drops_keys_exactly(backend):
         cache.length = 30
     cache.length = 64
     assert cache.length == 64 and cache.quantized_keys == 64
+
+
+def test_short_contexts_take_few_splits_per_kv_head():
+    """The launch plan over few tiles per KV head: at most CACHE_SHORT_SPLITS splits (or a sixth of
+    the tiles), not the one- or two-tile splits that fill the GPU (measured slower at 1k-2k keys);
+    long contexts keep the plan's splits."""
+    from common import kv_cache
+
+    cpu = torch.device("cpu")  # (132 SMs assumed)
+    cache = QuantizedKVCache(4, 8, 128, 40000, device="cpu")
+    plans = {n_k: kv_cache.launch_plan(cache, 1, -(-n_k // 64), cpu)[2:] for n_k in (997, 2021, 4069, 16357, 32741)}
+    assert plans == {997: (3, 6), 2021: (6, 6), 4069: (7, 10), 16357: (22, 12), 32741: (43, 12)}
