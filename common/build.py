@@ -52,8 +52,9 @@ def nvcc_flags() -> list[str]:
 
 
 def unit_flags(src: str) -> list[str]:
-    """The flags one compile unit (a path under csrc/) is built with."""
-    return nvcc_flags() + SOURCE_FLAGS.get(src, [])
+    """The flags one compile unit (a path under csrc/) is built with: the unit's own before
+    ``$SAGE_NVCC_FLAGS``, so that a tuning build can override them (the last value wins)."""
+    return NVCC_FLAGS + SOURCE_FLAGS.get(src, []) + os.environ.get("SAGE_NVCC_FLAGS", "").split()
 
 _loaded = None
 _build_failed: str | None = None
@@ -112,17 +113,19 @@ def cache_dir() -> Path:
 def _write_ninja(build_dir: Path, nvcc: str) -> Path:
     """build.ninja: one object per source (dependency files from nvcc -MD), one link."""
     ext = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    flags = " ".join(nvcc_flags() + _includes())
+    flags = " ".join(NVCC_FLAGS + _includes())
+    tuning = " ".join(os.environ.get("SAGE_NVCC_FLAGS", "").split())
     lines = [
         f"nvcc = {nvcc}",
         f"flags = {flags}",
+        f"tuning = {tuning}",
         "rule cu",
-        "  command = $nvcc $flags $unit_flags -MD -MF $out.d -c $in -o $out",
+        "  command = $nvcc $flags $unit_flags $tuning -MD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",
         "  deps = gcc",
         "  description = nvcc $in",
         "rule cxx",  # host code through nvcc too: one compiler, one set of include paths
-        "  command = $nvcc $flags -x cu -MD -MF $out.d -c $in -o $out",
+        "  command = $nvcc $flags $tuning -x cu -MD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",
         "  deps = gcc",
         "  description = c++ $in",

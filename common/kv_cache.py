@@ -158,8 +158,9 @@ class QuantizedKVCache:
         if n and (len(set(self._lengths)) != 1 or not 0 <= n <= self._lengths[0]):
             raise ValueError(f"length can be set to 0, or back to n <= the one length of all sequences; the cache "
                              f"holds {self._lengths}, got {n}")
-        T, held = DECODE_TILE, self._lengths[0]
+        T, held = DECODE_TILE, max(self._lengths)
         j = n // T
+        cleared = n  # NaN/Inf marks of keys from here on go (the kernel checks the tail's keys itself)
         if n and n % T and j < held // T:  # the tile of key n was quantized since: its keys back into the tail
             if any(t != j for t in self._last_tile):
                 raise ValueError(f"cannot roll back from {held} to {n} keys: the keys of tile {j} (keys {j * T} to "
@@ -168,10 +169,13 @@ class QuantizedKVCache:
             self.tail_k[:, :, :n % T] = self.last_tile_k[:, :, :n % T]
             self.tail_v[:, :, :n % T] = self.last_tile_v[:, :, :n % T]
             self._last_tile[:] = [-1] * self.batch
+            cleared = j * T
+        if n == 0:
+            self._last_tile[:] = [-1] * self.batch
         self._set_lengths((n,) * self.batch)
         self.seqlens.fill_(n)
-        if n < held:  # a NaN/Inf key past n is gone with it
-            self.first_bad.masked_fill_(self.first_bad >= n, NO_BAD_KEY)
+        if cleared < held:  # a NaN/Inf key past n is gone with it
+            self.first_bad.masked_fill_(self.first_bad >= cleared, NO_BAD_KEY)
 
     @property
     def quantized(self) -> list[int]:
@@ -184,10 +188,10 @@ class QuantizedKVCache:
         return min(self.quantized)
 
     def nbytes(self) -> int:
-        """Bytes of the cache's storage."""
+        """Bytes of the cache's storage (the last quantized tile's keys, kept for a rollback, included)."""
         return sum(t.numel() * t.element_size() for t in (self.k_codes, self.k_scale, self.k_mean, self.v_codes,
-                                                          self.v_scale, self.tail_k, self.tail_v, self.first_bad,
-                                                          self.seqlens))
+                                                          self.v_scale, self.tail_k, self.tail_v, self.last_tile_k,
+                                                          self.last_tile_v, self.first_bad, self.seqlens))
 
     def launch_buffers(self, splits: int, rows: int, row_tiles: int):
         """The kernel's split partials and merge counters for one launch shape, kept for the cache's

@@ -32,6 +32,8 @@ MAX_SPECIALIZATIONS = 64  # per kernel; past that the memo starts again (keys sh
 
 
 def _spec(a):
+    """What Triton specializes a runtime argument on (NVIDIA): an int's or a bool's value decides
+    == 1, divisibility by 16 and its width; a tensor by dtype and 16-byte alignment; a float never."""
     t = type(a)
     if t is int or t is bool or a is None or t is str:
         return (t, a)
@@ -39,45 +41,71 @@ def _spec(a):
         return float
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
-    raise TypeError(f"FastLauncher: no rule for an argument of type {t.__name__}")
+    raise TypeError(t.__name__)
 
 
 class FastLauncher:
     """``FastLauncher(kernel)(grid, *args, **kwargs)`` launches as ``kernel[grid](*args, **kwargs)``
-    does. ``args`` must be every parameter up to the first keyword; ``kwargs`` the rest of the
-    parameters (constexprs) and the launch options (num_warps, num_stages, maxnreg, ...)."""
+    does, ``grid`` a tuple. Keywords may name constexpr parameters and launch options only (their
+    values are part of the key; a runtime argument by keyword would be frozen at its first value,
+    so it is refused)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.compiled = {}
+        params = getattr(kernel, "params", None)
         # (under the interpreter, which triton.jit chose at import, there is no compiled kernel)
-        self.broken = interpreter_enabled()
+        self.broken = interpreter_enabled() or params is None or not hasattr(kernel, "fn")
+        if not self.broken:
+            self.names = [p.name for p in params]
+            self.index = {name: i for i, name in enumerate(self.names)}
+            self.constexpr = [bool(getattr(p, "is_constexpr", False)) for p in params]
+            self.defaults = [p.default for p in inspect.signature(kernel.fn).parameters.values()]
+
+    def _key(self, args, kwargs):
+        n = len(args)
+        key = [a if self.constexpr[i] else _spec(a) for i, a in enumerate(args)]  # (constexprs by value)
+        for name, v in kwargs.items():
+            i = self.index.get(name, -1)
+            if i >= 0 and not self.constexpr[i]:
+                raise TypeError(f"the runtime argument {name} by keyword")
+            key.append((name, _spec(v) if isinstance(v, torch.Tensor) else v))
+        return (n, torch.cuda.current_device(), *key)  # (a compiled kernel is loaded on one device)
 
     def __call__(self, grid, *args, **kwargs):
-        if self.broken:
+        if self.broken or not isinstance(grid, tuple) or not 1 <= len(grid) <= 3:
             return self.kernel[grid](*args, **kwargs)
-        key = (tuple(map(_spec, args)), tuple((k, _spec(v)) for k, v in kwargs.items()))
-        hit = self.compiled.get(key)
-        if hit is not None:
-            compiled, rest = hit
+        try:
+            key = self._key(args, kwargs)
+        except TypeError:  # (an argument of a type without a rule here: Triton's own dispatch decides)
+            return self.kernel[grid](*args, **kwargs)
+        compiled = self.compiled.get(key)
+        if compiled is not None:
+            # the launcher takes every parameter in order (as the JIT binds them): those past the
+            # positional ones by keyword, or their defaults
+            rest = [kwargs.get(name, default) for name, default in zip(self.names[len(args):],
+                                                                      self.defaults[len(args):])]
             try:
-                return compiled[grid](*args, *rest)
+                runner = compiled[grid + (1,) * (3 - len(grid))]
             except Exception as err:  # noqa: BLE001 - Triton's internals moved: the JIT from now on
                 self.broken = True
                 warnings.warn(f"FastLauncher: the compiled kernel's launcher failed ({type(err).__name__}: {err}); "
                               "launching through the JIT from now on", RuntimeWarning, stacklevel=2)
                 return self.kernel[grid](*args, **kwargs)
+            try:
+                return runner(*args, *rest)
+            except TypeError as err:  # (the launcher parses its arguments before it launches)
+                self.broken = True
+                warnings.warn(f"FastLauncher: the compiled kernel's launcher refused its arguments ({err}); "
+                              "launching through the JIT from now on", RuntimeWarning, stacklevel=2)
+                return self.kernel[grid](*args, **kwargs)
         compiled = self.kernel[grid](*args, **kwargs)
-        fn = getattr(self.kernel, "fn", None)
-        if compiled is None or fn is None or not hasattr(compiled, "__getitem__"):
+        if compiled is None or not hasattr(compiled, "__getitem__"):
             self.broken = True
             return compiled
         if len(self.compiled) >= MAX_SPECIALIZATIONS:
             self.compiled.clear()
-        # the launcher takes every parameter in order (as the JIT binds them): those past the
-        # positional ones by keyword, or their defaults
-        rest = list(inspect.signature(fn).parameters.values())[len(args):]
-        self.compiled[key] = (compiled, [kwargs.get(p.name, p.default) for p in rest])
+        self.compiled[key] = compiled
         return compiled
 
 

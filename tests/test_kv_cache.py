@@ -383,17 +383,22 @@ def test_one_key_steps_take_the_short_path_and_give_the_same_cache():
     assert cache.length == 6 and cache.seqlens.tolist() == [6, 6]
 
 
-def test_fast_launcher_keys_on_what_triton_specializes():
+def test_fast_launcher_keys_on_what_triton_specializes(monkeypatch):
     """common.triton_launch.FastLauncher with a stand-in for a JIT function: the first launch of a
     specialization goes through the JIT, the next ones through the compiled kernel's launcher with
     every parameter in order (keywords and defaults included); another int value, dtype, tensor
-    alignment, constexpr or launch option is another specialization; a launcher that fails sends
-    every later launch through the JIT, with one warning."""
+    alignment, constexpr (a float one by value), launch option or device is another
+    specialization; a runtime argument by keyword or of a type without a rule goes through the JIT
+    every time; a launcher that fails sends every later launch through the JIT, with one warning."""
+    from types import SimpleNamespace
+
     from common import triton_launch
 
     log = []
+    device = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
 
-    def kernel_fn(X, n, scale, BLOCK: int, FLAG: bool = True):
+    def kernel_fn(X, n, scale, BLOCK: int, C: float, FLAG: bool = True):
         pass
 
     class Compiled:
@@ -402,33 +407,45 @@ def test_fast_launcher_keys_on_what_triton_specializes():
 
     class Jit:
         fn = staticmethod(kernel_fn)  # (an attribute of the JIT function, not a method)
+        params = [SimpleNamespace(name=n_, is_constexpr=c) for n_, c in
+                  (("X", False), ("n", False), ("scale", False), ("BLOCK", True), ("C", True), ("FLAG", True))]
 
         def __getitem__(self, grid):
             return lambda *args, **kw: log.append(("jit", grid, args, tuple(sorted(kw)))) or Compiled()
 
+    monkeypatch.setattr(triton_launch, "interpreter_enabled", lambda: False)  # (CPU tests run under it)
     launcher = triton_launch.FastLauncher(Jit())
-    launcher.broken = False  # (the tests run under the interpreter, where it starts broken)
     x = torch.zeros(64)
-    launcher((1,), x, 16, 0.5, BLOCK=32, num_warps=4)
-    launcher((2,), x, 16, 0.25, BLOCK=32, num_warps=4)
-    assert [e[0] for e in log] == ["jit", "fast"] and log[1] == ("fast", (2,), (x, 16, 0.25, 32, True))
-    for args, kw in (((x, 17, 0.5), {"BLOCK": 32, "num_warps": 4}), ((x[1:], 16, 0.5), {"BLOCK": 32, "num_warps": 4}),
-                     ((x.double(), 16, 0.5), {"BLOCK": 32, "num_warps": 4}), ((x, 16, 0.5), {"BLOCK": 64, "num_warps": 4}),
-                     ((x, 16, 0.5), {"BLOCK": 32, "num_warps": 8})):
+    kw = {"BLOCK": 32, "C": 0.5, "num_warps": 4}
+    launcher((1,), x, 16, 0.5, **kw)
+    launcher((2, 3), x, 16, 0.25, **kw)
+    assert [e[0] for e in log] == ["jit", "fast"] and log[1] == ("fast", (2, 3, 1), (x, 16, 0.25, 32, 0.5, True))
+    for args, kw_ in (((x, 17, 0.5), kw), ((x[1:], 16, 0.5), kw), ((x.double(), 16, 0.5), kw),
+                      ((x, 16, 0.5), {**kw, "BLOCK": 64}), ((x, 16, 0.5), {**kw, "C": 0.75}),
+                      ((x, 16, 0.5), {**kw, "num_warps": 8}), ((x, 16, 0.5), {**kw, "FLAG": False})):
         log.clear()
-        launcher((1,), *args, **kw)
-        launcher((1,), *args, **kw)
-        assert [e[0] for e in log] == ["jit", "fast"], (args, kw)
+        launcher((1,), *args, **kw_)
+        launcher((1,), *args, **kw_)
+        assert [e[0] for e in log] == ["jit", "fast"], (args, kw_)
+    log.clear()
+    device[0] = 1
+    launcher((1,), x, 16, 0.5, **kw)
+    launcher((1,), x, 16, 0.5, **kw)
+    device[0] = 0
+    launcher((1,), x, 16, BLOCK=32, C=0.5, num_warps=4, scale=0.5)  # (a runtime argument by keyword)
+    launcher((1,), x, 16, BLOCK=32, C=0.5, num_warps=4, scale=0.25)
+    launcher((1,), x, 16.0, 0.5, **kw)  # (a float where an int was: no rule here, Triton's dispatch)
+    assert [e[0] for e in log] == ["jit", "fast", "jit", "jit", "jit"]
 
     class BadCompiled:
         def __getitem__(self, grid):
             raise AttributeError("moved")
 
-    launcher.compiled = {k_: (BadCompiled(), rest) for k_, (_, rest) in launcher.compiled.items()}
+    launcher.compiled = {k_: BadCompiled() for k_ in launcher.compiled}
     log.clear()
     with pytest.warns(RuntimeWarning, match="launching through the JIT from now on"):
-        launcher((1,), x, 16, 0.5, BLOCK=32, num_warps=4)
-    launcher((1,), x, 16, 0.5, BLOCK=32, num_warps=4)
+        launcher((1,), x, 16, 0.5, **kw)
+    launcher((1,), x, 16, 0.5, **kw)
     assert [e[0] for e in log] == ["jit", "jit"] and launcher.broken
 
 
@@ -503,6 +520,14 @@ def test_a_rollback_drops_keys_exactly(backend):
         cache.length = 30
     cache.length = 64
     assert cache.length == 64 and cache.quantized_keys == 64
+    ragged = QuantizedKVCache(2, 2, 64, 200, device=KERNEL_DEVICE)  # (emptied with a NaN key in the longer one)
+    kr = k[:, :, :100].clone()
+    kr[1, 0, 10, 3] = float("nan")
+    ragged.append(kr, v[:, :, :100], lengths=[0, 100])
+    assert ragged.first_bad[1, 0] == 10
+    ragged.length = 0
+    ragged.append(k[:, :, :70].nan_to_num(), v[:, :, :70])
+    assert (ragged.first_bad == NO_BAD_KEY).all() and not sage2.sageattn_kvcache(q, ragged, backend=backend).isnan().any()
 
 
 def test_short_contexts_take_few_splits_per_kv_head():

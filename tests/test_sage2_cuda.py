@@ -57,6 +57,10 @@ def test_tuning_flags_reach_nvcc_and_get_their_own_cache_entry(monkeypatch, tmp_
     assert build._fingerprint("nvcc") != base_key
     build._write_ninja(tmp_path, "nvcc")
     assert "-DSAGE_DECODE_STAGES=3 -DSAGE_DECODE_MIN_BLOCKS=2" in (tmp_path / "build.ninja").read_text()
+    # a unit's own flags (SOURCE_FLAGS) come first, so that a tuning build can override them
+    unit = build.unit_flags("sage2_sm90/attention.cu")
+    assert unit.index("--register-usage-level=2") < unit.index("-DSAGE_DECODE_STAGES=3")
+    assert "$unit_flags $tuning" in (tmp_path / "build.ninja").read_text()
 
 
 def test_wgmma_key_position_is_the_lane_order_of_the_s_fragment():
