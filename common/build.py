@@ -39,9 +39,10 @@ CUDA_SOURCES = ["sage2_sm90/attention.cu", "sage2_sm90/kv_pass.cu", "sage3_sm90/
 CXX_SOURCES = ["bindings.cpp"]
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]  # wgmma and setmaxnreg need sm_90a
 NVCC_FLAGS = ["-std=c++17", "-O3", "-Xcompiler=-fPIC", "-lineinfo", *ARCH_FLAGS]
-# flags of one compile unit (after NVCC_FLAGS, before $SAGE_NVCC_FLAGS). sage2's Hopper kernel at ptxas's register usage level 2
-# (of 0-10; 5 by default; 0-3 give the same SASS): fewer spills, and 2-4% faster non-causal calls on
-# the H100 (csrc/NOTES.md, v13.6). The other units keep the default: their SASS is what was measured.
+# flags of one compile unit (after NVCC_FLAGS, before $SAGE_NVCC_FLAGS). sage2's Hopper kernel at
+# ptxas's register usage level 2 (of 0-10; 5 by default; 0-3 give the same SASS): fewer spills, and
+# 2-4% faster non-causal calls on the H100 (csrc/NOTES.md, v13.6). The other units keep the
+# default: their SASS is what was measured.
 SOURCE_FLAGS = {"sage2_sm90/attention.cu": ["-Xptxas", "--register-usage-level=2"]}
 
 
