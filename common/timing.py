@@ -39,6 +39,22 @@ def bench_ms(fn, *, warmup_ms: float = 100, rep_ms: float = 500) -> float:
     return statistics.median(times)
 
 
+def host_us(fn, n: int = 300, warmup: int = 1) -> float:
+    """Host time per call of fn in microseconds: a loop of n calls that does not wait on the GPU
+    (where the GPU keeps up, what the caller's Python and launches cost)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
 def graph_replay(fn):
     """``fn`` captured in a CUDA graph (warmed up on a side stream first, as capture requires);
     returns the graph's replay, which runs fn's kernels with no host launch cost."""

@@ -76,9 +76,8 @@ def sweep(D: int) -> None:
 
 def overhead() -> None:
     """Host time per call (no GPU wait) against the GPU time, at a size where launches dominate."""
-    import time
-
     from common import decode
+    from common.timing import host_us
     from common.masking import NO_MASK
 
     B, Hq, Hkv, Nk, D = 4, 32, 8, 1024, 128
@@ -86,16 +85,6 @@ def overhead() -> None:
     k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device="cuda") for _ in range(2))
     out = torch.empty_like(q)
     spec = decode.DecodeSpec(127, k_per_token=False, smooth_k=True, smooth_q=False, pv="fp16_acc16")
-
-    def host_us(fn, n=300):
-        fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t
-        torch.cuda.synchronize()
-        return dt / n * 1e6
 
     cases = {"SDPA cudnn": lambda: sdpa_fn("cudnn")(q, k, v, False),
              "sage1.sageattn": lambda: sage1.sageattn(q, k, v),

@@ -149,9 +149,8 @@ def host(D: int) -> None:
     time."""
     import cProfile
     import pstats
-    import time
 
-    from common import kv_cache, triton_decode
+    from common import kv_cache, timing, triton_decode
 
     B, Hq, Hkv, Nk = 4, 32, 8, 4096 - TAIL_SHORT
     q, k, v = make_qkv(B, Hq, 1, D, heads_kv=Hkv, seqlen_k=Nk + 1, kind="k_bias", device="cuda", seed=0)
@@ -160,16 +159,8 @@ def host(D: int) -> None:
     cache = QuantizedKVCache(B, Hkv, D, Nk + 64, dtype=k.dtype, device="cuda")
     cache.append(k, v)
 
-    def host_us(fn, n=500):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t
-        torch.cuda.synchronize()
-        return dt / n * 1e6
+    def host_us(fn):
+        return timing.host_us(fn, n=500, warmup=5)
 
     recorded = {}
 
