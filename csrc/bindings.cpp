@@ -107,7 +107,7 @@ void sage2_kv_pass(uintptr_t k, uintptr_t v, int64_t k_stride_b, int64_t k_strid
                    uintptr_t k_mean, uintptr_t v_codes, uintptr_t v_scale, uintptr_t k_partial, uintptr_t counters,
                    uintptr_t v_amax, uintptr_t first_bad, int batch, int heads, int seqlen, int npad, int head_dim,
                    int padded_head_dim, int chunks, int qmax, bool k_per_thread, bool zero_nonfinite, bool bf16,
-                   int cluster_request, uintptr_t stream) {
+                   uintptr_t stream) {
   sage_cuda::KvPassArgs a{};
   a.k = reinterpret_cast<const void*>(k), a.v = reinterpret_cast<const void*>(v);
   a.k_stride_b = k_stride_b, a.k_stride_h = k_stride_h, a.k_stride_n = k_stride_n;
@@ -120,7 +120,7 @@ void sage2_kv_pass(uintptr_t k, uintptr_t v, int64_t k_stride_b, int64_t k_strid
   a.batch = batch, a.heads = heads, a.seqlen = seqlen, a.npad = npad, a.head_dim = head_dim;
   a.padded_head_dim = padded_head_dim, a.chunks = chunks, a.qmax = qmax;
   a.k_per_thread = k_per_thread, a.zero_nonfinite = zero_nonfinite, a.bf16 = bf16;
-  sage_cuda::sage2_kv_pass(a, reinterpret_cast<cudaStream_t>(stream), cluster_request);
+  sage_cuda::sage2_kv_pass(a, reinterpret_cast<cudaStream_t>(stream));
 }
 }  // namespace
 
@@ -172,14 +172,6 @@ PYBIND11_MODULE(_sage_cuda, m) {
   m.def("sage2_kv_pass_chunk_tokens", &sage_cuda::kv_pass_chunk_tokens, "tokens per chunk of the K/V pass");
   m.def("sage2_kv_pass_max_chunks", &sage_cuda::kv_pass_max_chunks,
         "the most chunks per head one K/V pass launch takes on the current device");
-  m.def(
-      "sage2_kv_pass_plan",
-      [](int padded_head_dim, int chunks, int request) {
-        const sage_cuda::KvPassPlan plan = sage_cuda::kv_pass_plan(padded_head_dim, chunks, request);
-        return py::make_tuple(plan.cluster, plan.per_cta);
-      },
-      "the K/V pass's (cluster CTAs, chunks per CTA) for chunks per head and a request (0 chosen, -1 persistent, "
-      "or a cluster size); (0, 0): the persistent kernel");
   // positional arguments only: pybind11's keyword matching costs more host time than the launch
   m.def("decode_forward", &decode_forward,
         "Decode attention (common/decode.py's split-KV algorithm) into out/lse, one launch (pointers: 0 = none)");

@@ -284,34 +284,6 @@ def kv_pass_covers(k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool, granular
     return why is None
 
 
-def _kv_cluster_request() -> int:
-    """``SAGE2_SM90_KV_CLUSTER``: unset or empty, the pass chooses (0); ``persistent``, its persistent
-    kernel (-1); a power of two up to 16, one cluster of that many CTAs per head (an error where they
-    cannot hold it). For A/B runs and the tests of both kernels."""
-    import os
-
-    value = os.environ.get("SAGE2_SM90_KV_CLUSTER", "")
-    if value == "":
-        return 0
-    if value == "persistent":
-        return -1
-    if value.isdigit() and int(value) in (1, 2, 4, 8, 16):
-        return int(value)
-    raise ValueError(f"sage2 cuda: SAGE2_SM90_KV_CLUSTER must be persistent or 1, 2, 4, 8, 16, got {value!r}")
-
-
-def kv_pass_plan(seqlen: int, head_dim: int, device: torch.device) -> tuple[int, int]:
-    """How the K/V pass runs ``seqlen`` keys of ``head_dim`` on ``device``: ``(cluster, chunks per CTA)``
-    where one thread block cluster holds each head (short sequences), ``(0, 0)`` for the persistent
-    kernel (kv_pass.cu; ``SAGE2_SM90_KV_CLUSTER`` overrides the choice)."""
-    from common import build
-
-    dp = padded_head_dim(head_dim)
-    tokens, _ = _kv_pass_limits(device, dp)
-    with build.on_device(device):
-        return tuple(build.load().sage2_kv_pass_plan(dp, -(-seqlen // tokens), _kv_cluster_request()))
-
-
 def kv_counter_entries(batch: int, heads_kv: int) -> int:
     """Zeroed int32 entries the K/V pass needs beside V's maxima: its ticket and per head K's and V's
     arrivals (sage2.interface takes them from the call's one zeroed buffer)."""
@@ -351,6 +323,6 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, bits: int, granularity: str
             k.data_ptr(), v.data_ptr(), *ks, *vs, k_codes.data_ptr(), k_scale.data_ptr(), k_mean.data_ptr(),
             v_codes.data_ptr(), v_scale.data_ptr(), partial.data_ptr(), counters.data_ptr(), v_amax.data_ptr(),
             first_bad.data_ptr() if first_bad is not None else 0, B, H, N, npad, D, dp, chunks, INT_QMAX[bits],
-            granularity == "per_thread", zero_nonfinite, k.dtype == torch.bfloat16, _kv_cluster_request(),
+            granularity == "per_thread", zero_nonfinite, k.dtype == torch.bfloat16,
             build.current_stream_handle(k.device.index))
     return (k_codes, k_scale, k_mean), QuantizedV(v_codes, v_scale, None, True)

@@ -304,21 +304,15 @@ def _kv_by_both_passes(k, v, *, granularity, bits, layout, zero=True):
     # zero_nonfinite=False (CHECK_NONFINITE off: the clamped codes), finite inputs
     (FP16, (2, 2), 1000, 128, "HND", "per_thread", 8, "no_zero"),
 ])
-@pytest.mark.parametrize("kernel", ["chosen", "persistent"])
-def test_kv_pass_gives_the_triton_passes_codes_bit_for_bit(dtype, heads, n, d, layout, granularity, bits, special,
-                                                           kernel, monkeypatch):
+def test_kv_pass_gives_the_triton_passes_codes_bit_for_bit(dtype, heads, n, d, layout, granularity, bits, special):
     """The one-read K/V pass (csrc/sage2_sm90/kv_pass.cu) against the Triton passes given its K mean:
     the same K codes and per-key scales, V^T's E4M3 bytes (wgmma key order) and scales, and the first
     key with a NaN/Inf per head, bit for bit, with keys that hold a NaN or an Inf, a key far above
     the others and a constant channel. Its mean is torch.mean's to a few ulps, and runs give the same
-    bits (a fixed summation order). Both of its kernels: the one it chooses (one cluster per head
-    up to 8k keys at head dim 128) and the persistent one."""
+    bits (a fixed summation order)."""
     from common.nonfinite import NO_BAD_KEY, finite_mean
     from common.smoothing import k_mean
-    from sage2 import cuda as sc
 
-    monkeypatch.setenv("SAGE2_SM90_KV_CLUSTER", "persistent" if kernel == "persistent" else "")
-    assert (sc.kv_pass_plan(n, d, torch.device("cuda"))[0] > 0) == (kernel == "chosen" and n <= 8192)
     b, h = heads
     _, k, v = make_qkv(b, h, n, d, dtype=dtype, layout=layout, device="cuda", seed=n + d)
     kh, vh = (k, v) if layout == "HND" else (k.transpose(1, 2), v.transpose(1, 2))
@@ -348,52 +342,6 @@ def test_kv_pass_gives_the_triton_passes_codes_bit_for_bit(dtype, heads, n, d, l
                                                     zero=zero)
     assert torch.equal(km2, km) and torch.equal(kc2, kc) and torch.equal(qv2.codes.view(torch.uint8),
                                                                             qv.codes.view(torch.uint8))
-
-
-@gpu
-@hopper
-@pytest.mark.parametrize("dtype,heads,n,d,granularity", [
-    (FP16, (2, 3), 2048, 128, "per_thread"),  # 16 chunks: clusters of 8 x 2 or 16 x 1 (and 1 .. 4 x up to 6)
-    (BF16, (1, 2), 8000, 128, "per_thread"),  # 63 chunks: 16 x 4, the last CTA holding 3
-    (FP16, (2, 1), 1000, 64, "per_block"),    # 4 chunks of 256 keys, clusters of 1 .. 16 (some CTAs with none)
-    (BF16, (1, 3), 300, 96, "per_warp"),
-])
-def test_kv_pass_kernels_give_the_same_bits(dtype, heads, n, d, granularity, monkeypatch):
-    """The K/V pass's two kernels, one thread block cluster per head (short sequences) and the
-    persistent one, give the same bits: K's mean (both add the chunks' sums in one order), codes and
-    scales, V's codes and scales, the first NaN/Inf key, at every cluster size that holds the head."""
-    from sage2 import cuda as sc
-
-    b, h = heads
-    _, k, v = make_qkv(b, h, n, d, dtype=dtype, device="cuda", seed=n + d)
-    k[0, 0, n // 3, 5], v[b - 1, h - 1, n - 2, 0], v[0, h - 1, n // 2, 1] = float("nan"), float("inf"), 1e4
-
-    def run():
-        bufs = [torch.zeros(x, dtype=torch.int32, device="cuda") for x in (sc.kv_counter_entries(b, h), b * h * d, b * h)]
-        (kc, ks, km), qv = sc.quantize_kv(k, v, bits=8, granularity=granularity, zero_nonfinite=True,
-                                          first_bad=bufs[2], counters=bufs[0], v_amax=bufs[1])
-        return kc, ks, km, qv.codes.view(torch.uint8), qv.scale, bufs[2]
-
-    monkeypatch.setenv("SAGE2_SM90_KV_CLUSTER", "persistent")
-    assert sc.kv_pass_plan(n, d, k.device) == (0, 0)
-    want = run()
-    held = []
-    for size in (1, 2, 4, 8, 16):
-        monkeypatch.setenv("SAGE2_SM90_KV_CLUSTER", str(size))
-        try:
-            plan = sc.kv_pass_plan(n, d, k.device)
-        except ValueError as err:  # more than 6 chunks per CTA
-            assert "cannot hold" in str(err)
-            continue
-        assert plan[0] == size
-        got = run()
-        for name, x, y in zip(("k codes", "k scale", "k mean", "v codes", "v scale", "first bad"), got, want):
-            assert torch.equal(x, y), (size, name)
-        held.append(size)
-    assert 16 in held and (n > 6 * 256 or 1 in held), held
-    monkeypatch.setenv("SAGE2_SM90_KV_CLUSTER", "3")
-    with pytest.raises(ValueError, match="SAGE2_SM90_KV_CLUSTER must be persistent or 1, 2, 4, 8, 16"):
-        sc.kv_pass_plan(n, d, k.device)
 
 
 @gpu

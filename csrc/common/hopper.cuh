@@ -101,31 +101,6 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
-// ---- thread block clusters: the CTA's rank, a barrier over the cluster's threads, a load from the
-// shared memory of another CTA of the cluster (distributed shared memory) ----
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t cluster_nctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(r));
-  return r;
-}
-// arrive releases this thread's earlier writes (shared memory included) to the cluster; wait acquires
-// those of every thread that arrived; every thread of every CTA must do both
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
-// `local` is this CTA's shared-memory address of a variable; the load reads CTA `rank`'s copy of it
-__device__ __forceinline__ float2 load_shared_cluster(const float2* local, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
-  float2 v;
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
-  return v;
-}
-
 // ---- wgmma ----
 // Shared-memory matrix descriptor for a K-major tile written by TMA with a 128- or 64-byte swizzle:
 // rows of `row_bytes` (= the swizzle width), 8-row atoms stacked every 8*row_bytes bytes. Moving

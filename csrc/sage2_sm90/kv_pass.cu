@@ -110,8 +110,8 @@ __device__ __forceinline__ void issue_load(Smem<DP>& sm, int buf, const Chunk& c
 
 // each thread's pair of column sums added over the PARTS threads of its channel pair, in part order
 // (deterministic): thread p's result is pair p's (a barrier first; the caller's threads < PAIRS use it)
-template <int DP, typename S>
-__device__ __forceinline__ float2 sum_over_parts(S& sm, float2 s, int p) {
+template <int DP>
+__device__ __forceinline__ float2 sum_over_parts(Smem<DP>& sm, float2 s, int p) {
   constexpr int PAIRS = DP / 2, PARTS = THREADS / PAIRS;
   sm.part[threadIdx.x] = s;
   __syncthreads();
@@ -121,51 +121,21 @@ __device__ __forceinline__ float2 sum_over_parts(S& sm, float2 s, int p) {
   return t;
 }
 
-// K: the chunk's column sums (thread p < PAIRS: channel pair p's; a barrier inside, none after)
-template <int DP, typename InT, typename S>
-__device__ __forceinline__ float2 k_chunk_sums(S& sm, const uint32_t* tile) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, PARTS = THREADS / PAIRS;
-  const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
-  // each thread a pair of channels over every PARTS-th row, then the parts in order
-  float2 s = make_float2(0.f, 0.f);
-#pragma unroll 8
-  for (int r = part; r < T; r += PARTS) {
-    const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
-    s.x += x.x, s.y += x.y;
-  }
-  return sum_over_parts<DP>(sm, s, p);
-}
-
-// K's column sums of channels 2p, 2p + 1 (every thread: its p's) from the chunks' sums partial(j),
-// added in chunk order: PARTS ranges of consecutive chunks, then the ranges in order. Both kernels
-// add this way, so their means are the same bits (a barrier inside)
-template <int DP, typename S, typename Partial>
-__device__ __forceinline__ float2 k_head_sums(const KvPassArgs& a, S& sm, Partial partial) {
-  constexpr int PAIRS = DP / 2, PARTS = THREADS / PAIRS;
-  const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
-  const int per = (a.chunks + PARTS - 1) / PARTS, j0 = part * per, j1 = min(a.chunks, j0 + per);
-  float2 s = make_float2(0.f, 0.f);
-#pragma unroll 16  // the loads in flight together: the head's other chunks wait for this sum
-  for (int j = j0; j < j1; ++j) {
-    const float2 x = partial(j);
-    s.x += x.x, s.y += x.y;
-  }
-  return sum_over_parts<DP>(sm, s, p);
-}
-// the mean of a column sum (a non-finite one is 0 with zero_nonfinite: common.nonfinite.finite_mean)
-__device__ __forceinline__ float k_mean_of(const KvPassArgs& a, float sum) {
-  const float m = __fdiv_rn(sum, float(a.seqlen));
-  return a.zero_nonfinite && !finite(m) ? 0.f : m;
-}
-
 // K's statistic: the chunk's column sums into k_partial; the last chunk of the head to arrive sums
 // them in chunk order into the mean and publishes it (the arrival count goes to chunks + 1)
 template <int DP, typename InT>
 __device__ void k_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
-  constexpr int PAIRS = DP / 2;
-  const int d = a.head_dim, p = threadIdx.x % PAIRS;
-  {
-    const float2 t = k_chunk_sums<DP, InT>(sm, tile);
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+  const int n = a.seqlen, d = a.head_dim;
+  const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
+  {  // each thread a pair of channels over every PARTS-th row, then the parts in order
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll 8
+    for (int r = part; r < T; r += PARTS) {
+      const float2 x = to_float2<InT>(tile[r * PAIRS + p]);
+      s.x += x.x, s.y += x.y;
+    }
+    const float2 t = sum_over_parts(sm, s, p);
     if (threadIdx.x < PAIRS) reinterpret_cast<float2*>(a.k_partial)[(int64_t(head) * a.chunks + chunk) * PAIRS + p] = t;
     __syncthreads();
   }
@@ -173,24 +143,35 @@ __device__ void k_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile,
   if (threadIdx.x == 0) sm.last = atomic_add_acq_rel_gpu(arrived, 1) == a.chunks - 1;
   __syncthreads();
   if (!sm.last) return;
-  // every chunk's sums are in: the mean
+  // every chunk's sums are in: the mean, summed in chunk order (PARTS ranges, then the ranges in order)
+  const int per = (a.chunks + PARTS - 1) / PARTS, j0 = part * per, j1 = min(a.chunks, j0 + per);
   const float2* partial = reinterpret_cast<const float2*>(a.k_partial) + int64_t(head) * a.chunks * PAIRS + p;
-  const float2 t = k_head_sums<DP>(a, sm, [&](int j) { return __ldcg(partial + int64_t(j) * PAIRS); });
+  float2 s = make_float2(0.f, 0.f);
+#pragma unroll 16  // the loads in flight together: the head's other chunks wait for this sum
+  for (int j = j0; j < j1; ++j) {
+    const float2 x = __ldcg(partial + int64_t(j) * PAIRS);
+    s.x += x.x, s.y += x.y;
+  }
+  const float2 t = sum_over_parts(sm, s, p);
   if (threadIdx.x < PAIRS) {
-    const float m[2] = {k_mean_of(a, t.x), k_mean_of(a, t.y)};
+    float m[2] = {__fdiv_rn(t.x, float(n)), __fdiv_rn(t.y, float(n))};
 #pragma unroll
-    for (int e = 0; e < 2; ++e)
-      if (2 * p + e < d) a.k_mean[int64_t(head) * d + 2 * p + e] = m[e];
+    for (int e = 0; e < 2; ++e) {
+      const int c = 2 * p + e;
+      if (a.zero_nonfinite && !finite(m[e])) m[e] = 0.f;  // common.nonfinite.finite_mean
+      if (c < d) a.k_mean[int64_t(head) * d + c] = m[e];
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) atomic_add_acq_rel_gpu(arrived, 1);  // releases the mean: chunks + 1
 }
 
-// V: the chunk's max |v| per channel over finite values (thread p < PAIRS: pair p's), whether it holds
-// a NaN/Inf (into `nonfinite_flag`) and its first row with one (sm.bad_row: v_first_bad); no barrier after
-template <int DP, typename InT, typename S>
-__device__ __forceinline__ float2 v_chunk_max(S& sm, const uint32_t* tile, int& nonfinite_flag) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+// V's statistic: the chunk's max |v| per channel over finite values into v_amax (atomic max of the
+// bits), its first NaN/Inf key into first_bad, then the arrival
+template <int DP, typename InT>
+__device__ void v_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int buf, int head, int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, PARTS = THREADS / PAIRS;
+  const int row0 = chunk * T, d = a.head_dim;
   const int p = threadIdx.x % PAIRS, part = threadIdx.x / PAIRS;
   // max |v| on the packed 16-bit values (NaN-propagating): two values per instruction
   uint32_t m2 = 0;
@@ -198,7 +179,7 @@ __device__ __forceinline__ float2 v_chunk_max(S& sm, const uint32_t* tile, int& 
   for (int r = part; r < T; r += PARTS) m2 = max_abs2<InT>(m2, tile[r * PAIRS + p]);
   float2 m = to_float2<InT>(m2);
   const bool nonfinite = __syncthreads_or(!(finite(m.x) && finite(m.y)));
-  if (threadIdx.x == 0) nonfinite_flag = nonfinite, sm.bad_row = INT_MAX;
+  if (threadIdx.x == 0) sm.nonfinite[buf] = nonfinite, sm.bad_row = INT_MAX;
   if (nonfinite) {  // rare: the max over finite values, and the chunk's first key with a NaN/Inf
     __syncthreads();
     m = make_float2(0.f, 0.f);
@@ -213,33 +194,15 @@ __device__ __forceinline__ float2 v_chunk_max(S& sm, const uint32_t* tile, int& 
   }
   sm.part[threadIdx.x] = m;
   __syncthreads();
-  float2 t = make_float2(0.f, 0.f);
   if (threadIdx.x < PAIRS) {
-    t = sm.part[p];
+    float2 t = sm.part[p];
 #pragma unroll
     for (int q = 1; q < PARTS; ++q) t.x = fmaxf(t.x, sm.part[q * PAIRS + p].x), t.y = fmaxf(t.y, sm.part[q * PAIRS + p].y);
-  }
-  return t;
-}
-
-// (thread 0, after v_chunk_max) the chunk's first key with a NaN/Inf into first_bad
-__device__ __forceinline__ void v_first_bad(const KvPassArgs& a, int bad_row, int head, int row0) {
-  if (threadIdx.x == 0 && bad_row != INT_MAX && a.first_bad != nullptr)
-    atomicMax(a.first_bad + head, NO_BAD_KEY - (row0 + bad_row));
-}
-
-// V's statistic: the chunk's maxima into v_amax (atomic max of the bits: finite, >= 0), its first
-// NaN/Inf key into first_bad, then the arrival
-template <int DP, typename InT>
-__device__ void v_stats(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int buf, int head, int chunk) {
-  constexpr int PAIRS = DP / 2;
-  const int d = a.head_dim, p = threadIdx.x;
-  const float2 t = v_chunk_max<DP, InT>(sm, tile, sm.nonfinite[buf]);
-  if (threadIdx.x < PAIRS) {
     if (2 * p < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p, __float_as_int(t.x));
     if (2 * p + 1 < d) atomicMax(a.v_amax + int64_t(head) * d + 2 * p + 1, __float_as_int(t.y));
   }
-  v_first_bad(a, sm.bad_row, head, chunk * chunk_tokens<DP>());
+  if (threadIdx.x == 0 && sm.bad_row != INT_MAX && a.first_bad != nullptr)
+    atomicMax(a.first_bad + head, NO_BAD_KEY - (row0 + sm.bad_row));
   __syncthreads();
   if (threadIdx.x == 0) atomic_add_acq_rel_gpu(a.counters + 1 + a.batch * a.heads + head, 1);
 }
@@ -253,9 +216,10 @@ __device__ __forceinline__ void stats(const KvPassArgs& a, Smem<DP>& sm, int buf
 }
 
 // K's codes of the chunk's rows from the scales in shared memory (k_codes)
-template <int DP, typename InT, bool CLAMP, typename S>
-__device__ __forceinline__ void k_code_rows(const KvPassArgs& a, S& sm, const uint32_t* tile, int head, int row0) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, WORDS = DP / 8;
+template <int DP, typename InT, bool CLAMP>
+__device__ __forceinline__ void k_code_rows(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head,
+                                            int row0) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, WORDS = DP / 8;
   const int n = a.seqlen, w = threadIdx.x % WORDS;
   const float qmax = float(a.qmax);
   for (int r = threadIdx.x / WORDS; r < T && row0 + r < n; r += THREADS / WORDS) {
@@ -283,13 +247,14 @@ __device__ __forceinline__ void k_code_rows(const KvPassArgs& a, S& sm, const ui
   }
 }
 
-// K's codes given the head's mean in sm.col (0 past D): x = k - mean; per row max |x|; scales per 128
-// keys or per thread group; codes as the Triton pass (common.triton_quant.quantize_int_kernel,
-// HAS_MEAN, mult 1). Reads sm.col and the tile, writes the other row arrays
-template <int DP, typename InT, typename S>
-__device__ void k_codes_given_mean(const KvPassArgs& a, S& sm, const uint32_t* tile, int head, int chunk) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2, WORDS = DP / 8;
-  const int row0 = chunk * T, n = a.seqlen;
+// K's codes, once the head's mean is out: x = k - mean; per row max |x|; scales per 128 keys or per
+// thread group; codes as the Triton pass (common.triton_quant.quantize_int_kernel, HAS_MEAN, mult 1)
+template <int DP, typename InT>
+__device__ void k_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2, WORDS = DP / 8;
+  const int row0 = chunk * T, n = a.seqlen, d = a.head_dim;
+  for (int c = threadIdx.x; c < DP; c += THREADS) sm.col[c] = c < d ? __ldcg(a.k_mean + int64_t(head) * d + c) : 0.f;
+  __syncthreads();
   // each row's max |x| (a NaN counts as +inf): WORDS lanes per row, 8 channels each
   const int w = threadIdx.x % WORDS;
   for (int r = threadIdx.x / WORDS; r < T; r += THREADS / WORDS) {
@@ -350,36 +315,21 @@ __device__ void k_codes_given_mean(const KvPassArgs& a, S& sm, const uint32_t* t
     k_code_rows<DP, InT, true>(a, sm, tile, head, row0);
 }
 
-// K's codes, once the head's mean is out (in k_mean)
+// V's codes, once the head's maxima are in: E4M3 of v / (amax / 448), keys in the wgmma order, V^T
+// (common.triton_quant.quantize_v_fp8_kernel)
 template <int DP, typename InT>
-__device__ void k_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, int head, int chunk) {
-  const int d = a.head_dim;
-  for (int c = threadIdx.x; c < DP; c += THREADS) sm.col[c] = c < d ? __ldcg(a.k_mean + int64_t(head) * d + c) : 0.f;
-  __syncthreads();
-  k_codes_given_mean<DP, InT>(a, sm, tile, head, chunk);
-}
-
-// V's per-channel scales (amax_of(c): the head's max |v| of channel c < D) into shared memory, and
-// into v_scale where `store`; no barrier after
-template <int DP, typename S, typename Amax>
-__device__ __forceinline__ void v_col_scales(const KvPassArgs& a, S& sm, int head, bool store, Amax amax_of) {
-  const int d = a.head_dim;
+__device__ void v_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, bool nonfinite, int head,
+                        int chunk) {
+  constexpr int T = Smem<DP>::T, PAIRS = DP / 2;
+  const int row0 = chunk * T, d = a.head_dim;
   for (int c = threadIdx.x; c < DP; c += THREADS) {
-    const float amax = c < d ? amax_of(c) : 0.f;
+    const float amax = c < d ? __int_as_float(load_relaxed_gpu(a.v_amax + int64_t(head) * d + c)) : 0.f;
     const float scale = __fdiv_rn(amax, E4M3_MAX);
-    if (store && c < d) a.v_scale[int64_t(head) * d + c] = scale;
+    if (chunk == 0 && c < d) a.v_scale[int64_t(head) * d + c] = scale;
     const Divisor div(scale);
     sm.col_scale[c] = div.scale, sm.col_inv[c] = div.inv, sm.col_factor[c] = div.factor;
   }
-}
-
-// V's codes given the scales in shared memory: E4M3 of v / (amax / 448), keys in the wgmma order,
-// V^T (common.triton_quant.quantize_v_fp8_kernel)
-template <int DP, typename InT, typename S>
-__device__ void v_codes_given_scales(const KvPassArgs& a, const S& sm, const uint32_t* tile, bool nonfinite, int head,
-                                     int chunk) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2;
-  const int row0 = chunk * T;
+  __syncthreads();
   const bool zero = a.zero_nonfinite && nonfinite;
   // one task: channels 2p, 2p + 1 and 32 keys (32 bytes of two rows of V^T); slot 16h + 4t + 2e + b of
   // each 32 holds key 16h + 8e + 2t + b (where the S fragment puts lane t's P)
@@ -416,16 +366,6 @@ __device__ void v_codes_given_scales(const KvPassArgs& a, const S& sm, const uin
       dst[1] = make_uint4(words[e][4], words[e][5], words[e][6], words[e][7]);
     }
   }
-}
-
-// V's codes, once the head's maxima are in (in v_amax)
-template <int DP, typename InT>
-__device__ void v_codes(const KvPassArgs& a, Smem<DP>& sm, const uint32_t* tile, bool nonfinite, int head,
-                        int chunk) {
-  const int64_t at = int64_t(head) * a.head_dim;
-  v_col_scales<DP>(a, sm, head, chunk == 0, [&](int c) { return __int_as_float(load_relaxed_gpu(a.v_amax + at + c)); });
-  __syncthreads();
-  v_codes_given_scales<DP, InT>(a, sm, tile, nonfinite, head, chunk);
 }
 
 template <int DP, typename InT>
@@ -490,109 +430,6 @@ __global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks e
   }
 }
 
-// ---- Short sequences: one cluster per head of K or V ----
-// Where a head's chunks fit in the shared memory of one thread block cluster (up to 16 CTAs of up to
-// MAX_PER_CTA chunks each), its CTAs load them all at once, add their chunks' statistics, meet at one
-// cluster barrier and read the head's statistic from each other's shared memory (DSMEM): no ticket,
-// no global atomics, no polling. The persistent kernel above pays ~10 us of round trips per chunk
-// (claim, arrival, the head's wait, the mean's load), which at 2k keys makes it latency-bound
-// (122 us, 0.8 TB/s: csrc/NOTES.md, v13.2); here each CTA's chain is one load, one cluster barrier
-// and its codes. The mean is summed in the persistent kernel's order, so both give the same bits.
-constexpr int MAX_PER_CTA = 6;  // 192 KB of chunks: one CTA per SM at most
-constexpr int MAX_CLUSTER = 16; // non-portable beyond 8 (cudaFuncAttributeNonPortableClusterSizeAllowed)
-
-template <int DP>
-struct ClusterScratch {  // after the CTA's chunks in shared memory
-  static constexpr int T = chunk_tokens<DP>();
-  uint64_t full;                          // all the CTA's loads
-  float2 part[THREADS];                   // per-thread column statistics, reduced in a fixed order
-  float2 chunk_stat[MAX_PER_CTA][DP / 2]; // K: each chunk's column sums; V: its max |v| (the cluster reads them)
-  float col[DP];                          // K: the mean; V: the head's max |v| (0 past D)
-  float row_max[T], group_max[T / 32], row_scale[T], row_inv[T], row_factor[T];  // K
-  float col_scale[DP], col_inv[DP], col_factor[DP];                              // V
-  int bad_row;
-  int nonfinite[MAX_PER_CTA];  // V: whether each chunk holds a NaN/Inf
-};
-
-template <int DP>
-constexpr int cluster_smem_bytes(int per_cta) {
-  return per_cta * chunk_tokens<DP>() * DP * 2 + int(sizeof(ClusterScratch<DP>));
-}
-
-// grid: one cluster per head of K (the first batch * heads clusters) or V; CTA `rank` of a cluster
-// holds the head's chunks rank * per_cta .. + per_cta - 1 (those below `chunks`; maybe none)
-template <int DP, typename InT>
-__global__ void __launch_bounds__(THREADS)
-    kv_pass_cluster_kernel(const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map,
-                           const KvPassArgs a, int per_cta) {
-  constexpr int T = chunk_tokens<DP>(), PAIRS = DP / 2;
-  extern __shared__ __align__(128) uint8_t smem_raw[];
-  uint32_t* tiles = reinterpret_cast<uint32_t*>(smem_raw);  // per_cta chunks of T rows x DP 16-bit values
-  ClusterScratch<DP>& sm = *reinterpret_cast<ClusterScratch<DP>*>(smem_raw + per_cta * T * DP * 2);
-  const int rank = int(cluster_ctarank()), item = blockIdx.x / cluster_nctarank();
-  const bool is_k = item < a.batch * a.heads;
-  const int head = is_k ? item : item - a.batch * a.heads, d = a.head_dim;
-  const int first = rank * per_cta, count = max(0, min(per_cta, a.chunks - first));
-  if (threadIdx.x == 0) {
-    mbar_init(&sm.full, 1);
-    fence_barrier_init();
-    if (count > 0) {
-      mbar_arrive_expect_tx(&sm.full, count * T * DP * 2);
-      for (int m = 0; m < count; ++m)
-        tma_load_4d(tiles + m * T * PAIRS, is_k ? &k_map : &v_map, &sm.full, 0, (first + m) * T, head % a.heads,
-                    head / a.heads);
-    }
-  }
-  __syncthreads();
-  if (count > 0) mbar_wait(&sm.full, 0);
-  for (int m = 0; m < count; ++m) {  // each chunk's statistic
-    const uint32_t* tile = tiles + m * T * PAIRS;
-    const float2 s = is_k ? k_chunk_sums<DP, InT>(sm, tile)
-                          : v_chunk_max<DP, InT>(sm, tile, sm.nonfinite[m]);
-    if (threadIdx.x < PAIRS) sm.chunk_stat[m][threadIdx.x] = s;
-    if (!is_k) v_first_bad(a, sm.bad_row, head, (first + m) * T);
-    __syncthreads();  // (sm.part is written again)
-  }
-  cluster_arrive();
-  cluster_wait();  // every chunk's statistic is in some CTA's shared memory
-  const int p = threadIdx.x % PAIRS;
-  auto stat_of = [&](int j) { return load_shared_cluster(&sm.chunk_stat[j % per_cta][p], uint32_t(j / per_cta)); };
-  if (is_k) {
-    const float2 t = k_head_sums<DP>(a, sm, stat_of);
-    if (threadIdx.x < PAIRS) {
-      const float m[2] = {k_mean_of(a, t.x), k_mean_of(a, t.y)};
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = 2 * p + e;
-        sm.col[c] = c < d ? m[e] : 0.f;
-        if (rank == 0 && c < d) a.k_mean[int64_t(head) * d + c] = m[e];
-      }
-    }
-  } else if (threadIdx.x < PAIRS) {  // the maxima are finite and >= 0: any order gives the same
-    float2 mx = make_float2(0.f, 0.f);
-#pragma unroll 8
-    for (int j = 0; j < a.chunks; ++j) {
-      const float2 x = stat_of(j);
-      mx.x = fmaxf(mx.x, x.x), mx.y = fmaxf(mx.y, x.y);
-    }
-    sm.col[2 * p] = mx.x, sm.col[2 * p + 1] = mx.y;
-  }
-  cluster_arrive();  // this CTA is done reading the others' shared memory (they wait for it before exiting)
-  __syncthreads();
-  if (is_k) {
-    for (int m = 0; m < count; ++m) {
-      if (m > 0) __syncthreads();  // (the row arrays are written again)
-      k_codes_given_mean<DP, InT>(a, sm, tiles + m * T * PAIRS, head, first + m);
-    }
-  } else {
-    v_col_scales<DP>(a, sm, head, rank == 0, [&](int c) { return sm.col[c]; });
-    __syncthreads();
-    for (int m = 0; m < count; ++m)
-      v_codes_given_scales<DP, InT>(a, sm, tiles + m * T * PAIRS, sm.nonfinite[m] != 0, head, first + m);
-  }
-  cluster_wait();
-}
-
 template <int DP, typename InT>
 int resident_ctas() {
   static int cached[64] = {};
@@ -643,88 +480,7 @@ void launch(const KvPassArgs& a, cudaStream_t stream) {
   check_launch("sage2_kv_pass");
 }
 
-// the cluster kernel's launch: `clusters` clusters of `ctas` CTAs holding up to per_cta chunks each
-template <int DP, typename InT>
-struct ClusterLaunch {
-  cudaLaunchAttribute attr{};
-  cudaLaunchConfig_t cfg{};
-  ClusterLaunch(int clusters, int ctas, int per_cta, cudaStream_t stream) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = unsigned(ctas), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cfg.gridDim = dim3(unsigned(clusters * ctas)), cfg.blockDim = dim3(THREADS);
-    cfg.dynamicSmemBytes = size_t(cluster_smem_bytes<DP>(per_cta)), cfg.stream = stream;
-    cfg.attrs = &attr, cfg.numAttrs = 1;
-    static uint64_t reserved = 0;  // the shared memory of MAX_PER_CTA chunks, clusters beyond 8: once per device
-    int device = 0;
-    cudaGetDevice(&device);
-    if (device < 64 && (reserved >> device) & 1) return;
-    reserve_shared_memory(kv_pass_cluster_kernel<DP, InT>, cluster_smem_bytes<DP>(MAX_PER_CTA), reserved,
-                          "sage2_kv_pass (clusters)");
-    if (cudaFuncSetAttribute(kv_pass_cluster_kernel<DP, InT>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-        cudaSuccess)
-      throw std::runtime_error("sage2_kv_pass: cannot allow clusters of 16 CTAs");
-  }
-};
-
-// how many clusters of `ctas` CTAs with per_cta chunks each fit on the current device at once (0: none)
-template <int DP>
-int active_clusters(int ctas, int per_cta) {
-  static int cached[64][5][MAX_PER_CTA + 1] = {};  // the count + 1 (0: not asked yet)
-  int device = 0, log2 = 0;
-  cudaGetDevice(&device);
-  while ((1 << log2) < ctas) ++log2;
-  if (device < 64 && cached[device][log2][per_cta]) return cached[device][log2][per_cta] - 1;
-  const ClusterLaunch<DP, __half> launch(1, ctas, per_cta, nullptr);  // bf16's kernel takes the same resources
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kv_pass_cluster_kernel<DP, __half>, &launch.cfg) != cudaSuccess) {
-    cudaGetLastError();  // (a cluster shape this device cannot run: none fit)
-    n = 0;
-  }
-  if (device < 64) cached[device][log2][per_cta] = n + 1;
-  return n;
-}
-
-template <int DP>
-KvPassPlan plan_for(int chunks, int request) {
-  auto fits = [&](int ctas) {
-    const int per_cta = (chunks + ctas - 1) / ctas;
-    return per_cta <= MAX_PER_CTA && active_clusters<DP>(ctas, per_cta) > 0 ? KvPassPlan{ctas, per_cta}
-                                                                            : KvPassPlan{0, 0};
-  };
-  if (request < 0) return {0, 0};
-  if (request > 0) {
-    if (request > MAX_CLUSTER || (request & (request - 1)) != 0)
-      throw std::invalid_argument("sage2_kv_pass: cluster must be a power of two up to 16 (0: chosen, -1: none)");
-    const KvPassPlan plan = fits(request);
-    if (plan.cluster == 0)
-      throw std::invalid_argument("sage2_kv_pass: clusters of " + std::to_string(request) + " CTAs cannot hold " +
-                                  std::to_string(chunks) + " chunks per head on this device");
-    return plan;
-  }
-  // the smallest cluster whose CTAs hold at most two chunks (three CTAs per SM), else 16 CTAs of up to 4
-  for (int ctas = 1; ctas <= 8; ctas *= 2)
-    if ((chunks + ctas - 1) / ctas <= 2) return fits(ctas);
-  return (chunks + 15) / 16 <= 4 ? fits(16) : KvPassPlan{0, 0};
-}
-
-template <int DP, typename InT>
-void launch_clusters(const KvPassArgs& a, KvPassPlan plan, cudaStream_t stream) {
-  const CUtensorMap k_map = chunk_map(a.k, a, a.k_stride_b, a.k_stride_h, a.k_stride_n, chunk_tokens<DP>(), "k");
-  const CUtensorMap v_map = chunk_map(a.v, a, a.v_stride_b, a.v_stride_h, a.v_stride_n, chunk_tokens<DP>(), "v");
-  const ClusterLaunch<DP, InT> launch(2 * a.batch * a.heads, plan.cluster, plan.per_cta, stream);
-  const cudaError_t err = cudaLaunchKernelEx(&launch.cfg, kv_pass_cluster_kernel<DP, InT>, k_map, v_map, a,
-                                             plan.per_cta);
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("sage2_kv_pass (clusters): launch failed: ") + cudaGetErrorString(err));
-}
-
 }  // namespace
-
-KvPassPlan kv_pass_plan(int padded_head_dim, int chunks, int request) {
-  kv_pass_chunk_tokens(padded_head_dim);
-  if (chunks <= 0) throw std::invalid_argument("sage2_kv_pass: chunks must be positive");
-  return padded_head_dim == 128 ? plan_for<128>(chunks, request) : plan_for<64>(chunks, request);
-}
 
 int kv_pass_chunk_tokens(int padded_head_dim) {
   if (padded_head_dim != 64 && padded_head_dim != 128)
@@ -738,7 +494,7 @@ int kv_pass_max_chunks(int padded_head_dim) {
   return (padded_head_dim == 128 ? resident_ctas<128, __half>() : resident_ctas<64, __half>()) / 2;
 }
 
-void sage2_kv_pass(const KvPassArgs& a, cudaStream_t stream, int cluster_request) {
+void sage2_kv_pass(const KvPassArgs& a, cudaStream_t stream) {
   const std::string who = "sage2_kv_pass: ";
   const int dp = a.padded_head_dim;
   const int tokens = kv_pass_chunk_tokens(dp);
@@ -750,19 +506,14 @@ void sage2_kv_pass(const KvPassArgs& a, cudaStream_t stream, int cluster_request
   if (a.npad % 128 != 0 || a.npad < a.seqlen || a.npad - a.seqlen >= 128)
     throw std::invalid_argument(who + "npad must be seqlen rounded up to a multiple of 128");
   if (a.qmax != 127 && a.qmax != 7) throw std::invalid_argument(who + "qmax must be 127 or 7");
-  const KvPassPlan plan = kv_pass_plan(dp, a.chunks, cluster_request);
-  if (plan.cluster == 0 && a.chunks > kv_pass_max_chunks(dp))
+  if (a.chunks > kv_pass_max_chunks(dp))
     throw std::invalid_argument(who + "seqlen is too long for one launch (kv_pass_max_chunks)");
   const int64_t strides[6] = {a.k_stride_b, a.k_stride_h, a.k_stride_n, a.v_stride_b, a.v_stride_h, a.v_stride_n};
   for (int64_t s : strides)
     if (s % 8 != 0) throw std::invalid_argument(who + "K's and V's strides must be multiples of 8 elements");
   if (reinterpret_cast<uintptr_t>(a.k) % 16 || reinterpret_cast<uintptr_t>(a.v) % 16)
     throw std::invalid_argument(who + "k and v must be 16-byte aligned");
-  if (plan.cluster != 0 && dp == 128)
-    a.bf16 ? launch_clusters<128, __nv_bfloat16>(a, plan, stream) : launch_clusters<128, __half>(a, plan, stream);
-  else if (plan.cluster != 0)
-    a.bf16 ? launch_clusters<64, __nv_bfloat16>(a, plan, stream) : launch_clusters<64, __half>(a, plan, stream);
-  else if (dp == 128)
+  if (dp == 128)
     a.bf16 ? launch<128, __nv_bfloat16>(a, stream) : launch<128, __half>(a, stream);
   else
     a.bf16 ? launch<64, __nv_bfloat16>(a, stream) : launch<64, __half>(a, stream);

@@ -32,24 +32,13 @@ struct KvPassArgs {
   bool bf16;
 };
 
-// Tokens per chunk (32 KB of one head of K or V; each CTA of the persistent kernel holds two: its chunk
-// and the next).
+// Tokens per chunk (32 KB of one head of K or V; each CTA holds two: its chunk and the next).
 int kv_pass_chunk_tokens(int padded_head_dim);
 // The most chunks per head that one launch takes on the current device: a CTA waits for the other
 // chunks of its head, which running CTAs must hold; at most as many as CTAs fit (half of them: a
 // margin for SMs that other work holds).
 int kv_pass_max_chunks(int padded_head_dim);
-// Short sequences run a second kernel: one thread block cluster per head of K or V, its CTAs holding
-// all the head's chunks (kv_pass.cu). The plan: clusters of `cluster` CTAs of up to `per_cta` chunks,
-// or cluster 0: the persistent kernel. `request`: 0 chooses, -1 asks for the persistent kernel, a
-// power of two up to 16 for clusters of that size (std::invalid_argument where they cannot hold the
-// head on this device).
-struct KvPassPlan {
-  int cluster, per_cta;
-};
-KvPassPlan kv_pass_plan(int padded_head_dim, int chunks, int request);
-// Launches on `stream` (the plan of `cluster_request`); throws std::invalid_argument naming the
-// argument on unsupported input.
-void sage2_kv_pass(const KvPassArgs& args, cudaStream_t stream, int cluster_request = 0);
+// Launches on `stream`; throws std::invalid_argument naming the argument on unsupported input.
+void sage2_kv_pass(const KvPassArgs& args, cudaStream_t stream);
 
 }  // namespace sage_cuda
