@@ -63,6 +63,11 @@ QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
 
 
 _CACHES: "weakref.WeakValueDictionary[int, QuantizedKVCache]" = weakref.WeakValueDictionary()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work queued on ``device`` now is recorded into a CUDA graph (the current stream is capturing)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 _HANDLES = itertools.count()
 
 
@@ -130,6 +135,10 @@ class QuantizedKVCache:
         self._set_lengths((0,) * batch)  # keys held per sequence (host), and on the device for the kernel
         self._step_shape = torch.Size((batch, kv_heads, 1, head_dim))  # one decode step's k and v (HND)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=dev)
+        # appends recorded in a CUDA graph move seqlens at each replay, unseen by the host: once one
+        # is recorded, the host reads the lengths from seqlens whenever it needs them (a sync)
+        self._device_appends = False
+        self._arrived = torch.zeros(batch, dtype=torch.int32, device=dev)  # the device append's tickets
         self._buffers = {}  # the decode kernel's partials and counters per launch shape (launch_buffers)
         self._plans = {}  # launch plans per (row tiles, tiles, device, settings) (launch_plan)
         self.handle = next(_HANDLES)  # how the compiled ops find the cache (common.kv_cache._CACHES)
@@ -140,9 +149,16 @@ class QuantizedKVCache:
         """Keys held per sequence (read-only: appends change it, together with ``seqlens``)."""
         return self._lengths
 
+    @property
+    def _lengths(self) -> tuple[int, ...]:
+        if self._device_appends and not _capturing(self.device):  # replays may have moved seqlens
+            self._set_lengths(self.seqlens.tolist())
+            self._last_tile[:] = [-1] * self.batch  # (not tracked on the device: no rollback into it)
+        return self._host_lengths
+
     def _set_lengths(self, lengths) -> None:
-        self._lengths = tuple(lengths)
-        self._one_length = len(set(self._lengths)) == 1
+        self._host_lengths = tuple(lengths)
+        self._one_length = len(set(self._host_lengths)) == 1
 
     @property
     def length(self) -> int:
@@ -223,9 +239,34 @@ class QuantizedKVCache:
                                 "be guarded on: a recompile per pattern of counts)")
             torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout, lengths)
             return
+        if _capturing(self.device):  # a CUDA graph: the positions come from seqlens at each replay
+            self._append_on_device(k, v, tensor_layout, lengths)
+            return
         if lengths is None and self._append_one_key(k, v, tensor_layout):
             return
         self._append(k, v, tensor_layout, lengths)
+
+    def _append_on_device(self, k, v, tensor_layout, lengths=None) -> None:
+        """One key per sequence at the position in ``seqlens`` (common.triton_kv_append): what a CUDA
+        graph records, so that each replay appends where the last one left off. A sequence that
+        holds max_seqlen keys drops the key (no error can be raised during a replay)."""
+        from .triton_kv_append import append_step_kernel
+
+        kh, vh = self._check_keys(k, v, tensor_layout)
+        if kh.shape[2] != 1 or lengths is not None:
+            raise ValueError(f"an append recorded in a CUDA graph takes one key per sequence and no lengths "
+                             f"(its positions are read on the device); got {kh.shape[2]} keys"
+                             + (" and lengths" if lengths is not None else ""))
+        kh = kh if kh.stride(-1) == 1 else kh.contiguous()
+        vh = vh if vh.stride(-1) == 1 else vh.contiguous()
+        tk, kc, ks, km = self.tail_k, self.k_codes, self.k_scale, self.k_mean
+        append_step_kernel[(self.batch * self.kv_heads,)](
+            kh, vh, tk, self.tail_v, self.last_tile_k, self.last_tile_v, kc, ks, km, self.v_codes, self.v_scale,
+            self.first_bad, self.seqlens, self._arrived, kh.stride(0), kh.stride(1), vh.stride(0), vh.stride(1),
+            tk.stride(0), tk.stride(1), tk.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0),
+            ks.stride(1), km.stride(0), km.stride(1), km.stride(2), self.kv_heads, self.head_dim, self.max_seqlen,
+            T=DECODE_TILE, DP=kc.shape[-1], PV=PV_KINDS.index(self.spec.pv), INTERPRET=interpreter_enabled())
+        self._device_appends = True
 
     def _append_one_key(self, k, v, tensor_layout) -> bool:
         """The usual decode step, with three small ops and no more Python than it needs (its host
@@ -448,9 +489,15 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     """Decode attention of qh [B, Hq, Nq, D] over the cache into ``out_hnd``; returns the natural
     LSE [B, Hq, Nq] (or None). backend: ``"triton"`` or ``"torch"`` (the emulation)."""
     B, Hq, Nq, D = qh.shape
-    Hkv, Nk, spec = cache.kv_heads, cache.length, cache.spec
+    Hkv, spec = cache.kv_heads, cache.spec
+    capturing = _capturing(qh.device)
+    # in a CUDA graph the lengths are the device's at each replay: the plan covers the capacity (the
+    # kernel reads each sequence's length; the splits past it have nothing to do)
+    Nk = cache.max_seqlen if capturing else cache.length
     nqp, block_m, row_tiles = _row_layout(Hq // Hkv, Nq)
     _, capped, tps, splits = launch_plan(cache, row_tiles, -(-Nk // DECODE_TILE), qh.device)
+    if backend == "torch" and capturing:
+        raise ValueError("a decode call over a QuantizedKVCache recorded in a CUDA graph needs backend='triton'")
     if backend == "torch":
         kh, vh = cache.emulation_views()
         mask = NO_MASK if len(set(cache.lengths)) == 1 else MaskSpec(  # per sequence: its keys, its causal offset

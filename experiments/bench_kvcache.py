@@ -91,7 +91,29 @@ def run_shape(B, Hq, Hkv, Nq, Nk, causal, D, n, total):
     row(f"step: SDPA {best_name} + fp16 cache write", step_sdpa, step_sdpa)
     row("step: sage2_kvcache + append", bench_ms(cache_step), step_sdpa,
         {"cache_MB": round(cache.nbytes() / 2**20, 1), "fp16_MB": round(fp16_bytes / 2**20, 1)})
+    # the step captured once in a CUDA graph and replayed (the append reads its position from the
+    # device: each replay adds a key; past the capacity, Nk + 64, the keys are dropped, so the replays
+    # time steps at Nk to Nk + 64 keys). SDPA's graph replays one step at one position: its best case
+    step_sdpa_g = bench_ms(graph_replay(sdpa_step))
+    row(f"step: SDPA {best_name} + fp16 cache write CUDA graph", step_sdpa_g, step_sdpa_g)
+    row("step: sage2_kvcache + append CUDA graph", bench_ms(_captured_step(q, k, v, k_new, v_new, causal)),
+        step_sdpa_g)
     return rows
+
+
+def _captured_step(q, k, v, k_new, v_new, causal):
+    """The replay of one decode step (append one key per sequence, attend) captured in a CUDA graph,
+    over a fresh cache holding k and v."""
+    B, Hkv, Nk, D = k.shape
+    cache = QuantizedKVCache(B, Hkv, D, Nk + 64, dtype=k.dtype, device="cuda")
+    cache.append(k, v)
+    cache._append_on_device(k_new, v_new, "HND")  # (compiles the device append before the capture)
+
+    def step():
+        cache.append(k_new, v_new)
+        return sage2.sageattn_kvcache(q, cache, is_causal=causal)
+
+    return graph_replay(step)
 
 
 def sweep(D: int) -> None:

@@ -540,3 +540,97 @@ def test_short_contexts_take_few_splits_per_kv_head():
     cache = QuantizedKVCache(4, 8, 128, 40000, device="cpu")
     plans = {n_k: kv_cache.launch_plan(cache, 1, -(-n_k // 64), cpu)[2:] for n_k in (997, 2021, 4069, 16357, 32741)}
     assert plans == {997: (3, 6), 2021: (6, 6), 4069: (7, 10), 16357: (22, 12), 32741: (43, 12)}
+
+
+def _same_cache_state(a, b, *, codes_differ_by=0):
+    """Two caches' state: tails, lengths, marks and scales' positions exactly; codes equal, or within
+    ``codes_differ_by`` (a tile mean summed in another order can move a code on a rounding tie)."""
+    assert torch.equal(a.seqlens, b.seqlens) and a.lengths == b.lengths and torch.equal(a.first_bad, b.first_bad)
+    for b_, n in enumerate(a.lengths):
+        n0 = n // 64 * 64
+        assert torch.equal(a.tail_k[b_, :, :n - n0], b.tail_k[b_, :, :n - n0])
+        assert torch.equal(a.tail_v[b_, :, :n - n0], b.tail_v[b_, :, :n - n0])
+        assert (a.k_codes[b_, :, :n0].int() - b.k_codes[b_, :, :n0].int()).abs().max() <= codes_differ_by
+        assert torch.allclose(a.k_scale[b_, :, :n0], b.k_scale[b_, :, :n0], rtol=1e-6, atol=0)
+        assert torch.allclose(a.k_mean[b_, :, :n0 // 64], b.k_mean[b_, :, :n0 // 64], rtol=1e-6, atol=1e-7)
+        assert torch.equal(a.v_codes[b_, :, :n0].view(torch.uint8), b.v_codes[b_, :, :n0].view(torch.uint8))
+        assert torch.equal(a.v_scale[b_, :, :n0 // 64], b.v_scale[b_, :, :n0 // 64])
+
+
+def test_the_device_append_gives_the_host_appends_cache():
+    """The append a CUDA graph records (common.triton_kv_append: positions read from ``seqlens``, a
+    filled tile quantized on the device) against the host's append, step by step from sequences of
+    different lengths across tile boundaries, with a NaN key in a tile that fills, a head dim below
+    its padding, and a sequence that reaches max_seqlen (which then drops further keys). Same tails,
+    lengths, marks, scales and V codes; K codes within one (the tile mean's summation order)."""
+    from common.kv_cache import QuantizedKVCache as Cache
+
+    q, k, v = make_qkv(3, 4, 1, 40, heads_kv=2, seqlen_k=200, kind="k_bias", seed=21)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    k[1, 0, 70, 3] = float("nan")
+    lens = torch.tensor([60, 2, 63])
+    host, dev = (Cache(3, 2, 40, 130, device=KERNEL_DEVICE) for _ in range(2))
+    for c in (host, dev):
+        c.append(k[:, :, :63], v[:, :, :63], lengths=lens)
+    for i in range(70):
+        k1, v1 = k[:, :, 63 + i:64 + i], v[:, :, 63 + i:64 + i]
+        counts = [int(n < 130) for n in host.lengths]
+        host.append(k1, v1, lengths=counts)
+        dev._append_on_device(k1, v1, "HND")
+    assert host.lengths == (130, 72, 130) and host.first_bad[1, 0] == 9  # (key 70 went to sequence 1's 9)
+    _same_cache_state(host, dev, codes_differ_by=1)
+    assert dev.lengths == (130, 72, 130)  # (read back from seqlens)
+    for be in ("torch", "triton"):
+        a, b = (sage2.sageattn_kvcache(q, c, is_causal=True, backend=be) for c in (host, dev))
+        assert torch.equal(a.isnan(), b.isnan()) and a[1].isnan().any()  # (sequence 1 sees its NaN key)
+        assert accuracy(a[0].double(), b[0]).rel_l1 < 2e-3, be
+    k[1, 1, 161, 0] = float("inf")  # sequence 1's key 100: in tile 1, which fills at its key 127
+    for i in range(58):
+        k1, v1 = k[:, :, 133 + i:134 + i], v[:, :, 133 + i:134 + i]
+        host.append(k1, v1, lengths=[0, 1, 0])
+        dev._append_on_device(k1, v1, "HND")  # (sequences 0 and 2 are full: their keys are dropped)
+    with pytest.raises(ValueError, match="an append recorded in a CUDA graph takes one key per sequence"):
+        dev._append_on_device(k[:, :, :2], v[:, :, :2], "HND")
+    assert host.lengths == (130, 130, 130) == dev.lengths and host.first_bad[1, 1] == 100
+    _same_cache_state(host, dev, codes_differ_by=1)
+
+
+@gpu
+def test_gpu_a_decode_step_captured_in_a_cuda_graph_replays_at_the_right_positions():
+    """One decode step (append one key per sequence, attend) captured once with torch.cuda.graph
+    and replayed for 150 steps (crossing tile boundaries, one sequence filling the cache) agrees
+    with the same steps run eagerly; the host reads the lengths back from the device afterwards."""
+    B, Hq, Hkv, D, N0 = 2, 8, 2, 128, 1000
+    q, k, v = make_qkv(B, Hq, 1, D, heads_kv=Hkv, seqlen_k=N0 + 160, kind="k_bias", device="cuda", seed=22)
+    lens = torch.tensor([N0, 900])
+    eager, graphed = (QuantizedKVCache(B, Hkv, D, N0 + 120, device="cuda") for _ in range(2))
+    for c in (eager, graphed):
+        c.append(k[:, :, :N0], v[:, :, :N0], lengths=lens)
+    static_q, static_k, static_v = q.clone(), k[:, :, :1].clone(), v[:, :, :1].clone()
+
+    def step(cache):
+        cache.append(static_k, static_v)
+        return sage2.sageattn_kvcache(static_q, cache, is_causal=True, return_lse=True)
+
+    side = torch.cuda.Stream()  # (warm up the kernels off the capture, as torch.cuda.graph wants)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = QuantizedKVCache(B, Hkv, D, N0 + 120, device="cuda")
+        warm.append(k[:, :, :N0], v[:, :, :N0], lengths=lens)
+        step(warm)
+        warm._append_on_device(static_k, static_v, "HND")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = step(graphed)
+    for i in range(150):
+        static_k.copy_(k[:, :, N0 + i % 160:N0 + i % 160 + 1])
+        static_v.copy_(v[:, :, N0 + i % 160:N0 + i % 160 + 1])
+        static_q.copy_(q * (1 + i / 150))
+        graph.replay()
+        counts = [int(n < N0 + 120) for n in eager.lengths]
+        eager.append(static_k, static_v, lengths=counts)
+        want, want_lse = sage2.sageattn_kvcache(static_q, eager, is_causal=True, return_lse=True)
+        assert accuracy(want.double(), out_g).rel_l1 < 3e-3 and (lse_g - want_lse).abs().max() < 2e-3, i
+    assert graphed.lengths == eager.lengths == (N0 + 120, 1050)
+    _same_cache_state(eager, graphed, codes_differ_by=1)
