@@ -24,7 +24,7 @@ import triton.language as tl
 from .triton_decode import _nonfinite_rows, _round_int
 from .triton_quant import to_fp8, zero_nonfinite
 
-_NO_BAD_KEY = 2**31 - 1
+_NO_BAD_KEY = tl.constexpr(2**31 - 1)
 
 
 @triton.jit

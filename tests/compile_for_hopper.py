@@ -4,7 +4,7 @@ tests/test_sage3_train.py).
     python tests/compile_for_hopper.py '[DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP]'
     python tests/compile_for_hopper.py prefill    # sage1, sage2 and the quantization passes
     python tests/compile_for_hopper.py sagebwd    # SageBwd's forward and backward kernels
-    python tests/compile_for_hopper.py kvcache    # decode over the quantized KV cache
+    python tests/compile_for_hopper.py kvcache    # decode over the quantized KV cache, and its device append
     python tests/compile_for_hopper.py sagebwd --regs   # and each kernel's registers and spills (ptxas -v)
     python tests/compile_for_hopper.py sagebwd --regs --sass   # and its SASS instruction counts (cuobjdump)
 
@@ -181,6 +181,14 @@ def kvcache():
                          warps=kv_cache.CACHE_WARPS, stages=kv_cache.CACHE_STAGES, enable_fp_fusion=False,
                          **({"maxnreg": kv_cache.CACHE_MAXNREG} if kv_cache.CACHE_MAXNREG and block_m <= 16 else {}))
         assert "mma" in k.asm["ptx"] and "atom" in k.asm["ptx"]
+    from common.triton_kv_append import append_step_kernel
+
+    for pv, dtype in ((2, "*fp16"), (3, "*bf16")):  # the device append a CUDA graph records
+        t = dict(K=dtype, V=dtype, TK=dtype, TV=dtype, LTK=dtype, LTV=dtype, KC="*i8", KS=f32, KM=f32,
+                 VC="*fp8e5" if pv == 3 else "*fp8e4nv", VS=f32, FIRST_BAD="*i32", SEQLENS="*i32", ARRIVED="*i32")
+        k = compile_sm90(append_step_kernel, t, dict(T=decode.DECODE_TILE, DP=128, PV=pv, INTERPRET=False), warps=4,
+                         stages=1)
+        assert "atom" in k.asm["ptx"]
     print("ok")
 
 
