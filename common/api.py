@@ -24,8 +24,35 @@ def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags:
         check_choice(name, value, allowed)
     scale = resolve_sm_scale(sm_scale, shape.head_dim)
     be = resolve_backend(backend, q.device, backends)
+    check_kernel_sizes(shape, be)
     check_no_grad(q, k, v, "sage3.sageattn_train")
     return shape, scale, be
+
+
+# The GPU kernels (Triton and CUDA, and the passes that quantize for them) address a tensor with
+# 32-bit offsets where a program finds its batch and head (b * stride_b): beyond 2^31 elements, the
+# kernels' padding included, they would read and write out of bounds. Such calls get an error.
+KERNEL_MAX_ELEMENTS = 2**31
+
+
+def check_kernel_sizes(shape: AttentionShape, backend: str) -> None:
+    """Raise ``ValueError`` where a GPU backend would address q or k/v past 32-bit offsets (the
+    emulation, ``backend="torch"``, has no such limit), naming the largest batch that fits."""
+    if backend == "torch":
+        return
+    from .int_qk import padded_head_dim
+
+    dp = padded_head_dim(shape.head_dim)
+    for name, heads, n in (("q", shape.heads_q, shape.seqlen_q), ("k and v", shape.heads_kv, shape.seqlen_k)):
+        per_sequence = heads * (-(-n // 128) * 128) * dp  # (lengths padded to 128, channels to dp)
+        if shape.batch * per_sequence >= KERNEL_MAX_ELEMENTS:
+            fits = (KERNEL_MAX_ELEMENTS - 1) // per_sequence
+            how = (f"split the batch into calls of at most {fits} sequences" if fits else
+                   "one sequence alone is too long for them")
+            raise ValueError(
+                f"{name} of batch {shape.batch}, {heads} heads, {n} tokens and head_dim {shape.head_dim} hold "
+                f"{shape.batch * per_sequence} values with the kernels' padding: backend={backend!r} addresses "
+                f"at most 2^31 with 32-bit offsets; {how}, or use backend='torch'")
 
 
 def start_call(q, k, v, tensor_layout: str, shape: AttentionShape, return_lse: bool):

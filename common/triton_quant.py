@@ -309,6 +309,7 @@ def delta_s_kernel(QM, K, KM, OUT, stride_kb, stride_kh, stride_kn, Hq, Hkv, NB,
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // Hq, bh % Hq
     hk = h // (Hq // Hkv)
+    bh = bh.to(tl.int64)  # OUT holds B Hq NB Nk values: past 2^31 at B=4, Hq=32, 48k tokens
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, DP)
     k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + d[None, :],

@@ -116,7 +116,8 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
     q = Q_desc.load([bh, start_m * BLOCK_M, 0]).reshape(BLOCK_M, DP)
     qs = tl.load(QS + bh * Nq + rows, mask=rows < Nq, other=0.0)
     ks_ptr = KS + kv_bh * Nk
-    DS_ptrs = DS + (bh * n_ds_blocks + rows[:, None] // DS_BLOCK) * Nk + tl.arange(0, BLOCK_N)[None, :]
+    # (delta_s holds B Hq NB Nk values: past 2^31 at B=4, Hq=32, 48k tokens, so 64-bit offsets)
+    DS_ptrs = DS + (bh.to(tl.int64) * n_ds_blocks + rows[:, None] // DS_BLOCK) * Nk + tl.arange(0, BLOCK_N)[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -105,7 +105,8 @@ def sage3_attn_fwd(QP, QSC, KP, KSC, VP, VSC, K16, VT16, DS, O, LSE,
                          BLOCK_N, DP, MX, OP)
         s = dot_16bit(q, tl.trans(k), None, INTERPRET)
         if SMOOTH_Q:  # one Q-smoothing block per BLOCK_M tile: delta_s is one row per tile
-            s += tl.load(DS + (bh * n_ds_blocks + start_m) * Nk + cols, mask=cols < Nk, other=0.0)[None, :]
+            s += tl.load(DS + (bh.to(tl.int64) * n_ds_blocks + start_m) * Nk + cols, mask=cols < Nk,  # (64-bit: B Hq NB Nk
+                         other=0.0)[None, :]  # values pass 2^31 at B=4, Hq=32, 48k tokens)
         s = s * mult
         s, m_new, m_use = masked_row_max(s, m_i, rows, cols, Nk, q_offset, IS_CAUSAL)
         p = tl.math.exp2(s - (m_use - log2_c)[:, None])

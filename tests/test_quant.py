@@ -185,3 +185,36 @@ def test_delta_s_triton_pass_equals_the_pytorch_form(layout, heads, with_mean):
     ref = smoothing.q_smoothing_delta_s(qm.cpu(), kh.cpu(), km.cpu() if km is not None else None)
     assert got.shape == ref.shape == (2, heads[0], 3, 300)
     assert (got.cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 20e9,
+                    reason="needs a CUDA GPU with 20 GB")
+def test_gpu_delta_s_past_two_to_the_31_values():
+    """delta_s holds B Hq NB Nk fp32 values (9.2 GB at B=4, Hq=32, 48k tokens): past 2^31 the Triton
+    pass's offsets must be 64-bit (32-bit ones wrote out of bounds)."""
+    from common import smoothing
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qm = torch.randn(1, 66, 1024, 32, device="cuda", generator=g)
+    k = torch.randn(1, 1, 32768, 32, device="cuda", generator=g, dtype=torch.float16)
+    got = smoothing._delta_s_triton(qm, k, None, "ieee")  # 66 x 2^25 values: heads 64 and 65 past 2^31
+    for h, i in ((0, 0), (65, 1023), (64, 0), (40, 7)):
+        want = qm[0, h, i].double() @ k[0, 0].double().T
+        assert (got[0, h, i].double() - want).abs().max() < 1e-4, (h, i)
+    del got
+    torch.cuda.empty_cache()
+
+
+def test_gpu_kernels_refuse_tensors_past_32_bit_offsets():
+    """Where a GPU backend would address q or k/v past 2^31 values, a clear error names the batch
+    that fits; the emulation takes any size."""
+    from common.api import check_kernel_sizes
+    from common.checks import AttentionShape
+
+    big = AttentionShape(64, 32, 8, 1, 32768, 128, "HND")  # k: 64 x 8 x 32768 x 128 = 2^31
+    with pytest.raises(ValueError, match=r"k and v of batch 64, 8 heads, 32768 tokens .* calls of at most 63 sequences"):
+        check_kernel_sizes(big, "triton")
+    check_kernel_sizes(big, "torch")
+    check_kernel_sizes(big._replace(batch=63), "cuda")
+    with pytest.raises(ValueError, match="one sequence alone is too long"):
+        check_kernel_sizes(AttentionShape(1, 4096, 4096, 8, 8, 128, "HND")._replace(seqlen_q=2**22), "triton")
