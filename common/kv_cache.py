@@ -22,6 +22,11 @@ Inf in k or v is quantized as zeros and remembered (the first per KV head) when 
 quantized; in the last, partial tile the kernel checks the keys as it reads them. The rows that see
 such a key are NaN: the rule of :mod:`common.nonfinite`.
 
+CUDA graphs: while a graph is being captured, ``append`` records the device append
+(:mod:`common.triton_kv_append`: positions read from ``seqlens``) and the decode call plans for
+``max_seqlen``, so a captured decode step replays at the right positions; the host's lengths are
+then read back from ``seqlens`` when it needs them.
+
 What it covers: sage2's decode spec for INT8 Q/K (per-token K scales, K smoothing, no Q
 smoothing) with FP8 P/V; sequences of different lengths (``append(..., lengths=)``; the kernel
 reads each one's length from ``seqlens`` on the device, the host keeps ``lengths`` for the split
@@ -582,7 +587,9 @@ def check_query(q: torch.Tensor, cache: QuantizedKVCache, tensor_layout: str):
 # Under tracing the cache's length (a host int that every append changes) would become a guard, and
 # a compiled decode step would recompile at every token. The ops take the cache's tensors (so the
 # compiler orders appends before the calls that read them) and its handle; the length is read when
-# they run. Tagged cudagraph-unsafe where torch has the tag: a captured graph would replay one length.
+# they run. Tagged cudagraph-unsafe where torch has the tag: these ops run the host's append and plan
+# (torch.compile's CUDA graphs would replay one length); a graph captured by torch.cuda.graph around
+# the eager calls takes the device append instead (QuantizedKVCache.append).
 
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 _STATE = "Tensor(a!) k_codes, Tensor(b!) k_scale, Tensor(c!) k_mean, Tensor(d!) v_codes, Tensor(e!) v_scale, " \

@@ -7,6 +7,9 @@ when each 64-key tile fills, instead of at every step.
         cache.append(k_new, v_new)                # [B, Hkv, 1, D]
         out = sage2.sageattn_kvcache(q_new, cache)  # q_new [B, Hq, 1, D]
 
+A step (append, then this call) captured with ``torch.cuda.graph`` replays at the right positions:
+the append reads them on the device during capture, and the call plans for ``max_seqlen``.
+
 The same algorithm as ``sage2.sageattn(q, k, v)`` on ``Nq <= 16`` queries (INT8 Q and K with K
 smoothing per tile and per-token K scales, FP8 P and V per channel per tile): a tile's codes are the
 ones the decode kernel would compute from it, so the outputs agree with the plain call's to fp32
