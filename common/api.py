@@ -33,13 +33,20 @@ def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags:
 # 32-bit offsets where a program finds its batch and head (b * stride_b): beyond 2^31 elements, the
 # kernels' padding included, they would read and write out of bounds. Such calls get an error.
 KERNEL_MAX_ELEMENTS = 2**31
+GRID_Y_MAX = 65535
 
 
 def check_kernel_sizes(shape: AttentionShape, backend: str) -> None:
-    """Raise ``ValueError`` where a GPU backend would address q or k/v past 32-bit offsets (the
-    emulation, ``backend="torch"``, has no such limit), naming the largest batch that fits."""
+    """Raise ``ValueError`` where a GPU backend would address q or k/v past 32-bit offsets, or
+    launch more than 65535 (batch, head) programs on a grid's second axis (CUDA's limit there), naming
+    the largest batch that fits; the emulation, ``backend="torch"``, has neither limit."""
     if backend == "torch":
         return
+    if shape.batch * shape.heads_q > GRID_Y_MAX:
+        raise ValueError(f"batch {shape.batch} x {shape.heads_q} query heads = {shape.batch * shape.heads_q} (batch, "
+                         f"head) pairs: backend={backend!r} launches one program row per pair on a grid axis that CUDA "
+                         f"caps at {GRID_Y_MAX}; split the batch into calls of at most "
+                         f"{max(1, GRID_Y_MAX // shape.heads_q)} sequences, or use backend='torch'")
     from .int_qk import padded_head_dim
 
     dp = padded_head_dim(shape.head_dim)

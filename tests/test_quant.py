@@ -206,8 +206,9 @@ def test_gpu_delta_s_past_two_to_the_31_values():
 
 
 def test_gpu_kernels_refuse_tensors_past_32_bit_offsets():
-    """Where a GPU backend would address q or k/v past 2^31 values, a clear error names the batch
-    that fits; the emulation takes any size."""
+    """Where a GPU backend would address q or k/v past 2^31 values, or launch more than 65535
+    (batch, head) programs on a grid's second axis, a clear error names the batch that fits; the
+    emulation takes any size."""
     from common.api import check_kernel_sizes
     from common.checks import AttentionShape
 
@@ -216,5 +217,8 @@ def test_gpu_kernels_refuse_tensors_past_32_bit_offsets():
         check_kernel_sizes(big, "triton")
     check_kernel_sizes(big, "torch")
     check_kernel_sizes(big._replace(batch=63), "cuda")
+    with pytest.raises(ValueError, match=r"65600 \(batch, head\) pairs.* calls of at most 2047 sequences"):
+        check_kernel_sizes(AttentionShape(2050, 32, 8, 64, 64, 64, "HND"), "triton")
+    check_kernel_sizes(AttentionShape(2047, 32, 8, 64, 64, 64, "HND"), "triton")
     with pytest.raises(ValueError, match="one sequence alone is too long"):
         check_kernel_sizes(AttentionShape(1, 4096, 4096, 8, 8, 128, "HND")._replace(seqlen_q=2**22), "triton")
