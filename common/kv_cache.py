@@ -114,6 +114,9 @@ class QuantizedKVCache:
                              f"{head_dim} holds {batch * kv_heads * tiles * T * dp} codes per tensor, more than the "
                              "kernel's 32-bit offsets reach (2^31): use a smaller max_seqlen or a cache per part of "
                              "the batch")
+        if batch * kv_heads > 65535:  # the decode kernel's grid axis of (sequence, KV head) pairs
+            raise ValueError(f"batch * kv_heads must be at most 65535 (a CUDA grid axis), got {batch} x {kv_heads}: "
+                             "use a cache per part of the batch")
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device: compare as "cuda:N"
             dev = torch.device("cuda", torch.cuda.current_device())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.api import check_kernel_sizes
 from common.checks import (
     check_attention_inputs,
     check_flag,
@@ -215,6 +216,7 @@ def sageattn_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_
         check_flag(name, flag)
     scale = resolve_sm_scale(sm_scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
+    check_kernel_sizes(shape, be)
     if q.numel() == 0 or shape.seqlen_k == 0:
         # nothing to attend to: zeros, with zero gradients flowing to every input
         return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())

@@ -634,3 +634,8 @@ def test_gpu_a_decode_step_captured_in_a_cuda_graph_replays_at_the_right_positio
         assert accuracy(want.double(), out_g).rel_l1 < 3e-3 and (lse_g - want_lse).abs().max() < 2e-3, i
     assert graphed.lengths == eager.lengths == (N0 + 120, 1050)
     _same_cache_state(eager, graphed, codes_differ_by=1)
+
+
+def test_a_cache_past_the_kernels_grid_is_refused():
+    with pytest.raises(ValueError, match="batch \\* kv_heads must be at most 65535"):
+        QuantizedKVCache(8193, 8, 64, 64, device="meta")
