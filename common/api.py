@@ -3,6 +3,7 @@ trivial cases that run no kernel, and the natural-log LSE with the K-smoothing s
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -12,8 +13,39 @@ from .checks import (AttentionShape, check_attention_inputs, check_choice, check
 from .smoothing import lse_shift_from_k_mean
 
 
+def on_device_of(device: torch.device):
+    """A context that makes ``device`` the current CUDA device where it is not (else nothing):
+    Triton and the CUDA extension launch on the current device, which a model spread over GPUs
+    (``device_map="auto"``) need not have made its tensors' device."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NOTHING
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NOTHING = _Nothing()
+
+
+def runs_on_input_device(fn):
+    """``fn(q, ...)`` run with q's CUDA device current (:func:`on_device_of`)."""
+    @functools.wraps(fn)
+    def call(q, *args, **kwargs):
+        if isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling():
+            with on_device_of(q.device):
+                return fn(q, *args, **kwargs)
+        return fn(q, *args, **kwargs)
+    return call
+
+
 def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags: dict, choices=(),
-                  backends=("auto", "triton", "torch")):
+                  backends=("auto", "triton", "torch"), attn_mask=None):
     """The checks every public function runs, in this order: the tensors, the bool ``flags``
     ({name: value}), the ``choices`` ((name, value, allowed) triples), sm_scale, the backend, and
     that no input requires grad (these kernels are inference-only). Returns (shape, sm_scale, backend)."""
@@ -25,7 +57,7 @@ def validate_call(q, k, v, tensor_layout: str, sm_scale, backend: str, *, flags:
     scale = resolve_sm_scale(sm_scale, shape.head_dim)
     be = resolve_backend(backend, q.device, backends)
     check_kernel_sizes(shape, be)
-    check_no_grad(q, k, v, "sage3.sageattn_train")
+    check_no_grad(q, k, v, "sage3.sageattn_train", attn_mask)
     return shape, scale, be
 
 

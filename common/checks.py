@@ -124,9 +124,11 @@ def resolve_sm_scale(sm_scale, head_dim: int) -> float:
     return float(sm_scale)
 
 
-def check_no_grad(q, k, v, training_hint: str) -> None:
-    """Inference kernels cut gradients: refuse inputs that require grad while grad mode is on."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+def check_no_grad(q, k, v, training_hint: str, attn_mask=None) -> None:
+    """Inference kernels cut gradients: refuse inputs (a float mask, a learned bias, among them)
+    that require grad while grad mode is on."""
+    mask = (attn_mask,) if isinstance(attn_mask, torch.Tensor) else ()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *mask)):
         raise RuntimeError(
             "this attention is inference-only and would silently cut gradients, but an input requires grad; "
             f"use {training_hint} for training, or call it under torch.no_grad() / torch.inference_mode()"

@@ -43,6 +43,7 @@ import weakref
 
 import torch
 
+from .api import on_device_of
 from .checks import SUPPORTED_DTYPES, interpreter_enabled
 from .decode import (DECODE_MAX_QUERIES, DECODE_TILE, LOG2_P_SCALE, PV_KINDS, DecodeSpec, _row_layout,
                      decode_emulated, planned_sms, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
@@ -258,8 +259,6 @@ class QuantizedKVCache:
         """One key per sequence at the position in ``seqlens`` (common.triton_kv_append): what a CUDA
         graph records, so that each replay appends where the last one left off. A sequence that
         holds max_seqlen keys drops the key (no error can be raised during a replay)."""
-        from .triton_kv_append import append_step_kernel
-
         kh, vh = self._check_keys(k, v, tensor_layout)
         if kh.shape[2] != 1 or lengths is not None:
             raise ValueError(f"an append recorded in a CUDA graph takes one key per sequence and no lengths "
@@ -268,13 +267,19 @@ class QuantizedKVCache:
         kh = kh if kh.stride(-1) == 1 else kh.contiguous()
         vh = vh if vh.stride(-1) == 1 else vh.contiguous()
         tk, kc, ks, km = self.tail_k, self.k_codes, self.k_scale, self.k_mean
+        with on_device_of(self.device):  # (Triton launches on the current device)
+            self._launch_append(kh, vh, tk, kc, ks, km)
+        self._device_appends = True
+
+    def _launch_append(self, kh, vh, tk, kc, ks, km) -> None:
+        from .triton_kv_append import append_step_kernel
+
         append_step_kernel[(self.batch * self.kv_heads,)](
             kh, vh, tk, self.tail_v, self.last_tile_k, self.last_tile_v, kc, ks, km, self.v_codes, self.v_scale,
             self.first_bad, self.seqlens, self._arrived, kh.stride(0), kh.stride(1), vh.stride(0), vh.stride(1),
             tk.stride(0), tk.stride(1), tk.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0),
             ks.stride(1), km.stride(0), km.stride(1), km.stride(2), self.kv_heads, self.head_dim, self.max_seqlen,
             T=DECODE_TILE, DP=kc.shape[-1], PV=PV_KINDS.index(self.spec.pv), INTERPRET=interpreter_enabled())
-        self._device_appends = True
 
     def _append_one_key(self, k, v, tensor_layout) -> bool:
         """The usual decode step, with three small ops and no more Python than it needs (its host

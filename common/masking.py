@@ -48,6 +48,9 @@ class MaskSpec:
 NO_MASK = MaskSpec()
 
 
+_BIAS_LIMIT = torch.finfo(torch.float32).max / math.log2(math.e) / 2  # x log2(e) stays finite, with room
+
+
 def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device, *, tensor_layout: str = "HND",
                  detect_key_padding: bool = True) -> MaskSpec:
     """Check ``attn_mask`` (SDPA semantics) and turn it into a MaskSpec. The mask is indexed
@@ -77,7 +80,10 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
             if bool((keep == prefix).all()):                   # one host sync
                 return MaskSpec(k_lens=lens.to(device))
         return MaskSpec(MASK_KEEP, m.view(torch.uint8))
-    bias = attn_mask.to(torch.float32) * math.log2(math.e)   # -inf stays -inf
+    # -inf stays -inf; a finite bias is clamped first so that its log2-domain value stays finite
+    # (Hugging Face masks with finfo(bf16).min = -3.39e38, which times log2(e) would be -inf)
+    bias = attn_mask.to(torch.float32)
+    bias = torch.where(bias.isinf(), bias, bias.clamp(-_BIAS_LIMIT, _BIAS_LIMIT)) * math.log2(math.e)
     bias = bias.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(full)
     return MaskSpec(MASK_BIAS, bias)
 

@@ -115,7 +115,9 @@ def sequence_bounds(b, Nq, Nk, QLEN, KLEN, HAS_LENS: tl.constexpr, PER_SEQ_CAUSA
 def apply_tile_mask(s, MASKP, b, h, rows, cols, Nq, Nk, smb, smh, smm, smn, MASK_KIND: tl.constexpr):
     """attn_mask on a [rows, cols] tile of log2-domain scores, read through its broadcast strides:
     MASK_KIND 1 keeps where the uint8 mask is nonzero (else -inf), 2 adds the fp32 log2 bias."""
-    ptrs = MASKP + b * smb + h * smh + rows[:, None] * smm + cols[None, :] * smn
+    # (64-bit: a [B, H, Nq, Nk] mask passes 2^31 elements from Nq = Nk = 46341 on)
+    ptrs = (MASKP + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows.to(tl.int64)[:, None] * smm
+            + cols.to(tl.int64)[None, :] * smn)
     inb = (rows[:, None] < Nq) & (cols[None, :] < Nk)
     if MASK_KIND == 1:
         s = tl.where(tl.load(ptrs, mask=inb, other=0) != 0, s, float("-inf"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from common import nonfinite
-from common.api import natural_lse, start_call, validate_call
+from common.api import natural_lse, runs_on_input_device, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import quantize_qk
@@ -19,6 +19,7 @@ QK_GRANULARITY = ("per_block", "per_token", "per_tensor")
 Q_BLOCK, K_BLOCK = 128, 64  # quantization blocks of the paper's SAGEAttn-B (= the kernel's tiles)
 
 
+@runs_on_input_device
 def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
              is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
              backend: str = "auto", smooth_k: bool = True, pv_accum: str = "fp16",
@@ -61,13 +62,13 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     shape, scale, be = validate_call(
         q, k, v, tensor_layout, sm_scale, backend,
         flags=dict(is_causal=is_causal, return_lse=return_lse, smooth_k=smooth_k),
-        choices=[("pv_accum", pv_accum, PV_ACCUM), ("qk_granularity", qk_granularity, QK_GRANULARITY)])
+        choices=[("pv_accum", pv_accum, PV_ACCUM), ("qk_granularity", qk_granularity, QK_GRANULARITY)], attn_mask=attn_mask)
 
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
+        mask = resolve_mask(attn_mask, shape, q.device)  # (checked even where no kernel runs)
         if trivial is not None:
             return trivial
-        mask = resolve_mask(attn_mask, shape, q.device)
         decode = DecodeSpec(127, k_per_token=False, smooth_k=smooth_k, smooth_q=False,
                             pv="fp16_acc16" if pv_accum == "fp16" else "fp16_acc32")
         if use_decode(shape.seqlen_q, mask, decode if qk_granularity == "per_block" else None):

@@ -7,7 +7,7 @@ import math
 import torch
 
 from common import build, nonfinite
-from common.api import natural_lse, start_call, validate_call
+from common.api import natural_lse, runs_on_input_device, start_call, validate_call
 from common.checks import device_capability
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
@@ -29,6 +29,7 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 Q_BLOCK, WARP_Q, K_BLOCK = 64, 16, 128
 
 
+@runs_on_input_device
 def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
              is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
              backend: str = "auto", qk_dtype: str = "int8", qk_granularity: str = "per_thread",
@@ -73,7 +74,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         q, k, v, tensor_layout, sm_scale, backend, flags=flags,
         choices=[("qk_dtype", qk_dtype, QK_DTYPES), ("qk_granularity", qk_granularity, QK_GRANULARITY),
                  ("pv_dtype", pv_dtype, PV_DTYPES), ("pv_accum", pv_accum, PV_ACCUM)],
-        backends=BACKENDS)
+        backends=BACKENDS, attn_mask=attn_mask)
     if be == "cuda":
         build.check_cuda_device(q.device)
     if be == "triton" and q.device.type == "cuda" and pv_dtype != "fp16" and device_capability(q.device) < (8, 9):
@@ -85,9 +86,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
         D = qh.shape[-1]
+        mask = resolve_mask(attn_mask, shape, q.device)  # (checked even where no kernel runs)
         if trivial is not None:
             return trivial
-        mask = resolve_mask(attn_mask, shape, q.device)
         decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
                             smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
         has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"

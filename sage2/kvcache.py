@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from common.api import new_output
+from common.api import new_output, runs_on_input_device
 from common.checks import check_flag, check_no_grad, device_capability, resolve_backend, resolve_sm_scale
 from common.kv_cache import QuantizedKVCache, check_query, decode_from_cache
 
 BACKENDS = ("auto", "triton", "torch")
 
 
+@runs_on_input_device
 def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout: str = "HND", is_causal: bool = False,
                      sm_scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
     """Attention of ``q`` (``Nq <= 16`` queries; ``[B, Hq, Nq, D]`` for ``"HND"``, ``[B, Nq, Hq, D]``

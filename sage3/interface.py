@@ -7,7 +7,7 @@ import math
 import torch
 
 from common import build, nonfinite
-from common.api import natural_lse, start_call, validate_call
+from common.api import natural_lse, runs_on_input_device, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.masking import NO_MASK
 from common.nonfinite import flagged, nonfinite_flag, rerun_without_nonfinite
@@ -45,6 +45,7 @@ def global_scales(qh, kh, vh):
     return scales, tuple(t.float() / sc for t, sc in zip((qh, kh, vh), scales)), finite
 
 
+@runs_on_input_device
 def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
              is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
              backend: str = "auto", scale_format: str = "nvfp4", two_level_p: bool = True,

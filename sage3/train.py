@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.api import check_kernel_sizes
+from common.api import check_kernel_sizes, runs_on_input_device
 from common.checks import (
     check_attention_inputs,
     check_flag,
@@ -195,6 +195,7 @@ class SageBwdFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+@runs_on_input_device
 def sageattn_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout: str = "HND",
                    is_causal: bool = False, sm_scale: float | None = None, backend: str = "auto",
                    quantize_dov: bool = False, deterministic: bool = True) -> torch.Tensor:

@@ -166,3 +166,38 @@ def test_masks_at_large_head_dims(gen, head_dim):
     bias = torch.randn(1, 2, 130, 200, device=DEV)
     out = mod.sageattn(q, k, v, attn_mask=bias, **opts)
     assert accuracy(attention_reference(q, k, v, attn_mask=bias), out).cos_sim > bound
+
+
+@pytest.mark.parametrize("gen", [sage1, sage2])
+def test_mask_edge_cases_from_review(gen):
+    """A float mask that requires grad is refused (its gradient would be cut); a bad mask is refused
+    where no kernel runs (an empty batch); a row whose every key carries Hugging Face's finite
+    finfo(bf16).min bias attends uniformly, as SDPA does (x log2(e) used to make it -inf: zeros)."""
+    q, k, v = make_qkv(1, 2, 4, 32, seqlen_k=6, seed=7)
+    bias = torch.zeros(1, 1, 4, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        gen.sageattn(q, k, v, attn_mask=bias, backend="torch")
+    with pytest.raises((TypeError, ValueError), match="attn_mask"):
+        gen.sageattn(q[:0], k[:0], v[:0], attn_mask="not a mask", backend="torch")
+    hf = torch.zeros(1, 1, 4, 6, dtype=torch.bfloat16)
+    hf[..., 2, :] = torch.finfo(torch.bfloat16).min  # every key of row 2
+    hf[..., 3, 1:] = torch.finfo(torch.bfloat16).min  # row 3 sees key 0 only
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=hf.float())
+    for be in ("torch", "triton"):
+        out = gen.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), attn_mask=hf.to(KERNEL_DEVICE), backend=be)
+        assert accuracy(want.double(), out.cpu()).rel_l1 < 0.03, be
+
+
+def test_a_mask_read_past_two_to_the_31_bytes():
+    """A bool mask whose rows are 2^24 bytes apart (a strided view): rows 128 on lie past 2^31 bytes
+    of its storage; the kernel's mask offsets are 64-bit (32-bit ones read out of bounds)."""
+    n_q, n_k, row = 130, 16, 2**24
+    storage = torch.zeros(n_q * row, dtype=torch.bool)
+    mask = storage.as_strided((1, 1, n_q, n_k), (0, 0, row, 1))
+    mask.copy_(torch.rand(1, 1, n_q, n_k, generator=torch.Generator().manual_seed(0)) > 0.3)
+    mask[..., 0] = True  # (every row keeps a key)
+    q, k, v = make_qkv(1, 2, n_q, 32, seqlen_k=n_k, seed=8)
+    want = sage1.sageattn(q, k, v, attn_mask=mask, backend="torch")
+    got = sage1.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), attn_mask=mask.to(KERNEL_DEVICE)
+                         if KERNEL_DEVICE == "cpu" else mask.contiguous().to(KERNEL_DEVICE), backend="triton")
+    assert accuracy(want.double(), got.cpu()).rel_l1 < 1e-2
