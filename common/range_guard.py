@@ -7,8 +7,10 @@ underflow far below anything that changes the result), and the output is scaled 
   so up to 64 max|V|) must stay below fp16's 65504. With m = max|V| over V's finite values (one
   read of V on the device, no host sync), V is multiplied by s_v = 2^floor(log2(2^15 / m)) when
   m > 2^15, P by s_p = 2^floor(log2(2^10 / (m s_v))) when the accumulation is fp16 and
-  m s_v > 2^10, and the output by 1 / (s_v s_p). Inputs within range are untouched (both scales
-  are 1). The Triton kernels compute s_v and s_p from m themselves (:func:`guard_scales_tl`), with
+  m s_v > 2^10, and the output by 1 / (s_v s_p). The other way, bf16 V far below fp16's range
+  (m < 2^-4; fp16's smallest normal is 6e-5, so V ~ 1e-8 would flush to zero) is multiplied by
+  s_v = 2^floor(log2(1 / m)) (its max into (1/2, 1]). Inputs within range are untouched (both
+  scales are 1). The Triton kernels compute s_v and s_p from m themselves (:func:`guard_scales_tl`), with
   the same exact arithmetic as the emulation (:func:`guard_scales`).
 * FP8 P V (sage2) and INT8 Q, K need no guard: their scales are fp32, per channel / block.
 """
@@ -43,10 +45,22 @@ def pow2_at_most_one_tl(limit, m):
     return tl.where(ok, ((e + 127) << 23).to(tl.float32, bitcast=True), 1.0)
 
 
+TINY_V = 2.0 ** -4  # bf16 V whose max is below this is scaled up for fp16 (see above)
+_TINY_V = tl.constexpr(TINY_V)
+
+
+def fp16_v_scale(m: torch.Tensor) -> torch.Tensor:
+    """s_v for bf16 V of max m going to fp16: down below 2^15, or up into (1/2, 1] from below TINY_V."""
+    ok = torch.isfinite(m) & (m > 0)
+    up = torch.clamp(torch.div(torch.ones_like(m), torch.where(ok, m, torch.ones_like(m))), max=2.0 ** 126)
+    up = torch.ldexp(torch.ones_like(up), torch.frexp(up).exponent - 1)  # 2^floor(log2(1 / m))
+    return torch.where(ok & (m < TINY_V), up, pow2_at_most_one(FP16_SAFE, m))
+
+
 def guard_scales(m: torch.Tensor, *, rescale_v: bool, fp16_accumulation: bool):
     """(s_v, s_p) for max|V| = m (fp32 0-dim): s_v = 1 unless V is converted to fp16 here."""
     one = torch.ones_like(m)
-    s_v = pow2_at_most_one(FP16_SAFE, m) if rescale_v else one
+    s_v = fp16_v_scale(m) if rescale_v else one
     s_p = pow2_at_most_one(FP16_ACC_SAFE, m * s_v) if fp16_accumulation else one
     return s_v, s_p
 
@@ -55,7 +69,10 @@ def guard_scales(m: torch.Tensor, *, rescale_v: bool, fp16_accumulation: bool):
 def guard_scales_tl(m, RESCALE_V: tl.constexpr, FP16_ACC: tl.constexpr):
     """:func:`guard_scales` in a kernel: (s_v, s_p)."""
     if RESCALE_V:
-        s_v = pow2_at_most_one_tl(_FP16_SAFE, m)
+        ok = (m > 0.0) & (m < _TINY_V)  # (fp16_v_scale: up from below TINY_V)
+        up = tl.minimum(tl.math.div_rn(tl.zeros_like(m) + 1.0, tl.where(ok, m, 1.0)), 2.0 ** 126)
+        up = (((up.to(tl.int32, bitcast=True) >> 23) & 0xFF) << 23).to(tl.float32, bitcast=True)
+        s_v = tl.where(ok, up, pow2_at_most_one_tl(_FP16_SAFE, m))
     else:
         s_v = tl.zeros_like(m) + 1.0
     if FP16_ACC:

@@ -1,5 +1,6 @@
-"""Inputs whose |V| would overflow an fp16 accumulator, and bf16 inputs beyond fp16's range, give
-finite, accurate outputs (common.range_guard), in the kernel and the emulation alike."""
+"""Inputs whose |V| would overflow an fp16 accumulator, and bf16 inputs beyond fp16's range (above
+it, or so small that fp16 would flush them), give finite, accurate outputs (common.range_guard), in
+the kernel and the emulation alike."""
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ CASES = {  # name: (dtype, V multiplier)
     "fp16, 64*|V| > 65504": (torch.float16, 2e4),
     "bf16, |V| ~ 1e6": (torch.bfloat16, 1e6),
     "bf16, |V| ~ 1e30": (torch.bfloat16, 1e30),
+    "bf16, |V| ~ 1e-8 (below fp16's range)": (torch.bfloat16, 1e-8),
 }
 CALLS = {
     "sage1": lambda q, k, v, be: sage1.sageattn(q, k, v, backend=be),
