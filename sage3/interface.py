@@ -7,6 +7,7 @@ import math
 import torch
 
 from common import build, nonfinite
+from common.checks import device_capability
 from common.api import natural_lse, runs_on_input_device, start_call, validate_call
 from common.compile_ops import AttentionOp
 from common.masking import NO_MASK
@@ -87,6 +88,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     if be == "cuda":
         build.check_cuda_device(q.device)
     be = build.pick_cuda(backend, be, q.device, lambda: cuda_kernel.unsupported(shape.head_dim), "sage3")
+    if be == "triton" and q.device.type == "cuda" and device_capability(q.device) < (8, 9):
+        raise ValueError("sage3's Triton kernels store and read E4M3 (FP8) block scales, which Triton needs compute "
+                         "capability 8.9+ for; use backend='torch' (the emulation) on this GPU")
 
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
