@@ -161,8 +161,12 @@ class QuantizedKVCache:
     @property
     def _lengths(self) -> tuple[int, ...]:
         if self._device_appends and not _capturing(self.device):  # replays may have moved seqlens
-            self._set_lengths(self.seqlens.tolist())
-            self._last_tile[:] = [-1] * self.batch  # (not tracked on the device: no rollback into it)
+            lengths = tuple(self.seqlens.tolist())
+            if lengths != self._host_lengths:  # they did (the device only appends)
+                for b, (was, now) in enumerate(zip(self._host_lengths, lengths)):
+                    if now // DECODE_TILE > was // DECODE_TILE:  # a tile filled there: the device append
+                        self._last_tile[b] = now // DECODE_TILE - 1  # kept its keys in last_tile_k/v
+                self._set_lengths(lengths)
         return self._host_lengths
 
     def _set_lengths(self, lengths) -> None:
@@ -279,7 +283,9 @@ class QuantizedKVCache:
             self.first_bad, self.seqlens, self._arrived, kh.stride(0), kh.stride(1), vh.stride(0), vh.stride(1),
             tk.stride(0), tk.stride(1), tk.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0),
             ks.stride(1), km.stride(0), km.stride(1), km.stride(2), self.kv_heads, self.head_dim, self.max_seqlen,
-            T=DECODE_TILE, DP=kc.shape[-1], PV=PV_KINDS.index(self.spec.pv), INTERPRET=interpreter_enabled())
+            T=DECODE_TILE, DP=kc.shape[-1], PV=PV_KINDS.index(self.spec.pv), INTERPRET=interpreter_enabled(),
+            # (no FMA contraction: x * (1/scale) rounds before the code's rounding, as in the host path)
+            **({} if interpreter_enabled() else {"enable_fp_fusion": False}))
 
     def _append_one_key(self, k, v, tensor_layout) -> bool:
         """The usual decode step, with three small ops and no more Python than it needs (its host
@@ -324,28 +330,29 @@ class QuantizedKVCache:
     def _append(self, k: torch.Tensor, v: torch.Tensor, tensor_layout: str, lengths=None) -> None:
         kh, vh = self._check_keys(k, v, tensor_layout)
         n, T = kh.shape[2], DECODE_TILE
+        held = self.lengths  # (read once: after a device append, reading it again re-reads seqlens)
         counts = [n] * self.batch if lengths is None else self._check_counts(lengths, n)
         if max(counts) == 0:
             return
-        if any(l0 + c > self.max_seqlen for l0, c in zip(self.lengths, counts)):
+        if any(l0 + c > self.max_seqlen for l0, c in zip(held, counts)):
             raise ValueError(f"the cache holds at most max_seqlen={self.max_seqlen} keys per sequence: "
-                             f"{self.lengths} held, {counts} more given")
-        if len(set(self.lengths)) == 1 and len(set(counts)) == 1:  # one length: the whole batch at once
-            self._append_rows(slice(None), kh[:, :, :counts[0]], vh[:, :, :counts[0]], self.lengths[0])
+                             f"{held} held, {counts} more given")
+        if len(set(held)) == 1 and len(set(counts)) == 1:  # one length: the whole batch at once
+            self._append_rows(slice(None), kh[:, :, :counts[0]], vh[:, :, :counts[0]], held[0])
             self.seqlens.add_(counts[0])
-        elif all(c == 1 and l0 % T + 1 < T for l0, c in zip(self.lengths, counts)):
+        elif all(c == 1 and l0 % T + 1 < T for l0, c in zip(held, counts)):
             # a decode step over sequences of several lengths that fills no tile: one indexed copy each
             rows = torch.arange(self.batch, device=self.device)
-            at = torch.tensor([l0 % T for l0 in self.lengths], device=self.device)
+            at = torch.tensor([l0 % T for l0 in held], device=self.device)
             self.tail_k[rows, :, at] = kh[:, :, 0]
             self.tail_v[rows, :, at] = vh[:, :, 0]
             self.seqlens.add_(1)
         else:
-            for b, (l0, c) in enumerate(zip(self.lengths, counts)):
+            for b, (l0, c) in enumerate(zip(held, counts)):
                 if c:
                     self._append_rows(slice(b, b + 1), kh[b:b + 1, :, :c], vh[b:b + 1, :, :c], l0)
-            self.seqlens.copy_(torch.tensor([l0 + c for l0, c in zip(self.lengths, counts)], dtype=torch.int32))
-        self._set_lengths(l0 + c for l0, c in zip(self._lengths, counts))
+            self.seqlens.copy_(torch.tensor([l0 + c for l0, c in zip(held, counts)], dtype=torch.int32))
+        self._set_lengths(l0 + c for l0, c in zip(held, counts))
 
     def _check_counts(self, lengths, n: int) -> list[int]:
         counts = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
@@ -620,6 +627,10 @@ def _append_op(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first
                tensor_layout, lengths):
     cache = _cache_of(handle)
     view = cache._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens))
+    if _capturing(cache.device):  # (a compiled step captured in a CUDA graph by hand: as append() does)
+        view._append_on_device(k, v, tensor_layout, lengths)
+        cache._device_appends = True
+        return
     view._append(k, v, tensor_layout, lengths)
     cache._set_lengths(view.lengths)
 

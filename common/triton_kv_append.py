@@ -50,7 +50,9 @@ def append_step_kernel(K, V, TK, TV, LTK, LTV, KC, KS, KM, VC, VS, FIRST_BAD, SE
     if room:
         tl.store(TK + tail + at * stn + d, k, mask=dm)
         tl.store(TV + tail + at * stn + d, v, mask=dm)
-    # the last program of sequence b to read its length moves it on
+    # the last program of sequence b to read its length moves it on (the barrier first: every warp of
+    # this program has read pos before its ticket releases it)
+    tl.debug_barrier()
     if tl.atomic_add(ARRIVED + b, 1, sem="acq_rel") == Hkv - 1:
         tl.store(ARRIVED + b, 0)
         tl.store(SEQLENS + b, pos + room.to(tl.int32))

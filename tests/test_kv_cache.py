@@ -639,3 +639,43 @@ def test_gpu_a_decode_step_captured_in_a_cuda_graph_replays_at_the_right_positio
 def test_a_cache_past_the_kernels_grid_is_refused():
     with pytest.raises(ValueError, match="batch \\* kv_heads must be at most 65535"):
         QuantizedKVCache(8193, 8, 64, 64, device="meta")
+
+
+def test_host_and_device_appends_mixed_keep_lengths_and_rollbacks_exact(monkeypatch):
+    """Device appends (what a CUDA graph replays), then host appends, rollbacks into the last tile
+    either one quantized, and a compiled step recorded during a capture (the capture faked: it
+    must take the device append too, or its replays would write one position). The state always
+    equals a cache fed by host appends alone, and the host's lengths equal seqlens."""
+    from common import kv_cache
+
+    q, k, v = make_qkv(2, 4, 1, 64, heads_kv=2, seqlen_k=200, kind="k_bias", seed=23)
+    q, k, v = (t.to(KERNEL_DEVICE) for t in (q, k, v))
+    host, mixed = (QuantizedKVCache(2, 2, 64, 200, device=KERNEL_DEVICE) for _ in range(2))
+    for c in (host, mixed):
+        c.append(k[:, :, :60], v[:, :, :60])
+    for i in range(60, 66):  # the device fills tile 0 at key 63
+        host.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        mixed._append_on_device(k[:, :, i:i + 1], v[:, :, i:i + 1], "HND")
+    assert mixed.lengths == (66, 66) and mixed._host_lengths == tuple(mixed.seqlens.tolist())
+    for c in (host, mixed):
+        c.length = 62  # back into tile 0, which the device quantized: its keys come back as given
+        c.append(k[:, :, 62:130], v[:, :, 62:130], lengths=[68, 67])  # host appends: tile 1 fills
+        assert c._host_lengths == tuple(c.seqlens.tolist()) == (130, 129)
+    _same_cache_state(host, mixed, codes_differ_by=1)
+    for c in (host, mixed):
+        c.append(k[:, :, 130:131], v[:, :, 130:131], lengths=[0, 1])  # (both at 130)
+        c.length = 100  # back into tile 1, quantized by the host path
+    _same_cache_state(host, mixed, codes_differ_by=1)
+
+    def step(cache, k1, v1):
+        cache.append(k1, v1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    monkeypatch.setattr(kv_cache, "_capturing", lambda device: True)
+    torch._dynamo.reset()
+    compiled(mixed, k[:, :, 100:101], v[:, :, 100:101])
+    assert mixed._device_appends
+    monkeypatch.setattr(kv_cache, "_capturing", lambda device: False)
+    host.append(k[:, :, 100:101], v[:, :, 100:101])
+    assert mixed.lengths == host.lengths == (101, 101)
+    _same_cache_state(host, mixed, codes_differ_by=1)
