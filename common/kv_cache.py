@@ -69,12 +69,12 @@ QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
 
 
 _CACHES: "weakref.WeakValueDictionary[int, QuantizedKVCache]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 def _capturing(device: torch.device) -> bool:
     """Whether work queued on ``device`` now is recorded into a CUDA graph (the current stream is capturing)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-_HANDLES = itertools.count()
 
 
 def _first_nonfinite_key(k: torch.Tensor, v: torch.Tensor, t0: int) -> torch.Tensor:
