@@ -35,6 +35,20 @@ def _pad(x, seq, pos, batch, max_len):
     return out
 
 
+def _check_offsets(cu_q, cu_k, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """The offsets against the packed tensors (one read back from the device): wrong ones would index
+    out of bounds in the copies below (a device-side assert that kills the CUDA context)."""
+    values = torch.cat([cu_q.long(), cu_k.long()]).tolist()
+    n = cu_q.numel()
+    for name, cu, total, most, max_name in (("cu_seqlens_q", values[:n], total_q, max_q, "max_seqlen_q"),
+                                           ("cu_seqlens_k", values[n:], total_k, max_k, "max_seqlen_k")):
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+            raise ValueError(f"{name} must rise from 0 to the packed tensor's {total} tokens, got {cu}")
+        if max(lens) > most:
+            raise ValueError(f"{name} holds a sequence of {max(lens)} tokens, more than {max_name}={most}")
+
+
 def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                      return_lse: bool = False, **options):
     """Run ``sageattn`` (a generation's dense function) on a packed batch; returns ``[total_q, Hq, D]``
@@ -54,6 +68,8 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if ql.numel() != kl.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{ql.numel()} and {kl.numel()}")
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a capture cannot read them back)
+        _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
     B, tq, tk = ql.numel(), q.shape[0], k.shape[0]

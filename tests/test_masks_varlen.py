@@ -155,6 +155,12 @@ def test_varlen_bad_arguments():
         sage1.sageattn_varlen(q, k, v, cq, ck, 0, 6)
     with pytest.raises(ValueError, match="no attn_mask"):
         sage1.sageattn_varlen(q, k, v, cq, ck, 6, 6, attn_mask=torch.ones(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must rise from 0 to the packed tensor's 10 tokens"):
+        sage1.sageattn_varlen(q, k, v, cq + 1, ck, 6, 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must rise from 0 to the packed tensor's 10 tokens"):
+        sage1.sageattn_varlen(q, k, v, cq, torch.tensor([0, 7, 5], dtype=ck.dtype, device=ck.device), 6, 6)
+    with pytest.raises(ValueError, match="cu_seqlens_k holds a sequence of 6 tokens, more than max_seqlen_k=5"):
+        sage1.sageattn_varlen(q, k, v, cq, ck, 6, 5)
 
 
 @pytest.mark.parametrize("gen", ["sage1", "sage2_8b", "sage2_4b_smooth_v"])
