@@ -55,6 +55,7 @@ class SageBwdState:
     do_codes: torch.Tensor | None = None   # set in the backward: int8 dO per BWD_TILE queries
     do_scale: torch.Tensor | None = None
     nan_rows: torch.Tensor | None = None   # bool [B, Hq, Nq] when an input held NaN/Inf (see _sanitized)
+    p_nan_rows: torch.Tensor | None = None  # of those, the rows whose P is NaN (not through V alone)
 
     def v_scale_per_token(self) -> torch.Tensor:
         return scale_per_token(self.v_scale, FWD_KV_TILE, self.v_codes.shape[-2])
@@ -78,18 +79,22 @@ def quantize_for_training(qh, kh, vh, *, sm_scale: float, backend: str) -> SageB
 
 def _zeroed_with_rows(qh, kh, vh, is_causal: bool):
     """The NaN/Inf rule of common.nonfinite, for training inputs that hold a non-finite value: (q, k,
-    v with those values zeroed, bool [B, Hq, Nq] rows that SDPA makes NaN). The forward and backward
-    then run on finite values (a quantization block never spreads a NaN) and only what SDPA's own
-    arithmetic makes NaN is set to NaN: the output rows, dQ on those rows, and dK, dV on every key
-    such a row sees (:func:`_nan_gradients`)."""
+    v with those values zeroed, bool [B, Hq, Nq] rows that SDPA makes NaN, and those of them whose P
+    is NaN: a bad q, or a bad key seen). The forward and backward then run on finite values (a
+    quantization block never spreads a NaN) and only what SDPA's own arithmetic makes NaN is set to
+    NaN (:func:`_nan_gradients`): the output rows; dQ on those rows and dK on every key they see
+    (dS = P (dP - rowsum(dO O)) is NaN on the whole row); dV = P^T dO on every key that a row with
+    a NaN P sees (a bad value alone leaves P, and so dV, finite)."""
     rows = nan_rows(qh, kh, vh, is_causal=is_causal, mask=NO_MASK)
-    return zeroed(qh), zeroed(kh), zeroed(vh), rows
+    p_rows = nan_rows(qh, kh, kh, is_causal=is_causal, mask=NO_MASK)  # (V left out: K stands in)
+    return zeroed(qh), zeroed(kh), zeroed(vh), rows, p_rows
 
 
 def _sanitized(qh, kh, vh, is_causal: bool):
-    """:func:`_zeroed_with_rows` when an input holds NaN/Inf (the check read at once), else (q, k, v, None)."""
+    """:func:`_zeroed_with_rows` when an input holds NaN/Inf (the check read at once), else (q, k, v,
+    None, None)."""
     if not flagged(nonfinite_flag(qh, kh, vh)):
-        return qh, kh, vh, None
+        return qh, kh, vh, None, None
     return _zeroed_with_rows(qh, kh, vh, is_causal)
 
 
@@ -106,13 +111,13 @@ def _keys_seen_by(rows: torch.Tensor, n_k: int, heads_kv: int, is_causal: bool) 
     return torch.arange(n_k, device=rows.device)[None, None, :] <= reach[..., None]
 
 
-def _nan_gradients(dq, dk, dv, rows, is_causal):
-    """SDPA's NaN pattern on HND gradients: a NaN output row has a NaN dS row, hence NaN dQ on that
-    row and NaN dK, dV on every key it sees."""
+def _nan_gradients(dq, dk, dv, rows, p_rows, is_causal):
+    """SDPA's NaN pattern on HND gradients: a row with a NaN dS row (``rows``) has NaN dQ on that row
+    and NaN dK on every key it sees; a row with a NaN P (``p_rows``), or a NaN dO, NaN dV on every
+    key it sees."""
     dq.masked_fill_(rows[..., None], float("nan"))
-    keys = _keys_seen_by(rows, dk.shape[2], dk.shape[1], is_causal)[..., None]
-    dk.masked_fill_(keys, float("nan"))
-    dv.masked_fill_(keys, float("nan"))
+    dk.masked_fill_(_keys_seen_by(rows, dk.shape[2], dk.shape[1], is_causal)[..., None], float("nan"))
+    dv.masked_fill_(_keys_seen_by(p_rows, dv.shape[2], dv.shape[1], is_causal)[..., None], float("nan"))
 
 
 def _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend):
@@ -130,9 +135,9 @@ def _forward(q, k, v, tensor_layout, is_causal, sm_scale, backend):
     st, o_pad, lse2 = _quantized_forward(qh, kh, vh, is_causal, sm_scale, backend, q.dtype)
     if flagged(flag):
         del st, o_pad, lse2  # (not held beside the rerun's)
-        zq, zk, zv, rows = _zeroed_with_rows(qh, kh, vh, is_causal)
+        zq, zk, zv, rows, p_rows = _zeroed_with_rows(qh, kh, vh, is_causal)
         st, o_pad, lse2 = _quantized_forward(zq, zk, zv, is_causal, sm_scale, backend, q.dtype)
-        st.nan_rows = rows
+        st.nan_rows, st.p_nan_rows = rows, p_rows
     return st, o_pad, lse2
 
 
@@ -151,20 +156,33 @@ def _quantized_forward(qh, kh, vh, is_causal, sm_scale, backend, out_dtype):
 
 
 def _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quantize_dov, deterministic, D, dtype):
-    """dQ, dK, dV in the inputs' layout and dtype, from the forward's state and the output gradient."""
-    do = _pad_dim(to_hnd(grad_out, tensor_layout).to(o_pad.dtype).contiguous(), o_pad.shape[-1])
-    st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
-    if backend == "triton":
-        from .train_kernel import backward_triton
+    """dQ, dK, dV in the inputs' layout and dtype, from the forward's state and the output gradient.
+    A NaN/Inf in grad_out (checked as the forward checks its inputs: queued first, read once the
+    kernels are queued) reruns them on its zeroed copy and sets SDPA's pattern: NaN dQ on its rows,
+    NaN dK, dV on every key those rows see."""
+    do_hnd = to_hnd(grad_out, tensor_layout)
+    flag = nonfinite_flag(do_hnd)
 
-        dq, dk, dv = backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
-                                     deterministic=deterministic, out_dtype=dtype)
-    else:
+    def gradients(do_hnd):
+        do = _pad_dim(do_hnd.to(o_pad.dtype).contiguous(), o_pad.shape[-1])
+        st.do_codes, st.do_scale = quantize_token_blocks(do, block=BWD_TILE, backend=backend)
+        if backend == "triton":
+            from .train_kernel import backward_triton
+
+            return backward_triton(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov,
+                                   deterministic=deterministic, out_dtype=dtype)
         from .train_emulation import backward_emulated
 
-        dq, dk, dv = backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
+        return backward_emulated(st, do, o_pad, lse2, is_causal=is_causal, quantize_dov=quantize_dov)
+
+    dq, dk, dv = gradients(do_hnd)
+    if flagged(flag):
+        del dq, dk, dv
+        dq, dk, dv = gradients(zeroed(do_hnd))
+        bad = ~torch.isfinite(do_hnd).all(-1)
+        _nan_gradients(dq, dk, dv, bad, bad, is_causal)
     if st.nan_rows is not None:
-        _nan_gradients(dq, dk, dv, st.nan_rows, is_causal)
+        _nan_gradients(dq, dk, dv, st.nan_rows, st.p_nan_rows, is_causal)
     return tuple(from_hnd(g[..., :D].to(dtype), tensor_layout).contiguous() for g in (dq, dk, dv))
 
 
@@ -188,11 +206,26 @@ class SageBwdFunction(torch.autograd.Function):
         return _output(o_pad, st.nan_rows, tensor_layout, D)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (a double backward gets an error, not wrong numbers)
     def backward(ctx, grad_out):
         tensor_layout, is_causal, backend, quantize_dov, deterministic, D = ctx.opts
         grads = _backward(ctx.st, grad_out, ctx.o_pad, ctx.lse2, tensor_layout, is_causal, backend, quantize_dov,
                           deterministic, D, ctx.dtype)
         return (*grads, None, None, None, None, None, None)
+
+
+class _NoKeys(torch.autograd.Function):
+    """No queries or no keys: zeros, and zero gradients for q, k and v (no arithmetic on them: a
+    sum of fp16 inputs may overflow, and 0 * inf is NaN)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return torch.zeros_like(q)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.meta)
 
 
 @runs_on_input_device
@@ -218,9 +251,8 @@ def sageattn_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_
     scale = resolve_sm_scale(sm_scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
     check_kernel_sizes(shape, be)
-    if q.numel() == 0 or shape.seqlen_k == 0:
-        # nothing to attend to: zeros, with zero gradients flowing to every input
-        return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())
+    if q.numel() == 0 or shape.seqlen_k == 0:  # nothing to attend to: zeros, and zero gradients
+        return _NoKeys.apply(q, k, v)
     if torch.compiler.is_compiling():  # opaque custom ops with a registered backward (below)
         return torch.ops.sageattn_repro.sagebwd_fwd(q, k, v, tensor_layout, is_causal, scale, be, quantize_dov,
                                                     deterministic)[0]
@@ -264,9 +296,9 @@ def _(q, k, v, tensor_layout, is_causal, sm_scale, backend, quantize_dov, determ
 def _sagebwd_bwd(grad_out, q, k, v, o_pad, lse2, tensor_layout, is_causal, sm_scale, backend, quantize_dov,
                  deterministic):
     with torch.no_grad():
-        qh, kh, vh, rows = _sanitized(*(to_hnd(t, tensor_layout) for t in (q, k, v)), is_causal)
+        qh, kh, vh, rows, p_rows = _sanitized(*(to_hnd(t, tensor_layout) for t in (q, k, v)), is_causal)
         st = quantize_for_training(qh, kh, vh, sm_scale=sm_scale, backend=backend)
-        st.nan_rows = rows
+        st.nan_rows, st.p_nan_rows = rows, p_rows
         return _backward(st, grad_out, o_pad, lse2, tensor_layout, is_causal, backend, quantize_dov, deterministic,
                          q.shape[-1], q.dtype)
 

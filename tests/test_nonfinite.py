@@ -76,8 +76,10 @@ def test_varlen_nan_stays_in_its_sequence():
 @pytest.mark.parametrize("where,causal", [("q", True), ("k", True), ("v", False), ("k", False)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_training_follows_the_rule_forward_and_backward(where, causal, backend):
-    """sage3.sageattn_train: NaN output rows as in inference; dQ NaN on those rows, dK and dV NaN on
-    the keys they see (SDPA's arithmetic: a NaN row of dS), finite and accurate everywhere else."""
+    """sage3.sageattn_train: NaN output rows as in inference; dQ NaN on those rows and dK NaN on the
+    keys they see (SDPA's arithmetic: a NaN row of dS); dV = P^T dO NaN on the keys seen by rows whose
+    P is NaN (a bad q or k: a bad value alone leaves dV finite, as in SDPA, which is checked too);
+    finite and accurate everywhere else."""
     from common.masking import NO_MASK
     from common.nonfinite import nan_rows
     from sage3.train import _keys_seen_by
@@ -86,6 +88,7 @@ def test_training_follows_the_rule_forward_and_backward(where, causal, backend):
     {"q": q, "k": k, "v": v}[where][0, 1, 60, 3] = float("nan")
     rows = nan_rows(q, k, v, is_causal=causal, mask=NO_MASK)
     keys = _keys_seen_by(rows, 96, 2, causal)
+    v_keys = keys if where != "v" else torch.zeros_like(keys)
     assert rows.any() and (~rows).any() and keys.any() and (~keys).any()
     dev = KERNEL_DEVICE
     leaves = [t.detach().clone().to(dev).requires_grad_() for t in (q, k, v)]
@@ -95,16 +98,68 @@ def test_training_follows_the_rule_forward_and_backward(where, causal, backend):
     dq, dk, dv = (t.grad.cpu() for t in leaves)
     assert torch.equal(torch.isnan(out.detach().cpu()).any(-1), rows)
     assert torch.equal(torch.isnan(dq).any(-1), rows) and torch.isfinite(dq[~rows]).all()
-    for g in (dk, dv):
-        assert torch.equal(torch.isnan(g).any(-1), keys) and torch.isfinite(g[~keys]).all()
+    for g, seen in ((dk, keys), (dv, v_keys)):
+        assert torch.equal(torch.isnan(g).any(-1), seen) and torch.isfinite(g[~seen]).all()
+    if where == "v":  # SDPA's own dV stays finite (dV = P^T dO), and so does ours
+        sdpa_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        torch.nn.functional.scaled_dot_product_attention(*sdpa_in, is_causal=causal, enable_gqa=True).backward(
+            w.cpu().double())
+        assert torch.isfinite(sdpa_in[2].grad).all() and torch.isfinite(dv).all()
     # the finite parts are those of exact attention on the zeroed inputs
     ref_in = [torch.nan_to_num(t.detach()).double().requires_grad_() for t in (q, k, v)]
     ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=causal, enable_gqa=True)
     ref.backward(w.cpu().double())
     assert accuracy(ref.detach()[~rows], out.detach().cpu()[~rows]).cos_sim > 0.998
     assert accuracy(ref_in[0].grad[~rows], dq[~rows]).cos_sim > 0.99
-    for r, g in ((ref_in[1].grad, dk), (ref_in[2].grad, dv)):
-        assert accuracy(r[~keys], g[~keys]).cos_sim > 0.99
+    for r, g, seen in ((ref_in[1].grad, dk, keys), (ref_in[2].grad, dv, v_keys)):
+        assert accuracy(r[~seen], g[~seen]).cos_sim > 0.99
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_nan_in_the_output_gradient_follows_sdpa(causal, backend):
+    """A NaN in grad_out: NaN dQ on its row, NaN dK and dV on the keys that row sees (without a
+    mask: SDPA's pattern, checked against SDPA itself; causal: the keys up to the row's diagonal,
+    where SDPA's math backend also spreads 0 * NaN onto the masked keys), the rest finite and
+    accurate. (The NaN used to be dropped by dO's quantization, or spread over a block.)"""
+    q, k, v = make_qkv(1, 2, 80, 64, seqlen_k=80, kind="k_bias", seed=9)
+    leaves = [t.detach().clone().to(KERNEL_DEVICE).requires_grad_() for t in (q, k, v)]
+    out = sage3.sageattn_train(*leaves, is_causal=causal, backend=backend)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    w[0, 1, 30, 5] = float("nan")
+    out.backward(w.to(KERNEL_DEVICE))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=causal).backward(torch.nan_to_num(w).double())
+    sdpa_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*sdpa_in, is_causal=causal).backward(w.double())
+    row = torch.zeros(1, 2, 80, dtype=torch.bool)
+    row[0, 1, 30] = True
+    keys = torch.zeros(1, 2, 80, dtype=torch.bool)
+    keys[0, 1, :31 if causal else 80] = True
+    for i, (t, r, leaf) in enumerate(zip(sdpa_in, ref_in, leaves)):
+        g = leaf.grad.cpu()
+        bad = row if i == 0 else keys
+        assert torch.equal(torch.isnan(g).any(-1), bad)
+        if not causal:
+            assert torch.equal(~torch.isfinite(t.grad).all(-1), bad)
+        assert accuracy(r.grad[~bad], g[~bad]).cos_sim > 0.99
+
+
+def test_training_edge_cases_double_backward_and_no_keys():
+    """A second backward through SageBwd is refused (it is not differentiable twice; it used to give
+    wrong numbers); no keys give zeros and zero gradients, also where q's fp16 sum overflows."""
+    q, k, v = make_qkv(1, 2, 64, 64, seed=10)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = sage3.sageattn_train(*leaves, backend="torch")
+    (g,) = torch.autograd.grad(out.float().square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+    q = (torch.randn(1, 8, 1024, 64) + 1).half().requires_grad_()  # its fp16 sum is inf
+    k = torch.randn(1, 8, 0, 64).half().requires_grad_()
+    out = sage3.sageattn_train(q, k, k.detach().clone().requires_grad_(), backend="torch")
+    assert torch.equal(out, torch.zeros_like(out))
+    out.float().sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
 
 
 # --- The kernels' own rule (no host wait): the passes zero and record, the epilogue sets rows ---
