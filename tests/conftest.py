@@ -21,6 +21,24 @@ IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
 
 
+def compile_for_hopper(case: str, *, timeout: int = 900, fp_fusion: bool = False) -> None:
+    """Run ``tests/compile_for_hopper.py case`` (Triton's front end and ptxas for sm_90, no GPU) in a
+    fresh interpreter: under TRITON_INTERPRET=1 kernels are not compilable objects. The repository
+    goes on PYTHONPATH, for machines where it is not pip-installed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if fp_fusion:
+        env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "compile_for_hopper.py"), case],
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
 def kernel_vs_emulation(sageattn, q, k, v, *, tensor_layout, is_causal, kernel_backend="triton", **opts):
     """Run a generation's Triton kernel and its emulation on the same inputs, check that their LSEs
     are finite on the same rows and agree within 1e-3 there, and return the output accuracies

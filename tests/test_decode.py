@@ -204,16 +204,7 @@ HOPPER_CASES = [  # DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, 
 def test_decode_kernels_compile_for_hopper(case):
     # in a fresh interpreter: under TRITON_INTERPRET=1 (the CPU tests) kernels are not compilable objects
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = str(Path(__file__).resolve().parent.parent)  # the repository, also where it is not pip-installed
-    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    script = Path(__file__).parent / "compile_for_hopper.py"
-    r = subprocess.run([sys.executable, str(script), json.dumps(case)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    from conftest import compile_for_hopper
+
+    compile_for_hopper(json.dumps(case), timeout=600, fp_fusion=True)

@@ -224,19 +224,10 @@ def test_gpu_cache_agrees_with_the_dense_decode_call(n_k, heads_kv, n_q, causal)
 
 @pytest.mark.slow
 def test_cache_kernel_compiles_for_hopper():
-    """Triton's front end and ptxas for sm_90 (no GPU needed) in a fresh interpreter: under
-    TRITON_INTERPRET=1 kernels are not compilable objects."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    """Triton's front end and ptxas for sm_90 (no GPU needed), the device append included."""
+    from conftest import compile_for_hopper
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    r = subprocess.run([sys.executable, str(Path(__file__).parent / "compile_for_hopper.py"), "kvcache"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    compile_for_hopper("kvcache", timeout=600)
 
 
 def test_launch_residency_takes_the_fuller_last_wave():

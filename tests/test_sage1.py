@@ -331,13 +331,6 @@ def test_prefill_kernels_compile_for_hopper():
     the quantization passes compile for sm_90 (no GPU needed; the CPU interpreter does not catch
     layout, dot-shape or resource errors). In a fresh interpreter: under TRITON_INTERPRET=1 kernels
     are not compilable objects."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import compile_for_hopper
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    script = Path(__file__).parent / "compile_for_hopper.py"
-    r = subprocess.run([sys.executable, str(script), "prefill"], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    compile_for_hopper("prefill", fp_fusion=True)
