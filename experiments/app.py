@@ -2,7 +2,7 @@
 
     python -m experiments                                   # every generation vs SDPA (GPU), or the CPU emulation
     python -m experiments experiment=smoothing attention=sage2_4b attention.smooth_q=false
-    python -m experiments -m experiment=kernel_speed attention=sage1,sage2_8b,sdpa_cudnn shape.seq_len=1024,16384
+    python -m experiments -m experiment=kernel_speed attention=sage1,sage2_8b,sdpa_cudnn shape.seq_len=1024,16384  # (GPU)
     python -m experiments.report multirun/<date>/<time>     # one table and one figure for a multirun
 
 Each run writes into its Hydra output folder: results.csv/.jsonl/.md, plots (.png) and metadata.json.
@@ -39,6 +39,28 @@ def runners():
     }
 
 
+# What a runner does not read, and what it reads instead: an override of these would change nothing,
+# so it is refused (a silently ignored ablation is worse than an error).
+_NOT_READ = {
+    "compare": {"attention": "experiment.attentions", "shape.seq_len": "experiment.cpu_seq_lens / gpu_seq_lens",
+                "shape.head_dim": "experiment.cpu_head_dims / gpu_head_dims", "shape.causal": "experiment.causal"},
+    "perplexity": {"attention": "experiment.attentions", "shape": "the model config (model=...)"},
+    "train_curve": {"attention": "experiment.attentions", "shape": "the model config (model=...)"},
+    "embedding": {"attention": "experiment.attentions", "shape": "the model's own shapes"},
+}
+
+
+def refuse_unread_overrides(runner: str, overrides) -> None:
+    """Raise ``ValueError`` for a command-line override of a config group (or key) that ``runner``
+    does not read, naming what it reads instead."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        for unread, instead in _NOT_READ.get(runner, {}).items():
+            if key == unread or key.startswith(unread + "."):
+                raise ValueError(f"this experiment (runner {runner!r}) does not read {key!r}: it takes {instead}; "
+                                 "override that instead")
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,8 +78,12 @@ def main(cfg: DictConfig) -> None:
     table = runners()
     if kind not in table:
         raise ValueError(f"experiment runner {kind!r} unknown; choices: {sorted(table)}")
+    from hydra.core.hydra_config import HydraConfig
+
+    refuse_unread_overrides(kind, HydraConfig.get().overrides.task)
     out = os.getcwd()
-    print(f"experiment={cfg.experiment.name} attention={cfg.attention.label} device={device} -> {out}", flush=True)
+    att = "" if "attention" in _NOT_READ.get(kind, {}) else f" attention={cfg.attention.label}"
+    print(f"experiment={cfg.experiment.name}{att} device={device} -> {out}", flush=True)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     write_metadata(cfg, extra={"device": device, "status": "running"})

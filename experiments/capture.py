@@ -13,8 +13,10 @@ from experiments.outputs import write_results
 
 
 def captured_path(cfg, device) -> Path:
-    if cfg.inputs.path:
-        return Path(cfg.inputs.path)
+    if cfg.inputs.path:  # (relative to where the command ran, not the run's own Hydra folder)
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(cfg.inputs.path))
     if cfg.inputs.model == "gpt":
         from experiments.lm import model_config, model_key
 

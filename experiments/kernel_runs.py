@@ -131,7 +131,8 @@ def run_compare(cfg, device):
                 flops = attention_flops(q.shape[0], q.shape[1], n, n, d, causal)
                 for att in atts:
                     r = _speed_row(att, q, k, v, causal, flops, e.rep_ms, e.check_queries, device)
-                    rows.append(dict(attention=att.label, note=att.note or ("" if gpu else "emulation (CPU)"),
+                    emulated = not gpu and att.label != "exact"
+                    rows.append(dict(attention=att.label, note=att.note or ("emulation (CPU)" if emulated else ""),
                                      head_dim=d, causal=causal, seq_len=n, **r))
                     prog.step(f"D={d} causal={causal} N={n} {att.label}: {r['tops']:.3g} TOPS, cos {r['cos_sim']:.5f}")
     _with_ratios(rows, ("head_dim", "causal", "seq_len"))
@@ -165,7 +166,7 @@ def run_kernel_speed(cfg, device):
             r = _speed_row(att, q, k, v, shape["causal"], flops, e.rep_ms, e.check_queries, device)
             rows.append(dict(attention=att.label, note=att.note, batch=q.shape[0], heads=q.shape[1],
                              heads_kv=k.shape[1], head_dim=shape["head_dim"], causal=shape["causal"], seq_len=n,
-                             dtype=shape["dtype"], **r))
+                             dtype=shape["dtype"], layout=shape["layout"], **r))
             prog.step(f"N={n} {att.label}: {r['tops']:.3g} TOPS")
     _with_ratios(rows, ("seq_len",))
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (emulation)"

@@ -151,7 +151,7 @@ def speed_plot(rows, path, title: str) -> None:
         if not isinstance(r.get("tops"), (int, float)) or math.isnan(r["tops"]):
             continue
         n = r.get("seq_len", "")
-        key = f"{n // 1024}K" if isinstance(n, int) and n >= 1024 else str(n)
+        key = f"{n // 1024}K" if isinstance(n, int) and n >= 1024 and n % 1024 == 0 else str(n)  # (1536: "1536")
         if "head_dim" in r:
             key += f" D{r['head_dim']}"
         if str(r.get("causal")) == "True":

@@ -61,7 +61,8 @@ def main(argv=None):
     # a speed multirun: one row per (attention, shape) across jobs, with ratios to cuDNN / FA2 of the same shape
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("error",)]
     if "tops" in keys:
-        shape_keys = [k for k in ("batch", "heads", "heads_kv", "head_dim", "causal", "seq_len", "dtype") if k in keys]
+        shape_keys = [k for k in ("batch", "heads", "heads_kv", "head_dim", "causal", "seq_len", "dtype", "layout")
+                      if k in keys]
         for base in ("sdpa_cudnn", "sdpa_flash", "exact"):
             ref = {}
             for r in rows:

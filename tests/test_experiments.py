@@ -193,6 +193,41 @@ def test_python_m_experiments_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments", "attention.smoth_q=1"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "smoth_q" in bad.stderr
+    unread = subprocess.run([sys.executable, "-m", "experiments", "device=cpu", "attention.qk_dtype=int4"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert unread.returncode != 0 and "does not read 'attention.qk_dtype': it takes experiment.attentions" in unread.stderr
+
+
+def test_overrides_an_experiment_does_not_read_are_refused():
+    """compare takes its attentions and lengths from experiment.*, the model experiments take no
+    attention or shape: an override there would change nothing, so it is refused, naming what to
+    override; the groups a runner reads pass."""
+    from experiments.app import refuse_unread_overrides
+
+    for runner, item, instead in (("compare", "attention=sage1", "experiment.attentions"),
+                                  ("compare", "shape.seq_len=128", "experiment.cpu_seq_lens"),
+                                  ("perplexity", "shape.heads=4", "model config"),
+                                  ("embedding", "+attention.foo=1", "experiment.attentions")):
+        with pytest.raises(ValueError, match=instead):
+            refuse_unread_overrides(runner, [item])
+    refuse_unread_overrides("compare", ["shape.batch=2", "experiment.attentions=[sage1]", "device=cpu"])
+    refuse_unread_overrides("ablation", ["attention.smooth_q=false", "shape.seq_len=128"])
+
+
+def test_speed_plot_labels_lengths_that_are_not_multiples_of_1024_exactly(tmp_path, monkeypatch):
+    from experiments import outputs
+
+    seen = {}
+    monkeypatch.setattr(outputs, "bar_groups", lambda path, groups, *a, **k: seen.update(groups))
+    monkeypatch.chdir(tmp_path)
+    outputs.speed_plot([dict(attention="sage1", seq_len=n, head_dim=128, tops=float(n)) for n in (1024, 1536)],
+                       "tops.png", "t")
+    assert set(seen) == {"1K D128", "1536 D128"}
+
+
+def test_reproduce_sh_refuses_an_unknown_section():
+    p = subprocess.run(["bash", str(REPO / "experiments" / "reproduce.sh"), "kernel"], capture_output=True, text=True)
+    assert p.returncode == 2 and "usage" in p.stderr
 
 
 def test_sagebwd_variants_builds_each_tree_with_its_patch(tmp_path):
