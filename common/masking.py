@@ -106,7 +106,7 @@ def kernel_args(mask: MaskSpec, batch: int, n_q: int, n_k: int, dummy: torch.Ten
 
 
 def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{name} must be a 1-D int tensor [B + 1] of cumulative sequence lengths starting at 0")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")

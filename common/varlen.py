@@ -42,7 +42,7 @@ def _check_offsets(cu_q, cu_k, total_q: int, total_k: int, max_q: int, max_k: in
     n = cu_q.numel()
     for name, cu, total, most, max_name in (("cu_seqlens_q", values[:n], total_q, max_q, "max_seqlen_q"),
                                            ("cu_seqlens_k", values[n:], total_k, max_k, "max_seqlen_k")):
-        lens = [b - a for a, b in zip(cu, cu[1:])]
+        lens = [b - a for a, b in zip(cu, cu[1:])] or [0]  # (no sequences: [0])
         if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
             raise ValueError(f"{name} must rise from 0 to the packed tensor's {total} tokens, got {cu}")
         if max(lens) > most:
@@ -56,8 +56,8 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check(name, t)
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if isinstance(cu, torch.Tensor) and cu.device != q.device:
             raise ValueError(f"{name} must be on the inputs' device ({q.device}), got {cu.device}")
@@ -73,6 +73,9 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
     B, tq, tk = ql.numel(), q.shape[0], k.shape[0]
+    if B == 0 or tq == 0 or max_seqlen_k == 0:  # no sequences, no queries, or no keys: no kernel
+        out = q.new_zeros(q.shape)
+        return (out, torch.full((q.shape[1], tq), float("-inf"), device=q.device)) if return_lse else out
     if tq == B * max_seqlen_q and tk == B * max_seqlen_k:  # all at the maximum length: a dense batch, no copies
         qp, kp, vp = (t.view(B, -1, *t.shape[1:]) for t in (q, k, v))
         res = sageattn(qp, kp, vp, tensor_layout="NHD", return_lse=return_lse, **options)

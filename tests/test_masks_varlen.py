@@ -151,6 +151,8 @@ def test_varlen_bad_arguments():
         sage1.sageattn_varlen(q, k, v, cq, ck[:2], 6, 6)
     with pytest.raises(ValueError, match="int32 or int64"):
         sage1.sageattn_varlen(q, k, v, cq.float(), ck, 6, 6)
+    with pytest.raises(ValueError, match="max_seqlen_q must be a non-negative int"):
+        sage1.sageattn_varlen(q, k, v, cq, ck, -1, 6)
     with pytest.raises(ValueError, match="max_seqlen_q"):
         sage1.sageattn_varlen(q, k, v, cq, ck, 0, 6)
     with pytest.raises(ValueError, match="no attn_mask"):
@@ -207,3 +209,19 @@ def test_a_mask_read_past_two_to_the_31_bytes():
     got = sage1.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), attn_mask=mask.to(KERNEL_DEVICE)
                          if KERNEL_DEVICE == "cpu" else mask.contiguous().to(KERNEL_DEVICE), backend="triton")
     assert accuracy(want.double(), got.cpu()).rel_l1 < 1e-2
+
+
+def test_varlen_with_nothing_to_attend_returns_empty_or_zero_outputs():
+    """FlashAttention-style empty calls: no sequences (cu_seqlens = [0]), every query sequence empty
+    (max_seqlen_q = 0), every key sequence empty (zeros, LSE -inf): no kernel, no error."""
+    q, k, v = (torch.randn(n, 2, 32, dtype=torch.float16) for n in (0, 0, 0))
+    zero = torch.zeros(1, dtype=torch.int32)
+    out, lse = sage2.sageattn_varlen(q, k, v, zero, zero, 0, 0, return_lse=True, backend="torch")
+    assert out.shape == (0, 2, 32) and lse.shape == (2, 0)
+    kv = torch.randn(5, 2, 32, dtype=torch.float16)
+    cu0, cu5 = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    assert sage1.sageattn_varlen(q, kv, kv, cu0, cu5, 0, 5, backend="torch").shape == (0, 2, 32)
+    q3 = torch.randn(3, 2, 32, dtype=torch.float16)
+    out, lse = sage1.sageattn_varlen(q3, q[:0], q[:0], torch.tensor([0, 3], dtype=torch.int32), cu0, 3, 0,
+                                     return_lse=True, backend="torch")
+    assert torch.equal(out, torch.zeros_like(q3)) and torch.isinf(lse).all()
