@@ -8,37 +8,20 @@ import math
 
 import torch
 
+from . import build
 from .checks import (AttentionShape, check_attention_inputs, check_choice, check_flag, check_no_grad, resolve_backend,
                      resolve_sm_scale, to_hnd)
 from .smoothing import lse_shift_from_k_mean
 
 
-def on_device_of(device: torch.device):
-    """A context that makes ``device`` the current CUDA device where it is not (else nothing):
-    Triton and the CUDA extension launch on the current device, which a model spread over GPUs
-    (``device_map="auto"``) need not have made its tensors' device."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return _NOTHING
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NOTHING = _Nothing()
-
-
 def runs_on_input_device(fn):
-    """``fn(q, ...)`` run with q's CUDA device current (:func:`on_device_of`)."""
+    """``fn(q, ...)`` run with q's CUDA device current (:func:`common.build.on_device`): Triton and
+    the CUDA extension launch on the current device, which a model spread over GPUs
+    (``device_map="auto"``) need not have made its tensors' device."""
     @functools.wraps(fn)
     def call(q, *args, **kwargs):
         if isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling():
-            with on_device_of(q.device):
+            with build.on_device(q.device):
                 return fn(q, *args, **kwargs)
         return fn(q, *args, **kwargs)
     return call

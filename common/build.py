@@ -239,11 +239,14 @@ def current_stream_handle(index: int) -> int:
 
 
 def on_device(device):
-    """A context that makes ``device`` current where it is not: the extension launches on the current
-    device (and a capture check reads the current device's stream)."""
+    """A context that makes ``device`` current where it is a CUDA device that is not (else nothing):
+    the extension and Triton launch on the current device (and a capture check reads the current
+    device's stream)."""
     import torch
 
-    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def usable_for_auto(device, who: str) -> bool:

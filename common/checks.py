@@ -135,6 +135,12 @@ def check_no_grad(q, k, v, training_hint: str, attn_mask=None) -> None:
         )
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work queued on ``device`` now is recorded into a CUDA graph (the current stream is
+    capturing): host reads of device values are refused then."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

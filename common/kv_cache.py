@@ -43,8 +43,9 @@ import weakref
 
 import torch
 
-from .api import on_device_of
-from .checks import SUPPORTED_DTYPES, interpreter_enabled
+from . import build
+from .api import GRID_Y_MAX
+from .checks import SUPPORTED_DTYPES, capturing, interpreter_enabled
 from .decode import (DECODE_MAX_QUERIES, DECODE_TILE, LOG2_P_SCALE, PV_KINDS, DecodeSpec, _row_layout,
                      decode_emulated, planned_sms, quantize_k_tile, quantize_v_tile_fp8, split_tiles)
 from .int_qk import LOG2E, padded_head_dim
@@ -70,11 +71,6 @@ QUANTIZE_CHUNK = 64 * DECODE_TILE  # keys quantized per step of a long append
 
 _CACHES: "weakref.WeakValueDictionary[int, QuantizedKVCache]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether work queued on ``device`` now is recorded into a CUDA graph (the current stream is capturing)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _first_nonfinite_key(k: torch.Tensor, v: torch.Tensor, t0: int) -> torch.Tensor:
@@ -115,8 +111,8 @@ class QuantizedKVCache:
                              f"{head_dim} holds {batch * kv_heads * tiles * T * dp} codes per tensor, more than the "
                              "kernel's 32-bit offsets reach (2^31): use a smaller max_seqlen or a cache per part of "
                              "the batch")
-        if batch * kv_heads > 65535:  # the decode kernel's grid axis of (sequence, KV head) pairs
-            raise ValueError(f"batch * kv_heads must be at most 65535 (a CUDA grid axis), got {batch} x {kv_heads}: "
+        if batch * kv_heads > GRID_Y_MAX:  # the decode kernel's grid axis of (sequence, KV head) pairs
+            raise ValueError(f"batch * kv_heads must be at most {GRID_Y_MAX} (a CUDA grid axis), got {batch} x {kv_heads}: "
                              "use a cache per part of the batch")
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device: compare as "cuda:N"
@@ -160,7 +156,7 @@ class QuantizedKVCache:
 
     @property
     def _lengths(self) -> tuple[int, ...]:
-        if self._device_appends and not _capturing(self.device):  # replays may have moved seqlens
+        if self._device_appends and not capturing(self.device):  # replays may have moved seqlens
             lengths = tuple(self.seqlens.tolist())
             if lengths != self._host_lengths:  # they did (the device only appends)
                 for b, (was, now) in enumerate(zip(self._host_lengths, lengths)):
@@ -252,7 +248,7 @@ class QuantizedKVCache:
                                 "be guarded on: a recompile per pattern of counts)")
             torch.ops.sageattn_repro.kvcache_append(*self.state_tensors(), k, v, self.handle, tensor_layout, lengths)
             return
-        if _capturing(self.device):  # a CUDA graph: the positions come from seqlens at each replay
+        if capturing(self.device):  # a CUDA graph: the positions come from seqlens at each replay
             self._append_on_device(k, v, tensor_layout, lengths)
             return
         if lengths is None and self._append_one_key(k, v, tensor_layout):
@@ -271,7 +267,7 @@ class QuantizedKVCache:
         kh = kh if kh.stride(-1) == 1 else kh.contiguous()
         vh = vh if vh.stride(-1) == 1 else vh.contiguous()
         tk, kc, ks, km = self.tail_k, self.k_codes, self.k_scale, self.k_mean
-        with on_device_of(self.device):  # (Triton launches on the current device)
+        with build.on_device(self.device):  # (Triton launches on the current device)
             self._launch_append(kh, vh, tk, kc, ks, km)
         self._device_appends = True
 
@@ -510,13 +506,13 @@ def decode_from_cache(qh: torch.Tensor, cache: QuantizedKVCache, out_hnd: torch.
     LSE [B, Hq, Nq] (or None). backend: ``"triton"`` or ``"torch"`` (the emulation)."""
     B, Hq, Nq, D = qh.shape
     Hkv, spec = cache.kv_heads, cache.spec
-    capturing = _capturing(qh.device)
+    in_graph = capturing(qh.device)
     # in a CUDA graph the lengths are the device's at each replay: the plan covers the capacity (the
     # kernel reads each sequence's length; the splits past it have nothing to do)
-    Nk = cache.max_seqlen if capturing else cache.length
+    Nk = cache.max_seqlen if in_graph else cache.length
     nqp, block_m, row_tiles = _row_layout(Hq // Hkv, Nq)
     _, capped, tps, splits = launch_plan(cache, row_tiles, -(-Nk // DECODE_TILE), qh.device)
-    if backend == "torch" and capturing:
+    if backend == "torch" and in_graph:
         raise ValueError("a decode call over a QuantizedKVCache recorded in a CUDA graph needs backend='triton'")
     if backend == "torch":
         kh, vh = cache.emulation_views()
@@ -627,7 +623,7 @@ def _append_op(k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first
                tensor_layout, lengths):
     cache = _cache_of(handle)
     view = cache._over((k_codes, k_scale, k_mean, v_codes, v_scale, tail_k, tail_v, first_bad, seqlens))
-    if _capturing(cache.device):  # (a compiled step captured in a CUDA graph by hand: as append() does)
+    if capturing(cache.device):  # (a compiled step captured in a CUDA graph by hand: as append() does)
         view._append_on_device(k, v, tensor_layout, lengths)
         cache._device_appends = True
         return

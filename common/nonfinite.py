@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import capturing
 from .masking import MASK_NONE, MaskSpec
 
 CHECK_NONFINITE = True
@@ -98,7 +99,7 @@ def nonfinite_flag(*tensors: torch.Tensor):
     for the host, and the attention kernels run while the host goes on."""
     if not CHECK_NONFINITE or any(t.numel() == 0 for t in tensors):
         return None
-    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(tensors[0].device):
         return None
     flag = ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all()
     return _PendingFlag(flag) if flag.is_cuda else flag

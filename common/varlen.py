@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import capturing
 from .masking import MaskSpec, lengths_from_cu_seqlens
 
 
@@ -68,7 +69,7 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if ql.numel() != kl.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{ql.numel()} and {kl.numel()}")
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a capture cannot read them back)
+    if not capturing(q.device):  # (a capture cannot read them back)
         _check_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")

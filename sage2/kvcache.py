@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from common.api import new_output, runs_on_input_device
-from common.checks import check_flag, check_no_grad, device_capability, resolve_backend, resolve_sm_scale
+from common.checks import (capturing, check_flag, check_no_grad, device_capability, resolve_backend,
+                           resolve_sm_scale)
 from common.kv_cache import QuantizedKVCache, check_query, decode_from_cache
 
 BACKENDS = ("auto", "triton", "torch")
@@ -58,8 +59,7 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
                          "(FP8 tensor cores); use backend='torch'")
     check_no_grad(q, q, q, "sage3.sageattn_train")  # (then nothing here records a graph: no no_grad needed)
     out, out_hnd = new_output(q, tensor_layout)
-    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # (lengths: the device's)
-    if out.numel() == 0 or (not capturing and cache.length == 0):  # (no keys: zeros, NaN rows for a non-finite query)
+    if out.numel() == 0 or (not capturing(q.device) and cache.length == 0):  # (captured: lengths are the device's)  # (no keys: zeros, NaN rows for a non-finite query)
         bad = ~torch.isfinite(qh).all(-1)
         out_hnd.copy_(torch.where(bad[..., None], float("nan"), 0.0))
         lse = torch.where(bad, float("nan"), float("-inf")).float()

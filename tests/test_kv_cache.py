@@ -662,11 +662,11 @@ def test_host_and_device_appends_mixed_keep_lengths_and_rollbacks_exact(monkeypa
         cache.append(k1, v1)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    monkeypatch.setattr(kv_cache, "_capturing", lambda device: True)
+    monkeypatch.setattr(kv_cache, "capturing", lambda device: True)
     torch._dynamo.reset()
     compiled(mixed, k[:, :, 100:101], v[:, :, 100:101])
     assert mixed._device_appends
-    monkeypatch.setattr(kv_cache, "_capturing", lambda device: False)
+    monkeypatch.setattr(kv_cache, "capturing", lambda device: False)
     host.append(k[:, :, 100:101], v[:, :, 100:101])
     assert mixed.lengths == host.lengths == (101, 101)
     _same_cache_state(host, mixed, codes_differ_by=1)
