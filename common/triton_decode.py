@@ -89,6 +89,8 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
     """One KV tile. MASKED: the tile may hold keys past nk or, causal, keys some row may not see
     (else no bounds or visibility masks at all)."""
     cols = start + tl.arange(0, T)
+    k_base = k_base + tl.cast(start, tl.int64) * skn
+    v_base = v_base + tl.cast(start, tl.int64) * svn
     if MASKED:
         inb = (cols < nk)[:, None] & dm[None, :]
         visible = row_ok[:, None] & (cols < nk)[None, :]
@@ -98,9 +100,9 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         inb = dm[None, :]
         visible = row_ok[:, None]
     if MASKED or not EVEN_D:
-        k = tl.load(k_base + cols[:, None] * skn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
+        k = tl.load(k_base + tl.arange(0, T)[:, None] * skn + dcols[None, :], mask=inb, other=0.0).to(tl.float32)
     else:
-        k = tl.load(k_base + cols[:, None] * skn + dcols[None, :]).to(tl.float32)
+        k = tl.load(k_base + tl.arange(0, T)[:, None] * skn + dcols[None, :]).to(tl.float32)
     if CAREFUL:
         k_bad = _nonfinite_rows(k)
         k = zero_nonfinite(k)
@@ -139,9 +141,9 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
     # tile enters the running state scaled by beta = exp2(m_t - m')
     p, alpha, beta, m_new, l_i = _own_max_update(s, m_i, l_i, log2_pscale, MASKED)
     if MASKED or not EVEN_D:
-        v = tl.load(v_base + cols[:, None] * svn + dcols[None, :], mask=inb, other=0.0)
+        v = tl.load(v_base + tl.arange(0, T)[:, None] * svn + dcols[None, :], mask=inb, other=0.0)
     else:
-        v = tl.load(v_base + cols[:, None] * svn + dcols[None, :])
+        v = tl.load(v_base + tl.arange(0, T)[:, None] * svn + dcols[None, :])
     if CAREFUL:
         vf = v.to(tl.float32)
         key_bad = k_bad | _nonfinite_rows(vf)
@@ -245,7 +247,7 @@ def _quantized_q(Q, b, hk, g, i, row_ok, nq, sqb, sqh, sqn, G, qk_mult, dcols, d
                  NQP: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr, SMOOTH_Q: tl.constexpr):
     """The program's rows of Q: (q log2-scaled fp32 with non-finite values zeroed, INT codes, their
     per-row scales, each row's head mean (SMOOTH_Q), rows with a non-finite value (NaN at the end))."""
-    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
+    q = tl.load(Q + b.to(tl.int64) * sqb + (hk.to(tl.int64) * G + g[:, None]) * sqh + i[:, None] * sqn + dcols[None, :],
                 mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32) * qk_mult
     bad = _nonfinite_rows(q)
     q = zero_nonfinite(q)
@@ -288,8 +290,10 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
 
     t_begin, t_end = _split_keys(split, tiles_per_split, nk, nq, q_offset, T, IS_CAUSAL)
 
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    # 64-bit bases (and tile starts, _tile): K and V may be views into a larger buffer, e.g. a
+    # preallocated cache sliced to the current length, past 2^31 elements while the views are small
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset,
                                      t_begin, t_end, log2_pscale, dcols, dm, BLOCK_M, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K,
                                      SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL, EVEN_D)

@@ -44,8 +44,8 @@ def append_step_kernel(K, V, TK, TV, LTK, LTV, KC, KS, KM, VC, VS, FIRST_BAD, SE
     at = pos % T
     d = tl.arange(0, DP)
     dm = d < D
-    k = tl.load(K + b * skb + h * skh + d, mask=dm, other=0.0)
-    v = tl.load(V + b * svb + h * svh + d, mask=dm, other=0.0)
+    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + d, mask=dm, other=0.0)  # (views of larger buffers)
+    v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + d, mask=dm, other=0.0)
     tail = b * stb + h * sth
     if room:
         tl.store(TK + tail + at * stn + d, k, mask=dm)

@@ -123,8 +123,11 @@ def load_tile_at(X, MEAN, stride_xb, stride_xh, stride_xn, H, N, D, pid_n, pid_b
     rows = pid_n * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, DP)
     in_bounds = (rows[:, None] < N) & (cols[None, :] < D)
-    x = tl.load(X + (pid_bh // H) * stride_xb + (pid_bh % H) * stride_xh + rows[:, None] * stride_xn + cols[None, :],
-                mask=in_bounds, other=0.0).to(tl.float32)
+    # the tile's start in 64 bits: a view into a larger buffer (q, k, v of one packed QKV tensor, a
+    # slice of a preallocated cache) may reach past 2^31 elements while the view itself is small
+    tile = X + (pid_bh // H).to(tl.int64) * stride_xb + (pid_bh % H).to(tl.int64) * stride_xh \
+        + (pid_n * BLOCK).to(tl.int64) * stride_xn
+    x = tl.load(tile + tl.arange(0, BLOCK)[:, None] * stride_xn + cols[None, :], mask=in_bounds, other=0.0).to(tl.float32)
     if ZERO:
         x = zero_nonfinite(x)
     if HAS_MEAN:
@@ -312,7 +315,9 @@ def delta_s_kernel(QM, K, KM, OUT, stride_kb, stride_kh, stride_kn, Hq, Hkv, NB,
     bh = bh.to(tl.int64)  # OUT holds B Hq NB Nk values: past 2^31 at B=4, Hq=32, 48k tokens
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, DP)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + d[None, :],
+    # (the tile's start in 64 bits: K may be a view into a larger buffer, as in load_tile_at)
+    k_tile = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + (pid_n * BLOCK_N).to(tl.int64) * stride_kn
+    k = tl.load(k_tile + tl.arange(0, BLOCK_N)[:, None] * stride_kn + d[None, :],
                 mask=(cols[:, None] < Nk) & (d[None, :] < D), other=0.0).to(tl.float32)
     if HAS_KM:
         k = k - tl.load(KM + (b * Hkv + hk) * D + d, mask=d < D, other=0.0)[None, :]

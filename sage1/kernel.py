@@ -121,7 +121,9 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
         qs = tl.load(QS + bh * q_groups + rows // q_tps, mask=rows < Nq, other=0.0)
     offs_n = tl.arange(0, BLOCK_N)
     K_ptrs = K + (kv_bh * Nk + offs_n[:, None]) * DP + dcols[None, :]
-    V_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + dcols[None, :]
+    # (64-bit base and tile steps: V is read as the caller gave it, which may be a view into a larger
+    # buffer, e.g. one packed QKV tensor, reaching past 2^31 elements)
+    V_ptrs = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + dcols[None, :]
     ks_ptr = KS + kv_bh * k_groups
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -135,13 +137,13 @@ def sage1_attn_fwd(Q, K, V, QS, KS, O, LSE, Q_desc, K_desc, V_desc,
     out_scale = 1.0 / (s_v * p_scale)
 
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + tl.cast(start_n, tl.int64) * stride_vn,
                               K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
                               MASKP, h, smb, smh, smm, smn, p_scale,
                               BLOCK_N, DP, Q_SCALAR, K_SCALAR, False, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,
                               MASK_KIND, ZERO_V)
     for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + start_n * stride_vn,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K_ptrs + start_n * DP, ks_ptr, V_ptrs + tl.cast(start_n, tl.int64) * stride_vn,
                               K_desc, V_desc, kv_bh, b, hk, start_n, rows, Nq, Nk, nk, q_offset, k_tps, d_mask,
                               MASKP, h, smb, smh, smm, smn, p_scale,
                               BLOCK_N, DP, Q_SCALAR, K_SCALAR, True, IS_CAUSAL, PV_FP16_ACC, DP != D, USE_DESC,

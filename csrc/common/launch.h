@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace sage_cuda {
 
@@ -35,6 +36,22 @@ inline void check_attention_shape(int heads_q, int heads_kv, int npad, int block
   if (npad % block_n != 0)
     throw std::invalid_argument(who + ": the key dim of " + v_name + " must be padded to " + std::to_string(block_n));
   if (seqlen_q <= 0 || seqlen_k <= 0) throw std::invalid_argument(who + ": empty sequences run no kernel");
+}
+
+// Launch `kernel` so that it may start while the kernel before it on `stream` finishes
+// (programmatic dependent launch, sm_90): its CTAs are placed as that kernel's CTAs leave, and it
+// must call griddep_wait() before reading anything that kernel wrote. Under stream capture this
+// becomes a programmatic edge of the graph.
+template <typename... Params, typename... Args>
+cudaError_t launch_after(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                         Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = stream;
+  config.attrs = attr, config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 inline void check_launch(const char* who) {

@@ -467,6 +467,11 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
       reinterpret_cast<uint32_t*>(sm.vt[i / WORDS] + DP * BLOCK_N)[i % WORDS] = 0x38383838u;
     fence_proxy_async_shared();  // written here, read by wgmma (the async proxy)
   }
+#ifndef SAGE2_NO_PDL
+  // launched after the K/V pass (launch_after): the setup above ran while the pass finished; what
+  // follows reads its codes, scales and tile counter
+  griddep_wait();
+#endif
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
@@ -837,7 +842,11 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   cudaMalloc(&p.trace, trace_words * sizeof(long long));
   cudaMemsetAsync(p.trace, 0, trace_words * sizeof(long long), stream);
 #endif
+#ifndef SAGE2_NO_PDL
+  launch_after(kernel, dim3(unsigned(ctas)), dim3(Config<DP>::THREADS), size_t(smem), stream, map_q, map_k, map_v, p);
+#else
   kernel<<<unsigned(ctas), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+#endif
   check_launch("sage2 cuda");
 #ifdef SAGE2_TRACE
   std::vector<long long> w(trace_words);

@@ -375,6 +375,11 @@ __global__ void __launch_bounds__(THREADS, 3)  // three CTAs (two 32 KB chunks e
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem<DP>& sm = *reinterpret_cast<Smem<DP>*>(smem_raw);
   const int total = 2 * a.batch * a.heads * a.chunks;
+#ifndef SAGE2_NO_PDL
+  // the attention kernel after this one may take SMs as this grid's CTAs leave (it waits for the
+  // whole pass before reading any of it; it is placed only once every CTA here has run this line)
+  griddep_launch_dependents();
+#endif
   if (threadIdx.x == 0) {
     mbar_init(&sm.full[0], 1), mbar_init(&sm.full[1], 1);
     fence_barrier_init();
