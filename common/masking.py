@@ -73,7 +73,8 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Nq, Nk] = "
                          f"{list(full)}") from None
     if m.dtype == torch.bool:
-        if detect_key_padding and m.stride(1) == 0 and m.stride(2) == 0:
+        # (no rows to look at with no queries or query heads: the call returns empty, as SDPA's)
+        if detect_key_padding and m.stride(1) == 0 and m.stride(2) == 0 and n_q > 0 and heads_q > 0:
             keep = m[:, 0, 0, :]                               # [B, Nk]
             lens = keep.sum(-1, dtype=torch.int32)
             prefix = torch.arange(n_k, device=keep.device)[None, :] < lens[:, None]

@@ -6,8 +6,8 @@ underflow far below anything that changes the result), and the output is scaled 
   reach 3e38) and, with fp16 accumulation, a KV tile's sum of p*v (p <= 1, 64 keys per tile,
   so up to 64 max|V|) must stay below fp16's 65504. With m = max|V| over V's finite values (one
   read of V on the device, no host sync), V is multiplied by s_v = 2^floor(log2(2^15 / m)) when
-  m > 2^15, P by s_p = 2^floor(log2(2^10 / (m s_v))) when the accumulation is fp16 and
-  m s_v > 2^10, and the output by 1 / (s_v s_p). The other way, bf16 V far below fp16's range
+  m > 2^15, P by s_p = 2^floor(log2(960 / (m s_v))) when the accumulation is fp16 and
+  m s_v > 960, and the output by 1 / (s_v s_p). The other way, bf16 V far below fp16's range
   (m < 2^-4; fp16's smallest normal is 6e-5, so V ~ 1e-8 would flush to zero) is multiplied by
   s_v = 2^floor(log2(1 / m)) (its max into (1/2, 1]). Inputs within range are untouched (both
   scales are 1). The Triton kernels compute s_v and s_p from m themselves (:func:`guard_scales_tl`), with
@@ -22,7 +22,10 @@ import triton
 import triton.language as tl
 
 FP16_SAFE = 2.0 ** 15           # |V| kept below this for the fp16 conversion
-FP16_ACC_SAFE = 2.0 ** 10       # |V| (times P's scale) kept below this for 64-key fp16 accumulation
+# |V| (times P's scale) kept at most this for 64-key fp16 accumulation: 64 * 960 = 61440 leaves
+# fp16's 65504 room for the partial sums' rounding and a p a hair above 1 (exp2.approx). It was
+# 2^10, which a power-of-two max|V| of 1024 or more reached exactly: 64 * 1024 = 65536 -> inf.
+FP16_ACC_SAFE = 960.0
 _FP16_SAFE = tl.constexpr(FP16_SAFE)
 _FP16_ACC_SAFE = tl.constexpr(FP16_ACC_SAFE)
 

@@ -57,7 +57,8 @@ def attention_reference(q, k, v, *, tensor_layout="HND", is_causal=False, sm_sca
     out = torch.empty(B, Hq, Nq, vh.shape[-1], dtype=dt, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=dt, device=q.device)
     if attn_mask is not None:
-        attn_mask = attn_mask.to(q.device).expand(B, Hq, Nq, Nk) if attn_mask.dim() else attn_mask
+        attn_mask = attn_mask.to(q.device)  # (a 0-d mask broadcasts as one value, SDPA's rule)
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, Hq, Nq, Nk)
     chunk = max(1, min(Nq, max_chunk_elems // max(1, Hq * Nk)))
     with exact_fp32_matmul():
         for b in range(B):

@@ -51,7 +51,21 @@ def test_guard_leaves_ordinary_inputs_alone():
     assert scales.tolist() == [1.0, 1.0]
     big = torch.full((1, 1, 4, 4), 3e4, dtype=torch.float16)
     _, scales = fp16_pv_guard(big, fp16_accumulation=True)
-    assert scales[0].item() == 2.0 ** -5 and scales[1].item() == 2.0 ** 5  # 3e4 * 2^-5 < 2^10
+    assert scales[0].item() == 2.0 ** -5 and scales[1].item() == 2.0 ** 5  # 3e4 * 2^-5 <= 960
+
+
+@pytest.mark.parametrize("value,dtype", [(1024.0, torch.float16), (2048.0, torch.float16), (32768.0, torch.float16),
+                                         (60000.0, torch.float16), (2.0 ** 20, torch.bfloat16)])
+def test_fp16_accumulation_at_powers_of_two_stays_finite(value, dtype):
+    """Every key alike (P = 1 across each 64-key tile) and V constant: each tile's fp16 sum is 64
+    |V| s_p, which at a power-of-two |V| of 1024 or more once came to exactly 65536 (inf). The
+    output is V itself."""
+    q = torch.randn(1, 1, 80, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    k = torch.randn(1, 1, 1, 64, generator=torch.Generator().manual_seed(1)).to(dtype).expand(1, 1, 128, 64)
+    v = torch.full((1, 1, 128, 64), value, dtype=dtype)
+    for be in ("torch", "triton"):
+        out = sage1.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), backend=be, pv_accum="fp16")
+        assert torch.equal(out.cpu(), v[:, :, :80]), be
 
 
 @triton.jit

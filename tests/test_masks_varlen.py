@@ -187,6 +187,12 @@ def test_mask_edge_cases_from_review(gen):
         gen.sageattn(q, k, v, attn_mask=bias, backend="torch")
     with pytest.raises((TypeError, ValueError), match="attn_mask"):
         gen.sageattn(q[:0], k[:0], v[:0], attn_mask="not a mask", backend="torch")
+    # a key-padding mask with no queries, or no query heads: empty, as SDPA returns (was an IndexError)
+    pad = (torch.arange(6) < 4)[None, None, None, :]
+    for qq, kk, vv in ((q[:, :, :0], k, v), (q[:, :0], k, v)):
+        for be in ("torch", "triton"):
+            out = gen.sageattn(*(t.to(KERNEL_DEVICE) for t in (qq, kk, vv)), attn_mask=pad.to(KERNEL_DEVICE), backend=be)
+            assert out.shape == qq.shape, be
     hf = torch.zeros(1, 1, 4, 6, dtype=torch.bfloat16)
     hf[..., 2, :] = torch.finfo(torch.bfloat16).min  # every key of row 2
     hf[..., 3, 1:] = torch.finfo(torch.bfloat16).min  # row 3 sees key 0 only

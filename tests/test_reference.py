@@ -65,8 +65,9 @@ def test_reference_masks_follow_sdpa():
     keep = torch.rand(1, 1, 9, 11) > 0.3
     keep[..., 0] = True
     add = torch.randn(1, 2, 9, 11)
-    for mask in (keep, add):
-        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask if mask.dtype == torch.bool else mask.double())
+    for mask in (keep, add, torch.tensor(True), torch.tensor(0.5), torch.randn(11)):  # (0-d and 1-d broadcast)
+        sdpa_mask = mask.expand(1, 2, 9, 11)  # (SDPA itself takes no 0-d mask)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=sdpa_mask if mask.dtype == torch.bool else sdpa_mask.double())
         torch.testing.assert_close(attention_reference(q, k, v, attn_mask=mask), ref)
 
 
