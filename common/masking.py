@@ -89,6 +89,29 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
     return MaskSpec(MASK_BIAS, bias)
 
 
+def keys_within_lengths(k: torch.Tensor, mask: MaskSpec, smooth_k: bool):
+    """K ``[B, Hkv, Nk, D]`` (an HND view) as the prefill quantization should see it when the call
+    has per-sequence key lengths (a key-padding mask, varlen). Keys past a sequence's length are
+    never attended, but K's mean and quantization scales counted them: a zero-padded varlen batch
+    gave a short sequence a fraction of its own mean (its smoothing lost), and garbage in a padded
+    slot skewed every key's codes. Here K's smoothing mean is taken over the real keys, and the
+    keys past each length are replaced by it (by zeros without smoothing), so that smoothed they
+    are ~0 and widen no scale. Returns ``(k, mean)``: ``k`` as given and ``mean`` None without
+    lengths; ``mean`` fp32 ``[B, Hkv, 1, D]`` (None without smoothing). Costs copies of K on
+    calls with lengths only."""
+    if mask.k_lens is None:
+        return k, None
+    lens = mask.k_lens.to(device=k.device, dtype=torch.int64)
+    keep = (torch.arange(k.shape[-2], device=k.device)[None, :] < lens[:, None])[:, None, :, None]
+    kz = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    if not smooth_k:
+        return kz, None
+    mean = kz.sum(-2, keepdim=True, dtype=torch.float32) / lens.clamp(min=1).to(torch.float32)[:, None, None, None]
+    # (a non-finite mean, from a NaN/Inf in a real key, pads with zeros: common.nonfinite's rules then apply)
+    pad = torch.where(torch.isfinite(mean), mean, 0.0).to(k.dtype)
+    return torch.where(keep, k, pad), mean
+
+
 def resolve_mask(attn_mask, shape, device) -> MaskSpec:
     """A public function's ``attn_mask`` as a MaskSpec: a MaskSpec itself (the varlen path) passes
     through, anything else goes through :func:`prepare_mask` (``shape``: common.checks.AttentionShape)."""

@@ -143,6 +143,39 @@ def test_varlen_equal_lengths_is_the_dense_call():
     assert torch.equal(packed_out.view(B, N, H, D), dense)
 
 
+@pytest.mark.parametrize("gen", ["sage1", "sage2"])
+def test_varlen_sequence_is_smoothed_as_its_dense_call(gen):
+    """A short sequence beside a long one, K with a large channel bias (what K smoothing removes):
+    each sequence's varlen output is its dense call's (K's mean over its own keys; the padding
+    once diluted a short sequence's mean toward 0, rel L1 0.074 against 0.0096 here), and keys
+    past a key-padding mask's lengths, whatever they hold, change nothing."""
+    mod = sage1 if gen == "sage1" else sage2
+    g = torch.Generator().manual_seed(0)
+    bias = torch.zeros(64)
+    bias[:8] = 40.0
+    lens = [256, 24]
+    q, k, v = (torch.cat([torch.randn(n, 2, 64, generator=g) + (bias if i == 1 else 0) for n in lens]).half()
+               for i in range(3))
+    cu = torch.tensor([0, 256, 280], dtype=torch.int32)
+    for be in ("torch", "triton"):
+        out = mod.sageattn_varlen(*(t.to(KERNEL_DEVICE) for t in (q, k, v, cu, cu)), 256, 256, backend=be).cpu()
+        for s, e in ((0, 256), (256, 280)):
+            dense = mod.sageattn(*(t[None, s:e].to(KERNEL_DEVICE) for t in (q, k, v)), tensor_layout="NHD",
+                                 backend=be)[0].cpu()
+            assert accuracy(dense.double(), out[s:e]).rel_l1 < 2e-3, (be, s)
+        # the same batch padded (NHD [2, 256, H, D]) with garbage past the second sequence's keys
+        kp, vp = (torch.zeros(2, 256, 2, 64, dtype=torch.half) for _ in range(2))
+        kp[0], vp[0], kp[1, :24], vp[1, :24] = k[:256], v[:256], k[256:], v[256:]
+        qp = torch.stack([q[:256], torch.cat([q[256:], torch.zeros(232, 2, 64, dtype=torch.half)])])
+        keep = (torch.arange(256)[None, :] < torch.tensor([256, 24])[:, None])[:, None, None, :]
+        clean = mod.sageattn(*(t.to(KERNEL_DEVICE) for t in (qp, kp, vp)), tensor_layout="NHD",
+                             attn_mask=keep.to(KERNEL_DEVICE), backend=be)
+        kp[1, 24:] = 3e4 * torch.randn(232, 2, 64, generator=g).sign().half()
+        dirty = mod.sageattn(*(t.to(KERNEL_DEVICE) for t in (qp, kp, vp)), tensor_layout="NHD",
+                             attn_mask=keep.to(KERNEL_DEVICE), backend=be)
+        assert torch.equal(clean, dirty), be
+
+
 def test_varlen_bad_arguments():
     q, k, v, cq, ck = packed([4, 6], [4, 6])
     with pytest.raises(ValueError, match="total_tokens"):
