@@ -182,9 +182,9 @@ def attention_emulated(qk: QuantizedQK, qv: QuantizedV, *, delta_s: torch.Tensor
                     acc = acc * alpha[..., None] + fp8_mma(p8, v8, None, hopper_fp8_accumulator)
                 else:
                     acc = fp8_mma(p8, v8, acc * alpha[..., None], hopper_fp8_accumulator)
-    if qv.scale is not None:
-        acc = acc * qv.scale.repeat_interleave(group, dim=1)[..., None, :]
     out = sm.normalize(acc)
+    if qv.scale is not None:  # (after normalizing, as the kernels: acc * scale overflows for |V| ~ 1e33)
+        out = out * qv.scale.repeat_interleave(group, dim=1)[..., None, :]
     if qv.mean is not None:
         out = torch.where(sm.l[..., None] == 0, 0.0, out + qv.mean.repeat_interleave(group, dim=1))
     return out, (sm.lse2() if return_lse else None)

@@ -137,9 +137,10 @@ def sage2_attn_fwd(Q_desc, K_desc, V_desc, QS, KS, DS, VS, VM, O, LSE,
                               BLOCK_N, DP, True, IS_CAUSAL, PV_FP8, FP8_E5M2,
                               PV_MODE, SMOOTH_Q, K_SCALE_MODE, INTERPRET, MASK_KIND)
 
-    if HAS_VS:  # V's per-channel scales (FP8), or the fp16 range guard's power of two
-        acc = acc * tl.load(VS + kv_bh * D + dcols, mask=d_mask, other=0.0)[None, :]
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if HAS_VS:  # V's per-channel scales (FP8), or the fp16 range guard's power of two: after the division,
+        # since acc ~ l |V's codes| and l reaches P_SCALE * Nk (acc * scale overflowed from |V| ~ 1e33)
+        out = out * tl.load(VS + kv_bh * D + dcols, mask=d_mask, other=0.0)[None, :]
     if SMOOTH_V:
         vmean = tl.load(VM + kv_bh * D + dcols, mask=d_mask, other=0.0)
         out = tl.where(l_i[:, None] == 0.0, 0.0, out + vmean[None, :])

@@ -13,7 +13,7 @@ from common.inputs import make_qkv
 from common.metrics import accuracy
 from common.range_guard import fp16_pv_guard, guard_scales, guard_scales_tl
 from common.reference import attention_reference
-from conftest import KERNEL_DEVICE
+from conftest import IS_HOPPER, KERNEL_DEVICE
 
 CASES = {  # name: (dtype, V multiplier)
     "fp16, 64*|V| > 65504": (torch.float16, 2e4),
@@ -42,6 +42,29 @@ def test_large_v_is_finite_and_accurate(case, call):
         out = CALLS[call](*(t.to(KERNEL_DEVICE) for t in (q, k, v)), be)
         assert torch.isfinite(out).all(), (call, be)
         assert accuracy(ref, out.cpu()).cos_sim > 0.999, (call, be)
+
+
+@pytest.mark.parametrize("mag", [1e33, 1e37])
+def test_huge_v_under_uniform_attention_stays_finite(mag):
+    """q = 0: every key alike, so l (the row sum, up to P's scale times Nk) is as large as it gets.
+    The output is about mag / 2; the FP8 paths once multiplied acc ~ l |V's codes| by V's scales
+    before dividing by l, which overflowed from |V| ~ 1e33 (e5m2) and 1e37 (e4m3, fp16)."""
+    q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 256, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    v = (torch.rand(1, 1, 256, 64, generator=torch.Generator().manual_seed(1)) * mag).to(torch.bfloat16)
+    ref = attention_reference(q, k, v)
+    calls = {"sage1": lambda be: sage1.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), backend=be)}
+    for pv in ("fp8_e4m3", "fp8_e5m2", "fp16"):
+        calls[f"sage2 {pv}"] = lambda be, pv=pv: sage2.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), backend=be,
+                                                                 pv_dtype=pv)
+    backends = ("torch", "triton") + (("cuda",) if IS_HOPPER else ())
+    for name, call in calls.items():
+        for be in backends:
+            if be == "cuda" and name != "sage2 fp8_e4m3":
+                continue
+            out = call(be)
+            assert torch.isfinite(out).all(), (name, be)
+            assert accuracy(ref, out.cpu()).rel_l1 < 0.05, (name, be)
 
 
 def test_guard_leaves_ordinary_inputs_alone():

@@ -676,7 +676,8 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
     }
     slot0 = (slot0 + n_tiles) % (2 * STAGES);
 
-    // epilogue: out = O * dv / l; SDPA's NaN rows (common.nonfinite); the log2-domain LSE
+    // epilogue: out = O / l * dv (in that order: O ~ l |V's codes| and l reaches 448 * Nk, so O * dv
+    // overflowed for |V| ~ 1e32); SDPA's NaN rows (common.nonfinite); the log2-domain LSE
     const int first_bad = lane0_read(sm.first_bad_of[qb], lane);
     if constexpr (!Q_FUSED) {
       if (p.q_bad != nullptr) {
@@ -718,8 +719,8 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
         for (int nt = 0; nt < DP / 8; ++nt) {
           const int col = 8 * nt + 2 * t;
           if (col < p.head_dim)
-            *reinterpret_cast<uint32_t*>(out_row + col) = to_out2<OutT>(o[4 * nt + 2 * r] * v_scale[2 * nt] * inv_l,
-                                                                        o[4 * nt + 2 * r + 1] * v_scale[2 * nt + 1] * inv_l);
+            *reinterpret_cast<uint32_t*>(out_row + col) = to_out2<OutT>(o[4 * nt + 2 * r] * inv_l * v_scale[2 * nt],
+                                                                        o[4 * nt + 2 * r + 1] * inv_l * v_scale[2 * nt + 1]);
         }
       } else {
 #pragma unroll
@@ -727,7 +728,7 @@ __global__ void __launch_bounds__(Config<DP>::THREADS, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 8 * nt + 2 * t + e;
-            if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * v_scale[2 * nt + e] * inv_l);
+            if (col < p.head_dim) out_row[col] = to_out<OutT>(o[4 * nt + 2 * r + e] * inv_l * v_scale[2 * nt + e]);
           }
         }
       }
