@@ -64,4 +64,50 @@ class AttentionOp:
         return (out, lse) if return_lse else out
 
 
-__all__ = ["AttentionOp"]
+class VarlenOp:
+    """The custom op of a generation's ``sageattn_varlen`` (common.varlen): the packed tensors, the
+    offsets and the maximum lengths, then ``sageattn``'s options (``options`` as for AttentionOp).
+    The offsets are read back only where the op runs, so the call traces without a data-dependent
+    guard. Options left out take ``sageattn``'s defaults."""
+
+    def __init__(self, qualname: str, sageattn, options: list[tuple[str, str]]):
+        import inspect
+
+        from .varlen import attention_varlen
+
+        self.names = [n for n, _ in options]
+        self.defaults = {n: p.default for n, p in inspect.signature(sageattn).parameters.items()
+                         if p.default is not inspect.Parameter.empty}
+        schema = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+                  "SymInt max_seqlen_k, bool is_causal, float? sm_scale, bool return_lse, str backend"
+                  + "".join(f", {t} {n}" for n, t in options) + ") -> (Tensor, Tensor)")
+
+        def impl(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, return_lse, backend, *rest):
+            res = attention_varlen(sageattn, q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal,
+                                   sm_scale=sm_scale, return_lse=return_lse, backend=backend,
+                                   **dict(zip(self.names, rest)))
+            if return_lse:
+                return res
+            return res, torch.empty(0, dtype=torch.float32, device=q.device)
+
+        def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, return_lse, backend, *rest):
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                if t.dim() != 3:
+                    raise ValueError(f"{name} must be a [total_tokens, heads, head_dim] tensor, got {tuple(t.shape)}")
+            lse_shape = (q.shape[1], q.shape[0]) if return_lse else (0,)
+            return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+        self.op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+        self.op.register_fake(fake)
+
+    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options):
+        unknown = set(options) - set(self.names) - {"is_causal", "sm_scale", "return_lse", "backend"}
+        if unknown:
+            raise ValueError(f"sageattn_varlen got unexpected options {sorted(unknown)}")
+        kw = {**self.defaults, **options}
+        out, lse = self.op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kw["is_causal"],
+                           kw["sm_scale"], kw["return_lse"], kw["backend"], *[kw[n] for n in self.names])
+        return (out, lse) if kw["return_lse"] else out
+
+
+__all__ = ["AttentionOp", "VarlenOp"]

@@ -96,11 +96,18 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     return out[sq, pq], lse[sq, :, pq].transpose(0, 1)
 
 
-def varlen_api(sageattn):
-    """The ``sageattn_varlen`` of a generation whose dense function is ``sageattn``."""
+def varlen_api(sageattn, qualname: str, options: list[tuple[str, str]]):
+    """The ``sageattn_varlen`` of a generation whose dense function is ``sageattn``: under
+    torch.compile the custom op ``qualname`` (common.compile_ops.VarlenOp; ``options``: the
+    generation's options and their schema types, as its AttentionOp's)."""
+    from .compile_ops import VarlenOp
+
+    op = VarlenOp(qualname, sageattn, options)
 
     def sageattn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, **options):
+        if torch.compiler.is_compiling():
+            return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
         return attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
 
     sageattn_varlen.__doc__ = f"""``{sageattn.__module__.split('.')[0]}.sageattn`` on a packed batch of

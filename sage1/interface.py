@@ -111,7 +111,9 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         return (out, natural_lse(lse2, qh, qk.k_mean, scale)) if return_lse else out
 
 
-sageattn_varlen = varlen_api(sageattn)
+# sageattn's options and their schema types (its custom ops, common.compile_ops)
+_OPTIONS = [('smooth_k', 'bool'), ('pv_accum', 'str'), ('qk_granularity', 'str')]
+sageattn_varlen = varlen_api(sageattn, "sageattn_repro::sage1_varlen", _OPTIONS)
 
 # one opaque custom op for torch.compile (common.compile_ops)
-_OP = AttentionOp("sageattn_repro::sage1_attn", sageattn, [('smooth_k', 'bool'), ('pv_accum', 'str'), ('qk_granularity', 'str')], has_mask=True)
+_OP = AttentionOp("sageattn_repro::sage1_attn", sageattn, _OPTIONS, has_mask=True)

@@ -168,3 +168,27 @@ def test_decode_cuda_graph_capture_and_replay(name):
                                           make_qkv(2, 32, 1, 128, seed=2, **shape))
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("gen,backend", [("sage1", "torch"), ("sage1", "triton"), ("sage2", "torch"),
+                                         ("sage2", "triton")])
+def test_varlen_compiles_fullgraph(gen, backend):
+    """sageattn_varlen behind its own custom op: the offsets are read only where the op runs (a
+    review: tracing into it failed on a data-dependent guard). Uneven lengths, with the LSE."""
+    torch._dynamo.reset()
+    mod = sage1 if gen == "sage1" else sage2
+    lens = [37, 5, 64]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(sum(lens), 2, 64, generator=g).half() for _ in range(3))
+    cu = torch.tensor([0, 37, 42, 106], dtype=torch.int32)
+
+    def fn(q, k, v, cu):
+        out, lse = mod.sageattn_varlen(q, k, v, cu, cu, 64, 64, is_causal=True, return_lse=True, backend=backend)
+        return out * 2, lse
+
+    eager = fn(q, k, v, cu)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, cu)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    with pytest.raises(Exception, match="unexpected options"):
+        torch.compile(lambda q: mod.sageattn_varlen(q, k, v, cu, cu, 64, 64, tensor_layout="NHD"),
+                      fullgraph=True, backend="aot_eager")(q)
