@@ -74,7 +74,11 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
                          f"{list(full)}") from None
     if m.dtype == torch.bool:
         # (no rows to look at with no queries or query heads: the call returns empty, as SDPA's)
-        if detect_key_padding and m.stride(1) == 0 and m.stride(2) == 0 and n_q > 0 and heads_q > 0:
+        # one row of keys for every head and query: a size-1 dim keeps its stride under expand, so
+        # a decode step's [B, 1, 1, Nk] mask (Nq = 1) counts by its size (it used to miss the decode
+        # kernel for the dense-mask path)
+        broadcast = (heads_q == 1 or m.stride(1) == 0) and (n_q == 1 or m.stride(2) == 0)
+        if detect_key_padding and broadcast and n_q > 0 and heads_q > 0:
             keep = m[:, 0, 0, :]                               # [B, Nk]
             lens = keep.sum(-1, dtype=torch.int32)
             prefix = torch.arange(n_k, device=keep.device)[None, :] < lens[:, None]

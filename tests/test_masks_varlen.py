@@ -73,10 +73,30 @@ def test_prepare_mask_forms():
     pad[1, 6:] = False
     spec = prepare_mask(pad[:, None, None, :], B, H, Nq, Nk, torch.device("cpu"))
     assert spec.kind == MASK_NONE and spec.k_lens.tolist() == [10, 6] and spec.q_lens is None
+    for heads, n_q in ((H, 1), (1, Nq)):  # a size-1 dim keeps its stride under expand: found by its size
+        spec = prepare_mask(pad[:, None, None, :], B, heads, n_q, Nk, torch.device("cpu"))
+        assert spec.kind == MASK_NONE and spec.k_lens.tolist() == [10, 6]
     left = pad.flip(-1)[:, None, None, :]                     # left padding: not a prefix -> tile mask
     assert prepare_mask(left, B, H, Nq, Nk, torch.device("cpu")).kind == MASK_KEEP
     spec = prepare_mask(torch.zeros(Nk), B, H, Nq, Nk, torch.device("cpu"))
     assert spec.kind == MASK_BIAS and spec.tensor.shape == (B, H, Nq, Nk) and spec.tensor.stride()[:3] == (0, 0, 0)
+
+
+def test_decode_step_with_a_padding_mask_runs_the_decode_kernel(monkeypatch):
+    """Nq = 1 with a [B, 1, 1, Nk] right-padding mask (batched generation): the mask becomes key
+    lengths and the call takes the split-KV decode path (it used to run the prefill kernel with a
+    dense mask), with the reference's result."""
+    import sage1.interface as s1
+
+    calls = []
+    real = s1.decode_attention
+    monkeypatch.setattr(s1, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(2, 4, 1, 64, seqlen_k=150, seed=3)
+    pad = (torch.arange(150)[None, :] < torch.tensor([150, 70])[:, None])[:, None, None, :]
+    for be in ("torch", "triton"):
+        out = sage1.sageattn(*(t.to(KERNEL_DEVICE) for t in (q, k, v)), attn_mask=pad.to(KERNEL_DEVICE), backend=be)
+        assert accuracy(attention_reference(q, k, v, attn_mask=pad), out.cpu()).cos_sim > 0.999
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("bad, match", [
