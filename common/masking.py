@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import capturing
+
 MASK_NONE, MASK_KEEP, MASK_BIAS = 0, 1, 2
 
 
@@ -78,7 +80,9 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
         # a decode step's [B, 1, 1, Nk] mask (Nq = 1) counts by its size (it used to miss the decode
         # kernel for the dense-mask path)
         broadcast = (heads_q == 1 or m.stride(1) == 0) and (n_q == 1 or m.stride(2) == 0)
-        if detect_key_padding and broadcast and n_q > 0 and heads_q > 0:
+        # (the prefix test reads one value back: not while a CUDA graph is being captured, where the
+        # mask then runs as a dense one)
+        if detect_key_padding and broadcast and n_q > 0 and heads_q > 0 and not capturing(m.device):
             keep = m[:, 0, 0, :]                               # [B, Nk]
             lens = keep.sum(-1, dtype=torch.int32)
             prefix = torch.arange(n_k, device=keep.device)[None, :] < lens[:, None]
@@ -93,27 +97,29 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
     return MaskSpec(MASK_BIAS, bias)
 
 
-def keys_within_lengths(k: torch.Tensor, mask: MaskSpec, smooth_k: bool):
-    """K ``[B, Hkv, Nk, D]`` (an HND view) as the prefill quantization should see it when the call
-    has per-sequence key lengths (a key-padding mask, varlen). Keys past a sequence's length are
-    never attended, but K's mean and quantization scales counted them: a zero-padded varlen batch
-    gave a short sequence a fraction of its own mean (its smoothing lost), and garbage in a padded
-    slot skewed every key's codes. Here K's smoothing mean is taken over the real keys, and the
-    keys past each length are replaced by it (by zeros without smoothing), so that smoothed they
-    are ~0 and widen no scale. Returns ``(k, mean)``: ``k`` as given and ``mean`` None without
-    lengths; ``mean`` fp32 ``[B, Hkv, 1, D]`` (None without smoothing). Costs copies of K on
-    calls with lengths only."""
+def within_lengths(k: torch.Tensor, v: torch.Tensor, mask: MaskSpec, smooth_k: bool):
+    """K and V ``[B, Hkv, Nk, D]`` (HND views) as the prefill quantization should see them when the
+    call has per-sequence key lengths (a key-padding mask, varlen). Keys past a sequence's length
+    are never attended, but K's mean and scales and V's scales (and smoothing mean, and sage1's fp16
+    guard) counted them: a zero-padded varlen batch gave a short sequence a fraction of its own K
+    mean (its smoothing lost), and garbage in padded slots skewed every code. Here K's smoothing
+    mean is taken over the real keys, the keys past each length are replaced by it (by zeros
+    without smoothing: smoothed they are ~0 and widen no scale), and V's rows there by zeros.
+    Returns ``(k, v, k_mean)``: ``k``, ``v`` as given and ``k_mean`` None without lengths;
+    ``k_mean`` fp32 ``[B, Hkv, 1, D]`` (None without smoothing). Costs copies of K and V on calls
+    with lengths only."""
     if mask.k_lens is None:
-        return k, None
+        return k, v, None
     lens = mask.k_lens.to(device=k.device, dtype=torch.int64)
     keep = (torch.arange(k.shape[-2], device=k.device)[None, :] < lens[:, None])[:, None, :, None]
     kz = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    vz = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
     if not smooth_k:
-        return kz, None
+        return kz, vz, None
     mean = kz.sum(-2, keepdim=True, dtype=torch.float32) / lens.clamp(min=1).to(torch.float32)[:, None, None, None]
     # (a non-finite mean, from a NaN/Inf in a real key, pads with zeros: common.nonfinite's rules then apply)
     pad = torch.where(torch.isfinite(mean), mean, 0.0).to(k.dtype)
-    return torch.where(keep, k, pad), mean
+    return torch.where(keep, k, pad), vz, mean
 
 
 def resolve_mask(attn_mask, shape, device) -> MaskSpec:

@@ -9,7 +9,7 @@ from common.api import natural_lse, runs_on_input_device, start_call, validate_c
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import quantize_qk
-from common.masking import MASK_NONE, dense_mask, keys_within_lengths, resolve_mask
+from common.masking import MASK_NONE, dense_mask, resolve_mask, within_lengths
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
 from common.range_guard import finite_absmax, fp16_pv_guard, to_fp16_for_pv
 from common.varlen import varlen_api
@@ -80,7 +80,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         # NaN/Inf: SDPA's rows, not a quantization block's, with no host wait (common.nonfinite)
         check = nonfinite.CHECK_NONFINITE
         rows_in_kernel = check and be == "triton" and mask.kind == MASK_NONE
-        kh_q, k_mean = keys_within_lengths(kh, mask, smooth_k)  # (keys past a sequence's length count for nothing)
+        kh_q, vh_q, k_mean = within_lengths(kh, vh, mask, smooth_k)  # (keys past a sequence's length count for nothing)
         qk_args = dict(sm_scale=scale, smooth_k=smooth_k, granularity=qk_granularity, bits=8, q_block=Q_BLOCK,
                        k_block=K_BLOCK, backend=be, zero_nonfinite=check, k_mean_override=k_mean)
         if be == "triton":
@@ -90,8 +90,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             qk = quantize_qk(qh, kh_q, **qk_args, flags=flags)
             # fp16 V and fp16 accumulation: powers of two keep large |V| finite (common.range_guard);
             # the kernel derives them from max|V|, read here with V's NaN/Inf keys
-            vmax = finite_absmax(vh, amax_bits, per_channel=False, flags=flags)
-            v16 = to_fp16_for_pv(vh, vmax)
+            vmax = finite_absmax(vh_q, amax_bits, per_channel=False, flags=flags)
+            v16 = to_fp16_for_pv(vh_q, vmax)
             if v16.stride(-1) != 1:
                 v16 = v16.contiguous()
             lse2 = launch(qk, v16, out_hnd, is_causal=is_causal, pv_fp16_acc=pv_accum == "fp16",
@@ -101,7 +101,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             from .emulation import attention_emulated
 
             qk = quantize_qk(qh, kh_q, **qk_args)
-            v16, pv_scales = fp16_pv_guard(zeroed(vh) if check else vh, fp16_accumulation=pv_accum == "fp16")
+            v16, pv_scales = fp16_pv_guard(zeroed(vh_q) if check else vh_q, fp16_accumulation=pv_accum == "fp16")
             bias2 = dense_mask(mask, shape.batch, shape.seqlen_q, shape.seqlen_k, is_causal, q.device)
             o, lse2 = attention_emulated(qk, v16, is_causal=is_causal, pv_accum=pv_accum,
                                          kv_block=K_BLOCK, return_lse=return_lse, bias2=bias2, pv_scales=pv_scales)

@@ -12,7 +12,7 @@ from common.checks import device_capability
 from common.compile_ops import AttentionOp
 from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
-from common.masking import MASK_NONE, dense_mask, keys_within_lengths, resolve_mask
+from common.masking import MASK_NONE, dense_mask, resolve_mask, within_lengths
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
 from common.smoothing import q_smoothing_delta_s
 from common.varlen import varlen_api
@@ -129,7 +129,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
             k_quantized, qv = cuda_kernel.quantize_kv(
                 kh, vh, bits=bits, granularity=qk_granularity, zero_nonfinite=check,
                 first_bad=flags.first_bad if flags is not None else None, counters=kv_counters, v_amax=amax_bits)
-        kh_q, k_mean = keys_within_lengths(kh, mask, smooth_k)  # (keys past a sequence's length count for nothing)
+        kh_q, vh_q, k_mean = within_lengths(kh, vh, mask, smooth_k)  # (keys past a sequence's length count for nothing)
         qk = quantize_qk(qh, kh_q, sm_scale=scale, smooth_k=smooth_k, smooth_q=smooth_q, granularity=qk_granularity,
                          bits=bits, q_block=Q_BLOCK, k_block=K_BLOCK, warp_rows=WARP_Q,
                          backend=be, zero_nonfinite=check, flags=flags, quantize_q=not q_in_kernel,
@@ -137,7 +137,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         # (zeroed K: a NaN/Inf of a key nobody sees must not reach delta_s, which masks add to)
         delta_s = q_smoothing_delta_s(qk.q_block_mean, zeroed(kh_q) if check else kh_q, qk.k_mean) if smooth_q else None
         if qv is None:
-            qv = quantize_v(vh, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
+            qv = quantize_v(vh_q, pv_dtype, smooth_v=smooth_v, backend=be, dp=padded_head_dim(D), zero_nonfinite=check,
                             flags=flags, amax_bits=amax_bits if pv_dtype != "fp16" else None,
                             wgmma_key_order=use_cuda, npad_multiple=128 if use_cuda else 16)
         log2_pscale = math.log2(P_SCALE[pv_dtype])

@@ -189,6 +189,15 @@ def test_varlen_compiles_fullgraph(gen, backend):
     eager = fn(q, k, v, cu)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, cu)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    # the fake's shapes and strides are the real op's (aot_eager does not compare strides; inductor
+    # does, and failed on the LSE, a transposed gather, before it was made contiguous)
+    import inspect
+
+    params = inspect.signature(mod.sageattn).parameters
+    options = tuple(params[n].default for n, _ in mod.interface._OPTIONS)
+    torch.library.opcheck(getattr(torch.ops.sageattn_repro, f"{gen}_varlen").default,
+                          (q, k, v, cu, cu, 64, 64, True, None, True, backend) + options,
+                          test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(Exception, match="unexpected options"):
         torch.compile(lambda q: mod.sageattn_varlen(q, k, v, cu, cu, 64, 64, tensor_layout="NHD"),
                       fullgraph=True, backend="aot_eager")(q)

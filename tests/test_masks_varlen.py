@@ -11,7 +11,7 @@ from common.inputs import make_qkv
 from common.masking import MASK_BIAS, MASK_KEEP, MASK_NONE, prepare_mask
 from common.metrics import accuracy
 from common.reference import attention_reference
-from conftest import KERNEL_DEVICE, kernel_vs_emulation
+from conftest import KERNEL_DEVICE, gpu, kernel_vs_emulation
 
 DEV = KERNEL_DEVICE  # the GPU when there is one (real kernels), else the CPU (interpreter)
 
@@ -168,7 +168,7 @@ def test_varlen_sequence_is_smoothed_as_its_dense_call(gen):
     """A short sequence beside a long one, K with a large channel bias (what K smoothing removes):
     each sequence's varlen output is its dense call's (K's mean over its own keys; the padding
     once diluted a short sequence's mean toward 0, rel L1 0.074 against 0.0096 here), and keys
-    past a key-padding mask's lengths, whatever they hold, change nothing."""
+    past a key-padding mask's lengths, whatever their K and V hold, change nothing."""
     mod = sage1 if gen == "sage1" else sage2
     g = torch.Generator().manual_seed(0)
     bias = torch.zeros(64)
@@ -190,9 +190,13 @@ def test_varlen_sequence_is_smoothed_as_its_dense_call(gen):
         keep = (torch.arange(256)[None, :] < torch.tensor([256, 24])[:, None])[:, None, None, :]
         clean = mod.sageattn(*(t.to(KERNEL_DEVICE) for t in (qp, kp, vp)), tensor_layout="NHD",
                              attn_mask=keep.to(KERNEL_DEVICE), backend=be)
+        opts = dict(smooth_v=True) if gen == "sage2" else {}  # (V's mean too, sage2)
+        clean = mod.sageattn(*(t.to(KERNEL_DEVICE) for t in (qp, kp, vp)), tensor_layout="NHD",
+                             attn_mask=keep.to(KERNEL_DEVICE), backend=be, **opts)
         kp[1, 24:] = 3e4 * torch.randn(232, 2, 64, generator=g).sign().half()
+        vp[1, 24:] = 3e4 * torch.randn(232, 2, 64, generator=g).sign().half()  # (V's scales, mean, fp16 guard)
         dirty = mod.sageattn(*(t.to(KERNEL_DEVICE) for t in (qp, kp, vp)), tensor_layout="NHD",
-                             attn_mask=keep.to(KERNEL_DEVICE), backend=be)
+                             attn_mask=keep.to(KERNEL_DEVICE), backend=be, **opts)
         assert torch.equal(clean, dirty), be
 
 
@@ -284,3 +288,20 @@ def test_varlen_with_nothing_to_attend_returns_empty_or_zero_outputs():
     out, lse = sage1.sageattn_varlen(q3, q[:0], q[:0], torch.tensor([0, 3], dtype=torch.int32), cu0, 3, 0,
                                      return_lse=True, backend="torch")
     assert torch.equal(out, torch.zeros_like(q3)) and torch.isinf(lse).all()
+
+
+@gpu
+@pytest.mark.parametrize("nq", [1, 40])  # decode and prefill
+def test_padding_mask_call_captures_in_a_cuda_graph(nq):
+    """Under capture the key-padding detection (one host read) is skipped and the mask runs as a
+    dense one: the captured call replays new values of q with the reference's accuracy."""
+    from common.timing import graph_replay
+
+    q, k, v = make_qkv(2, 4, nq, 64, seqlen_k=300, device="cuda", seed=5)
+    pad = (torch.arange(300, device="cuda")[None, :] < torch.tensor([300, 123], device="cuda")[:, None])[:, None, None, :]
+    held = {}
+    replay = graph_replay(lambda: held.update(out=sage1.sageattn(q, k, v, attn_mask=pad)))
+    q.copy_(make_qkv(2, 4, nq, 64, seqlen_k=300, device="cuda", seed=6)[0])
+    replay()
+    ref = attention_reference(q, k, v, attn_mask=pad)
+    assert accuracy(ref, held["out"]).cos_sim > 0.999

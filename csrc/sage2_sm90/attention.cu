@@ -844,10 +844,17 @@ void launch(const Sage2ForwardArgs& a, cudaStream_t stream) {
   cudaMemsetAsync(p.trace, 0, trace_words * sizeof(long long), stream);
 #endif
 #ifndef SAGE2_NO_PDL
-  launch_after(kernel, dim3(unsigned(ctas)), dim3(Config<DP>::THREADS), size_t(smem), stream, map_q, map_k, map_v, p);
+  // (not where the epilogue reads V's scales itself, with __ldg: a non-coherent load is defined only
+  // for data that no one writes while the grid lives, and under PDL the pass may still be writing them)
+  const bool after_pass = p.v_scale_copy != 0;
 #else
-  kernel<<<unsigned(ctas), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+  const bool after_pass = false;
 #endif
+  if (after_pass) {
+    launch_after(kernel, dim3(unsigned(ctas)), dim3(Config<DP>::THREADS), size_t(smem), stream, map_q, map_k, map_v, p);
+  } else {
+    kernel<<<unsigned(ctas), Config<DP>::THREADS, smem, stream>>>(map_q, map_k, map_v, p);
+  }
   check_launch("sage2 cuda");
 #ifdef SAGE2_TRACE
   std::vector<long long> w(trace_words);
