@@ -75,13 +75,12 @@ def prepare_mask(attn_mask, batch: int, heads_q: int, n_q: int, n_k: int, device
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Nq, Nk] = "
                          f"{list(full)}") from None
     if m.dtype == torch.bool:
-        # (no rows to look at with no queries or query heads: the call returns empty, as SDPA's)
-        # one row of keys for every head and query: a size-1 dim keeps its stride under expand, so
-        # a decode step's [B, 1, 1, Nk] mask (Nq = 1) counts by its size (it used to miss the decode
-        # kernel for the dense-mask path)
+        # One row of keys for every head and query, a prefix in each sequence: key lengths. A size-1
+        # dim keeps its stride under expand, so it counts by its size (a decode step's [B, 1, 1, Nk]
+        # mask missed this and took the dense-mask path). Not with no queries or query heads (the
+        # call returns empty, as SDPA's), and not while a CUDA graph is being captured: the prefix
+        # test reads one value back (the mask then runs as a dense one).
         broadcast = (heads_q == 1 or m.stride(1) == 0) and (n_q == 1 or m.stride(2) == 0)
-        # (the prefix test reads one value back: not while a CUDA graph is being captured, where the
-        # mask then runs as a dense one)
         if detect_key_padding and broadcast and n_q > 0 and heads_q > 0 and not capturing(m.device):
             keep = m[:, 0, 0, :]                               # [B, Nk]
             lens = keep.sum(-1, dtype=torch.int32)
