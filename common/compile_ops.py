@@ -86,8 +86,8 @@ class VarlenOp:
             res = attention_varlen(sageattn, q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal,
                                    sm_scale=sm_scale, return_lse=return_lse, backend=backend,
                                    **dict(zip(self.names, rest)))
-            if return_lse:  # (the packed LSE is a transposed gather: made contiguous, as the fake says)
-                return res[0], res[1].contiguous()
+            if return_lse:  # (contiguous, as the fake says: inductor checks strides)
+                return res
             return res, torch.empty(0, dtype=torch.float32, device=q.device)
 
         def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, return_lse, backend, *rest):

@@ -93,7 +93,7 @@ def attention_varlen(sageattn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if not return_lse:
         return res[sq, pq]
     out, lse = res
-    return out[sq, pq], lse[sq, :, pq].transpose(0, 1)
+    return out[sq, pq], lse[sq, :, pq].transpose(0, 1).contiguous()  # (contiguous, as on the equal-lengths path)
 
 
 def varlen_api(sageattn, qualname: str, options: list[tuple[str, str]]):
