@@ -126,6 +126,27 @@ def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, ou
     if q_max not in (127, 7) or q_group_pairs not in (1, 8, 32):
         raise ValueError(f"sage2_sm90_fwd: q_max must be 127 or 7 and q_group_pairs 1, 8 or 32, got {q_max}, "
                          f"{q_group_pairs}")
+    # the sizes the kernel takes from q, k_codes and out must hold for every other tensor, which it
+    # reads and writes by them alone
+    B, Hq, Nq = q.shape[:3]
+    _, Hkv, Nk, DP = k_codes.shape
+    D, npad = out.shape[-1], v_codes.shape[-1]
+    expect = [("out", out, (B, Hq, Nq, D)), ("k_codes", k_codes, (B, Hkv, Nk, DP)),
+              ("v_codes", v_codes, (B, Hkv, DP, npad)), ("k_scale", k_scale, (B, Hkv, Nk)),
+              ("v_scale", v_scale, (B, Hkv, D))]
+    if q_codes is not None:
+        expect += [("q_codes", q_codes, (B, Hq, Nq, DP)), ("q_scale", q_scale, (B, Hq, Nq))]
+    for name, t, shape in expect:
+        if tuple(t.shape) != shape:
+            raise ValueError(f"sage2_sm90_fwd: {name} must be {list(shape)} (from q {list(q.shape)}, k_codes "
+                             f"{list(k_codes.shape)}, out's head dim and v_codes' keys), got {list(t.shape)}")
+    if DP not in (64, 128) or not 0 < D <= DP or Hkv == 0 or Hq % Hkv or npad % 128 or not Nk <= npad < Nk + 128:
+        raise ValueError(f"sage2_sm90_fwd: need DP in (64, 128), 0 < head dim {D} <= DP = {DP}, query heads {Hq} a "
+                         f"multiple of KV heads {Hkv}, and V's keys {npad} = {Nk} keys rounded up to 128")
+    others = [t for t in (q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale) if t is not None]
+    if any(t.device != out.device for t in others):
+        raise ValueError(f"sage2_sm90_fwd: every tensor must be on out's device ({out.device}), got "
+                         f"{sorted({str(t.device) for t in others})}")
 
 
 def _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max,
@@ -134,6 +155,12 @@ def _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out
     call on the H100 machine's host (csrc/NOTES.md, v13): :func:`launch` calls this where it is not
     being traced."""
     _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs)
+    B, Hq, Nq = q.shape[:3]
+    Hkv = k_codes.shape[1]
+    for name, t, n, dtype in (("q_bad", q_bad, B * Hq * Nq, torch.uint8), ("first_bad", first_bad, B * Hkv, torch.int32)):
+        if t is not None and (t.dtype != dtype or t.numel() < n or not t.is_contiguous() or t.device != out.device):
+            raise ValueError(f"sage2_sm90_fwd: {name} must be a contiguous {dtype} of at least {n} values on "
+                             f"{out.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if tile_counter is not None and (tile_counter.dtype != torch.int32 or tile_counter.numel() != 1
                                      or tile_counter.device != out.device):
         raise ValueError(f"sage2_sm90_fwd: tile_counter must be one int32 on {out.device}, got {tile_counter.dtype} "

@@ -111,6 +111,10 @@ def test_decode_op_names_a_bad_argument():
         cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters[:2], link, *args)
     with pytest.raises(ValueError, match=r"\[2\*B\*Hkv \+ 1\] and \[B\*Hkv\*ceil\(Nk/64\)\]"):
         cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters, link[:3], *args)
+    # q, k and v whose sizes disagree (the kernel maps them by k's and q's sizes alone)
+    for qq, kk, vv in ((q, k, v[:, :, :50]), (q[:, :5], k, v), (q, k[..., :32], v[..., :32])):
+        with pytest.raises(ValueError, match=r"decode: q \[B, Hq, Nq, D\], k and v \[B, Hkv, Nk, D\]"):
+            cuda_decode.decode(qq, kk, vv, torch.empty_like(qq), lse, part_o, part_l, counters, link, *args)
 
 
 def _spy(monkeypatch):

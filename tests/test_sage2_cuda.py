@@ -116,6 +116,24 @@ def test_the_kernel_op_names_a_bad_argument():
         call(q_codes=kc.transpose(-1, -2), q_scale=s)
     with pytest.raises(ValueError, match="q_max must be 127 or 7 and q_group_pairs 1, 8 or 32, got 127, 4"):
         call(pairs=4)
+    # sizes that disagree with q's, k_codes' and out's (the kernel reads and writes by those alone)
+    with pytest.raises(ValueError, match=r"out must be \[1, 2, 64, 64\]"):
+        call(out=torch.empty(1, 1, 1, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"k_scale must be \[1, 2, 64\]"):
+        sage2_sm90_fwd(q, None, None, None, kc, v, torch.ones(1, 2, 8), vs, out, None, 0.18, 127, 1, False, False, None)
+    with pytest.raises(ValueError, match=r"v_codes must be \[1, 2, 64, 128\]"):
+        call(v=torch.zeros(1, 2, 128, 128, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"0 < head dim 128 <= DP = 64"):
+        sage2_sm90_fwd(q, None, None, None, kc, v, s, torch.ones(1, 2, 128), torch.empty(1, 2, 64, 128, dtype=torch.float16),
+                       None, 0.18, 127, 1, False, False, None)
+    with pytest.raises(ValueError, match=r"V's keys 0 = 64 keys rounded up to 128"):
+        call(v=torch.zeros(1, 2, 64, 0, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="a multiple of KV heads 2"):
+        sage2_sm90_fwd(torch.zeros(1, 3, 64, 64, dtype=torch.float16), None, None, None, kc, v, s, vs,
+                       torch.empty(1, 3, 64, 64, dtype=torch.float16), None, 0.18, 127, 1, False, False, None)
+    with pytest.raises(ValueError, match="q_bad must be a contiguous torch.uint8 of at least 128 values"):
+        sage2_sm90_fwd(q, kc, s, torch.zeros(3, dtype=torch.uint8), kc, v, s, vs, out, None, 0.18, 127, 1, False,
+                       False, None)
 
 
 def test_q_for_kernel_keeps_a_readable_view_and_copies_others():

@@ -40,6 +40,15 @@ def test_the_kernel_op_names_a_bad_argument():
         sage3_sm90_fwd(q, q, vt, ds[..., :32], out, 1.0, 0.0, False, False, False)
     with pytest.raises(ValueError, match="out must be fp16 or bf16 with a contiguous last dim"):
         sage3_sm90_fwd(q.float(), q.float(), vt.float(), ds, out.float(), 1.0, 0.0, False, False, False)
+    # sizes that disagree with q's, k's and out's (the kernel reads and writes by those alone)
+    with pytest.raises(ValueError, match=r"k must be \[1, 2, 64, 64\]"):
+        sage3_sm90_fwd(q, torch.zeros(1, 2, 64, 128, dtype=FP16), vt, ds, out, 1.0, 0.0, False, False, False)
+    with pytest.raises(ValueError, match=r"vt must be \[1, 2, 64, 128\]"):
+        sage3_sm90_fwd(q, q, torch.zeros(1, 1, 8, 128, dtype=FP16), ds, out, 1.0, 0.0, False, False, False)
+    with pytest.raises(ValueError, match=r"out must be \[1, 2, 64, 64\]"):
+        sage3_sm90_fwd(q, q, vt, ds, torch.empty(1, 1, 1, 64, dtype=FP16), 1.0, 0.0, False, False, False)
+    with pytest.raises(ValueError, match="vt's keys 256 = 64 keys rounded up to 128"):
+        sage3_sm90_fwd(q, q, torch.zeros(1, 2, 64, 256, dtype=FP16), ds, out, 1.0, 0.0, False, False, False)
 
 
 # ---------------------------------------------------------------------------------------------
