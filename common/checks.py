@@ -135,6 +135,18 @@ def check_no_grad(q, k, v, training_hint: str, attn_mask=None) -> None:
         )
 
 
+def check_op_operands(who: str, out: torch.Tensor, expect, source: str) -> None:
+    """For a kernel's custom op, which reads and writes every tensor by the sizes it takes from a
+    few of them (``source`` names those): each ``(name, tensor, shape)`` of ``expect`` has that
+    shape (a None shape: any; a None tensor is skipped), and every tensor is on ``out``'s device."""
+    for name, t, shape in expect:
+        if t is not None and shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{who}: {name} must be {list(shape)} (from {source}), got {list(t.shape)}")
+    devices = {str(t.device) for _, t, _ in expect if t is not None}
+    if devices - {str(out.device)}:
+        raise ValueError(f"{who}: every tensor must be on out's device ({out.device}), got {sorted(devices)}")
+
+
 def capturing(device: torch.device) -> bool:
     """Whether work queued on ``device`` now is recorded into a CUDA graph (the current stream is
     capturing): host reads of device values are refused then."""

@@ -73,7 +73,7 @@ class VarlenOp:
     def __init__(self, qualname: str, sageattn, options: list[tuple[str, str]]):
         import inspect
 
-        from .varlen import attention_varlen
+        from .varlen import _check, attention_varlen
 
         self.names = [n for n, _ in options]
         self.defaults = {n: p.default for n, p in inspect.signature(sageattn).parameters.items()
@@ -92,8 +92,7 @@ class VarlenOp:
 
         def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, sm_scale, return_lse, backend, *rest):
             for name, t in (("q", q), ("k", k), ("v", v)):
-                if t.dim() != 3:
-                    raise ValueError(f"{name} must be a [total_tokens, heads, head_dim] tensor, got {tuple(t.shape)}")
+                _check(name, t)
             lse_shape = (q.shape[1], q.shape[0]) if return_lse else (0,)
             return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 

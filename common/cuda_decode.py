@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .build import current_stream_handle, load, on_device
+from .checks import check_op_operands
 from .decode import DECODE_TILE
 
 ROWS = 16                 # query rows per program in the kernel
@@ -122,10 +123,9 @@ def _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link)
     if v.shape != k.shape or q.shape[0] != B or q.shape[3] != D or Hkv == 0 or q.shape[1] % Hkv:
         raise ValueError(f"decode: q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D] (the same shape) with Hq a multiple "
                          f"of Hkv, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    tensors = (q, k, v, out, lse, part_out, part_lse, counters, tile_link)
-    if any(t.device != out.device for t in tensors):
-        raise ValueError(f"decode: every tensor must be on out's device ({out.device}), got "
-                         f"{sorted({str(t.device) for t in tensors})}")
+    check_op_operands("decode", out, [(n, t, None) for n, t in (  # (devices: the sizes are checked around it)
+        ("q", q), ("k", k), ("v", v), ("lse", lse), ("part_out", part_out), ("part_lse", part_lse),
+        ("counters", counters), ("tile_link", tile_link))], "q and k")
     for name, t, dtype, rank in (("lse", lse, torch.float32, lse.dim()), ("part_out", part_out, torch.float32, 4),
                                  ("part_lse", part_lse, torch.float32, 3), ("counters", counters, torch.int32, 1),
                                  ("tile_link", tile_link, torch.int32, 1)):

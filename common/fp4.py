@@ -70,7 +70,8 @@ def nvfp4_quantize(x: torch.Tensor, *, divide_by_rounded_scale: bool = True):
     E4M3-rounded scale, correctly rounded (the Triton and CUDA paths do the same). The paper writes
     ``x * (1/s8)``; the product with a rounded reciprocal lands differently on an E2M1 rounding
     boundary now and then (17 of 262144 codes on randn, one step each). ``False`` (P in the
-    SageAttention3 kernel): by the unrounded fp32 scale, while the stored scale is still the E4M3 one. A block whose E4M3 scale is 0 quantizes to 0.
+    SageAttention3 kernel): by the unrounded fp32 scale, while the stored scale is still the E4M3
+    one. A block whose E4M3 scale is 0 quantizes to 0.
     Returns (codes uint8 ``[..., D]``, scales float8_e4m3fn ``[..., D/16]``).
     """
     xb = _blocks(x, NVFP4_BLOCK)

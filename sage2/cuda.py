@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from common.checks import check_op_operands
 from common.int_qk import padded_head_dim
 from common.masking import MASK_NONE
 
@@ -98,7 +99,8 @@ def q_for_kernel(q: torch.Tensor, dp: int) -> torch.Tensor:
     return torch.nn.functional.pad(q, (0, dp - q.shape[-1])).contiguous()
 
 
-def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs):
+def _check_op_inputs(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_max,
+                     q_group_pairs):
     """The kernel reads K, V, the pass's Q codes and their scales through their shapes alone (TMA maps
     of contiguous tensors), and Q as given through its strides."""
     given = [("k_codes", k_codes, torch.int8), ("v_codes", v_codes, torch.uint8), ("k_scale", k_scale, torch.float32),
@@ -131,22 +133,18 @@ def _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, ou
     B, Hq, Nq = q.shape[:3]
     _, Hkv, Nk, DP = k_codes.shape
     D, npad = out.shape[-1], v_codes.shape[-1]
-    expect = [("out", out, (B, Hq, Nq, D)), ("k_codes", k_codes, (B, Hkv, Nk, DP)),
-              ("v_codes", v_codes, (B, Hkv, DP, npad)), ("k_scale", k_scale, (B, Hkv, Nk)),
-              ("v_scale", v_scale, (B, Hkv, D))]
-    if q_codes is not None:
-        expect += [("q_codes", q_codes, (B, Hq, Nq, DP)), ("q_scale", q_scale, (B, Hq, Nq))]
-    for name, t, shape in expect:
-        if tuple(t.shape) != shape:
-            raise ValueError(f"sage2_sm90_fwd: {name} must be {list(shape)} (from q {list(q.shape)}, k_codes "
-                             f"{list(k_codes.shape)}, out's head dim and v_codes' keys), got {list(t.shape)}")
-    if DP not in (64, 128) or not 0 < D <= DP or Hkv == 0 or Hq % Hkv or npad % 128 or not Nk <= npad < Nk + 128:
-        raise ValueError(f"sage2_sm90_fwd: need DP in (64, 128), 0 < head dim {D} <= DP = {DP}, query heads {Hq} a "
+    check_op_operands("sage2_sm90_fwd", out, [
+        ("q", q, None), ("out", out, (B, Hq, Nq, D)), ("k_codes", k_codes, (B, Hkv, Nk, DP)),
+        ("v_codes", v_codes, (B, Hkv, DP, npad)), ("k_scale", k_scale, (B, Hkv, Nk)), ("v_scale", v_scale, (B, Hkv, D)),
+        ("q_codes", q_codes, (B, Hq, Nq, DP)), ("q_scale", q_scale, (B, Hq, Nq))],
+        f"q {list(q.shape)}, k_codes {list(k_codes.shape)}, out's head dim and v_codes' keys")
+    if DP not in HEAD_DIMS or not 0 < D <= DP or Hkv == 0 or Hq % Hkv or npad % 128 or not Nk <= npad < Nk + 128:
+        raise ValueError(f"sage2_sm90_fwd: need DP in {HEAD_DIMS}, 0 < head dim {D} <= DP = {DP}, query heads {Hq} a "
                          f"multiple of KV heads {Hkv}, and V's keys {npad} = {Nk} keys rounded up to 128")
-    others = [t for t in (q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale) if t is not None]
-    if any(t.device != out.device for t in others):
-        raise ValueError(f"sage2_sm90_fwd: every tensor must be on out's device ({out.device}), got "
-                         f"{sorted({str(t.device) for t in others})}")
+    for name, t, n, dtype in (("q_bad", q_bad, B * Hq * Nq, torch.uint8), ("first_bad", first_bad, B * Hkv, torch.int32)):
+        if t is not None and (t.dtype != dtype or t.numel() < n or not t.is_contiguous() or t.device != out.device):
+            raise ValueError(f"sage2_sm90_fwd: {name} must be a contiguous {dtype} of at least {n} values on "
+                             f"{out.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
 def _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_mult, q_max,
@@ -154,13 +152,8 @@ def _forward(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out
     """:func:`sage2_sm90_fwd` without torch.library's dispatch, an estimated 40-110 us of host time per
     call on the H100 machine's host (csrc/NOTES.md, v13): :func:`launch` calls this where it is not
     being traced."""
-    _check_op_inputs(q, q_codes, q_scale, k_codes, v_codes, k_scale, v_scale, out, q_max, q_group_pairs)
-    B, Hq, Nq = q.shape[:3]
-    Hkv = k_codes.shape[1]
-    for name, t, n, dtype in (("q_bad", q_bad, B * Hq * Nq, torch.uint8), ("first_bad", first_bad, B * Hkv, torch.int32)):
-        if t is not None and (t.dtype != dtype or t.numel() < n or not t.is_contiguous() or t.device != out.device):
-            raise ValueError(f"sage2_sm90_fwd: {name} must be a contiguous {dtype} of at least {n} values on "
-                             f"{out.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    _check_op_inputs(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_scale, out, first_bad, q_max,
+                     q_group_pairs)
     if tile_counter is not None and (tile_counter.dtype != torch.int32 or tile_counter.numel() != 1
                                      or tile_counter.device != out.device):
         raise ValueError(f"sage2_sm90_fwd: tile_counter must be one int32 on {out.device}, got {tile_counter.dtype} "

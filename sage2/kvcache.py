@@ -59,7 +59,8 @@ def sageattn_kvcache(q: torch.Tensor, cache: QuantizedKVCache, *, tensor_layout:
                          "(FP8 tensor cores); use backend='torch'")
     check_no_grad(q, q, q, "sage3.sageattn_train")  # (then nothing here records a graph: no no_grad needed)
     out, out_hnd = new_output(q, tensor_layout)
-    if out.numel() == 0 or (not capturing(q.device) and cache.length == 0):  # (captured: lengths are the device's)  # (no keys: zeros, NaN rows for a non-finite query)
+    # no keys: zeros, NaN rows for a non-finite query (while captured the lengths are the device's)
+    if out.numel() == 0 or (not capturing(q.device) and cache.length == 0):
         bad = ~torch.isfinite(qh).all(-1)
         out_hnd.copy_(torch.where(bad[..., None], float("nan"), 0.0))
         lse = torch.where(bad, float("nan"), float("-inf")).float()

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from common.checks import check_op_operands
 from common.int_qk import LOG2E
 
 from .emulation import TWO_LEVEL_RANGE
@@ -51,18 +52,15 @@ def _check_op_inputs(q, k, vt, delta_s, out):
     B, Hq, Nq, DP = q.shape
     _, Hkv, Nk, _ = k.shape
     D, npad = out.shape[-1], vt.shape[-1]
-    # (the kernel reads and writes every tensor by q's, k's and out's sizes alone)
-    for name, t, shape in (("out", out, (B, Hq, Nq, D)), ("k", k, (B, Hkv, Nk, DP)), ("vt", vt, (B, Hkv, DP, npad))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"sage3_sm90_fwd: {name} must be {list(shape)} (from q {list(q.shape)}, k "
-                             f"{list(k.shape)}, out's head dim and vt's keys), got {list(t.shape)}")
+    check_op_operands("sage3_sm90_fwd", out, [
+        ("q", q, None), ("out", out, (B, Hq, Nq, D)), ("k", k, (B, Hkv, Nk, DP)), ("vt", vt, (B, Hkv, DP, npad)),
+        ("delta_s", delta_s, None)],
+        f"q {list(q.shape)}, k {list(k.shape)}, out's head dim and vt's keys")
     if DP not in HEAD_DIMS or not 0 < D <= DP or Hkv == 0 or Hq % Hkv or npad % KV_TILE or not Nk <= npad < Nk + KV_TILE:
         raise ValueError(f"sage3_sm90_fwd: need DP in {HEAD_DIMS}, 0 < head dim {D} <= DP = {DP}, query heads {Hq} a "
                          f"multiple of KV heads {Hkv}, and vt's keys {npad} = {Nk} keys rounded up to {KV_TILE}")
     if B * Hq > 65535:  # (the grid's y; the public path refuses it first, common.api)
         raise ValueError(f"sage3_sm90_fwd: batch * query heads = {B * Hq} is more than 65535")
-    if any(t.device != out.device for t in (q, k, vt) + ((delta_s,) if delta_s is not None else ())):
-        raise ValueError(f"sage3_sm90_fwd: every tensor must be on out's device ({out.device})")
     want = (B, Hq, -(-Nq // Q_BLOCK), k.shape[2])
     if delta_s is not None and (tuple(delta_s.shape) != want or delta_s.dtype != torch.float32
                                 or not delta_s.is_contiguous()):
