@@ -24,6 +24,7 @@ import torch
 from .build import current_stream_handle, load, on_device
 from .checks import check_op_operands
 from .decode import DECODE_TILE
+from .masking import MASK_NONE
 
 ROWS = 16                 # query rows per program in the kernel
 HEAD_DIMS = (64, 128)
@@ -44,6 +45,8 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
         return f"P V as {spec.pv}"
     if mask.has_lens:
         return "sequence lengths"
+    if mask.kind != MASK_NONE:
+        return "attn_mask"
     if qh.shape[-1] not in HEAD_DIMS:
         return f"head_dim={qh.shape[-1]} (the kernel takes {HEAD_DIMS})"
     if rows > ROWS:

@@ -56,7 +56,7 @@ import torch
 
 from .checks import sm_count
 from .int_qk import LOG2E, padded_head_dim
-from .masking import MASK_NONE, MaskSpec, dense_mask, kernel_args
+from .masking import MaskSpec, dense_mask, kernel_args
 from .mma import fp16_accumulated_matmul
 from .nonfinite import nan_rows
 from .online_softmax import OnlineSoftmax, kv_tiles
@@ -105,7 +105,7 @@ class DecodeSpec(NamedTuple):  # a tuple: built on every call, ~5x cheaper than 
 
 
 def use_decode(n_q: int, mask: MaskSpec, spec: DecodeSpec | None) -> bool:
-    return spec is not None and n_q <= DECODE_MAX_QUERIES and mask.kind == MASK_NONE
+    return spec is not None and n_q <= DECODE_MAX_QUERIES
 
 
 @functools.lru_cache(maxsize=256)  # pure, and asked twice on every call
@@ -206,7 +206,8 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     part_o = torch.empty(splits, B * Hkv, rows_total, dp, dtype=torch.float32, device=qh.device)
     part_l = torch.empty(splits, B * Hkv, rows_total, dtype=torch.float32, device=qh.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=qh.device) if return_lse else part_l
-    ql, kl = kernel_args(mask, B, Nq, Nk, part_l)[-2:]  # per-sequence lengths, or a stand-in pointer
+    # attn_mask (pointer and strides) and per-sequence lengths, or stand-in pointers
+    mask_args = kernel_args(mask, B, Nq, Nk, part_l)
     pv = PV_KINDS.index(spec.pv)
     log2_pscale = LOG2_P_SCALE.get(spec.pv, 0.0)
     warps = DECODE_WARPS or (4 if dp <= 128 else 8)
@@ -224,11 +225,13 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
     meta = dict(BLOCK_M=block_m, NQP=nqp, T=DECODE_TILE, DP=dp, QMAX=spec.qmax, K_PER_TOKEN=spec.k_per_token,
                 SMOOTH_K=spec.smooth_k, SMOOTH_Q=spec.smooth_q, PV=pv, IS_CAUSAL=is_causal, HAS_LENS=mask.has_lens,
                 PER_SEQ_CAUSAL=mask.q_lens is not None, INTERPRET=interp, DELTA_PRECISION=DELTA_PRECISION,
-                EVEN_D=D == dp)
-    decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *strides, *sizes,
-                                                      **meta, num_warps=warps, num_stages=DECODE_STAGES, **limits)
+                EVEN_D=D == dp, MASK_KIND=mask.kind)
+    ql, kl, mask_ptrs = mask_args[-2], mask_args[-1], mask_args[:-2]
+    decode_split_kernel[(splits, B * Hkv, row_tiles)](qh, kh, vh, part_o, part_l, flags, ql, kl, *mask_ptrs, *strides,
+                                                      *sizes, **meta, num_warps=warps, num_stages=DECODE_STAGES,
+                                                      **limits)
     decode_combine_kernel[(B * Hkv, row_tiles)](
-        qh, kh, vh, part_o, part_l, flags, ql, kl, target, lse, splits, *strides,
+        qh, kh, vh, part_o, part_l, flags, ql, kl, *mask_ptrs, target, lse, splits, *strides,
         target.stride(0), target.stride(1), target.stride(2), *sizes, **meta, RETURN_LSE=return_lse, num_warps=4,
         **({"enable_fp_fusion": False} if not interp else {}))
     if target is not out_hnd:

@@ -82,12 +82,14 @@ def _own_max_update(s, m_i, l_i, log2_pscale, MASKED: tl.constexpr):
 
 @triton.jit
 def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, start,
-          log2_pscale, dcols, dm, T: tl.constexpr, QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr,
-          SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-          INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, MASKED: tl.constexpr,
-          EVEN_D: tl.constexpr):
-    """One KV tile. MASKED: the tile may hold keys past nk or, causal, keys some row may not see
-    (else no bounds or visibility masks at all)."""
+          log2_pscale, dcols, dm, mask_base, mask_rows, smn, T: tl.constexpr, QMAX: tl.constexpr,
+          K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr,
+          IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr,
+          MASKED: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr):
+    """One KV tile. MASKED: the tile may hold keys past nk or, causal, keys some row may not see,
+    or an attn_mask applies (else no bounds or visibility masks at all). MASK_KIND (common.masking):
+    1 keeps the keys whose uint8 mask is nonzero, 2 adds the fp32 log2 bias; ``mask_base`` is the
+    mask at this program's sequence and ``mask_rows`` each row's offset in it (head and query)."""
     cols = start + tl.arange(0, T)
     k_base = k_base + tl.cast(start, tl.int64) * skn
     v_base = v_base + tl.cast(start, tl.int64) * svn
@@ -96,6 +98,13 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
         visible = row_ok[:, None] & (cols < nk)[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= i[:, None] + q_offset)
+        if MASK_KIND != 0:  # a key the mask drops is not seen: no NaN of its reaches the row (common.nonfinite)
+            mvals = tl.load(mask_base + mask_rows[:, None] + tl.cast(cols, tl.int64)[None, :] * smn, mask=visible,
+                            other=0)
+            if MASK_KIND == 1:
+                visible = visible & (mvals != 0)
+            else:
+                visible = visible & (mvals > float("-inf"))
     else:
         inb = dm[None, :]
         visible = row_ok[:, None]
@@ -136,7 +145,10 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
     if SMOOTH_Q:
         s = s + tl.dot(mu_rows, tl.trans(kc), input_precision=DELTA_PRECISION)
     if MASKED:
-        s = tl.where(visible, s, float("-inf"))
+        if MASK_KIND == 2:
+            s = tl.where(visible, s + mvals, float("-inf"))
+        else:
+            s = tl.where(visible, s, float("-inf"))
     # P after the tile's own row max m_t (common.online_softmax.OnlineSoftmax.update_own_max): the
     # tile enters the running state scaled by beta = exp2(m_t - m')
     p, alpha, beta, m_new, l_i = _own_max_update(s, m_i, l_i, log2_pscale, MASKED)
@@ -180,12 +192,13 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
 
 @triton.jit
 def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset, t_begin, t_end,
-           log2_pscale, dcols, dm, BLOCK_M: tl.constexpr, T: tl.constexpr, DP: tl.constexpr, QMAX: tl.constexpr,
-           K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, PV: tl.constexpr,
-           IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr,
-           EVEN_D: tl.constexpr):
+           log2_pscale, dcols, dm, mask_base, mask_rows, smn, BLOCK_M: tl.constexpr, T: tl.constexpr,
+           DP: tl.constexpr, QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
+           SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+           DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr):
     """One program's KV tiles [t_begin, t_end): (acc, l, m, bad rows, check). Tiles that every valid
-    row sees in full run without masks, the rest (the tail past nk, the causal diagonal) with them.
+    row sees in full run without masks, the rest (the tail past nk, the causal diagonal, every tile
+    under an attn_mask) with them.
     CAREFUL: zero non-finite K/V values, mark the rows that see them, and scale V by the fp16 guard;
     else ``check`` is non-finite when any of that was needed."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -195,39 +208,41 @@ def _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_o
     # tiles [0, full) are in bounds and, causal, seen in full by row 0 and so by every row
     full, _ = kv_bounds_from(0, q_offset, nk, 1, T, IS_CAUSAL)
     full_end = tl.maximum(tl.minimum(full, t_end), t_begin)
+    if MASK_KIND != 0:
+        full_end = t_begin
     for start in range(t_begin, full_end, T):
         acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base,
-                                         skn, svn, nk, q_offset, start, log2_pscale, dcols, dm, T, QMAX, K_PER_TOKEN,
-                                         SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL,
-                                         False, EVEN_D)
+                                         skn, svn, nk, q_offset, start, log2_pscale, dcols, dm, mask_base, mask_rows,
+                                         smn, T, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET,
+                                         DELTA_PRECISION, CAREFUL, False, EVEN_D, 0)
     for start in range(full_end, t_end, T):
         acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_base,
-                                         skn, svn, nk, q_offset, start, log2_pscale, dcols, dm, T, QMAX, K_PER_TOKEN,
-                                         SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL,
-                                         True, EVEN_D)
+                                         skn, svn, nk, q_offset, start, log2_pscale, dcols, dm, mask_base, mask_rows,
+                                         smn, T, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET,
+                                         DELTA_PRECISION, CAREFUL, True, EVEN_D, MASK_KIND)
     chk = tl.sum(kacc, axis=0) + tl.sum(l_i, axis=0) + tl.sum(tl.sum(acc, axis=1), axis=0)
     return acc, l_i, m_i, bad, chk
 
 
 @triton.jit
-def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
+def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn,
                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                         Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                         BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
                         QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                         SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                        DELTA_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                        DELTA_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr):
     """The fast sweep of every (split, KV head, row tile): no NaN/Inf checks, no fp16 range guard.
     A non-finite input or an fp16 overflow cannot vanish (it reaches K's running token sum, the
     scores, l or acc), so one check at the end sets the program's FLAG, and the combine kernel
     redoes the flagged programs with the careful sweep. (In the combine kernel rather than here:
     the careful sweep's registers would otherwise be allocated, and occupancy lost, everywhere.)"""
-    _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                     tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
                     BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
-                    PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, False, EVEN_D)
+                    PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, False, EVEN_D, MASK_KIND)
 
 
 @triton.jit
@@ -266,7 +281,7 @@ def _quantized_q(Q, b, hk, g, i, row_ok, nq, sqb, sqh, sqn, G, qk_mult, dcols, d
 
 
 @triton.jit
-def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
+def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                     split, kv_bh, row_tile, n_kv_bh, n_row_tiles,
@@ -274,7 +289,8 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
                     QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                     SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                    DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr):
+                    DELTA_PRECISION: tl.constexpr, CAREFUL: tl.constexpr, EVEN_D: tl.constexpr,
+                    MASK_KIND: tl.constexpr):
     b = kv_bh // Hkv
     hk = kv_bh % Hkv
     R = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -294,9 +310,13 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
     # preallocated cache sliced to the current length, past 2^31 elements while the views are small
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    # attn_mask: the mask at this sequence, and each row's offset in it (its query head and query)
+    mask_base = MASKP + b.to(tl.int64) * smb
+    mask_rows = (hk * G + g).to(tl.int64) * smh + i.to(tl.int64) * smm
     acc, l_i, m_i, bad, chk = _sweep(q, q8, sq, mu_rows, bad, row_ok, i, k_base, v_base, skn, svn, nk, q_offset,
-                                     t_begin, t_end, log2_pscale, dcols, dm, BLOCK_M, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K,
-                                     SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION, CAREFUL, EVEN_D)
+                                     t_begin, t_end, log2_pscale, dcols, dm, mask_base, mask_rows, smn, BLOCK_M, T, DP,
+                                     QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, INTERPRET, DELTA_PRECISION,
+                                     CAREFUL, EVEN_D, MASK_KIND)
     if not CAREFUL:
         pid = (split * n_kv_bh + kv_bh) * n_row_tiles + row_tile
         tl.store(FLAG + pid, (chk - chk != 0.0).to(tl.int32))
@@ -310,24 +330,25 @@ def _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN,
 
 
 @triton.jit
-def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, O, LSE, n_splits,
+def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn, O, LSE, n_splits,
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                           Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                           BLOCK_M: tl.constexpr, NQP: tl.constexpr, T: tl.constexpr, DP: tl.constexpr,
                           QMAX: tl.constexpr, K_PER_TOKEN: tl.constexpr, SMOOTH_K: tl.constexpr,
                           SMOOTH_Q: tl.constexpr, PV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                           HAS_LENS: tl.constexpr, PER_SEQ_CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                          DELTA_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, RETURN_LSE: tl.constexpr):
+                          DELTA_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr,
+                          RETURN_LSE: tl.constexpr):
     """Merge the splits of one (KV head, row tile) by their LSE, after redoing (careful sweep) the
     splits the fast sweep flagged; writes the output in the caller's layout and dtype."""
     kv_bh = tl.program_id(0)
     for s in range(0, n_splits):
         if tl.load(FLAG + (s * tl.num_programs(0) + kv_bh) * tl.num_programs(1) + tl.program_id(1)) != 0:
-            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                             Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                             s, kv_bh, tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
                             BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
-                            PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, True, EVEN_D)
+                            PER_SEQ_CAUSAL, INTERPRET, DELTA_PRECISION, True, EVEN_D, MASK_KIND)
     tl.debug_barrier()  # the redone partials were written by other threads of this program
     _merge_splits(PO, PL, O, LSE, n_splits, sob, soh, son, Hkv, Nq, D, G, kv_bh, tl.program_id(1),
                   tl.num_programs(0), tl.num_programs(1), BLOCK_M, NQP, DP, RETURN_LSE, "")
@@ -470,8 +491,8 @@ def decode_cached_kernel(Q, KC, KS, KM, VC, VS, KT, VT, FIRST_BAD, SEQLENS, PO, 
         vt = VT + b * stb + hk * sth - n_cached * stn
         kacc = tl.zeros([DP], dtype=tl.float32)
         acc, l_i, m_i, kacc, bad = _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, kt, vt, stn, stn,
-                                         Nk, q_offset, n_cached, log2_pscale, dcols, dm, T, 127, True, True, False,
-                                         PV, IS_CAUSAL, INTERPRET, "tf32x3", True, True, EVEN_D)
+                                         Nk, q_offset, n_cached, log2_pscale, dcols, dm, FIRST_BAD, i, 0, T, 127, True,
+                                         True, False, PV, IS_CAUSAL, INTERPRET, "tf32x3", True, True, EVEN_D, 0)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = m_i + tl.math.log2(l_i) - log2_pscale
     lse2 = tl.where(bad != 0, float("nan"), lse2)

@@ -10,7 +10,8 @@ step: the quantization of Q, K and V happens inside the split-KV kernel (common.
 Causal rows with Nq > 1: ours is bottom-right aligned (query i of Nq sees keys up to
 Nk - Nq + i, what speculative decoding needs); SDPA's ``is_causal`` is top-left aligned (query i
 sees i + 1 keys, not a decode), so SDPA runs non-causal there, the same work to within Nq keys.
-``--sweep`` times the kernel's launch settings on one shape first.
+``--sweep`` times the kernel's launch settings on one shape first. ``--masks`` times decode steps
+with a left-padding attn_mask (batched generation) instead.
 """
 
 from __future__ import annotations
@@ -107,6 +108,59 @@ def overhead() -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
+# Batched generation passes a padding mask with every decode step ([B, 1, 1, Nk]): Hugging Face pads
+# on the left for decoder-only models, as a boolean mask (recent versions) or an additive one
+# (finfo.min where masked). (B, Hq, Hkv, Nk, fraction of the batch's keys that are padding)
+MASK_SHAPES = [(4, 32, 8, 4096, 0.2), (4, 32, 8, 16384, 0.2), (16, 32, 8, 4096, 0.2), (8, 32, 8, 32768, 0.1)]
+
+
+def masked(out_rows: list, graphs: bool) -> None:
+    """Decode with a left-padding mask: ours (``backend="auto"``: the Triton split-KV kernel reads
+    the mask tile by tile) against SDPA given the same mask (its flash backend takes none), and
+    against what the call ran before (the prefill kernel with a dense mask: DECODE_MAX_QUERIES=0)."""
+    from common import decode
+
+    D = 128
+    for n, (B, Hq, Hkv, Nk, pad) in enumerate(MASK_SHAPES):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(B, Hq, 1, D, dtype=torch.float16, device="cuda", generator=g)
+        k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device="cuda", generator=g) for _ in range(2))
+        first = (torch.rand(B, device="cuda", generator=g) * 2 * pad * Nk).long()   # mean pad fraction
+        keep = (torch.arange(Nk, device="cuda")[None, :] >= first[:, None])[:, None, None, :]
+        additive = torch.where(keep, 0.0, torch.finfo(torch.float16).min).half()
+        kv_bytes = 2 * k.numel() * 2
+        for mask_name, mask in (("bool", keep), ("additive", additive)):
+            case = f"B={B} Hq/Hkv={Hq}/{Hkv} Nk={Nk // 1024}k left-padded {mask_name}"
+            print(f"[masks {n + 1}/{len(MASK_SHAPES)}] {case}", flush=True)
+            times = {"SDPA default": bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=True))}
+            for name in ("cudnn", "efficient", "math"):
+                if name == "math" and Nk > 4096:
+                    continue
+                try:
+                    f = sdpa_fn(name)
+                    times[f"SDPA {name}"] = bench_ms(lambda f=f: f(q, k, v, False, attn_mask=mask))
+                except RuntimeError as e:
+                    print(f"  SDPA {name}: {str(e).splitlines()[0][:80]}", flush=True)
+            best = min(times.values())
+            for name, fn in (("sage1", sage1.sageattn), ("sage2_8b", sage2.sageattn)):
+                times[name] = bench_ms(lambda fn=fn: fn(q, k, v, attn_mask=mask))
+                if graphs:
+                    times[f"{name} (CUDA graph)"] = graph_ms(lambda fn=fn: fn(q, k, v, attn_mask=mask))
+                saved, decode.DECODE_MAX_QUERIES = decode.DECODE_MAX_QUERIES, 0
+                try:
+                    times[f"{name} (before: prefill)"] = bench_ms(lambda fn=fn: fn(q, k, v, attn_mask=mask))
+                finally:
+                    decode.DECODE_MAX_QUERIES = saved
+            for name, ms in times.items():
+                r = dict(case=case, impl=name, ms=round(ms, 4), kv_gbps=round(kv_bytes / (ms * 1e-3) / 1e9, 1),
+                         x_best_sdpa=round(best / ms, 3))
+                out_rows.append(r)
+                print(f"  {name:26s} {ms:8.4f} ms {r['kv_gbps']:8.1f} GB/s  {r['x_best_sdpa']:.2f}x best SDPA",
+                      flush=True)
+        q = k = v = None
+
+
 def graph_ms(fn) -> float:
     """GPU time of fn replayed from a CUDA graph (no host launch cost): decode loops are captured."""
     return bench_ms(graph_replay(fn))
@@ -119,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time warps/stages/delta precision on one shape first")
     ap.add_argument("--overhead", action="store_true", help="host time per call first")
     ap.add_argument("--graphs", action="store_true", help="also time every call replayed from a CUDA graph")
+    ap.add_argument("--masks", action="store_true", help="only the decode steps with a left-padding mask")
     args = ap.parse_args(argv)
     dev, D = "cuda", args.d
     if args.overhead:
@@ -126,7 +181,9 @@ def main(argv=None):
     if args.sweep:
         sweep(D)
     rows = []
-    for n, (B, Hq, Hkv, Nq, Nk, causal) in enumerate(SHAPES):
+    if args.masks:
+        masked(rows, args.graphs)
+    for n, (B, Hq, Hkv, Nq, Nk, causal) in enumerate([] if args.masks else SHAPES):
         torch.manual_seed(n)
         q = torch.randn(B, Hq, Nq, D, dtype=torch.float16, device=dev)
         k, v = (torch.randn(B, Hkv, Nk, D, dtype=torch.float16, device=dev) for _ in range(2))
@@ -160,7 +217,7 @@ def main(argv=None):
         q = k = v = None  # free before the next shape
     from experiments.outputs import report_by_case
 
-    report_by_case(rows, args.out, "decode", "Decode: ours vs SDPA (same run)",
+    report_by_case(rows, args.out, "decode_masks" if args.masks else "decode", "Decode: ours vs SDPA (same run)",
                    ["case", "impl", "ms", "kv_gbps", "x_best_sdpa"], "speed / best SDPA backend", "Decode on the H100")
 
 if __name__ == "__main__":

@@ -193,16 +193,18 @@ def kvcache():
 
 
 def main(case):
-    dp, pv, kpt, sq, causal, lens, even, qmax, nqp = case
+    dp, pv, kpt, sq, causal, lens, even, qmax, nqp, mask_kind = (*case, 0)[:10]
     const = dict(BLOCK_M=64 if nqp >= 8 else 16, NQP=nqp, T=decode.DECODE_TILE, DP=dp, QMAX=qmax, K_PER_TOKEN=kpt,
                  SMOOTH_K=True, SMOOTH_Q=sq, PV=pv, IS_CAUSAL=causal, HAS_LENS=lens, PER_SEQ_CAUSAL=lens,
-                 INTERPRET=False, DELTA_PRECISION=decode.DELTA_PRECISION, EVEN_D=even, RETURN_LSE=True)
+                 INTERPRET=False, DELTA_PRECISION=decode.DELTA_PRECISION, EVEN_D=even, RETURN_LSE=True,
+                 MASK_KIND=mask_kind)
+    pointers = dict(POINTERS, MASKP="*u8" if mask_kind == 1 else "*fp32")
     for kernel in (decode_split_kernel, decode_combine_kernel):
         names = list(inspect.signature(kernel.fn).parameters)
-        sig = {n: POINTERS.get(n) or ("constexpr" if n in const else "fp32" if n in ("qk_mult", "log2_pscale")
+        sig = {n: pointers.get(n) or ("constexpr" if n in const else "fp32" if n in ("qk_mult", "log2_pscale")
                                       else "i32") for n in names}
         src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items() if n in names},
-                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS})
+                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers})
         options = dict(num_warps=4 if dp <= 128 else 8, num_stages=decode.DECODE_STAGES, enable_fp_fusion=False)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert "mma" in compiled.asm["ptx"], kernel.__name__

@@ -175,10 +175,73 @@ def test_options_without_a_decode_form_use_the_prefill_path():
                      (sage2.sageattn, dict(pv_accum="single")), (sage2.sageattn, dict(qk_granularity="per_tensor"))):
         out = fn(q, k, v, backend="torch", **opts)
         assert accuracy(ref, out).cos_sim > 0.99
-    bias = torch.zeros(1, 1, 1, 300)
-    bias[..., 5] = float("-inf")
-    out = sage1.sageattn(q, k, v, attn_mask=bias, backend="torch")   # a dense mask: the prefill path
-    assert accuracy(attention_reference(q, k, v, attn_mask=bias), out).cos_sim > 0.999
+
+
+def _masks(batch, heads, n_q, n_k):
+    """attn_masks as models pass them: left padding (Hugging Face's default for generation) as a
+    boolean [B, 1, 1, Nk] and as its additive form (finfo.min where masked), a static cache's
+    unfilled tail besides, and a per-head, per-query float bias with -inf holes."""
+    j = torch.arange(n_k)
+    first = torch.tensor([0, 37, 150])[:batch]
+    end = torch.tensor([n_k, n_k, n_k - 9])[:batch]
+    keep = ((j >= first[:, None]) & (j < end[:, None]))[:, None, None, :]
+    g = torch.Generator().manual_seed(n_k)
+    bias = torch.randn(batch, heads, n_q, n_k, generator=g)
+    bias[torch.rand(bias.shape, generator=g) < 0.3] = float("-inf")
+    return {"left_padding": keep, "left_padding_additive": torch.where(keep, 0.0, torch.finfo(torch.float16).min).half(),
+            "per_head_bias": bias}
+
+
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b", "sage2_fp16pv"])
+@pytest.mark.parametrize("mask_name", ["left_padding", "left_padding_additive", "per_head_bias"])
+@pytest.mark.parametrize("n_q", [1, 4])
+def test_decode_with_attn_mask(name, mask_name, n_q, monkeypatch):
+    """A dense attn_mask runs the decode kernel (read tile by tile through its broadcast strides,
+    as the prefill kernels read it; no host sync, so also under CUDA-graph capture), not the prefill
+    path: kernel against emulation, emulation against exact attention."""
+    import sage1.interface
+    import sage2.interface
+
+    fn, opts, cos_bound, kernel_bound = OPTIONS[name]
+    q, k, v = make_qkv(3, 8, n_q, 64, heads_kv=2, seqlen_k=333, kind="k_bias", seed=n_q)
+    mask = _masks(3, 8, n_q, 333)[mask_name]
+    calls = []
+    for mod in (sage1.interface, sage2.interface):
+        real = mod.decode_attention
+        monkeypatch.setattr(mod, "decode_attention", lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+    out_k, lse_k = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=mask.to(KERNEL_DEVICE), return_lse=True, backend="triton",
+                      **opts)
+    out_e, lse_e = fn(q, k, v, attn_mask=mask, return_lse=True, backend="torch", **opts)
+    assert len(calls) == 2
+    assert torch.equal(torch.isfinite(lse_k.cpu()), torch.isfinite(lse_e))
+    assert (lse_k.cpu() - lse_e)[torch.isfinite(lse_e)].abs().max() < 1e-3
+    assert accuracy(out_e.double(), out_k.cpu()).rel_l1 < kernel_bound
+    assert accuracy(attention_reference(q, k, v, attn_mask=mask), out_e).cos_sim > cos_bound
+
+
+def test_decode_attn_mask_rows_and_nonfinite_keys():
+    """Under a dense mask: a row that keeps no key gives zeros and an LSE of -inf (the documented
+    rule), and a NaN in a key the mask drops reaches no row, one in a kept key only the rows that keep it."""
+    q, k, v = make_qkv(2, 4, 2, 64, heads_kv=2, seqlen_k=150, kind="k_bias", seed=23)
+    keep = torch.rand(2, 4, 2, 150, generator=torch.Generator().manual_seed(1)) < 0.5
+    keep[1, 2, 0] = False                    # a row that keeps nothing
+    keep[:, :, :, 7] = False                 # key 7: dropped everywhere
+    keep[0, 0, 1, 90], keep[0, 1, :, 90] = True, False  # key 90: kept by one row of sequence 0's first KV head only
+    k[:, :, 7, 3] = float("nan")
+    k[0, 0, 90, 3] = float("nan")
+    want = torch.zeros(2, 4, 2, dtype=torch.bool)
+    want[0, 0, 1] = True
+    for fn in (sage1.sageattn, sage2.sageattn):
+        for backend in ("torch", "triton"):
+            out, lse = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=keep.to(KERNEL_DEVICE), return_lse=True,
+                          backend=backend)
+            out, lse = out.cpu(), lse.cpu()
+            assert torch.equal(torch.isnan(lse), want) and torch.equal(torch.isnan(out).any(-1), want)
+            assert torch.equal(out[1, 2, 0], torch.zeros(64, dtype=out.dtype)) and lse[1, 2, 0] == float("-inf")
+            clean = torch.nan_to_num(k, nan=0.0)
+            ok = ~want & keep.any(-1)
+            ref = attention_reference(q, clean, v, attn_mask=keep)
+            assert accuracy(ref[ok], out[ok]).cos_sim > 0.998
 
 
 @pytest.mark.parametrize("head_dim", [8, 16])
@@ -194,9 +257,10 @@ def test_small_head_dims_pad_to_an_int8_dot(head_dim, n_q):
 
 # Compile the decode kernels for Hopper (sm_90) without a GPU: Triton's front end and ptxas catch
 # what the CPU interpreter does not (dot shape limits, layouts, register pressure).
-HOPPER_CASES = [  # DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP
+HOPPER_CASES = [  # DP, PV, K_PER_TOKEN, SMOOTH_Q, IS_CAUSAL, HAS_LENS, EVEN_D, QMAX, NQP[, MASK_KIND]
     (32, 0, False, False, False, False, True, 127, 1), (64, 3, True, True, True, True, False, 7, 2),
-    (128, 2, True, False, True, True, True, 127, 16), (256, 1, False, False, False, False, True, 127, 1)]
+    (128, 2, True, False, True, True, True, 127, 16), (256, 1, False, False, False, False, True, 127, 1),
+    (128, 2, True, False, False, False, True, 127, 1, 1), (128, 0, False, False, True, False, True, 127, 4, 2)]
 
 
 @pytest.mark.slow
