@@ -138,8 +138,8 @@ def masked(out_rows: list, graphs: bool) -> None:
                 if name == "math" and Nk > 4096:
                     continue
                 try:
-                    f = sdpa_fn(name)
-                    times[f"SDPA {name}"] = bench_ms(lambda f=f: f(q, k, v, False, attn_mask=mask))
+                    f = sdpa(f"sdpa_{name}")
+                    times[f"SDPA {name}"] = bench_ms(lambda f=f: f(q, k, v, False, attn_mask=mask, enable_gqa=True))
                 except RuntimeError as e:
                     print(f"  SDPA {name}: {str(e).splitlines()[0][:80]}", flush=True)
             best = min(times.values())
