@@ -24,7 +24,7 @@ import torch
 from .build import current_stream_handle, load, on_device
 from .checks import check_op_operands
 from .decode import DECODE_TILE
-from .masking import MASK_NONE
+from .masking import MASK_NONE, MaskSpec
 
 ROWS = 16                 # query rows per program in the kernel
 HEAD_DIMS = (64, 128)
@@ -45,8 +45,6 @@ def unsupported(spec, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask
         return f"P V as {spec.pv}"
     if mask.has_lens:
         return "sequence lengths"
-    if mask.kind != MASK_NONE:
-        return "attn_mask"
     if qh.shape[-1] not in HEAD_DIMS:
         return f"head_dim={qh.shape[-1]} (the kernel takes {HEAD_DIMS})"
     if rows > ROWS:
@@ -158,12 +156,14 @@ def _counters(bh: int) -> int:
 def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
                splits: int, helpers: int, rows_per_head: int, tiles_per_split: int, qk_mult: float,
                log2_pscale: float, qmax: int, k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int,
-               dynamic: bool) -> None:
+               dynamic: bool, mask: MaskSpec | None = None) -> None:
     """Decode attention into ``out`` ([B, Hq, Nq, D] view) and ``lse`` (natural log, [B, Hq, Nq],
     or None) in one launch of ``splits`` programs per KV head (``dynamic``: sharing its tiles; else
     ``tiles_per_split`` tiles each), or with ``helpers`` > 0 one owner per KV head and that many
     helper programs, with ``splits`` partial slots per KV head: the owner's and ``splits`` - 1 for
-    helpers (common.decode.cuda_plan); the scratch is described above. Under tracing this is the
+    helpers (common.decode.cuda_plan); the scratch is described above. ``mask``: an attn_mask
+    (common.masking.MaskSpec, MASK_KEEP or MASK_BIAS; its [B, Hq, Nq, Nk] view is read through its
+    strides). Under tracing this is the
     custom op :func:`decode`, which checks its arguments; eager calls from common.decode (whose
     tensors are made to fit) launch directly: the op's dispatch and checks cost ~0.1 ms of host time
     per call, as much as the kernel at 16k keys."""
@@ -172,13 +172,16 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     n_out, n_lse, n_link = splits * bh * ROWS * D, splits * bh * ROWS, bh * _tiles(Nk)
     scalars = (dynamic, helpers, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k,
                smooth_q, causal, pv)
+    mask_kind = MASK_NONE if mask is None else mask.kind
+    mask_t = mask.tensor if mask_kind != MASK_NONE else None
     if torch.compiler.is_compiling():
         lse = torch.empty(0, dtype=torch.float32, device=q.device) if lse is None else lse
         part_out = torch.empty(splits, bh, ROWS, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(splits, bh, ROWS, dtype=torch.float32, device=q.device)
         counters = torch.zeros(_counters(bh), dtype=torch.int32, device=q.device)
         tile_link = torch.empty(n_link, dtype=torch.int32, device=q.device)
-        decode(q, k, v, out, lse, part_out, part_lse, counters, tile_link, *scalars)
+        decode(q, k, v, out, lse, part_out, part_lse, counters, tile_link, *scalars,
+               mask_t if mask_t is not None else lse[:0], mask_kind)
         return
     with on_device(q.device):  # the launch, the stream and the capture check are the current device's
         if torch.cuda.is_current_stream_capturing():
@@ -188,22 +191,23 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
             scratch, counters = _eager_scratch(q.device, n_out + n_lse + n_link, _counters(bh))
         part = scratch.data_ptr()  # [partial outputs | partial LSEs | tile links (int32)]
         _launch(q, k, v, out, 0 if lse is None else lse.data_ptr(), part, part + 4 * n_out,
-                counters.data_ptr(), part + 4 * (n_out + n_lse), splits, *scalars)
+                counters.data_ptr(), part + 4 * (n_out + n_lse), splits, *scalars, mask_t, mask_kind)
 
 
 def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr, splits, dynamic,
             helpers, rows_per_head, tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q,
-            causal, pv):
+            causal, pv, mask, mask_kind):
     """The extension's launch on the current device and stream (pointers for the scratch and lse)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    ms = mask.stride() if mask_kind != MASK_NONE else (0, 0, 0, 0)
     load().decode_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         out.data_ptr(), os_[0], os_[1], os_[2], lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, tile_link_ptr,
         dynamic, B, Hkv, Nq, Nk, D, Hq // Hkv, rows_per_head, tiles_per_split, splits, helpers, qk_mult, log2_pscale,
         qmax, k_per_token, smooth_k, smooth_q, causal, q.dtype == torch.bfloat16, pv,
-        current_stream_handle(q.device.index))
+        mask.data_ptr() if mask_kind != MASK_NONE else 0, mask_kind, *ms, current_stream_handle(q.device.index))
 
 
 @torch.library.custom_op("sageattn_repro::decode",
@@ -211,16 +215,24 @@ def _launch(q, k, v, out, lse_ptr, part_out_ptr, part_lse_ptr, counters_ptr, til
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
            part_out: torch.Tensor, part_lse: torch.Tensor, counters: torch.Tensor, tile_link: torch.Tensor,
            dynamic: bool, helpers: int, rows_per_head: int, tiles_per_split: int, qk_mult: float, log2_pscale: float,
-           qmax: int, k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int) -> None:
-    """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op."""
+           qmax: int, k_per_token: bool, smooth_k: bool, smooth_q: bool, causal: bool, pv: int, mask: torch.Tensor,
+           mask_kind: int) -> None:
+    """:func:`run_decode` as a custom op with a fake, so torch.compile sees one opaque op. ``mask``:
+    the attn_mask's [B, Hq, Nq, Nk] view (uint8 for ``mask_kind`` 1, fp32 for 2; ignored for 0)."""
     _check_op_inputs(q, k, v, out, lse, part_out, part_lse, counters, tile_link)
+    if mask_kind not in (0, 1, 2) or (mask_kind and (
+            mask.shape != (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) or mask.device != q.device
+            or mask.dtype != (torch.uint8 if mask_kind == 1 else torch.float32))):
+        raise ValueError(f"decode: mask_kind must be 0, 1 (a uint8 mask) or 2 (an fp32 bias), with the mask [B, Hq, "
+                         f"Nq, Nk] on q's device; got kind {mask_kind}, {mask.dtype} {tuple(mask.shape)}")
     with on_device(q.device):
         _launch(q, k, v, out, lse.data_ptr() if lse.numel() else 0, part_out.data_ptr(), part_lse.data_ptr(),
                 counters.data_ptr(), tile_link.data_ptr(), part_out.shape[0], dynamic, helpers, rows_per_head,
-                tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv)
+                tiles_per_split, qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv,
+                mask if mask_kind else None, mask_kind)
 
 
 @decode.register_fake
 def _(q, k, v, out, lse, part_out, part_lse, counters, tile_link, dynamic, helpers, rows_per_head, tiles_per_split,
-      qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv):
+      qk_mult, log2_pscale, qmax, k_per_token, smooth_k, smooth_q, causal, pv, mask, mask_kind):
     return None

@@ -104,8 +104,13 @@ class DecodeSpec(NamedTuple):  # a tuple: built on every call, ~5x cheaper than 
     pv: str              # one of PV_KINDS
 
 
+def decode_step(n_q: int) -> bool:
+    """Few enough queries for the decode path (given options that have a decode form)."""
+    return n_q <= DECODE_MAX_QUERIES
+
+
 def use_decode(n_q: int, mask: MaskSpec, spec: DecodeSpec | None) -> bool:
-    return spec is not None and n_q <= DECODE_MAX_QUERIES
+    return spec is not None and decode_step(n_q)
 
 
 @functools.lru_cache(maxsize=256)  # pure, and asked twice on every call
@@ -195,7 +200,7 @@ def decode_attention(qh, kh, vh, out_hnd, spec: DecodeSpec, *, sm_scale: float, 
         splits, helpers = cuda_plan(B * Hkv, n_tiles, tps, dynamic, qh.device)
         run_decode(qh, kh, vh, out_hnd, lse, splits, helpers, nqp, tps, sm_scale * LOG2E,
                    LOG2_P_SCALE.get(spec.pv, 0.0), spec.qmax, spec.k_per_token, spec.smooth_k, spec.smooth_q,
-                   is_causal, PV_CODES[spec.pv], dynamic)
+                   is_causal, PV_CODES[spec.pv], dynamic, mask)
         return lse
 
     from .checks import interpreter_enabled, kernel_store_dtype

@@ -121,12 +121,13 @@ def within_lengths(k: torch.Tensor, v: torch.Tensor, mask: MaskSpec, smooth_k: b
     return torch.where(keep, k, pad), vz, mean
 
 
-def resolve_mask(attn_mask, shape, device) -> MaskSpec:
+def resolve_mask(attn_mask, shape, device, *, detect_key_padding: bool = True) -> MaskSpec:
     """A public function's ``attn_mask`` as a MaskSpec: a MaskSpec itself (the varlen path) passes
     through, anything else goes through :func:`prepare_mask` (``shape``: common.checks.AttentionShape)."""
     if isinstance(attn_mask, MaskSpec):
         return attn_mask
-    return prepare_mask(attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, device)
+    return prepare_mask(attn_mask, shape.batch, shape.heads_q, shape.seqlen_q, shape.seqlen_k, device,
+                        detect_key_padding=detect_key_padding)
 
 
 def kernel_args(mask: MaskSpec, batch: int, n_q: int, n_k: int, dummy: torch.Tensor):

@@ -75,7 +75,9 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
                     uintptr_t lse, uintptr_t part_out, uintptr_t part_lse, uintptr_t counters, uintptr_t tile_link,
                     bool dynamic, int batch, int heads_kv, int seqlen_q, int seqlen_k, int head_dim, int group,
                     int rows_per_head, int tiles_per_split, int splits, int helpers, float qk_mult, float log2_pscale, int qmax,
-                    bool k_per_token, bool smooth_k, bool smooth_q, bool causal, bool bf16, int pv, uintptr_t stream) {
+                    bool k_per_token, bool smooth_k, bool smooth_q, bool causal, bool bf16, int pv, uintptr_t mask,
+                    int mask_kind, int64_t mask_stride_b, int64_t mask_stride_h, int64_t mask_stride_q,
+                    int64_t mask_stride_k, uintptr_t stream) {
   sage_cuda::DecodeArgs a{};
   a.q = ptr<const void>(q);
   a.k = ptr<const void>(k);
@@ -97,6 +99,9 @@ void decode_forward(uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_stride_b, i
   a.qk_mult = qk_mult, a.log2_pscale = log2_pscale, a.qmax = qmax;
   a.k_per_token = k_per_token, a.smooth_k = smooth_k, a.smooth_q = smooth_q, a.causal = causal, a.bf16 = bf16;
   a.pv = pv;
+  a.mask = ptr<const void>(mask), a.mask_kind = mask_kind;
+  a.mask_stride_b = mask_stride_b, a.mask_stride_h = mask_stride_h, a.mask_stride_q = mask_stride_q;
+  a.mask_stride_k = mask_stride_k;
   sage_cuda::decode_forward(a, reinterpret_cast<cudaStream_t>(stream));
 }
 

@@ -220,9 +220,13 @@ def test_decode_with_attn_mask(name, mask_name, n_q, monkeypatch):
 
 
 def test_decode_attn_mask_rows_and_nonfinite_keys():
+    check_attn_mask_rows_and_nonfinite_keys(KERNEL_DEVICE, ("torch", "triton"))
+
+
+def check_attn_mask_rows_and_nonfinite_keys(device, backends, head_dim=64):
     """Under a dense mask: a row that keeps no key gives zeros and an LSE of -inf (the documented
     rule), and a NaN in a key the mask drops reaches no row, one in a kept key only the rows that keep it."""
-    q, k, v = make_qkv(2, 4, 2, 64, heads_kv=2, seqlen_k=150, kind="k_bias", seed=23)
+    q, k, v = make_qkv(2, 4, 2, head_dim, heads_kv=2, seqlen_k=150, kind="k_bias", seed=23)
     keep = torch.rand(2, 4, 2, 150, generator=torch.Generator().manual_seed(1)) < 0.5
     keep[1, 2, 0] = False                    # a row that keeps nothing
     keep[:, :, :, 7] = False                 # key 7: dropped everywhere
@@ -232,12 +236,11 @@ def test_decode_attn_mask_rows_and_nonfinite_keys():
     want = torch.zeros(2, 4, 2, dtype=torch.bool)
     want[0, 0, 1] = True
     for fn in (sage1.sageattn, sage2.sageattn):
-        for backend in ("torch", "triton"):
-            out, lse = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=keep.to(KERNEL_DEVICE), return_lse=True,
-                          backend=backend)
+        for backend in backends:
+            out, lse = fn(*_to(device, q, k, v), attn_mask=keep.to(device), return_lse=True, backend=backend)
             out, lse = out.cpu(), lse.cpu()
             assert torch.equal(torch.isnan(lse), want) and torch.equal(torch.isnan(out).any(-1), want)
-            assert torch.equal(out[1, 2, 0], torch.zeros(64, dtype=out.dtype)) and lse[1, 2, 0] == float("-inf")
+            assert torch.equal(out[1, 2, 0], torch.zeros(head_dim, dtype=out.dtype)) and lse[1, 2, 0] == float("-inf")
             clean = torch.nan_to_num(k, nan=0.0)
             ok = ~want & keep.any(-1)
             ref = attention_reference(q, clean, v, attn_mask=keep)

@@ -96,7 +96,13 @@ def test_decode_op_names_a_bad_argument():
     part_l = torch.empty(3, 2, 16)
     counters = torch.zeros(5, dtype=torch.int32)  # 2 x B * Hkv + 1
     link = torch.empty(2 * 2, dtype=torch.int32)  # B * Hkv x tiles
-    args = (True, 0, 1, 1, 0.1, 0.0, 127, True, True, False, False, 2)
+    args = (True, 0, 1, 1, 0.1, 0.0, 127, True, True, False, False, 2, torch.empty(0), 0)
+    with pytest.raises(ValueError, match="decode: mask_kind must be 0, 1 \\(a uint8 mask\\) or 2"):
+        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters, link, *args[:-2],
+                           torch.ones(1, 8, 1, 99, dtype=torch.uint8), 1)  # one key short
+    with pytest.raises(ValueError, match="decode: mask_kind must be 0, 1 \\(a uint8 mask\\) or 2"):
+        cuda_decode.decode(q, k, v, out, lse, part_o, part_l, counters, link, *args[:-2],
+                           torch.zeros(1, 8, 1, 100), 1)  # a bias given as a keep mask
     with pytest.raises(ValueError, match="decode: k must be a 4-D fp16 or bf16"):
         cuda_decode.decode(q, k.float(), v, out, lse, part_o, part_l, counters, link, *args)
     with pytest.raises(ValueError, match="decode: out must have q's shape"):
@@ -144,6 +150,43 @@ def test_cuda_sweep_matches_emulation_and_triton(name, n_q, heads, heads_kv, n_k
     # as close to the emulation as the Triton sweep (both differ from it in summation order only)
     assert k_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (k_vs_e, t_vs_e)
     assert e_vs_ref.cos_sim > 0.98, e_vs_ref
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b", "sage2_fp16pv"])
+@pytest.mark.parametrize("mask_name", ["left_padding", "left_padding_additive", "per_head_bias"])
+@pytest.mark.parametrize("n_q,head_dim", [(1, 128), (4, 64)])
+def test_cuda_sweep_with_attn_mask(name, mask_name, n_q, head_dim, monkeypatch):
+    """A dense attn_mask (Hugging Face's left padding, bool or additive; a per-head, per-query
+    bias) runs the CUDA sweep, which reads it per score: against the emulation, the Triton sweep
+    and exact attention."""
+    from test_decode import _masks
+
+    fn, opts = COVERED[name]
+    q, k, v = make_qkv(3, 8, n_q, head_dim, heads_kv=2, seqlen_k=1333, kind="k_bias", seed=n_q, device="cuda")
+    mask = _masks(3, 8, n_q, 1333)[mask_name].cuda()
+    calls = _spy(monkeypatch)
+    out_c, lse_c = fn(q, k, v, attn_mask=mask, return_lse=True, backend="auto", **opts)
+    assert calls == [1], "backend='auto' did not run the CUDA sweep"
+    out_t, lse_t = fn(q, k, v, attn_mask=mask, return_lse=True, backend="triton", **opts)
+    out_e, lse_e = fn(q, k, v, attn_mask=mask, return_lse=True, backend="torch", **opts)
+    fin = torch.isfinite(lse_e)
+    assert torch.equal(torch.isfinite(lse_c), fin) and (lse_c - lse_e)[fin].abs().max() < 1e-3
+    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
+    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
+    assert accuracy(attention_reference(q, k, v, attn_mask=mask), out_c).cos_sim > 0.98
+
+
+@gpu
+@hopper
+def test_cuda_sweep_attn_mask_rows_and_nonfinite_keys(monkeypatch):
+    """test_decode's mask rule test, on the CUDA sweep (a NaN in a dropped key reaches no row)."""
+    from test_decode import check_attn_mask_rows_and_nonfinite_keys
+
+    calls = _spy(monkeypatch)
+    check_attn_mask_rows_and_nonfinite_keys("cuda", ("auto",), head_dim=128)
+    assert len(calls) == 2, "the CUDA sweep did not run"
 
 
 @gpu
@@ -255,7 +298,7 @@ def test_cuda_decode_op_and_graph_capture(monkeypatch):
             torch.empty(splits, B * Hkv, 16, 128, device="cuda"), torch.empty(splits, B * Hkv, 16, device="cuda"),
             torch.zeros(2 * B * Hkv + 1, dtype=torch.int32, device="cuda"),
             torch.empty(B * Hkv * 47, dtype=torch.int32, device="cuda"), True, 0, 1, 16, 0.127, 0.0, 127, False, True,
-            False, False, 0)
+            False, False, 0, torch.ones(2, 1, 1, 3000, dtype=torch.uint8, device="cuda").expand(2, 8, 1, 3000), 1)
     torch.library.opcheck(cuda_decode.decode, args, test_utils=("test_schema", "test_faketensor"))
 
 

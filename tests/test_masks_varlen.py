@@ -83,9 +83,9 @@ def test_prepare_mask_forms():
 
 
 def test_decode_step_with_a_padding_mask_runs_the_decode_kernel(monkeypatch):
-    """Nq = 1 with a [B, 1, 1, Nk] right-padding mask (batched generation): the mask becomes key
-    lengths and the call takes the split-KV decode path (it used to run the prefill kernel with a
-    dense mask), with the reference's result."""
+    """Nq = 1 with a [B, 1, 1, Nk] right-padding mask (batched generation): the call takes the
+    split-KV decode path, which reads the mask (it used to run the prefill kernel with a dense mask),
+    with the reference's result."""
     import sage1.interface as s1
 
     calls = []

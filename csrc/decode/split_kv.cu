@@ -499,12 +499,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const float sq_row[2] = {s_scale_q[g], s_scale_q[g + 8]};
   int i_row[2], delta_head[2];  // delta_head: the row's head (0 for padding rows: finite junk)
   bool ok_row[2];
+  int64_t mask_row[2];  // attn_mask: the row's offset in it (its sequence, query head and query)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = g + 8 * h;
     i_row[h] = row % a.rows_per_head;
     ok_row[h] = row / a.rows_per_head < a.group && i_row[h] < nq;
     delta_head[h] = row / a.rows_per_head < a.group ? row / a.rows_per_head : 0;
+    mask_row[h] = b * a.mask_stride_b + int64_t(hk * a.group + delta_head[h]) * a.mask_stride_h +
+                  int64_t(i_row[h]) * a.mask_stride_q;
   }
   __syncthreads();  // P's buffer is reused below
 
@@ -521,6 +524,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     constexpr bool MASKED = decltype(masked_tag)::value;
     constexpr bool CAREFUL = decltype(careful_tag)::value;
     const int count = MASKED ? min(nk - start, kTile) : kTile;
+    // attn_mask: this thread's scores' entries (0 / -inf for a keep mask, the bias), loaded first so
+    // that their latency hides under K's quantization and the INT8 product
+    float mask_add[MASKED ? NKT : 1][4];
+    if constexpr (MASKED) {
+      if (a.mask_kind != 0) {
+#pragma unroll
+        for (int kk = 0; kk < NKT; ++kk)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1, key = start + KPW * warp + 8 * kk + 2 * t4 + (e & 1);
+            float x = 0.f;
+            if (ok_row[h] && key < nk) {
+              const int64_t at = mask_row[h] + int64_t(key) * a.mask_stride_k;
+              x = a.mask_kind == 1 ? (__ldg(static_cast<const uint8_t*>(a.mask) + at) ? 0.f : -kInf)
+                                   : __ldg(static_cast<const float*>(a.mask) + at);
+            }
+            mask_add[kk][e] = x;
+          }
+      }
+    }
     char* tk = s_k + stage * L::kTileBytes;
     char* tv = s_v + stage * L::kTileBytes;
     float inv_guard = 1.f;  // careful, fp16 P V: 1 / the power of two V was scaled by
@@ -752,6 +775,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if constexpr (MASKED) {
           const int key = start + col;
           visible = visible && key < nk && (!a.causal || key <= i_row[h] + q_offset);
+          if (a.mask_kind != 0) {  // a key the mask drops is not seen (no NaN of its reaches the row)
+            visible = visible && mask_add[kk][e] > -kInf;
+            x = __fadd_rn(x, mask_add[kk][e]);
+          }
           x = visible ? x : -kInf;
         }
         if constexpr (CAREFUL) bad_kv[h] |= visible && s_key_bad[col];
@@ -931,7 +958,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       refill(it % kStages);
       continue;
 #endif
-      if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
+      if (a.mask_kind != 0 || start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
         tile(std::true_type{}, careful_tag, it % kStages, start);
       } else {
         tile(std::false_type{}, careful_tag, it % kStages, start);
@@ -1142,6 +1169,7 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
                 (a.heads_kv == 1 || (sh > 0 && sh % 8 == 0)) && (a.batch == 1 || (sb > 0 && sb % 8 == 0)),
             std::string(name) + ": the copy engine needs a 16-byte aligned data pointer and positive strides of "
             "multiples of 16 bytes (8 elements) for batch, heads and keys");
+  require(a.mask_kind == 0 || (a.mask_kind <= 2 && a.mask != nullptr), "mask_kind must be 0, 1 or 2 (with a mask)");
   if (a.seqlen_k == 0) return;  // no keys: the caller does not run decode then
   if (a.head_dim == 64) {
     a.bf16 ? dispatch_pv<64, true>(a, stream) : dispatch_pv<64, false>(a, stream);

@@ -40,6 +40,12 @@ struct DecodeArgs {
   bool k_per_token, smooth_k, causal, bf16;
   bool smooth_q;  // subtract each head's mean over its queries, add mean_q . (k - mean_k) back (needs k_per_token)
   int pv;  // DecodePv
+  // attn_mask (common.masking), [B, Hq, Nq, Nk] through strides in elements (0 where broadcast):
+  // mask_kind 0 none, 1 uint8 keep mask (nonzero: the key takes part), 2 fp32 bias in the log2 domain
+  // (-inf: dropped). Every tile then takes the masked path
+  const void* mask;
+  int mask_kind;
+  int64_t mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k;
 };
 
 // Decode attention into `out` (and `lse`): one launch, every program of every KV head, the last
