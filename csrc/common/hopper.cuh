@@ -106,9 +106,6 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 // ...and waits here, in each thread that reads what the kernel before it wrote, until that kernel
 // has finished and its writes are visible (returns at once where there is no such kernel).
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<uint64_t>(p)));
-}
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }

@@ -397,21 +397,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       tma_load_4d(s_k + stage * L::kTileBytes + box * kBoxBytes, &map_k, &s_bar[stage], box * 128, start, hk, b);
       tma_load_4d(s_v + stage * L::kTileBytes + box * kBoxBytes, &map_v, &s_bar[stage], box * 128, start, hk, b);
     }
-    // attn_mask: its lines for the tile's rows into L2 with the tile, so that the tile's own loads of it
-    // (at its start) do not wait for memory (keys along a contiguous row only: the usual case)
-    if (a.mask_kind != 0 && a.mask_stride_k == 1) {
-      const int elt = a.mask_kind == 1 ? 1 : 4;
-      const bool one_row = a.mask_stride_h == 0 && a.mask_stride_q == 0;
-      const int rows = one_row ? 1 : a.group * a.rows_per_head;
-      for (int r = 0; r < rows; ++r) {
-        if (!one_row && r % a.rows_per_head >= nq) continue;
-        const char* row = static_cast<const char*>(a.mask) +
-                          (b * a.mask_stride_b + int64_t(hk * a.group + r / a.rows_per_head) * a.mask_stride_h +
-                           int64_t(r % a.rows_per_head) * a.mask_stride_q + start) * elt;
-        const int bytes = min(kTile, nk - start) * elt;
-        for (int off = 0; off < bytes + 127; off += 128) prefetch_l2(row + min(off, bytes - 1));
-      }
-    }
   };
   auto fill = [&](int stage) {  // thread 0: the next tile of the sequence into `stage`, if there is one
     const int t = next_tile();
