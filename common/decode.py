@@ -42,8 +42,14 @@ Rows of all query heads that share a KV head are one program's rows (GQA packing
 read once per KV head. ``backend="torch"`` runs :func:`decode_emulated`, the same algorithm with
 the Triton kernel's split points (the CUDA kernel's dynamic tiles differ from them in fp32
 rounding only). Options that have no decode form (sage1 ``qk_granularity`` other than
-``per_block``, sage2 ``per_tensor``, ``smooth_v``, ``pv_accum="single"``, dense ``attn_mask``) run
-the prefill path, as do calls with more queries.
+``per_block``, sage2 ``per_tensor``, ``smooth_v``, ``pv_accum="single"``) run the prefill path,
+as do calls with more queries.
+
+``attn_mask`` (any SDPA mask: a batched generation step's left- or right-padding mask, bool or
+additive, or a per-head, per-query one) is read by the kernels tile by tile through its broadcast
+strides (no host sync, so also under CUDA-graph capture); every tile of such a call takes the
+masked path. Dropped keys still count in their tile's K mean and scales and V's scales, as dense
+masks do in the prefill quantization (only tiles where kept and dropped keys meet are touched).
 """
 
 from __future__ import annotations

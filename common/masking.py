@@ -7,7 +7,7 @@ the kernels:
 * per-sequence lengths (``q_lens``, ``k_lens``, int32 ``[B]``): the varlen path, and the
   key-padding fast path: a boolean mask broadcast over heads and queries whose kept keys are a
   prefix of every sequence (right padding) runs as key lengths, so padded key tiles are skipped
-  (detecting it costs one host sync);
+  (detecting it costs one host sync; not done for decode steps, whose kernels read masks);
 * a keep mask (uint8, 1 = keep) read tile by tile through its broadcast strides (nothing is
   materialized at ``[B, Hq, Nq, Nk]``);
 * an additive bias, converted once to fp32 and multiplied by log2(e): the kernels' scores are in

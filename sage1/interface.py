@@ -51,7 +51,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     P and V are fp16 for both input dtypes: bf16 V is converted to fp16 (as in the paper), and
     the output is returned in the input dtype and layout. Inputs are never modified.
 
-    Decode: with ``Nq <= 16`` (and no dense ``attn_mask``, ``qk_granularity="per_block"``) the call
+    Decode: with ``Nq <= 16`` (and ``qk_granularity="per_block"``; any ``attn_mask``) the call
     runs :mod:`common.decode`: a split-KV kernel that reads K and V once and quantizes them per
     64-key tile in registers (K smoothed by each tile's own mean, added back exactly); on Hopper
     ``backend="auto"`` runs it in CUDA (:mod:`common.cuda_decode`), ``"triton"`` in Triton.

@@ -60,8 +60,8 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
         csrc/decode (:mod:`common.cuda_decode`); ``"auto"`` picks them on an sm_90 GPU when the
         options allow and they build, else the Triton kernels (on CPU tensors, the emulation).
 
-    Decode: with ``Nq <= 16`` (no dense ``attn_mask``, not ``per_tensor``, ``smooth_v`` or
-    ``pv_accum="single"``) the call runs :mod:`common.decode`'s split-KV kernel: K and V quantized
+    Decode: with ``Nq <= 16`` (not ``per_tensor``, ``smooth_v`` or ``pv_accum="single"``; any
+    ``attn_mask``) the call runs :mod:`common.decode`'s split-KV kernel: K and V quantized
     per 64-key tile in registers (K per token, V per channel within the tile), read once.
     """
     if torch.compiler.is_compiling():  # one opaque custom op for torch.compile (common.compile_ops)
