@@ -99,6 +99,27 @@ def test_decode_step_with_a_padding_mask_runs_the_decode_kernel(monkeypatch):
     assert calls == [1, 1]
 
 
+@gpu
+@pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn], ids=["sage1", "sage2"])
+def test_a_decode_step_with_a_padding_mask_never_waits_for_the_gpu(fn):
+    """A decode step reads its padding mask in the kernel: no host sync (torch's sync debug mode
+    raises on one), so a generation loop's calls queue ahead of the GPU; left and right padding,
+    bool and additive."""
+    q, k, v = make_qkv(2, 8, 1, 128, heads_kv=2, seqlen_k=700, device="cuda", seed=8)
+    right = (torch.arange(700, device="cuda")[None, :] < torch.tensor([700, 311], device="cuda")[:, None])[:, None, None, :]
+    masks = [right, right.flip(-1), torch.where(right.flip(-1), 0.0, torch.finfo(torch.float16).min).half()]
+    for mask in masks:
+        fn(q, k, v, attn_mask=mask)  # (first calls build and allocate)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [fn(q, k, v, attn_mask=mask) for mask in masks]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for mask, out in zip(masks, outs):
+        assert accuracy(attention_reference(q, k, v, attn_mask=mask), out).cos_sim > 0.998
+
+
 @pytest.mark.parametrize("bad, match", [
     (torch.ones(2, 3, 8, 10, dtype=torch.int32), "boolean mask"),
     (torch.ones(2, 3, 8, 11, dtype=torch.bool), "does not broadcast"),
