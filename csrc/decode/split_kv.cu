@@ -202,7 +202,7 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
   }
 }
 
-template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q>
+template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     decode_kernel(const DecodeArgs a, const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
@@ -520,6 +520,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   float m_row[2], l_row[2], acc[NT][4];
   float k_check;   // K's token sums: non-finite iff K had a NaN/Inf
   int bad_kv[2];   // careful sweep: the row saw a key with a NaN/Inf in K or V
+  // attn_mask (HAS_MASK): this thread's scores' entries in the tile being computed (0 / -inf for a
+  // keep mask, the bias). They are loaded one tile ahead, as soon as the previous tile's are used:
+  // loaded at the tile's own start, their latency (a cold line or a busy L2: ~1 us) was not hidden
+  // by K's quantization, and the masked calls ran 24-29% slower than unmasked ones (DECODE_NOTES.md)
+  static_assert(!HAS_MASK || kStages >= 2, "the mask is loaded one stage ahead");
+  float mask_vals[HAS_MASK ? NKT : 1][4];
+  auto load_mask = [&](int tile_index) {
+    if constexpr (HAS_MASK) {
+#pragma unroll
+      for (int kk = 0; kk < NKT; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1, key = tile_index * kTile + KPW * warp + 8 * kk + 2 * t4 + (e & 1);
+          float x = 0.f;
+          if (tile_index >= 0 && ok_row[h] && key < nk) {
+            const int64_t at = mask_row[h] + int64_t(key) * a.mask_stride_k;
+            x = a.mask_kind == 1 ? (__ldg(static_cast<const uint8_t*>(a.mask) + at) ? 0.f : -kInf)
+                                 : __ldg(static_cast<const float*>(a.mask) + at);
+          }
+          mask_vals[kk][e] = x;
+        }
+    }
+  };
 
   // One tile. MASKED: it holds keys past the end or, causal, keys some row may not see. CAREFUL:
   // NaN/Inf in K or V are zeroed and their keys mark the rows that see them; fp16 V is scaled by
@@ -529,26 +552,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     constexpr bool MASKED = decltype(masked_tag)::value;
     constexpr bool CAREFUL = decltype(careful_tag)::value;
     const int count = MASKED ? min(nk - start, kTile) : kTile;
-    // attn_mask: this thread's scores' entries (0 / -inf for a keep mask, the bias), loaded first so
-    // that their latency hides under K's quantization and the INT8 product
-    float mask_add[MASKED ? NKT : 1][4];
-    if constexpr (MASKED) {
-      if (a.mask_kind != 0) {
-#pragma unroll
-        for (int kk = 0; kk < NKT; ++kk)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int h = e >> 1, key = start + KPW * warp + 8 * kk + 2 * t4 + (e & 1);
-            float x = 0.f;
-            if (ok_row[h] && key < nk) {
-              const int64_t at = mask_row[h] + int64_t(key) * a.mask_stride_k;
-              x = a.mask_kind == 1 ? (__ldg(static_cast<const uint8_t*>(a.mask) + at) ? 0.f : -kInf)
-                                   : __ldg(static_cast<const float*>(a.mask) + at);
-            }
-            mask_add[kk][e] = x;
-          }
-      }
-    }
     char* tk = s_k + stage * L::kTileBytes;
     char* tv = s_v + stage * L::kTileBytes;
     float inv_guard = 1.f;  // careful, fp16 P V: 1 / the power of two V was scaled by
@@ -780,15 +783,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if constexpr (MASKED) {
           const int key = start + col;
           visible = visible && key < nk && (!a.causal || key <= i_row[h] + q_offset);
-          if (a.mask_kind != 0) {  // a key the mask drops is not seen (no NaN of its reaches the row)
-            visible = visible && mask_add[kk][e] > -kInf;
-            x = __fadd_rn(x, mask_add[kk][e]);
+          if constexpr (HAS_MASK) {  // a key the mask drops is not seen (no NaN of its reaches the row)
+            visible = visible && mask_vals[kk][e] > -kInf;
+            x = __fadd_rn(x, mask_vals[kk][e]);
           }
           x = visible ? x : -kInf;
         }
         if constexpr (CAREFUL) bad_kv[h] |= visible && s_key_bad[col];
         s[kk][e] = x;
       }
+    // the next tile's mask entries (its stage's tile was set before this tile's first barrier)
+    load_mask(s_tile_of[(stage + 1) % kStages]);
     float mx[2] = {-kInf, -kInf};
 #pragma unroll
     for (int kk = 0; kk < NKT; ++kk)
@@ -951,6 +956,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     // a stage's tile was set before a barrier every thread has passed; the sequence ends at the first
     // stage without one (every later stage has none either, so no copy is left in flight)
+    load_mask(s_tile_of[0]);  // (set by a fill before a barrier: at the kernel's start, or just above)
     for (int it = 0;; ++it) {
       const int tile_index = s_tile_of[it % kStages];
       if (tile_index < 0) break;
@@ -963,7 +969,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       refill(it % kStages);
       continue;
 #endif
-      if (a.mask_kind != 0 || start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
+      if (HAS_MASK || start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
         tile(std::true_type{}, careful_tag, it % kStages, start);
       } else {
         tile(std::false_type{}, careful_tag, it % kStages, start);
@@ -1096,10 +1102,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if (helping) count_finished(helper ? 2 : 1);  // this KV head merged (and a helper's exit)
 }
 
-template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q = false>
+template <int DP, bool BF16, int PV, bool HAS_MASK, bool K_PER_TOKEN, bool SMOOTH_Q = false>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   constexpr int bytes = Layout<DP, SMOOTH_Q>::kBytes;
-  auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q>;
+  auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q, HAS_MASK>;
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, bytes, reserved, "decode");
   // K and V as byte tensors [B][Hkv][Nk][2 D] (any strides, multiples of 16 bytes), read in boxes of
@@ -1126,8 +1132,12 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
 // and Q smoothing (only with per-token K scales: sage2's grouping, checked in decode_forward)
 template <int DP, bool BF16, int PV>
 void dispatch_k(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.smooth_q) return launch<DP, BF16, PV, true, true>(a, stream);
-  return a.k_per_token ? launch<DP, BF16, PV, true>(a, stream) : launch<DP, BF16, PV, false>(a, stream);
+  if (a.mask_kind != 0) {
+    if (a.smooth_q) return launch<DP, BF16, PV, true, true, true>(a, stream);
+    return a.k_per_token ? launch<DP, BF16, PV, true, true>(a, stream) : launch<DP, BF16, PV, true, false>(a, stream);
+  }
+  if (a.smooth_q) return launch<DP, BF16, PV, false, true, true>(a, stream);
+  return a.k_per_token ? launch<DP, BF16, PV, false, true>(a, stream) : launch<DP, BF16, PV, false, false>(a, stream);
 }
 
 template <int DP, bool BF16>
