@@ -792,6 +792,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if constexpr (CAREFUL) bad_kv[h] |= visible && s_key_bad[col];
         s[kk][e] = x;
       }
+    // the next tile's mask entries (its stage's tile was set before this tile's first barrier): here
+    // with per-tile K scales, after the barrier and refill below with per-token ones (sage2), where
+    // issued here they delayed the copy; each placement measured the faster for its kernel (H100,
+    // 2026-11-25, DECODE_NOTES.md)
+    if constexpr (!K_PER_TOKEN) load_mask(s_tile_of[(stage + 1) % kStages]);
     float mx[2] = {-kInf, -kInf};
 #pragma unroll
     for (int kk = 0; kk < NKT; ++kk)
@@ -804,9 +809,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     __syncthreads();  // s_row_max, s_qm; and every warp is done reading this stage
     if constexpr (K_PER_TOKEN) refill(stage);  // (per-tile scales: at the barrier of K's max)
-    // the next tile's mask entries (its stage's tile was set before this tile's first barrier), after
-    // the refill: issued before the barrier they delayed it, and the copy (sage2, 2026-11-25)
-    load_mask(s_tile_of[(stage + 1) % kStages]);
+    if constexpr (K_PER_TOKEN) load_mask(s_tile_of[(stage + 1) % kStages]);
     // P after the tile's own row max m_t (common.decode: a tile's P does not depend on the tiles
     // before it), entering the running state scaled by beta = exp2(m_t - m')
     float alpha[2], beta[2], shift[2];
