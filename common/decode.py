@@ -110,13 +110,10 @@ class DecodeSpec(NamedTuple):  # a tuple: built on every call, ~5x cheaper than 
     pv: str              # one of PV_KINDS
 
 
-def decode_step(n_q: int) -> bool:
-    """Few enough queries for the decode path (given options that have a decode form)."""
-    return n_q <= DECODE_MAX_QUERIES
-
-
-def use_decode(n_q: int, mask: MaskSpec, spec: DecodeSpec | None) -> bool:
-    return spec is not None and decode_step(n_q)
+def use_decode(n_q: int, spec: DecodeSpec | None) -> bool:
+    """Whether a call runs the decode path: few enough queries, and options with a decode form
+    (``spec``; None: none)."""
+    return spec is not None and n_q <= DECODE_MAX_QUERIES
 
 
 @functools.lru_cache(maxsize=256)  # pure, and asked twice on every call

@@ -103,8 +103,8 @@ def _tile(acc, l_i, m_i, kacc, bad, q, q8, sq, mu_rows, row_ok, i, k_base, v_bas
                             other=0)
             if MASK_KIND == 1:
                 visible = visible & (mvals != 0)
-            else:
-                visible = visible & (mvals > float("-inf"))
+            else:  # (a NaN bias keeps the key: the row gets NaN, as from SDPA and the emulation)
+                visible = visible & (mvals != float("-inf"))
     else:
         inb = dm[None, :]
         visible = row_ok[:, None]

@@ -7,7 +7,7 @@ import torch
 from common import nonfinite
 from common.api import natural_lse, runs_on_input_device, start_call, validate_call
 from common.compile_ops import AttentionOp
-from common.decode import DecodeSpec, decode_attention, decode_step, resolve_decode_backend, use_decode
+from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import quantize_qk
 from common.masking import MASK_NONE, dense_mask, resolve_mask, within_lengths
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
@@ -66,14 +66,15 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
 
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
-        # (checked even where no kernel runs). Decode steps read any mask in their kernel: finding key
-        # lengths there would cost a host sync per call (a stall per layer of a generation loop)
-        mask = resolve_mask(attn_mask, shape, q.device, detect_key_padding=not decode_step(shape.seqlen_q))
-        if trivial is not None:
-            return trivial
         decode = DecodeSpec(127, k_per_token=False, smooth_k=smooth_k, smooth_q=False,
                             pv="fp16_acc16" if pv_accum == "fp16" else "fp16_acc32")
-        if use_decode(shape.seqlen_q, mask, decode if qk_granularity == "per_block" else None):
+        runs_decode = use_decode(shape.seqlen_q, decode if qk_granularity == "per_block" else None)
+        # (checked even where no kernel runs). Decode reads any mask in its kernel: finding key lengths
+        # there would cost a host sync per call (a stall per layer of a generation loop)
+        mask = resolve_mask(attn_mask, shape, q.device, detect_key_padding=not runs_decode)
+        if trivial is not None:
+            return trivial
+        if runs_decode:
             # few queries: split-KV, K and V quantized per tile in registers (common.decode)
             be = resolve_decode_backend(backend, be, qh, kh, vh, decode, mask, "sage1")
             lse = decode_attention(qh, kh, vh, out_hnd, decode, sm_scale=scale, is_causal=is_causal, mask=mask,

@@ -10,7 +10,7 @@ from common import build, nonfinite
 from common.api import natural_lse, runs_on_input_device, start_call, validate_call
 from common.checks import device_capability
 from common.compile_ops import AttentionOp
-from common.decode import DecodeSpec, decode_attention, decode_step, resolve_decode_backend, use_decode
+from common.decode import DecodeSpec, decode_attention, resolve_decode_backend, use_decode
 from common.int_qk import padded_head_dim, quantize_qk
 from common.masking import MASK_NONE, dense_mask, resolve_mask, within_lengths
 from common.nonfinite import kernel_buffers, set_nan_rows, zeroed
@@ -86,15 +86,16 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, tensor_layout
     with torch.no_grad():
         qh, kh, vh, out, out_hnd, trivial = start_call(q, k, v, tensor_layout, shape, return_lse)
         D = qh.shape[-1]
-        # (checked even where no kernel runs). Decode steps read any mask in their kernel: finding key
-        # lengths there would cost a host sync per call (a stall per layer of a generation loop)
-        mask = resolve_mask(attn_mask, shape, q.device, detect_key_padding=not decode_step(shape.seqlen_q))
-        if trivial is not None:
-            return trivial
         decode = DecodeSpec(127 if qk_dtype == "int8" else 7, k_per_token=qk_granularity != "per_block",
                             smooth_k=smooth_k, smooth_q=smooth_q, pv="fp16_acc32" if pv_dtype == "fp16" else pv_dtype)
         has_decode_form = qk_granularity != "per_tensor" and not smooth_v and pv_accum == "two_level"
-        if use_decode(shape.seqlen_q, mask, decode if has_decode_form else None):
+        runs_decode = use_decode(shape.seqlen_q, decode if has_decode_form else None)
+        # (checked even where no kernel runs). Decode reads any mask in its kernel: finding key lengths
+        # there would cost a host sync per call (a stall per layer of a generation loop)
+        mask = resolve_mask(attn_mask, shape, q.device, detect_key_padding=not runs_decode)
+        if trivial is not None:
+            return trivial
+        if runs_decode:
             # few queries: split-KV, K and V quantized per tile in registers (common.decode); "cuda"
             # and "auto" run its CUDA sweep (csrc/decode) where it covers the call
             be = resolve_decode_backend(backend, "triton" if be == "cuda" else be, qh, kh, vh, decode, mask, "sage2")

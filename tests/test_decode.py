@@ -175,6 +175,13 @@ def test_options_without_a_decode_form_use_the_prefill_path():
                      (sage2.sageattn, dict(pv_accum="single")), (sage2.sageattn, dict(qk_granularity="per_tensor"))):
         out = fn(q, k, v, backend="torch", **opts)
         assert accuracy(ref, out).cos_sim > 0.99
+        # with a right-padding mask they still find key lengths (the decode path does not look for
+        # them): padded slots holding garbage, as a stale cache may, count for nothing
+        k2, v2 = k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1)
+        k2[1, :, 120:], v2[1, :, 120:] = 300.0, 1000.0
+        pad = (torch.arange(300)[None, :] < torch.tensor([300, 120])[:, None])[:, None, None, :]
+        out = fn(q.repeat(2, 1, 1, 1), k2, v2, attn_mask=pad, backend="torch", **opts)
+        assert accuracy(attention_reference(q.repeat(2, 1, 1, 1), k2, v2, attn_mask=pad), out).cos_sim > 0.99
 
 
 def _masks(batch, heads, n_q, n_k):
@@ -194,8 +201,8 @@ def _masks(batch, heads, n_q, n_k):
 
 @pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b", "sage2_fp16pv"])
 @pytest.mark.parametrize("mask_name", ["left_padding", "left_padding_additive", "per_head_bias"])
-@pytest.mark.parametrize("n_q", [1, 4])
-def test_decode_with_attn_mask(name, mask_name, n_q, monkeypatch):
+@pytest.mark.parametrize("n_q,causal", [(1, False), (4, False), (3, True)])  # (3: a padding row per head)
+def test_decode_with_attn_mask(name, mask_name, n_q, causal, monkeypatch):
     """A dense attn_mask runs the decode kernel (read tile by tile through its broadcast strides,
     as the prefill kernels read it; no host sync, so also under CUDA-graph capture), not the prefill
     path: kernel against emulation, emulation against exact attention."""
@@ -209,18 +216,39 @@ def test_decode_with_attn_mask(name, mask_name, n_q, monkeypatch):
     for mod in (sage1.interface, sage2.interface):
         real = mod.decode_attention
         monkeypatch.setattr(mod, "decode_attention", lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
-    out_k, lse_k = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=mask.to(KERNEL_DEVICE), return_lse=True, backend="triton",
-                      **opts)
-    out_e, lse_e = fn(q, k, v, attn_mask=mask, return_lse=True, backend="torch", **opts)
+    out_k, lse_k = fn(*_to(KERNEL_DEVICE, q, k, v), attn_mask=mask.to(KERNEL_DEVICE), is_causal=causal,
+                      return_lse=True, backend="triton", **opts)
+    out_e, lse_e = fn(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True, backend="torch", **opts)
     assert len(calls) == 2
     assert torch.equal(torch.isfinite(lse_k.cpu()), torch.isfinite(lse_e))
     assert (lse_k.cpu() - lse_e)[torch.isfinite(lse_e)].abs().max() < 1e-3
     assert accuracy(out_e.double(), out_k.cpu()).rel_l1 < kernel_bound
-    assert accuracy(attention_reference(q, k, v, attn_mask=mask), out_e).cos_sim > cos_bound
+    ref = attention_reference(q, k, v, attn_mask=mask, is_causal=causal)
+    kept = torch.isfinite(lse_e)  # (rows whose every key the mask and the diagonal drop give 0)
+    assert accuracy(ref[kept], out_e[kept]).cos_sim > cos_bound
 
 
 def test_decode_attn_mask_rows_and_nonfinite_keys():
     check_attn_mask_rows_and_nonfinite_keys(KERNEL_DEVICE, ("torch", "triton"))
+
+
+def test_decode_nan_in_an_additive_mask_gives_a_nan_row():
+    check_nan_in_an_additive_mask(KERNEL_DEVICE, ("torch", "triton"))
+
+
+def check_nan_in_an_additive_mask(device, backends, head_dim=64):
+    """A NaN in an additive mask makes its row NaN (SDPA's result, the prefill path's), and no other."""
+    q, k, v = make_qkv(2, 4, 1, head_dim, heads_kv=2, seqlen_k=150, kind="k_bias", seed=29)
+    bias = torch.zeros(2, 4, 1, 150)
+    bias[1, 3, 0, 77] = float("nan")
+    bias[0, :, :, :10] = float("-inf")
+    for fn in (sage1.sageattn, sage2.sageattn):
+        for backend in backends:
+            out, lse = fn(*_to(device, q, k, v), attn_mask=bias.to(device), return_lse=True, backend=backend)
+            out, lse = out.cpu(), lse.cpu()
+            assert torch.isnan(lse[1, 3]).all() and torch.isnan(out[1, 3]).all(), backend
+            lse[1, 3], out[1, 3] = 0.0, 0.0
+            assert torch.isfinite(lse).all() and torch.isfinite(out).all(), backend
 
 
 def check_attn_mask_rows_and_nonfinite_keys(device, backends, head_dim=64):

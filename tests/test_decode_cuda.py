@@ -156,8 +156,8 @@ def test_cuda_sweep_matches_emulation_and_triton(name, n_q, heads, heads_kv, n_k
 @hopper
 @pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b", "sage2_fp16pv"])
 @pytest.mark.parametrize("mask_name", ["left_padding", "left_padding_additive", "per_head_bias"])
-@pytest.mark.parametrize("n_q,head_dim", [(1, 128), (4, 64)])
-def test_cuda_sweep_with_attn_mask(name, mask_name, n_q, head_dim, monkeypatch):
+@pytest.mark.parametrize("n_q,head_dim,causal", [(1, 128, False), (4, 64, False), (3, 128, True)])
+def test_cuda_sweep_with_attn_mask(name, mask_name, n_q, head_dim, causal, monkeypatch):
     """A dense attn_mask (Hugging Face's left padding, bool or additive; a per-head, per-query
     bias) runs the CUDA sweep, which reads it per score: against the emulation, the Triton sweep
     and exact attention."""
@@ -167,25 +167,30 @@ def test_cuda_sweep_with_attn_mask(name, mask_name, n_q, head_dim, monkeypatch):
     q, k, v = make_qkv(3, 8, n_q, head_dim, heads_kv=2, seqlen_k=1333, kind="k_bias", seed=n_q, device="cuda")
     mask = _masks(3, 8, n_q, 1333)[mask_name].cuda()
     calls = _spy(monkeypatch)
-    out_c, lse_c = fn(q, k, v, attn_mask=mask, return_lse=True, backend="auto", **opts)
+    kw = dict(attn_mask=mask, is_causal=causal, return_lse=True, **opts)
+    out_c, lse_c = fn(q, k, v, backend="auto", **kw)
     assert calls == [1], "backend='auto' did not run the CUDA sweep"
-    out_t, lse_t = fn(q, k, v, attn_mask=mask, return_lse=True, backend="triton", **opts)
-    out_e, lse_e = fn(q, k, v, attn_mask=mask, return_lse=True, backend="torch", **opts)
+    out_t, lse_t = fn(q, k, v, backend="triton", **kw)
+    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
     fin = torch.isfinite(lse_e)
     assert torch.equal(torch.isfinite(lse_c), fin) and (lse_c - lse_e)[fin].abs().max() < 1e-3
     c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
     assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
-    assert accuracy(attention_reference(q, k, v, attn_mask=mask), out_c).cos_sim > 0.98
+    ref = attention_reference(q, k, v, attn_mask=mask, is_causal=causal)
+    assert accuracy(ref[fin], out_c[fin]).cos_sim > 0.98
 
 
 @gpu
 @hopper
 def test_cuda_sweep_attn_mask_rows_and_nonfinite_keys(monkeypatch):
     """test_decode's mask rule test, on the CUDA sweep (a NaN in a dropped key reaches no row)."""
-    from test_decode import check_attn_mask_rows_and_nonfinite_keys
+    from test_decode import check_attn_mask_rows_and_nonfinite_keys, check_nan_in_an_additive_mask
 
     calls = _spy(monkeypatch)
     check_attn_mask_rows_and_nonfinite_keys("cuda", ("auto",), head_dim=128)
+    assert len(calls) == 2, "the CUDA sweep did not run"
+    calls.clear()
+    check_nan_in_an_additive_mask("cuda", ("auto",), head_dim=128)
     assert len(calls) == 2, "the CUDA sweep did not run"
 
 

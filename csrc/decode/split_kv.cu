@@ -784,7 +784,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           const int key = start + col;
           visible = visible && key < nk && (!a.causal || key <= i_row[h] + q_offset);
           if constexpr (HAS_MASK) {  // a key the mask drops is not seen (no NaN of its reaches the row)
-            visible = visible && mask_vals[kk][e] > -kInf;
+            visible = visible && mask_vals[kk][e] != -kInf;  // (a NaN bias: a NaN row, as SDPA's)
             x = __fadd_rn(x, mask_vals[kk][e]);
           }
           x = visible ? x : -kInf;
