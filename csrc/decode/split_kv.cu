@@ -31,10 +31,11 @@
 //     each head's mean_q in 16-bit parts (two for fp16, three for bf16; the Triton kernel uses 3xTF32
 //     on K - mean_k: both ~fp32).
 //
-// An attn_mask (uint8 keep or fp32 log2 bias, [B, Hq, Nq, Nk] through its strides) is read per score:
-// each thread loads its scores' entries at the top of the tile, before K's quantization (their
-// latency hides under it), and every tile of a masked call takes the masked path. (An L2 prefetch of
-// the next tile's mask lines by the thread that issues the copies was 20-30% slower: DECODE_NOTES.md.)
+// An attn_mask (uint8 keep or fp32 log2 bias, [B, Hq, Nq, Nk] through its strides; HAS_MASK) is read
+// per score: each thread loads its scores' entries one tile ahead (loaded at the tile's own start,
+// their latency was not hidden), and every tile of a masked call takes the masked path. (An L2
+// prefetch of the next tile's mask lines by the thread that issues the copies was 20-30% slower:
+// DECODE_NOTES.md.)
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
 // vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
