@@ -534,6 +534,33 @@ def test_cuda_helpers_share_the_tiles_of_many_kv_heads(name, monkeypatch):
 
 @gpu
 @hopper
+@pytest.mark.parametrize("name,n_q", [("sage1", 1), ("sage2_8b", 1), ("sage2_4b", 2)])
+def test_cuda_masked_helpers_and_fixed_splits(name, n_q, monkeypatch):
+    """A left-padding mask with helper programs (one owner per KV head; helpers' tiles and their
+    mask entries read one tile ahead along chains they join midway) and with fixed splits (torch's
+    deterministic mode; Q smoothing with two queries per head runs them by default): the emulation's
+    result, and the same as each other to fp32 rounding."""
+    fn, opts = COVERED[name]
+    q, k, v = _helper_inputs(43, n_q=n_q)
+    n_k = k.shape[2]
+    first = torch.arange(q.shape[0], device="cuda") * 97 % 1500  # per sequence: keys [first, Nk)
+    mask = (torch.arange(n_k, device="cuda")[None, :] >= first[:, None])[:, None, None, :]
+    calls = _spy(monkeypatch)
+    out, lse = fn(q, k, v, attn_mask=mask, return_lse=True, **opts)
+    assert _counters_are_zero()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    static, static_lse = fn(q, k, v, attn_mask=mask, return_lse=True, **opts)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert accuracy(static.double(), out.double()).rel_l1 < 1e-4
+    torch.testing.assert_close(lse, static_lse, rtol=1e-5, atol=1e-5)
+    emulated, emulated_lse = fn(q, k, v, attn_mask=mask, return_lse=True, backend="torch", **opts)
+    assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3
+    assert (lse - emulated_lse).abs().max() < 1e-3
+
+
+@gpu
+@hopper
 @pytest.mark.parametrize("fn", [sage1.sageattn, sage2.sageattn])
 def test_cuda_helpers_careful_sweep_and_graph_replay(fn, monkeypatch):
     """Helpers flagged by an fp16 overflow (sage1: V large and positive, scores nearly flat) or a NaN
