@@ -1189,7 +1189,8 @@ void decode_forward(const DecodeArgs& a, cudaStream_t stream) {
                 (a.heads_kv == 1 || (sh > 0 && sh % 8 == 0)) && (a.batch == 1 || (sb > 0 && sb % 8 == 0)),
             std::string(name) + ": the copy engine needs a 16-byte aligned data pointer and positive strides of "
             "multiples of 16 bytes (8 elements) for batch, heads and keys");
-  require(a.mask_kind == 0 || (a.mask_kind <= 2 && a.mask != nullptr), "mask_kind must be 0, 1 or 2 (with a mask)");
+  require(a.mask_kind >= 0 && a.mask_kind <= 2 && (a.mask_kind == 0 || a.mask != nullptr),
+          "mask_kind must be 0, 1 or 2 (with a mask), got " + std::to_string(a.mask_kind));
   if (a.seqlen_k == 0) return;  // no keys: the caller does not run decode then
   if (a.head_dim == 64) {
     a.bf16 ? dispatch_pv<64, true>(a, stream) : dispatch_pv<64, false>(a, stream);
