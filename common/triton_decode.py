@@ -238,7 +238,8 @@ def decode_split_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm,
     scores, l or acc), so one check at the end sets the program's FLAG, and the combine kernel
     redoes the flagged programs with the careful sweep. (In the combine kernel rather than here:
     the careful sweep's registers would otherwise be allocated, and occupancy lost, everywhere.)"""
-    _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                     tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
                     BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,
@@ -344,7 +345,8 @@ def decode_combine_kernel(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, sm
     kv_bh = tl.program_id(0)
     for s in range(0, n_splits):
         if tl.load(FLAG + (s * tl.num_programs(0) + kv_bh) * tl.num_programs(1) + tl.program_id(1)) != 0:
-            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+            _decode_program(Q, K, V, PO, PL, FLAG, QLEN, KLEN, MASKP, smb, smh, smm, smn,
+                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                             Hkv, Nq, Nk, D, G, qk_mult, tiles_per_split, log2_pscale,
                             s, kv_bh, tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
                             BLOCK_M, NQP, T, DP, QMAX, K_PER_TOKEN, SMOOTH_K, SMOOTH_Q, PV, IS_CAUSAL, HAS_LENS,

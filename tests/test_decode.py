@@ -195,8 +195,8 @@ def _masks(batch, heads, n_q, n_k):
     g = torch.Generator().manual_seed(n_k)
     bias = torch.randn(batch, heads, n_q, n_k, generator=g)
     bias[torch.rand(bias.shape, generator=g) < 0.3] = float("-inf")
-    return {"left_padding": keep, "left_padding_additive": torch.where(keep, 0.0, torch.finfo(torch.float16).min).half(),
-            "per_head_bias": bias}
+    additive = torch.where(keep, 0.0, torch.finfo(torch.float16).min).half()
+    return {"left_padding": keep, "left_padding_additive": additive, "per_head_bias": bias}
 
 
 @pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b", "sage2_fp16pv"])

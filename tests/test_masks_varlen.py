@@ -106,7 +106,8 @@ def test_a_decode_step_with_a_padding_mask_never_waits_for_the_gpu(fn):
     raises on one), so a generation loop's calls queue ahead of the GPU; left and right padding,
     bool and additive."""
     q, k, v = make_qkv(2, 8, 1, 128, heads_kv=2, seqlen_k=700, device="cuda", seed=8)
-    right = (torch.arange(700, device="cuda")[None, :] < torch.tensor([700, 311], device="cuda")[:, None])[:, None, None, :]
+    lens = torch.tensor([700, 311], device="cuda")
+    right = (torch.arange(700, device="cuda")[None, :] < lens[:, None])[:, None, None, :]
     masks = [right, right.flip(-1), torch.where(right.flip(-1), 0.0, torch.finfo(torch.float16).min).half()]
     for mask in masks:
         fn(q, k, v, attn_mask=mask)  # (first calls build and allocate)
