@@ -147,6 +147,18 @@ def check_op_operands(who: str, out: torch.Tensor, expect, source: str) -> None:
         raise ValueError(f"{who}: every tensor must be on out's device ({out.device}), got {sorted(devices)}")
 
 
+def check_op_kv_layout(who: str, head_dims, dp: int, head_dim: int, heads_q: int, heads_kv: int, keys: int,
+                       padded_keys: int, multiple: int, v_name: str) -> None:
+    """For a Hopper kernel's custom op: the padded head dim ``dp`` is one the build has, the head dim
+    fits in it, query heads are a multiple of KV heads, and V's transposed codes (``v_name``) hold
+    the keys rounded up to ``multiple`` (the kernel's key tile)."""
+    if dp not in head_dims or not 0 < head_dim <= dp or heads_kv == 0 or heads_q % heads_kv \
+            or padded_keys % multiple or not keys <= padded_keys < keys + multiple:
+        raise ValueError(f"{who}: need DP in {head_dims}, 0 < head dim {head_dim} <= DP = {dp}, query heads "
+                         f"{heads_q} a multiple of KV heads {heads_kv}, and {v_name}'s keys {padded_keys} = {keys} "
+                         f"keys rounded up to {multiple}")
+
+
 def capturing(device: torch.device) -> bool:
     """Whether work queued on ``device`` now is recorded into a CUDA graph (the current stream is
     capturing): host reads of device values are refused then."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from common.checks import check_op_operands
+from common.checks import check_op_kv_layout, check_op_operands
 from common.int_qk import padded_head_dim
 from common.masking import MASK_NONE
 
@@ -138,9 +138,7 @@ def _check_op_inputs(q, q_codes, q_scale, q_bad, k_codes, v_codes, k_scale, v_sc
         ("v_codes", v_codes, (B, Hkv, DP, npad)), ("k_scale", k_scale, (B, Hkv, Nk)), ("v_scale", v_scale, (B, Hkv, D)),
         ("q_codes", q_codes, (B, Hq, Nq, DP)), ("q_scale", q_scale, (B, Hq, Nq))],
         f"q {list(q.shape)}, k_codes {list(k_codes.shape)}, out's head dim and v_codes' keys")
-    if DP not in HEAD_DIMS or not 0 < D <= DP or Hkv == 0 or Hq % Hkv or npad % 128 or not Nk <= npad < Nk + 128:
-        raise ValueError(f"sage2_sm90_fwd: need DP in {HEAD_DIMS}, 0 < head dim {D} <= DP = {DP}, query heads {Hq} a "
-                         f"multiple of KV heads {Hkv}, and V's keys {npad} = {Nk} keys rounded up to 128")
+    check_op_kv_layout("sage2_sm90_fwd", HEAD_DIMS, DP, D, Hq, Hkv, Nk, npad, 128, "V")
     for name, t, n, dtype in (("q_bad", q_bad, B * Hq * Nq, torch.uint8), ("first_bad", first_bad, B * Hkv, torch.int32)):
         if t is not None and (t.dtype != dtype or t.numel() < n or not t.is_contiguous() or t.device != out.device):
             raise ValueError(f"sage2_sm90_fwd: {name} must be a contiguous {dtype} of at least {n} values on "

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from common.checks import check_op_operands
+from common.checks import check_op_kv_layout, check_op_operands
 from common.int_qk import LOG2E
 
 from .emulation import TWO_LEVEL_RANGE
@@ -56,9 +56,7 @@ def _check_op_inputs(q, k, vt, delta_s, out):
         ("q", q, None), ("out", out, (B, Hq, Nq, D)), ("k", k, (B, Hkv, Nk, DP)), ("vt", vt, (B, Hkv, DP, npad)),
         ("delta_s", delta_s, None)],
         f"q {list(q.shape)}, k {list(k.shape)}, out's head dim and vt's keys")
-    if DP not in HEAD_DIMS or not 0 < D <= DP or Hkv == 0 or Hq % Hkv or npad % KV_TILE or not Nk <= npad < Nk + KV_TILE:
-        raise ValueError(f"sage3_sm90_fwd: need DP in {HEAD_DIMS}, 0 < head dim {D} <= DP = {DP}, query heads {Hq} a "
-                         f"multiple of KV heads {Hkv}, and vt's keys {npad} = {Nk} keys rounded up to {KV_TILE}")
+    check_op_kv_layout("sage3_sm90_fwd", HEAD_DIMS, DP, D, Hq, Hkv, Nk, npad, KV_TILE, "vt")
     if B * Hq > 65535:  # (the grid's y; the public path refuses it first, common.api)
         raise ValueError(f"sage3_sm90_fwd: batch * query heads = {B * Hq} is more than 65535")
     want = (B, Hq, -(-Nq // Q_BLOCK), k.shape[2])
