@@ -115,9 +115,9 @@ MASK_SHAPES = [(4, 32, 8, 4096, 0.2), (4, 32, 8, 16384, 0.2), (16, 32, 8, 4096, 
 
 
 def masked(out_rows: list, graphs: bool) -> None:
-    """Decode with a left-padding mask: ours (``backend="auto"``: the Triton split-KV kernel reads
-    the mask tile by tile) against SDPA given the same mask (its flash backend takes none), and
-    against what the call ran before (the prefill kernel with a dense mask: DECODE_MAX_QUERIES=0)."""
+    """Decode with a left-padding mask: ours (``backend="auto"``: on Hopper the CUDA split-KV sweep,
+    which reads the mask per score) against SDPA given the same mask (its flash backend takes none),
+    and against what the call ran before (the prefill kernel with a dense mask: DECODE_MAX_QUERIES=0)."""
     from common import decode
 
     D = 128
@@ -133,9 +133,9 @@ def masked(out_rows: list, graphs: bool) -> None:
         for mask_name, mask in (("bool", keep), ("additive", additive)):
             case = f"B={B} Hq/Hkv={Hq}/{Hkv} Nk={Nk // 1024}k left-padded {mask_name}"
             print(f"[masks {n + 1}/{len(MASK_SHAPES)}] {case}", flush=True)
-            # SDPA's fused kernels take GQA with a mask only on K and V expanded to the query heads
-            # (Hugging Face's repeat_kv does this; the copy is not timed here); unpinned with
-            # enable_gqa, SDPA runs its math backend
+            # pinned to cuDNN or efficient, SDPA takes GQA with a mask only on K and V expanded to the
+            # query heads (Hugging Face's repeat_kv does this; the copy is not timed here); unpinned,
+            # with enable_gqa, it picks its own backend (2.3-2.9 TB/s on the H100, 2026-11-25)
             times = {"SDPA default (enable_gqa)": bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, enable_gqa=True))}
             for name in ("cudnn", "efficient"):
