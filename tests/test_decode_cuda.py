@@ -182,6 +182,39 @@ def test_cuda_sweep_with_attn_mask(name, mask_name, n_q, head_dim, causal, monke
 
 @gpu
 @hopper
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b"])
+@pytest.mark.parametrize("heads,heads_kv,n_q,mask_shape", [
+    (8, 8, 1, "b h 1 k"),  # one query head per program: its rows read one mask row (shared memory)
+    (8, 2, 4, "b 1 1 k"),  # four queries, one mask row for all of them (shared memory)
+    (8, 2, 3, "b 1 q k"),  # a row per query: each thread loads its own scores' entries
+    (8, 2, 1, "b h 1 k"),  # a row per head of the group: likewise
+])
+def test_cuda_sweep_mask_rows_alike_or_not(name, heads, heads_kv, n_q, mask_shape, monkeypatch):
+    """The CUDA sweep reads a mask whose rows are alike within a program (every query head and query
+    of a KV head reads one row) through shared memory, and any other per thread: both against the
+    emulation, on full tiles and the last partial one (1333 keys)."""
+    fn, opts = COVERED[name]
+    batch, n_k = 2, 1333
+    q, k, v = make_qkv(batch, heads, n_q, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=7, device="cuda")
+    shape = [batch if d == "b" else heads if d == "h" else n_q if d == "q" else n_k if d == "k" else 1
+             for d in mask_shape.split()]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    mask = torch.randn(shape, generator=g, device="cuda")
+    mask[torch.rand(shape, generator=g, device="cuda") < 0.3] = float("-inf")
+    calls = _spy(monkeypatch)
+    kw = dict(attn_mask=mask, return_lse=True, **opts)
+    out_c, lse_c = fn(q, k, v, backend="auto", **kw)
+    assert calls == [1], "backend='auto' did not run the CUDA sweep"
+    out_t, _ = fn(q, k, v, backend="triton", **kw)
+    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
+    assert (lse_c - lse_e).abs().max() < 1e-3
+    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
+    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
+    assert accuracy(attention_reference(q, k, v, attn_mask=mask), out_c).cos_sim > 0.99
+
+
+@gpu
+@hopper
 def test_cuda_sweep_attn_mask_rows_and_nonfinite_keys(monkeypatch):
     """test_decode's mask rule test, on the CUDA sweep (a NaN in a dropped key reaches no row)."""
     from test_decode import check_attn_mask_rows_and_nonfinite_keys, check_nan_in_an_additive_mask

@@ -153,7 +153,8 @@ struct Layout {
   static constexpr int kRowSum = kRowMax + kWarps * kRows * 4; // float[warps][16]
   static constexpr int kKeyBad = kRowSum + kWarps * kRows * 4; // int[64]: careful sweep, keys with a NaN/Inf
   static constexpr int kRowBad = kKeyBad + kTile * 4;          // int[16]: rows that saw one
-  static constexpr int kFlag = kRowBad + kRows * 4;            // int: this program merges the splits
+  static constexpr int kMask = kRowBad + kRows * 4;            // float[64]: attn_mask entries of the tile's keys (rows alike)
+  static constexpr int kFlag = kMask + kTile * 4;              // int: this program merges the splits
   static constexpr int kTileOf = kFlag + 16;                    // int[stages]: the tile each stage holds (-1: none)
   static constexpr int kPitchMq = DP * 2 + 16;                 // (padded: conflict-free ldmatrix rows)
   static constexpr int kMeanQ = kTileOf + 16;                   // smooth_q: 16-bit[parts][16 heads][DP]: each head's mean q
@@ -162,7 +163,8 @@ struct Layout {
   static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * kPitchDelta * 4 : 0);  // uint64[stages]
   static constexpr int kBytes = kBar + kStages * 8 + 1024;  // + the slack to align the base to 1024 bytes
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
-  static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0, "aligned reads of the means, the barriers");
+  static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0 && kMask % 8 == 0,
+                "aligned reads of the means, the barriers, mask pairs");
   static_assert(kRows * DP * 4 <= kTileBytes, "smooth_q's scratch for Q must fit in one stage of K");
   static_assert(kStages >= 2, "a tile is copied while the one before is computed");
   static_assert(kStages <= 4, "kTileOf holds four stages");
@@ -235,6 +237,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   float* s_row_sum = reinterpret_cast<float*>(smem + L::kRowSum);
   int* s_key_bad = reinterpret_cast<int*>(smem + L::kKeyBad);
   int* s_row_bad = reinterpret_cast<int*>(smem + L::kRowBad);
+  float* s_mask = reinterpret_cast<float*>(smem + L::kMask);
   int* s_flag = reinterpret_cast<int*>(smem + L::kFlag);
   int* s_tile_of = reinterpret_cast<int*>(smem + L::kTileOf);
   char* s_mean_q = smem + L::kMeanQ;
@@ -521,26 +524,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   float m_row[2], l_row[2], acc[NT][4];
   float k_check;   // K's token sums: non-finite iff K had a NaN/Inf
   int bad_kv[2];   // careful sweep: the row saw a key with a NaN/Inf in K or V
-  // attn_mask (HAS_MASK): this thread's scores' entries in the tile being computed (0 / -inf for a
-  // keep mask, the bias). They are loaded one tile ahead, as soon as the previous tile's are used:
-  // loaded at the tile's own start, their latency (a cold line or a busy L2: ~1 us) was not hidden
-  // by K's quantization, and the masked calls ran 24-29% slower than unmasked ones (DECODE_NOTES.md)
-  static_assert(!HAS_MASK || kStages >= 2, "the mask is loaded one stage ahead");
+  // attn_mask (HAS_MASK): the entries of the tile being computed (0 / -inf for a keep mask, the bias),
+  // loaded one tile ahead, as soon as the previous tile's are used: loaded at the tile's own start,
+  // their latency (a cold line or a busy L2: ~1 us) was not hidden by K's quantization, and the
+  // masked calls ran 24-29% slower than unmasked ones (DECODE_NOTES.md). When every row of the
+  // program reads one mask row (a padding mask [B, 1, 1, Nk], or one head and query), thread k < 64
+  // loads key k's entry and puts it in shared memory at the next tile's start (one load per thread
+  // instead of eight, and none of their address arithmetic: the loop is issue-bound once the mask's
+  // work is added); otherwise each thread loads its own scores' entries into mask_vals
+  static_assert(!HAS_MASK || (kStages >= 2 && kThreads >= kTile), "the mask is loaded one stage ahead, a key per thread");
+  const bool mask_rows_alike = HAS_MASK && (a.group == 1 || a.mask_stride_h == 0) && (nq == 1 || a.mask_stride_q == 0);
+  float mask_next = 0.f;  // rows alike: key tid's entry in the next tile (tid < kTile)
   float mask_vals[HAS_MASK ? NKT : 1][4];
+  auto mask_entry = [&](int64_t at) {
+    return a.mask_kind == 1 ? (__ldg(static_cast<const uint8_t*>(a.mask) + at) ? 0.f : -kInf)
+                            : __ldg(static_cast<const float*>(a.mask) + at);
+  };
   auto load_mask = [&](int tile_index) {
     if constexpr (HAS_MASK) {
+      if (mask_rows_alike) {  // block-uniform
+        const int key = tile_index * kTile + tid;
+        const int64_t row0 = b * a.mask_stride_b + int64_t(hk * a.group) * a.mask_stride_h;  // every row's
+        mask_next = tid < kTile && tile_index >= 0 && key < nk ? mask_entry(row0 + int64_t(key) * a.mask_stride_k) : 0.f;
+        return;
+      }
 #pragma unroll
       for (int kk = 0; kk < NKT; ++kk)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e >> 1, key = tile_index * kTile + KPW * warp + 8 * kk + 2 * t4 + (e & 1);
-          float x = 0.f;
-          if (tile_index >= 0 && ok_row[h] && key < nk) {
-            const int64_t at = mask_row[h] + int64_t(key) * a.mask_stride_k;
-            x = a.mask_kind == 1 ? (__ldg(static_cast<const uint8_t*>(a.mask) + at) ? 0.f : -kInf)
-                                 : __ldg(static_cast<const float*>(a.mask) + at);
-          }
-          mask_vals[kk][e] = x;
+          mask_vals[kk][e] = tile_index >= 0 && ok_row[h] && key < nk ? mask_entry(mask_row[h] + int64_t(key) * a.mask_stride_k) : 0.f;
         }
     }
   };
@@ -556,6 +569,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     char* tk = s_k + stage * L::kTileBytes;
     char* tv = s_v + stage * L::kTileBytes;
     float inv_guard = 1.f;  // careful, fp16 P V: 1 / the power of two V was scaled by
+    // (the last tile's reads of s_mask are before its barrier in (4); this tile's after (1)'s)
+    if (HAS_MASK && mask_rows_alike && tid < kTile) s_mask[tid] = mask_next;
     if constexpr (CAREFUL) {
       if (tid < kTile) s_key_bad[tid] = 0;
       __syncthreads();
@@ -771,7 +786,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     // so max(x) + qm rounds to the max of the full scores exactly
     float s[NKT][4];
 #pragma unroll
-    for (int kk = 0; kk < NKT; ++kk)
+    for (int kk = 0; kk < NKT; ++kk) {
+      float2 alike = make_float2(0.f, 0.f);  // rows alike: keys 2 t4 + {0, 1} of this n-tile
+      if (HAS_MASK && mask_rows_alike) alike = *reinterpret_cast<const float2*>(s_mask + KPW * warp + 8 * kk + 2 * t4);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1, col = KPW * warp + 8 * kk + 2 * t4 + (e & 1);
@@ -784,15 +801,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         if constexpr (MASKED) {
           const int key = start + col;
           visible = visible && key < nk && (!a.causal || key <= i_row[h] + q_offset);
-          if constexpr (HAS_MASK) {  // a key the mask drops is not seen (no NaN of its reaches the row)
-            visible = visible && mask_vals[kk][e] != -kInf;  // (a NaN bias: a NaN row, as SDPA's)
-            x = __fadd_rn(x, mask_vals[kk][e]);
-          }
-          x = visible ? x : -kInf;
         }
+        if constexpr (HAS_MASK) {  // a key the mask drops is not seen (no NaN of its reaches the row)
+          const float mv = mask_rows_alike ? ((e & 1) ? alike.y : alike.x) : mask_vals[kk][e];
+          visible = visible && mv != -kInf;  // (a NaN bias: a NaN row, as SDPA's)
+          x = __fadd_rn(x, mv);
+        }
+        if constexpr (MASKED || HAS_MASK) x = visible ? x : -kInf;
         if constexpr (CAREFUL) bad_kv[h] |= visible && s_key_bad[col];
         s[kk][e] = x;
       }
+    }
     // the next tile's mask entries (its stage's tile was set before this tile's first barrier): here
     // with per-tile K scales, after the barrier and refill below with per-token ones (sage2), where
     // issued here they delayed the copy; each placement measured the faster for its kernel (H100,
@@ -974,7 +993,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       refill(it % kStages);
       continue;
 #endif
-      if (HAS_MASK || start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {
+      if (start + kTile > nk || (a.causal && start + kTile - 1 > q_offset)) {  // (a mask: in both)
         tile(std::true_type{}, careful_tag, it % kStages, start);
       } else {
         tile(std::false_type{}, careful_tag, it % kStages, start);
