@@ -215,6 +215,38 @@ def test_cuda_sweep_mask_rows_alike_or_not(name, heads, heads_kv, n_q, mask_shap
 
 @gpu
 @hopper
+@pytest.mark.parametrize("name", ["sage1", "sage2_8b", "sage2_4b"])
+@pytest.mark.parametrize("heads,heads_kv,n_q,deterministic", [(8, 2, 1, False), (4, 4, 4, False), (8, 2, 1, True)])
+def test_cuda_sweep_padding_mask_that_drops_whole_tiles(name, heads, heads_kv, n_q, deterministic, monkeypatch):
+    """A padding mask that drops whole tiles, and all of a sequence: that sequence gives zeros and
+    an LSE of -inf, NaN and Inf in dropped keys' K and V reach no row, and the rest matches the
+    emulation (left padding of 0, 200 and 1300 keys of 1333: no tile, three tiles and a part, all
+    but 33 keys), with dynamic tiles and with torch's deterministic mode (static splits)."""
+    fn, opts = COVERED[name]
+    batch, n_k = 4, 1333
+    q, k, v = make_qkv(batch, heads, n_q, 128, heads_kv=heads_kv, seqlen_k=n_k, kind="k_bias", seed=3, device="cuda")
+    first = torch.tensor([0, 200, n_k, 1300], device="cuda")  # sequence 2 keeps nothing
+    keep = (torch.arange(n_k, device="cuda")[None, :] >= first[:, None])[:, None, None, :]
+    k[1, :, 5, 7], v[1, :, 130, 0], k[2, :, 64:70, 1], v[3, :, 1299, 3] = float("nan"), float("inf"), float("nan"), float("-inf")
+    calls = _spy(monkeypatch)
+    kw = dict(attn_mask=keep, return_lse=True, **opts)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    out_c, lse_c = fn(q, k, v, backend="auto", **kw)
+    assert calls == [1], "backend='auto' did not run the CUDA sweep"
+    out_t, _ = fn(q, k, v, backend="triton", **kw)
+    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
+    assert torch.isfinite(out_c).all() and torch.equal(out_c[2], torch.zeros_like(out_c[2]))
+    assert (lse_c[2] == float("-inf")).all() and torch.isfinite(lse_c[[0, 1, 3]]).all()
+    assert (lse_c - lse_e)[[0, 1, 3]].abs().max() < 1e-3
+    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
+    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
+    clean_k, clean_v = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (k, v))
+    ref = attention_reference(q, clean_k, clean_v, attn_mask=keep)
+    assert accuracy(ref[[0, 1, 3]], out_c[[0, 1, 3]]).cos_sim > 0.98
+
+
+@gpu
+@hopper
 def test_cuda_sweep_attn_mask_rows_and_nonfinite_keys(monkeypatch):
     """test_decode's mask rule test, on the CUDA sweep (a NaN in a dropped key reaches no row)."""
     from test_decode import check_attn_mask_rows_and_nonfinite_keys, check_nan_in_an_additive_mask
