@@ -247,6 +247,51 @@ def test_cuda_sweep_padding_mask_that_drops_whole_tiles(name, heads, heads_kv, n
 
 @gpu
 @hopper
+@pytest.mark.parametrize("name", ["sage1", "sage2_per_block", "sage2_8b", "sage2_4b"])
+def test_cuda_sweep_claims_only_the_tiles_a_padding_mask_keeps(name, monkeypatch):
+    """With a keep mask whose rows are alike (a padding mask) the kernels with one K scale per tile
+    go through the tiles it keeps alone: a tile the mask drops is never taken (its link in the
+    scratch is never written), every other one is (a sequence that keeps nothing: its first tile
+    alone, all of its scores dropped). Those with per-token K scales (sage2's default) take every
+    tile (their loop was 5-11% slower with the list's code in it). Either way the result is the
+    emulation's, and that of fixed splits (torch's deterministic mode)."""
+    fn, opts = COVERED[name]
+    B, Hq, Hkv, n_k = 4, 32, 8, 8000  # 8 programs per KV head
+    q, k, v = make_qkv(B, Hq, 1, 128, heads_kv=Hkv, seqlen_k=n_k, kind="k_bias", seed=5, device="cuda")
+    j = torch.arange(n_k, device="cuda")
+    keep = torch.stack([j >= 0, j >= 3000, j >= n_k, (j // 64) % 3 != 1])  # all, a prefix, none, holes
+    keep[3, 64 * 40 + 5] = True  # one key of a tile otherwise dropped
+    keep = keep[:, None, None, :]
+    splits = []
+    real = cuda_decode.run_decode
+    monkeypatch.setattr(cuda_decode, "run_decode", lambda *a: splits.append(a[5]) or real(*a))
+    fn(q, k, v, attn_mask=keep, **opts)  # the stream's scratch, then its tile links marked unwritten
+    n_tiles, bh = -(-n_k // 64), B * Hkv
+    scratch, _ = cuda_decode._WORKSPACES[(q.device.index, build.current_stream_handle(q.device.index))]
+    at = splits[-1] * bh * 16 * (128 + 1)  # past the partial outputs and LSEs
+    links = scratch[at:at + bh * n_tiles].view(torch.int32).view(B, Hkv, n_tiles)
+    links.fill_(-7)
+    out, lse = fn(q, k, v, attn_mask=keep, return_lse=True, **opts)
+    taken = links != -7
+    assert splits[-1] == 8  # (claims past the first 16 tiles)
+    want = torch.nn.functional.pad(keep[:, 0, 0], (0, n_tiles * 64 - n_k)).view(B, n_tiles, 64).any(-1)
+    want[2, 0] = True
+    if name in ("sage2_8b", "sage2_4b"):
+        want[:] = True
+    assert torch.equal(taken, want[:, None, :].expand(B, Hkv, n_tiles))
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and (lse[2] == float("-inf")).all()
+    emulated, emulated_lse = fn(q, k, v, attn_mask=keep, return_lse=True, backend="torch", **opts)
+    assert accuracy(emulated.double(), out.double()).rel_l1 < 2e-3
+    ok = torch.isfinite(emulated_lse)
+    assert torch.equal(torch.isfinite(lse), ok) and (lse - emulated_lse)[ok].abs().max() < 1e-3
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    static, static_lse = fn(q, k, v, attn_mask=keep, return_lse=True, **opts)
+    assert accuracy(static.double(), out.double()).rel_l1 < 1e-4
+    torch.testing.assert_close(lse, static_lse, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@hopper
 def test_cuda_sweep_attn_mask_rows_and_nonfinite_keys(monkeypatch):
     """test_decode's mask rule test, on the CUDA sweep (a NaN in a dropped key reaches no row)."""
     from test_decode import check_attn_mask_rows_and_nonfinite_keys, check_nan_in_an_additive_mask

@@ -32,10 +32,12 @@
 //     on K - mean_k: both ~fp32).
 //
 // An attn_mask (uint8 keep or fp32 log2 bias, [B, Hq, Nq, Nk] through its strides; HAS_MASK) is read
-// per score: each thread loads its scores' entries one tile ahead (loaded at the tile's own start,
-// their latency was not hidden), and every tile of a masked call takes the masked path. (An L2
-// prefetch of the next tile's mask lines by the thread that issues the copies was 20-30% slower:
-// DECODE_NOTES.md.)
+// per score, one tile ahead (loaded at the tile's own start, their latency was not hidden): a mask
+// whose rows are alike within a program (a padding mask [B, 1, 1, Nk]) one key per thread into
+// shared memory, any other by each thread for its own scores. With a keep mask of alike rows and
+// one K scale per tile (sage1) a program first lists the tiles its row keeps and goes through those
+// alone: left padding's tiles are never copied. (An L2 prefetch of the next tile's mask lines by
+// the thread that issues the copies was 20-30% slower: DECODE_NOTES.md.)
 //
 // As in the Triton fast sweep there are no NaN/Inf checks per element: a non-finite input cannot
 // vanish from K's token sums, l or the accumulator, so one test per program flags it, and a flagged
@@ -137,7 +139,11 @@ __device__ __forceinline__ int ceil_log2_above_one(float x) {
 // the log2 scaling of q exceeds 1 (2^e >= it), so that |mean q| / 2^e stays within fp16's range
 constexpr int kMqParts = 3;  // room for bf16's; fp16 uses the first two (the kernel's MQP)
 
-template <int DP, bool SMOOTH_Q>
+// A padding mask's kept tiles (HAS_MASK, rows alike): up to this many tiles (64k keys) a program lists
+// the tiles its mask row keeps and claims those alone (longer rows: every tile)
+constexpr int kMaxListTiles = 1024;
+
+template <int DP, bool SMOOTH_Q, bool HAS_MASK = false>
 struct Layout {
   static constexpr int kTileBytes = kTile * DP * 2;  // one stage of K (or V), unpadded
   static constexpr int kPitchP = kTile * 2 + 16;
@@ -161,7 +167,9 @@ struct Layout {
   static constexpr int kPitchDelta = 20;                        // floats per head and warp: conflict-free C stores
   static constexpr int kDelta = kMeanQ + (SMOOTH_Q ? kMqParts * kRows * kPitchMq : 0);  // float[warps][16 heads][20]
   static constexpr int kBar = kDelta + (SMOOTH_Q ? kWarps * kRows * kPitchDelta * 4 : 0);  // uint64[stages]
-  static constexpr int kBytes = kBar + kStages * 8 + 1024;  // + the slack to align the base to 1024 bytes
+  static constexpr int kKeep = kBar + kStages * 8;              // mask: uint32[kMaxListTiles / 32], a bit per tile it keeps
+  static constexpr int kKept = kKeep + (HAS_MASK ? kMaxListTiles / 8 : 0);  // mask: int, then uint16[kMaxListTiles]: the kept tiles
+  static constexpr int kBytes = kKept + (HAS_MASK ? 16 + kMaxListTiles * 2 : 0) + 1024;  // + the slack to align the base
   static_assert(kRows * DP <= kRows * kPitchP, "Q's codes must fit in P's buffer");
   static_assert(kMeanK % 16 == 0 && kMeanQ % 16 == 0 && kBar % 8 == 0 && kMask % 8 == 0,
                 "aligned reads of the means, the barriers, mask pairs");
@@ -205,12 +213,73 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
   }
 }
 
+// The tiles from first_tile on that a keep-mask row (uint8, one byte per key) keeps, in order, into
+// s_kept; returns their count (with none, tile first_tile alone: its keys are all dropped, so its
+// rows give zeros and an LSE of -inf, as with every tile). The row is read in aligned 16-byte chunks (a chunk holds keys of at
+// most two tiles), eight chunks per thread in flight; each thread sets its chunks' tiles' bits, and
+// warp 0 turns the bits into the list. Called by every thread of the block, between barriers of its own.
+__device__ int list_kept_tiles(const DecodeArgs& a, int64_t row, int first_tile, int n_total, uint32_t* s_keep,
+                               uint16_t* s_kept, int* s_n_kept) {
+  static_assert(kMaxListTiles <= 32 * 32, "warp 0 lists the kept tiles, a word of 32 tiles per lane");
+  const int tid = threadIdx.x, nk = a.seqlen_k, words = (n_total + 31) / 32;
+  for (int i = tid; i < words; i += kThreads) s_keep[i] = 0u;
+  __syncthreads();
+  const uintptr_t at = reinterpret_cast<uintptr_t>(static_cast<const uint8_t*>(a.mask) + row + first_tile * kTile);
+  const int head = int(at & 15u);  // bytes of the first chunk before key first_tile * kTile
+  const uint4* chunks = reinterpret_cast<const uint4*>(at - head);
+  const int n_chunks = (head + nk - first_tile * kTile + 15) / 16;
+  constexpr int kInFlight = 8;
+  for (int c0 = tid; c0 < n_chunks; c0 += kInFlight * kThreads) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int c = c0 + u * kThreads;
+      v[u] = c < n_chunks ? __ldg(chunks + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int first = first_tile * kTile + (c0 + u * kThreads) * 16 - head;  // the key of the chunk's byte 0
+      const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+      uint32_t kept = 0u;  // bit j: byte j keeps its key
+#pragma unroll
+      for (int j = 0; j < 16; ++j) kept |= uint32_t(((w[j >> 2] >> (8 * (j & 3))) & 0xffu) != 0u) << j;
+      const int lo = max(0, first_tile * kTile - first), hi = min(16, nk - first);  // the bytes of keys in range
+      if (hi <= lo) continue;
+      kept &= ((1u << hi) - 1u) & ~((1u << lo) - 1u);
+      if (kept == 0u) continue;
+      const int tile = (first + lo) / kTile, next = (tile + 1) * kTile - first;  // next: byte of the next tile's first key
+      const uint32_t in_tile = next >= 16 ? kept : kept & ((1u << next) - 1u);
+      if (in_tile != 0u) atomicOr(s_keep + tile / 32, 1u << (tile % 32));
+      if (kept != in_tile) atomicOr(s_keep + (tile + 1) / 32, 1u << ((tile + 1) % 32));
+    }
+  }
+  __syncthreads();
+  if (tid < 32) {
+    const uint32_t word = tid < words ? s_keep[tid] : 0u;
+    const int count = __popc(word);
+    int upto = count;  // inclusive prefix sum over the lanes
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, upto, off);
+      if (tid >= off) upto += y;
+    }
+    int pos = upto - count;
+    for (uint32_t bits = word; bits != 0u; bits &= bits - 1u) s_kept[pos++] = uint16_t(tid * 32 + __ffs(bits) - 1);
+    if (tid == 31) {
+      if (upto == 0) s_kept[0] = uint16_t(first_tile);
+      *s_n_kept = max(upto, 1);
+    }
+  }
+  __syncthreads();
+  return *s_n_kept;
+}
+
 template <int DP, bool BF16, int PV, bool K_PER_TOKEN, bool SMOOTH_Q, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     decode_kernel(const DecodeArgs a, const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
   using In = std::conditional_t<BF16, __nv_bfloat16, __half>;
   constexpr bool FP8 = PV == kPvFp8E4m3;
-  using L = Layout<DP, SMOOTH_Q>;
+  using L = Layout<DP, SMOOTH_Q, HAS_MASK>;
   constexpr int KS = DP / 32;          // k-steps of the INT8 mma over channels
   constexpr int KPW = kTile / kWarps;  // keys per warp (Q K^T), in n-tiles of 8
   constexpr int NKT = KPW / 8;
@@ -243,6 +312,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   char* s_mean_q = smem + L::kMeanQ;
   float* s_delta = reinterpret_cast<float*>(smem + L::kDelta);
   uint64_t* s_bar = reinterpret_cast<uint64_t*>(smem + L::kBar);
+  uint32_t* s_keep = reinterpret_cast<uint32_t*>(smem + L::kKeep);
+  int* s_n_kept = reinterpret_cast<int*>(smem + L::kKept);
+  uint16_t* s_kept = reinterpret_cast<uint16_t*>(smem + L::kKept + 16);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int bh = a.batch * a.heads_kv, n_total = (a.seqlen_k + kTile - 1) / kTile;
@@ -323,6 +395,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   const int b = kv_bh / a.heads_kv, hk = kv_bh % a.heads_kv;
   const int nq = a.seqlen_q, nk = a.seqlen_k, q_offset = nk - nq;  // causal: bottom-right
+  // attn_mask: every row of this program (the query heads and queries of one KV head) reads one mask
+  // row, this one (recomputed where used: a register held through the sweep cost sage2's loop)
+  const bool mask_rows_alike = HAS_MASK && (a.group == 1 || a.mask_stride_h == 0) && (nq == 1 || a.mask_stride_q == 0);
+  auto mask_row_alike = [&]() { return b * a.mask_stride_b + int64_t(hk * a.group) * a.mask_stride_h; };
   // Q smoothing with one query per head leaves nothing to quantize: q minus its head's mean is 0
   // exactly, Q's codes are 0, and the scores are (2b)'s mean_q . K alone. K's codes and the INT8
   // product (2)-(3) would add exact zeros, so they are skipped (the same result, bit for bit)
@@ -341,15 +417,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // the static split [split tps, (split + 1) tps), bit for bit the same on every run. Thread 0 keeps
   // the sequence; a stage's tile goes through s_tile_of. Each tile taken is linked to the one this
   // program took before it (a.tile_link), so a flagged program's careful sweep replays its own tiles.
+  // A keep mask whose rows are alike (a padding mask): the sequence is the list of the tiles the mask
+  // keeps (built below, before the first copy; position i of the sequence is the list's entry i): a
+  // tile it drops for every row adds nothing, and its copy is never asked for (left padding: each
+  // sequence's prefix). Not with helpers (they join a KV head for its tiles left, counted in all of
+  // its tiles), nor with a bias (Hugging Face's additive padding is finfo.min, finite: nothing to
+  // drop), nor past kMaxListTiles. Nor with per-token K scales (sage2's default): the list's code
+  // in their loop (the position's tile read at each refill, which they issue mid-tile) changed its
+  // schedule, and every masked call of theirs ran 5-11% slower, bias masks too, gaining 3-5% on
+  // left padding (H100, 2026-11-25, DECODE_NOTES.md); their loop is the one before the list
+  constexpr bool kListable = HAS_MASK && !K_PER_TOKEN;
+  const bool kept_list = kListable && a.mask_kind == 1 && mask_rows_alike && !helping && n_total <= kMaxListTiles &&
+                         (nk == 1 || a.mask_stride_k == 1);
+  int n_seq = n_total;  // the sequence's length (with a kept list: the list's)
   const bool dynamic = a.dynamic && a.splits > 1;  // (one program per KV head: nobody to share with)
-  int seq_next, seq_step, seq_end;  // thread 0: the statically assigned tiles still to take
-  if (helping) {  // the owner takes the first kStages tiles, then claims; a helper only claims
-    seq_next = 0, seq_step = 1, seq_end = helper ? 0 : min(n_total, kStages);
-  } else if (dynamic) {
-    seq_next = split, seq_step = a.splits, seq_end = min(n_total, split + kStages * a.splits);
-  } else {
-    seq_next = split * a.tiles_per_split, seq_step = 1, seq_end = min(n_total, seq_next + a.tiles_per_split);
-  }
+  int seq_next, seq_step, seq_end;  // thread 0: the statically assigned positions still to take
+  auto plan_sequence = [&]() {
+    if (helping) {  // the owner takes the first kStages tiles, then claims; a helper only claims
+      seq_next = 0, seq_step = 1, seq_end = helper ? 0 : min(n_seq, kStages);
+    } else if (dynamic) {
+      seq_next = split, seq_step = a.splits, seq_end = min(n_seq, split + kStages * a.splits);
+    } else {
+      seq_next = split * a.tiles_per_split, seq_step = 1, seq_end = min(n_seq, seq_next + a.tiles_per_split);
+    }
+  };
+  plan_sequence();
   const int first_claimed = helping ? kStages : dynamic ? kStages * a.splits : n_total;  // from here on claimed
   int* claims = a.counters + a.batch * a.heads_kv + kv_bh;
   int32_t* link = a.tile_link + int64_t(kv_bh) * n_total;
@@ -389,11 +481,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       t = seq_next, seq_next += seq_step;
     } else if (claiming) {
       t = first_claimed + (claimed & kClaimMask);
-      if (t < n_total) {
+      if (t < n_seq) {
         claimed = atomicAdd(claims, 1);
       } else {
         t = -1, claiming = false;
       }
+    }
+    if constexpr (kListable) {
+      if (kept_list && t >= 0) t = s_kept[t];  // the position's tile
     }
     if (t >= 0) link[t] = chain, chain = t, ++taken;
     return t;
@@ -424,6 +519,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&s_bar[s], 1);
     fence_barrier_init();
+  }
+  // the kept list before the first copy: listed after it, the sequence's first tiles were copied
+  // whatever the mask (at 16k keys 6% of the tiles, with left padding mostly dropped ones: 7% slower)
+  if constexpr (kListable) {
+    if (kept_list) {  // block-uniform
+      n_seq = list_kept_tiles(a, mask_row_alike(), 0, n_total, s_keep, s_kept, s_n_kept);
+      plan_sequence();
+      claiming = first_claimed < n_seq;
+    }
   }
   __syncthreads();
   constexpr int kPrimed = SMOOTH_Q ? kStages - 1 : kStages;  // Q smoothing's prologue uses the last stage as scratch
@@ -533,7 +637,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // instead of eight, and none of their address arithmetic: the loop is issue-bound once the mask's
   // work is added); otherwise each thread loads its own scores' entries into mask_vals
   static_assert(!HAS_MASK || (kStages >= 2 && kThreads >= kTile), "the mask is loaded one stage ahead, a key per thread");
-  const bool mask_rows_alike = HAS_MASK && (a.group == 1 || a.mask_stride_h == 0) && (nq == 1 || a.mask_stride_q == 0);
   float mask_next = 0.f;  // rows alike: key tid's entry in the next tile (tid < kTile)
   float mask_vals[HAS_MASK ? NKT : 1][4];
   auto mask_entry = [&](int64_t at) {
@@ -544,8 +647,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if constexpr (HAS_MASK) {
       if (mask_rows_alike) {  // block-uniform
         const int key = tile_index * kTile + tid;
-        const int64_t row0 = b * a.mask_stride_b + int64_t(hk * a.group) * a.mask_stride_h;  // every row's
-        mask_next = tid < kTile && tile_index >= 0 && key < nk ? mask_entry(row0 + int64_t(key) * a.mask_stride_k) : 0.f;
+        mask_next = tid < kTile && tile_index >= 0 && key < nk ? mask_entry(mask_row_alike() + int64_t(key) * a.mask_stride_k) : 0.f;
         return;
       }
 #pragma unroll
@@ -1128,7 +1230,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 template <int DP, bool BF16, int PV, bool HAS_MASK, bool K_PER_TOKEN, bool SMOOTH_Q = false>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
-  constexpr int bytes = Layout<DP, SMOOTH_Q>::kBytes;
+  constexpr int bytes = Layout<DP, SMOOTH_Q, HAS_MASK>::kBytes;
   auto kernel = decode_kernel<DP, BF16, PV, K_PER_TOKEN, SMOOTH_Q, HAS_MASK>;
   static uint64_t reserved = 0;  // one per instantiation: a bit per device
   reserve_shared_memory(kernel, bytes, reserved, "decode");

@@ -42,7 +42,8 @@ struct DecodeArgs {
   int pv;  // DecodePv
   // attn_mask (common.masking), [B, Hq, Nq, Nk] through strides in elements (0 where broadcast):
   // mask_kind 0 none, 1 uint8 keep mask (nonzero: the key takes part), 2 fp32 bias in the log2 domain
-  // (-inf: dropped). Every tile then takes the masked path
+  // (-inf: dropped). Read per score; a keep mask whose rows are alike (a padding mask) also decides
+  // which tiles are copied at all (split_kv.cu)
   const void* mask;
   int mask_kind;
   int64_t mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k;
