@@ -165,7 +165,19 @@ def decode_cases(dev) -> int:
     sage2.sageattn(qh, kh, vh, qk_dtype="int4")
     kh[4, 7, 900, 3] = float("nan")
     sage2.sageattn(qh, kh, vh)
-    return n + 6 + kv_cache_cases(dev)
+    # masks in the decode kernels: left padding (rows alike: through shared memory; sage1's list of
+    # kept tiles, the mask's rows starting off 16-byte chunks, one sequence keeping nothing), a
+    # per-head bias (per thread), with claims (8001 keys over 8 KV heads)
+    qm, km, vm = make_qkv(3, 32, 1, 64, heads_kv=8, seqlen_k=8001, kind="k_bias", device=dev, seed=7)
+    first = torch.tensor([0, 3000, 8001], device=dev)
+    pad = (torch.arange(8001, device=dev)[None, :] >= first[:, None])[:, None, None, :]
+    bias = torch.randn(3, 32, 1, 8001, device=dev).masked_fill(torch.rand(3, 32, 1, 8001, device=dev) < 0.3,
+                                                              float("-inf"))
+    for mask in (pad, bias):
+        for backend in ("auto", "triton"):
+            sage1.sageattn(qm, km, vm, attn_mask=mask, backend=backend)
+            sage2.sageattn(qm, km, vm, attn_mask=mask, backend=backend)
+    return n + 6 + 8 + kv_cache_cases(dev)
 
 
 def kv_cache_cases(dev) -> int:

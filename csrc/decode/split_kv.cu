@@ -218,6 +218,10 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
 // rows give zeros and an LSE of -inf, as with every tile). The row is read in aligned 16-byte chunks (a chunk holds keys of at
 // most two tiles), eight chunks per thread in flight; each thread sets its chunks' tiles' bits, and
 // warp 0 turns the bits into the list. Called by every thread of the block, between barriers of its own.
+// The first and last chunks may hold up to 15 bytes outside the row, read and ignored: an aligned
+// chunk never crosses a page, and torch's caching allocator hands out parts of larger segments, but
+// compute-sanitizer's memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1 would report a mask whose
+// allocation ends mid-chunk (not seen: the sanitizer script has not run over masked decode yet).
 __device__ int list_kept_tiles(const DecodeArgs& a, int64_t row, int first_tile, int n_total, uint32_t* s_keep,
                                uint16_t* s_kept, int* s_n_kept) {
   static_assert(kMaxListTiles <= 32 * 32, "warp 0 lists the kept tiles, a word of 32 tiles per lane");
@@ -525,6 +529,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if constexpr (kListable) {
     if (kept_list) {  // block-uniform
       n_seq = list_kept_tiles(a, mask_row_alike(), 0, n_total, s_keep, s_kept, s_n_kept);
+      // (fixed splits keep their tiles_per_split, planned for n_total: the kept tiles fill the first
+      // splits, the rest take none; the same bits on every call, no faster than without the list.
+      // A first claim already asked for (for n_total) and now past the list goes unused: it comes
+      // before this program is counted, and the counter is reset after the last one is)
       plan_sequence();
       claiming = first_claimed < n_seq;
     }
