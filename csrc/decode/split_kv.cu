@@ -215,9 +215,10 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
 
 // The tiles from first_tile on that a keep-mask row (uint8, one byte per key) keeps, in order, into
 // s_kept; returns their count (with none, tile first_tile alone: its keys are all dropped, so its
-// rows give zeros and an LSE of -inf, as with every tile). The row is read in aligned 16-byte chunks (a chunk holds keys of at
-// most two tiles), eight chunks per thread in flight; each thread sets its chunks' tiles' bits, and
-// warp 0 turns the bits into the list. Called by every thread of the block, between barriers of its own.
+// rows give zeros and an LSE of -inf, as with every tile). The row is read in aligned 16-byte
+// chunks (a chunk holds keys of at most two tiles), eight chunks per thread in flight; each thread
+// sets its chunks' tiles' bits, and warp 0 turns the bits into the list. Called by every thread of
+// the block, between barriers of its own.
 // The first and last chunks may hold up to 15 bytes outside the row, read and ignored: an aligned
 // chunk never crosses a page, and torch's caching allocator hands out parts of larger segments, but
 // compute-sanitizer's memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1 would report a mask whose
