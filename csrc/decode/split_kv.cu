@@ -213,9 +213,9 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
   }
 }
 
-// The tiles from first_tile on that a keep-mask row (uint8, one byte per key) keeps, in order, into
-// s_kept; returns their count (with none, tile first_tile alone: its keys are all dropped, so its
-// rows give zeros and an LSE of -inf, as with every tile). The row is read in aligned 16-byte
+// The tiles that a keep-mask row (uint8, one byte per key) keeps, in order, into s_kept; returns
+// their count (with none, tile 0 alone: its keys are all dropped, so its rows give zeros and an LSE
+// of -inf, as with every tile). The row is read in aligned 16-byte
 // chunks (a chunk holds keys of at most two tiles), eight chunks per thread in flight; each thread
 // sets its chunks' tiles' bits, and warp 0 turns the bits into the list. Called by every thread of
 // the block, between barriers of its own.
@@ -223,16 +223,16 @@ __device__ __forceinline__ void for_each_b_fragment(const char* tile, int c0, in
 // chunk never crosses a page, and torch's caching allocator hands out parts of larger segments, but
 // compute-sanitizer's memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1 would report a mask whose
 // allocation ends mid-chunk (not seen: the sanitizer script has not run over masked decode yet).
-__device__ int list_kept_tiles(const DecodeArgs& a, int64_t row, int first_tile, int n_total, uint32_t* s_keep,
-                               uint16_t* s_kept, int* s_n_kept) {
+__device__ int list_kept_tiles(const DecodeArgs& a, int64_t row, int n_total, uint32_t* s_keep, uint16_t* s_kept,
+                               int* s_n_kept) {
   static_assert(kMaxListTiles <= 32 * 32, "warp 0 lists the kept tiles, a word of 32 tiles per lane");
   const int tid = threadIdx.x, nk = a.seqlen_k, words = (n_total + 31) / 32;
   for (int i = tid; i < words; i += kThreads) s_keep[i] = 0u;
   __syncthreads();
-  const uintptr_t at = reinterpret_cast<uintptr_t>(static_cast<const uint8_t*>(a.mask) + row + first_tile * kTile);
-  const int head = int(at & 15u);  // bytes of the first chunk before key first_tile * kTile
+  const uintptr_t at = reinterpret_cast<uintptr_t>(static_cast<const uint8_t*>(a.mask) + row);
+  const int head = int(at & 15u);  // bytes of the first chunk before key 0
   const uint4* chunks = reinterpret_cast<const uint4*>(at - head);
-  const int n_chunks = (head + nk - first_tile * kTile + 15) / 16;
+  const int n_chunks = (head + nk + 15) / 16;
   constexpr int kInFlight = 8;
   for (int c0 = tid; c0 < n_chunks; c0 += kInFlight * kThreads) {
     uint4 v[kInFlight];
@@ -243,12 +243,12 @@ __device__ int list_kept_tiles(const DecodeArgs& a, int64_t row, int first_tile,
     }
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
-      const int first = first_tile * kTile + (c0 + u * kThreads) * 16 - head;  // the key of the chunk's byte 0
+      const int first = (c0 + u * kThreads) * 16 - head;  // the key of the chunk's byte 0
       const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
       uint32_t kept = 0u;  // bit j: byte j keeps its key
 #pragma unroll
       for (int j = 0; j < 16; ++j) kept |= uint32_t(((w[j >> 2] >> (8 * (j & 3))) & 0xffu) != 0u) << j;
-      const int lo = max(0, first_tile * kTile - first), hi = min(16, nk - first);  // the bytes of keys in range
+      const int lo = max(0, -first), hi = min(16, nk - first);  // the bytes of keys in range
       if (hi <= lo) continue;
       kept &= ((1u << hi) - 1u) & ~((1u << lo) - 1u);
       if (kept == 0u) continue;
@@ -271,7 +271,7 @@ __device__ int list_kept_tiles(const DecodeArgs& a, int64_t row, int first_tile,
     int pos = upto - count;
     for (uint32_t bits = word; bits != 0u; bits &= bits - 1u) s_kept[pos++] = uint16_t(tid * 32 + __ffs(bits) - 1);
     if (tid == 31) {
-      if (upto == 0) s_kept[0] = uint16_t(first_tile);
+      if (upto == 0) s_kept[0] = 0;
       *s_n_kept = max(upto, 1);
     }
   }
@@ -529,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // whatever the mask (at 16k keys 6% of the tiles, with left padding mostly dropped ones: 7% slower)
   if constexpr (kListable) {
     if (kept_list) {  // block-uniform
-      n_seq = list_kept_tiles(a, mask_row_alike(), 0, n_total, s_keep, s_kept, s_n_kept);
+      n_seq = list_kept_tiles(a, mask_row_alike(), n_total, s_keep, s_kept, s_n_kept);
       // (fixed splits keep their tiles_per_split, planned for n_total: the kept tiles fill the first
       // splits, the rest take none; the same bits on every call, no faster than without the list.
       // A first claim already asked for (for n_total) and now past the list goes unused: it comes
