@@ -130,6 +130,20 @@ def _spy(monkeypatch):
     return calls
 
 
+def _cuda_against_triton_and_emulation(fn, q, k, v, monkeypatch, **kw):
+    """``fn`` with ``return_lse=True`` on the CUDA sweep (asserted to run it), the Triton sweep and
+    the emulation: the CUDA output as close to the emulation's as the Triton one (both differ from it
+    in summation order only). Returns (CUDA output, CUDA LSE, emulated LSE)."""
+    calls = _spy(monkeypatch)
+    out_c, lse_c = fn(q, k, v, backend="auto", return_lse=True, **kw)
+    assert calls == [1], "backend='auto' did not run the CUDA sweep"
+    out_t, _ = fn(q, k, v, backend="triton", return_lse=True, **kw)
+    out_e, lse_e = fn(q, k, v, backend="torch", return_lse=True, **kw)
+    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
+    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
+    return out_c, lse_c, lse_e
+
+
 @gpu
 @hopper
 @pytest.mark.parametrize("name", COVERED)
@@ -166,16 +180,10 @@ def test_cuda_sweep_with_attn_mask(name, mask_name, n_q, head_dim, causal, monke
     fn, opts = COVERED[name]
     q, k, v = make_qkv(3, 8, n_q, head_dim, heads_kv=2, seqlen_k=1333, kind="k_bias", seed=n_q, device="cuda")
     mask = _masks(3, 8, n_q, 1333)[mask_name].cuda()
-    calls = _spy(monkeypatch)
-    kw = dict(attn_mask=mask, is_causal=causal, return_lse=True, **opts)
-    out_c, lse_c = fn(q, k, v, backend="auto", **kw)
-    assert calls == [1], "backend='auto' did not run the CUDA sweep"
-    out_t, lse_t = fn(q, k, v, backend="triton", **kw)
-    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
+    out_c, lse_c, lse_e = _cuda_against_triton_and_emulation(fn, q, k, v, monkeypatch, attn_mask=mask,
+                                                            is_causal=causal, **opts)
     fin = torch.isfinite(lse_e)
     assert torch.equal(torch.isfinite(lse_c), fin) and (lse_c - lse_e)[fin].abs().max() < 1e-3
-    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
-    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
     ref = attention_reference(q, k, v, attn_mask=mask, is_causal=causal)
     assert accuracy(ref[fin], out_c[fin]).cos_sim > 0.98
 
@@ -201,15 +209,8 @@ def test_cuda_sweep_mask_rows_alike_or_not(name, heads, heads_kv, n_q, mask_shap
     g = torch.Generator(device="cuda").manual_seed(1)
     mask = torch.randn(shape, generator=g, device="cuda")
     mask[torch.rand(shape, generator=g, device="cuda") < 0.3] = float("-inf")
-    calls = _spy(monkeypatch)
-    kw = dict(attn_mask=mask, return_lse=True, **opts)
-    out_c, lse_c = fn(q, k, v, backend="auto", **kw)
-    assert calls == [1], "backend='auto' did not run the CUDA sweep"
-    out_t, _ = fn(q, k, v, backend="triton", **kw)
-    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
+    out_c, lse_c, lse_e = _cuda_against_triton_and_emulation(fn, q, k, v, monkeypatch, attn_mask=mask, **opts)
     assert (lse_c - lse_e).abs().max() < 1e-3
-    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
-    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
     assert accuracy(attention_reference(q, k, v, attn_mask=mask), out_c).cos_sim > 0.99
 
 
@@ -228,18 +229,11 @@ def test_cuda_sweep_padding_mask_that_drops_whole_tiles(name, heads, heads_kv, n
     first = torch.tensor([0, 200, n_k, 1300], device="cuda")  # sequence 2 keeps nothing
     keep = (torch.arange(n_k, device="cuda")[None, :] >= first[:, None])[:, None, None, :]
     k[1, :, 5, 7], v[1, :, 130, 0], k[2, :, 64:70, 1], v[3, :, 1299, 3] = float("nan"), float("inf"), float("nan"), float("-inf")
-    calls = _spy(monkeypatch)
-    kw = dict(attn_mask=keep, return_lse=True, **opts)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
-    out_c, lse_c = fn(q, k, v, backend="auto", **kw)
-    assert calls == [1], "backend='auto' did not run the CUDA sweep"
-    out_t, _ = fn(q, k, v, backend="triton", **kw)
-    out_e, lse_e = fn(q, k, v, backend="torch", **kw)
+    out_c, lse_c, lse_e = _cuda_against_triton_and_emulation(fn, q, k, v, monkeypatch, attn_mask=keep, **opts)
     assert torch.isfinite(out_c).all() and torch.equal(out_c[2], torch.zeros_like(out_c[2]))
     assert (lse_c[2] == float("-inf")).all() and torch.isfinite(lse_c[[0, 1, 3]]).all()
     assert (lse_c - lse_e)[[0, 1, 3]].abs().max() < 1e-3
-    c_vs_e, t_vs_e = accuracy(out_e.double(), out_c), accuracy(out_e.double(), out_t)
-    assert c_vs_e.rel_l1 < max(2e-3, 1.5 * t_vs_e.rel_l1), (c_vs_e, t_vs_e)
     clean_k, clean_v = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (k, v))
     ref = attention_reference(q, clean_k, clean_v, attn_mask=keep)
     assert accuracy(ref[[0, 1, 3]], out_c[[0, 1, 3]]).cos_sim > 0.98
