@@ -47,9 +47,12 @@ as do calls with more queries.
 
 ``attn_mask`` (any SDPA mask: a batched generation step's left- or right-padding mask, bool or
 additive, or a per-head, per-query one) is read by the kernels tile by tile through its broadcast
-strides (no host sync, so also under CUDA-graph capture); every tile of such a call takes the
-masked path. Dropped keys still count in their tile's K mean and scales and V's scales, as dense
-masks do in the prefill quantization (only tiles where kept and dropped keys meet are touched).
+strides (no host sync, so also under CUDA-graph capture): in Triton every tile of such a call
+takes the masked path; the CUDA sweep reads a padding mask's row once per key through shared
+memory and, with per-tile K scales (sage1), copies only the tiles the row keeps
+(csrc/decode/split_kv.cu). Dropped keys still count in their tile's K mean and scales and V's
+scales, as dense masks do in the prefill quantization (only tiles where kept and dropped keys meet
+are touched).
 """
 
 from __future__ import annotations
